@@ -1,0 +1,3 @@
+"""Dataset-wide CNN visualization pipeline."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,273 @@
+"""Image sources and the tf.data stream that feeds every stage.
+
+A source lists its images once, in a stable order; the row of an image in that
+list is its global image id for the whole run. Files that TensorFlow cannot
+decode are dropped from the fast stream and retried with Pillow (TIFF, odd
+modes); what neither can read is reported, never raised.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline.errors import PipelineError
+from pipeline.preprocess import Preprocessing, to_model_pixels
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+
+# Natural photos that ship with scikit-image and matplotlib: the embedded default data.
+SKIMAGE_PHOTOS = (
+    "astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png",
+    "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png",
+    "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg",
+)
+
+
+@dataclass
+class ImageTable:
+    """Every image of a dataset, row = global image id."""
+
+    paths: list[str]
+    labels: np.ndarray  # int64, -1 unknown
+    class_names: list[str] = field(default_factory=list)
+    # For in-memory sources (IDX): (N, H, W) or (N, H, W, C) uint8; paths are then names.
+    arrays: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def list_images(cfg) -> ImageTable:
+    """Build the image table for a dataset config (kind, path, split, limit)."""
+    kind = cfg.kind
+    if kind == "samples":
+        table = _samples()
+    elif kind == "folder":
+        table = _folder(_existing(cfg.path, "dataset.path"))
+    elif kind == "filelist":
+        table = _filelist(_existing(cfg.path, "dataset.path"))
+    elif kind == "idx":
+        table = _idx(_existing(cfg.path, "dataset.path"), cfg.split or "train")
+    else:
+        raise PipelineError(f"unknown dataset kind {kind!r}: use dataset=samples|folder|filelist|idx")
+    if cfg.limit is not None:
+        n = int(cfg.limit)
+        table = ImageTable(table.paths[:n], table.labels[:n], table.class_names,
+                           None if table.arrays is None else table.arrays[:n])
+    if len(table) == 0:
+        raise PipelineError(f"dataset {kind!r} at {cfg.path} holds no images: "
+                            f"point dataset.path at a folder of {'/'.join(sorted(IMAGE_SUFFIXES))} files")
+    return table
+
+
+def _existing(path, key: str) -> Path:
+    if path is None or str(path) in ("", "???"):
+        raise PipelineError(f"{key} is not set: add {key}=<path> to the command line")
+    p = Path(str(path)).expanduser()
+    if not p.exists():
+        raise PipelineError(f"{key}={path} does not exist: pass an existing path")
+    return p
+
+
+def _samples() -> ImageTable:
+    import matplotlib
+    import skimage
+
+    root = Path(skimage.__file__).parent / "data"
+    paths = [str(root / name) for name in SKIMAGE_PHOTOS if (root / name).exists()]
+    hopper = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    if hopper.exists():
+        paths.append(str(hopper))
+    return ImageTable(paths, np.full(len(paths), -1, np.int64))
+
+
+def _folder(root: Path) -> ImageTable:
+    if root.is_file():
+        raise PipelineError(f"dataset.path={root} is a file: dataset=folder wants a folder "
+                            f"(use dataset=filelist for a list file)")
+    files = sorted(
+        (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+        key=lambda p: p.relative_to(root).as_posix())
+    class_names = sorted({p.relative_to(root).parts[0] for p in files
+                          if len(p.relative_to(root).parts) > 1})
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = [index.get(p.relative_to(root).parts[0], -1) if len(p.relative_to(root).parts) > 1
+              else -1 for p in files]
+    return ImageTable([str(p) for p in files], np.asarray(labels, np.int64), class_names)
+
+
+def _filelist(list_file: Path) -> ImageTable:
+    paths, labels = [], []
+    for lineno, line in enumerate(list_file.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        label = -1
+        if len(parts) == 2 and _is_int(parts[1]):
+            line, label = parts[0], int(parts[1])
+        path = Path(line).expanduser()
+        paths.append(str(path if path.is_absolute() else list_file.parent / path))
+        labels.append(label)
+    return ImageTable(paths, np.asarray(labels, np.int64))
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+        return True
+    except ValueError:
+        return False
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST format), gzipped or not, as a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise PipelineError(f"{path} is not an IDX file (bad magic number)")
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if data[2] not in dtypes:
+        raise PipelineError(f"{path}: unknown IDX data type 0x{data[2]:02x}")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    array = np.frombuffer(data, dtypes[data[2]], offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise PipelineError(f"{path} is truncated: expected {int(np.prod(shape))} values, "
+                            f"found {array.size}")
+    return array.reshape(shape).astype(array.dtype.newbyteorder("="))
+
+
+def _idx(path: Path, split: str) -> ImageTable:
+    if path.is_file():
+        images_file = path
+    else:
+        found = sorted(p for p in path.iterdir()
+                       if p.name.startswith(split) and "images" in p.name and "idx" in p.name)
+        if not found:
+            raise PipelineError(f"no '{split}-images-idx*' file in {path}: set dataset.split "
+                                f"to the prefix of the IDX files there")
+        images_file = found[0]
+    images = read_idx(images_file)
+    if images.ndim not in (3, 4) or images.dtype != np.uint8:
+        raise PipelineError(f"{images_file} holds {images.dtype} of shape {images.shape}: "
+                            f"expected uint8 images (N, H, W[, C])")
+    labels_file = images_file.with_name(images_file.name.replace("images-idx3", "labels-idx1"))
+    labels = np.full(len(images), -1, np.int64)
+    if labels_file != images_file and labels_file.exists():
+        labels = read_idx(labels_file).astype(np.int64)
+    names = [f"{images_file.name}#{i}" for i in range(len(images))]
+    return ImageTable(names, labels, arrays=images)
+
+
+# ---------------------------------------------------------------- the stream
+
+def image_stream(table: ImageTable, spec: Preprocessing, batch_size: int,
+                 ids: np.ndarray | None = None) -> tf.data.Dataset:
+    """tf.data stream of (ids int64 (B,), pixels uint8 (B, S, S, C)) over `ids` in order.
+
+    Files that fail to decode are silently dropped here; `BatchStream` notices
+    the gap and deals with them.
+    """
+    ids = np.arange(len(table), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+    if table.arrays is not None:
+        arrays = table.arrays[ids]
+        if arrays.ndim == 3:
+            arrays = arrays[..., None]
+
+        def load(i, img):
+            return i, to_model_pixels(img, spec)
+
+        ds = tf.data.Dataset.from_tensor_slices((ids, arrays))
+    else:
+        paths = np.asarray(table.paths, dtype=object)[ids] if len(ids) else np.zeros(0, object)
+
+        def load(i, path):
+            data = tf.io.read_file(path)
+            img = tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
+            return i, to_model_pixels(img, spec)
+
+        ds = tf.data.Dataset.from_tensor_slices((ids, tf.constant(paths.astype(str))))
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors()
+    return ds.batch(batch_size).prefetch(2)
+
+
+class BatchStream:
+    """Iterates batches, then the images TensorFlow dropped, decoded by Pillow.
+
+    After iteration, `errors` maps image id -> reason for every unreadable image.
+    """
+
+    def __init__(self, table: ImageTable, spec: Preprocessing, batch_size: int,
+                 ids: np.ndarray | None = None):
+        self.table, self.spec, self.batch_size = table, spec, batch_size
+        self.ids = np.arange(len(table), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+        self.errors: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, tf.Tensor]]:
+        seen = np.zeros(len(self.ids), bool)
+        position = {int(i): n for n, i in enumerate(self.ids)}
+        for ids, pixels in image_stream(self.table, self.spec, self.batch_size, self.ids):
+            ids_np = ids.numpy()
+            seen[[position[int(i)] for i in ids_np]] = True
+            yield ids_np, pixels
+        retry = self.ids[~seen]
+        done_ids, done_pixels = [], []
+        for image_id in retry:
+            pixels, error = decode_with_pillow(self.table.paths[image_id], self.spec)
+            if pixels is None:
+                self.errors[int(image_id)] = error
+                logger.warning("skipped image %d (%s): %s", image_id, self.table.paths[image_id], error)
+                continue
+            done_ids.append(image_id)
+            done_pixels.append(pixels)
+            if len(done_ids) == self.batch_size:
+                yield np.asarray(done_ids, np.int64), tf.stack(done_pixels)
+                done_ids, done_pixels = [], []
+        if done_ids:
+            yield np.asarray(done_ids, np.int64), tf.stack(done_pixels)
+
+
+def decode_with_pillow(path: str, spec: Preprocessing) -> tuple[tf.Tensor | None, str]:
+    """Second chance for files TensorFlow cannot decode; returns (pixels, '') or (None, reason)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.exists(path):
+        return None, "file not found"
+    if os.path.getsize(path) == 0:
+        return None, "empty file (0 bytes)"
+    try:
+        with Image.open(path) as im:
+            im.load()
+            array = _pillow_to_uint8(im)
+    except UnidentifiedImageError:
+        return None, "not an image file (format not recognised)"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return None, f"cannot decode: {err}"
+    return to_model_pixels(tf.constant(array), spec), ""
+
+
+def _pillow_to_uint8(im) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
+        return (np.clip(a / hi, 0, 1) * 255 + 0.5).astype(np.uint8)[..., None]
+    if im.mode in ("L", "1"):
+        return np.asarray(im.convert("L"), np.uint8)[..., None]
+    return np.asarray(im.convert("RGB"), np.uint8)

@@ -1,0 +1,68 @@
+"""Which layers to scan: presets and user-given names."""
+
+from __future__ import annotations
+
+import keras
+
+from pipeline.errors import PipelineError
+from pipeline.graph import flat_layers, resolve_layer_names
+
+PRESETS = ("default", "activations", "conv", "last", "all")
+
+_CONV = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)
+_ACTIVATIONS = (keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.PReLU)
+
+
+def _is_activation(layer) -> bool:
+    if isinstance(layer, _ACTIVATIONS):
+        return True
+    activation = getattr(layer, "activation", None)
+    name = getattr(activation, "__name__", str(activation))
+    if isinstance(layer, keras.layers.Activation):
+        return name not in ("linear", "softmax")
+    return isinstance(layer, _CONV) and name not in ("linear", "None")
+
+
+def _spatial(node) -> bool:
+    shape = node.output_shape
+    return len(shape) == 3 and shape[0] is not None and shape[0] > 1 and shape[1] > 1
+
+
+def select_layers(model: keras.Model, layers) -> list[str]:
+    """Qualified layer names for a preset name or a list of names."""
+    if isinstance(layers, str):
+        if layers not in PRESETS:
+            return resolve_layer_names(model, [layers])
+        return preset(model, layers)
+    names = [str(n) for n in layers]
+    if not names:
+        raise PipelineError("layers=[] selects nothing: name layers or use a preset "
+                            f"({', '.join(PRESETS)})")
+    return resolve_layer_names(model, names)
+
+
+def preset(model: keras.Model, name: str) -> list[str]:
+    """default: the last activation at each spatial resolution (stage ends);
+    activations: every activation output; conv: every convolution output;
+    last: the last spatial map; all: every spatial output."""
+    nodes = [n for n in flat_layers(model) if _spatial(n) and getattr(n, "kind", "layer") != "input"]
+    if name == "all":
+        chosen = nodes
+    elif name == "conv":
+        chosen = [n for n in nodes if isinstance(n.layer, _CONV)]
+    else:
+        activations = [n for n in nodes if _is_activation(n.layer)] or \
+            [n for n in nodes if isinstance(n.layer, _CONV)]
+        if name == "activations":
+            chosen = activations
+        elif name == "last":
+            chosen = activations[-1:] or nodes[-1:]
+        else:
+            last_at = {}
+            for n in activations:
+                last_at[tuple(n.output_shape[:2])] = n
+            keep = {id(n) for n in last_at.values()}
+            chosen = [n for n in activations if id(n) in keep]
+    if not chosen:
+        raise PipelineError(f"layer preset {name!r} selects nothing in this model: name layers with layers=[...]")
+    return [n.name for n in chosen]

@@ -1,0 +1,77 @@
+"""results.h5: the single source of truth of a run.
+
+Every write goes to a temporary copy that replaces the file only once it is
+complete and closed, so a process killed at any moment leaves either the old
+file or the new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+RESULTS_FILE = "results.h5"
+STR = h5py.string_dtype("utf-8")
+
+
+def stored_name(layer: str) -> str:
+    """HDF5 group name of a layer: '/' (nested models) becomes '.'."""
+    return layer.replace("/", ".")
+
+
+def config_fingerprint(config_yaml: str) -> str:
+    return hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def transaction(path: Path):
+    """Open a copy of `path` for writing; it replaces `path` only on success."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if path.exists():
+        shutil.copyfile(path, tmp)
+    try:
+        with h5py.File(tmp, "a") as f:
+            yield f
+            f.flush()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def stages_done(path: Path) -> dict[str, str]:
+    """Stage name -> fingerprint of the config it ran with."""
+    if not Path(path).exists():
+        return {}
+    with h5py.File(path, "r") as f:
+        return json.loads(f.attrs.get("stages_done", "{}"))
+
+
+def mark_done(f: h5py.File, stage: str, fingerprint: str) -> None:
+    done = json.loads(f.attrs.get("stages_done", "{}"))
+    done[stage] = fingerprint
+    f.attrs["stages_done"] = json.dumps(done, sort_keys=True)
+
+
+def replace_dataset(group: h5py.Group, name: str, data, **kwargs) -> h5py.Dataset:
+    if name in group:
+        del group[name]
+    return group.create_dataset(name, data=data, **kwargs)
+
+
+def write_strings(group: h5py.Group, name: str, values) -> None:
+    replace_dataset(group, name, np.asarray(list(values), dtype=object), dtype=STR)
+
+
+def read_strings(dataset: h5py.Dataset) -> list[str]:
+    return list(dataset.asstr()[()])

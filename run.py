@@ -1,0 +1,48 @@
+"""Entry point: `python run.py [hydra overrides]`. See README.md."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+
+import pipeline.config  # noqa: E402,F401  (registers the structured configs)
+from pipeline.errors import PipelineError  # noqa: E402
+
+logger = logging.getLogger("run")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg) -> None:
+    from pipeline.runner import run
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    before = set(run_dir.iterdir()) if run_dir.exists() else set()
+    try:
+        results = run(cfg, run_dir)
+    except PipelineError as err:
+        _remove_if_only_bookkeeping(run_dir, before)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    logger.info("results in %s", results)
+
+
+def _remove_if_only_bookkeeping(run_dir: Path, before: set) -> None:
+    """A run that failed on bad config writes nothing: drop what Hydra created for it."""
+    bookkeeping = {".hydra", "run.log", f"{HydraConfig.get().job.name}.log"}
+    created = [p for p in run_dir.iterdir() if p not in before] if run_dir.exists() else []
+    if before or any(p.name not in bookkeeping for p in created):
+        return
+    logging.shutdown()
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pipeline.config  # noqa: F401  (registers structured configs for compose())
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def save_image(path, array, **kwargs):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path, **kwargs)
+    return str(path)
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    """A small class-folder dataset of real PNG/JPEG files, with an exact duplicate
+    (ties across images) and a flat image (ties within an image)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "photos"
+    arrays = {}
+    for i in range(7):
+        arrays[f"a_cls/img{i}.png"] = (rng.random((40 + 3 * i, 48, 3)) * 255).astype(np.uint8)
+    arrays["b_cls/dup_of_img0.png"] = arrays["a_cls/img0.png"]
+    arrays["b_cls/flat.png"] = np.full((32, 32, 3), 200, np.uint8)
+    for rel, a in arrays.items():
+        save_image(root / rel, a)
+    save_image(root / "b_cls/photo.jpg", (rng.random((50, 60, 3)) * 255).astype(np.uint8), quality=95)
+    return root

@@ -1,0 +1,37 @@
+"""Patch cutting: pixels inside the box, placed where the receptive field lies."""
+
+import numpy as np
+
+from pipeline.crop import cut_patches, patch_size, shrink
+
+
+def test_patches_hold_the_box_pixels_at_their_frame_offset_and_zero_elsewhere():
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, (3, 20, 20, 3), dtype=np.uint8)  # no zero pixels
+    frame = (7, 5)
+    boxes = np.array([[4, 6, 11, 11],    # interior: fills the frame
+                      [0, 0, 4, 3],      # top-left corner: field runs off the image
+                      [16, 17, 20, 20]])  # bottom-right corner
+    offsets = np.array([[0, 0], [3, 2], [0, 0]])
+    which = np.array([2, 0, 1])
+    patches = cut_patches(images, which, boxes, offsets, frame)
+    assert patches.shape == (3, 7, 5, 3)
+    for e, ((y0, x0, y1, x1), (oy, ox), b) in enumerate(zip(boxes, offsets, which)):
+        expected = np.zeros(frame + (3,), np.uint8)
+        expected[oy:oy + y1 - y0, ox:ox + x1 - x0] = images[b, y0:y1, x0:x1]
+        np.testing.assert_array_equal(patches[e], expected)
+
+
+def test_patch_size_caps_large_frames_keeping_aspect():
+    assert patch_size((40, 30), 64) == (40, 30)
+    assert patch_size((224, 224), 64) == (64, 64)
+    assert patch_size((200, 100), 50) == (50, 25)
+    assert patch_size((224, 224), 0) == (224, 224)
+
+
+def test_shrink_is_an_area_average():
+    patch = np.zeros((1, 4, 4, 3), np.uint8)
+    patch[0, :2, :2] = 200  # top-left quarter
+    small = shrink(patch, (2, 2))
+    assert small[0, 0, 0, 0] == 200 and small[0, 1, 1, 0] == 0
+    assert shrink(patch, (1, 1))[0, 0, 0, 0] == 50
