@@ -194,8 +194,11 @@ def _cut_layer(info: dict, batch_ids: np.ndarray, images: np.ndarray) -> None:
     boxes = info["box"][ch, slot]
     offsets = np.stack([info["row_offset"][info["y"][ch, slot]],
                         info["col_offset"][info["x"][ch, slot]]], axis=1)
-    patches = cut_patches(images, which, boxes, offsets, info["frame"])
-    info["patches"][ch, slot] = shrink(patches, info["size"])
+    # many channels win at the same (image, location): cut and shrink each once
+    keys = np.concatenate([which[:, None], boxes, offsets], axis=1)
+    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
+    patches = cut_patches(images, unique[:, 0], unique[:, 1:5], unique[:, 5:7], info["frame"])
+    info["patches"][ch, slot] = shrink(patches, info["size"])[inverse.ravel()]
 
 
 # ------------------------------------------------------------------ report
