@@ -24,21 +24,20 @@ def main(cfg) -> None:
     from pipeline.runner import run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    before = set(run_dir.iterdir()) if run_dir.exists() else set()
     try:
         results = run(cfg, run_dir)
     except PipelineError as err:
-        _remove_if_only_bookkeeping(run_dir, before)
+        _remove_if_only_bookkeeping(run_dir)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     logger.info("results in %s", results)
 
 
-def _remove_if_only_bookkeeping(run_dir: Path, before: set) -> None:
-    """A run that failed on bad config writes nothing: drop what Hydra created for it."""
+def _remove_if_only_bookkeeping(run_dir: Path) -> None:
+    """A run that failed on bad config writes nothing: drop the directory Hydra made
+    for it, unless it holds results of an earlier run."""
     bookkeeping = {".hydra", "run.log", f"{HydraConfig.get().job.name}.log"}
-    created = [p for p in run_dir.iterdir() if p not in before] if run_dir.exists() else []
-    if before or any(p.name not in bookkeeping for p in created):
+    if not run_dir.exists() or any(p.name not in bookkeeping for p in run_dir.iterdir()):
         return
     logging.shutdown()
     shutil.rmtree(run_dir, ignore_errors=True)
