@@ -1,0 +1,423 @@
+"""Exact receptive fields of layer outputs, for any graph the flat walker can read.
+
+For a layer output position o (per spatial axis, since every supported layer is
+separable in H and W) the receptive field is the set of model-input pixels that
+influence it. It is computed by propagating sets of positions from the layer
+back to the input, layer by layer, through the flattened graph of
+pipeline.graph (nested models included):
+
+* a convolution or pooling window with kernel k, stride s, dilation d and
+  leading padding p reads, for output o, the input taps o*s - p + j*d,
+  j = 0..k-1; Keras 'same' padding puts total // 2 pixels before (the extra
+  one goes bottom/right), 'valid' puts none;
+* taps that fall outside an intermediate map (in its padding) read nothing
+  and are dropped, at every layer on the way;
+* where branches meet (Add, Concatenate, Multiply, ...) the sets are united.
+
+Sets are kept exactly (boolean masks over each intermediate axis, one row per
+output position), so the box is the bounding box of the true support: the
+pixels where the gradient of the unit is non-zero in a network with positive
+weights. The unclipped field (taps never dropped, so it may start below zero)
+is tracked beside it, to place a box cut by the image border inside a
+fixed-size frame where the uncut field would have been.
+
+Inputs of a merge that are broadcast from a 1x1 map (squeeze-and-excitation
+style gates computed from global pooling) are left out of the union, with a
+note in `Geometry.message`: the boxes then show the local receptive field.
+
+A layer whose path to the input crosses something without a spatial mapping
+(global pooling, Flatten, Reshape, UpSampling, a layer type this module does not
+know) is "unmappable": every box is the whole image and `message` says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import keras
+import numpy as np
+
+from pipeline import graph
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class Geometry:
+    """Receptive-field boxes of every output position of one layer.
+
+    rows[o] = (lo, hi): half-open range of input rows read by output row o, clipped
+    to the image; cols likewise. `frame` is the clipped box size of the centre unit
+    (H // 2, W // 2); `row_offset[o]` is where row o's box starts inside that frame
+    (lo - unclipped lo), so a box cut by the top border sits lower in the frame, as
+    in the uncut field, and the rest of the frame stays empty. A box can be larger
+    than the frame, or reach past it once offset (a unit whose field is bigger than
+    the centre's, or the centre's is cut by both borders); whoever cuts patches
+    must clip to the frame. A unit that reads only padding along an axis has an
+    empty range there (lo == hi == 0, offset 0), and `boxes` gives it (0, 0, 0, 0).
+    """
+
+    rows: np.ndarray  # (H, 2) int32
+    cols: np.ndarray  # (W, 2) int32
+    row_offset: np.ndarray  # (H,) int32
+    col_offset: np.ndarray  # (W,) int32
+    frame: tuple[int, int]
+    rf_size: tuple[int, int]  # == frame
+    rf_stride: tuple[int, int]  # product of strides from the input to the layer
+    input_size: tuple[int, int]
+    mappable: bool = True
+    message: str = ""
+
+    def boxes(self, y, x) -> np.ndarray:
+        """(..., 4) int32 boxes y0, x0, y1, x1 for broadcastable arrays of positions."""
+        y, x = np.broadcast_arrays(np.asarray(y, np.int64), np.asarray(x, np.int64))
+        if not self.mappable:
+            h, w = self.input_size
+            out = np.zeros(y.shape + (4,), np.int32)
+            out[..., 2], out[..., 3] = h, w
+            return out
+        r, c = self.rows[y], self.cols[x]
+        out = np.stack([r[..., 0], c[..., 0], r[..., 1], c[..., 1]], axis=-1).astype(np.int32)
+        empty = (r[..., 0] == r[..., 1]) | (c[..., 0] == c[..., 1])
+        out[empty] = 0  # a unit that reads only padding along either axis reads nothing
+        return out
+
+    def offsets(self, y, x) -> np.ndarray:
+        """(..., 2) int32 start of each box inside the frame (row, col)."""
+        y, x = np.broadcast_arrays(np.asarray(y, np.int64), np.asarray(x, np.int64))
+        if not self.mappable:
+            return np.zeros(y.shape + (2,), np.int32)
+        return np.stack([self.row_offset[y], self.col_offset[x]], axis=-1).astype(np.int32)
+
+
+def layer_geometry(model, name: str) -> Geometry:
+    """Receptive-field geometry of the output of layer `name` (qualified as in graph.py)."""
+    flat = graph._flatten(model)
+    [qname] = graph._resolve(model, flat, [name])
+    nodes = flat.nodes
+    by_name = {n.name: n for n in nodes}
+    image, in_hw = _image_input(model, nodes)
+    target = by_name[qname]
+    out_hw = _hw(target.output_shape, _fmt(target.layer))
+    try:
+        return _propagate(nodes, by_name, target, out_hw, image, in_hw)
+    except _Unmappable as err:
+        culprit = err.node
+        if culprit is target:
+            where = f"layer {qname!r} ({type(target.layer).__name__}) {err.reason}"
+        else:
+            where = (f"layer {qname!r} comes after {culprit.name!r} "
+                     f"({type(culprit.layer).__name__}), which {err.reason}")
+        message = f"{where}, so it has no spatial receptive field; boxes cover the whole image"
+        log.debug(message)
+        return _whole_image(out_hw or (1, 1), in_hw, message)
+
+
+# ---------------------------------------------------------------------------
+# layer classification
+
+class _AxisMap(NamedTuple):
+    """Output o of one axis reads input taps o*s - pb + j*d, j = 0..k-1."""
+    k: int = 1
+    s: int = 1
+    d: int = 1
+    pb: int = 0
+
+
+_IDENTITY = _AxisMap()
+
+
+class _Unmappable(Exception):
+    def __init__(self, node, reason: str):
+        super().__init__(reason)
+        self.node, self.reason = node, reason
+
+
+_L = keras.layers
+_WINDOWED = (_L.Conv2D, _L.DepthwiseConv2D, _L.SeparableConv2D, _L.MaxPooling2D,
+             _L.AveragePooling2D)
+_MERGES = (_L.Add, _L.Subtract, _L.Multiply, _L.Average, _L.Maximum, _L.Minimum,
+           _L.Concatenate)
+_POINTWISE = (_L.InputLayer, _L.Activation, _L.ReLU, _L.LeakyReLU, _L.PReLU, _L.ELU,
+              _L.BatchNormalization, _L.Dropout, _L.GaussianNoise, _L.GaussianDropout,
+              _L.AlphaDropout, _L.ActivityRegularization, _L.Rescaling, _L.Normalization,
+              _L.Identity, _L.Masking)
+# pointwise layers that normalise along `axis`: spatial only if axis is the channel axis
+_AXIS_POINTWISE = (_L.Softmax, _L.LayerNormalization, _L.UnitNormalization)
+# element-wise keras.ops calls recorded in functional graphs (by class name)
+_ELEMENTWISE_OPS = frozenset({
+    "Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Maximum", "Minimum", "Power",
+    "Negative", "Abs", "Absolute", "Square", "Sqrt", "Exp", "Log", "Log1p", "Tanh", "Clip",
+    "Reciprocal", "Sign", "Cast", "Relu", "Relu6", "Sigmoid", "HardSigmoid", "Silu", "Swish",
+    "HardSilu", "HardSwish", "Gelu", "Elu", "Selu", "LeakyRelu", "Softplus", "Softsign", "Mish",
+})
+_GLOBAL = {"GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D",
+           "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
+           "AdaptiveAveragePooling2D", "AdaptiveMaxPooling2D"}
+# extra layer class names known to be pointwise (see register_pointwise)
+_EXTRA_POINTWISE: set[str] = {"LayerScale", "StochasticDepth"}
+
+
+def register_pointwise(*class_names: str) -> None:
+    """Declare custom layer classes (by class name) as pointwise: same spatial size,
+    each output position reading only the same input position."""
+    _EXTRA_POINTWISE.update(class_names)
+
+
+def _fmt(layer) -> str:
+    fmt = getattr(layer, "data_format", None)
+    return fmt if fmt in ("channels_last", "channels_first") else keras.config.image_data_format()
+
+
+def _hw(shape: tuple, fmt: str) -> tuple[int, int] | None:
+    """Spatial size of an output shape without the batch axis, None if not a 2-D map."""
+    if len(shape) != 3:
+        return None
+    hw = shape[0:2] if fmt == "channels_last" else shape[1:3]
+    if any(v is None for v in hw):
+        return None
+    return int(hw[0]), int(hw[1])
+
+
+def _channel_axis(fmt: str) -> int:
+    return 3 if fmt == "channels_last" else 1  # with the batch axis
+
+
+def _window_map(k: int, s: int, d: int, padding: str, n_in: int, n_out: int, node) -> _AxisMap:
+    span = d * (k - 1) + 1
+    if padding == "same":
+        expect = -(-n_in // s)
+        pb = max((expect - 1) * s + span - n_in, 0) // 2
+    elif padding == "valid":
+        expect = (n_in - span) // s + 1
+        pb = 0
+    else:
+        raise _Unmappable(node, f"uses padding {padding!r}, which is not mapped")
+    if expect != n_out:
+        raise _Unmappable(node, f"maps size {n_in} to {n_out}, not the expected {expect}")
+    return _AxisMap(k, s, d, pb)
+
+
+def _edges(node, by_name: dict, notes: list[str]) -> list[tuple[str, _AxisMap, _AxisMap, tuple]]:
+    """(source name, row map, col map, source spatial size) for each input that counts."""
+    layer = node.layer
+    cls = type(layer).__name__
+    fmt = _fmt(layer)
+    out_hw = _hw(node.output_shape, fmt)
+    if cls in _GLOBAL or isinstance(layer, _L.Flatten):
+        raise _Unmappable(node, "pools over all positions" if cls in _GLOBAL
+                          else "flattens the spatial grid")
+    if out_hw is None:
+        raise _Unmappable(node, "has no spatial dimensions")
+    srcs = []
+    for src, idx in node.sources:
+        shape = by_name[src].output_shapes[idx]
+        srcs.append((src, shape, _hw(shape, fmt)))
+    if not srcs:
+        raise _Unmappable(node, "has no inputs")
+
+    def single():
+        if len(srcs) != 1 or srcs[0][2] is None:
+            raise _Unmappable(node, "does not read a single 2-D map")
+        return srcs[0][0], srcs[0][2]
+
+    if isinstance(layer, _L.Conv2DTranspose):
+        raise _Unmappable(node, "is a transposed convolution, which is not mapped")
+    if isinstance(layer, _WINDOWED):
+        src, in_hw = single()
+        if isinstance(layer, (_L.MaxPooling2D, _L.AveragePooling2D)):
+            k, s, d = layer.pool_size, layer.strides, (1, 1)
+        else:
+            k, s, d = layer.kernel_size, layer.strides, layer.dilation_rate
+        padding = str(layer.padding).lower()
+        maps = [_window_map(int(k[a]), int(s[a]), int(d[a]), padding, in_hw[a], out_hw[a], node)
+                for a in (0, 1)]
+        return [(src, maps[0], maps[1], in_hw)]
+    if isinstance(layer, _L.ZeroPadding2D):
+        src, in_hw = single()
+        (top, bottom), (left, right) = layer.padding
+        if (in_hw[0] + top + bottom, in_hw[1] + left + right) != out_hw:
+            raise _Unmappable(node, "pads to an unexpected size")
+        return [(src, _AxisMap(pb=int(top)), _AxisMap(pb=int(left)), in_hw)]
+    if isinstance(layer, _L.Cropping2D):
+        src, in_hw = single()
+        (top, bottom), (left, right) = layer.cropping
+        if (in_hw[0] - top - bottom, in_hw[1] - left - right) != out_hw:
+            raise _Unmappable(node, "crops to an unexpected size")
+        return [(src, _AxisMap(pb=-int(top)), _AxisMap(pb=-int(left)), in_hw)]
+
+    merge = isinstance(layer, _MERGES) or (
+        not isinstance(layer, _L.Layer) and cls in _ELEMENTWISE_OPS
+        and type(layer).__module__.startswith("keras.src.ops"))
+    if isinstance(layer, _L.Concatenate) and layer.axis % 4 != _channel_axis(fmt):
+        raise _Unmappable(node, "concatenates along a spatial axis")
+    if not merge:
+        pointwise = isinstance(layer, _POINTWISE) or cls in _EXTRA_POINTWISE
+        if isinstance(layer, _L.Activation):
+            act = getattr(layer.activation, "__name__", "")
+            pointwise = fmt == "channels_last" or act not in ("softmax", "log_softmax")
+        elif isinstance(layer, _AXIS_POINTWISE):
+            axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+            pointwise = all(a is not None and int(a) % 4 == _channel_axis(fmt) for a in axes)
+        elif isinstance(layer, _L.Dense):
+            pointwise = fmt == "channels_last"  # acts on the last axis only
+        if not pointwise:
+            if isinstance(layer, (_L.Reshape, _L.Permute)):
+                raise _Unmappable(node, "rearranges the spatial grid")
+            if cls.startswith("UpSampling"):
+                raise _Unmappable(node, "upsamples, which is not mapped")
+            raise _Unmappable(node, "is a layer type the receptive-field mapper does not know "
+                              "(pipeline.geometry.register_pointwise declares pointwise ones)")
+
+    edges = []
+    for src, shape, in_hw in srcs:
+        if in_hw == out_hw:
+            edges.append((src, _IDENTITY, _IDENTITY, in_hw))
+        elif merge and out_hw != (1, 1) and (in_hw is None or in_hw == (1, 1)):
+            notes.append(f"{node.name} ignores the input {src!r} broadcast from a 1x1 map")
+        else:
+            raise _Unmappable(node, f"combines maps of size {in_hw} into {out_hw}")
+    if not edges:
+        raise _Unmappable(node, "has only inputs broadcast from a 1x1 map")
+    return edges
+
+
+# ---------------------------------------------------------------------------
+# propagation
+
+class _Axis(NamedTuple):
+    mask: np.ndarray  # (T, n) bool: which positions of this map each target unit reads
+    lo: np.ndarray  # (T,) unclipped start, in this map's coordinates
+    hi: np.ndarray  # (T,) unclipped end (exclusive)
+
+
+def _start(n: int) -> _Axis:
+    o = np.arange(n, dtype=np.int64)
+    return _Axis(np.eye(n, dtype=bool), o, o + 1)
+
+
+def _back(ax: _Axis, m: _AxisMap, n_in: int) -> _Axis:
+    """Map a target-by-output mask to a target-by-input mask through one axis map."""
+    n_out = ax.mask.shape[1]
+    if m == _IDENTITY and n_in == n_out:
+        return ax
+    o = np.arange(n_out, dtype=np.int64)
+    out = np.zeros((ax.mask.shape[0], n_in), dtype=bool)
+    for j in range(m.k):
+        i = o * m.s - m.pb + j * m.d
+        ok = (i >= 0) & (i < n_in)
+        out[:, i[ok]] |= ax.mask[:, o[ok]]  # i is injective in o for a fixed j
+    lo = ax.lo * m.s - m.pb
+    hi = (ax.hi - 1) * m.s - m.pb + m.d * (m.k - 1) + 1
+    return _Axis(out, lo, hi)
+
+
+def _union(a: _Axis | None, b: _Axis) -> _Axis:
+    if a is None:
+        return b
+    return _Axis(a.mask | b.mask, np.minimum(a.lo, b.lo), np.maximum(a.hi, b.hi))
+
+
+def _propagate(nodes, by_name, target, out_hw, image, in_hw) -> Geometry:
+    index = {n.name: i for i, n in enumerate(nodes)}
+    state: dict[str, tuple[_Axis, _Axis]] = {}
+    reached_only: set[str] = set()  # ancestors of an unmappable node, to find the first one
+    if out_hw is None:  # not a 2-D map: only look for where the spatial grid was lost
+        reached_only.add(target.name)
+    else:
+        state[target.name] = (_start(out_hw[0]), _start(out_hw[1]))
+    edges_of: dict[str, list] = {}
+    bad: list[_Unmappable] = []
+    notes: list[str] = []
+
+    for node in reversed(nodes[: index[target.name] + 1]):
+        live = node.name in state
+        if not live and node.name not in reached_only:
+            continue
+        if node.kind == "input":
+            if live and node is not image:
+                bad.append(_Unmappable(node, "is a model input other than the image"))
+            continue
+        try:
+            edges = _edges(node, by_name, notes)
+        except _Unmappable as err:
+            bad.append(err)
+            reached_only.update(src for src, _ in node.sources)
+            continue
+        if not live:
+            reached_only.update(src for src, *_ in edges)
+            continue
+        edges_of[node.name] = edges
+        rows, cols = state[node.name]
+        for src, rmap, cmap, src_hw in edges:
+            r = _back(rows, rmap, src_hw[0])
+            c = _back(cols, cmap, src_hw[1])
+            prev = state.get(src, (None, None))
+            state[src] = (_union(prev[0], r), _union(prev[1], c))
+
+    if bad:
+        raise min(bad, key=lambda e: index[e.node.name])
+    if out_hw is None:
+        raise _Unmappable(target, "has no spatial dimensions")
+    if image.name not in state:
+        raise _Unmappable(target, "does not depend on the image input")
+
+    stride = {image.name: (1, 1)}
+    for node in nodes[: index[target.name] + 1]:
+        if node.name in edges_of:
+            cand = [(stride[src][0] * rm.s, stride[src][1] * cm.s)
+                    for src, rm, cm, _ in edges_of[node.name] if src in stride]
+            if cand:
+                stride[node.name] = (max(v[0] for v in cand), max(v[1] for v in cand))
+    rf_stride = stride.get(target.name, (1, 1))
+
+    rows_ax, cols_ax = state[image.name]
+    rows, row_off = _boxes(rows_ax)
+    cols, col_off = _boxes(cols_ax)
+    frame = (int(rows[out_hw[0] // 2, 1] - rows[out_hw[0] // 2, 0]),
+             int(cols[out_hw[1] // 2, 1] - cols[out_hw[1] // 2, 0]))
+    message = "; ".join(dict.fromkeys(notes))
+    if message:
+        message += "; boxes show the local receptive field"
+        log.info("layer %s: %s", target.name, message)
+    return Geometry(rows=rows, cols=cols, row_offset=row_off, col_offset=col_off, frame=frame,
+                    rf_size=frame, rf_stride=(int(rf_stride[0]), int(rf_stride[1])),
+                    input_size=in_hw, mappable=True, message=message)
+
+
+def _boxes(ax: _Axis) -> tuple[np.ndarray, np.ndarray]:
+    """Clipped [lo, hi) per target unit and its offset inside the frame."""
+    mask = ax.mask
+    n = mask.shape[1]
+    any_ = mask.any(axis=1)
+    lo = np.where(any_, mask.argmax(axis=1), 0)
+    hi = np.where(any_, n - mask[:, ::-1].argmax(axis=1), 0)
+    offset = np.where(any_, lo - ax.lo, 0)
+    return np.stack([lo, hi], axis=1).astype(np.int32), offset.astype(np.int32)
+
+
+def _image_input(model, nodes) -> tuple[graph.FlatNode, tuple[int, int]]:
+    for node in nodes:
+        if node.kind != "input" or len(node.output_shape) != 3:
+            continue
+        shape = node.output_shape
+        hw = shape[0:2] if keras.config.image_data_format() == "channels_last" else shape[1:3]
+        if any(v is None for v in hw):
+            raise PipelineError(
+                f"model {model.name!r} has no fixed input size (input shape {shape}); "
+                "set model.input_size so receptive fields can be computed")
+        return node, (int(hw[0]), int(hw[1]))
+    raise PipelineError(f"model {model.name!r} has no image input (no input with shape H, W, C)")
+
+
+def _whole_image(out_hw: tuple[int, int], in_hw: tuple[int, int], message: str) -> Geometry:
+    h, w = out_hw
+    rows = np.tile(np.array([[0, in_hw[0]]], np.int32), (h, 1))
+    cols = np.tile(np.array([[0, in_hw[1]]], np.int32), (w, 1))
+    return Geometry(rows=rows, cols=cols, row_offset=np.zeros(h, np.int32),
+                    col_offset=np.zeros(w, np.int32), frame=tuple(in_hw), rf_size=tuple(in_hw),
+                    rf_stride=tuple(in_hw), input_size=tuple(in_hw), mappable=False,
+                    message=message)

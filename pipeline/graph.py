@@ -1,0 +1,290 @@
+"""Walk a Keras 3 functional model as one flat graph, nested models expanded.
+
+Keras keeps a model used as a layer inside another model as a single node of the
+outer graph, and the tensors inside it belong to the inner model's own graph:
+`keras.Model(outer.inputs, inner_layer.output)` fails with "Graph disconnected".
+This module flattens such models into one graph of layer calls with qualified
+names ('<outer model-layer name>/<inner layer name>', recursively), and builds
+feature-extraction models by calling the same layer objects again on fresh
+tensors, so weights are shared, never copied.
+
+Naming rules:
+
+* a layer called once in a model is named after the layer;
+* the second, third ... call of the same layer object inside one model is
+  'name@1', 'name@2' ... (a nested model called twice gives 'inner' and
+  'inner@1', and its layers 'inner/conv' and 'inner@1/conv');
+* the model input(s) get nodes of kind 'input', named after their InputLayer;
+  the InputLayers of nested models are not nodes: their consumers read directly
+  from whatever feeds the nested model.
+
+Keras internals used (stable across Keras 3 releases, but private):
+`KerasTensor._keras_history` (operation, node_index, tensor_index),
+`Operation._inbound_nodes`, and `Node.arguments` / `Node.input_tensors` /
+`Node.outputs`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import keras
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+Ref = tuple[str, int]  # (qualified node name, output index)
+
+
+@dataclass(frozen=True, eq=False)
+class FlatNode:
+    """One call of one layer (or a model input) in the flattened graph."""
+
+    name: str  # qualified, unique within the flattened graph
+    layer: Any  # the Keras layer/operation object that was called
+    inputs: list[str]  # qualified names of the nodes feeding this one, in call order
+    output_shape: tuple  # shape of the (first) output, without the batch axis
+    kind: str = "layer"  # 'input' | 'layer' | 'op' (a keras.ops call) | 'model' (not expandable)
+    depth: int = 0  # nesting depth: 0 for nodes of the outer model itself
+    sources: tuple[Ref, ...] = ()  # (producer, output index) per input tensor, in call order
+    output_shapes: tuple[tuple, ...] = ()  # every output, without the batch axis
+    call: Any = field(default=None, repr=False)  # the keras Node of this call (None for inputs)
+    tensors: tuple = field(default=(), repr=False)  # the symbolic outputs of this call
+
+
+@dataclass(frozen=True)
+class _Flat:
+    nodes: list[FlatNode]
+    aliases: dict[str, str]  # nested model name -> qualified name of its output node
+
+
+def flat_layers(model) -> list[FlatNode]:
+    """All layer calls of `model` in topological order, nested models expanded."""
+    return _flatten(model).nodes
+
+
+def resolve_layer_names(model, names: str | Iterable[str]) -> list[str]:
+    """Map user-given layer names to qualified node names.
+
+    Accepted, in this order: a qualified name; the name of a nested model (meaning
+    its single output); an unqualified inner name that matches exactly one node
+    ('conv1' for 'backbone/conv1'). Anything else raises PipelineError, one line,
+    with the nearest valid names.
+    """
+    return _resolve(model, _flatten(model), names)
+
+
+def feature_model(model, names: str | Iterable[str], name: str | None = None) -> keras.Model:
+    """A functional model from `model.inputs` to the outputs of the named nodes.
+
+    Outputs follow the order of `names`; with a single name Keras makes the model
+    return a bare tensor instead of a one-element list. Nodes of the outer model
+    reuse their existing symbolic tensors; only layers inside nested models are
+    called again (on tensors traced from the outer graph), so the new model shares
+    every weight with `model` and computes only what the requested outputs need.
+    """
+    flat = _flatten(model)
+    qualified = _resolve(model, flat, names)
+    by_name = {n.name: n for n in flat.nodes}
+    order = {n.name: i for i, n in enumerate(flat.nodes)}
+
+    needed: set[str] = set()
+    stack = [q for q in qualified if by_name[q].depth > 0]
+    while stack:
+        q = stack.pop()
+        if q in needed:
+            continue
+        needed.add(q)
+        stack.extend(src for src, _ in by_name[q].sources if by_name[src].depth > 0)
+
+    values: dict[Ref, Any] = {}
+
+    def tensor(ref: Ref):
+        node = by_name[ref[0]]
+        return node.tensors[ref[1]] if node.depth == 0 else values[ref]
+
+    for q in sorted(needed, key=order.__getitem__):
+        node = by_name[q]
+        fill = {id(kt): tensor(src) for kt, src in zip(node.call.input_tensors, node.sources)}
+        args, kwargs = node.call.arguments.fill_in(fill)
+        outputs = keras.tree.flatten(node.layer(*args, **kwargs))
+        for i, t in enumerate(outputs):
+            values[(q, i)] = t
+
+    outputs = [tensor((q, 0)) for q in qualified]
+    log.debug("feature model for %s: %d nested layer call(s) replayed", qualified, len(needed))
+    inputs = model.inputs
+    # same input structure as the model: one tensor, or the model's own list/dict
+    inputs = inputs[0] if len(inputs) == 1 else model.input
+    return keras.Model(inputs=inputs, outputs=outputs, name=name or f"{model.name}_features")
+
+
+# ---------------------------------------------------------------------------
+# internals
+
+
+def _model_io(model) -> tuple[list, list] | None:
+    """(inputs, outputs) of a functional/Sequential model, None when it has no graph."""
+    if not isinstance(model, keras.Model):
+        return None
+    try:
+        inputs, outputs = list(model.inputs), list(model.outputs)
+    except (AttributeError, ValueError, TypeError):
+        return None
+    if not inputs or not outputs:
+        return None
+    return inputs, outputs
+
+
+def _flatten(model) -> _Flat:
+    io = _model_io(model)
+    if io is None:
+        raise PipelineError(
+            f"model {getattr(model, 'name', model)!r} has no functional graph (subclassed, or a "
+            "Sequential model without an input shape); build it with keras.Input / an input shape")
+    inputs, _ = io
+    nodes: list[FlatNode] = []
+    aliases: dict[str, str] = {}
+    refs: list[Ref] = []
+    seen: set[str] = set()
+    for t in inputs:
+        op = t._keras_history.operation if hasattr(t, "_keras_history") else None
+        base = op.name if op is not None else (getattr(t, "name", None) or "input")
+        qname, k = base, 0
+        while qname in seen:
+            k += 1
+            qname = f"{base}@{k}"
+        seen.add(qname)
+        nodes.append(FlatNode(name=qname, layer=op, inputs=[], output_shape=tuple(t.shape[1:]),
+                              kind="input", depth=0, output_shapes=(tuple(t.shape[1:]),),
+                              tensors=(t,)))
+        refs.append((qname, 0))
+    _walk(model, "", refs, 0, nodes, aliases)
+    return _Flat(nodes, aliases)
+
+
+def _walk(model, prefix: str, input_refs: list[Ref], depth: int,
+          out: list[FlatNode], aliases: dict[str, str]) -> list[Ref]:
+    """Append the nodes of `model` (inputs already mapped to `input_refs`) to `out`."""
+    inputs, outputs = _model_io(model)
+    ref: dict[int, Ref] = {id(t): r for t, r in zip(inputs, input_refs)}
+    calls: dict[int, int] = {}
+    for node in _topo_nodes(model, inputs, outputs):
+        op = node.operation
+        k = calls.get(id(op), 0)
+        calls[id(op)] = k + 1
+        qname = prefix + (op.name if k == 0 else f"{op.name}@{k}")
+        sources = tuple(ref[id(t)] for t in node.input_tensors)
+
+        inner_io = _model_io(op)
+        call_inputs = _call_inputs(node)
+        if inner_io is not None and len(call_inputs) == len(inner_io[0]):
+            inner_refs = [ref[id(t)] for t in call_inputs]
+            out_refs = _walk(op, qname + "/", inner_refs, depth + 1, out, aliases)
+            for t, r in zip(node.outputs, out_refs):
+                ref[id(t)] = r
+            if len(out_refs) == 1:
+                aliases[qname] = out_refs[0][0]
+            continue
+        if inner_io is not None:
+            log.warning("nested model %r is called with %d tensor(s) but has %d input(s); "
+                        "kept as one opaque node", qname, len(call_inputs), len(inner_io[0]))
+
+        if isinstance(op, keras.Model):
+            kind = "model"
+        elif isinstance(op, keras.layers.Layer):
+            kind = "layer"
+        else:
+            kind = "op"
+        shapes = tuple(tuple(t.shape[1:]) for t in node.outputs)
+        out.append(FlatNode(name=qname, layer=op, inputs=[s for s, _ in sources],
+                            output_shape=shapes[0] if shapes else (), kind=kind, depth=depth,
+                            sources=sources, output_shapes=shapes, call=node,
+                            tensors=tuple(node.outputs)))
+        for i, t in enumerate(node.outputs):
+            ref[id(t)] = (qname, i)
+    missing = [t for t in outputs if id(t) not in ref]
+    if missing:  # pragma: no cover - Keras validates this when building the model
+        raise PipelineError(f"model {model.name!r}: output {missing[0].name!r} is not connected "
+                            "to its inputs")
+    return [ref[id(t)] for t in outputs]
+
+
+def _call_inputs(node) -> list:
+    """The tensors passed as the first positional argument (what a model maps to its inputs)."""
+    args = node.arguments.args
+    if args:
+        return [t for t in keras.tree.flatten(args[0]) if hasattr(t, "_keras_history")]
+    return list(node.input_tensors)
+
+
+def _topo_nodes(model, inputs: list, outputs: list) -> list:
+    """The keras Nodes between `inputs` and `outputs`, producers before consumers."""
+    stop = {id(t) for t in inputs}
+
+    def producer(t):
+        if id(t) in stop:
+            return None
+        hist = getattr(t, "_keras_history", None)
+        if hist is None or hist.operation is None:
+            raise PipelineError(f"model {model.name!r}: tensor {t.name!r} has no producing layer")
+        node = hist.operation._inbound_nodes[hist.node_index]
+        if node.is_input:
+            raise PipelineError(f"model {model.name!r}: input {hist.operation.name!r} is used "
+                                "but is not one of the model's inputs")
+        return node
+
+    order, state = [], {}
+    stack = [(n, False) for n in (producer(t) for t in reversed(outputs)) if n is not None]
+    while stack:
+        node, finished = stack.pop()
+        if finished:
+            state[id(node)] = 2
+            order.append(node)
+            continue
+        if id(node) in state:
+            continue
+        state[id(node)] = 1
+        stack.append((node, True))
+        for t in reversed(node.input_tensors):
+            parent = producer(t)
+            if parent is not None and id(parent) not in state:
+                stack.append((parent, False))
+    return order
+
+
+def _resolve(model, flat: _Flat, names: str | Iterable[str]) -> list[str]:
+    if isinstance(names, str):
+        names = [names]
+    valid = [n.name for n in flat.nodes]
+    known = set(valid)
+    out = []
+    for name in names:
+        name = str(name)
+        if name in known:
+            out.append(name)
+            continue
+        if name in flat.aliases:
+            log.info("layer %r is a nested model; using its output %r", name, flat.aliases[name])
+            out.append(flat.aliases[name])
+            continue
+        suffix = [v for v in valid if v.endswith("/" + name)]
+        if len(suffix) == 1:
+            log.info("layer %r resolved to %r", name, suffix[0])
+            out.append(suffix[0])
+            continue
+        if len(suffix) > 1:
+            raise PipelineError(
+                f"layer name {name!r} is ambiguous in model {model.name!r}: it matches "
+                f"{', '.join(suffix[:6])}{' ...' if len(suffix) > 6 else ''}; "
+                "use the qualified name")
+        close = difflib.get_close_matches(name, valid + list(flat.aliases), n=5, cutoff=0.5)
+        hint = f"nearest: {', '.join(close)}" if close else "no similar names"
+        raise PipelineError(
+            f"unknown layer {name!r} in model {model.name!r} ({hint}); "
+            "see the model summary for all layer names")
+    return out
