@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.preprocess import Preprocessing, normalize
-from pipeline.topk import ChannelStats, TopK, spatial_argmax, update_topk
+from pipeline.topk import ChannelStats, TopK, merge_batch
 
 
 def as_maps(output: tf.Tensor) -> tf.Tensor:
@@ -17,6 +17,21 @@ def as_maps(output: tf.Tensor) -> tf.Tensor:
     if output.shape.rank != 4:
         raise ValueError(f"cannot scan a layer output of rank {output.shape.rank}")
     return output
+
+
+def channel_sums(maps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-channel sum and number of non-zero activations over (B, H, W).
+
+    A ones-vector matrix product sums several times faster on CPU than
+    reduce_sum over three axes, and x / x (0 where x == 0) is the cheapest
+    non-zero indicator (one elementwise pass). Counts stay exact in float32 up
+    to 2**24 positions per batch; totals are accumulated in float64.
+    """
+    flat = tf.reshape(maps, (-1, tf.shape(maps)[-1]))
+    ones = tf.ones((1, tf.shape(flat)[0]), flat.dtype)
+    total = tf.matmul(ones, flat)[0]
+    nonzero = tf.matmul(ones, tf.math.divide_no_nan(flat, flat))[0]
+    return total, nonzero
 
 
 class Scanner:
@@ -49,14 +64,16 @@ class Scanner:
             outputs = [outputs]
         for out, v in zip(outputs, self._vars):
             maps = as_maps(out)
-            value, pos = spatial_argmax(maps)
-            new = update_topk(v["value"], v["image"], v["pos"], value, ids, pos)
-            v["value"].assign(new[0])
-            v["image"].assign(new[1])
-            v["pos"].assign(new[2])
-            v["total"].assign_add(tf.cast(tf.reduce_sum(maps, axis=(0, 1, 2)), tf.float64))
-            v["zeros"].assign_add(tf.reduce_sum(tf.cast(maps == 0, tf.float64), axis=(0, 1, 2)))
-            v["maximum"].assign(tf.maximum(v["maximum"], tf.reduce_max(value, axis=0)))
+            new_value, new_image, new_pos, batch_max = merge_batch(
+                v["value"], v["image"], v["pos"], maps, ids)
+            v["value"].assign(new_value)
+            v["image"].assign(new_image)
+            v["pos"].assign(new_pos)
+            total, nonzero = channel_sums(maps)
+            v["total"].assign_add(tf.cast(total, tf.float64))
+            v["zeros"].assign_add(tf.cast(tf.size(maps) // tf.shape(maps)[-1], tf.float64)
+                                  - tf.cast(nonzero, tf.float64))
+            v["maximum"].assign(tf.maximum(v["maximum"], tf.reduce_max(batch_max, axis=0)))
 
     def update(self, pixels, ids: np.ndarray) -> None:
         self._update(pixels, tf.constant(ids, tf.int64))

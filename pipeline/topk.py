@@ -89,35 +89,51 @@ class ChannelStats:
 
 # ------------------------------------------------------------- on the device
 
-def spatial_argmax(maps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(B, H, W, C) -> value (B, C), flat position (B, C) int32, lowest index on ties."""
-    shape = tf.shape(maps)
-    flat = tf.reshape(maps, (shape[0], shape[1] * shape[2], shape[3]))
-    value = tf.reduce_max(flat, axis=1)
-    index = tf.range(shape[1] * shape[2], dtype=tf.int32)[None, :, None]
-    # tf.argmax does not promise which index wins a tie; this does.
-    big = tf.int32.max
-    pos = tf.reduce_min(tf.where(flat == value[:, None, :], index, big), axis=1)
-    return value, pos
+def _first_max(t: tf.Tensor, axis: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Max along `axis` and the lowest index that reaches it (tf.argmax promises no tie rule)."""
+    best = tf.reduce_max(t, axis=axis, keepdims=True)
+    shape = [-1 if a == axis else 1 for a in range(t.shape.rank)]
+    index = tf.reshape(tf.range(tf.shape(t)[axis]), shape)
+    first = tf.reduce_min(tf.where(t == best, index, tf.int32.max), axis=axis)
+    return tf.squeeze(best, axis), first
 
 
-def update_topk(value: tf.Tensor, image: tf.Tensor, pos: tf.Tensor,
-                batch_value: tf.Tensor, batch_image: tf.Tensor, batch_pos: tf.Tensor):
-    """Merge a batch's (B, C) candidates into a (C, K) table; returns the new table.
+def merge_batch(value: tf.Tensor, image: tf.Tensor, pos: tf.Tensor, maps: tf.Tensor, ids: tf.Tensor):
+    """Merge a batch of maps (B, H, W, C) with image ids (B,) into (C, K) tables.
 
-    Sorting candidates by image id first makes top_k's documented tie rule (lower
-    index first) break ties by lower image id.
+    Returns the new (value, image, pos) tables (pos = y * W + x, the lowest
+    row-major position holding the image's maximum) and the batch's per-image
+    maxima (B, C). Only one pass reads the whole maps (the row maxima); the
+    column of the winning position is looked up afterwards, in one row, and
+    only for the entries that made it into the table.
     """
+    shape = tf.shape(maps)
+    w, c = shape[2], shape[3]
     k = tf.shape(value)[1]
-    channels = tf.shape(value)[0]
-    cand_value = tf.concat([value, tf.transpose(batch_value)], axis=1)
-    cand_image = tf.concat([image, tf.broadcast_to(batch_image[None, :], (channels, tf.shape(batch_image)[0]))], axis=1)
-    cand_pos = tf.concat([pos, tf.transpose(batch_pos)], axis=1)
-    # empty slots (-1) must not win ties against real images: rank them as the largest id
-    sort_key = tf.where(cand_image < 0, tf.int64.max, cand_image)
-    order = tf.argsort(sort_key, axis=1, stable=True)
-    cand_value = tf.gather(cand_value, order, batch_dims=1)
-    cand_image = tf.gather(cand_image, order, batch_dims=1)
-    cand_pos = tf.gather(cand_pos, order, batch_dims=1)
-    new_value, best = tf.math.top_k(cand_value, k=k, sorted=True)
-    return new_value, tf.gather(cand_image, best, batch_dims=1), tf.gather(cand_pos, best, batch_dims=1)
+    batch_value, batch_y = _first_max(tf.reduce_max(maps, axis=2), axis=1)  # (B, C)
+    n = tf.shape(ids)[0]
+    cand_value = tf.concat([value, tf.transpose(batch_value)], axis=1)  # (C, K + B)
+    cand_image = tf.concat([image, tf.broadcast_to(ids[None, :], (c, n))], axis=1)
+    cand_pos = tf.concat([pos, tf.transpose(batch_y)], axis=1)  # batch entries: y only, for now
+    cand_row = tf.concat([tf.fill((c, k), -1), tf.broadcast_to(tf.range(n)[None, :], (c, n))], axis=1)
+    # Sorting by image id first makes top_k's documented tie rule (lower index
+    # first) break ties by lower image id; empty slots (-1) must rank last.
+    order = tf.argsort(tf.where(cand_image < 0, tf.int64.max, cand_image), axis=1, stable=True)
+    cand_value, best = tf.math.top_k(tf.gather(cand_value, order, batch_dims=1), k=k, sorted=True)
+    best = tf.gather(order, best, batch_dims=1)
+    new_image = tf.gather(cand_image, best, batch_dims=1)
+    new_pos = tf.gather(cand_pos, best, batch_dims=1)
+    new_row = tf.gather(cand_row, best, batch_dims=1)
+    # entries that came from this batch: find the first column of the max in row y
+    fresh = tf.cast(tf.where(new_row >= 0), tf.int32)  # (E, 2) (channel, slot)
+    e = tf.shape(fresh)[0]
+    f_row = tf.gather_nd(new_row, fresh)
+    f_y = tf.gather_nd(new_pos, fresh)
+    f_c = fresh[:, 0]
+    taps = tf.stack([tf.broadcast_to(f_row[:, None], (e, w)), tf.broadcast_to(f_y[:, None], (e, w)),
+                     tf.broadcast_to(tf.range(w)[None, :], (e, w)), tf.broadcast_to(f_c[:, None], (e, w))], axis=-1)
+    rows = tf.gather_nd(maps, taps)  # (E, W)
+    hit = rows == tf.gather_nd(cand_value, fresh)[:, None]
+    f_x = tf.reduce_min(tf.where(hit, tf.range(w)[None, :], tf.int32.max), axis=1)
+    new_pos = tf.tensor_scatter_nd_update(new_pos, fresh, f_y * w + f_x)
+    return cand_value, new_image, new_pos, batch_value

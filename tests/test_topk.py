@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from pipeline.topk import TopK, merge_topk, spatial_argmax, topk_from_maps, update_topk
+from pipeline.topk import TopK, merge_batch, merge_topk, topk_from_maps
 
 
 def _tied_maps(seed, n=12, h=5, w=4, c=6):
@@ -59,27 +59,33 @@ def test_merge_of_shards_equals_top_k_of_union():
     _assert_same(merged, full)
 
 
-def test_device_update_over_batches_equals_brute_force():
-    maps = _tied_maps(3, n=23)
-    ids = np.arange(23)
-    c, k = maps.shape[-1], 9
+def _device_scan(maps, ids, k, batch, order):
+    c = maps.shape[-1]
     value = tf.fill((c, k), -np.inf)
     image = tf.fill((c, k), tf.constant(-1, tf.int64))
     pos = tf.fill((c, k), -1)
+    for start in range(0, len(order), batch):
+        sel = order[start:start + batch]
+        value, image, pos, _ = merge_batch(value, image, pos, tf.constant(maps[sel]), tf.constant(ids[sel], tf.int64))
+    w = maps.shape[2]
+    return TopK(value.numpy(), image.numpy(), (pos.numpy() // w).astype(np.int32), (pos.numpy() % w).astype(np.int32))
+
+
+def test_device_update_over_batches_equals_brute_force():
+    maps = _tied_maps(3, n=23)
+    ids = np.arange(23)
     # batches in a shuffled order: the result must not depend on arrival order
     order = np.random.default_rng(0).permutation(23)
-    for start in range(0, 23, 4):
-        sel = order[start:start + 4]
-        v, p = spatial_argmax(tf.constant(maps[sel]))
-        value, image, pos = update_topk(value, image, pos, v, tf.constant(ids[sel], tf.int64), p)
-    w = maps.shape[2]
-    got = TopK(value.numpy(), image.numpy(), (pos.numpy() // w).astype(np.int32), (pos.numpy() % w).astype(np.int32))
-    _assert_same(got, _brute_force(maps, ids, k))
+    _assert_same(_device_scan(maps, ids, 9, 4, order), _brute_force(maps, ids, 9))
+    _assert_same(_device_scan(maps, ids, 3, 7, np.arange(23)), _brute_force(maps, ids, 3))
 
 
-def test_spatial_argmax_takes_lowest_position_on_ties():
-    maps = np.zeros((1, 3, 3, 2), np.float32)
-    maps[0, 2, 0, 0] = maps[0, 1, 2, 0] = 7.0  # (1,2) comes first in row-major order
-    value, pos = spatial_argmax(tf.constant(maps))
-    assert value.numpy()[0, 0] == 7.0 and pos.numpy()[0, 0] == 1 * 3 + 2
-    assert pos.numpy()[0, 1] == 0  # all-zero channel: first position
+def test_device_update_takes_lowest_row_major_position_on_ties():
+    maps = np.zeros((2, 3, 3, 2), np.float32)
+    # image 0, channel 0: max in row 1 at column 2 and in row 2 at column 0
+    maps[0, 2, 0, 0] = maps[0, 1, 2, 0] = 7.0
+    maps[1, :, :, 0] = 7.0  # image 1: flat at the same value -> ties with image 0, loses on id
+    top = _device_scan(maps, np.array([0, 1]), 2, 2, np.array([1, 0]))
+    assert list(top.image[0]) == [0, 1]
+    assert (top.y[0, 0], top.x[0, 0]) == (1, 2) and (top.y[0, 1], top.x[0, 1]) == (0, 0)
+    assert (top.y[1] == 0).all() and (top.x[1] == 0).all()  # all-zero channel: first position
