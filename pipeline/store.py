@@ -26,8 +26,17 @@ def stored_name(layer: str) -> str:
     return layer.replace("/", ".")
 
 
-def config_fingerprint(config_yaml: str) -> str:
-    return hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
+# what a run directory is about: every stage's results must agree on these
+IDENTITY_KEYS = ("model", "dataset")
+
+
+def fingerprint(cfg, keys) -> str:
+    """Hash of the config values under `keys`: equal fingerprints, equal results."""
+    from omegaconf import OmegaConf
+
+    values = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+              for k in keys}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager
@@ -57,9 +66,13 @@ def stages_done(path: Path) -> dict[str, str]:
         return json.loads(f.attrs.get("stages_done", "{}"))
 
 
-def mark_done(f: h5py.File, stage: str, fingerprint: str) -> None:
+def mark_done(f: h5py.File, stage: str, stage_print: str, invalidates: tuple[str, ...] = ()) -> None:
+    """Record that `stage` ran with config fingerprint `stage_print`; forget the
+    stages built on its previous results."""
     done = json.loads(f.attrs.get("stages_done", "{}"))
-    done[stage] = fingerprint
+    for other in invalidates:
+        done.pop(other, None)
+    done[stage] = stage_print
     f.attrs["stages_done"] = json.dumps(done, sort_keys=True)
 
 

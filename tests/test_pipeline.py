@@ -43,7 +43,7 @@ def tiny_run(tmp_path, photo_folder):
     save_image(photo_folder / "b_cls" / "zz_broken.jpg", np.zeros((4, 4, 3), np.uint8))
     (photo_folder / "b_cls" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     model = tiny_model(tmp_path / "tiny.keras")
-    cfg = compose_cfg([f"model=file", f"model.path={tmp_path / 'tiny.keras'}", "model.preprocess=unit",
+    cfg = compose_cfg(["model=file", f"model.path={tmp_path / 'tiny.keras'}", "model.preprocess=unit",
                        "dataset=folder", f"dataset.path={photo_folder}", "layers=[relu1,relu2,gap]",
                        "topk=4", "batch_size=3", "stages=[scan,crop]", "crop.max_size=0"])
     run_dir = tmp_path / "run"
@@ -169,7 +169,7 @@ def test_a_different_config_never_overwrites_silently(tiny_run):
 
 def test_sheet_shrinks_large_frames(tmp_path, photo_folder):
     tiny_model(tmp_path / "tiny.keras")
-    cfg = compose_cfg([f"model=file", f"model.path={tmp_path / 'tiny.keras'}", "dataset=folder",
+    cfg = compose_cfg(["model=file", f"model.path={tmp_path / 'tiny.keras'}", "dataset=folder",
                        f"dataset.path={photo_folder}", "layers=[relu2]", "stages=[scan,crop]",
                        "crop.max_size=6"])
     run(cfg, tmp_path / "run")

@@ -1,0 +1,10 @@
+"""Stages: each module here with a `run(cfg, run_dir, stage_print)` function is a stage.
+
+`KEYS` in a stage module names the config keys its results depend on (its
+fingerprint); an empty `KEYS` means the stage always runs. Stages talk to each
+other only through results.h5.
+"""
+
+import pkgutil
+
+STAGES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))

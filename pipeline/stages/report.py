@@ -494,3 +494,17 @@ def render_report(results_path: Path, out_dir: Path) -> list[Path]:
                      encoding="utf-8")
     logger.info("report: %d sheets, index at %s", len(sheets), index)
     return [sheets[i.stored] for i in infos] + [index]
+
+
+KEYS = ()  # rendering is cheap and reads only results.h5: it always runs
+
+
+def run(cfg, run_dir: Path, stage_print: str) -> None:
+    from pipeline.errors import PipelineError
+    from pipeline.store import RESULTS_FILE
+
+    results = Path(run_dir) / RESULTS_FILE
+    if not results.exists():
+        raise PipelineError(f"no results.h5 in {run_dir}: run the scan stage first")
+    files = render_report(results, Path(run_dir))
+    logger.info("report: %d files, open %s", len(files), Path(run_dir) / "index.html")
