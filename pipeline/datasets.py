@@ -206,30 +206,45 @@ def image_stream(table: ImageTable, spec: Preprocessing, batch_size: int,
 
 
 class BatchStream:
-    """Iterates batches, then the images TensorFlow dropped, decoded by Pillow.
+    """Batches of the fast TensorFlow stream, then of the images it dropped.
 
-    After iteration, `errors` maps image id -> reason for every unreadable image.
+    The fast stream (`main`) drops files TensorFlow cannot decode; `fallback`
+    retries those with Pillow (TIFF, odd modes) and records in `errors` (image
+    id -> reason) what neither can read. `position` counts the ids of `ids`
+    the main stream has passed (decoded or dropped) and `dropped` lists the
+    dropped ones so far: together they are what a resumed scan needs.
     """
 
     def __init__(self, table: ImageTable, spec: Preprocessing, batch_size: int,
-                 ids: np.ndarray | None = None):
+                 ids: np.ndarray | None = None, dropped: list[int] | None = None):
         self.table, self.spec, self.batch_size = table, spec, batch_size
         self.ids = np.arange(len(table), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+        self.dropped: list[int] = list(dropped or [])
+        self.position = 0
         self.errors: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, tf.Tensor]]:
-        seen = np.zeros(len(self.ids), bool)
-        position = {int(i): n for n, i in enumerate(self.ids)}
+        yield from self.main()
+        yield from self.fallback()
+
+    def main(self) -> Iterator[tuple[np.ndarray, tf.Tensor]]:
+        index = {int(i): n for n, i in enumerate(self.ids)}
         for ids, pixels in image_stream(self.table, self.spec, self.batch_size, self.ids):
             ids_np = ids.numpy()
-            seen[[position[int(i)] for i in ids_np]] = True
+            end = index[int(ids_np[-1])] + 1
+            passed = self.ids[self.position:end]
+            self.dropped.extend(int(i) for i in np.setdiff1d(passed, ids_np))
+            self.position = end
             yield ids_np, pixels
-        retry = self.ids[~seen]
+        self.dropped.extend(int(i) for i in self.ids[self.position:])
+        self.position = len(self.ids)
+
+    def fallback(self) -> Iterator[tuple[np.ndarray, tf.Tensor]]:
         done_ids, done_pixels = [], []
-        for image_id in retry:
+        for image_id in sorted(self.dropped):
             pixels, error = decode_with_pillow(self.table.paths[image_id], self.spec)
             if pixels is None:
                 self.errors[int(image_id)] = error

@@ -1,5 +1,6 @@
 """The scan: stream every image through the model once, keep per-channel top-k
-tables and statistics for the chosen layers, all updated on the device."""
+(and optionally bottom-k) tables, statistics and activation spectra for the
+chosen layers, all updated on the device."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.preprocess import Preprocessing, normalize
-from pipeline.topk import ChannelStats, TopK, merge_batch
+from pipeline.spectrum import BUCKETS, add_to_sketch
+from pipeline.topk import ChannelStats, TopK, locate_columns, merge_candidates, row_maxima
 
 
 def as_maps(output: tf.Tensor) -> tf.Tensor:
@@ -34,66 +36,98 @@ def channel_sums(maps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return total, nonzero
 
 
-class Scanner:
-    """Holds the device-side state for a list of layers of a feature model."""
+# Device state of one layer: name -> (dtype, shape given (C, K), initial value)
+_STATE = {
+    "value": (tf.float32, lambda c, k: (c, k), -np.inf),
+    "image": (tf.int64, lambda c, k: (c, k), -1),
+    "pos": (tf.int32, lambda c, k: (c, k), -1),
+    "total": (tf.float64, lambda c, k: (c,), 0),
+    "zeros": (tf.float64, lambda c, k: (c,), 0),
+    "maximum": (tf.float32, lambda c, k: (c,), -np.inf),
+    "spectrum": (tf.int32, lambda c, k: (c, BUCKETS), 0),
+}
+_BOTTOM = {f"bottom_{n}": _STATE[n] for n in ("value", "image", "pos")}
 
-    def __init__(self, feature_model, names: list[str], spec: Preprocessing, k: int):
+
+class Scanner:
+    """Holds the device-side state for a list of layers of a feature model.
+
+    `state()` / `load_state()` move the whole state to and from numpy arrays,
+    which is what checkpoints and resumes use.
+    """
+
+    def __init__(self, feature_model, names: list[str], spec: Preprocessing, k: int, bottomk: int = 0):
         self.model = feature_model
         self.names = list(names)
         self.spec = spec
         self.k = k
-        shapes = [as_maps(tf.zeros((1,) + tuple(t.shape[1:]))).shape for t in _outputs(feature_model)]
-        self.map_shapes = [tuple(int(d) for d in s[1:]) for s in shapes]
+        self.bottomk = bottomk
+        outputs = feature_model.outputs if isinstance(feature_model.outputs, (list, tuple)) else [feature_model.outputs]
+        self.map_shapes = [tuple(int(d) for d in as_maps(tf.zeros((1,) + tuple(t.shape[1:]))).shape[1:])
+                           for t in outputs]
+        fields = dict(_STATE, **(_BOTTOM if bottomk else {}))
         self._vars = []
         for h, w, c in self.map_shapes:
-            self._vars.append(dict(
-                value=tf.Variable(tf.fill((c, k), -np.inf)),
-                image=tf.Variable(tf.fill((c, k), tf.constant(-1, tf.int64))),
-                pos=tf.Variable(tf.fill((c, k), -1)),
-                total=tf.Variable(tf.zeros(c, tf.float64)),
-                zeros=tf.Variable(tf.zeros(c, tf.float64)),
-                maximum=tf.Variable(tf.fill((c,), -np.inf)),
-            ))
+            layer = {}
+            for name, (dtype, shape, init) in fields.items():
+                size = bottomk if name.startswith("bottom_") else k
+                layer[name] = tf.Variable(tf.fill(shape(c, size), tf.constant(init, dtype)))
+            self._vars.append(layer)
         self.images_seen = 0
 
     @tf.function(reduce_retracing=True)
     def _update(self, pixels, ids):
-        x = normalize(pixels, self.spec.normalize)
-        outputs = self.model(x, training=False)
+        outputs = self.model(normalize(pixels, self.spec.normalize), training=False)
         if not isinstance(outputs, (list, tuple)):
             outputs = [outputs]
         for out, v in zip(outputs, self._vars):
             maps = as_maps(out)
-            new_value, new_image, new_pos, batch_max = merge_batch(
-                v["value"], v["image"], v["pos"], maps, ids)
-            v["value"].assign(new_value)
-            v["image"].assign(new_image)
-            v["pos"].assign(new_pos)
+            batch_max, batch_y = row_maxima(maps)
+            value, image, pos, row = merge_candidates(v["value"], v["image"], v["pos"], batch_max, ids, batch_y)
+            v["value"].assign(value)
+            v["image"].assign(image)
+            v["pos"].assign(locate_columns(maps, pos, row, batch_max))
+            if "bottom_value" in v:  # the weakest maxima: rank negated values
+                value, image, pos, row = merge_candidates(v["bottom_value"], v["bottom_image"], v["bottom_pos"],
+                                                          -batch_max, ids, batch_y)
+                v["bottom_value"].assign(value)
+                v["bottom_image"].assign(image)
+                v["bottom_pos"].assign(locate_columns(maps, pos, row, batch_max))
             total, nonzero = channel_sums(maps)
             v["total"].assign_add(tf.cast(total, tf.float64))
             v["zeros"].assign_add(tf.cast(tf.size(maps) // tf.shape(maps)[-1], tf.float64)
                                   - tf.cast(nonzero, tf.float64))
             v["maximum"].assign(tf.maximum(v["maximum"], tf.reduce_max(batch_max, axis=0)))
+            v["spectrum"].assign(add_to_sketch(v["spectrum"], batch_max))
 
     def update(self, pixels, ids: np.ndarray) -> None:
         self._update(pixels, tf.constant(ids, tf.int64))
         self.images_seen += len(ids)
 
+    def state(self) -> list[dict[str, np.ndarray]]:
+        return [{name: var.numpy() for name, var in layer.items()} for layer in self._vars]
+
+    def load_state(self, state: list[dict[str, np.ndarray]], images_seen: int) -> None:
+        for layer, saved in zip(self._vars, state):
+            for name, var in layer.items():
+                var.assign(saved[name])
+        self.images_seen = images_seen
+
     def results(self) -> list[tuple[TopK, ChannelStats]]:
-        out = []
-        for (h, w, c), v in zip(self.map_shapes, self._vars):
-            pos = v["pos"].numpy()
-            image = v["image"].numpy()
-            empty = image < 0
-            table = TopK(v["value"].numpy(), image,
-                         np.where(empty, -1, pos // w).astype(np.int32),
-                         np.where(empty, -1, pos % w).astype(np.int32))
-            stats = ChannelStats(v["total"].numpy(), v["zeros"].numpy(), v["maximum"].numpy(),
-                                 self.images_seen * h * w)
-            out.append((table, stats))
-        return out
+        return [(_table(v["value"], v["image"], v["pos"], w), _stats(v, self.images_seen * h * w))
+                for (h, w, c), v in zip(self.map_shapes, self.state())]
+
+    def bottom_results(self) -> list[TopK]:
+        """Bottom-k tables: the images whose maximum is smallest, ascending."""
+        return [_table(-v["bottom_value"], v["bottom_image"], v["bottom_pos"], w)
+                for (h, w, c), v in zip(self.map_shapes, self.state())]
 
 
-def _outputs(model) -> list:
-    outs = model.outputs
-    return list(outs) if isinstance(outs, (list, tuple)) else [outs]
+def _table(value: np.ndarray, image: np.ndarray, pos: np.ndarray, w: int) -> TopK:
+    empty = image < 0
+    return TopK(value.astype(np.float32), image, np.where(empty, -1, pos // w).astype(np.int32),
+                np.where(empty, -1, pos % w).astype(np.int32))
+
+
+def _stats(v: dict[str, np.ndarray], positions: int) -> ChannelStats:
+    return ChannelStats(v["total"], v["zeros"], v["maximum"], positions)

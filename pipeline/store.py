@@ -34,8 +34,10 @@ def fingerprint(cfg, keys) -> str:
     """Hash of the config values under `keys`: equal fingerprints, equal results."""
     from omegaconf import OmegaConf
 
-    values = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-              for k in keys}
+    values = {}
+    for key in keys:  # dotted keys name one field of a section
+        value = OmegaConf.select(cfg, key)
+        values[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -43,6 +45,7 @@ def fingerprint(cfg, keys) -> str:
 def transaction(path: Path):
     """Open a copy of `path` for writing; it replaces `path` only on success."""
     path = Path(path)
+    _remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if path.exists():
         shutil.copyfile(path, tmp)
@@ -56,6 +59,17 @@ def transaction(path: Path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temporary copies left by killed writers (their process is gone)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
+        except (ValueError, ProcessLookupError):
+            tmp.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, someone else's
 
 
 def stages_done(path: Path) -> dict[str, str]:

@@ -98,42 +98,64 @@ def _first_max(t: tf.Tensor, axis: int) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.squeeze(best, axis), first
 
 
+def row_maxima(maps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(B, H, W, C) -> each image's maximum (B, C) and the first row holding it (B, C).
+
+    The only pass over the whole maps the top-k bookkeeping needs.
+    """
+    return _first_max(tf.reduce_max(maps, axis=2), axis=1)
+
+
+def merge_candidates(value, image, pos, cand_value, ids, cand_y):
+    """Merge per-image candidates (B, C) into (C, K) tables, larger value first.
+
+    Returns the new (value, image, pos) tables and `row` (C, K): for entries that
+    came from this batch, their index in the batch (their pos holds only y so
+    far), -1 for entries kept from the table.
+    """
+    c = tf.shape(value)[0]
+    k = tf.shape(value)[1]
+    n = tf.shape(ids)[0]
+    all_value = tf.concat([value, tf.transpose(cand_value)], axis=1)  # (C, K + B)
+    all_image = tf.concat([image, tf.broadcast_to(ids[None, :], (c, n))], axis=1)
+    all_pos = tf.concat([pos, tf.transpose(cand_y)], axis=1)
+    all_row = tf.concat([tf.fill((c, k), -1), tf.broadcast_to(tf.range(n)[None, :], (c, n))], axis=1)
+    # Sorting by image id first makes top_k's documented tie rule (lower index
+    # first) break ties by lower image id; empty slots (-1) must rank last.
+    order = tf.argsort(tf.where(all_image < 0, tf.int64.max, all_image), axis=1, stable=True)
+    new_value, best = tf.math.top_k(tf.gather(all_value, order, batch_dims=1), k=k, sorted=True)
+    best = tf.gather(order, best, batch_dims=1)
+    take = lambda t: tf.gather(t, best, batch_dims=1)  # noqa: E731
+    return new_value, take(all_image), take(all_pos), take(all_row)
+
+
+def locate_columns(maps: tf.Tensor, pos: tf.Tensor, row: tf.Tensor, batch_max: tf.Tensor) -> tf.Tensor:
+    """Complete pos = y * W + x for the table entries that came from this batch.
+
+    x is the first column of row y that holds the image's maximum; only those
+    rows are read, so the cost follows the number of new winners, not the maps.
+    """
+    w = tf.shape(maps)[2]
+    fresh = tf.cast(tf.where(row >= 0), tf.int32)  # (E, 2): (channel, slot)
+    e = tf.shape(fresh)[0]
+    f_row = tf.gather_nd(row, fresh)
+    f_y = tf.gather_nd(pos, fresh)
+    f_c = fresh[:, 0]
+    spread = lambda t: tf.broadcast_to(t[:, None], (e, w))  # noqa: E731
+    taps = tf.stack([spread(f_row), spread(f_y), tf.broadcast_to(tf.range(w)[None, :], (e, w)), spread(f_c)], -1)
+    rows = tf.gather_nd(maps, taps)  # (E, W)
+    target = tf.gather_nd(batch_max, tf.stack([f_row, f_c], axis=1))
+    f_x = tf.reduce_min(tf.where(rows == target[:, None], tf.range(w)[None, :], tf.int32.max), axis=1)
+    return tf.tensor_scatter_nd_update(pos, fresh, f_y * w + f_x)
+
+
 def merge_batch(value: tf.Tensor, image: tf.Tensor, pos: tf.Tensor, maps: tf.Tensor, ids: tf.Tensor):
-    """Merge a batch of maps (B, H, W, C) with image ids (B,) into (C, K) tables.
+    """Merge a batch of maps (B, H, W, C) with image ids (B,) into (C, K) top-k tables.
 
     Returns the new (value, image, pos) tables (pos = y * W + x, the lowest
     row-major position holding the image's maximum) and the batch's per-image
-    maxima (B, C). Only one pass reads the whole maps (the row maxima); the
-    column of the winning position is looked up afterwards, in one row, and
-    only for the entries that made it into the table.
+    maxima (B, C).
     """
-    shape = tf.shape(maps)
-    w, c = shape[2], shape[3]
-    k = tf.shape(value)[1]
-    batch_value, batch_y = _first_max(tf.reduce_max(maps, axis=2), axis=1)  # (B, C)
-    n = tf.shape(ids)[0]
-    cand_value = tf.concat([value, tf.transpose(batch_value)], axis=1)  # (C, K + B)
-    cand_image = tf.concat([image, tf.broadcast_to(ids[None, :], (c, n))], axis=1)
-    cand_pos = tf.concat([pos, tf.transpose(batch_y)], axis=1)  # batch entries: y only, for now
-    cand_row = tf.concat([tf.fill((c, k), -1), tf.broadcast_to(tf.range(n)[None, :], (c, n))], axis=1)
-    # Sorting by image id first makes top_k's documented tie rule (lower index
-    # first) break ties by lower image id; empty slots (-1) must rank last.
-    order = tf.argsort(tf.where(cand_image < 0, tf.int64.max, cand_image), axis=1, stable=True)
-    cand_value, best = tf.math.top_k(tf.gather(cand_value, order, batch_dims=1), k=k, sorted=True)
-    best = tf.gather(order, best, batch_dims=1)
-    new_image = tf.gather(cand_image, best, batch_dims=1)
-    new_pos = tf.gather(cand_pos, best, batch_dims=1)
-    new_row = tf.gather(cand_row, best, batch_dims=1)
-    # entries that came from this batch: find the first column of the max in row y
-    fresh = tf.cast(tf.where(new_row >= 0), tf.int32)  # (E, 2) (channel, slot)
-    e = tf.shape(fresh)[0]
-    f_row = tf.gather_nd(new_row, fresh)
-    f_y = tf.gather_nd(new_pos, fresh)
-    f_c = fresh[:, 0]
-    taps = tf.stack([tf.broadcast_to(f_row[:, None], (e, w)), tf.broadcast_to(f_y[:, None], (e, w)),
-                     tf.broadcast_to(tf.range(w)[None, :], (e, w)), tf.broadcast_to(f_c[:, None], (e, w))], axis=-1)
-    rows = tf.gather_nd(maps, taps)  # (E, W)
-    hit = rows == tf.gather_nd(cand_value, fresh)[:, None]
-    f_x = tf.reduce_min(tf.where(hit, tf.range(w)[None, :], tf.int32.max), axis=1)
-    new_pos = tf.tensor_scatter_nd_update(new_pos, fresh, f_y * w + f_x)
-    return cand_value, new_image, new_pos, batch_value
+    batch_max, batch_y = row_maxima(maps)
+    new_value, new_image, new_pos, row = merge_candidates(value, image, pos, batch_max, ids, batch_y)
+    return new_value, new_image, locate_columns(maps, new_pos, row, batch_max), batch_max
