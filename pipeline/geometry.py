@@ -79,11 +79,7 @@ class Geometry:
             out = np.zeros(y.shape + (4,), np.int32)
             out[..., 2], out[..., 3] = h, w
             return out
-        r, c = self.rows[y], self.cols[x]
-        out = np.stack([r[..., 0], c[..., 0], r[..., 1], c[..., 1]], axis=-1).astype(np.int32)
-        empty = (r[..., 0] == r[..., 1]) | (c[..., 0] == c[..., 1])
-        out[empty] = 0  # a unit that reads only padding along either axis reads nothing
-        return out
+        return interval_boxes(self.rows, self.cols, y, x)
 
     def offsets(self, y, x) -> np.ndarray:
         """(..., 2) int32 start of each box inside the frame (row, col)."""
@@ -91,6 +87,15 @@ class Geometry:
         if not self.mappable:
             return np.zeros(y.shape + (2,), np.int32)
         return np.stack([self.row_offset[y], self.col_offset[x]], axis=-1).astype(np.int32)
+
+
+def interval_boxes(rows: np.ndarray, cols: np.ndarray, y, x) -> np.ndarray:
+    """(..., 4) int32 boxes from per-row (H, 2) and per-column (W, 2) input intervals."""
+    r, c = rows[np.asarray(y, np.int64)], cols[np.asarray(x, np.int64)]
+    out = np.stack([r[..., 0], c[..., 0], r[..., 1], c[..., 1]], axis=-1).astype(np.int32)
+    empty = (r[..., 0] == r[..., 1]) | (c[..., 0] == c[..., 1])
+    out[empty] = 0  # a unit that reads only padding along either axis reads nothing
+    return out
 
 
 def layer_geometry(model, name: str) -> Geometry:
