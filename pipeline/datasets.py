@@ -231,10 +231,10 @@ class BatchStream:
         yield from self.fallback()
 
     def main(self) -> Iterator[tuple[np.ndarray, tf.Tensor]]:
-        index = {int(i): n for n, i in enumerate(self.ids)}
+        sorter = np.argsort(self.ids, kind="stable")  # position of an id: 8 bytes an image, no dict
         for ids, pixels in image_stream(self.table, self.spec, self.batch_size, self.ids):
             ids_np = ids.numpy()
-            end = index[int(ids_np[-1])] + 1
+            end = int(sorter[np.searchsorted(self.ids, ids_np[-1], sorter=sorter)]) + 1
             passed = self.ids[self.position:end]
             self.dropped.extend(int(i) for i in np.setdiff1d(passed, ids_np))
             self.position = end

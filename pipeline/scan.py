@@ -65,14 +65,21 @@ class Scanner:
         outputs = feature_model.outputs if isinstance(feature_model.outputs, (list, tuple)) else [feature_model.outputs]
         self.map_shapes = [tuple(int(d) for d in as_maps(tf.zeros((1,) + tuple(t.shape[1:]))).shape[1:])
                            for t in outputs]
-        fields = dict(_STATE, **(_BOTTOM if bottomk else {}))
-        self._vars = []
-        for h, w, c in self.map_shapes:
-            layer = {}
-            for name, (dtype, shape, init) in fields.items():
-                size = bottomk if name.startswith("bottom_") else k
-                layer[name] = tf.Variable(tf.fill(shape(c, size), tf.constant(init, dtype)))
-            self._vars.append(layer)
+        self._fields = dict(_STATE, **(_BOTTOM if bottomk else {}))
+        self._vars = [{name: tf.Variable(value) for name, value in self._initial(c).items()}
+                      for h, w, c in self.map_shapes]
+        self.images_seen = 0
+
+    def _initial(self, channels: int) -> dict[str, tf.Tensor]:
+        return {name: tf.fill(shape(channels, self.bottomk if name.startswith("bottom_") else self.k),
+                              tf.constant(init, dtype))
+                for name, (dtype, shape, init) in self._fields.items()}
+
+    def reset(self) -> None:
+        """Back to the empty state (keeps the traced update function)."""
+        for (h, w, c), layer in zip(self.map_shapes, self._vars):
+            for name, value in self._initial(c).items():
+                layer[name].assign(value)
         self.images_seen = 0
 
     @tf.function(reduce_retracing=True)
