@@ -31,6 +31,9 @@ class ModelConfig:
     # 'shorter' (resize shorter side to resize_size, centre crop) or 'exact'
     resize: Optional[str] = None
     resize_size: Optional[int] = None
+    # snapshot: the run directory of a train run (null: this run) and the epoch (null: the last)
+    run_dir: Optional[str] = None
+    epoch: Optional[int] = None
 
 
 @dataclass
@@ -77,57 +80,145 @@ class MergeConfig:
 
 @dataclass
 class PanelsConfig:  # stage: panels (deconv / guided backprop / gradient of top-k patches)
+    # any of deconv | guided | gradient (pipeline.backprop); one panels/<method> dataset each
     methods: list = field(default_factory=lambda: ["deconv", "guided", "gradient"])
+    # seeds (top-k entries) per backward pass
     batch_size: int = 32
 
 
 @dataclass
 class ActivationsConfig:  # stage: activations
-    # image ids (a list), or N for the first N images
+    # N for the first N images, a list of image ids, or {layer: NAME, channels: [..], k: 1}
+    # for the k top images of those channels in the scan's results
     images: Any = 4
-    # layers to store (null: the scanned layers)
+    # layers to store (null: the top-level `layers`)
     layers: Any = None
+    # channels in the per-layer grid sheet (a square number: 64 gives 8x8)
+    grid: int = 64
+    # tiles per row in the every-channel sheet
+    per_row: int = 16
 
 
 @dataclass
 class CamConfig:  # stage: cam
+    # any of gradcam, gradcam++, scorecam, guided_gradcam
     methods: list = field(default_factory=lambda: ["gradcam", "gradcam++", "scorecam", "guided_gradcam"])
     # target layer (null: the last rank-4 output with height and width > 1)
     layer: Optional[str] = None
-    # predicted | label | classes | top
+    # predicted | label (unlabelled images: predicted) | classes (cam.classes for every image) | top (cam.top_n)
     target: str = "predicted"
+    # class indices or names for target=classes
     classes: list = field(default_factory=list)
     top_n: int = 1
+    # Score-CAM: masked images per forward pass (bounds its memory)
+    scorecam_batch: int = 256
+    # images drawn as overlays, in id order (null: all)
+    draw: Optional[int] = 16
+    # heatmap opacity over the photo
+    alpha: float = 0.4
 
 
 @dataclass
 class OcclusionConfig:  # stage: occlusion
+    # N for the first N images, a list of image ids, or {layer: NAME, channels: [..], k: 1}
     images: Any = 4
+    # side of the grey square and its step, in model-input pixels
     size: int = 32
     stride: int = 16
+    # grey level (0-255) of the square, before normalisation
+    fill: int = 128
+    # predicted | label (unlabelled images: predicted)
+    target: str = "predicted"
+    # layer whose strongest feature map is followed (null: the CAM default layer)
+    layer: Optional[str] = None
+    # square positions per forward pass
+    batch_size: int = 64
 
 
 @dataclass
 class FiltersConfig:  # stage: filters
-    # channels per layer for the patterns (null: all)
+    # channels per layer for the patterns: null (all), N (the first N) or a list of indices
     channels: Any = None
+    # fourier (Fourier-space, colour-decorrelated image, random transforms, Adam) | plain
+    # (the tutorials' normalised gradient ascent on raw pixels)
+    method: str = "fourier"
+    # channel (maximise the mean activation) | neg (minimise it) | class (a class logit)
+    objective: str = "channel"
+    # objective=class: class indices or ImageNet class names
+    classes: list = field(default_factory=list)
     steps: int = 256
+    # side of the optimised image in px (null: the model's input size); patterns are
+    # stored at the input size
+    size: Optional[int] = 128
+    # learning rate (null: 0.05 for fourier, 0.02 for plain)
+    lr: Optional[float] = None
+    seed: int = 0
+    # patterns per channel from different seeds (the best one is `patterns`)
+    seeds: int = 1
+    # images optimised at once
+    batch: int = 16
+    # random padding, jitter, scale and rotation at every step (fourier only)
+    transforms: bool = True
+    # to the input size: auto (tile for channel/neg, resize for class) | tile | resize
+    upscale: str = "auto"
+    # kernels stored: selected (first convolution + those feeding the layers) | all | none
+    weights: str = "selected"
+    # write toolbox/regularized_opt/<layer>/ (Deep Visualization Toolbox layout)
+    toolbox: bool = True
 
 
 @dataclass
 class TrainConfig:  # stage: train
     epochs: int = 10
+    # epochs after which the model is saved (0: the untrained start); the last epoch always is
     snapshots: list = field(default_factory=lambda: [1, 2, 5, 10])
+    batch_size: int = 64
+    # adam | rmsprop | sgd (momentum 0.9)
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    # fraction of the labelled images held out for validation
+    validation: float = 0.1
+    seed: int = 0
+    # model input side in pixels (null: the IDX images' own size, 64 for image files)
+    input_size: Optional[int] = None
+    # 1 (grey) or 3 (null: 1 for single-channel IDX data, 3 otherwise)
+    channels: Optional[int] = None
+    # filters of the conv/max-pool blocks, the dense layer's width, the dropout rate before it
+    filters: list = field(default_factory=lambda: [32, 64, 128, 128])
+    dense: int = 512
+    dropout: float = 0.5
 
 
 @dataclass
 class EvolutionConfig:  # stage: evolution
+    # channels drawn per layer: N spread evenly over the layer, or a list of indices
     channels: Any = 8
+    # layers to follow (null: the top-level `layers`)
+    layers: Any = None
+    # scan only the first N images of the dataset (null: all)
+    images: Optional[int] = None
+    # top patches per sheet cell: 1, or 4/9 for a montage
+    patches: int = 1
 
 
 @dataclass
 class InvarianceConfig:  # stage: invariance
+    # image ids (a list), or N for one image of each of the first N classes
     images: Any = 4
+    # layers whose feature vectors are compared (null: the top-level `layers` plus the classifier's input)
+    layers: Any = None
+    # vertical shift as a fraction of the input side, rotation in degrees, scale factor: [low, high]
+    translation: list = field(default_factory=lambda: [-0.3, 0.3])
+    rotation: list = field(default_factory=lambda: [-180.0, 180.0])
+    scale: list = field(default_factory=lambda: [0.6, 1.8])
+    # values per transformation, evenly spaced (the identity is always added)
+    steps: int = 17
+    # what fills the image where the transformation pulls in pixels from outside:
+    # constant (black) | nearest | reflect | wrap
+    fill: str = "constant"
+    # class whose probability is drawn: label | predicted (on the original image) |
+    # auto (the label for a network trained by the train stage, else the prediction)
+    target: str = "auto"
 
 
 @dataclass

@@ -45,7 +45,7 @@ def tiny_run(tmp_path, photo_folder):
     model = tiny_model(tmp_path / "tiny.keras")
     cfg = compose_cfg(["model=file", f"model.path={tmp_path / 'tiny.keras'}", "model.preprocess=unit",
                        "dataset=folder", f"dataset.path={photo_folder}", "layers=[relu1,relu2,gap]",
-                       "topk=4", "batch_size=3", "stages=[scan,crop]", "crop.max_size=0"])
+                       "topk=4", "scan.bottomk=2", "batch_size=3", "stages=[scan,crop]", "crop.max_size=0"])
     run_dir = tmp_path / "run"
     run(cfg, run_dir)
     return model, cfg, run_dir / "results.h5"
@@ -103,10 +103,11 @@ def test_patches_are_the_model_input_pixels_in_the_box(tiny_run):
     table = list_images(cfg.dataset)
     pixels = {int(i): p for ids, batch in BatchStream(table, spec, 8) for i, p in zip(ids, batch.numpy())}
     with h5py.File(results, "r") as f:
-        for name in ("relu1", "relu2"):
+        for name, table, dataset in (("relu1", "topk", "patches"), ("relu2", "topk", "patches"),
+                                     ("relu2", "bottomk", "bottom_patches")):
             g = f[f"layers/{name}"]
-            image, box, y, x = (g[f"topk/{k}"][()] for k in ("image", "box", "y", "x"))
-            patches = g["patches"][()]
+            image, box, y, x = (g[f"{table}/{k}"][()] for k in ("image", "box", "y", "x"))
+            patches = g[dataset][()]
             row_offset, col_offset = g["geometry/row_offset"][()], g["geometry/col_offset"][()]
             assert patches.shape[2:4] == tuple(g["geometry"].attrs["frame"])
             for c in range(image.shape[0]):

@@ -1,4 +1,5 @@
-"""`crop` stage: the receptive-field patch of every top-k entry, from results.h5 and the data."""
+"""`crop` stage: the receptive-field patch of every top-k (and bottom-k) entry,
+from results.h5 and the data: layers/<layer>/patches and bottom_patches."""
 
 from __future__ import annotations
 
@@ -25,13 +26,16 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     with h5py.File(results, "r") as f:
         spec = Preprocessing(**json.loads(f.attrs["preprocessing"]))
         stored_paths = read_strings(f["images/path"])
-        layers = {}
+        layers = {}  # (layer, dataset name) -> what cutting its patches needs
         for key, g in f["layers"].items():
             frame = tuple(int(v) for v in g["geometry"].attrs["frame"])
-            layers[key] = dict(
-                image=g["topk/image"][()], box=g["topk/box"][()], y=g["topk/y"][()], x=g["topk/x"][()],
-                row_offset=g["geometry/row_offset"][()], col_offset=g["geometry/col_offset"][()],
-                frame=frame, size=patch_size(frame, cfg.crop.max_size))
+            for table, name in (("topk", "patches"), ("bottomk", "bottom_patches")):
+                if table in g:
+                    layers[key, name] = dict(
+                        image=g[f"{table}/image"][()], box=g[f"{table}/box"][()],
+                        y=g[f"{table}/y"][()], x=g[f"{table}/x"][()],
+                        row_offset=g["geometry/row_offset"][()], col_offset=g["geometry/col_offset"][()],
+                        frame=frame, size=patch_size(frame, cfg.crop.max_size))
     table = list_images(cfg.dataset)
     if table.paths != stored_paths:
         raise PipelineError(f"the dataset changed since the scan of {run_dir}: "
@@ -49,13 +53,11 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                 _cut_layer(info, ids, images)
             bar.update(len(ids))
     with transaction(results) as f:
-        for key, info in layers.items():
+        for (key, name), info in layers.items():
             g = f[f"layers/{key}"]
             c, k, h, w, ch = info["patches"].shape
-            replace_dataset(g, "patches", info["patches"], chunks=(1, k, h, w, ch),
-                            compression="gzip", compression_opts=4)
-            g["patches"].attrs.update(frame=np.asarray(info["frame"], np.int64),
-                                      scale=h / info["frame"][0])
+            replace_dataset(g, name, info["patches"], chunks=(1, k, h, w, ch), compression="gzip", compression_opts=4)
+            g[name].attrs.update(frame=np.asarray(info["frame"], np.int64), scale=h / info["frame"][0])
         mark_done(f, "crop", stage_print)
 
 

@@ -1,0 +1,109 @@
+"""`export` stage: the Deep Visualization Toolbox's precomputed unit images.
+
+Written from results.h5 only, under <run_dir>/toolbox/ (point the toolbox's
+unit_jpg_dir there):
+
+    max_im/<layer>/<layer>_%04d.jpg                    3x3 montage of the unit's top 9 patches
+    max_deconv/<layer>/<layer>_%04d.jpg                the same for the deconv panels
+    regularized_opt/<layer>/<layer>_%04d_montage.jpg   the unit's filter pattern
+    regularized_opt/<layer>/whole_layer.jpg            all patterns, ceil(sqrt(C)) tiles a side, row-major
+    <layer>/unit_%04d/info.txt                         per patch: value, image id, label, y, x, path
+
+<layer> is the stored layer name ('/' becomes '.'). A part whose data is not in
+results.h5 (no crop, no panels, no filter patterns) is skipped with a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.backprop import panel_to_uint8
+from pipeline.errors import PipelineError
+from pipeline.store import RESULTS_FILE, read_strings
+
+logger = logging.getLogger(__name__)
+
+KEYS = ()  # cheap and reads only results.h5: always runs
+SPRITE_MAX = 4096  # whole_layer.jpg side cap in pixels
+JPEG_QUALITY = 92
+
+
+def tile(images: np.ndarray, side: int) -> np.ndarray:
+    """(C, n, h, w, 3) -> (C, side*h, side*w, 3): image i at row i // side, column i % side;
+    missing slots black."""
+    c, n, h, w, ch = images.shape
+    full = np.zeros((c, side * side, h, w, ch), np.uint8)
+    full[:, :n] = images[:, :side * side]
+    return full.reshape(c, side, side, h, w, ch).transpose(0, 1, 3, 2, 4, 5).reshape(c, side * h, side * w, ch)
+
+
+def _save(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, quality=JPEG_QUALITY)
+
+
+def _montages(out_dir: Path, kind: str, layer: str, images: np.ndarray, valid: np.ndarray) -> int:
+    images = np.where(valid[..., None, None, None], images, 0)
+    side = math.ceil(math.sqrt(min(images.shape[1], 9)))
+    for c, montage in enumerate(tile(images[:, :9], side)):
+        _save(out_dir / kind / layer / f"{layer}_{c:04d}.jpg", montage)
+    return len(images)
+
+
+def export_layer(f: h5py.File, key: str, out_dir: Path, paths: list[str], labels: np.ndarray) -> int:
+    g = f[f"layers/{key}"]
+    image = g["topk/image"][()]
+    valid = image >= 0
+    written = 0
+    if "patches" in g:
+        written += _montages(out_dir, "max_im", key, g["patches"][()], valid)
+    else:
+        logger.info("export %s: no patches (run the crop stage) - max_im skipped", key)
+    if "panels/deconv" in g:
+        deconv = panel_to_uint8(g["panels/deconv"][()], panel_dims=3)
+        written += _montages(out_dir, "max_deconv", key, deconv, valid)
+    value, y, x = g["topk/value"][()], g["topk/y"][()], g["topk/x"][()]
+    for c in range(image.shape[0]):
+        lines = [f"{value[c, k]:.6g} {image[c, k]} {labels[image[c, k]]} {y[c, k]} {x[c, k]} {paths[image[c, k]]}"
+                 for k in range(image.shape[1]) if valid[c, k]]
+        unit = out_dir / key / f"unit_{c:04d}"
+        unit.mkdir(parents=True, exist_ok=True)
+        (unit / "info.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+    return written + image.shape[0]
+
+
+def export_patterns(f: h5py.File, key: str, out_dir: Path) -> int:
+    patterns = f[f"filters/{key}/patterns"][()]  # (C, H, W, 3) uint8
+    folder = out_dir / "regularized_opt" / key
+    for c, pattern in enumerate(patterns):
+        _save(folder / f"{key}_{c:04d}_montage.jpg", pattern)
+    side = math.ceil(math.sqrt(len(patterns)))
+    step = max(1, math.ceil(side * patterns.shape[1] / SPRITE_MAX))  # keep the sprite under SPRITE_MAX
+    sprite = tile(patterns[None, :, ::step, ::step], side)[0]
+    _save(folder / "whole_layer.jpg", sprite)
+    return len(patterns) + 1
+
+
+def run(cfg, run_dir: Path, stage_print: str) -> None:
+    results = Path(run_dir) / RESULTS_FILE
+    if not results.exists():
+        raise PipelineError(f"no results.h5 in {run_dir}: run the scan stage first")
+    out_dir = Path(run_dir) / "toolbox"
+    written = 0
+    with h5py.File(results, "r") as f:
+        paths = read_strings(f["images/path"]) if "images" in f else []
+        labels = f["images/label"][()] if "images" in f else np.zeros(0, np.int64)
+        layers = sorted(f["layers"], key=lambda k: f[f"layers/{k}"].attrs["depth"]) if "layers" in f else []
+        for key in tqdm(layers, desc="export", unit="layer"):
+            written += export_layer(f, key, out_dir, paths, labels)
+        for key in (f["filters"] if "filters" in f else []):
+            if "patterns" in f[f"filters/{key}"]:
+                written += export_patterns(f, key, out_dir)
+    logger.info("export: %d files under %s", written, out_dir)

@@ -1,0 +1,221 @@
+"""The panels stage end to end: a tiny real model, real image files, results.h5 read back."""
+
+import json
+import shutil
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hydra import compose, initialize_config_dir
+
+from conftest import ROOT, save_image
+from pipeline.backprop import backprop, seed_at
+from pipeline.datasets import BatchStream, list_images
+from pipeline.errors import PipelineError
+from pipeline.preprocess import normalize
+from pipeline.runner import run
+from pipeline.stages import panels as panels_stage
+from pipeline.stages.panels import place_in_frame
+from pipeline.store import stages_done
+
+METHODS = ("deconv", "guided", "gradient")
+LAYERS = ("relu1", "conv2", "gap")
+
+
+def tiny_model(path):
+    """ReLU, max pooling, a fused ReLU, global pooling: every kind of unit the rules touch."""
+    rng = np.random.default_rng(11)
+    inp = keras.Input((20, 20, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv1")(inp)
+    x = keras.layers.ReLU(name="relu1")(x)
+    x = keras.layers.MaxPooling2D(2, name="pool1")(x)
+    x = keras.layers.Conv2D(5, 3, strides=2, padding="same", activation="relu", name="conv2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    out = keras.layers.Dense(3, name="logits")(x)
+    model = keras.Model(inp, out, name="tiny_panels")
+    model.set_weights([rng.normal(size=w.shape).astype(np.float32) for w in model.get_weights()])
+    model.save(path)
+    return model
+
+
+def compose_cfg(overrides):
+    with initialize_config_dir(config_dir=f"{ROOT}/conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("panels")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        save_image(root / "photos" / "a" / f"img{i}.png", (rng.random((30 + 4 * i, 36, 3)) * 255).astype(np.uint8))
+    save_image(root / "photos" / "b" / "photo.jpg", (rng.random((40, 50, 3)) * 255).astype(np.uint8), quality=95)
+    model = tiny_model(root / "tiny.keras")
+    base = ["model=file", f"model.path={root / 'tiny.keras'}", "model.preprocess=unit", "dataset=folder",
+            f"dataset.path={root / 'photos'}", f"layers=[{','.join(LAYERS)}]", "topk=3", "batch_size=4"]
+    return root, model, base
+
+
+@pytest.fixture(scope="module")
+def full_run(setup):
+    root, model, base = setup
+    cfg = compose_cfg(base + ["stages=[scan,crop,panels]", "crop.max_size=0", "panels.batch_size=5"])
+    run(cfg, root / "run")
+    return model, cfg, root / "run" / "results.h5"
+
+
+def model_inputs(cfg):
+    from pipeline.models.sources import load_model
+
+    spec = load_model(cfg.model).preprocessing
+    table = list_images(cfg.dataset)
+    return {int(i): p for ids, batch in BatchStream(table, spec, 8)
+            for i, p in zip(ids, normalize(batch, spec.normalize).numpy())}
+
+
+def test_schema(full_run):
+    _, _, results = full_run
+    with h5py.File(results, "r") as f:
+        assert "panels" in json.loads(f.attrs["stages_done"])
+        for name in LAYERS:
+            g = f[f"layers/{name}"]
+            c, k, h, w, ch = g["patches"].shape
+            assert json.loads(g["panels"].attrs["methods"]) == list(METHODS)
+            for method in METHODS:
+                raw, norm = g[f"panels/{method}"], g[f"panels/{method}_norm"]
+                assert raw.shape == (c, k, h, w, 3) and raw.dtype == np.float16
+                assert norm.shape == (c, k, h, w) and norm.dtype == np.float16
+                assert raw.chunks[0] == 1 and norm.chunks[0] == 1 and raw.compression == "gzip"
+                filled = g["topk/image"][()] >= 0
+                peak = np.abs(raw[()]).max(axis=(2, 3, 4))
+                assert (peak[~filled] == 0).all()
+                if method == "gradient":  # every active scanned unit has a gradient
+                    active = filled & (g["topk/value"][()] > 0)
+                    assert active.sum() >= 5 and (peak[active] > 0).all()
+
+
+def test_panels_equal_a_direct_one_seed_computation(full_run):
+    model, cfg, results = full_run
+    inputs = model_inputs(cfg)
+    with h5py.File(results, "r") as f:
+        for name in LAYERS:
+            g = f[f"layers/{name}"]
+            image, box, y, x = (g[f"topk/{key}"][()] for key in ("image", "box", "y", "x"))
+            row_offset, col_offset = g["geometry/row_offset"][()], g["geometry/col_offset"][()]
+            shape = tuple(g.attrs["shape"])
+            entries = [(c, kk) for c in range(image.shape[0]) for kk in range(image.shape[1]) if image[c, kk] >= 0]
+            for c, kk in entries[::4]:
+                if name == "gap":  # a flat output: seeded by channel
+                    seed = seed_at((shape[-1],), c)
+                else:
+                    seed = seed_at(shape, c, y[c, kk], x[c, kk])
+                y0, x0, y1, x1 = box[c, kk]
+                oy, ox = row_offset[y[c, kk]], col_offset[x[c, kk]]
+                for method in METHODS:
+                    full = backprop(model, inputs[image[c, kk]][None], name, seed, method).numpy()[0]
+                    expected = np.zeros(g[f"panels/{method}"].shape[2:], np.float32)
+                    expected[oy:oy + y1 - y0, ox:ox + x1 - x0] = full[y0:y1, x0:x1]
+                    got = g[f"panels/{method}"][c, kk].astype(np.float32)
+                    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-3 * np.abs(expected).max(),
+                                               err_msg=f"{name} {method} {(c, kk)}")
+                    norm = g[f"panels/{method}_norm"][c, kk].astype(np.float32)
+                    np.testing.assert_allclose(norm, np.sqrt((expected ** 2).sum(-1)), rtol=2e-3,
+                                               atol=1e-3 * np.abs(expected).max())
+
+
+def test_gradient_support_lies_inside_the_box(full_run):
+    """Outside the box's place in the frame every panel is exactly zero; and the
+    gradient fills the box of a unit whose whole field is inside the image."""
+    _, _, results = full_run
+    with h5py.File(results, "r") as f:
+        for name in ("relu1", "conv2"):
+            g = f[f"layers/{name}"]
+            image, box, y, x = (g[f"topk/{key}"][()] for key in ("image", "box", "y", "x"))
+            row_offset, col_offset = g["geometry/row_offset"][()], g["geometry/col_offset"][()]
+            frame = tuple(g["geometry"].attrs["frame"])
+            panels = {m: g[f"panels/{m}"][()] for m in METHODS}
+            inside_seen = False
+            for c, kk in zip(*np.nonzero(image >= 0)):
+                y0, x0, y1, x1 = box[c, kk]
+                oy, ox = row_offset[y[c, kk]], col_offset[x[c, kk]]
+                region = np.zeros(frame, bool)
+                region[oy:oy + y1 - y0, ox:ox + x1 - x0] = True
+                for method, p in panels.items():
+                    assert (p[c, kk][~region] == 0).all(), f"{name} {method} {(c, kk)} outside the box"
+                if name == "relu1" and (y1 - y0, x1 - x0) == frame:  # 3x3 field, all inside
+                    assert (np.abs(panels["gradient"][c, kk]).sum(-1) > 0).sum() >= 5
+                    inside_seen = True
+            if name == "relu1":
+                assert inside_seen
+
+
+def test_place_in_frame_puts_values_where_crop_puts_pixels(full_run):
+    """The same placement as the patches: cut the model-input pixels as floats and
+    compare with the crop stage's uint8 patches."""
+    _, cfg, results = full_run
+    from pipeline.models.sources import load_model
+
+    spec = load_model(cfg.model).preprocessing
+    table = list_images(cfg.dataset)
+    pixels = {int(i): p for ids, batch in BatchStream(table, spec, 8) for i, p in zip(ids, batch.numpy())}
+    with h5py.File(results, "r") as f:
+        for name in LAYERS:
+            g = f[f"layers/{name}"]
+            image, box, y, x = (g[f"topk/{key}"][()] for key in ("image", "box", "y", "x"))
+            c, kk = np.nonzero(image >= 0)
+            maps = np.stack([pixels[i] for i in image[c, kk]]).astype(np.float32)
+            offsets = np.stack([g["geometry/row_offset"][()][y[c, kk]], g["geometry/col_offset"][()][x[c, kk]]], 1)
+            placed = place_in_frame(maps, box[c, kk], offsets, tuple(g["geometry"].attrs["frame"]))
+            np.testing.assert_array_equal(placed, g["patches"][()][c, kk].astype(np.float32))
+
+
+def test_shrunk_panels_align_with_shrunk_patches_and_batching_changes_nothing(setup, full_run, monkeypatch):
+    root, model, base = setup
+    # one channel's panels per block (the stage's memory bound), one seed per backward pass
+    monkeypatch.setattr(panels_stage, "BLOCK_BYTES", 1)
+    cfg = compose_cfg(base + ["stages=[scan,crop,panels]", "crop.max_size=6", "panels.batch_size=1",
+                              "panels.methods=[guided]", "layers=[conv2]"])
+    run(cfg, root / "shrunk")
+    _, _, full = full_run
+    with h5py.File(root / "shrunk" / "results.h5", "r") as f, h5py.File(full, "r") as ref:
+        g = f["layers/conv2"]
+        assert list(g["panels"]) == ["guided", "guided_norm"]
+        assert g["panels/guided"].shape[:4] == g["patches"].shape[:4] and g["patches"].shape[2] == 6
+        assert g["panels"].attrs["scale"] == pytest.approx(g["patches"].attrs["scale"])
+        # one seed per pass and one channel per block here, five seeds per pass and one
+        # block in the full run: the same panels once shrunk
+        big = ref["layers/conv2/panels/guided"][()].astype(np.float32)
+        c, k, h, w, ch = big.shape
+        small = tf.image.resize(big.reshape(c * k, h, w, ch), (6, 6), method="area").numpy().reshape(c, k, 6, 6, ch)
+        np.testing.assert_allclose(g["panels/guided"][()].astype(np.float32), small, rtol=5e-3,
+                                   atol=2e-3 * np.abs(small).max())
+        norm = np.sqrt((big ** 2).sum(-1))
+        small_norm = tf.image.resize(norm.reshape(c * k, h, w, 1), (6, 6), method="area").numpy().reshape(c, k, 6, 6)
+        np.testing.assert_allclose(g["panels/guided_norm"][()].astype(np.float32), small_norm, rtol=5e-3,
+                                   atol=2e-3 * np.abs(small_norm).max())
+
+
+def test_panels_need_a_scan_and_valid_methods(setup, full_run, tmp_path):
+    root, _, base = setup
+    with pytest.raises(PipelineError, match=r"stages=\[scan,panels\]"):
+        run(compose_cfg(base + ["stages=[panels]"]), tmp_path / "empty")
+    with pytest.raises(PipelineError, match="panels.methods"):
+        run(compose_cfg(base + ["stages=[scan,panels]", "panels.methods=[deconvnet]"]), tmp_path / "bad")
+
+
+def test_a_new_scan_invalidates_the_panels(setup, full_run, tmp_path):
+    root, _, base = setup
+    _, _, done = full_run
+    results = tmp_path / "copy" / "results.h5"
+    results.parent.mkdir()
+    shutil.copyfile(done, results)
+    cfg = compose_cfg(base + ["stages=[scan,crop,panels]", "crop.max_size=0", "panels.batch_size=5"])
+    before = results.read_bytes()
+    run(cfg, results.parent)  # the same config: every stage is skipped
+    assert results.read_bytes() == before
+    assert {"scan", "crop", "panels"} <= set(stages_done(results))
+    rescan = compose_cfg(base + ["stages=[scan]", "crop.max_size=0", "panels.batch_size=5", "overwrite=true"])
+    run(rescan, results.parent)
+    assert "panels" not in stages_done(results) and "scan" in stages_done(results)
