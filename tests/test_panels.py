@@ -8,9 +8,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from hydra import compose, initialize_config_dir
 
-from conftest import ROOT, save_image
+from conftest import save_image
+from test_pipeline import compose_cfg
 from pipeline.backprop import backprop, seed_at
 from pipeline.datasets import BatchStream, list_images
 from pipeline.errors import PipelineError
@@ -40,9 +40,6 @@ def tiny_model(path):
     return model
 
 
-def compose_cfg(overrides):
-    with initialize_config_dir(config_dir=f"{ROOT}/conf", version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 @pytest.fixture(scope="module")

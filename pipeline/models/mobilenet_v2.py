@@ -170,7 +170,7 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "cnn-lens"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -179,7 +179,7 @@ def _sha256(path: Path) -> str:
 
 
 def _check_sha(path: Path, hint: str) -> None:
-    found = _sha256(path)
+    found = sha256_file(path)
     if found != WEIGHTS_SHA256:
         raise PipelineError(f"{path}: sha256 mismatch for {WEIGHTS_FILE} (expected {WEIGHTS_SHA256}, "
                             f"found {found}); {hint}")
@@ -197,7 +197,7 @@ def _install_verified(write, dest: Path, source: str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        found = _sha256(Path(tmp))
+        found = sha256_file(Path(tmp))
         if found != WEIGHTS_SHA256:
             raise PipelineError(f"{source}: sha256 mismatch for {WEIGHTS_FILE} (expected "
                                 f"{WEIGHTS_SHA256}, found {found}); {_HOW_TO_PROVIDE}")

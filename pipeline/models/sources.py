@@ -7,7 +7,6 @@ must know about it (preprocessing, a name, the weights' hash).
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import keras
 
 from pipeline.errors import PipelineError
+from pipeline.models.mobilenet_v2 import sha256_file
 from pipeline.preprocess import NORMALIZE_MODES, Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ def load_model(cfg, cache_dir: str | None = None) -> ModelBundle:
         return _keras_app(cfg)
     if kind == "file":
         return _model_file(cfg)
+    if kind == "snapshot":
+        return _snapshot(cfg)
     raise PipelineError(f"unknown model kind {kind!r}: use model=mobilenet_v2|keras_app|file")
 
 
@@ -75,7 +77,7 @@ def _keras_app(cfg) -> ModelBundle:
         path = Path(weights).expanduser()
         if not path.exists():
             raise PipelineError(f"model.weights={weights} does not exist: pass imagenet, null or a weights file")
-        sha = _sha256(path)
+        sha = sha256_file(path)
         weights = str(path)
     kwargs = {}
     if cfg.input_size:
@@ -112,7 +114,21 @@ def _model_file(cfg) -> ModelBundle:
     channels = int(model.input_shape[-1] or 3)
     spec = Preprocessing(input_size=size, channels=channels, resize=cfg.resize or "shorter",
                          resize_size=cfg.resize_size, normalize=cfg.preprocess)
-    return ModelBundle(model, spec, path.name, _sha256(path))
+    return ModelBundle(model, spec, path.name, sha256_file(path))
+
+
+def _snapshot(cfg) -> ModelBundle:
+    """A snapshot saved by the train stage: model.run_dir (null: this Hydra run), model.epoch (null: last)."""
+    from pipeline.train import load_snapshot
+
+    run_dir = cfg.get("run_dir")
+    if run_dir in (None, "", "???"):
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            raise PipelineError("model.run_dir is not set: add model.run_dir=<run directory of a train run>")
+        run_dir = HydraConfig.get().runtime.output_dir
+    return load_snapshot(run_dir, cfg.get("epoch"))
 
 
 def _input_side(model, configured: int | None) -> int:
@@ -143,11 +159,3 @@ def _with_input_size(model: keras.Model, size: int) -> keras.Model:
                             f"{str(err).splitlines()[0]}; save the model with a fixed input shape") from err
     fixed.set_weights(model.get_weights())
     return fixed
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

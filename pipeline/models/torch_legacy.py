@@ -169,7 +169,7 @@ class _SafeUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"unsupported persistent id type {kind!r}")
         if len(pid) < 5:
             raise pickle.UnpicklingError("truncated storage persistent id")
-        stype, key, _location, numel = pid[1], str(pid[2]), pid[3], int(pid[4])
+        stype, key, numel = pid[1], str(pid[2]), int(pid[4])  # pid[3]: device, unused
         if not isinstance(stype, _StorageType):
             raise pickle.UnpicklingError("storage of unknown type")
         storage = self._storages.get(key)
