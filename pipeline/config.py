@@ -102,7 +102,8 @@ class ActivationsConfig:  # stage: activations
 @dataclass
 class CamConfig:  # stage: cam
     # any of gradcam, gradcam++, scorecam, guided_gradcam
-    methods: list = field(default_factory=lambda: ["gradcam", "gradcam++", "scorecam", "guided_gradcam"])
+    # scorecam too, on request: one forward pass per active channel (minutes per image on a CPU)
+    methods: list = field(default_factory=lambda: ["gradcam", "gradcam++", "guided_gradcam"])
     # target layer (null: the last rank-4 output with height and width > 1)
     layer: Optional[str] = None
     # predicted | label (unlabelled images: predicted) | classes (cam.classes for every image) | top (cam.top_n)
@@ -159,7 +160,7 @@ class FiltersConfig:  # stage: filters
     batch: int = 16
     # random padding, jitter, scale and rotation at every step (fourier only)
     transforms: bool = True
-    # to the input size: auto (tile for channel/neg, resize for class) | tile | resize
+    # to the input size: auto (tile for fourier channel/neg, else resize) | tile | resize
     upscale: str = "auto"
     # kernels stored: selected (first convolution + those feeding the layers) | all | none
     weights: str = "selected"
@@ -219,6 +220,30 @@ class InvarianceConfig:  # stage: invariance
     # class whose probability is drawn: label | predicted (on the original image) |
     # auto (the label for a network trained by the train stage, else the prediction)
     target: str = "auto"
+    # correspondence stage (Zeiler & Fergus section 4.3), which shares this section:
+    # images of one class (ids, or N for the first N images of correspondence_class)
+    correspondence_images: Any = 5
+    correspondence_class: int = 0
+    # parts occluded at the same place in every image: [y0, x0, y1, x1] boxes as fractions of
+    # the side, and their names (default: part0, part1, ...)
+    correspondence_parts: list = field(default_factory=lambda: [[0.1, 0.0, 0.45, 0.35], [0.1, 0.65, 0.45, 1.0]])
+    correspondence_names: list = field(default_factory=lambda: ["left", "right"])
+    # random occluder positions (one box per trial, the same in every image) to compare against
+    correspondence_random: int = 10
+    # pixel value (0..255) of the occluder
+    correspondence_fill: float = 0.0
+
+
+@dataclass
+class ReportConfig:  # stage: report
+    # a card (PNG) and a thumbnail for every unit, and one HTML page per layer
+    cards: bool = True
+    # units with a card in the PDF book: N (the first N of each layer) or a list of unit indices
+    units: Any = 8
+    # write report.pdf (layer sheets, the chosen units' cards, per-image sheets)
+    pdf: bool = True
+    # images with a per-image sheet: N (the first N with per-image maps) or a list of image ids
+    per_image: Any = 8
 
 
 @dataclass
@@ -246,6 +271,7 @@ class Config:
     cache_dir: Optional[str] = None
     # recompute stages whose results are already in the run directory
     overwrite: bool = False
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 def register_configs() -> None:

@@ -1,0 +1,181 @@
+"""Drawing helpers for per-image maps: resampling, colour maps, overlays, tiles, figures.
+
+Pure numpy and matplotlib (Agg, through `matplotlib.figure.Figure`, no pyplot state).
+Maps arrive raw (as stored); they are normalised here, per map, only for display.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+ALPHA = 0.4  # heatmap opacity over the photo
+CMAP = "jet"
+BLANK_GREY = 0.85  # tiles of channels that carry nothing
+OUTSIDE_DIM = 0.45  # brightness of photo regions the model did not see
+DPI = 150
+
+
+def _axis_taps(n_in: int, n_out: int, start: float = 0.0, stop: float | None = None):
+    """Bilinear taps (i0, i1, w1, inside) for n_out output pixels over the span [start, stop)
+    of the output axis mapped onto n_in input samples (half-pixel centres, edges clamped)."""
+    stop = float(n_out) if stop is None else stop
+    centres = np.arange(n_out, dtype=np.float64) + 0.5
+    inside = (centres >= start) & (centres < stop)
+    pos = (centres - start) / max(stop - start, 1e-12) * n_in - 0.5
+    pos = np.clip(pos, 0.0, n_in - 1)
+    i0 = np.floor(pos).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (pos - i0).astype(np.float32), inside
+
+
+def resample(maps: np.ndarray, out_hw: tuple[int, int], box=None) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear resampling of maps (..., h, w) onto an (H, W) pixel grid.
+
+    `box` = (y0, x0, y1, x1), in output pixels (floats allowed), is where the map lies;
+    default the whole grid, which gives the same values as
+    `tf.image.resize(..., method='bilinear')`. Returns (values (..., H, W) float32,
+    inside (H, W) bool: the pixels within the box).
+    """
+    maps = np.asarray(maps, np.float32)
+    h, w = maps.shape[-2:]
+    oh, ow = out_hw
+    y0, x0, y1, x1 = (0.0, 0.0, float(oh), float(ow)) if box is None else map(float, box)
+    r0, r1, wr, in_r = _axis_taps(h, oh, y0, y1)
+    c0, c1, wc, in_c = _axis_taps(w, ow, x0, x1)
+    top = maps[..., r0, :] * (1 - wr)[:, None] + maps[..., r1, :] * wr[:, None]
+    out = top[..., c0] * (1 - wc) + top[..., c1] * wc
+    return out.astype(np.float32), in_r[:, None] & in_c[None, :]
+
+
+def unit_scale(maps: np.ndarray, axes=(-2, -1)) -> np.ndarray:
+    """Each map divided by its own maximum (negative values clipped): [0, 1]; an all-zero
+    map stays zero."""
+    maps = np.maximum(np.asarray(maps, np.float32), 0.0)
+    top = maps.max(axis=axes, keepdims=True)
+    return np.divide(maps, top, out=np.zeros_like(maps), where=top > 0)
+
+
+def colorize(values: np.ndarray, cmap: str = CMAP) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB through a matplotlib colour map."""
+    rgba = matplotlib.colormaps[cmap](np.clip(values, 0.0, 1.0))
+    return (rgba[..., :3] * 255 + 0.5).astype(np.uint8)
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W), (H, W, 1) or (H, W, 3/4) -> uint8 (H, W, 3)."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3]).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = ALPHA, box=None, cmap: str = CMAP) -> np.ndarray:
+    """A raw map drawn over a photo: (1 - alpha) * photo + alpha * jet(map / max(map)).
+
+    The map is resampled bilinearly onto the photo's pixels; `box` (y0, x0, y1, x1) is
+    the region of the photo the model saw (its crop); outside it the photo is dimmed
+    and no colour is drawn. An all-zero map colours the box with the colour map's
+    lowest colour, never NaN.
+    """
+    image = to_rgb(image).astype(np.float32)
+    values, inside = resample(unit_scale(heat), image.shape[:2], box)
+    colour = colorize(values, cmap).astype(np.float32)
+    blended = (1 - alpha) * image + alpha * colour
+    out = np.where(inside[..., None], blended, image * OUTSIDE_DIM)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def paste_in_box(photo: np.ndarray, picture: np.ndarray, box=None) -> np.ndarray:
+    """An RGB picture of the model input (S, S, 3) resampled bilinearly into `box` of the
+    photo (y0, x0, y1, x1); the rest of the photo dimmed, as `overlay` draws it."""
+    photo = to_rgb(photo).astype(np.float32)
+    values, inside = resample(np.moveaxis(to_rgb(picture).astype(np.float32), -1, 0), photo.shape[:2], box)
+    out = np.where(inside[..., None], np.moveaxis(values, 0, -1), photo * OUTSIDE_DIM)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def heat_image(heat: np.ndarray, out_hw: tuple[int, int], cmap: str = CMAP) -> np.ndarray:
+    """A raw map alone, normalised by its maximum, resampled bilinearly and coloured."""
+    values, _ = resample(unit_scale(heat), out_hw)
+    return colorize(values, cmap)
+
+
+def guided_image(gradient: np.ndarray) -> np.ndarray:
+    """An input-resolution gradient (H, W, C) as uint8 RGB: zero mean, unit std scaled to
+    0.1 around grey, clipped (the usual way guided backprop is shown)."""
+    g = np.asarray(gradient, np.float32)
+    std = g.std()
+    g = (g - g.mean()) / std * 0.1 + 0.5 if std > 0 else np.full_like(g, 0.5)
+    return to_rgb((np.clip(g, 0, 1) * 255 + 0.5).astype(np.uint8))
+
+
+def standardize_channels(maps: np.ndarray, blank: np.ndarray | None = None) -> np.ndarray:
+    """Feature maps (..., H, W, C) -> display values in [0, 1], per channel: subtract the
+    mean, divide by the std, scale by 64/255 around mid grey, clip. Constant channels
+    (std 0) give 0.5; mark them with `blank` when drawing."""
+    maps = np.asarray(maps, np.float32)
+    mean = maps.mean(axis=(-3, -2), keepdims=True)
+    std = maps.std(axis=(-3, -2), keepdims=True)
+    z = np.divide(maps - mean, std, out=np.zeros_like(maps), where=std > 0)
+    return np.clip((z * 64 + 128) / 255, 0, 1)
+
+
+def channel_tiles(maps: np.ndarray, blank: np.ndarray, tile_px: int, cmap: str = "viridis") -> np.ndarray:
+    """One image's maps (H, W, C) -> RGB tiles (C, t, t, 3) uint8: each channel standardised,
+    coloured, enlarged by pixel repetition; blank channels a flat light grey."""
+    h, w, c = maps.shape
+    rgb = colorize(np.moveaxis(standardize_channels(maps), -1, 0), cmap)  # (C, H, W, 3)
+    rep = max(1, tile_px // max(h, w))
+    rgb = np.repeat(np.repeat(rgb, rep, axis=1), rep, axis=2)
+    rgb[np.asarray(blank, bool)] = int(BLANK_GREY * 255)
+    return rgb
+
+
+def tile(tiles: np.ndarray, per_row: int, gap: int = 2, background: int = 255) -> np.ndarray:
+    """Tiles (N, h, w, 3) uint8 -> one image, `per_row` tiles a row, row-major, with gaps."""
+    n, h, w = tiles.shape[:3]
+    rows = max(1, -(-n // per_row))
+    cols = min(per_row, max(n, 1))
+    cells = np.full((rows * cols, h + gap, w + gap, 3), background, np.uint8)
+    cells[:n, :h, :w] = tiles
+    out = cells.reshape(rows, cols, h + gap, w + gap, 3).transpose(0, 2, 1, 3, 4)
+    out = out.reshape(rows * (h + gap), cols * (w + gap), 3)[:rows * (h + gap) - gap, :cols * (w + gap) - gap]
+    return out
+
+
+def image_figure(image: np.ndarray, title: str, note: str = "", min_width: int = 640) -> Figure:
+    """A composed image shown at whole-pixel scale (enlarged by repetition to at least
+    `min_width` pixels where it is small) with a title above and a note below."""
+    import textwrap
+
+    image = np.asarray(image)
+    rep = max(1, min_width // max(image.shape[1], 1))
+    if rep > 1:
+        image = np.repeat(np.repeat(image, rep, axis=0), rep, axis=1)
+    h, w = image.shape[:2]
+    width = max(w, min_width)
+    lines = textwrap.wrap(note, width=max(40, width // 8)) if note else []
+    top, bottom = 36, 10 + 13 * len(lines)
+    total = h + top + bottom
+    fig = Figure(figsize=(width / DPI, total / DPI), dpi=DPI)
+    fig.figimage(image, xo=(width - w) // 2, yo=bottom, origin="upper")
+    fig.text(0.5, 1 - 8 / total, title, ha="center", va="top", fontsize=8)
+    if lines:
+        fig.text(0.5, 4 / total, "\n".join(lines), ha="center", va="bottom", fontsize=6, color="0.3")
+    return fig
+
+
+def save(fig: Figure, path: Path) -> Path:
+    """Render a figure to PNG with the Agg canvas."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=DPI, facecolor="white")
+    return path

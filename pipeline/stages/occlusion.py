@@ -1,0 +1,148 @@
+"""`occlusion` stage: Zeiler & Fergus occlusion sensitivity for a few chosen images.
+
+A thin wrapper over `pipeline.explain.Occluder`: a grey square (`occlusion.fill`, a grey
+level before normalisation) of `occlusion.size` pixels slides over the model input with
+`occlusion.stride`; for every position the stage records the probability of the target
+class, the most probable class, and the total activation of the feature map of
+`occlusion.layer` that responds most strongly to the unoccluded image.
+
+results.h5:
+
+    occlusion/          attrs: size, stride, fill, layer, target
+      image (n,) int64; class (n,) int64 target; channel (n,) int64 followed feature map
+      probability (n, gh, gw) float32; top_class (n, gh, gw) int64; activation (n, gh, gw) float32
+      base_probability (n,), base_activation (n,) float32: without the square
+      rows (gh,), cols (gw,) int64: the square's top-left corner of each grid cell
+
+Sheets: run_dir/occlusion/image_<id>.png, the photo beside the maps.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.datasets import BatchStream, list_images
+from pipeline.errors import PipelineError
+from pipeline.store import RESULTS_FILE, mark_done, transaction
+
+logger = logging.getLogger(__name__)
+
+KEYS = ("model", "dataset", "layers", "occlusion")
+
+
+def run(cfg, run_dir: Path, stage_print: str) -> None:
+    from pipeline.explain import Occluder
+    from pipeline.models.sources import load_model
+    from pipeline.preprocess import normalize
+    from pipeline.stages.activations import choose_images
+    from pipeline.stages.cam import _ensure_run_record, class_names, target_codes
+
+    o = cfg.occlusion
+    if int(o.size) < 1 or int(o.stride) < 1 or int(o.batch_size) < 1:
+        raise PipelineError("occlusion.size, occlusion.stride and occlusion.batch_size must be at least 1")
+    if not 0 <= int(o.fill) <= 255:
+        raise PipelineError(f"occlusion.fill={o.fill}: use a grey level from 0 to 255")
+    bundle = load_model(cfg.model, cfg.cache_dir)
+    table = list_images(cfg.dataset)
+    results = run_dir / RESULTS_FILE
+    ids = choose_images(o.images, table, results, "occlusion")
+    spec = bundle.preprocessing
+    occluder = Occluder(bundle.model, o.layer, spec)
+    names = class_names(bundle, table, int(bundle.model.outputs[0].shape[-1]))
+    codes_for = target_codes(o, table, names, len(names))
+    stream = BatchStream(table, spec, cfg.batch_size, ids=ids)
+    parts, pixels_of = [], {}
+    logger.info("occlusion: %d image(s), square %d px every %d px, feature maps of %s",
+                len(ids), o.size, o.stride, occluder.layer)
+    with tqdm(total=len(ids), desc="occlusion", unit="img") as bar:
+        for batch_ids, pixels in stream:
+            r = occluder.compute(normalize(pixels, spec.normalize), codes_for(batch_ids)[:, 0], int(o.size),
+                                 int(o.stride), int(o.fill), int(o.batch_size))
+            parts.append((batch_ids, r))
+            pixels_of.update({int(i): p for i, p in zip(batch_ids, pixels.numpy())})
+            bar.update(len(batch_ids))
+        bar.update(len(stream.errors))
+    if not parts:
+        raise PipelineError("occlusion: none of the chosen images could be read: choose others with occlusion.images")
+    first = parts[0][1]
+    cat = {k: np.concatenate([getattr(r, k) for _, r in parts]) for k in
+           ("probability", "top_class", "activation", "classes", "base_probability", "base_activation", "channel")}
+    done_ids = np.concatenate([i for i, _ in parts]).astype(np.int64)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with transaction(results) as f:
+        if "occlusion" in f:
+            del f["occlusion"]
+        g = f.create_group("occlusion")
+        g["image"] = done_ids
+        g["class"] = cat["classes"].astype(np.int64)
+        g["channel"] = cat["channel"].astype(np.int64)
+        for key in ("probability", "activation", "base_probability", "base_activation"):
+            g[key] = cat[key].astype(np.float32)
+        g["top_class"] = cat["top_class"].astype(np.int64)
+        g["rows"], g["cols"] = first.rows, first.cols
+        g.attrs.update(size=int(o.size), stride=int(o.stride), fill=int(o.fill), layer=occluder.layer,
+                       target=str(o.target))
+        _ensure_run_record(f, cfg, bundle, table, stream.errors)
+        mark_done(f, "occlusion", stage_print)
+    draw_sheets(results, run_dir / "occlusion", table, spec, names, pixels_of)
+
+
+def draw_sheets(results: Path, out_dir: Path, table, spec, names: list[str], pixels_of: dict) -> list[Path]:
+    """Per image: the photo (as the model saw it) with the square's size marked, the target
+    probability map and the followed feature map's activation map, on the photo's axes."""
+    import h5py
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from pipeline import draw
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    with h5py.File(results, "r") as f:
+        g = f["occlusion"]
+        size, stride, layer = int(g.attrs["size"]), int(g.attrs["stride"]), str(g.attrs["layer"])
+        rows, cols = g["rows"][()], g["cols"][()]
+        for i, image_id in enumerate(tqdm(g["image"][()], desc="occlusion sheets", unit="sheet")):
+            photo = draw.to_rgb(pixels_of[int(image_id)])
+            side_y, side_x = photo.shape[:2]
+            cls, channel = int(g["class"][i]), int(g["channel"][i])
+            # each cell drawn around the square's centre, halfway to its neighbours
+            y_edges, x_edges = _edges(rows + size / 2, side_y), _edges(cols + size / 2, side_x)
+            fig = Figure(figsize=(9.0, 3.3), dpi=draw.DPI, layout="constrained")
+            axes = fig.subplots(1, 3)
+            axes[0].imshow(photo)
+            axes[0].add_patch(Rectangle((2, 2), size, size, facecolor=(0.5, 0.5, 0.5), edgecolor="white", lw=0.8))
+            axes[0].set_title(f"#{image_id}: {names[cls][:30]} (p={g['base_probability'][i]:.2f})", fontsize=8)
+            panels = (
+                (g["probability"][i], f"p({names[cls][:24]}) with the square there", "magma", (0, 1)),
+                (g["activation"][i], f"{layer} channel {channel}: total activation", "viridis", None),
+            )
+            for ax, (values, title, cmap, lim) in zip(axes[1:], panels):
+                ax.imshow(photo, alpha=0.25)
+                im = ax.pcolormesh(x_edges, y_edges, values, cmap=cmap, alpha=0.9,
+                                   vmin=None if lim is None else lim[0], vmax=None if lim is None else lim[1])
+                ax.set_xlim(0, side_x)
+                ax.set_ylim(side_y, 0)
+                ax.set_title(title, fontsize=8)
+                fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
+            for ax in axes:
+                ax.set_xticks([])
+                ax.set_yticks([])
+            fig.suptitle(f"occlusion sensitivity: grey square {size} px, stride {stride} px", fontsize=9)
+            written.append(draw.save(fig, out_dir / f"image_{int(image_id)}.png"))
+    logger.info("occlusion: %d sheet(s) in %s", len(written), out_dir)
+    return written
+
+
+def _edges(centres: np.ndarray, side: int) -> np.ndarray:
+    """Cell edges around grid centres: halfway between neighbours, as far out at the ends."""
+    centres = np.asarray(centres, np.float64)
+    if len(centres) == 1:
+        return np.array([0.0, float(side)])
+    mids = (centres[1:] + centres[:-1]) / 2
+    return np.concatenate([[2 * centres[0] - mids[0]], mids, [2 * centres[-1] - mids[-1]]])

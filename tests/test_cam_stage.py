@@ -1,0 +1,245 @@
+"""The cam, activations and occlusion stages on a tiny real model, real files, real HDF5."""
+
+import json
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from conftest import save_image
+from pipeline.datasets import BatchStream, list_images
+from pipeline.draw import unit_scale
+from pipeline.errors import PipelineError
+from pipeline.explain import blank_channels
+from pipeline.models.sources import load_model
+from pipeline.preprocess import normalize
+from pipeline.runner import run
+from pipeline.store import read_strings
+from test_cli import run_py
+from test_pipeline import compose_cfg, tiny_model
+
+
+@pytest.fixture
+def tiny(tmp_path, photo_folder):
+    """The tiny conv net of test_pipeline (24x24 input, relu2 is 6x6x6, 3 logits), a photo
+    folder with two class folders and one file that is not an image."""
+    (photo_folder / "b_cls" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    model = tiny_model(tmp_path / "tiny.keras")
+    base = ["model=file", f"model.path={tmp_path / 'tiny.keras'}", "model.preprocess=unit", "dataset=folder",
+            f"dataset.path={photo_folder}", "batch_size=4"]
+    return model, base
+
+
+def model_pixels(cfg):
+    """{image id: model input} for every readable image, through the pipeline's own stream."""
+    spec = load_model(cfg.model).preprocessing
+    table = list_images(cfg.dataset)
+    return {int(i): x for ids, p in BatchStream(table, spec, 8)
+            for i, x in zip(ids, normalize(p, spec.normalize).numpy())}
+
+
+def tutorial_gradcam(model, x, cls):
+    """Grad-CAM the textbook way, one image at a time, written independently of pipeline.explain."""
+    grad_model = keras.Model(model.input, [model.get_layer("relu2").output, model.output])
+    with tf.GradientTape() as tape:
+        maps, logits = grad_model(x[None])
+        score = logits[0, cls]
+    grads = tape.gradient(score, maps)[0].numpy()
+    return np.maximum(np.einsum("hwc,c->hw", maps[0].numpy(), grads.mean(axis=(0, 1))), 0)
+
+
+def test_cam_stage_stores_every_image_and_draws_sheets(tmp_path, tiny):
+    model, base = tiny
+    cfg = compose_cfg(base + ["stages=[cam]", "cam.methods=[gradcam,gradcam++,scorecam,guided_gradcam]",
+                              "cam.scorecam_batch=5", "cam.draw=7"])
+    run(cfg, tmp_path / "run")
+    pixels = model_pixels(cfg)
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        ids = f["cam/image"][()]
+        assert sorted(ids) == sorted(pixels) and len(ids) == len(f["images/path"]) - 1  # the broken file
+        assert "not" not in "".join(read_strings(f["images/error"])[i] for i in ids)
+        assert f["images/ok"][()].sum() == len(ids)
+        assert f["cam"].attrs["layer"] == "relu2" and json.loads(f["cam"].attrs["methods"]) == [
+            "gradcam", "gradcam++", "scorecam", "guided_gradcam"]
+        for m in ("gradcam", "gradcam++", "scorecam"):
+            g = f[f"cam/{m}"]
+            assert g["map"].shape == (len(ids), 6, 6) and g["map"].dtype == np.float32
+            np.testing.assert_allclose(g["max"][()], g["map"][()].max(axis=(1, 2)))
+            assert np.isfinite(g["map"][()]).all() and (g["map"][()] >= 0).all()
+        assert f["cam/guided_gradcam/map"].shape == (len(ids), 24, 24, 3)
+        maps = f["cam/gradcam/map"][()]
+        classes, scores = f["cam/gradcam/class"][()], f["cam/gradcam/score"][()]
+        for row, i in enumerate(ids):
+            logits = model(pixels[i][None]).numpy()[0]
+            assert classes[row] == logits.argmax()
+            assert np.isclose(scores[row], logits.max(), rtol=1e-5)
+            np.testing.assert_allclose(maps[row], tutorial_gradcam(model, pixels[i], classes[row]),
+                                       rtol=1e-4, atol=1e-6)
+        assert maps.max() > 0
+        # the per-class mean of the max-normalised maps
+        cm = f["cam/gradcam/class_mean"]
+        for cls, count, mean in zip(cm["class"][()], cm["count"][()], cm["map"][()]):
+            chosen = classes == cls
+            assert chosen.sum() == count
+            np.testing.assert_allclose(mean, unit_scale(maps[chosen]).mean(axis=0), rtol=1e-5, atol=1e-7)
+        assert cm["count"][()].sum() == len(ids)
+    sheets = tmp_path / "run" / "cam"
+    pages = sorted(sheets.glob("overlays_*.png"))
+    assert [p.name for p in pages] == ["overlays_000.png", "overlays_001.png"]  # 7 images, 6 rows a page
+    for name in ("class_mean_gradcam.png", "class_mean_gradcam_pp.png", "class_mean_scorecam.png"):
+        assert (sheets / name).exists()
+    page = np.asarray(Image.open(pages[0]).convert("RGB")).astype(int)
+    # jet's saturated colours are there: the heatmaps were drawn
+    assert ((page[..., 0] > 200) & (page[..., 2] < 80)).sum() > 500
+    assert ((page[..., 2] > 200) & (page[..., 0] < 80)).sum() > 500
+
+
+def test_cam_targets_label_class_list_and_top_n(tmp_path, tiny):
+    model, base = tiny
+    pixels = None
+    for target, extra in (("label", []), ("classes", ["cam.classes=[2,0]"]), ("top", ["cam.top_n=2"])):
+        cfg = compose_cfg(base + ["stages=[cam]", "cam.methods=[gradcam]", "cam.draw=2", f"cam.target={target}"]
+                          + extra)
+        run(cfg, tmp_path / target)
+        pixels = pixels or model_pixels(cfg)
+        table = list_images(cfg.dataset)
+        with h5py.File(tmp_path / target / "results.h5", "r") as f:
+            ids, rank = f["cam/image"][()], f["cam/rank"][()]
+            classes = f["cam/gradcam/class"][()]
+            maps = f["cam/gradcam/map"][()]
+            if target == "label":  # a_cls -> 0, b_cls -> 1
+                np.testing.assert_array_equal(classes, table.labels[ids])
+            else:
+                assert len(ids) == 2 * len(pixels) and (np.bincount(rank) == len(pixels)).all()
+                for row, (i, k) in enumerate(zip(ids, rank)):
+                    logits = model(pixels[i][None]).numpy()[0]
+                    want = [2, 0][k] if target == "classes" else np.argsort(-logits)[k]
+                    assert classes[row] == want
+                    np.testing.assert_allclose(maps[row], tutorial_gradcam(model, pixels[i], want),
+                                               rtol=1e-4, atol=1e-6)
+
+
+def test_cam_bad_config_is_one_clear_line_and_writes_nothing(tmp_path, tiny):
+    _, base = tiny
+    cases = [(["cam.methods=[gradcam,lime]"], "lime"),
+             (["cam.target=classes", "cam.classes=[7]"], "classes 0 to 2"),
+             (["cam.target=classes", "cam.classes=[tabby]"], "unknown class"),
+             (["cam.target=sometimes"], "predicted\\|label"),
+             (["cam.layer=relu9"], "unknown layer"),
+             (["cam.layer=gap"], "not a \\(H, W, C\\) map")]
+    for overrides, message in cases:
+        cfg = compose_cfg(base + ["stages=[cam]"] + overrides)
+        with pytest.raises(PipelineError, match=message) as err:
+            run(cfg, tmp_path / "bad")
+        assert "\n" not in str(err.value)
+        assert not (tmp_path / "bad" / "results.h5").exists()
+    unlabelled = tmp_path / "list.txt"
+    unlabelled.write_text(str(next((tmp_path / "photos" / "a_cls").glob("*.png"))) + "\n")
+    cfg = compose_cfg(base + ["stages=[cam]", "dataset=filelist", f"dataset.path={unlabelled}", "cam.target=label"])
+    with pytest.raises(PipelineError, match="no labels"):
+        run(cfg, tmp_path / "bad")
+
+
+def test_activations_stage_stores_maps_and_draws_sheets(tmp_path, tiny):
+    model, base = tiny
+    cfg = compose_cfg(base + ["stages=[scan,activations]", "layers=[relu1,relu2]",
+                              "activations.images={layer: relu2, channels: [0, 3], k: 2}"])
+    run(cfg, tmp_path / "run")
+    pixels = model_pixels(cfg)
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        top = f["layers/relu2/topk/image"][()][[0, 3], :2].reshape(-1)
+        ids = f["activations/image"][()]
+        np.testing.assert_array_equal(ids, list(dict.fromkeys(top.tolist())))  # top images, first seen first
+        fractions = f["activations/blank_fraction"][()]
+        assert json.loads(f["activations/blank_fraction"].attrs["layers"]) == ["relu1", "relu2"]
+        for depth, name in enumerate(("relu1", "relu2")):
+            d = f[f"activations/{name}"]
+            assert d.dtype == np.float16 and d.attrs["name"] == name and d.attrs["depth"] == depth
+            want = keras.Model(model.input, model.get_layer(name).output)(np.stack([pixels[i] for i in ids])).numpy()
+            assert d.shape == want.shape
+            np.testing.assert_allclose(d[()].astype(np.float32), want, rtol=2e-3, atol=2e-3)
+            np.testing.assert_allclose(fractions[:, depth], blank_channels(want).mean(axis=1))
+    out = tmp_path / "run" / "activations"
+    for i in ids:
+        for name in ("relu1", "relu2"):
+            assert (out / f"{name}_grid_{i}.png").exists() and (out / f"{name}_{i}.png").exists()
+    assert (out / "blank_fraction.png").stat().st_size > 10_000
+
+    # the first N, a list of ids, and the errors that name the fix
+    cfg = compose_cfg(base + ["stages=[activations]", "layers=[relu2]", "activations.images=[5,1]"])
+    run(cfg, tmp_path / "list")
+    with h5py.File(tmp_path / "list" / "results.h5", "r") as f:
+        np.testing.assert_array_equal(f["activations/image"][()], [5, 1])
+    for images, message in (("[0,99]", "ids 0 to"), ("{layer: relu2, channels: [0]}", "run the scan first"),
+                            ("-3", "the first N")):
+        cfg = compose_cfg(base + ["stages=[activations]", f"activations.images={images}"])
+        with pytest.raises(PipelineError, match=message):
+            run(cfg, tmp_path / f"bad{len(message)}")
+
+
+def test_activations_sheet_shows_blank_channels_grey(tmp_path):
+    """A layer with a dead channel (bias -100): its tile is flat grey, the others are not."""
+    inp = keras.Input((12, 12, 3))
+    out = keras.layers.ReLU(name="act")(keras.layers.Conv2D(4, 3, name="conv")(inp))
+    model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(out)))
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(size=w.shape).astype(np.float32) for w in model.get_weights()]
+    weights[1] = np.array([0.0, -100.0, 0.0, 0.0], np.float32)
+    model.set_weights(weights)
+    model.save(tmp_path / "m.keras")
+    save_image(tmp_path / "photos" / "a.png", (rng.random((12, 12, 3)) * 255).astype(np.uint8))
+    cfg = compose_cfg(["model=file", f"model.path={tmp_path / 'm.keras'}", "model.preprocess=unit", "dataset=folder",
+                       f"dataset.path={tmp_path / 'photos'}", "stages=[activations]", "layers=[act]",
+                       "activations.images=1", "activations.per_row=4"])
+    run(cfg, tmp_path / "run")
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        assert np.isclose(f["activations/blank_fraction"][0, 0], 0.25)
+    from pipeline.draw import BLANK_GREY, channel_tiles
+
+    maps = keras.Model(inp, out)(rng.random((1, 12, 12, 3)).astype(np.float32)).numpy()[0]
+    tiles = channel_tiles(maps, blank_channels(maps[None])[0], 32)
+    assert (tiles[1] == int(BLANK_GREY * 255)).all()
+    assert all(len(np.unique(tiles[c].reshape(-1, 3), axis=0)) > 3 for c in (0, 2, 3))
+
+
+def test_occlusion_stage_stores_maps_equal_to_masking_by_hand(tmp_path, tiny):
+    model, base = tiny
+    cfg = compose_cfg(base + ["stages=[occlusion]", "occlusion.images=[0,2]", "occlusion.size=8",
+                              "occlusion.stride=8", "occlusion.fill=0", "occlusion.batch_size=5"])
+    run(cfg, tmp_path / "run")
+    pixels = model_pixels(cfg)
+    feats = keras.Model(model.input, [model.get_layer("relu2").output, model.output])
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        g = f["occlusion"]
+        np.testing.assert_array_equal(g["image"][()], [0, 2])
+        np.testing.assert_array_equal(g["rows"][()], [0, 8, 16])
+        assert g["probability"].shape == (2, 3, 3) and g.attrs["layer"] == "relu2"
+        for row, i in enumerate((0, 2)):
+            maps, logits = (t.numpy()[0] for t in feats(pixels[i][None]))
+            cls, channel = logits.argmax(), maps.max(axis=(0, 1)).argmax()
+            assert g["class"][row] == cls and g["channel"][row] == channel
+            for gy, y0 in enumerate((0, 8, 16)):
+                for gx, x0 in enumerate((0, 8, 16)):
+                    x = pixels[i].copy()
+                    x[y0:y0 + 8, x0:x0 + 8] = 0.0  # grey level 0, normalised by /255
+                    m, lg = (t.numpy()[0] for t in feats(x[None]))
+                    p = np.exp(lg - lg.max()) / np.exp(lg - lg.max()).sum()
+                    assert np.isclose(g["probability"][row, gy, gx], p[cls], rtol=1e-4, atol=1e-7)
+                    assert np.isclose(g["activation"][row, gy, gx], m[..., channel].sum(), rtol=1e-4, atol=1e-5)
+    for i in (0, 2):
+        assert (tmp_path / "run" / "occlusion" / f"image_{i}.png").stat().st_size > 10_000
+
+
+def test_per_image_stages_from_the_command_line(tmp_path, tiny):
+    _, base = tiny
+    proc = run_py(*base, "stages=[activations,cam,occlusion]", "layers=[relu2]", "activations.images=2",
+                  "occlusion.images=1", "cam.methods=[gradcam,gradcam++]", f"hydra.run.dir={tmp_path / 'cli'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with h5py.File(tmp_path / "cli" / "results.h5", "r") as f:
+        assert {"activations", "cam", "occlusion", "images"} <= set(f)
+        assert set(json.loads(f.attrs["stages_done"])) == {"activations", "cam", "occlusion"}
+    proc = run_py(*base, "stages=[cam]", "cam.methods=[gradcam,nope]", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert proc.returncode != 0 and "nope" in proc.stderr and not (tmp_path / "bad" / "results.h5").exists()
