@@ -24,7 +24,11 @@ def exported(tmp_path, photo_folder):
         g = f["layers/relu2"]
         g.create_dataset("panels/deconv", data=rng.normal(size=g["patches"].shape[:4] + (3,)).astype(np.float16))
         colours = np.array([[60 * c, 255 - 60 * c, 100] for c in range(4)], np.uint8)  # flat: JPEG keeps them
-        f.create_dataset("filters/relu1/patterns", data=np.broadcast_to(colours[:, None, None], (4, 24, 24, 3)))
+        g = f.create_group("filters/relu1")  # as the filters stage writes them
+        g["patterns"] = np.broadcast_to(colours[:, None, None], (4, 24, 24, 3))
+        g["channels"] = np.arange(4)
+        g["computed"] = np.ones(4, bool)
+        g.attrs.update(objective="channel", channels_total=4)
     cfg.stages = ["export"]
     run(cfg, run_dir)
     return run_dir

@@ -26,12 +26,12 @@ from tqdm import tqdm
 
 from pipeline.backprop import panel_to_uint8
 from pipeline.errors import PipelineError
+from pipeline.stages.filters import export_regularized_opt
 from pipeline.store import RESULTS_FILE, read_strings
 
 logger = logging.getLogger(__name__)
 
 KEYS = ()  # cheap and reads only results.h5: always runs
-SPRITE_MAX = 4096  # whole_layer.jpg side cap in pixels
 JPEG_QUALITY = 92
 
 
@@ -79,18 +79,6 @@ def export_layer(f: h5py.File, key: str, out_dir: Path, paths: list[str], labels
     return written + image.shape[0]
 
 
-def export_patterns(f: h5py.File, key: str, out_dir: Path) -> int:
-    patterns = f[f"filters/{key}/patterns"][()]  # (C, H, W, 3) uint8
-    folder = out_dir / "regularized_opt" / key
-    for c, pattern in enumerate(patterns):
-        _save(folder / f"{key}_{c:04d}_montage.jpg", pattern)
-    side = math.ceil(math.sqrt(len(patterns)))
-    step = max(1, math.ceil(side * patterns.shape[1] / SPRITE_MAX))  # keep the sprite under SPRITE_MAX
-    sprite = tile(patterns[None, :, ::step, ::step], side)[0]
-    _save(folder / "whole_layer.jpg", sprite)
-    return len(patterns) + 1
-
-
 def run(cfg, run_dir: Path, stage_print: str) -> None:
     results = Path(run_dir) / RESULTS_FILE
     if not results.exists():
@@ -103,7 +91,5 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         layers = sorted(f["layers"], key=lambda k: f[f"layers/{k}"].attrs["depth"]) if "layers" in f else []
         for key in tqdm(layers, desc="export", unit="layer"):
             written += export_layer(f, key, out_dir, paths, labels)
-        for key in (f["filters"] if "filters" in f else []):
-            if "patterns" in f[f"filters/{key}"]:
-                written += export_patterns(f, key, out_dir)
+    written += len(export_regularized_opt(results, out_dir))  # the filters stage knows its layout
     logger.info("export: %d files under %s", written, out_dir)
