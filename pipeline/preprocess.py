@@ -62,12 +62,18 @@ def to_model_pixels(image: tf.Tensor, spec: Preprocessing) -> tf.Tensor:
 
 
 def _match_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
+    """1, 3 or 4 channels (RGBA: alpha dropped) -> `channels` (1 or 3).
+
+    Written with slicing, tiling and a weighted sum so that both branches of the
+    cond trace whatever the static channel count is.
+    """
     c = tf.shape(image)[-1]
     if channels == 3:
-        return tf.cond(c == 1, lambda: tf.image.grayscale_to_rgb(image), lambda: image[..., :3])
-    return tf.cond(c == 1, lambda: image,
-                   lambda: tf.cast(tf.round(tf.image.rgb_to_grayscale(
-                       tf.cast(image[..., :3], tf.float32))), tf.uint8))
+        return tf.cond(c == 1, lambda: tf.tile(image[..., :1], [1, 1, 3]), lambda: image[..., :3])
+    luma = tf.constant([0.2989, 0.5870, 0.1140], tf.float32)
+    grey = lambda: tf.cast(tf.round(tf.reduce_sum(  # noqa: E731
+        tf.cast(image[..., :3], tf.float32) * luma[:tf.shape(image[..., :3])[-1]], axis=-1, keepdims=True)), tf.uint8)
+    return tf.cond(c == 1, lambda: image[..., :1], grey)
 
 
 def normalize(pixels: tf.Tensor, mode: str) -> tf.Tensor:

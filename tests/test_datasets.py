@@ -126,3 +126,22 @@ def test_samples_are_at_least_twelve_natural_photos():
     assert len(table) >= 12
     assert any(p.endswith("chelsea.png") for p in table.paths)
     assert any(p.endswith("grace_hopper.jpg") for p in table.paths)
+
+
+@pytest.mark.parametrize("channels_in", [1, 3, 4])
+@pytest.mark.parametrize("channels_out", [1, 3])
+def test_channel_matching_for_grey_and_colour_models(channels_in, channels_out):
+    import tensorflow as tf
+
+    from pipeline.preprocess import to_model_pixels
+
+    colour = np.array([200, 100, 50, 255][:channels_in], np.uint8)
+    image = np.broadcast_to(colour, (10, 12, channels_in)).copy()
+    spec = Preprocessing(input_size=8, channels=channels_out, resize="exact")
+    unknown = tf.function(lambda x: to_model_pixels(x, spec),
+                          input_signature=[tf.TensorSpec((None, None, None), tf.uint8)])
+    expected = (colour[:1] if channels_in == 1 else
+                colour[:3] if channels_out == 3 else [round(0.2989 * 200 + 0.587 * 100 + 0.114 * 50)])
+    for out in (to_model_pixels(tf.constant(image), spec), unknown(tf.constant(image))):
+        assert out.shape == (8, 8, channels_out)
+        assert np.all(np.abs(out.numpy().astype(int) - np.resize(expected, channels_out)) <= 1)

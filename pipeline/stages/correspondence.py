@@ -1,0 +1,191 @@
+"""`correspondence` stage: does the network tie parts of an object together across
+images? (Zeiler & Fergus 2013, section 4.3, Table 1.)
+
+The same part (a box at the same place) is occluded in several images of one class.
+For image i and layer l the change of the feature vector is eps_i = f_l(x_i) -
+f_l(occluded x_i); the consistency score of the part is the mean, over pairs of
+images, of the fraction of feature positions where sign(eps_i) and sign(eps_j)
+differ (Hamming distance of the sign vectors, divided by their length). Lower means
+the occlusion changes the representation in the same way in every image. Random
+boxes of the same size (one position per trial, the same in every image) give the
+baseline. Options live in the `invariance` section (correspondence_*).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.errors import PipelineError
+from pipeline.store import RESULTS_FILE, mark_done, stored_name, transaction
+
+logger = logging.getLogger(__name__)
+
+KEYS = ("model", "dataset", "layers", "train", "invariance.layers", "invariance.correspondence_images",
+        "invariance.correspondence_class", "invariance.correspondence_parts", "invariance.correspondence_names",
+        "invariance.correspondence_random", "invariance.correspondence_fill")
+
+FIGURE = Path("sheets") / "correspondence.png"
+
+
+def pixel_box(box, size: int) -> np.ndarray:
+    """[y0, x0, y1, x1] fractions -> half-open pixel box, at least one pixel."""
+    y0, x0, y1, x1 = (float(v) for v in box)
+    if not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
+        raise PipelineError(f"correspondence part {[y0, x0, y1, x1]}: give [y0, x0, y1, x1] fractions with "
+                            f"0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1")
+    a = np.array([y0, x0, y1, x1]) * size
+    lo = np.floor(a[:2]).astype(int)
+    hi = np.maximum(np.ceil(a[2:]).astype(int), lo + 1)
+    return np.concatenate([lo, np.minimum(hi, size)])
+
+
+def random_boxes(like: np.ndarray, count: int, size: int, seed: int = 0) -> np.ndarray:
+    """`count` boxes of the size of `like` (pixel box) at random places inside the image."""
+    rng = np.random.default_rng(seed)
+    h, w = like[2] - like[0], like[3] - like[1]
+    y = rng.integers(0, size - h + 1, count)
+    x = rng.integers(0, size - w + 1, count)
+    return np.stack([y, x, y + h, x + w], axis=1)
+
+
+def sign_disagreement(eps) -> np.ndarray:
+    """Mean over image pairs of the fraction of positions where the signs of two
+    images' feature changes differ. eps: (N, D) -> scalar; (..., N, D) -> (...)."""
+    s = np.sign(np.asarray(eps))
+    n = s.shape[-2]
+    if n < 2:
+        raise PipelineError("correspondence needs at least two images: raise invariance.correspondence_images")
+    # per position, ordered pairs that differ = n^2 - sum over sign values of count^2
+    counts = np.stack([(s == v).sum(axis=-2) for v in (-1, 0, 1)]).astype(np.int64)
+    differ = n * n - (counts ** 2).sum(axis=0)
+    return differ.mean(axis=-1) / (n * (n - 1))
+
+
+def occlusion_scores(model, names: list[str], spec, pixels: np.ndarray, boxes: np.ndarray, fill: float,
+                     batch_size: int = 32) -> np.ndarray:
+    """(B, L) consistency score of each pixel box (B, 4) for each layer, over the images."""
+    import tensorflow as tf
+
+    from pipeline.graph import feature_model
+    from pipeline.preprocess import normalize
+
+    features = feature_model(model, names)
+
+    @tf.function(reduce_retracing=True)
+    def forward(x):
+        outs = features(normalize(x, spec.normalize), training=False)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        return [tf.reshape(o, (tf.shape(o)[0], -1)) for o in outs]
+
+    n, size = len(pixels), pixels.shape[1]
+    reference = [r.numpy() for r in forward(tf.constant(pixels.astype(np.float32)))]
+    yy = np.arange(size)[None, :, None]
+    xx = np.arange(size)[None, None, :]
+    jobs = [(b, i) for b in range(len(boxes)) for i in range(n)]
+    signs = [np.zeros((len(boxes), n, r.shape[1]), np.int8) for r in reference]  # sign of eps
+    for start in tqdm(range(0, len(jobs), batch_size), desc="correspondence", unit="batch",
+                      total=math.ceil(len(jobs) / batch_size)):
+        chunk = np.asarray(jobs[start:start + batch_size])
+        b, i = chunk[:, 0], chunk[:, 1]
+        y0, x0, y1, x1 = (boxes[b, k][:, None, None] for k in range(4))
+        mask = (yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1)
+        occluded = np.where(mask[..., None], np.float32(fill), pixels[i].astype(np.float32))
+        for layer, out in enumerate(forward(tf.constant(occluded))):
+            signs[layer][b, i] = np.sign(reference[layer][i] - out.numpy())
+    return np.asarray([[sign_disagreement(s[b]) for s in signs] for b in range(len(boxes))], np.float32)
+
+
+def run(cfg, run_dir: Path, stage_print: str) -> None:
+    from pipeline import train as T
+    from pipeline.datasets import list_images
+    from pipeline.layers import select_layers
+    from pipeline.stages.invariance import _is_seq, _model, default_layers
+
+    ic = cfg.invariance
+    bundle, class_names, _ = _model(cfg, run_dir)
+    model, spec = bundle.model, bundle.preprocessing
+    names = select_layers(model, ic.layers) if ic.layers is not None else \
+        default_layers(model, select_layers(model, cfg.layers))
+    table = list_images(cfg.dataset)
+    if _is_seq(ic.correspondence_images):
+        ids = np.asarray([int(i) for i in ic.correspondence_images], np.int64)
+        if (ids < 0).any() or (ids >= len(table)).any():
+            raise PipelineError(f"invariance.correspondence_images={ids.tolist()} is outside 0..{len(table) - 1}")
+    else:
+        ids = np.flatnonzero(table.labels == int(ic.correspondence_class))[:int(ic.correspondence_images)]
+        if len(ids) < 2:
+            raise PipelineError(f"fewer than two images of class {ic.correspondence_class}: set "
+                                f"invariance.correspondence_class to a class of the dataset")
+    part_names = [str(n) for n in ic.correspondence_names]
+    parts = [list(p) for p in ic.correspondence_parts]
+    if not parts:
+        raise PipelineError("invariance.correspondence_parts=[] occludes nothing: give [y0, x0, y1, x1] boxes")
+    part_names = (part_names + [f"part{k}" for k in range(len(parts))])[:len(parts)]
+    ids, pixels, errors = T.load_pixels(table, spec, np.sort(ids), batch_size=cfg.batch_size,
+                                        desc="correspondence images")
+    size = spec.input_size
+    boxes = np.stack([pixel_box(p, size) for p in parts])
+    trials = max(0, int(ic.correspondence_random))
+    random = np.concatenate([random_boxes(b, trials, size, seed=k) for k, b in enumerate(boxes)]) \
+        if trials else np.zeros((0, 4), np.int64)
+    logger.info("correspondence of %s: %d images, parts %s, %d random boxes per part, layers %s",
+                bundle.name, len(ids), part_names, trials, names)
+    scores = occlusion_scores(model, names, spec, pixels, np.concatenate([boxes, random]),
+                              float(ic.correspondence_fill), cfg.batch_size)
+    part_scores = scores[:len(parts)]
+    random_scores = scores[len(parts):].reshape(len(parts), trials, len(names))
+
+    results = run_dir / RESULTS_FILE
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with transaction(results) as f:
+        if "images" not in f:
+            T.write_image_table(f, table, errors)
+        if "correspondence" in f:
+            del f["correspondence"]
+        g = f.create_group("correspondence")
+        g.attrs.update(model=bundle.name, layers=json.dumps(names), parts=json.dumps(part_names),
+                       stored_layers=json.dumps([stored_name(n) for n in names]), fill=float(ic.correspondence_fill))
+        g["images"] = ids
+        g["boxes"] = boxes.astype(np.int32)
+        g["random_boxes"] = random.reshape(len(parts), trials, 4).astype(np.int32)
+        g["score"] = part_scores
+        g["random_score"] = random_scores
+        mark_done(f, "correspondence", stage_print)
+    draw_correspondence(part_names, names, part_scores, random_scores, run_dir / FIGURE, len(ids))
+    logger.info("correspondence scores in %s", run_dir / FIGURE)
+
+
+def draw_correspondence(parts, layers, scores, random_scores, path: Path, images: int) -> None:
+    """Grouped bars per layer: each part, and the random boxes of its size (mean, sd)."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(4.5, 1.1 * len(layers) + 1.5), 3.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    x = np.arange(len(layers))
+    width = 0.8 / (2 * len(parts))
+    cmap = matplotlib.colormaps["tab10"]
+    for p, name in enumerate(parts):
+        offset = (2 * p - len(parts) + 0.5) * width
+        ax.bar(x + offset, scores[p], width, color=cmap(p), label=name)
+        if random_scores.shape[1]:
+            ax.bar(x + offset + width, random_scores[p].mean(axis=0), width, color=cmap(p), alpha=0.35,
+                   yerr=random_scores[p].std(axis=0), capsize=2, error_kw=dict(lw=0.8),
+                   label=f"{name}: random place")
+    ax.set_xticks(x, layers)
+    ax.set_ylabel("sign disagreement (lower: consistent)")
+    ax.set_title(f"Correspondence of occluded parts over {images} images", fontsize=10)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.grid(axis="y", alpha=0.25, lw=0.6)
+    ax.legend(frameon=False, fontsize=7, ncol=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=200)
+    fig.savefig(path.with_suffix(".pdf"))

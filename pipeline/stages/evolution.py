@@ -1,0 +1,315 @@
+"""`evolution` stage: how features form during training (Zeiler & Fergus 2013, Fig. 4).
+
+Every snapshot of a train run is scanned with the same images and layers, in one
+pass over the data (each batch goes through every snapshot). Per layer and snapshot
+it keeps the top-k table, the channel statistics and the receptive-field patches,
+and measures how much of each channel's top-k image set is replaced from one
+snapshot to the next. It draws, per layer, a sheet with chosen channels in rows and
+snapshot epochs in columns (each cell the channel's top-1 patch, or a montage of its
+top patches), and one figure of the top-k change of every layer.
+
+Snapshots come from `model.run_dir` with `model=snapshot`, else from this run's own
+train stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.errors import PipelineError
+from pipeline.store import RESULTS_FILE, mark_done, replace_dataset, stored_name, transaction
+
+logger = logging.getLogger(__name__)
+
+KEYS = ("model", "dataset", "layers", "topk", "crop", "train", "evolution")
+
+SHEET_DIR = Path("sheets") / "evolution"
+CHANGE_FIGURE = "topk_change.png"
+
+
+# ---------------------------------------------------------------- pure helpers
+
+def choose_channels(spec, channels: int) -> np.ndarray:
+    """Channel indices for a layer of `channels`: N spread evenly (first and last
+    included), or an explicit list (checked against the layer's size)."""
+    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+        n = max(1, min(int(spec), channels))
+        return np.unique(np.round(np.linspace(0, channels - 1, n)).astype(np.int64))
+    chosen = np.asarray([int(c) for c in spec], np.int64)
+    if chosen.size == 0 or (chosen < 0).any() or (chosen >= channels).any():
+        raise PipelineError(f"evolution.channels={list(map(int, chosen))} is outside 0..{channels - 1} for a "
+                            f"layer of {channels} channels: give indices below {channels} or a count")
+    return chosen
+
+
+def topk_change(image: np.ndarray) -> np.ndarray:
+    """(E-1, C) fraction of each channel's top-k images at snapshot e that are gone at e+1.
+
+    image (E, C, K) int64 top-k image ids, -1 for empty slots. A channel with no
+    images at snapshot e counts as unchanged (0).
+    """
+    before, after = image[:-1], image[1:]
+    valid = before >= 0
+    kept = (before[..., :, None] == after[..., None, :]) & (after[..., None, :] >= 0)
+    kept = kept.any(axis=-1) & valid
+    n = valid.sum(axis=-1)
+    return np.where(n > 0, 1.0 - kept.sum(axis=-1) / np.maximum(n, 1), 0.0).astype(np.float32)
+
+
+def _display_size(hw: tuple[int, int], target: int) -> tuple[int, int]:
+    h, w = hw
+    longest = max(h, w)
+    if longest <= target:
+        f = max(1, target // longest)
+        return h * f, w * f
+    return max(1, round(h * target / longest)), max(1, round(w * target / longest))
+
+
+def compose_evolution_sheet(patches: np.ndarray, valid: np.ndarray, epochs, channels, title: str,
+                            subtitle: str = "") -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """A sheet with channels in rows and snapshots in columns.
+
+    patches (E, n, P, h, w, 3) uint8: the top-P patches of n channels at E snapshots;
+    valid (E, n, P) bool. Each cell is the top-1 patch (P = 1) or a square montage
+    of the top P, enlarged by a whole factor (or shrunk) to a readable size.
+    Returns (sheet (H, W, 3) uint8, origins (n, E, 2) top-left of every cell, cell (h, w)).
+    """
+    from pipeline.stages.report import BACKGROUND, Label, draw_labels, montage, resize_patches
+
+    e, n, p, h, w = patches.shape[:5]
+    side = max(1, math.ceil(math.sqrt(p)))
+    size = _display_size((h, w), 64 if side == 1 else 26)
+    small = resize_patches(patches.reshape((e * n, p, h, w, 3)), size)
+    thin = 1 if side > 1 else 0
+    cells = montage(small, valid.reshape(e * n, p), side, thin)
+    cells = cells.reshape((e, n) + cells.shape[1:])
+    ch, cw = cells.shape[2:4]
+    gap, margin, label_w, header_h = max(4, cw // 10), 20, 64, 26
+    title_h = 64 if subtitle else 40
+    grid_w = e * cw + (e - 1) * gap
+    width = max(2 * margin + label_w + grid_w, 420)
+    height = 2 * margin + title_h + header_h + n * ch + (n - 1) * gap
+    canvas = np.full((height, width, 3), BACKGROUND, np.uint8)
+    left = margin + label_w + (width - 2 * margin - label_w - grid_w) // 2
+    top = margin + title_h + header_h
+    origins = np.zeros((n, e, 2), np.int64)
+    for r in range(n):
+        for c in range(e):
+            y, x = top + r * (ch + gap), left + c * (cw + gap)
+            canvas[y:y + ch, x:x + cw] = cells[c, r]
+            origins[r, c] = (y, x)
+    labels = [Label(width / 2, margin + 16, title, 20, weight="bold", color="black")]
+    if subtitle:
+        labels.append(Label(width / 2, margin + 44, subtitle, min(13, 0.9 * width / (0.6 * len(subtitle))),
+                            color="0.3"))
+    labels += [Label(left + c * (cw + gap) + cw / 2, top - header_h / 2, f"epoch {int(ep)}", 13, color="0.15")
+               for c, ep in enumerate(epochs)]
+    labels += [Label(margin + label_w / 2, top + r * (ch + gap) + ch / 2, f"ch {int(k)}", 13, color="0.15")
+               for r, k in enumerate(channels)]
+    return draw_labels(canvas, labels), origins, (ch, cw)
+
+
+def draw_change(epochs, changes: dict[str, np.ndarray], path: Path, images: int, k: int) -> None:
+    """Mean (line) and interquartile range (band) over channels of the top-k change, per layer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    epochs = [int(e) for e in epochs]
+    fig = Figure(figsize=(5.6, 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    x = np.arange(1, len(epochs))
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"]
+    colors = [cmap(v) for v in np.linspace(0.0, 0.85, max(len(changes), 1))]
+    for color, (name, change) in zip(colors, changes.items()):
+        ax.plot(x, change.mean(axis=1), "o-", color=color, lw=1.6, ms=4, label=name)
+        q1, q3 = np.percentile(change, [25, 75], axis=1)
+        ax.fill_between(x, q1, q3, color=color, alpha=0.15, lw=0)
+    ax.set_xticks(x, [f"{a}\u2192{b}" for a, b in zip(epochs[:-1], epochs[1:])])
+    ax.set_xlim(0.6, max(len(epochs) - 1, 1) + 0.4)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("snapshot epochs")
+    ax.set_ylabel(f"share of top-{k} images replaced")
+    ax.set_title(f"Top-{k} turnover between snapshots ({images} images)", fontsize=10)
+    ax.grid(alpha=0.25, lw=0.6)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(frameon=False, fontsize=8, loc="upper right", title="layer (mean, IQR)", title_fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=200)
+    fig.savefig(path.with_suffix(".pdf"))
+
+
+# ---------------------------------------------------------------- the stage
+
+class _Layer:
+    """Per-layer tables of all snapshots, stacked on a leading epoch axis."""
+
+    def __init__(self, name, geo, shape, results, k, max_size):
+        from pipeline.crop import patch_size
+
+        self.name, self.geo, self.shape = name, geo, shape
+        self.value = np.stack([r[0].value for r in results])
+        self.image = np.stack([r[0].image for r in results])
+        self.y = np.stack([r[0].y for r in results])
+        self.x = np.stack([r[0].x for r in results])
+        empty = self.image < 0
+        boxes = geo.boxes(np.maximum(self.y, 0), np.maximum(self.x, 0))
+        self.box = np.where(empty[..., None], 0, boxes).astype(np.int32)
+        self.mean = np.stack([r[1].mean for r in results]).astype(np.float32)
+        self.max = np.stack([r[1].maximum for r in results]).astype(np.float32)
+        self.zero_fraction = np.stack([r[1].zero_fraction for r in results]).astype(np.float32)
+        self.size = patch_size(geo.frame, max_size)
+        e, c, kk = self.image.shape
+        self.patches = np.zeros((e, c, kk) + self.size + (3,), np.uint8)
+
+    def cut(self, batch_ids: np.ndarray, images: np.ndarray) -> None:
+        """Fill the patches of every table entry whose image is in this batch (all snapshots at once)."""
+        from pipeline.crop import cut_patches, shrink
+
+        hit = np.isin(self.image, batch_ids)
+        if not hit.any():
+            return
+        idx = np.nonzero(hit)
+        order = np.argsort(batch_ids)
+        which = order[np.searchsorted(batch_ids[order], self.image[idx])]
+        boxes = self.box[idx]
+        offsets = self.geo.offsets(self.y[idx], self.x[idx])
+        keys = np.concatenate([which[:, None], boxes, offsets], axis=1)
+        unique, inverse = np.unique(keys, axis=0, return_inverse=True)
+        patches = cut_patches(images, unique[:, 0], unique[:, 1:5], unique[:, 5:7], self.geo.frame)
+        self.patches[idx] = shrink(patches, self.size)[inverse.ravel()]
+
+
+def run(cfg, run_dir: Path, stage_print: str) -> None:
+    from pipeline import train as T
+    from pipeline.datasets import list_images
+    from pipeline.geometry import layer_geometry
+    from pipeline.layers import select_layers
+    from pipeline.scan import Scanner
+
+    ec = cfg.evolution
+    source = T.snapshot_run_dir(cfg, run_dir)
+    snaps = T.list_snapshots(source)
+    if not snaps:
+        raise PipelineError(f"no snapshots in {source / T.SNAPSHOT_DIR}: list train before evolution in stages, "
+                            f"or pass model=snapshot model.run_dir=<a train run directory>")
+    epochs = list(snaps)
+    bundles = [T.load_snapshot(source, e) for e in epochs]
+    first = bundles[0]
+    spec = first.preprocessing
+    names = select_layers(first.model, ec.layers if ec.layers is not None else cfg.layers)
+    geometries = [layer_geometry(first.model, n) for n in names]
+    table = list_images(cfg.dataset)
+    count = len(table) if ec.images is None else min(int(ec.images), len(table))
+    if count < 1:
+        raise PipelineError(f"evolution.images={ec.images} selects no image: give a positive count or null")
+    ids = np.arange(count, dtype=np.int64)
+    scanner = Scanner(_all_snapshots(bundles, names), names * len(bundles), spec, cfg.topk)
+    shapes = scanner.map_shapes[:len(names)]
+    wanted = list(ec.channels) if _is_seq(ec.channels) else ec.channels
+    chosen = {name: choose_channels(wanted, shape[-1]) for name, shape in zip(names, shapes)}
+    logger.info("evolution: scanning %d images through %d layers of %d snapshots (epochs %s) of %s",
+                count, len(names), len(epochs), epochs, source)
+    stream = T.PixelBatches(table, spec, cfg.batch_size, ids=ids)
+    with tqdm(total=count, desc=f"evolution scan x{len(epochs)} snapshots", unit="img") as bar:
+        for batch_ids, pixels in stream:
+            scanner.update(pixels, batch_ids)
+            bar.update(len(batch_ids))
+        bar.update(len(stream.errors))
+    tables = scanner.results()  # snapshot-major: [e * L + l] -> (TopK, ChannelStats)
+    n = len(names)
+    layers = [_Layer(name, geo, shape, tables[i::n], cfg.topk, cfg.crop.max_size)
+              for i, (name, geo, shape) in enumerate(zip(names, geometries, shapes))]
+
+    needed = np.unique(np.concatenate([layer.image.ravel() for layer in layers]))
+    needed = needed[needed >= 0]
+    crop_stream = T.PixelBatches(table, spec, cfg.batch_size, ids=needed)
+    with tqdm(total=len(needed), desc="evolution patches", unit="img") as bar:
+        for batch_ids, pixels in crop_stream:
+            images = pixels.numpy()
+            if images.shape[-1] == 1:
+                images = np.repeat(images, 3, axis=-1)
+            for layer in layers:
+                layer.cut(batch_ids, images)
+            bar.update(len(batch_ids))
+
+    changes = {layer.name: topk_change(layer.image) for layer in layers}
+
+    results = run_dir / RESULTS_FILE
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with transaction(results) as f:
+        if "images" not in f:
+            T.write_image_table(f, table, stream.errors)
+        if "evolution" in f:
+            del f["evolution"]
+        g = f.create_group("evolution")
+        g["epochs"] = np.asarray(epochs, np.int64)
+        g.attrs.update(source=str(source), images=count, k=int(cfg.topk),
+                       layers=json.dumps(names), snapshot_sha256=json.dumps([b.weights_sha256 for b in bundles]))
+        for depth, layer in enumerate(layers):
+            _write_layer(g.create_group(stored_name(layer.name)), layer, depth, changes[layer.name],
+                         chosen[layer.name])
+        mark_done(f, "evolution", stage_print)
+
+    p = max(1, min(int(ec.patches), int(cfg.topk)))
+    for layer in layers:
+        rows = chosen[layer.name]
+        sheet, _, _ = compose_evolution_sheet(
+            layer.patches[:, rows, :p], layer.image[:, rows, :p] >= 0, epochs, rows, layer.name,
+            f"top-{p} patch{'es' if p > 1 else ''} of {len(rows)} channels over {count} images, per snapshot")
+        path = run_dir / SHEET_DIR / f"{stored_name(layer.name)}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(sheet).save(path, format="PNG", compress_level=1, dpi=(150, 150))
+    if len(epochs) > 1:
+        draw_change(epochs, changes, run_dir / SHEET_DIR / CHANGE_FIGURE, count, int(cfg.topk))
+    logger.info("evolution sheets in %s", run_dir / SHEET_DIR)
+
+
+def _all_snapshots(bundles, names):
+    """One model from the image to the named layers of every snapshot, snapshot-major:
+    a single traced update scans them all."""
+    import keras
+
+    from pipeline.graph import feature_model
+
+    inp = keras.Input(bundles[0].model.input_shape[1:], name="image")
+    outputs = []
+    for e, b in enumerate(bundles):
+        out = feature_model(b.model, names, name=f"snapshot_{e}")(inp)
+        outputs.extend(out if isinstance(out, (list, tuple)) else [out])
+    return keras.Model(inp, outputs, name="snapshots")
+
+
+def _is_seq(value) -> bool:
+    from omegaconf import ListConfig
+
+    return isinstance(value, (list, tuple, ListConfig))
+
+
+def _write_layer(g, layer: _Layer, depth: int, change: np.ndarray, channels: np.ndarray) -> None:
+    g.attrs.update(name=layer.name, shape=np.asarray(layer.shape, np.int64), depth=depth,
+                   rf_size=np.asarray(layer.geo.rf_size, np.int64), rf_stride=np.asarray(layer.geo.rf_stride, np.int64),
+                   mappable=layer.geo.mappable, geometry_message=layer.geo.message)
+    t = g.create_group("topk")
+    t["value"], t["image"], t["y"], t["x"], t["box"] = layer.value, layer.image, layer.y, layer.x, layer.box
+    s = g.create_group("stats")
+    s["mean"], s["max"], s["zero_fraction"] = layer.mean, layer.max, layer.zero_fraction
+    g["change"] = change
+    g["channels"] = channels
+    geo = g.create_group("geometry")
+    geo["rows"], geo["cols"] = layer.geo.rows, layer.geo.cols
+    geo["row_offset"], geo["col_offset"] = layer.geo.row_offset, layer.geo.col_offset
+    geo.attrs["frame"] = np.asarray(layer.geo.frame, np.int64)
+    e, c, k, h, w, ch = layer.patches.shape
+    replace_dataset(g, "patches", layer.patches, chunks=(1, 1, k, h, w, ch), compression="gzip",
+                    compression_opts=4)
+    g["patches"].attrs.update(frame=np.asarray(layer.geo.frame, np.int64), scale=h / layer.geo.frame[0])

@@ -1,0 +1,384 @@
+"""`invariance` stage: what the features ignore (Zeiler & Fergus 2013, Fig. 5).
+
+Chosen images are shifted vertically, rotated and scaled over a range of values.
+For every layer it measures the Euclidean distance between the feature vector of
+the original image and that of each transformed one, and for the model output the
+probability of the true class. All transformed images of one kind are computed on
+the device in batches with one projective warp (bilinear; the area pulled in from
+outside the image is filled as `invariance.fill` says).
+
+The model: `model=snapshot` loads that snapshot; otherwise the last snapshot of this
+run's own train stage if there is one; otherwise the run's model (any model works,
+e.g. the embedded MobileNetV2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.errors import PipelineError
+from pipeline.store import RESULTS_FILE, mark_done, replace_dataset, stored_name, transaction
+
+logger = logging.getLogger(__name__)
+
+KEYS = ("model", "dataset", "layers", "train", "invariance.images", "invariance.layers", "invariance.translation",
+        "invariance.rotation", "invariance.scale", "invariance.steps", "invariance.fill", "invariance.target")
+
+FIGURE = Path("sheets") / "invariance.png"
+KINDS = ("translation", "rotation", "scale")
+IDENTITY = {"translation": 0.0, "rotation": 0.0, "scale": 1.0}
+AXIS_LABEL = {"translation": "vertical shift (fraction of image height)", "rotation": "rotation (degrees)",
+              "scale": "scale factor"}
+FILL_MODES = ("constant", "nearest", "reflect", "wrap")
+
+
+# ---------------------------------------------------------------- transformations
+
+def parameter_grid(low: float, high: float, steps: int, identity: float) -> tuple[np.ndarray, int]:
+    """`steps` values evenly spaced over [low, high] plus the identity; and the identity's index."""
+    if steps < 2 or not high > low:
+        raise PipelineError(f"invariance range [{low}, {high}] with {steps} steps: give low < high and steps >= 2")
+    values = np.linspace(float(low), float(high), int(steps))
+    if not np.isclose(values, identity).any():
+        values = np.sort(np.append(values, identity))
+    values[np.argmin(np.abs(values - identity))] = identity
+    return values, int(np.argmin(np.abs(values - identity)))
+
+
+def transform_matrices(kind: str, values: np.ndarray, size: int) -> np.ndarray:
+    """(T, 8) projective transforms, output pixel (x, y) -> input point, for images of side `size`.
+
+    translation: content moves down by value * size pixels; rotation: counter-clockwise
+    by value degrees about the image centre ((size - 1) / 2); scale: zoom by value about
+    the centre (> 1 enlarges).
+    """
+    v = np.asarray(values, np.float64)
+    c = (size - 1) / 2.0
+    m = np.zeros((len(v), 8), np.float64)
+    if kind == "translation":
+        m[:, 0] = m[:, 4] = 1.0
+        m[:, 5] = -v * size
+    elif kind == "rotation":
+        a = np.deg2rad(v)
+        cos, sin = np.cos(a), np.sin(a)
+        m[:, 0], m[:, 1], m[:, 2] = cos, -sin, c - cos * c + sin * c
+        m[:, 3], m[:, 4], m[:, 5] = sin, cos, c - sin * c - cos * c
+    elif kind == "scale":
+        if (v <= 0).any():
+            raise PipelineError(f"invariance.scale holds {v[v <= 0].tolist()}: scale factors must be positive")
+        m[:, 0] = m[:, 4] = 1.0 / v
+        m[:, 2] = m[:, 5] = c * (1.0 - 1.0 / v)
+    else:
+        raise ValueError(f"unknown transformation {kind!r}")
+    return m.astype(np.float32)
+
+
+def warp(images, matrices, fill: str = "constant"):
+    """Bilinear warp of float images (B, H, W, C) by per-image (B, 8) transforms, on the device."""
+    import tensorflow as tf
+
+    images = tf.convert_to_tensor(images, tf.float32)
+    shape = tf.shape(images)[1:3]
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=tf.convert_to_tensor(matrices, tf.float32), output_shape=shape,
+        fill_value=0.0, interpolation="BILINEAR", fill_mode=fill.upper())
+
+
+# ---------------------------------------------------------------- measurements
+
+def invariance_curves(model, names: list[str], spec, pixels: np.ndarray, targets: np.ndarray,
+                      grids: dict[str, np.ndarray], fill: str = "constant", batch_size: int = 32,
+                      probabilities: bool | None = None) -> dict[str, tuple]:
+    """Distances and class probabilities for each transformation kind over its values.
+
+    pixels (N, S, S, C) uint8 model-input images; targets (N,) class per image; grids
+    maps a kind (translation, rotation, scale) to its (T,) values. Every transformed
+    image of every kind goes through the model in batches of `batch_size`.
+    Returns, per kind: (distance {layer: (N, T) float32}, norm {layer: (N,) float32}
+    of the original's feature vector, probability (N, T) float32 of the target class,
+    predicted (N, T) int64, transformed pixels (N, T, S, S, C) uint8).
+    """
+    import tensorflow as tf
+
+    from pipeline.graph import feature_model, flat_layers
+    from pipeline.preprocess import normalize
+    from pipeline.train import outputs_probabilities
+
+    last = flat_layers(model)[-1].name
+    wanted = list(dict.fromkeys(list(names) + [last]))
+    features = feature_model(model, wanted)
+    if probabilities is None:
+        probabilities = outputs_probabilities(model)
+
+    @tf.function(reduce_retracing=True)
+    def forward(x):
+        outs = features(normalize(x, spec.normalize), training=False)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        flat = [tf.reshape(o, (tf.shape(o)[0], -1)) for o in outs]
+        logits = flat[wanted.index(last)]
+        return [flat[wanted.index(name)] for name in names], logits if probabilities else tf.nn.softmax(logits)
+
+    n = len(pixels)
+    originals = tf.constant(pixels.astype(np.float32))
+    reference, _ = forward(originals)
+    kinds = list(grids)
+    counts = [len(grids[k]) for k in kinds]
+    # one job per (kind, image, value), kind-major then image-major
+    matrices = np.concatenate([np.tile(transform_matrices(k, grids[k], spec.input_size), (n, 1)) for k in kinds])
+    image_of = np.concatenate([np.repeat(np.arange(n), t) for t in counts])
+    jobs = len(matrices)
+    distance = {name: np.zeros(jobs, np.float32) for name in names}
+    probability = np.zeros(jobs, np.float32)
+    predicted = np.zeros(jobs, np.int64)
+    shown = np.zeros((jobs,) + pixels.shape[1:], np.uint8)
+    for start in tqdm(range(0, jobs, batch_size), desc="invariance", unit="batch",
+                      total=math.ceil(jobs / batch_size)):
+        sl = slice(start, start + batch_size)
+        idx = image_of[sl]
+        moved = warp(tf.gather(originals, idx), matrices[sl], fill)
+        feats, probs = forward(moved)
+        for name, f, ref in zip(names, feats, reference):
+            distance[name][sl] = tf.norm(f - tf.gather(ref, idx), axis=1).numpy()
+        probs = probs.numpy()
+        probability[sl] = probs[np.arange(len(idx)), targets[idx]]
+        predicted[sl] = probs.argmax(axis=1)
+        shown[sl] = np.clip(np.rint(moved.numpy()), 0, 255).astype(np.uint8)
+    norm = {name: np.linalg.norm(ref.numpy(), axis=1).astype(np.float32) for name, ref in zip(names, reference)}
+    out, offset = {}, 0
+    for kind, t in zip(kinds, counts):
+        sl = slice(offset, offset + n * t)
+        offset += n * t
+        out[kind] = ({k: v[sl].reshape(n, t) for k, v in distance.items()}, norm, probability[sl].reshape(n, t),
+                     predicted[sl].reshape(n, t), shown[sl].reshape((n, t) + pixels.shape[1:]))
+    return out
+
+
+def default_layers(model, scanned: list[str]) -> list[str]:
+    """The scanned layers plus the input of the model's last Dense layer (the classifier's
+    feature vector, Zeiler & Fergus' layer 7) when there is one and it is not among them."""
+    import keras
+
+    from pipeline.graph import flat_layers
+
+    nodes = flat_layers(model)
+    dense = [n for n in nodes if isinstance(n.layer, keras.layers.Dense)]
+    names = list(scanned)
+    if dense and dense[-1].inputs:
+        source = dense[-1].inputs[0]
+        node = next(n for n in nodes if n.name == source)
+        if node.kind != "input" and source not in names:
+            names.append(source)
+    return names
+
+
+def choose_images(spec, labels: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Image ids: an explicit list, or for a count N one image of each of the first N
+    classes among `candidates` (the first N candidates when labels are unknown)."""
+    if not isinstance(spec, (int, np.integer)) or isinstance(spec, bool):
+        chosen = np.asarray([int(i) for i in spec], np.int64)
+        if chosen.size == 0 or (chosen < 0).any() or (chosen >= len(labels)).any():
+            raise PipelineError(f"invariance.images={chosen.tolist()} is outside 0..{len(labels) - 1}: "
+                                f"give image ids of the dataset or a count")
+        return chosen
+    n = int(spec)
+    if n < 1:
+        raise PipelineError(f"invariance.images={n}: give a positive count or a list of image ids")
+    candidates = np.asarray(candidates, np.int64)
+    known = candidates[labels[candidates] >= 0]
+    if len(known) == 0:
+        return candidates[:n]
+    _, first = np.unique(labels[known], return_index=True)
+    picked = known[first][:n]  # one per class, in class order
+    if len(picked) < n:  # fewer classes than asked: fill with further images
+        rest = np.setdiff1d(known, picked, assume_unique=True)
+        picked = np.concatenate([picked, rest[:n - len(picked)]])
+    return picked
+
+
+# ---------------------------------------------------------------- the stage
+
+def _model(cfg, run_dir: Path):
+    from pipeline import train as T
+    from pipeline.models.sources import load_model
+
+    if cfg.model.kind != "snapshot" and T.list_snapshots(run_dir):
+        return T.load_snapshot(run_dir), T.snapshot_class_names(run_dir), True
+    bundle = load_model(cfg.model, cfg.cache_dir)
+    names = []
+    if cfg.model.kind == "snapshot":
+        names = T.snapshot_class_names(T.snapshot_run_dir(cfg, run_dir))
+    elif bundle.imagenet_classes:
+        from pipeline.models.imagenet import class_names
+
+        names = list(class_names())
+    return bundle, names, cfg.model.kind == "snapshot"
+
+
+def run(cfg, run_dir: Path, stage_print: str) -> None:
+    import h5py
+
+    from pipeline import train as T
+    from pipeline.datasets import list_images
+    from pipeline.layers import select_layers
+
+    ic = cfg.invariance
+    if ic.fill not in FILL_MODES:
+        raise PipelineError(f"invariance.fill={ic.fill}: use one of {', '.join(FILL_MODES)}")
+    grids = {kind: parameter_grid(*_pair(ic[kind], kind), int(ic.steps), IDENTITY[kind]) for kind in KINDS}
+    bundle, class_names, bundle_is_snapshot = _model(cfg, run_dir)
+    model, spec = bundle.model, bundle.preprocessing
+    if ic.layers is not None:
+        names = select_layers(model, ic.layers)
+    else:
+        names = default_layers(model, select_layers(model, cfg.layers))
+    table = list_images(cfg.dataset)
+    results = run_dir / RESULTS_FILE
+    candidates = np.arange(len(table), dtype=np.int64)
+    if results.exists():
+        with h5py.File(results, "r") as f:
+            if "train/val_ids" in f and len(f["train/val_ids"]):
+                candidates = f["train/val_ids"][()]  # held-out images, never trained on
+    wanted = choose_images(list(ic.images) if _is_seq(ic.images) else ic.images, table.labels, candidates)
+    ids, pixels, errors = T.load_pixels(table, spec, np.sort(wanted), batch_size=cfg.batch_size,
+                                        desc="invariance images")
+    if len(ids) == 0:
+        raise PipelineError("none of the chosen invariance images could be read: choose others with "
+                            "invariance.images=[...]")
+    order = {int(i): k for k, i in enumerate(ids)}
+    keep = [int(i) for i in wanted if int(i) in order]
+    pixels = pixels[[order[i] for i in keep]]
+    ids = np.asarray(keep, np.int64)
+
+    import tensorflow as tf
+
+    from pipeline.preprocess import normalize
+
+    out = model(normalize(tf.constant(pixels), spec.normalize), training=False)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    probs0 = out.numpy() if T.outputs_probabilities(model) else tf.nn.softmax(out).numpy()
+    labels = table.labels[ids]
+    if ic.target not in ("auto", "label", "predicted"):
+        raise PipelineError(f"invariance.target={ic.target}: use auto, label or predicted")
+    # auto: dataset labels name the model's classes only for a network trained on them here
+    use_labels = ic.target == "label" or (ic.target == "auto" and bundle_is_snapshot)
+    target_is_label = use_labels & (labels >= 0) & (labels < probs0.shape[-1])
+    targets = np.where(target_is_label, labels, probs0.argmax(axis=1)).astype(np.int64)
+    logger.info("invariance of %s: images %s, layers %s", bundle.name, ids.tolist(), names)
+
+    curves = invariance_curves(model, names, spec, pixels, targets, {k: grids[k][0] for k in KINDS}, ic.fill,
+                               cfg.batch_size)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with transaction(results) as f:
+        if "images" not in f:
+            T.write_image_table(f, table, errors)
+        if "invariance" in f:
+            del f["invariance"]
+        g = f.create_group("invariance")
+        g.attrs.update(model=bundle.name, layers=json.dumps(names), fill=ic.fill,
+                       units=json.dumps(dict(translation="fraction of the input side (down is positive)",
+                                             rotation="degrees, counter-clockwise", scale="zoom factor")))
+        g["images"], g["target"], g["target_is_label"] = ids, targets, target_is_label
+        g["reference_probability"] = probs0[np.arange(len(ids)), targets].astype(np.float32)
+        norms = g.create_group("norm")
+        for kind in KINDS:
+            distance, norm, probability, predicted, shown = curves[kind]
+            k = g.create_group(kind)
+            k["values"] = grids[kind][0]
+            k.attrs["identity"] = grids[kind][1]
+            dist = k.create_group("distance")
+            for name in names:
+                dist[stored_name(name)] = distance[name]
+                if stored_name(name) not in norms:
+                    norms[stored_name(name)] = norm[name]
+            k["probability"], k["predicted"] = probability, predicted
+            replace_dataset(k, "pixels", shown, compression="gzip", compression_opts=4,
+                            chunks=(1, 1) + shown.shape[2:])
+        mark_done(f, "invariance", stage_print)
+    draw_invariance(curves, grids, names, ids, targets, target_is_label, class_names, run_dir / FIGURE,
+                    bundle.name)
+    logger.info("invariance curves in %s", run_dir / FIGURE)
+
+
+def _pair(value, kind: str) -> tuple[float, float]:
+    values = list(value)
+    if len(values) != 2:
+        raise PipelineError(f"invariance.{kind}={values}: give a range [low, high]")
+    return float(values[0]), float(values[1])
+
+
+def _is_seq(value) -> bool:
+    from omegaconf import ListConfig
+
+    return isinstance(value, (list, tuple, ListConfig))
+
+
+# ---------------------------------------------------------------- drawing
+
+def draw_invariance(curves, grids, names, ids, targets, target_is_label, class_names, path: Path,
+                    model_name: str = "") -> None:
+    """Rows: vertical shift, rotation, scale. Columns: examples of the first image, the
+    distance of each layer's feature vector to the original's, the probability of the
+    true class. One curve per image."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = len(names) + 2
+    fig = Figure(figsize=(2.35 * cols, 2.2 * len(KINDS) + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(KINDS), cols, squeeze=False)
+    colors = matplotlib.colormaps["tab10"](np.arange(len(ids)) % 10)
+    handles = []
+    for r, kind in enumerate(KINDS):
+        distance, _, probability, _, shown = curves[kind]
+        values, identity = grids[kind]
+        ax = axes[r, 0]
+        picks = np.unique(np.round(np.linspace(0, len(values) - 1, 5)).astype(int))
+        strip = np.concatenate([np.pad(shown[0, p], ((1, 1), (1, 1), (0, 0)), constant_values=255)
+                                for p in picks], axis=1)
+        ax.imshow(strip[..., 0] if strip.shape[-1] == 1 else strip, cmap="gray", vmin=0, vmax=255,
+                  interpolation="nearest")
+        width = shown.shape[3] + 2
+        ax.set_xticks((np.arange(len(picks)) + 0.5) * width - 0.5, [f"{values[p]:.3g}" for p in picks],
+                      fontsize=7)
+        ax.set_yticks([])
+        ax.set_xlabel(AXIS_LABEL[kind], fontsize=7)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        for c, name in enumerate(names, 1):
+            ax = axes[r, c]
+            for i in range(len(ids)):
+                ax.plot(values, distance[name][i], "-", color=colors[i], lw=1.2)
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+            if c == 1:
+                ax.set_ylabel("Euclidean distance", fontsize=8)
+        ax = axes[r, -1]
+        for i in range(len(ids)):
+            line, = ax.plot(values, probability[i], "-", color=colors[i], lw=1.2)
+            if r == 0:
+                name = class_names[targets[i]] if targets[i] < len(class_names) else f"class {targets[i]}"
+                handles.append((line, f"image {ids[i]}: {name}{'' if target_is_label[i] else ' (predicted)'}"))
+        ax.set_ylim(-0.03, 1.03)
+        if r == 0:
+            ax.set_title("P(true class)", fontsize=9)
+        for ax in axes[r, 1:]:
+            ax.axvline(values[identity], color="0.7", lw=0.8, ls=":", zorder=0)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.25, lw=0.5)
+            ax.spines[["top", "right"]].set_visible(False)
+            ax.set_xlabel(AXIS_LABEL[kind], fontsize=7)
+    fig.legend([h for h, _ in handles], [t for _, t in handles], loc="outside lower center",
+               ncol=min(len(handles), 4), frameon=False, fontsize=8)
+    if model_name:
+        fig.suptitle(f"Invariance of {model_name}", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=200)
+    fig.savefig(path.with_suffix(".pdf"))

@@ -1,0 +1,114 @@
+"""`train` stage: train the tutorials' small convnet from scratch on the run's dataset.
+
+Saves the model after the chosen epochs (`snapshots/epoch_%03d.keras`), records the
+training and validation curves in results.h5 (`train/`) and draws them
+(`sheets/training_curve.png` and `.pdf`). The model config of the run plays no part:
+the network is built here. Later stages of the same run (evolution, invariance) use
+its snapshots; other runs load one with `model=snapshot model.run_dir=<this run>`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.store import RESULTS_FILE, mark_done, replace_dataset, transaction, write_strings
+
+logger = logging.getLogger(__name__)
+
+KEYS = ("dataset", "train")
+
+SHEET = Path("sheets") / "training_curve.png"
+
+
+def run(cfg, run_dir: Path, stage_print: str) -> None:
+    import json
+
+    import keras
+
+    from pipeline import train as T
+    from pipeline.datasets import list_images
+
+    tc = cfg.train
+    snapshots = T.snapshot_epochs(tc.snapshots, int(tc.epochs))
+    if tc.optimizer not in T.OPTIMIZERS:
+        raise PipelineError(f"train.optimizer={tc.optimizer}: use one of {', '.join(T.OPTIMIZERS)}")
+    table = list_images(cfg.dataset)
+    spec = T.training_spec(table, tc.input_size, tc.channels)
+    labelled = np.flatnonzero(table.labels >= 0)
+    if len(labelled) == 0:
+        raise PipelineError("the dataset has no labels to train on: use dataset=folder with one subfolder per "
+                            "class, dataset=filelist with 'path label' lines, or IDX files with a labels file")
+    if len(labelled) < len(table):
+        logger.warning("%d of %d images have no label and are left out of training",
+                       len(table) - len(labelled), len(table))
+    ids, pixels, errors = T.load_pixels(table, spec, labelled, desc="load training images")
+    labels = table.labels[ids]
+    classes = int(table.labels.max()) + 1
+    class_names = list(table.class_names) or [str(c) for c in range(classes)]
+    train_ids, val_ids = T.split_ids(ids, float(tc.validation), int(tc.seed))
+    position = {int(i): n for n, i in enumerate(ids)}
+    tr = np.asarray([position[int(i)] for i in train_ids], np.int64)
+    va = np.asarray([position[int(i)] for i in val_ids], np.int64)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    folder = run_dir / T.SNAPSHOT_DIR
+    if folder.exists():  # a retrain (overwrite=true): no stale epochs may survive
+        shutil.rmtree(folder)
+    T.save_spec(run_dir, spec, class_names)
+
+    keras.utils.set_random_seed(int(tc.seed))
+    model = T.build_convnet(spec.input_size, spec.channels, classes, tc.filters, int(tc.dense),
+                            float(tc.dropout), int(tc.seed))
+    logger.info("training %s (%d parameters, input %dx%dx%d, %d classes) on %d images, validating on %d, "
+                "%d epochs, snapshots after %s", model.name, model.count_params(), spec.input_size,
+                spec.input_size, spec.channels, classes, len(tr), len(va), tc.epochs, snapshots)
+    predicted = {}
+
+    def on_snapshot(epoch: int) -> None:
+        path = T.snapshot_path(run_dir, epoch)
+        model.save(path)
+        predicted[epoch] = T.predict_classes(model, pixels[va])
+        logger.info("saved %s", path)
+
+    started = time.perf_counter()
+    history = T.train(model, pixels[tr], labels[tr], pixels[va], labels[va], epochs=int(tc.epochs),
+                      batch_size=int(tc.batch_size), optimizer=tc.optimizer, lr=float(tc.lr),
+                      seed=int(tc.seed), snapshots=snapshots, on_snapshot=on_snapshot)
+    total = time.perf_counter() - started
+
+    with transaction(run_dir / RESULTS_FILE) as f:
+        T.write_run_attrs(f, cfg, f"{model.name} trained in this run", spec)
+        T.write_image_table(f, table, errors)
+        if "train" in f:
+            del f["train"]
+        g = f.create_group("train")
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "seconds"):
+            g[key] = np.asarray(history[key], np.float32)
+        g["epoch"] = np.asarray(history["epoch"], np.int64)
+        g["train_ids"], g["val_ids"] = train_ids, val_ids
+        g["snapshot_epoch"] = np.asarray(snapshots, np.int64)
+        write_strings(g, "snapshot_file", [T.snapshot_path(Path("."), e).as_posix() for e in snapshots])
+        replace_dataset(g, "val_predicted", np.stack([predicted[e] for e in snapshots]).astype(np.int64))
+        g.attrs.update(classes=classes, class_names=json.dumps(class_names), input_size=spec.input_size,
+                       channels=spec.channels, parameters=model.count_params(),
+                       architecture=json.dumps(dict(filters=[int(x) for x in tc.filters], dense=int(tc.dense),
+                                                    dropout=float(tc.dropout))),
+                       optimizer=tc.optimizer, lr=float(tc.lr), batch_size=int(tc.batch_size),
+                       seed=int(tc.seed), validation=float(tc.validation), seconds_total=total)
+        later = ("evolution", "invariance", "correspondence")
+        if cfg.model.kind == "snapshot":  # the scan used this run's network
+            later += ("scan", "crop", "panels", "activations", "cam", "occlusion", "filters")
+        mark_done(f, "train", stage_print, invalidates=later)
+    T.draw_training_curve(history, snapshots, run_dir / SHEET,
+                          title=f"{model.name}: {len(tr)} training, {len(va)} validation images")
+    logger.info("trained %d epochs in %.1f s; validation accuracy %.4f; curve in %s", tc.epochs, total,
+                history["val_accuracy"][-1], run_dir / SHEET)
+    if "scan" in cfg.stages and cfg.model.kind != "snapshot":
+        logger.warning("stages=[...scan...] scans model=%s, not the network trained here: add model=snapshot "
+                       "to scan the trained network", cfg.model.kind)

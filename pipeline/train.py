@@ -1,0 +1,423 @@
+"""The small from-scratch convnet of the tutorials, its training loop and its snapshots.
+
+The network: four blocks of a 3x3 'same' convolution with ReLU and a 2x2 max-pool
+(32, 64, 128 and 128 filters), then flatten, dropout, a 512-unit ReLU dense layer,
+a dense layer of class logits ('logits') and a softmax ('softmax'). 'same' padding
+keeps every block valid for any input side of at least 16 pixels: the maps are
+S, S/2, S/4 and S/8 (rounded down) pixels a side, and the flattened vector holds
+(S/16)^2 x 128 values.
+
+A training run saves the model after chosen epochs into
+`<run dir>/snapshots/epoch_%03d.keras`, next to `preprocessing.json` (how pixels
+are fed to it). `load_snapshot` reads one back as a ModelBundle; it is what
+`model=snapshot` uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.preprocess import Preprocessing
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT_DIR = "snapshots"
+SPEC_FILE = "preprocessing.json"
+MIN_SIDE = 16  # four 2x2 poolings
+MAX_IN_MEMORY = 4 * 2**30  # bytes of model-input pixels a stage may hold at once
+OPTIMIZERS = ("adam", "rmsprop", "sgd")
+
+
+# ---------------------------------------------------------------- the model
+
+def build_convnet(input_size: int, channels: int, classes: int,
+                  filters=(32, 64, 128, 128), dense: int = 512, dropout: float = 0.5,
+                  seed: int = 0):
+    """The tutorials' small convnet, sized for `input_size` x `input_size` x `channels` inputs.
+
+    Layer names: conv1..convN (ReLU inside), pool1..poolN, flatten, dropout, dense,
+    logits, softmax. Weights are Glorot-uniform from `seed`, biases zero.
+    """
+    import keras
+
+    filters = [int(f) for f in filters]
+    if not filters:
+        raise PipelineError("train.filters=[] builds no convolution: give at least one block, e.g. [32,64,128,128]")
+    smallest = 2 ** len(filters)
+    if input_size < smallest:
+        raise PipelineError(f"input side {input_size} px is too small for {len(filters)} pooling blocks: "
+                            f"set train.input_size to at least {smallest}")
+    if classes < 2:
+        raise PipelineError(f"the labels hold {classes} class: training needs at least two classes")
+    inp = keras.Input((input_size, input_size, channels), name="image")
+    x = inp
+    for i, n in enumerate(filters, 1):
+        x = keras.layers.Conv2D(n, 3, padding="same", activation="relu", name=f"conv{i}",
+                                kernel_initializer=keras.initializers.GlorotUniform(seed=seed + i))(x)
+        x = keras.layers.MaxPooling2D(2, name=f"pool{i}")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
+    x = keras.layers.Dense(dense, activation="relu", name="dense",
+                           kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 101))(x)
+    x = keras.layers.Dense(classes, name="logits",
+                           kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 102))(x)
+    out = keras.layers.Activation("softmax", name="softmax")(x)
+    return keras.Model(inp, out, name="small_convnet")
+
+
+def outputs_probabilities(model) -> bool:
+    """True when the model's (last) output is already a softmax."""
+    layer = model.layers[-1]
+    activation = getattr(layer, "activation", None)
+    name = getattr(activation, "__name__", str(activation) if activation is not None else "")
+    return type(layer).__name__ == "Softmax" or name == "softmax"
+
+
+# ---------------------------------------------------------------- data
+
+def training_spec(table, input_size: int | None, channels: int | None) -> Preprocessing:
+    """How the training images are fed: the IDX images' own size and channels by default."""
+    arrays = table.arrays
+    if input_size is None:
+        input_size = int(arrays.shape[1]) if arrays is not None else 64
+    if channels is None:
+        channels = 1 if arrays is not None and (arrays.ndim == 3 or arrays.shape[-1] == 1) else 3
+    if channels not in (1, 3):
+        raise PipelineError(f"train.channels={channels}: use 1 (grey) or 3 (RGB)")
+    return Preprocessing(input_size=int(input_size), channels=int(channels), resize="shorter",
+                         normalize="unit")
+
+
+def _ready_arrays(table, spec: Preprocessing) -> np.ndarray | None:
+    """The table's in-memory images as (N, S, S, C) when they already are model-input pixels."""
+    arrays = table.arrays
+    if arrays is None or arrays.shape[1:3] != (spec.input_size, spec.input_size):
+        return None
+    arrays = arrays[..., None] if arrays.ndim == 3 else arrays
+    return arrays if arrays.shape[-1] == spec.channels else None
+
+
+class PixelBatches:
+    """(ids, uint8 pixels) batches like datasets.BatchStream, which it uses for image files;
+    IDX images that already have the model's size and channels are served as they are."""
+
+    def __init__(self, table, spec: Preprocessing, batch_size: int, ids: np.ndarray | None = None):
+        from pipeline.datasets import BatchStream
+
+        self.ids = np.arange(len(table), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+        self.batch_size = batch_size
+        self.arrays = _ready_arrays(table, spec)
+        self.stream = None if self.arrays is not None else BatchStream(table, spec, batch_size, ids=self.ids)
+
+    @property
+    def errors(self) -> dict[int, str]:
+        return {} if self.stream is None else self.stream.errors
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self):
+        import tensorflow as tf
+
+        if self.stream is not None:
+            yield from self.stream
+            return
+        for start in range(0, len(self.ids), self.batch_size):
+            chunk = self.ids[start:start + self.batch_size]
+            yield chunk, tf.constant(self.arrays[chunk])
+
+
+def load_pixels(table, spec: Preprocessing, ids: np.ndarray, batch_size: int = 256,
+                desc: str = "load") -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Model-input pixels of `ids` in memory: (ids read, uint8 (N, S, S, C), errors).
+
+    IDX arrays already at the model's size are taken as they are; anything else goes
+    through the pipeline's stream (resize, crop, grey/RGB, bad files recorded).
+    """
+    from tqdm import tqdm
+
+    ids = np.asarray(ids, np.int64)
+    need = len(ids) * spec.input_size ** 2 * spec.channels
+    if need > MAX_IN_MEMORY:
+        raise PipelineError(f"{len(ids)} images of {spec.input_size}x{spec.input_size}x{spec.channels} need "
+                            f"{need / 2**30:.1f} GiB in memory: lower dataset.limit or train.input_size")
+    ready = _ready_arrays(table, spec)
+    if ready is not None:
+        return ids, np.ascontiguousarray(ready[ids], np.uint8), {}
+    got_ids, got = [], []
+    stream = PixelBatches(table, spec, batch_size, ids=ids)
+    with tqdm(total=len(ids), desc=desc, unit="img") as bar:
+        for batch_ids, pixels in stream:
+            got_ids.append(batch_ids)
+            got.append(pixels.numpy())
+            bar.update(len(batch_ids))
+        bar.update(len(stream.errors))
+    if not got:
+        return np.zeros(0, np.int64), np.zeros((0, spec.input_size, spec.input_size, spec.channels), np.uint8), \
+            stream.errors
+    got_ids = np.concatenate(got_ids)
+    order = np.argsort(got_ids, kind="stable")
+    return got_ids[order], np.concatenate(got)[order], stream.errors
+
+
+def split_ids(ids: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, validation) split of `ids`, each sorted."""
+    if not 0.0 <= fraction < 1.0:
+        raise PipelineError(f"train.validation={fraction}: give a fraction in [0, 1)")
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(np.asarray(ids, np.int64))
+    n_val = int(round(fraction * len(shuffled)))
+    if len(shuffled) - n_val < 1:
+        raise PipelineError("no images left for training: lower train.validation or add images")
+    return np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val])
+
+
+def snapshot_epochs(snapshots, epochs: int) -> list[int]:
+    """The epochs to save, sorted; the last epoch is always among them."""
+    if epochs < 1:
+        raise PipelineError(f"train.epochs={epochs}: train for at least one epoch")
+    chosen = sorted({int(e) for e in snapshots} | {int(epochs)})
+    bad = [e for e in chosen if e < 0 or e > epochs]
+    if bad:
+        raise PipelineError(f"train.snapshots holds {bad}, outside 0..train.epochs={epochs}: "
+                            f"drop them or raise train.epochs")
+    return chosen
+
+
+# ---------------------------------------------------------------- training
+
+def _optimizer(name: str, lr: float):
+    import keras
+
+    if name == "adam":
+        return keras.optimizers.Adam(lr)
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(lr)
+    if name == "sgd":
+        return keras.optimizers.SGD(lr, momentum=0.9)
+    raise PipelineError(f"train.optimizer={name}: use one of {', '.join(OPTIMIZERS)}")
+
+
+def _batches(pixels: np.ndarray, labels: np.ndarray, batch_size: int, shuffle_seed: int | None):
+    import tensorflow as tf
+
+    from pipeline.preprocess import normalize
+
+    ds = tf.data.Dataset.from_tensor_slices((pixels, labels))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(pixels), seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(lambda x, y: (normalize(x, "unit"), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(2)
+
+
+def _progress_callback(epochs: int, steps: int, history: dict, snapshot_at: set, on_snapshot):
+    """A Keras callback: a tqdm bar per epoch, per-epoch timing and metrics, snapshots."""
+    import keras
+    from tqdm import tqdm
+
+    class Progress(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            if 0 in snapshot_at:
+                on_snapshot(0)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+            self.bar = tqdm(total=steps, desc=f"train epoch {epoch + 1}/{epochs}", unit="batch")
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.bar.update(1)
+            if logs and (batch % 25 == 0 or batch + 1 == steps):
+                self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}", acc=f"{float(logs['accuracy']):.4f}",
+                                     refresh=False)
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            seconds = time.perf_counter() - self.started
+            history["epoch"].append(epoch + 1)
+            history["seconds"].append(seconds)
+            for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+                history[key].append(float(logs.get(key, np.nan)))
+            self.bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", acc=f"{history['accuracy'][-1]:.4f}",
+                                 val_acc=f"{history['val_accuracy'][-1]:.4f}")
+            self.bar.close()
+            logger.info("epoch %d/%d: loss %.4f, accuracy %.4f, validation loss %.4f, validation accuracy "
+                        "%.4f (%.1f s)", epoch + 1, epochs, history["loss"][-1], history["accuracy"][-1],
+                        history["val_loss"][-1], history["val_accuracy"][-1], seconds)
+            if epoch + 1 in snapshot_at:
+                on_snapshot(epoch + 1)
+
+    return Progress()
+
+
+def train(model, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,
+          epochs: int, batch_size: int, optimizer: str, lr: float, seed: int,
+          snapshots: list[int], on_snapshot) -> dict[str, list[float]]:
+    """Fit `model` (softmax output) on uint8 pixels; call on_snapshot(epoch) at the chosen epochs.
+
+    Returns the per-epoch history: epoch, loss, accuracy, val_loss, val_accuracy, seconds.
+    """
+    import keras
+
+    model.compile(optimizer=_optimizer(optimizer, lr), loss=keras.losses.SparseCategoricalCrossentropy(),
+                  metrics=["accuracy"])
+    history = {k: [] for k in ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")}
+    steps = math.ceil(len(train_x) / batch_size)
+    train_ds = _batches(train_x, train_y, batch_size, shuffle_seed=seed)
+    val_ds = _batches(val_x, val_y, max(batch_size, 256), None) if len(val_x) else None
+    callback = _progress_callback(epochs, steps, history, set(snapshots), on_snapshot)
+    model.fit(train_ds, epochs=epochs, validation_data=val_ds, callbacks=[callback], verbose=0,
+              shuffle=False)  # the dataset shuffles itself, seeded
+    return history
+
+
+def predict_classes(model, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Argmax class of uint8 images through a 'unit'-normalised model, batched."""
+    import tensorflow as tf
+
+    from pipeline.preprocess import normalize
+
+    if len(pixels) == 0:
+        return np.zeros(0, np.int64)
+    return np.concatenate([tf.argmax(model(normalize(pixels[i:i + batch_size], "unit"), training=False),
+                                     axis=-1).numpy()
+                           for i in range(0, len(pixels), batch_size)]).astype(np.int64)
+
+
+# ---------------------------------------------------------------- snapshots
+
+def snapshot_path(run_dir: Path, epoch: int) -> Path:
+    return Path(run_dir) / SNAPSHOT_DIR / f"epoch_{int(epoch):03d}.keras"
+
+
+def save_spec(run_dir: Path, spec: Preprocessing, class_names: list[str]) -> None:
+    folder = Path(run_dir) / SNAPSHOT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SPEC_FILE).write_text(json.dumps(dict(preprocessing=asdict(spec), class_names=class_names),
+                                               indent=1, sort_keys=True))
+
+
+def list_snapshots(run_dir: Path) -> dict[int, Path]:
+    """Epoch -> snapshot file of a train run directory, sorted by epoch."""
+    folder = Path(run_dir) / SNAPSHOT_DIR
+    found = {}
+    for p in folder.glob("epoch_*.keras") if folder.is_dir() else ():
+        try:
+            found[int(p.stem.split("_", 1)[1])] = p
+        except ValueError:
+            continue
+    return dict(sorted(found.items()))
+
+
+def snapshot_run_dir(cfg, run_dir: Path) -> Path:
+    """Where the snapshots of a run are: model.run_dir with model=snapshot, else this run."""
+    model = cfg.model
+    if model.kind == "snapshot" and model.get("run_dir") not in (None, "", "???"):
+        return Path(str(model.run_dir)).expanduser()
+    return Path(run_dir)
+
+
+def load_snapshot(run_dir, epoch: int | None = None):
+    """The model saved after `epoch` (null: the last) in a train run directory, as a ModelBundle."""
+    import keras
+
+    from pipeline.models.sources import ModelBundle
+
+    run_dir = Path(str(run_dir)).expanduser()
+    found = list_snapshots(run_dir)
+    if not found:
+        raise PipelineError(f"no snapshots in {run_dir / SNAPSHOT_DIR}: run stages=[train] there first, "
+                            f"or point model.run_dir at the run directory of a train run")
+    if epoch is None:
+        epoch = max(found)
+    if int(epoch) not in found:
+        raise PipelineError(f"no snapshot of epoch {epoch} in {run_dir / SNAPSHOT_DIR}: "
+                            f"set model.epoch to one of {', '.join(map(str, found))}")
+    path = found[int(epoch)]
+    model = keras.models.load_model(path, compile=False)
+    spec_file = run_dir / SNAPSHOT_DIR / SPEC_FILE
+    if spec_file.exists():
+        spec = Preprocessing(**json.loads(spec_file.read_text())["preprocessing"])
+    else:
+        spec = Preprocessing(input_size=int(model.input_shape[1]), channels=int(model.input_shape[-1]),
+                             normalize="unit")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return ModelBundle(model, spec, f"{model.name} epoch {int(epoch)} ({run_dir.name})", digest)
+
+
+def snapshot_class_names(run_dir) -> list[str]:
+    spec_file = Path(str(run_dir)).expanduser() / SNAPSHOT_DIR / SPEC_FILE
+    if not spec_file.exists():
+        return []
+    return list(json.loads(spec_file.read_text()).get("class_names", []))
+
+
+# ---------------------------------------------------------------- results.h5 helpers
+
+def write_run_attrs(f, cfg, model_name: str, spec: Preprocessing, sha256: str = "") -> None:
+    """The run-level attrs every results.h5 carries (as the scan writes them)."""
+    from omegaconf import OmegaConf
+
+    import pipeline
+    from pipeline.store import IDENTITY_KEYS, fingerprint
+
+    f.attrs.update(
+        config=OmegaConf.to_yaml(cfg, resolve=True), identity=fingerprint(cfg, IDENTITY_KEYS),
+        model=model_name, input_size=np.asarray([spec.input_size, spec.input_size], np.int64),
+        preprocessing=json.dumps(asdict(spec), sort_keys=True), version=pipeline.__version__,
+        weights_sha256=sha256, imagenet_classes=False)
+
+
+def write_image_table(f, table, errors: dict[int, str]) -> None:
+    """images/path, label, ok, error of the dataset (row = global image id)."""
+    from pipeline.store import replace_dataset, write_strings
+
+    g = f.require_group("images")
+    write_strings(g, "path", table.paths)
+    replace_dataset(g, "label", table.labels.astype(np.int64))
+    ok = np.ones(len(table), bool)
+    ok[list(errors)] = False
+    replace_dataset(g, "ok", ok)
+    write_strings(g, "error", [errors.get(i, "") for i in range(len(table))])
+    g.attrs["class_names"] = json.dumps(list(table.class_names))
+
+
+# ---------------------------------------------------------------- drawing
+
+def draw_training_curve(history: dict, snapshots: list[int], path: Path, title: str = "") -> None:
+    """Loss and accuracy per epoch, training and validation; snapshot epochs marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    epochs = np.asarray(history["epoch"])
+    fig = Figure(figsize=(7.2, 3.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for ax, key, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "accuracy", "accuracy")):
+        ax.plot(epochs, history[key], "o-", color="#1f5fa8", ms=3.5, lw=1.4, label="training")
+        val = np.asarray(history[f"val_{key}"], float)
+        if np.isfinite(val).any():
+            ax.plot(epochs, val, "s--", color="#d0621b", ms=3.5, lw=1.4, label="validation")
+        for e in snapshots:
+            if e >= 1:
+                ax.axvline(e, color="0.75", lw=0.8, ls=":", zorder=0)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_xlim(0.5, max(epochs.max(), 1) + 0.5)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.25, lw=0.6)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[1].legend(frameon=False, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=200)
+    fig.savefig(path.with_suffix(".pdf"))
