@@ -90,6 +90,41 @@ def mark_done(f: h5py.File, stage: str, stage_print: str, invalidates: tuple[str
     f.attrs["stages_done"] = json.dumps(done, sort_keys=True)
 
 
+def write_run_attrs(f: h5py.File, cfg, model_name: str, spec, weights_sha256: str = "",
+                    imagenet_classes: bool = False, **extra) -> None:
+    """The root attrs every results.h5 carries, whichever stage creates it."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    import pipeline
+
+    f.attrs.update(
+        config=OmegaConf.to_yaml(cfg, resolve=True), identity=fingerprint(cfg, IDENTITY_KEYS), model=model_name,
+        input_size=np.asarray([spec.input_size, spec.input_size], np.int64),
+        preprocessing=json.dumps(dataclasses.asdict(spec), sort_keys=True), version=pipeline.__version__,
+        weights_sha256=weights_sha256, imagenet_classes=imagenet_classes, **extra)
+
+
+def write_image_table(f: h5py.File, table, errors: dict[int, str], scanned: np.ndarray | None = None) -> None:
+    """images/*: every image of the dataset (row = global image id). `scanned` marks
+    the images this run read (a shard's slice; default all); errors: id -> reason."""
+    g = f.require_group("images")
+    if "path" not in g:  # written once: checkpoints only update the flags
+        write_strings(g, "path", table.paths)
+        replace_dataset(g, "label", table.labels.astype(np.int64))
+        g.attrs["class_names"] = json.dumps(list(table.class_names))
+    scanned = np.ones(len(table), bool) if scanned is None else scanned
+    ok = scanned.copy()
+    ok[list(errors)] = False
+    reasons = np.where(scanned, "", "not in this shard").astype(object)
+    for i, reason in errors.items():
+        reasons[i] = reason
+    replace_dataset(g, "scanned", scanned)
+    replace_dataset(g, "ok", ok)
+    write_strings(g, "error", reasons)
+
+
 def replace_dataset(group: h5py.Group, name: str, data, **kwargs) -> h5py.Dataset:
     if name in group:
         del group[name]

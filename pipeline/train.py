@@ -362,34 +362,6 @@ def snapshot_class_names(run_dir) -> list[str]:
 
 # ---------------------------------------------------------------- results.h5 helpers
 
-def write_run_attrs(f, cfg, model_name: str, spec: Preprocessing, sha256: str = "") -> None:
-    """The run-level attrs every results.h5 carries (as the scan writes them)."""
-    from omegaconf import OmegaConf
-
-    import pipeline
-    from pipeline.store import IDENTITY_KEYS, fingerprint
-
-    f.attrs.update(
-        config=OmegaConf.to_yaml(cfg, resolve=True), identity=fingerprint(cfg, IDENTITY_KEYS),
-        model=model_name, input_size=np.asarray([spec.input_size, spec.input_size], np.int64),
-        preprocessing=json.dumps(asdict(spec), sort_keys=True), version=pipeline.__version__,
-        weights_sha256=sha256, imagenet_classes=False)
-
-
-def write_image_table(f, table, errors: dict[int, str]) -> None:
-    """images/path, label, ok, error of the dataset (row = global image id)."""
-    from pipeline.store import replace_dataset, write_strings
-
-    g = f.require_group("images")
-    write_strings(g, "path", table.paths)
-    replace_dataset(g, "label", table.labels.astype(np.int64))
-    ok = np.ones(len(table), bool)
-    ok[list(errors)] = False
-    replace_dataset(g, "ok", ok)
-    write_strings(g, "error", [errors.get(i, "") for i in range(len(table))])
-    g.attrs["class_names"] = json.dumps(list(table.class_names))
-
-
 # ---------------------------------------------------------------- drawing
 
 def draw_training_curve(history: dict, snapshots: list[int], path: Path, title: str = "") -> None:

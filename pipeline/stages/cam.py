@@ -177,29 +177,14 @@ def _class_index(value, names: list[str], num_classes: int) -> int:
 
 
 def _ensure_run_record(f, cfg, bundle, table: ImageTable, errors: dict[int, str]) -> None:
-    """Write the run attrs and images/ when no earlier stage (scan) did, in the scan's
-    layout; images this stage did not read are recorded as readable."""
-    import pipeline
-    from omegaconf import OmegaConf
-
-    from pipeline.store import IDENTITY_KEYS, fingerprint, replace_dataset, write_strings
+    """Write the run attrs and images/ when no earlier stage (scan) did; images this
+    stage did not read are recorded as readable."""
+    from pipeline.store import write_image_table, write_run_attrs
 
     if "identity" not in f.attrs:
-        spec = bundle.preprocessing
-        f.attrs.update(
-            config=OmegaConf.to_yaml(cfg, resolve=True), identity=fingerprint(cfg, IDENTITY_KEYS),
-            model=bundle.name, input_size=np.asarray([spec.input_size, spec.input_size], np.int64),
-            preprocessing=json.dumps(spec.__dict__, sort_keys=True), version=pipeline.__version__,
-            weights_sha256=bundle.weights_sha256, imagenet_classes=bundle.imagenet_classes)
+        write_run_attrs(f, cfg, bundle.name, bundle.preprocessing, bundle.weights_sha256, bundle.imagenet_classes)
     if "images" not in f:
-        g = f.create_group("images")
-        write_strings(g, "path", table.paths)
-        replace_dataset(g, "label", table.labels.astype(np.int64))
-        g.attrs["class_names"] = json.dumps(table.class_names)
-        ok = np.ones(len(table), bool)
-        ok[list(errors)] = False
-        replace_dataset(g, "ok", ok)
-        write_strings(g, "error", [errors.get(i, "") for i in range(len(table))])
+        write_image_table(f, table, errors)
 
 
 def original_photo(table: ImageTable, image_id: int) -> np.ndarray | None:

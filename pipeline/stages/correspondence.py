@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.store import RESULTS_FILE, mark_done, stored_name, transaction
+from pipeline.store import RESULTS_FILE, mark_done, stored_name, transaction, write_image_table
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     with transaction(results) as f:
         if "images" not in f:
-            T.write_image_table(f, table, errors)
+            write_image_table(f, table, errors)
         if "correspondence" in f:
             del f["correspondence"]
         g = f.create_group("correspondence")

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.store import RESULTS_FILE, mark_done, replace_dataset, stored_name, transaction
+from pipeline.store import RESULTS_FILE, mark_done, replace_dataset, stored_name, transaction, write_image_table
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     with transaction(results) as f:
         if "images" not in f:
-            T.write_image_table(f, table, stream.errors)
+            write_image_table(f, table, stream.errors)
         if "evolution" in f:
             del f["evolution"]
         g = f.create_group("evolution")

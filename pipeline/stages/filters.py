@@ -25,13 +25,11 @@ from pathlib import Path
 import h5py
 import keras
 import numpy as np
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
-import pipeline
 from pipeline.errors import PipelineError
-from pipeline.store import (IDENTITY_KEYS, RESULTS_FILE, fingerprint, mark_done, read_strings, replace_dataset,
-                            stored_name, transaction, write_strings)
+from pipeline.store import (RESULTS_FILE, mark_done, read_strings, replace_dataset, stored_name, transaction,
+                            write_run_attrs, write_strings)
 
 logger = logging.getLogger(__name__)
 
@@ -321,14 +319,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
 
 def _write_run_attrs(f: h5py.File, cfg, bundle) -> None:
     """The root attributes the scan writes, for a results.h5 this stage creates."""
-    if "model" in f.attrs:
-        return
-    spec = bundle.preprocessing
-    f.attrs.update(
-        config=OmegaConf.to_yaml(cfg, resolve=True), identity=fingerprint(cfg, IDENTITY_KEYS), model=bundle.name,
-        input_size=np.asarray([spec.input_size, spec.input_size], np.int64),
-        preprocessing=json.dumps(spec.__dict__, sort_keys=True), version=pipeline.__version__,
-        weights_sha256=bundle.weights_sha256, imagenet_classes=bundle.imagenet_classes)
+    if "model" not in f.attrs:
+        write_run_attrs(f, cfg, bundle.name, bundle.preprocessing, bundle.weights_sha256, bundle.imagenet_classes)
 
 
 def _clear_stale(f: h5py.File, stage_print: str) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.store import RESULTS_FILE, mark_done, replace_dataset, stored_name, transaction
+from pipeline.store import RESULTS_FILE, mark_done, replace_dataset, stored_name, transaction, write_image_table
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     with transaction(results) as f:
         if "images" not in f:
-            T.write_image_table(f, table, errors)
+            write_image_table(f, table, errors)
         if "invariance" in f:
             del f["invariance"]
         g = f.create_group("invariance")

@@ -11,22 +11,19 @@ so the final tables and sums are identical bit for bit.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
-import pipeline
-from pipeline.datasets import BatchStream, ImageTable, list_images
+from pipeline.datasets import BatchStream, list_images
 from pipeline.errors import PipelineError
 from pipeline.spectrum import GAMMA, MIN_ABS, QUANTILES, sketch_quantiles
-from pipeline.store import (IDENTITY_KEYS, RESULTS_FILE, fingerprint, mark_done, replace_dataset, stored_name,
-                            transaction, write_strings)
+from pipeline.store import (RESULTS_FILE, mark_done, replace_dataset, stored_name, transaction, write_image_table,
+                            write_run_attrs)
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +66,9 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
             for stale in ("images", "layers", STATE):  # from an earlier scan of another config
                 if stale in f:
                     del f[stale]
-            _write_run_attrs(f, cfg, bundle)
-            _write_images(f, table, ids, {})
+            write_run_attrs(f, cfg, bundle.name, bundle.preprocessing, bundle.weights_sha256,
+                            bundle.imagenet_classes, shard_count=cfg.shard.count, shard_index=cfg.shard.index)
+            write_image_table(f, table, {}, _scanned(len(table), ids))
             _write_layers(f, scanner, layers)
         position, dropped = 0, []
     else:
@@ -96,7 +94,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         scanner.update(pixels, batch_ids)
 
     with transaction(results) as f:
-        _write_images(f, table, ids, stream.errors)
+        write_image_table(f, table, stream.errors, _scanned(len(table), ids))
         _write_layers(f, scanner, layers)
         if STATE in f:
             del f[STATE]
@@ -145,33 +143,10 @@ def _load_checkpoint(results: Path, stage_print: str, scanner, overwrite: bool) 
 
 # ------------------------------------------------------------------ writing
 
-def _write_run_attrs(f, cfg, bundle) -> None:
-    spec = bundle.preprocessing
-    f.attrs.update(
-        config=OmegaConf.to_yaml(cfg, resolve=True), identity=fingerprint(cfg, IDENTITY_KEYS), model=bundle.name,
-        input_size=np.asarray([spec.input_size, spec.input_size], np.int64),
-        preprocessing=json.dumps(spec.__dict__, sort_keys=True), version=pipeline.__version__,
-        weights_sha256=bundle.weights_sha256, imagenet_classes=bundle.imagenet_classes,
-        shard_count=cfg.shard.count, shard_index=cfg.shard.index)
-
-
-def _write_images(f, table: ImageTable, ids: np.ndarray, errors: dict[int, str]) -> None:
-    """images/*: every image of the dataset; `scanned` marks this shard's."""
-    g = f.require_group("images")
-    if "path" not in g:
-        write_strings(g, "path", table.paths)
-        replace_dataset(g, "label", table.labels.astype(np.int64))
-        g.attrs["class_names"] = json.dumps(table.class_names)
-    scanned = np.zeros(len(table), bool)
+def _scanned(n_images: int, ids: np.ndarray) -> np.ndarray:
+    scanned = np.zeros(n_images, bool)
     scanned[ids] = True
-    ok = scanned.copy()
-    ok[list(errors)] = False
-    reasons = np.where(scanned, "", "not in this shard").astype(object)
-    for i, reason in errors.items():
-        reasons[i] = reason
-    replace_dataset(g, "scanned", scanned)
-    replace_dataset(g, "ok", ok)
-    write_strings(g, "error", reasons)
+    return scanned
 
 
 def _write_layers(f, scanner, layers) -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.store import RESULTS_FILE, mark_done, replace_dataset, transaction, write_strings
+from pipeline.store import (RESULTS_FILE, mark_done, replace_dataset, transaction, write_image_table, write_run_attrs,
+                            write_strings)
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     total = time.perf_counter() - started
 
     with transaction(run_dir / RESULTS_FILE) as f:
-        T.write_run_attrs(f, cfg, f"{model.name} trained in this run", spec)
-        T.write_image_table(f, table, errors)
+        write_run_attrs(f, cfg, f"{model.name} trained in this run", spec)
+        write_image_table(f, table, errors)
         if "train" in f:
             del f["train"]
         g = f.create_group("train")
