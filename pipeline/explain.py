@@ -55,7 +55,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.graph import feature_model, flat_layers, resolve_layer_names
+from pipeline.graph import ancestors, feature_model, flat_layers, resolve_layer_names
 from pipeline.preprocess import Preprocessing, normalize, to_model_pixels
 
 logger = logging.getLogger(__name__)
@@ -225,12 +225,7 @@ def connected_model(model, names: Sequence[str], name: str | None = None) -> ker
     nodes = flat_layers(model)
     qualified = resolve_layer_names(model, list(names))
     by_name = {n.name: n for n in nodes}
-    needed, stack = set(), list(qualified)
-    while stack:
-        q = stack.pop()
-        if q not in needed:
-            needed.add(q)
-            stack.extend(src for src, _ in by_name[q].sources)
+    needed = ancestors(by_name, qualified)
     values = {}
     for node in nodes:
         if node.name not in needed:
@@ -297,6 +292,16 @@ def _batches(n: int, size: int):
 # the Grad-CAM family
 
 
+def map_layer(model: keras.Model, layer: str | None, key: str) -> tuple[str, tuple]:
+    """The qualified target layer (default: the last spatial map) and its (h, w, C) shape."""
+    name = resolve_layer_names(model, [layer])[0] if layer else default_target_layer(model)
+    node = next(n for n in flat_layers(model) if n.name == name)
+    if len(node.output_shape) != 3:
+        raise PipelineError(f"layer {name!r} outputs shape {node.output_shape}, not a (H, W, C) map: "
+                            f"pick a convolutional layer for {key}")
+    return name, tuple(node.output_shape)
+
+
 class CamExplainer:
     """Grad-CAM, Grad-CAM++, Score-CAM and guided Grad-CAM for one model and target layer.
 
@@ -308,12 +313,7 @@ class CamExplainer:
                  preprocessing: Preprocessing | None = None):
         self.model = model
         self.preprocessing = preprocessing
-        self.layer = resolve_layer_names(model, [layer])[0] if layer else default_target_layer(model)
-        node = next(n for n in flat_layers(model) if n.name == self.layer)
-        if len(node.output_shape) != 3:
-            raise PipelineError(f"layer {self.layer!r} outputs shape {node.output_shape}, not a (H, W, C) map: "
-                                "pick a convolutional layer for cam.layer")
-        self.map_shape = tuple(node.output_shape)  # (h, w, C)
+        self.layer, self.map_shape = map_layer(model, layer, "cam.layer")  # map_shape: (h, w, C)
         self.logits_layer, self._head = logits_head(model)
         if self.logits_layer == self.layer:
             raise PipelineError(f"layer {self.layer!r} is the model output: pick a convolutional layer")
@@ -550,11 +550,7 @@ class Occluder:
                  preprocessing: Preprocessing | None = None):
         self.model = model
         self.preprocessing = preprocessing
-        self.layer = resolve_layer_names(model, [layer])[0] if layer else default_target_layer(model)
-        node = next(n for n in flat_layers(model) if n.name == self.layer)
-        if len(node.output_shape) != 3:
-            raise PipelineError(f"layer {self.layer!r} outputs shape {node.output_shape}, not a (H, W, C) map: "
-                                "pick a convolutional layer for occlusion.layer")
+        self.layer, _ = map_layer(model, layer, "occlusion.layer")
         self.logits_layer, self._head = logits_head(model)
         self._features = feature_model(model, [self.layer, self.logits_layer], name="occlusion_features")
 

@@ -67,6 +67,17 @@ def flat_layers(model) -> list[FlatNode]:
     return _flatten(model).nodes
 
 
+def ancestors(by_name: dict[str, FlatNode], names: Iterable[str]) -> set[str]:
+    """`names` and every node they depend on (names qualified, `by_name` from flat_layers)."""
+    needed, stack = set(), list(names)
+    while stack:
+        name = stack.pop()
+        if name not in needed:
+            needed.add(name)
+            stack.extend(src for src, _ in by_name[name].sources)
+    return needed
+
+
 def resolve_layer_names(model, names: str | Iterable[str]) -> list[str]:
     """Map user-given layer names to qualified node names.
 

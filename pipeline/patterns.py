@@ -349,7 +349,7 @@ def _as_dict(fm: keras.Model, layers: list[str]) -> Callable:
 
 def _resizable_feature_model(model: keras.Model, names: Sequence[str]) -> keras.Model:
     """Replay the layer calls that feed `names` on a new (None, None, C) input."""
-    from pipeline.graph import flat_layers, resolve_layer_names
+    from pipeline.graph import ancestors, flat_layers, resolve_layer_names
 
     nodes = flat_layers(model)
     qualified = resolve_layer_names(model, names)
@@ -358,12 +358,7 @@ def _resizable_feature_model(model: keras.Model, names: Sequence[str]) -> keras.
     if len(inputs) != 1:
         raise ValueError("only single-input models can be resized")
     new_input = keras.Input((None, None) + tuple(inputs[0].output_shape[2:]))
-    needed, stack = set(), list(qualified)
-    while stack:
-        q = stack.pop()
-        if q not in needed:
-            needed.add(q)
-            stack.extend(src for src, _ in by_name[q].sources)
+    needed = ancestors(by_name, qualified)
     values = {(inputs[0].name, 0): new_input}
     for node in nodes:
         if node.name not in needed or node.kind == "input":
