@@ -1,7 +1,9 @@
-"""Tests for the report stage: composition helpers, sheets, index.html, a real browser."""
+"""Tests for the report stage: composition helpers, sheets, index.html, a real run rendered
+from results.h5 alone (sheets, cards, per-image sheets, the PDF book), a real browser."""
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
@@ -195,8 +197,8 @@ def test_one_png_sheet_per_layer(rendered):
     sheets = sorted((out / "sheets").glob("*.png"))
     assert {p.name for p in sheets} == {"block1.conv.png", "block2.conv.png", "head <dense>.png"}
     assert written[-1] == out / "index.html"
-    assert [p.name for p in written[:-1]] == ["block1.conv.png", "block2.conv.png",
-                                             "head <dense>.png"]
+    assert [p.name for p in written[:3]] == ["block1.conv.png", "block2.conv.png",
+                                            "head <dense>.png"]
     for p in sheets:
         assert p.read_bytes()[:8] == PNG_MAGIC
         img = mpimg.imread(p)
@@ -247,7 +249,8 @@ def test_index_links_every_sheet_and_resolves(rendered):
     for src in parser.srcs + parser.hrefs:
         assert not re.match(r"^[a-z]+:", src), src  # relative, offline
         assert (out / unquote(src)).is_file(), src
-    assert "http://" not in text and "https://" not in text and "<script" not in text
+    assert "http://" not in text and "https://" not in text
+    assert "<script src" not in text and "<link" not in text  # everything inline
     # layers in depth order
     assert text.index("block1/conv") < text.index("block2/conv") < text.index("head &lt;dense&gt;")
 
@@ -265,8 +268,9 @@ def test_index_summary_skipped_images_and_escaping(rendered):
     assert "0.250" in text
 
 
-def test_module_does_not_import_tensorflow():
-    code = "import sys, pipeline.stages.report; sys.exit('tensorflow' in sys.modules)"
+def test_modules_do_not_import_tensorflow():
+    code = ("import sys, pipeline.stages.report, pipeline.cards, pipeline.site, pipeline.book; "
+            "sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
 
 
@@ -293,5 +297,218 @@ def test_index_renders_in_headless_chromium(rendered, tmp_path):
 
     dom = _chromium(url, tmp_path / "profile2", "--dump-dom").stdout
     assert '<table id="layers">' in dom
-    assert dom.count("<tr>") == 1 + len(LAYERS)
-    assert dom.count('loading="lazy"') == len(LAYERS)
+    assert dom.count('<tr id="layer-') == len(LAYERS)
+    assert dom.count('loading="lazy"') == len(LAYERS) + 1  # the sheets' previews and the sparsity figure
+
+
+# ---------------------------------------------------------------- a real run, every stage, rendered
+
+REPORT_OVERRIDES = ["report.per_image=3"]
+
+
+def full_run_overrides(tmp: Path, photos: Path) -> list[str]:
+    return ["model=file", f"model.path={tmp / 'tiny.keras'}", "model.preprocess=unit", "dataset=folder",
+            f"dataset.path={photos}", "layers=[relu1,relu2]", "topk=4", "scan.bottomk=2", "batch_size=4",
+            "panels.methods=[deconv,guided]", "filters.channels=3", "filters.steps=4", "filters.size=null",
+            "filters.batch=4", "activations.images=3", "cam.target=top", "cam.top_n=3",
+            "cam.methods=[gradcam,guided_gradcam]", "cam.draw=2", "occlusion.images=2", "occlusion.size=8",
+            "occlusion.stride=8",
+            *REPORT_OVERRIDES]
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory):
+    """The tiny model over real image files through every stage that feeds the report, then
+    the report: (cfg, run directory, files the report wrote)."""
+    from conftest import save_image
+    from test_pipeline import compose_cfg, tiny_model
+    from pipeline.runner import run
+
+    tmp = tmp_path_factory.mktemp("full_run")
+    rng = np.random.default_rng(0)
+    photos = tmp / "photos"
+    for i in range(6):
+        save_image(photos / f"a_cls/img{i}.png", (rng.random((40 + 3 * i, 48, 3)) * 255).astype(np.uint8))
+    save_image(photos / "b_cls/flat.png", np.full((32, 32, 3), 200, np.uint8))
+    save_image(photos / "b_cls/photo.jpg", (rng.random((50, 60, 3)) * 255).astype(np.uint8), quality=95)
+    tiny_model(tmp / "tiny.keras")
+    cfg = compose_cfg(full_run_overrides(tmp, photos)
+                      + ["stages=[scan,crop,panels,filters,activations,cam,occlusion,report]"])
+    run_dir = tmp / "run"
+    run(cfg, run_dir)
+    return cfg, run_dir
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size[1], im.size[0]
+
+
+def _pdf_pages(path: Path) -> int:
+    return len(re.findall(rb"/Type\s*/Page(?![a-zA-Z])", path.read_bytes()))
+
+
+def test_real_run_renders_every_sheet_card_and_page(full_run):
+    _, run_dir, = full_run[:2]
+    channels = {"relu1": 4, "relu2": 6}
+    for layer, c in channels.items():
+        assert (run_dir / "sheets" / f"{layer}.png").read_bytes()[:8] == PNG_MAGIC
+        cards = sorted((run_dir / "report" / "cards" / layer).glob("*.png"))
+        thumbs = sorted((run_dir / "report" / "thumbs" / layer).glob("*.jpg"))
+        assert [p.name for p in cards] == [f"unit_{u:04d}.png" for u in range(c)]
+        assert [p.name for p in thumbs] == [f"unit_{u:04d}.jpg" for u in range(c)]
+        sizes = {_png_size(p) for p in cards}
+        assert len(sizes) == 1  # one card size per layer
+        h, w = sizes.pop()
+        assert 400 <= w <= 900 and 300 <= h <= 1200
+        assert {_png_size(p) for p in thumbs} == {(74, 74)}  # half a 148 px cell
+        assert (run_dir / "report" / f"{layer}.html").is_file()
+    # figures at print quality: 300 dpi
+    h, w = _png_size(run_dir / "sheets" / "run" / "sparsity.png")
+    assert (h, w) == (round(4.2 * 300), round(5.5 * 300))
+    assert (run_dir / "sheets" / "run" / "sparsity.pdf").read_bytes()[:5] == b"%PDF-"
+    # per-image sheets: the 3 images with the most kinds of maps (activations 0-2, occlusion 0-1)
+    sheets = sorted((run_dir / "sheets" / "images").glob("*.png"))
+    assert [p.name for p in sheets] == ["image_0.png", "image_1.png", "image_2.png"]
+    # A4 wide; a row per kind of map: photo and predictions 2.5 in, Grad-CAM 2.25, occlusion 2.35,
+    # activation grids 2.25, title 0.55; a 0.35 in note names what an image lacks (image 2: occlusion)
+    heights = {"image_0.png": 9.9, "image_1.png": 9.9, "image_2.png": 9.9 - 2.35 + 0.35}
+    for p in sheets:
+        assert _png_size(p) == (round(heights[p.name] * 300), round(8.27 * 300)), p.name
+    assert (run_dir / "index.html").is_file()
+
+
+def test_pdf_book_page_count(full_run):
+    _, run_dir = full_run[:2]
+    with h5py.File(run_dir / "results.h5", "r") as f:
+        config_lines = len(f.attrs["config"].rstrip("\n").splitlines())
+    # title, sparsity, per layer its sheet and min(8, C) cards two a page, 3 per-image sheets, config
+    expected = 1 + 1 + (1 + 2) + (1 + 3) + 3 + math.ceil(config_lines / 90)
+    assert _pdf_pages(run_dir / "report.pdf") == expected
+
+
+def test_report_and_export_rerender_without_the_model(full_run, tmp_path):
+    from test_pipeline import compose_cfg
+    from pipeline.runner import run
+
+    cfg, run_dir = full_run[:2]
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    model_file = Path(cfg.model.path)
+    hidden = model_file.with_suffix(".hidden")
+    model_file.rename(hidden)  # nothing may load the model
+    try:
+        before = (copy / "results.h5").read_bytes()
+        (copy / "index.html").unlink()
+        shutil.rmtree(copy / "report")
+        overrides = [o for o in full_run_overrides(model_file.parent, Path(cfg.dataset.path))]
+        run(compose_cfg(overrides + ["stages=[report,export]"]), copy)
+        assert (copy / "results.h5").read_bytes() == before
+        assert (copy / "index.html").is_file() and (copy / "report" / "relu2.html").is_file()
+        assert len(list((copy / "report" / "cards" / "relu2").glob("*.png"))) == 6
+        assert (copy / "toolbox" / "max_im" / "relu2" / "relu2_0000.jpg").is_file()
+    finally:
+        hidden.rename(model_file)
+
+
+def test_report_options_cards_pdf_and_per_image(full_run, tmp_path):
+    _, run_dir = full_run[:2]
+    results = run_dir / "results.h5"
+    out = tmp_path / "few"
+    render_report(results, out, cards=False, units=[1, 5, 99], pdf=True, per_image=[4])
+    assert not (out / "report" / "relu1.html").exists() and not (out / "report" / "thumbs").exists()
+    # cards only for the book's units (that exist), book pages: 1 + 1 + (1 + 1) + (1 + 1) + 1 + config
+    assert sorted(p.name for p in (out / "report" / "cards" / "relu2").iterdir()) == ["unit_0001.png", "unit_0005.png"]
+    assert sorted(p.name for p in (out / "report" / "cards" / "relu1").iterdir()) == ["unit_0001.png"]
+    assert [p.name for p in (out / "sheets" / "images").iterdir()] == ["image_4.png"]
+    pages = _pdf_pages(out / "report.pdf")
+    assert pages == _pdf_pages(run_dir / "report.pdf") - (3 + 4 + 3) + (2 + 2 + 1)
+    text = (out / "index.html").read_text()
+    assert "report/relu1.html" not in text and "report.pdf" in text
+    none = tmp_path / "none"
+    render_report(results, none, cards=False, pdf=False, per_image=0)
+    assert not (none / "report.pdf").exists() and not (none / "sheets" / "images").exists()
+    assert not (none / "report" / "cards").exists()
+    assert "report.per_image=0" in (none / "index.html").read_text()
+
+
+def test_bad_per_image_is_one_line_error(full_run, tmp_path):
+    from pipeline.errors import PipelineError
+
+    _, run_dir = full_run[:2]
+    with pytest.raises(PipelineError) as err:
+        render_report(run_dir / "results.h5", tmp_path / "bad", per_image=[99])
+    assert "\n" not in str(err.value) and "report.per_image" in str(err.value)
+    assert not (tmp_path / "bad").exists()  # nothing written
+
+
+def test_per_image_predictions_are_the_stored_top_n(full_run):
+    from pipeline.stages.report import _PerImage, class_namer, image_sheet
+
+    _, run_dir = full_run[:2]
+    with h5py.File(run_dir / "results.h5", "r") as f:
+        pi = _PerImage.read(f)
+        rows = np.flatnonzero(f["cam/image"][()] == 1)
+        ranks = f["cam/rank"][()][rows]
+        classes = f["cam/gradcam/class"][()][rows][np.argsort(ranks)]
+        logits = f["cam/gradcam/score"][()][rows][np.argsort(ranks)]
+        fig, missing = image_sheet(f, pi, 1, class_namer(f), {"input_size": 24}, 50)
+    assert missing == []
+    bars = next(ax for sub in fig.subfigs for ax in sub.axes if ax.get_title().startswith("top-3"))
+    widths = [p.get_width() for p in bars.patches]  # drawn top to bottom: rank 0 first
+    ys = [p.get_y() for p in bars.patches]
+    np.testing.assert_allclose(np.asarray(widths)[np.argsort(ys)[::-1]], logits, rtol=1e-6)
+    ticks = {t.get_position()[1]: t.get_text() for t in bars.get_yticklabels()}
+    assert [ticks[y] for y in sorted(ticks, reverse=True)] == [f"class {c}" for c in classes]  # top: rank 0
+    # the occlusion panel shows the stored map on the image's axes, the activation grids each layer
+    titles = [ax.get_title() for sub in fig.subfigs for ax in sub.axes]
+    assert any(t.startswith("relu1\n") for t in titles) and any(t.startswith("relu2\n") for t in titles)
+
+
+def test_model_view_matches_the_pipeline_preprocessing(tmp_path):
+    import tensorflow as tf
+    from PIL import Image
+
+    from pipeline.preprocess import Preprocessing, to_model_pixels
+    from pipeline.stages.report import model_view
+
+    yy, xx = np.mgrid[0:300, 0:451]
+    smooth = np.stack([128 + 100 * np.sin(yy / 23.0), 128 + 100 * np.cos(xx / 31.0),
+                       128 + 60 * np.sin((xx + yy) / 41.0)], axis=-1).astype(np.uint8)
+    Image.fromarray(smooth).save(tmp_path / "p.png")
+    for spec in (Preprocessing(224, resize_size=256), Preprocessing(24), Preprocessing(64, resize="exact")):
+        expected = to_model_pixels(tf.constant(smooth), spec).numpy()
+        got = model_view(str(tmp_path / "p.png"), spec.__dict__)
+        assert got.shape == expected.shape
+        assert np.abs(got.astype(int) - expected).mean() < 1.0, spec
+    assert model_view(str(tmp_path / "missing.png"), {"input_size": 24}) is None
+
+
+def test_sparsity_figure_draws_the_means_and_dead_share():
+    from pipeline.stages.report import sparsity_figure
+
+    zero = [np.array([0.0, 0.5, 1.0, 0.5]), np.array([1.0, 1.0, 0.9])]
+    fig = sparsity_figure(["a", "b"], zero)
+    lines = {line.get_label(): line.get_ydata() for line in fig.axes[0].lines
+             if not line.get_label().startswith("_")}
+    np.testing.assert_allclose(lines["mean over channels"], [0.5, 2.9 / 3])
+    np.testing.assert_allclose(lines["channels zero everywhere"], [0.25, 2 / 3])
+
+
+def test_renders_a_run_without_a_scan(full_run, tmp_path):
+    """Only per-image stages ran (no layers/): the index, per-image sheets and book still come."""
+    _, run_dir = full_run[:2]
+    results = tmp_path / "results.h5"
+    shutil.copyfile(run_dir / "results.h5", results)
+    with h5py.File(results, "a") as f:
+        del f["layers"]
+        del f["filters"]
+        config_lines = len(f.attrs["config"].rstrip("\n").splitlines())
+    written = render_report(results, tmp_path, per_image=1)
+    assert written[-1] == tmp_path / "index.html"
+    assert [p.name for p in (tmp_path / "sheets" / "images").iterdir()] == ["image_0.png"]
+    text = (tmp_path / "index.html").read_text()
+    assert '<tr id="layer-' not in text and "run stages=[filters]" in text
+    assert _pdf_pages(tmp_path / "report.pdf") == 1 + 1 + math.ceil(config_lines / 90)  # title, image, config

@@ -1,23 +1,34 @@
-"""Report stage: render per-layer sheets and a static index.html from results.h5.
+"""Report stage: everything a person reads about a run, rendered from results.h5 only.
 
-Everything here is read from the results file; no model is loaded. A sheet shows
-every channel of one layer as a small montage of its top patches (best first,
-row-major), composed in numpy at a reduced per-patch size. Matplotlib is only used
-to put the title and channel numbers on top of the composed pixels.
+No model is loaded and TensorFlow is never imported, so `stages=[report]` (or
+`stages=[report,export]`) on an existing run directory re-renders without recomputing.
 
-The composition helpers (`resize_patches`, `montage`, `grid`, `sheet_layout`, `draw_labels`)
-are pure functions on arrays so they can be tested without any files.
+    sheets/<layer>.png            every unit of a layer: its top patches as a montage
+    sheets/run/sparsity.png, .pdf the share of zero activations by depth
+    sheets/images/image_<id>.png  per-image sheets: photo, stored predictions, Grad-CAM,
+                                  occlusion maps, activation grids
+    report/cards/<layer>/...      one card per unit (pipeline.cards)
+    report/thumbs/<layer>/...     one small thumbnail per unit
+    report/<layer>.html           the units of a layer; a card on click (pipeline.site)
+    report.pdf                    the book: sheets, chosen cards, per-image sheets (pipeline.book)
+    index.html                    the run, its layers and everything above
+
+A sheet is composed in numpy at a reduced per-patch size; matplotlib only puts the
+title and channel numbers on top of the composed pixels. The composition helpers
+(`resize_patches`, `montage`, `grid`, `sheet_layout`, `draw_labels`) are pure functions
+on arrays so they can be tested without any files.
 """
 
 from __future__ import annotations
 
-import html
+import json
 import logging
 import math
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
-from urllib.parse import quote
 
 import h5py
 import numpy as np
@@ -26,6 +37,8 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import IdentityTransform
 from PIL import Image
 from tqdm import tqdm
+
+from pipeline.errors import PipelineError
 
 logger = logging.getLogger(__name__)
 
@@ -389,90 +402,421 @@ def compose_sheet(g: h5py.Group, info: LayerInfo, n_ok: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------
-# index.html
+# sparsity by depth
 # ----------------------------------------------------------------------------
 
-_CSS = """
-body { font-family: Helvetica, Arial, sans-serif; margin: 2em; color: #222; background: #fff; }
-h1 { font-size: 1.6em; margin-bottom: 0.2em; }
-table { border-collapse: collapse; margin: 1em 0; }
-th, td { border-bottom: 1px solid #ddd; padding: 0.4em 0.8em; text-align: left; vertical-align: top; }
-th { background: #f4f4f4; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-img.thumb { max-width: 320px; max-height: 320px; border: 1px solid #ccc; }
-pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
-.note { color: #777; font-size: 0.85em; }
-"""
+def sparsity_figure(names: list[str], zero_fractions: list[np.ndarray], model: str = "") -> Figure:
+    """Per layer (network order) the distribution over channels of the share of zero
+    activations: box (quartiles), whiskers (5th-95th percentile), mean (line), and the
+    share of channels that were zero everywhere (dead on this data)."""
+    n = len(names)
+    fig = Figure(figsize=(max(5.5, 0.55 * n + 2.5), 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(n)
+    data = [np.asarray(z, np.float64) for z in zero_fractions]
+    if n:
+        ax.boxplot(data, positions=x, widths=0.5, whis=(5, 95), showfliers=False, patch_artist=True,
+                   boxprops=dict(facecolor="#c6d8ee", edgecolor="#4a6f9e"),
+                   medianprops=dict(color="#4a6f9e"), whiskerprops=dict(color="#4a6f9e"),
+                   capprops=dict(color="#4a6f9e"))
+        ax.plot(x, [d.mean() if d.size else np.nan for d in data], color="#c0392b", marker="o", ms=4, lw=1.5,
+                label="mean over channels")
+        ax.plot(x, [(d >= 1.0).mean() if d.size else np.nan for d in data], color="0.35", marker="s", ms=3.5,
+                lw=1, ls="--", label="channels zero everywhere")
+        ax.legend(fontsize=8, frameon=False, loc="upper left")
+    ax.set_xticks(x, names, rotation=35 if n > 3 else 0, ha="right" if n > 3 else "center", fontsize=8)
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("share of zero activations", fontsize=9)
+    ax.set_xlabel("layer (input \u2192 output)", fontsize=9)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.set_title("share of zero activations per channel (box: quartiles, whiskers: 5-95 %)", fontsize=8,
+                 color="0.3")
+    fig.suptitle(f"Sparsity by depth{': ' + model if model else ''}", fontsize=10)
+    return fig
 
 
-def _esc(value) -> str:
-    return html.escape(_as_str(value), quote=True)
+def _save_figure(fig: Figure, path: Path, dpi: int) -> Path:
+    FigureCanvasAgg(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, facecolor="white")
+    return path
 
 
-def _index_html(attrs, infos: list[LayerInfo], sheets: dict[str, Path], out_dir: Path,
-                paths: list[str], ok: np.ndarray, errors: list[str]) -> str:
-    model = _as_str(attrs.get("model", "model"))
-    skipped = [(p, e) for p, good, e in zip(paths, ok, errors) if not good]
-    rows = []
-    for i in infos:
-        rel = sheets[i.stored].relative_to(out_dir).as_posix()
-        href = _esc(quote(rel))
-        sparsity = "&ndash;" if i.sparsity is None else f"{i.sparsity:.3f}"
-        note = "" if i.mappable else f'<div class="note">{_esc(i.geometry_message)}</div>'
-        rows.append(
-            f"<tr><td class=\"num\">{i.depth}</td><td>{_esc(i.name)}{note}</td>"
-            f"<td>{_esc(_fmt(i.shape))}</td>"
-            f"<td>{_esc(_fmt(i.rf_size))} / {_esc(_fmt(i.rf_stride))}</td>"
-            f"<td class=\"num\">{sparsity}</td>"
-            f"<td><a href=\"{href}\"><img class=\"thumb\" loading=\"lazy\" src=\"{href}\" "
-            f"alt=\"sheet of {_esc(i.name)}\"></a></td></tr>")
-    skipped_html = ""
-    if skipped:
-        items = "".join(f"<li><code>{_esc(p)}</code>: {_esc(e)}</li>" for p, e in skipped)
-        skipped_html = f"<h3>Skipped images</h3><ul class=\"skipped\">{items}</ul>"
-    input_size = _fmt(_ints(attrs.get("input_size"), ()))
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{_esc(model)} &ndash; channel report</title>
-<style>{_CSS}</style>
-</head>
-<body>
-<h1>{_esc(model)}</h1>
-<p>Top-{MAX_SLOTS} receptive-field patches per channel.
-Input {_esc(input_size)} &middot; preprocessing <code>{_esc(attrs.get("preprocessing", "?"))}</code>
-&middot; version {_esc(attrs.get("version", "?"))}</p>
-<h2>Images</h2>
-<p id="summary">{int(np.sum(ok))} images scanned, {len(skipped)} skipped.</p>
-{skipped_html}
-<h2>Layers</h2>
-<table id="layers">
-<thead><tr><th>depth</th><th>layer</th><th>shape</th><th>receptive field / stride</th>
-<th title="mean over channels of the fraction of zero activations">sparsity</th><th>sheet</th></tr></thead>
-<tbody>
-{chr(10).join(rows)}
-</tbody>
-</table>
-<h2>Configuration</h2>
-<pre>{_esc(attrs.get("config", ""))}</pre>
-</body>
-</html>
-"""
+# ----------------------------------------------------------------------------
+# per-image sheets
+# ----------------------------------------------------------------------------
+
+CAM_TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM",
+              "guided_gradcam": "guided Grad-CAM"}
+ACTIVATION_GRID = 16  # channels per activation grid on a per-image sheet (4 x 4)
+
+
+def model_view(path: str, spec: dict) -> np.ndarray | None:
+    """The photo as the model saw it (resize, centre crop; before normalisation), uint8 RGB,
+    or None when the file cannot be opened (moved, an array dataset)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                a = np.asarray(im, np.float64)
+                im = Image.fromarray((np.clip(a / max(a.max(), 1.0), 0, 1) * 255 + 0.5).astype(np.uint8))
+            im = im.convert("RGB")
+    except Exception as err:  # noqa: BLE001 - any unreadable file just has no photo
+        logger.debug("no photo for %s: %s", path, err)
+        return None
+    size = int(spec.get("input_size") or max(im.size))
+    w, h = im.size
+    if spec.get("resize") == "exact":
+        return np.asarray(im.resize((size, size), Image.BILINEAR, reducing_gap=3.0))
+    scale = (spec.get("resize_size") or size) / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return np.asarray(im)[top:top + size, left:left + size]
+
+
+@dataclass
+class _PerImage:
+    """The per-image groups of a results file, indexed by image id."""
+
+    cam_rows: dict[int, np.ndarray]
+    cam_methods: list[str]
+    occlusion_row: dict[int, int]
+    activation_row: dict[int, int]
+    activation_layers: list[tuple[str, str]]  # (dataset key, layer name)
+
+    @classmethod
+    def read(cls, f: h5py.File) -> "_PerImage":
+        cam_rows, methods = {}, []
+        if "cam" in f and "image" in f["cam"]:
+            g = f["cam"]
+            ids = g["image"][()]
+            order = np.argsort(ids, kind="stable")
+            uniq, start = np.unique(ids[order], return_index=True)
+            for i, s, e in zip(uniq, start, list(start[1:]) + [len(ids)]):
+                cam_rows[int(i)] = order[s:e]
+            listed = json.loads(_as_str(g.attrs.get("methods", "[]")) or "[]")
+            methods = [m for m in listed if m in g and "map" in g[m]]
+        occ = {}
+        if "occlusion" in f and "image" in f["occlusion"]:
+            occ = {int(i): r for r, i in enumerate(f["occlusion/image"][()])}
+        act, layers = {}, []
+        if "activations" in f and "image" in f["activations"]:
+            g = f["activations"]
+            act = {int(i): r for r, i in enumerate(g["image"][()])}
+            found = [(key, _as_str(d.attrs.get("name", key)), int(d.attrs.get("depth", 0)))
+                     for key, d in g.items() if isinstance(d, h5py.Dataset) and d.ndim == 4]
+            layers = [(key, name) for key, name, _ in sorted(found, key=lambda t: (t[2], t[0]))]
+        return cls(cam_rows, methods, occ, act, layers)
+
+    def ids(self) -> list[int]:
+        return sorted(set(self.cam_rows) | set(self.occlusion_row) | set(self.activation_row))
+
+
+def class_namer(f: h5py.File):
+    """class index -> name: ImageNet's for an ImageNet model, the class names a train stage
+    recorded for a network trained in this run, else 'class i' (results.h5 does not say
+    whether the dataset's folders name the model's outputs)."""
+    names: list[str] = []
+    if bool(f.attrs.get("imagenet_classes", False)):
+        from pipeline.models.imagenet import class_names
+
+        names = class_names()
+    elif "train" in f and "class_names" in f["train"].attrs:
+        names = [str(n) for n in json.loads(_as_str(f["train"].attrs["class_names"]) or "[]")]
+
+    def name(i: int) -> str:
+        i = int(i)
+        return names[i] if 0 <= i < len(names) else f"class {i}"
+
+    return name
+
+
+def _blank(maps: np.ndarray) -> np.ndarray:
+    """(H, W, C) -> (C,) bool: channels constant over the map."""
+    return (maps.max(axis=(0, 1)) - maps.min(axis=(0, 1))) == 0
+
+
+def _edges(starts: np.ndarray, size: int, side: int) -> np.ndarray:
+    """Edges of the occlusion grid cells: the square's centres, halfway between neighbours."""
+    centres = np.asarray(starts, np.float64) + size / 2
+    if len(centres) == 1:
+        return np.array([0.0, float(side)])
+    mids = (centres[1:] + centres[:-1]) / 2
+    return np.concatenate([[2 * centres[0] - mids[0]], mids, [2 * centres[-1] - mids[-1]]])
+
+
+def image_sheet(f: h5py.File, pi: _PerImage, image_id: int, names, spec: dict, dpi: int) -> tuple[Figure, list[str]]:
+    """The per-image sheet of one image as a Figure, and what it lacks."""
+    from pipeline import draw
+
+    paths = f["images/path"].asstr()
+    path = _as_str(paths[image_id])
+    size = int(spec.get("input_size") or 224)
+    photo = model_view(path, spec)
+    missing = []
+    if photo is None:
+        missing.append("the photo (file not readable; maps drawn without it)")
+    grey = photo if photo is not None else np.full((size, size, 3), 200, np.uint8)
+    label = int(f["images/label"][image_id]) if "images/label" in f else -1
+
+    cam_rows = pi.cam_rows.get(image_id)
+    occ_row = pi.occlusion_row.get(image_id)
+    act_row = pi.activation_row.get(image_id)
+    act_layers = pi.activation_layers if act_row is not None else []
+    rows = ["top"]
+    if cam_rows is not None and pi.cam_methods:
+        rows.append("cam")
+    else:
+        missing.append("Grad-CAM maps (stages=[cam])")
+    if occ_row is not None:
+        rows.append("occlusion")
+    else:
+        missing.append("occlusion maps (occlusion.images)")
+    act_rows = math.ceil(len(act_layers) / 4)
+    rows += ["activations"] * act_rows
+    if act_row is None:
+        missing.append("activation grids (activations.images)")
+    heights = {"top": 2.5, "cam": 2.25, "occlusion": 2.35, "activations": 2.25}
+    width = 8.27
+    fig = Figure(figsize=(width, 0.55 + sum(heights[r] for r in rows) + (0.35 if missing else 0)), dpi=dpi,
+                 layout="constrained")
+    subs = fig.subfigures(len(rows), 1, height_ratios=[heights[r] for r in rows], squeeze=False)[:, 0]
+    title = f"image #{image_id}: {Path(path).name}"
+    if label >= 0:
+        title += f"  (label: {_label_name(f, label)})"
+    fig.suptitle(title, fontsize=11, weight="bold")
+
+    # photo and predictions
+    ax_photo, ax_pred = subs[0].subplots(1, 2, width_ratios=[1, 1.6])
+    ax_photo.imshow(grey)
+    ax_photo.set_title("as the model sees it" if photo is not None else "photo not readable", fontsize=8)
+    ax_photo.set_axis_off()
+    _predictions(ax_pred, f, cam_rows, occ_row, pi, names)
+
+    r = 1
+    if "cam" in rows:
+        g = f["cam"]
+        methods = pi.cam_methods
+        axes = subs[r].subplots(1, len(methods), squeeze=False)[0]
+        first = int(cam_rows[0])
+        for ax, m in zip(axes, methods):
+            one = g[m]["map"][first]
+            cls, score = int(g[m]["class"][first]), float(g[m]["score"][first])
+            if m == "guided_gradcam":
+                ax.imshow(draw.guided_image(one))
+            else:
+                ax.imshow(draw.overlay(grey, one))
+            ax.set_title(f"{CAM_TITLES.get(m, m)}\n{names(cls)[:26]} (logit {score:.2f})", fontsize=7)
+            ax.set_axis_off()
+        subs[r].suptitle(f"class activation maps at {_as_str(g.attrs.get('layer', '?'))}", fontsize=9)
+        r += 1
+    if "occlusion" in rows:
+        g = f["occlusion"]
+        osize, stride = int(g.attrs.get("size", 0)), int(g.attrs.get("stride", 0))
+        ye, xe = _edges(g["rows"][()], osize, size), _edges(g["cols"][()], osize, size)
+        cls, channel = int(g["class"][occ_row]), int(g["channel"][occ_row])
+        axes = subs[r].subplots(1, 2)
+        for ax, values, what, cmap, lim in (
+                (axes[0], g["probability"][occ_row], f"p({names(cls)[:24]}) with the square there", "magma", (0, 1)),
+                (axes[1], g["activation"][occ_row],
+                 f"{_as_str(g.attrs.get('layer', '?'))} channel {channel}: total activation", "viridis", None)):
+            ax.imshow(grey, alpha=0.3)
+            mesh = ax.pcolormesh(xe, ye, values, cmap=cmap, alpha=0.85, vmin=lim[0] if lim else None,
+                                 vmax=lim[1] if lim else None)
+            ax.set_xlim(0, size)
+            ax.set_ylim(size, 0)
+            ax.set_title(what, fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.colorbar(mesh, ax=ax, shrink=0.85).ax.tick_params(labelsize=6)
+        subs[r].suptitle(f"occlusion sensitivity: grey square {osize} px, stride {stride} px", fontsize=9)
+        r += 1
+    if act_layers:
+        g = f["activations"]
+        for row in range(act_rows):
+            chunk = act_layers[row * 4:(row + 1) * 4]
+            axes = subs[r].subplots(1, 4, squeeze=False)[0]
+            for ax, (key, lname) in zip(axes, chunk):
+                maps = np.asarray(g[key][act_row], np.float32)
+                h, w, c = maps.shape
+                n = min(c, ACTIVATION_GRID)
+                tiles = draw.channel_tiles(maps[..., :n], _blank(maps[..., :n]), max(32, h))
+                ax.imshow(draw.tile(tiles, math.isqrt(ACTIVATION_GRID)), interpolation="nearest")
+                ax.set_title(f"{lname}\nchannels 0-{n - 1} of {c} ({h}\u00d7{w})", fontsize=7)
+                ax.set_axis_off()
+            for ax in axes[len(chunk):]:
+                ax.set_axis_off()
+            if row == 0:
+                subs[r].suptitle("activations (each channel standardised; grey: constant)", fontsize=9)
+            r += 1
+    if missing:
+        fig.text(0.01, 0.004, "not in results.h5 for this image: " + "; ".join(missing), fontsize=6.5,
+                 color="0.4", va="bottom")
+    return fig, missing
+
+
+def _label_name(f: h5py.File, label: int) -> str:
+    folders = json.loads(_as_str(f["images"].attrs.get("class_names", "[]")) or "[]") if "images" in f else []
+    return str(folders[label]) if 0 <= label < len(folders) else str(label)
+
+
+def _predictions(ax, f: h5py.File, cam_rows, occ_row, pi: _PerImage, names) -> None:
+    """Bar chart of the stored predictions: the cam stage's top-N classes (cam.target=top), else
+    its explained class, with the occlusion stage's base probability where there is one."""
+    ax.set_axis_off()
+    if cam_rows is not None and pi.cam_methods:
+        g = f["cam"]
+        m = pi.cam_methods[0]
+        ranks = g["rank"][()][cam_rows] if "rank" in g else np.zeros(len(cam_rows), np.int32)
+        order = np.argsort(ranks, kind="stable")
+        rows = cam_rows[order][:5]
+        classes = g[m]["class"][()][rows]
+        scores = g[m]["score"][()][rows]
+        target = _as_str(g.attrs.get("target", ""))
+        ax.set_axis_on()
+        y = np.arange(len(rows))[::-1]
+        ax.barh(y, scores, color="#4a6f9e", height=0.6)
+        ax.set_ylim(len(rows) - 5.5, len(rows) - 0.5)  # five slots, filled from the top
+        ax.set_yticks(y, [names(c)[:30] for c in classes], fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.axvline(0, color="0.5", lw=0.6)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.set_xlabel("logit", fontsize=7)
+        if target == "top" and len(rows) > 1:
+            what = f"top-{len(rows)} predictions"
+        else:
+            what = {"predicted": "the predicted class", "label": "the labelled class"}.get(
+                target, "explained class(es)")
+            what += " (top-5 not stored: run cam with cam.target=top cam.top_n=5)"
+        ax.set_title(what, fontsize=8)
+        if occ_row is not None and "base_probability" in f["occlusion"]:
+            p = float(f["occlusion/base_probability"][occ_row])
+            ax.text(1.0, -0.25, f"p({names(int(f['occlusion/class'][occ_row]))[:24]}) = {p:.3f} (occlusion stage)",
+                    transform=ax.transAxes, ha="right", fontsize=7, color="0.3")
+        return
+    if occ_row is not None:
+        g = f["occlusion"]
+        cls, p = int(g["class"][occ_row]), float(g["base_probability"][occ_row])
+        ax.text(0.0, 0.6, f"occlusion target: {names(cls)}\np = {p:.3f}", fontsize=9, va="center")
+        ax.text(0.0, 0.25, "no top-5 predictions stored (run cam with cam.target=top cam.top_n=5)", fontsize=7,
+                color="0.4")
+        return
+    ax.text(0.0, 0.5, "no predictions stored for this image\n(stages=[cam] with cam.target=top cam.top_n=5)",
+            fontsize=8, color="0.4", va="center")
+
+
+def choose_images(pi: _PerImage, per_image, n_images: int) -> list[int]:
+    """Image ids with a per-image sheet: N (the first N ids that have maps, those with the
+    most kinds of maps first), or an explicit list."""
+    have = pi.ids()
+    if isinstance(per_image, (list, tuple)) or (hasattr(per_image, "__iter__") and not isinstance(per_image, str)):
+        wanted = [int(i) for i in per_image]
+        bad = [i for i in wanted if not 0 <= i < n_images]
+        if bad:
+            raise PipelineError(f"report.per_image has image id {bad[0]}: the run has ids 0 to {n_images - 1}")
+        return wanted
+    n = int(per_image or 0)
+    if n <= 0:
+        return []
+    kinds = {i: (i in pi.cam_rows) + (i in pi.occlusion_row) + (i in pi.activation_row) for i in have}
+    return sorted(sorted(have, key=lambda i: (-kinds[i], i))[:n])
+
+
+# ----------------------------------------------------------------------------
+# other stages' sheets (linked from the index)
+# ----------------------------------------------------------------------------
+
+EXTRA_SHEETS = (  # (results.h5 group, section title, files relative to the run directory)
+    ("train", "Training", ("sheets/training_curve.png", "sheets/training_curve.pdf")),
+    ("evolution", "Feature evolution during training", ("sheets/evolution/*.png",)),
+    ("invariance", "Invariance", ("sheets/invariance.png", "sheets/invariance.pdf")),
+    ("correspondence", "Correspondence", ("sheets/correspondence.png", "sheets/correspondence.pdf")),
+    ("filters", "Filters: weights and patterns", ("sheets/filters/*.png", "sheets/filters/kernels.txt")),
+    ("cam", "Class activation maps (cam stage)", ("cam/*.png",)),
+    ("activations", "Activations (activations stage)", ("activations/blank_fraction.png", "activations/*_grid_*.png")),
+    ("occlusion", "Occlusion (occlusion stage)", ("occlusion/*.png",)),
+)
+
+
+def _extras(f: h5py.File, run_dir: Path) -> list[tuple[str, list[tuple[str, Path]]]]:
+    out = []
+    for group, title, patterns in EXTRA_SHEETS:
+        if group not in f:
+            continue
+        files = []
+        for pattern in patterns:
+            for p in sorted(run_dir.glob(pattern)):
+                if p.is_file() and p not in [q for _, q in files]:
+                    files.append((p.relative_to(run_dir).as_posix(), p))
+        if files:
+            out.append((title, files))
+    toolbox = run_dir / "toolbox"
+    if toolbox.is_dir():
+        files = [(p.relative_to(run_dir).as_posix(), p) for p in sorted(toolbox.glob("*/*/*_0000*.jpg"))[:6]]
+        files += [(p.relative_to(run_dir).as_posix(), p)
+                  for p in sorted(toolbox.glob("regularized_opt/*/whole_layer.jpg"))]
+        if files:
+            out.append(("Deep Visualization Toolbox export (toolbox/, examples)", files))
+    return out
 
 
 # ----------------------------------------------------------------------------
 # stage entry point
 # ----------------------------------------------------------------------------
 
-def render_report(results_path: Path, out_dir: Path) -> list[Path]:
-    """Render one sheet per layer and index.html; return the written files.
+PRINT_DPI = 300  # figures (sparsity, per-image sheets) as PNG
+PREVIEW_PX = 480  # sheet previews on the index
 
-    Sheets come first, in network order, then index.html.
+
+def _preview(image: np.ndarray, path: Path) -> Path:
+    h, w = image.shape[:2]
+    f = max(1, math.ceil(max(h, w) / PREVIEW_PX))
+    if f > 1:  # whole-factor box average (integer sums of strided views)
+        h2, w2 = h // f, w // f
+        image = resize_patches(image[None, :h2 * f, :w2 * f], (h2, w2))[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, format="JPEG", quality=85)
+    return path
+
+
+def _preprocessing(attrs) -> dict:
+    """The stored Preprocessing fields (JSON); {} when absent or not JSON."""
+    try:
+        spec = json.loads(_as_str(attrs.get("preprocessing", "{}")) or "{}")
+    except ValueError:
+        return {}
+    return spec if isinstance(spec, dict) else {}
+
+
+def _chosen_units(units, channels: int) -> list[int]:
+    if isinstance(units, (list, tuple)) or (hasattr(units, "__iter__") and not isinstance(units, str)):
+        return sorted({int(u) for u in units if 0 <= int(u) < channels})
+    return list(range(min(int(units or 0), channels)))
+
+
+def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, units=8, pdf: bool = True,
+                  per_image=8) -> list[Path]:
+    """Render everything from results.h5 into out_dir (the run directory); return the files.
+
+    sheets/<layer>.png (network order, first in the list), sheets/run/sparsity.png and .pdf,
+    report/previews/<layer>.jpg, report/cards/<layer>/unit_%04d.png and
+    report/thumbs/<layer>/unit_%04d.jpg (cards=True: every unit; else only the units the
+    book shows), sheets/images/image_<id>.png (per_image: N or a list of ids),
+    report.pdf (pdf=True; `units` per layer: N first units or a list), report/<layer>.html,
+    and index.html (last in the list).
     """
+    from pipeline.book import Book, BookLayer, write_book
+    from pipeline.cards import ImageIndex, render_layer_cards
+    from pipeline.site import REPORT_DIR, Site, SiteImage, SiteLayer, write_site
+
     results_path, out_dir = Path(results_path), Path(out_dir)
     sheet_dir = out_dir / "sheets"
-    sheet_dir.mkdir(parents=True, exist_ok=True)
+    report_dir = out_dir / REPORT_DIR
+    written: list[Path] = []
     with h5py.File(results_path, "r") as f:
         attrs = {key: f.attrs[key] for key in f.attrs}
         if "images" in f:
@@ -483,28 +827,137 @@ def render_report(results_path: Path, out_dir: Path) -> list[Path]:
             paths, ok, errors = [], np.zeros(0, bool), []
         n_ok = int(ok.sum())
         infos = _layers(f)
+        model = _as_str(attrs.get("model", "model"))
+        pi = _PerImage.read(f)
+        ids = choose_images(pi, per_image, len(paths))  # a bad list stops here, before any file is written
+        sheet_dir.mkdir(parents=True, exist_ok=True)
+
+        # layer sheets and their previews
         sheets: dict[str, Path] = {}
-        for info in tqdm(infos, desc="report", unit="layer"):
+        previews: dict[str, Path] = {}
+        for info in tqdm(infos, desc="layer sheets", unit="layer"):
             path = sheet_dir / f"{info.stored}.png"
-            _write_png(path, compose_sheet(f["layers"][info.stored], info, n_ok))
+            image = compose_sheet(f["layers"][info.stored], info, n_ok)
+            _write_png(path, image)
             sheets[info.stored] = path
-            logger.debug("sheet %s -> %s", info.name, path)
-    index = out_dir / "index.html"
-    index.write_text(_index_html(attrs, infos, sheets, out_dir, paths, ok, errors),
-                     encoding="utf-8")
-    logger.info("report: %d sheets, index at %s", len(sheets), index)
-    return [sheets[i.stored] for i in infos] + [index]
+            previews[info.stored] = _preview(image, report_dir / "previews" / f"{info.stored}.jpg")
+        written += [sheets[i.stored] for i in infos]
+
+        # sparsity by depth
+        zero = [(i.name, f["layers"][i.stored]["stats/zero_fraction"][()]) for i in infos
+                if "stats/zero_fraction" in f["layers"][i.stored]]
+        sparsity_png = None
+        make_sparsity = partial(sparsity_figure, [n for n, _ in zero], [z for _, z in zero], model) if zero else None
+        if make_sparsity is not None:
+            fig = make_sparsity()
+            sparsity_png = _save_figure(fig, sheet_dir / "run" / "sparsity.png", PRINT_DPI)
+            written += [sparsity_png, _save_figure(fig, sheet_dir / "run" / "sparsity.pdf", PRINT_DPI)]
+
+        # unit cards and thumbnails
+        images = ImageIndex.read(f)
+        chosen = {i.stored: _chosen_units(units, int(i.shape[-1]) if i.shape else 0) for i in infos} if pdf else {}
+        card_files = {}
+        total = sum((int(i.shape[-1]) if i.shape else 0) if cards else len(chosen.get(i.stored, [])) for i in infos)
+        with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=total, desc="unit cards", unit="card") as bar:
+            for info in infos:
+                wanted = None if cards else chosen.get(info.stored, [])
+                if wanted is not None and not wanted:
+                    continue
+                card_files[info.stored] = render_layer_cards(
+                    f, info, report_dir / "cards" / info.stored,
+                    report_dir / "thumbs" / info.stored if cards else None,
+                    units=wanted, images=images, pool=pool, bar=bar)
+        for files in card_files.values():
+            written += list(files.cards.values()) + list(files.thumbs.values())
+
+        # per-image sheets
+        names = class_namer(f)
+        spec = _preprocessing(attrs)
+        image_sheets: list[tuple[int, Path, str]] = []
+        for image_id in tqdm(ids, desc="per-image sheets", unit="image"):
+            fig, _ = image_sheet(f, pi, image_id, names, spec, PRINT_DPI)
+            path = _save_figure(fig, sheet_dir / "images" / f"image_{image_id}.png", PRINT_DPI)
+            image_sheets.append((image_id, path, f"image #{image_id}: {Path(paths[image_id]).name}"))
+            written.append(path)
+        extras = _extras(f, out_dir)
+
+        # what the run lacks, said once on the index and in the book
+        notes = []
+        if infos and not any(i.has_patches for i in infos):
+            notes.append("receptive-field patches: run stages=[crop]")
+        if infos and not any("panels" in f["layers"][i.stored] for i in infos):
+            notes.append("deconv / backprop panels: run stages=[panels]")
+        if "filters" not in f:
+            notes.append("filter weights and patterns: run stages=[filters]")
+        if not pi.ids():
+            notes.append("per-image maps (activation grids, Grad-CAM, occlusion): "
+                         "run stages=[activations,cam,occlusion]")
+        elif not pi.cam_rows:
+            notes.append("predictions and Grad-CAM: run stages=[cam] (cam.target=top cam.top_n=5 for the top-5)")
+
+    facts = [("model", model), ("input", _fmt(_ints(attrs.get("input_size"), ()))),
+             ("preprocessing", _as_str(attrs.get("preprocessing", "?"))),
+             ("images", f"{n_ok} scanned, {len(paths) - n_ok} skipped"),
+             ("layers", f"{len(infos)} ({sum(int(i.shape[-1]) for i in infos if i.shape)} units)"),
+             ("version", _as_str(attrs.get("version", "?")))]
+    book_path = None
+    if pdf:
+        book = Book(title=model, facts=facts,
+                    layers=[BookLayer(i.name, sheets[i.stored],
+                                      [(u, card_files[i.stored].cards[u]) for u in chosen.get(i.stored, [])
+                                       if i.stored in card_files and u in card_files[i.stored].cards])
+                            for i in infos],
+                    images=[(caption, path) for _, path, caption in image_sheets],
+                    config=_as_str(attrs.get("config", "")), sparsity=make_sparsity, notes=notes)
+        book_path = out_dir / "report.pdf"
+        write_book(book, book_path)
+        written.append(book_path)
+
+    site_layers = []
+    for i in infos:
+        files = card_files.get(i.stored) if cards else None
+        site_layers.append(SiteLayer(
+            name=i.name, stored=i.stored, depth=i.depth, shape=_fmt(i.shape),
+            receptive_field=f"{_fmt(i.rf_size)} / {_fmt(i.rf_stride)}",
+            units=int(i.shape[-1]) if i.shape else 0, sparsity=i.sparsity,
+            note="" if i.mappable else i.geometry_message, sheet=sheets[i.stored], preview=previews.get(i.stored),
+            cards=dict(files.cards) if files else {}, thumbs=dict(files.thumbs) if files else {},
+            thumb_px=files.thumb if files else 64, card_hw=files.size if files else (0, 0)))
+    skipped = [(p, e) for p, good, e in zip(paths, ok, errors) if not good]
+    images_note = "" if image_sheets else (
+        "No per-image maps in results.h5: run stages=[activations,cam,occlusion] to draw per-image sheets."
+        if not pi.ids() else "Per-image sheets are off (report.per_image=0).")
+    lead = f"Top-{MAX_SLOTS} receptive-field patches per channel, unit cards and per-image maps."
+    site = Site(title=model, lead=lead,
+                facts=facts, images_line=f"{n_ok} images scanned, {len(skipped)} skipped.", skipped=skipped,
+                layers=site_layers, sparsity=sparsity_png,
+                images=[SiteImage(i, caption, path) for i, path, caption in image_sheets], images_note=images_note,
+                extras=extras, book=book_path, config=_as_str(attrs.get("config", "")), notes=notes)
+    pages = write_site(site, out_dir)
+    written += pages
+    logger.info("report: %d sheets, %d cards, %d per-image sheets%s; open %s", len(sheets),
+                sum(len(c.cards) for c in card_files.values()), len(image_sheets),
+                ", report.pdf" if book_path else "", pages[-1])
+    return written
 
 
-KEYS = ()  # rendering is cheap and reads only results.h5: it always runs
+KEYS = ()  # rendering reads only results.h5 and is cheap next to the stages it shows: it always runs
 
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
-    from pipeline.errors import PipelineError
     from pipeline.store import RESULTS_FILE
 
     results = Path(run_dir) / RESULTS_FILE
     if not results.exists():
-        raise PipelineError(f"no results.h5 in {run_dir}: run the scan stage first")
-    files = render_report(results, Path(run_dir))
+        raise PipelineError(f"no results.h5 in {run_dir}: run the scan stage first (stages=[scan,crop,report])")
+    rc = cfg.get("report") if hasattr(cfg, "get") else None
+    options = {}
+    if rc is not None:
+        from omegaconf import OmegaConf
+
+        def plain(value):
+            return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+        options = dict(cards=bool(rc.cards), units=plain(rc.units), pdf=bool(rc.pdf), per_image=plain(rc.per_image))
+    files = render_report(results, Path(run_dir), **options)
     logger.info("report: %d files, open %s", len(files), Path(run_dir) / "index.html")
