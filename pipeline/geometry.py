@@ -53,10 +53,11 @@ class Geometry:
     to the image; cols likewise. `frame` is the clipped box size of the centre unit
     (H // 2, W // 2); `row_offset[o]` is where row o's box starts inside that frame
     (lo - unclipped lo), so a box cut by the top border sits lower in the frame, as
-    in the uncut field, and the rest of the frame stays empty. A box can be larger
-    than the frame, or reach past it once offset (a unit whose field is bigger than
-    the centre's, or the centre's is cut by both borders); whoever cuts patches
-    must clip to the frame. A unit that reads only padding along an axis has an
+    in the uncut field, and the rest of the frame stays empty. The offset is capped
+    so that the box ends inside the frame: where the field is larger than the image
+    (the centre's box is cut by both borders) a border box keeps its side but stays
+    whole. A box larger than the frame (rare) is cut by whoever cuts patches. A
+    unit that reads only padding along an axis has an
     empty range there (lo == hi == 0, offset 0), and `boxes` gives it (0, 0, 0, 0).
     """
 
@@ -384,6 +385,10 @@ def _propagate(nodes, by_name, target, out_hw, image, in_hw) -> Geometry:
     cols, col_off = _boxes(cols_ax)
     frame = (int(rows[out_hw[0] // 2, 1] - rows[out_hw[0] // 2, 0]),
              int(cols[out_hw[1] // 2, 1] - cols[out_hw[1] // 2, 0]))
+    # Where a field is larger than the image (deep layers), the uncut offset would push
+    # a border box mostly out of the frame; keep the whole box inside, on the far side.
+    row_off = np.clip(row_off, 0, np.maximum(frame[0] - (rows[:, 1] - rows[:, 0]), 0)).astype(np.int32)
+    col_off = np.clip(col_off, 0, np.maximum(frame[1] - (cols[:, 1] - cols[:, 0]), 0)).astype(np.int32)
     message = "; ".join(dict.fromkeys(notes))
     if message:
         message += "; boxes show the local receptive field"

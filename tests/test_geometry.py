@@ -291,15 +291,16 @@ def test_offsets_place_cut_boxes_in_the_frame():
     assert (g.row_offset + g.rows[:, 1] - g.rows[:, 0] <= g.frame[0]).all()
 
 
-def test_box_larger_than_frame_when_field_exceeds_image():
-    """The centre unit's field is cut on both sides; a border unit's cut box may then be
-    placed past the frame's end: the crop stage clips it (documented on Geometry)."""
+def test_border_box_stays_whole_when_field_exceeds_image():
+    """The centre unit's field is cut on both sides; a border unit's cut box keeps its
+    side of the frame (zeros towards the border) but is never pushed out of it."""
     model = chain((9, 9, 1), L.Conv2D(1, 7, padding="same", name="a"),
                   L.Conv2D(1, 7, padding="same", name="b"))
     g = layer_geometry(model, "b")
     assert g.frame == (9, 9)
-    assert g.rows[0].tolist() == [0, 7] and g.row_offset[0] == 6
-    assert g.row_offset[0] + 7 > g.frame[0]
+    assert g.rows[0].tolist() == [0, 7] and g.row_offset[0] == 2  # uncut offset 6, capped at 9 - 7
+    assert g.rows[8].tolist() == [2, 9] and g.row_offset[8] == 0
+    assert (g.row_offset + g.rows[:, 1] - g.rows[:, 0] <= g.frame[0]).all()
 
 
 # ---------------------------------------------------------------- unmappable and errors
