@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.preprocess import Preprocessing, normalize
-from pipeline.spectrum import BUCKETS, add_to_sketch
+from pipeline.spectrum import BUCKETS, sketch_counts
 from pipeline.topk import ChannelStats, TopK, locate_columns, merge_candidates, row_maxima
 
 
@@ -105,7 +105,7 @@ class Scanner:
             v["zeros"].assign_add(tf.cast(tf.size(maps) // tf.shape(maps)[-1], tf.float64)
                                   - tf.cast(nonzero, tf.float64))
             v["maximum"].assign(tf.maximum(v["maximum"], tf.reduce_max(batch_max, axis=0)))
-            v["spectrum"].assign(add_to_sketch(v["spectrum"], batch_max))
+            v["spectrum"].assign_add(sketch_counts(batch_max))
 
     def update(self, pixels, ids: np.ndarray) -> None:
         self._update(pixels, tf.constant(ids, tf.int64))
