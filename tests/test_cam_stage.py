@@ -70,6 +70,14 @@ def test_cam_stage_stores_every_image_and_draws_sheets(tmp_path, tiny):
             np.testing.assert_allclose(g["max"][()], g["map"][()].max(axis=(1, 2)))
             assert np.isfinite(g["map"][()]).all() and (g["map"][()] >= 0).all()
         assert f["cam/guided_gradcam/map"].shape == (len(ids), 24, 24, 3)
+        # the model's top classes of every image, with softmax probabilities of the logits
+        p = f["predictions"]
+        for row, i in enumerate(p["image"][()]):
+            logits = model(pixels[int(i)][None]).numpy()[0]  # the tiny model outputs logits
+            assert list(p["class"][row]) == list(np.argsort(-logits)[:3])
+            np.testing.assert_allclose(p["logit"][row], np.sort(logits)[::-1], rtol=1e-4, atol=1e-5)
+            softmax = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+            np.testing.assert_allclose(p["probability"][row], np.sort(softmax)[::-1], rtol=1e-4, atol=1e-6)
         maps = f["cam/gradcam/map"][()]
         classes, scores = f["cam/gradcam/class"][()], f["cam/gradcam/score"][()]
         for row, i in enumerate(ids):

@@ -16,11 +16,11 @@ from PIL import Image
 from pipeline import cards
 from pipeline.cards import (GlyphFont, ImageIndex, LayerCards, draw_text, find_weights, panel_view,
                             png_bytes, render_layer_cards, spectrum_bars, spectrum_values, weight_tiles, wrap)
+from pipeline.spectrum import BUCKETS as SPECTRUM, GAMMA, MIN_ABS  # the sketch's layout
 from pipeline.stages.report import EMPTY_GREY, _layers
 
 C, K, S = 5, 4, 6  # channels, top-k, stored patch side
-SPECTRUM = 941
-GAMMA, MIN_ABS = 1.04, 1e-4
+ZERO = (SPECTRUM - 1) // 2  # the spectrum's zero bucket
 PATHS = [f"data/{c}/img{i}.png" for i, c in enumerate(["cat", "dog", "cat", "dog", "cat", "dog"])]
 LABELS = [0, 1, 0, 1, 0, -1]
 
@@ -71,8 +71,8 @@ def write_results(path, panels=True, filters=True, bottom=True, spectrum=True):
         st.attrs["quantiles"] = np.array([0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99])
         if spectrum:
             counts = np.zeros((C, SPECTRUM), np.int32)
-            counts[:, 600] = 4
-            counts[:, 620] = 2
+            counts[:, ZERO + 30] = 4
+            counts[:, ZERO + 50] = 2
             st["spectrum"] = counts
             st.attrs.update(spectrum_gamma=GAMMA, spectrum_min_abs=MIN_ABS)
         if panels:
@@ -175,15 +175,16 @@ def test_panel_view_and_spectrum_values_match_the_pipeline_helpers():
 
 def test_spectrum_bars_heights_follow_the_counts():
     counts = np.zeros((1, SPECTRUM), np.int32)
-    counts[0, 600], counts[0, 610] = 4, 2
-    counts[0, 470] = 7  # the zero bucket is left out of the bars
+    a, b = ZERO + 30, ZERO + 40
+    counts[0, a], counts[0, b] = 4, 2
+    counts[0, ZERO] = 7  # the zero bucket is left out of the bars
     mask, lo, hi = spectrum_bars(counts, 41, 200)
-    # 600..610 padded by 2 a side (598..612), then widened to 24 buckets about its middle
-    assert (lo[0], hi[0]) == (605 - 12, 605 + 11)
+    # a..b padded by 2 a side, then widened to 24 buckets about its middle
+    assert (lo[0], hi[0]) == (ZERO + 35 - 12, ZERO + 35 + 11)
     heights = mask[0].sum(axis=0)
-    col = lambda b: int((b - lo[0] + 0.5) * 200 / (hi[0] - lo[0] + 1))  # noqa: E731
-    assert heights[col(600)] == 40 and heights[col(610)] == 20
-    assert heights[col(605)] == 0
+    col = lambda k: int((k - lo[0] + 0.5) * 200 / (hi[0] - lo[0] + 1))  # noqa: E731
+    assert heights[col(a)] == 40 and heights[col(b)] == 20
+    assert heights[col(ZERO + 35)] == 0
 
 
 def test_weight_tiles_colour_the_sign_and_size_of_each_input():

@@ -71,9 +71,11 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
             del f["cam"]
         g = f.create_group("cam")
         writer = _Appender(g)
+        top5: dict[str, list] = {"image": [], "class": [], "logit": [], "probability": []}
         with tqdm(total=len(table), desc="cam", unit="img") as bar:
             for ids, pixels in stream:
                 x = normalize(pixels, spec.normalize)
+                _add_top_predictions(top5, ids, explainer.logits(x, batch_size=len(ids)))
                 out = explainer.compute(x, codes_for(ids), methods, batch_size=len(ids),
                                         scorecam_batch=c.scorecam_batch)
                 first = out[methods[0]]
@@ -95,6 +97,10 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                 bar.update(len(ids))
             bar.update(len(stream.errors))
         _ensure_run_record(f, cfg, bundle, table, stream.errors)
+        if "predictions" in f:
+            del f["predictions"]
+        for key, parts in top5.items():  # the model's top-5 classes of every image
+            f[f"predictions/{key}"] = np.concatenate(parts)
         g.attrs.update(layer=explainer.layer, logits_layer=explainer.logits_layer, methods=json.dumps(methods),
                        target=str(c.target), input_size=spec.input_size,
                        map_shape=np.asarray(explainer.map_shape[:2], np.int64))
@@ -174,6 +180,17 @@ def _class_index(value, names: list[str], num_classes: int) -> int:
     close = difflib.get_close_matches(str(value), names, n=3)
     raise PipelineError(f"cam.classes has unknown class {value!r}"
                         f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}: use an index or a class name")
+
+
+def _add_top_predictions(top5: dict[str, list], ids: np.ndarray, logits: np.ndarray, k: int = 5) -> None:
+    k = min(k, logits.shape[1])
+    classes = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probability = shifted / shifted.sum(axis=1, keepdims=True)
+    top5["image"].append(ids.astype(np.int64))
+    top5["class"].append(classes.astype(np.int64))
+    top5["logit"].append(np.take_along_axis(logits, classes, axis=1).astype(np.float32))
+    top5["probability"].append(np.take_along_axis(probability, classes, axis=1).astype(np.float32))
 
 
 def _ensure_run_record(f, cfg, bundle, table: ImageTable, errors: dict[int, str]) -> None:

@@ -595,7 +595,7 @@ def image_sheet(f: h5py.File, pi: _PerImage, image_id: int, names, spec: dict, d
     ax_photo.imshow(grey)
     ax_photo.set_title("as the model sees it" if photo is not None else "photo not readable", fontsize=8)
     ax_photo.set_axis_off()
-    _predictions(ax_pred, f, cam_rows, occ_row, pi, names)
+    _predictions(ax_pred, f, image_id, cam_rows, occ_row, pi, names)
 
     r = 1
     if "cam" in rows:
@@ -664,10 +664,26 @@ def _label_name(f: h5py.File, label: int) -> str:
     return str(folders[label]) if 0 <= label < len(folders) else str(label)
 
 
-def _predictions(ax, f: h5py.File, cam_rows, occ_row, pi: _PerImage, names) -> None:
-    """Bar chart of the stored predictions: the cam stage's top-N classes (cam.target=top), else
+def _predictions(ax, f: h5py.File, image_id: int, cam_rows, occ_row, pi: _PerImage, names) -> None:
+    """Bar chart of the stored predictions: the model's top-5 (predictions/, written by the
+    cam stage); in older files the cam stage's top-N classes (cam.target=top), else
     its explained class, with the occlusion stage's base probability where there is one."""
     ax.set_axis_off()
+    rows = np.flatnonzero(f["predictions/image"][()] == image_id) if "predictions" in f else []
+    if len(rows):
+        g = f["predictions"]
+        row = int(rows[0])
+        classes, probability = g["class"][row], g["probability"][row]
+        ax.set_axis_on()
+        y = np.arange(len(classes))[::-1]
+        ax.barh(y, probability, color="#4a6f9e", height=0.6)
+        ax.set_yticks(y, [names(int(c))[:30] for c in classes], fontsize=7)
+        ax.set_xlim(0, 1)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.set_xlabel("probability", fontsize=7)
+        ax.set_title(f"top-{len(classes)} predictions", fontsize=8)
+        return
     if cam_rows is not None and pi.cam_methods:
         g = f["cam"]
         m = pi.cam_methods[0]
