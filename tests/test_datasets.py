@@ -42,6 +42,7 @@ def awkward_folder(tmp_path):
     save_image(root / "05_tiny.png", np.full((1, 1, 3), (10, 20, 30), np.uint8))
     save_image(root / "06_huge.jpg", np.full((4000, 6000, 3), 77, np.uint8), quality=90)
     save_image(root / "07_tiff.tif", np.full((12, 12, 3), (5, 150, 250), np.uint8))
+    Image.fromarray(np.full((14, 14, 3), (250, 20, 40), np.uint8)).convert("P").save(root / "07b_palette.png")
     (root / "08_empty.jpg").write_bytes(b"")
     (root / "09_text.png").write_text("this is not an image")
     jpeg = (root / "00_ok.png").read_bytes()
@@ -72,6 +73,7 @@ def test_bad_images_are_recorded_and_skipped_and_odd_ones_decoded(awkward_folder
     assert (by_name["05_tiny.png"] == (10, 20, 30)).all()
     assert (abs(by_name["06_huge.jpg"].astype(int) - 77) <= 2).all()
     assert (by_name["07_tiff.tif"] == (5, 150, 250)).all()  # TIFF: decoded by the Pillow fallback
+    np.testing.assert_allclose(by_name["07b_palette.png"].reshape(-1, 3).mean(0), (250, 20, 40), atol=8)
 
 
 def test_folder_labels_come_from_class_subfolders(photo_folder):
