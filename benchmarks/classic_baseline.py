@@ -22,6 +22,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from scan_throughput import write_jpegs  # noqa: E402
 from pipeline.datasets import BatchStream  # noqa: E402
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
 
-    bundle = load_model(type("M", (), dict(kind="mobilenet_v2", weights_path=None))())
+    bundle = load_model(OmegaConf.create(dict(kind="mobilenet_v2", weights_path=None)))
     names = select_layers(bundle.model, args.layers)
     features = feature_model(bundle.model, names)
     spec = bundle.preprocessing

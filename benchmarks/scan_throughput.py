@@ -19,6 +19,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -32,7 +33,7 @@ from pipeline.scan import Scanner  # noqa: E402
 
 def write_jpegs(folder: Path, count: int) -> ImageTable:
     """`count` JPEG files cut from the sample photos (real pixels, real decoding)."""
-    samples = list_images(type("D", (), dict(kind="samples", path=None, split=None, limit=None))())
+    samples = list_images(OmegaConf.create(dict(kind="samples", path=None, split=None, limit=None)))
     rng = np.random.default_rng(0)
     paths = []
     for i in range(count):
@@ -62,7 +63,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    bundle = load_model(type("M", (), dict(kind="mobilenet_v2", weights_path=None))())
+    bundle = load_model(OmegaConf.create(dict(kind="mobilenet_v2", weights_path=None)))
     names = select_layers(bundle.model, args.layers)
     features = feature_model(bundle.model, names)
     spec = bundle.preprocessing

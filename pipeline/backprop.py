@@ -35,7 +35,7 @@ The forward values are exactly the model's.
 Guided Grad-CAM and other callers: build one `Backprop(model, layer, method)`
 and call it on many batches (one traced tf.function per object); `backprop()`
 keeps such objects per model. `seed_at` builds one-hot seeds for a batch, and
-`panel_to_uint8` turns a map into an image for viewers.
+`pipeline.draw.panel_to_uint8` turns a map into an image for viewers.
 """
 
 from __future__ import annotations
@@ -173,24 +173,6 @@ def seed_at(shape, channel, y=None, x=None) -> tf.Tensor:
         raise ValueError(f"seed position outside the layer output {shape}")
     batch = len(index)
     return tf.scatter_nd(index, tf.ones(batch, tf.float32), (batch,) + shape)
-
-
-def panel_to_uint8(panel, panel_dims: int | None = None, centred: bool = True) -> np.ndarray:
-    """A panel as a viewable uint8 image (same shape).
-
-    centred (raw panels, signed): 0 maps to 128 grey, +max|v| to 255 and -max|v|
-    to 0, with max|v| taken per panel. centred=False (norm panels, >= 0): 0 is
-    black and the panel's max is white. panel_dims: how many trailing axes form
-    one panel (3 for a (..., h, w, C) stack, 2 for (..., h, w) norm maps); None:
-    the whole array is one panel. An all-zero panel gives flat grey (or black).
-    """
-    v = np.asarray(panel, np.float32)
-    dims = v.ndim if panel_dims is None else int(panel_dims)
-    axes = tuple(range(v.ndim - dims, v.ndim))
-    scale = np.abs(v).max(axis=axes, keepdims=True) if v.size else np.ones((1,) * v.ndim, np.float32)
-    unit = np.divide(v, scale, out=np.zeros_like(v), where=scale > 0)
-    out = 128.0 + 128.0 * unit if centred else 256.0 * unit
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.draw import panel_to_uint8
 from pipeline.stages.report import (EMPTY_GREY, LayerInfo, _as_str, _fmt, montage, resize_patches)
 
 logger = logging.getLogger(__name__)
@@ -198,12 +199,9 @@ def _fitted(f: GlyphFont, text: str, max_width: int | None) -> tuple[np.ndarray,
 # ---------------------------------------------------------------------------- pixel helpers
 
 def panel_view(panels: np.ndarray) -> np.ndarray:
-    """Raw backprop panels (..., h, w, ch) -> uint8 RGB (..., h, w, 3): each panel scaled by
-    its own largest |value|, 0 at 128 grey (the mapping of pipeline.backprop.panel_to_uint8)."""
-    v = np.asarray(panels, np.float32)
-    scale = np.abs(v).max(axis=(-3, -2, -1), keepdims=True)
-    unit = np.divide(v, scale, out=np.zeros_like(v), where=scale > 0)
-    out = np.clip(np.rint(128.0 + 128.0 * unit), 0, 255).astype(np.uint8)
+    """Raw backprop panels (..., h, w, ch) -> uint8 RGB (..., h, w, 3), each panel scaled by
+    its own largest |value|, 0 at 128 grey."""
+    out = panel_to_uint8(panels, panel_dims=3)
     if out.shape[-1] == 1:
         out = np.repeat(out, 3, axis=-1)
     return out[..., :3]

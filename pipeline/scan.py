@@ -120,14 +120,15 @@ class Scanner:
                 var.assign(saved[name])
         self.images_seen = images_seen
 
-    def results(self) -> list[tuple[TopK, ChannelStats]]:
+    def results(self, state: list[dict[str, np.ndarray]] | None = None) -> list[tuple[TopK, ChannelStats]]:
+        """Top-k tables and statistics per layer (from `state` when already read)."""
         return [(_table(v["value"], v["image"], v["pos"], w), _stats(v, self.images_seen * h * w))
-                for (h, w, c), v in zip(self.map_shapes, self.state())]
+                for (h, w, c), v in zip(self.map_shapes, state or self.state())]
 
-    def bottom_results(self) -> list[TopK]:
+    def bottom_results(self, state: list[dict[str, np.ndarray]] | None = None) -> list[TopK]:
         """Bottom-k tables: the images whose maximum is smallest, ascending."""
         return [_table(-v["bottom_value"], v["bottom_image"], v["bottom_pos"], w)
-                for (h, w, c), v in zip(self.map_shapes, self.state())]
+                for (h, w, c), v in zip(self.map_shapes, state or self.state())]
 
 
 def _table(value: np.ndarray, image: np.ndarray, pos: np.ndarray, w: int) -> TopK:

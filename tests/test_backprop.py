@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.backprop import Backprop, backprop, panel_to_uint8, seed_at
+from pipeline.backprop import Backprop, backprop, seed_at
+from pipeline.draw import panel_to_uint8
 from pipeline.graph import feature_model
 
 

@@ -163,7 +163,7 @@ def test_png_writer_round_trips_exactly_with_dpi():
 
 
 def test_panel_view_and_spectrum_values_match_the_pipeline_helpers():
-    from pipeline.backprop import panel_to_uint8
+    from pipeline.draw import panel_to_uint8
     from pipeline.spectrum import bucket_values
 
     rng = np.random.default_rng(4)

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.backprop import panel_to_uint8
+from pipeline.draw import panel_to_uint8
 from pipeline.errors import PipelineError
 from pipeline.stages.filters import export_regularized_opt
 from pipeline.store import RESULTS_FILE, read_strings

@@ -115,11 +115,12 @@ def _checkpoint(results: Path, scanner, layers, position: int, dropped: list[int
         g = f.create_group(STATE)
         g.attrs.update(stage_print=stage_print, position=position, images_seen=scanner.images_seen)
         g["dropped"] = np.asarray(sorted(dropped), np.int64)
-        for (name, _, _), state in zip(layers, scanner.state()):
+        states = scanner.state()
+        for (name, _, _), state in zip(layers, states):
             sg = g.create_group(stored_name(name))
             for key, array in state.items():
                 sg.create_dataset(key, data=array, compression="gzip" if array.size > 4096 else None)
-        _write_layers(f, scanner, layers)
+        _write_layers(f, scanner, layers, states)
         f.attrs["scan_progress"] = f"{position}/{len(f['images/path'])}"
     logger.info("checkpoint: %d images scanned, stream position %d", scanner.images_seen, position)
 
@@ -149,11 +150,11 @@ def _scanned(n_images: int, ids: np.ndarray) -> np.ndarray:
     return scanned
 
 
-def _write_layers(f, scanner, layers) -> None:
-    bottoms = scanner.bottom_results() if scanner.bottomk else [None] * len(layers)
-    states = scanner.state()
+def _write_layers(f, scanner, layers, states=None) -> None:
+    states = states or scanner.state()  # one read of the device state serves every table
+    bottoms = scanner.bottom_results(states) if scanner.bottomk else [None] * len(layers)
     for depth, ((name, geo, shape), (top, stats), bottom, state) in enumerate(
-            zip(layers, scanner.results(), bottoms, states)):
+            zip(layers, scanner.results(states), bottoms, states)):
         g = f.require_group(f"layers/{stored_name(name)}")
         g.attrs.update(name=name, shape=np.asarray(shape, np.int64), depth=depth,
                        rf_size=np.asarray(geo.rf_size, np.int64), rf_stride=np.asarray(geo.rf_stride, np.int64),
