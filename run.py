@@ -36,7 +36,7 @@ def main(cfg) -> None:
 def _remove_if_only_bookkeeping(run_dir: Path) -> None:
     """A run that failed on bad config writes nothing: drop the directory Hydra made
     for it, unless it holds results of an earlier run."""
-    bookkeeping = {".hydra", "run.log", f"{HydraConfig.get().job.name}.log"}
+    bookkeeping = {".hydra", ".lock", "run.log", f"{HydraConfig.get().job.name}.log"}
     if not run_dir.exists() or any(p.name not in bookkeeping for p in run_dir.iterdir()):
         return
     logging.shutdown()

@@ -55,9 +55,19 @@ class CropConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # every long stage (scan, crop, panels, activations, cam, occlusion, filters, evolution)
+    # commits its work at least this often; a killed run resumes from the last commit
+    seconds: float = 300.0
+    # ... and also after every N batches (null: by time only)
+    batches: Optional[int] = None
+    # results a long stage holds in memory at most before it commits them (MiB): crop and
+    # panels cut channels in blocks of this size, per-image stages commit when it is reached
+    block_mb: float = 256.0
+
+
+@dataclass
 class ScanConfig:
-    # save the scan state every N batches (a killed run resumes from there)
-    checkpoint_every: int = 50
     # also keep the k lowest-activating images per channel (0: off)
     bottomk: int = 0
 
@@ -258,6 +268,7 @@ class Config:
     batch_size: int = 32
     crop: CropConfig = field(default_factory=CropConfig)
     scan: ScanConfig = field(default_factory=ScanConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     panels: PanelsConfig = field(default_factory=PanelsConfig)

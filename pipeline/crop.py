@@ -47,3 +47,26 @@ def shrink(patches: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return patches
     small = tf.image.resize(tf.cast(patches, tf.float32), size, method="area")
     return tf.cast(tf.clip_by_value(tf.round(small), 0, 255), tf.uint8).numpy()
+
+
+def channel_blocks(layers: list[tuple[str, int, int]], budget: int) -> list[list[tuple[str, int, int]]]:
+    """Split layers [(key, channels, bytes per channel)] into blocks of (key, c0, c1)
+    pieces, in layer and channel order, each block at most `budget` bytes (a single
+    channel larger than the budget makes a block of its own)."""
+    blocks, current, used = [], [], 0
+    for key, channels, per_channel in layers:
+        per_channel = max(per_channel, 1)
+        c0 = 0
+        while c0 < channels:
+            fit = (budget - used) // per_channel
+            if fit <= 0 and current:  # this block is full
+                blocks.append(current)
+                current, used = [], 0
+                continue
+            c1 = min(channels, c0 + max(fit, 1))
+            current.append((key, c0, c1))
+            used += (c1 - c0) * per_channel
+            c0 = c1
+    if current:
+        blocks.append(current)
+    return blocks

@@ -133,9 +133,9 @@ def _is_int(text: str) -> bool:
 
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (MNIST format), gzipped or not, as a numpy array."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    gz = path.suffix == ".gz"
+    with (gzip.open if gz else open)(path, "rb") as f:
+        data = f.read() if gz else f.read(4 + 4 * 255)
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise PipelineError(f"{path} is not an IDX file (bad magic number)")
     dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -143,11 +143,17 @@ def read_idx(path: Path) -> np.ndarray:
         raise PipelineError(f"{path}: unknown IDX data type 0x{data[2]:02x}")
     ndim = data[3]
     shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    array = np.frombuffer(data, dtypes[data[2]], offset=4 + 4 * ndim)
-    if array.size != int(np.prod(shape)):
-        raise PipelineError(f"{path} is truncated: expected {int(np.prod(shape))} values, "
-                            f"found {array.size}")
-    return array.reshape(shape).astype(array.dtype.newbyteorder("="))
+    dtype, offset, count = np.dtype(dtypes[data[2]]), 4 + 4 * ndim, int(np.prod(shape))
+    available = (len(data) if gz else path.stat().st_size) - offset
+    if available // dtype.itemsize != count:
+        raise PipelineError(f"{path} is truncated or has trailing bytes: expected {count} values, "
+                            f"found {max(available, 0) // dtype.itemsize}")
+    if gz:
+        array = np.frombuffer(data, dtype, count=count, offset=offset)
+    else:  # mapped, not read: a 1.28M-image file costs no memory until its images are used
+        array = np.memmap(path, dtype, mode="r", offset=offset, shape=(count,))
+    array = array.reshape(shape)
+    return array if dtype.itemsize == 1 else array.astype(dtype.newbyteorder("="))
 
 
 def _idx(path: Path, split: str) -> ImageTable:
@@ -176,33 +182,33 @@ def _idx(path: Path, split: str) -> ImageTable:
 
 def image_stream(table: ImageTable, spec: Preprocessing, batch_size: int,
                  ids: np.ndarray | None = None) -> tf.data.Dataset:
-    """tf.data stream of (ids int64 (B,), pixels uint8 (B, S, S, C)) over `ids` in order.
+    """tf.data stream of (ids int64 (B,), pixels uint8 (B, S, S, C)) over the image files
+    of `ids`, in order.
 
     Files that fail to decode are silently dropped here; `BatchStream` notices
     the gap and deals with them.
     """
     ids = np.arange(len(table), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
-    if table.arrays is not None:
-        arrays = table.arrays[ids]
-        if arrays.ndim == 3:
-            arrays = arrays[..., None]
+    paths = np.asarray(table.paths, dtype=object)[ids] if len(ids) else np.zeros(0, object)
 
-        def load(i, img):
-            return i, to_model_pixels(img, spec)
+    def load(i, path):
+        data = tf.io.read_file(path)
+        img = tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
+        return i, to_model_pixels(img, spec)
 
-        ds = tf.data.Dataset.from_tensor_slices((ids, arrays))
-    else:
-        paths = np.asarray(table.paths, dtype=object)[ids] if len(ids) else np.zeros(0, object)
-
-        def load(i, path):
-            data = tf.io.read_file(path)
-            img = tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
-            return i, to_model_pixels(img, spec)
-
-        ds = tf.data.Dataset.from_tensor_slices((ids, tf.constant(paths.astype(str))))
+    ds = tf.data.Dataset.from_tensor_slices((ids, tf.constant(paths.astype(str))))
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors()
     return ds.batch(batch_size).prefetch(2)
+
+
+def ready_arrays(table: ImageTable, spec: Preprocessing) -> np.ndarray | None:
+    """The table's in-memory images as (N, S, S, C) when they already are model-input pixels."""
+    arrays = table.arrays
+    if arrays is None or arrays.shape[1:3] != (spec.input_size, spec.input_size):
+        return None
+    arrays = arrays[..., None] if arrays.ndim == 3 else arrays
+    return arrays if arrays.shape[-1] == spec.channels else None
 
 
 class BatchStream:
@@ -231,6 +237,9 @@ class BatchStream:
         yield from self.fallback()
 
     def main(self) -> Iterator[tuple[np.ndarray, tf.Tensor]]:
+        if self.table.arrays is not None:
+            yield from self._arrays()
+            return
         sorter = np.argsort(self.ids, kind="stable")  # position of an id: 8 bytes an image, no dict
         for ids, pixels in image_stream(self.table, self.spec, self.batch_size, self.ids):
             ids_np = ids.numpy()
@@ -241,6 +250,21 @@ class BatchStream:
             yield ids_np, pixels
         self.dropped.extend(int(i) for i in self.ids[self.position:])
         self.position = len(self.ids)
+
+    def _arrays(self) -> Iterator[tuple[np.ndarray, tf.Tensor]]:
+        """In-memory images (IDX): sliced in batches, converted a whole batch at once
+        (they share one size), never dropped."""
+        ready = ready_arrays(self.table, self.spec)
+        arrays = self.table.arrays
+        for start in range(self.position, len(self.ids), self.batch_size):
+            ids = self.ids[start:start + self.batch_size]
+            if ready is not None:
+                pixels = tf.constant(ready[ids])
+            else:
+                batch = arrays[ids]
+                pixels = to_model_pixels(tf.constant(batch[..., None] if batch.ndim == 3 else batch), self.spec)
+            self.position = start + len(ids)
+            yield ids, pixels
 
     def fallback(self) -> Iterator[tuple[np.ndarray, tf.Tensor]]:
         done_ids, done_pixels = [], []

@@ -40,11 +40,12 @@ class Preprocessing:
 
 
 def to_model_pixels(image: tf.Tensor, spec: Preprocessing) -> tf.Tensor:
-    """uint8 (H, W, C) of any size and 1/3 channels -> uint8 (S, S, spec.channels)."""
+    """uint8 (H, W, C) of any size and 1/3 channels -> uint8 (S, S, spec.channels);
+    a batch (B, H, W, C) of images of one size likewise."""
     image = _match_channels(image, spec.channels)
     size = spec.input_size
-    h = tf.shape(image)[0]
-    w = tf.shape(image)[1]
+    h = tf.shape(image)[-3]
+    w = tf.shape(image)[-2]
     if spec.resize == "exact":
         out = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
     else:
@@ -56,20 +57,20 @@ def to_model_pixels(image: tf.Tensor, spec: Preprocessing) -> tf.Tensor:
         out = tf.image.resize(image, (new_h, new_w), method="bilinear", antialias=True)
         top = (new_h - size) // 2
         left = (new_w - size) // 2
-        out = out[top:top + size, left:left + size]
+        out = out[..., top:top + size, left:left + size, :]
     out = tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
-    return tf.ensure_shape(out, (size, size, spec.channels))
+    return tf.ensure_shape(out, (None,) * (image.shape.rank - 3) + (size, size, spec.channels))
 
 
 def _match_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
-    """1, 3 or 4 channels (RGBA: alpha dropped) -> `channels` (1 or 3).
+    """1, 3 or 4 channels (RGBA: alpha dropped) -> `channels` (1 or 3), for an image or a batch.
 
-    Written with slicing, tiling and a weighted sum so that both branches of the
+    Written with slicing, repeats and a weighted sum so that both branches of the
     cond trace whatever the static channel count is.
     """
     c = tf.shape(image)[-1]
     if channels == 3:
-        return tf.cond(c == 1, lambda: tf.tile(image[..., :1], [1, 1, 3]), lambda: image[..., :3])
+        return tf.cond(c == 1, lambda: tf.repeat(image[..., :1], 3, axis=-1), lambda: image[..., :3])
     luma = tf.constant([0.2989, 0.5870, 0.1140], tf.float32)
     grey = lambda: tf.cast(tf.round(tf.reduce_sum(  # noqa: E731
         tf.cast(image[..., :3], tf.float32) * luma[:tf.shape(image[..., :3])[-1]], axis=-1, keepdims=True)), tf.uint8)

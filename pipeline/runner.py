@@ -7,13 +7,13 @@ import logging
 import time
 from pathlib import Path
 
-import h5py
-
+from pipeline import lock
 from pipeline.errors import PipelineError
 from pipeline.stages import STAGES
-from pipeline.store import IDENTITY_KEYS, RESULTS_FILE, fingerprint, stages_done
+from pipeline.store import IDENTITY_KEYS, RESULTS_FILE, RUN_PART, Store, fingerprint, open_h5
 
 logger = logging.getLogger(__name__)
+
 
 def run(cfg, run_dir: Path) -> Path:
     run_dir = Path(run_dir)
@@ -21,36 +21,56 @@ def run(cfg, run_dir: Path) -> Path:
     if unknown:
         raise PipelineError(f"unknown stage(s) {', '.join(map(str, unknown))}: "
                             f"stages are {', '.join(STAGES)}")
-    results = run_dir / RESULTS_FILE
-    _check_identity(results, fingerprint(cfg, IDENTITY_KEYS), cfg.overwrite)
-    for stage in cfg.stages:
-        module = importlib.import_module(f"pipeline.stages.{stage}")
-        if module.KEYS:
-            stage_print = fingerprint(cfg, module.KEYS)
-            done = stages_done(results).get(stage)
-            if done == stage_print and not cfg.overwrite:
-                logger.info("stage %s: already in %s for this config, skipped", stage, results)
-                continue
-            if done is not None and done != stage_print and not cfg.overwrite:
-                raise PipelineError(
-                    f"{results} holds {stage} results of a different config (keys {', '.join(module.KEYS)}): "
-                    f"pass overwrite=true to recompute them, or choose a new hydra.run.dir")
-        else:
+    with lock.holding(run_dir):
+        store = Store(run_dir)
+        store.clean_temporaries()
+        _check_identity(store, fingerprint(cfg, IDENTITY_KEYS), cfg.overwrite)
+        store.mend()
+        for stage in cfg.stages:
+            module = importlib.import_module(f"pipeline.stages.{stage}")
             stage_print = ""
-        started = time.perf_counter()
-        module.run(cfg, run_dir, stage_print)
-        logger.info("stage %s done in %.1f s", stage, time.perf_counter() - started)
-    return results
+            if module.KEYS:
+                stage_print = fingerprint(cfg, module.KEYS)
+                done = store.stages_done().get(stage)
+                if done == stage_print and not cfg.overwrite:
+                    logger.info("stage %s: already in %s for this config, skipped", stage, store.index)
+                    continue
+                if done is not None and done != stage_print and not cfg.overwrite:
+                    raise PipelineError(
+                        f"{store.index} holds {stage} results of a different config (keys {', '.join(module.KEYS)}): "
+                        f"pass overwrite=true to recompute them, or choose a new hydra.run.dir")
+                store.begin(stage, recompute=done is not None)
+            started = time.perf_counter()
+            module.run(cfg, run_dir, stage_print)
+            if module.KEYS:
+                store.finish(stage, stage_print, depends_on(module, cfg))
+            logger.info("stage %s done in %.1f s", stage, time.perf_counter() - started)
+    return run_dir / RESULTS_FILE
 
 
-def _check_identity(results: Path, identity: str, overwrite: bool) -> None:
-    if not results.exists():
+def depends_on(module, cfg) -> tuple[str, ...]:
+    """The stages whose results `module` read with this config: recomputing one of them
+    makes this stage's results stale."""
+    declared = getattr(module, "DEPENDS", ())
+    found = set(declared(cfg) if callable(declared) else declared)
+    if "model" in module.KEYS and cfg.model.kind == "snapshot" and cfg.model.run_dir is None:
+        found.add("train")  # the network trained in this very run
+    return tuple(sorted(found))
+
+
+def _check_identity(store: Store, identity: str, overwrite: bool) -> None:
+    if not store.is_run_dir():
+        if store.index.exists():
+            if not overwrite:
+                raise PipelineError(f"{store.index} was not written by this version of cnn-lens (no parts/ "
+                                    f"beside it): choose a new hydra.run.dir, or pass overwrite=true to replace it")
+            store.remove_all()
         return
-    with h5py.File(results, "r") as f:
+    with open_h5(store.parts / RUN_PART, "part file") as f:
         stored = f.attrs.get("identity", identity)
     if stored != identity and not overwrite:
-        raise PipelineError(f"{results} holds results of another model or dataset: choose a new "
+        raise PipelineError(f"{store.index} holds results of another model or dataset: choose a new "
                             f"hydra.run.dir, or pass overwrite=true to replace them")
     if stored != identity:
-        results.unlink()
-        logger.warning("overwrite=true: removed %s of another model or dataset", results)
+        store.remove_all()
+        logger.warning("overwrite=true: removed the results of another model or dataset in %s", store.run_dir)

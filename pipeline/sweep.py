@@ -17,6 +17,8 @@ import h5py
 import yaml
 from hydra.experimental.callback import Callback
 
+from pipeline.store import PARTS_DIR
+
 logger = logging.getLogger(__name__)
 
 COLUMNS = ("job", "overrides", "status", "model", "layers", "channels", "images_scanned", "images_skipped",
@@ -35,7 +37,8 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict:
             ok = f["images/ok"][()] if "images/ok" in f else []
             scanned = f["images/scanned"][()] if "images/scanned" in f else ok
             done = json.loads(f.attrs.get("stages_done", "{}"))
-            row.update(status="done" if "scan_state" not in f else "unfinished",
+            unfinished = any((job_dir / PARTS_DIR).glob("*/state.h5"))  # a scan checkpoint left by a kill
+            row.update(status="unfinished" if unfinished else "done",
                        model=str(f.attrs.get("model", "")), layers=len(layers),
                        channels=sum(int(layers[k].attrs["shape"][-1]) for k in layers),
                        images_scanned=int(sum(ok)), images_skipped=int(sum(scanned) - sum(ok)),

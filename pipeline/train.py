@@ -97,45 +97,6 @@ def training_spec(table, input_size: int | None, channels: int | None) -> Prepro
                          normalize="unit")
 
 
-def _ready_arrays(table, spec: Preprocessing) -> np.ndarray | None:
-    """The table's in-memory images as (N, S, S, C) when they already are model-input pixels."""
-    arrays = table.arrays
-    if arrays is None or arrays.shape[1:3] != (spec.input_size, spec.input_size):
-        return None
-    arrays = arrays[..., None] if arrays.ndim == 3 else arrays
-    return arrays if arrays.shape[-1] == spec.channels else None
-
-
-class PixelBatches:
-    """(ids, uint8 pixels) batches like datasets.BatchStream, which it uses for image files;
-    IDX images that already have the model's size and channels are served as they are."""
-
-    def __init__(self, table, spec: Preprocessing, batch_size: int, ids: np.ndarray | None = None):
-        from pipeline.datasets import BatchStream
-
-        self.ids = np.arange(len(table), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
-        self.batch_size = batch_size
-        self.arrays = _ready_arrays(table, spec)
-        self.stream = None if self.arrays is not None else BatchStream(table, spec, batch_size, ids=self.ids)
-
-    @property
-    def errors(self) -> dict[int, str]:
-        return {} if self.stream is None else self.stream.errors
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __iter__(self):
-        import tensorflow as tf
-
-        if self.stream is not None:
-            yield from self.stream
-            return
-        for start in range(0, len(self.ids), self.batch_size):
-            chunk = self.ids[start:start + self.batch_size]
-            yield chunk, tf.constant(self.arrays[chunk])
-
-
 def load_pixels(table, spec: Preprocessing, ids: np.ndarray, batch_size: int = 256,
                 desc: str = "load") -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     """Model-input pixels of `ids` in memory: (ids read, uint8 (N, S, S, C), errors).
@@ -145,16 +106,18 @@ def load_pixels(table, spec: Preprocessing, ids: np.ndarray, batch_size: int = 2
     """
     from tqdm import tqdm
 
+    from pipeline.datasets import BatchStream, ready_arrays
+
     ids = np.asarray(ids, np.int64)
     need = len(ids) * spec.input_size ** 2 * spec.channels
     if need > MAX_IN_MEMORY:
         raise PipelineError(f"{len(ids)} images of {spec.input_size}x{spec.input_size}x{spec.channels} need "
                             f"{need / 2**30:.1f} GiB in memory: lower dataset.limit or train.input_size")
-    ready = _ready_arrays(table, spec)
+    ready = ready_arrays(table, spec)
     if ready is not None:
         return ids, np.ascontiguousarray(ready[ids], np.uint8), {}
     got_ids, got = [], []
-    stream = PixelBatches(table, spec, batch_size, ids=ids)
+    stream = BatchStream(table, spec, batch_size, ids=ids)
     with tqdm(total=len(ids), desc=desc, unit="img") as bar:
         for batch_ids, pixels in stream:
             got_ids.append(batch_ids)

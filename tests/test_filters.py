@@ -180,18 +180,19 @@ def test_channel_list_seeds_and_resume(tmp_path):
     assert np.abs(sprite[20:40, 0:20].astype(int) - original[0]).mean() < 12  # channel 3: row 1, column 0
     assert np.abs(sprite[0:20, 0:20].astype(int) - 128).mean() < 3  # channel 0 not computed: grey
 
-    # a run killed after the first channel: the second is missing and the stage is not done
-    with h5py.File(results, "a") as f:
-        g = f["filters/relu2"]
-        g["computed"][1] = False
-        g["patterns"][1] = 0
-        done = json.loads(f.attrs["stages_done"])
-        del done["filters"]
-        f.attrs["stages_done"] = json.dumps(done)
-    run(cfg, run_dir)
-    with h5py.File(results, "r") as f:
-        np.testing.assert_array_equal(f["filters/relu2/patterns"][()], original)  # same seed: same image
-        assert f["filters/relu2/computed"][()].all()
+    # a run killed before it assembled its chunks, and one killed before its first chunk
+    parts = run_dir / "parts"
+    for lost in ("assembly", "chunks"):
+        (parts / "filters.done").unlink()
+        (parts / "filters.h5").unlink()
+        chunks = sorted(parts.glob("filters.*/0*.h5"))
+        assert len(chunks) == 1
+        if lost == "chunks":
+            chunks[0].unlink()
+        run(cfg, run_dir)
+        with h5py.File(results, "r") as f:
+            np.testing.assert_array_equal(f["filters/relu2/patterns"][()], original)  # same seed: same image
+            assert f["filters/relu2/computed"][()].all()
     # done for this config: skipped; another config in the same directory needs overwrite=true
     stamp = results.stat().st_mtime_ns
     run(cfg, run_dir)

@@ -140,7 +140,11 @@ def test_results_schema(tiny_run):
         assert g["topk/image"].dtype == np.int64 and g["topk/y"].dtype == np.int32
         assert g["topk/box"].shape == (c, 4, 4) and g["topk/box"].dtype == np.int32
         assert g["patches"].dtype == np.uint8 and g["patches"].shape[:2] == (c, 4)
-        assert g["patches"].chunks[0] == 1 and g["patches"].compression == "gzip"
+        assert g["patches"].is_virtual  # over the crop's chunk files, stored one HDF5 chunk per channel
+        for source in g["patches"].virtual_sources():
+            with h5py.File(results.parent / "parts" / source.file_name, "r") as part:
+                piece = part[source.dset_name]
+                assert piece.chunks[:2] == (1, 4) and piece.compression == "gzip"
         assert (np.diff(g["topk/value"][()], axis=1) <= 0).all()
 
 

@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, save_image
 from test_pipeline import compose_cfg
 from pipeline.runner import run
+from pipeline.store import walk
 
 
 def _dataset(root, n=1500):
@@ -42,31 +43,27 @@ def setup(tmp_path_factory):
     _model(tmp / "m.keras")
     data = _dataset(tmp / "data")
     overrides = ["model=file", f"model.path={tmp / 'm.keras'}", "dataset=folder", f"dataset.path={data}",
-                 "layers=[c1,c2]", "topk=5", "scan.bottomk=3", "batch_size=4", "scan.checkpoint_every=3",
+                 "layers=[c1,c2]", "topk=5", "scan.bottomk=3", "batch_size=4", "checkpoint.batches=3",
                  "stages=[scan]"]
     run(compose_cfg(overrides), tmp / "reference")
     return tmp, overrides
 
 
 def _arrays(path):
-    out = {}
     with h5py.File(path, "r") as f:
-        def visit(name, obj):
-            if isinstance(obj, h5py.Dataset):
-                out[name] = obj[()]
-        f.visititems(visit)
-    return out
+        return {name: d[()] for name, d in walk(f)}
 
 
-def _wait_for_checkpoint(results, proc, seen_positions, timeout=120):
+def _wait_for_checkpoint(run_dir, proc, seen_positions, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        try:
-            with h5py.File(results, "r") as f:
-                if "scan_state" in f and f["scan_state"].attrs["position"] not in seen_positions:
-                    return int(f["scan_state"].attrs["position"])
-        except (OSError, KeyError):
-            pass  # not there yet
+        for state in run_dir.glob("parts/scan.*/state.h5"):
+            try:
+                with h5py.File(state, "r") as f:
+                    if f.attrs["position"] not in seen_positions:
+                        return int(f.attrs["position"])
+            except (OSError, KeyError):
+                pass  # replaced while we read it
         time.sleep(0.02)
     return None
 
@@ -80,13 +77,13 @@ def test_killed_scan_resumes_to_identical_results(setup):
     positions = []
     for _ in range(2):  # kill twice, at two different checkpoints
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        position = _wait_for_checkpoint(run_dir / "results.h5", proc, positions)
+        position = _wait_for_checkpoint(run_dir, proc, positions)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert position is not None, "the scan finished before a checkpoint could be caught"
         positions.append(position)
-        with h5py.File(run_dir / "results.h5", "r") as f:  # readable after SIGKILL
-            assert f["layers/c1/topk/value"].shape == (8, 5)
+        with h5py.File(run_dir / "results.h5", "r") as f:  # readable after SIGKILL: the run record, no scan yet
+            assert len(f["images/path"]) == 1502 and "layers" not in f
     assert positions[1] > positions[0]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -96,7 +93,7 @@ def test_killed_scan_resumes_to_identical_results(setup):
     assert set(reference) == set(resumed)
     for name, value in reference.items():
         assert np.array_equal(value, resumed[name]), name
-    assert not any(p.name.startswith(".results.h5.tmp") for p in run_dir.iterdir())
+    assert not list(run_dir.rglob(".*.tmp-*")) and not list(run_dir.glob("parts/scan.*/state.h5"))
 
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "already in" in again.stdout
@@ -113,4 +110,4 @@ def test_reference_scan_handles_bad_files_and_bottom_k(setup):
         bottom = f["layers/c2/bottomk/value"][()]
         top = f["layers/c2/topk/value"][()]
         assert (np.diff(bottom, axis=1) >= 0).all() and (bottom[:, 0] <= top[:, -1]).all()
-        assert "scan_state" not in f
+        assert "scan_state" not in f and not list((tmp / "reference").glob("parts/scan.*/state.h5"))

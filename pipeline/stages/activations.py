@@ -30,13 +30,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.datasets import BatchStream, ImageTable, list_images
+from pipeline.datasets import ImageTable, list_images
 from pipeline.errors import PipelineError
-from pipeline.store import RESULTS_FILE, mark_done, replace_dataset, stored_name, transaction
+from pipeline.store import Store, stored_name
 
 logger = logging.getLogger(__name__)
 
 KEYS = ("model", "dataset", "layers", "activations")
+PART = "activations.h5"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 TILE_PX = 32  # small maps are enlarged by whole factors to about this size
 
@@ -48,11 +49,12 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline.models.sources import load_model
     from pipeline.preprocess import normalize
 
+    from pipeline.chunks import BOOKKEEPING, ChunkedStream
+
     a = cfg.activations
     bundle = load_model(cfg.model, cfg.cache_dir)
     table = list_images(cfg.dataset)
-    results = run_dir / RESULTS_FILE
-    ids = choose_images(a.images, table, results, "activations")
+    ids = choose_images(a.images, table, Store(run_dir), "activations")
     names = select_layers(bundle.model, a.layers if a.layers is not None else cfg.layers)
     shapes = {n.name: n.output_shape for n in flat_layers(bundle.model)}
     flat = [n for n in names if len(shapes[n]) != 3]
@@ -66,63 +68,67 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         raise PipelineError("activations.grid and activations.per_row must be at least 1")
     spec = bundle.preprocessing
     extractor = ActivationExtractor(bundle.model, names, spec)
-    stream = BatchStream(table, spec, cfg.batch_size, ids=ids)
+    store = Store(run_dir)
+    store.ensure_run(cfg, bundle, table)
+    work = store.work("activations", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
+    stream = ChunkedStream(work, table, spec, cfg.batch_size, ids, cfg.checkpoint)
     logger.info("activations of %d layer(s) for %d image(s)", len(names), len(ids))
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with transaction(results) as f:
-        if "activations" in f:
-            del f["activations"]
-        g = f.create_group("activations")
-        done, blank = [], []
-        datasets = {}
-        for depth, n in enumerate(names):
-            h, w, c = shapes[n]
-            d = g.create_dataset(stored_name(n), shape=(0, h, w, c), maxshape=(None, h, w, c), dtype=np.float16,
-                                 chunks=(1, h, w, c), compression="gzip", shuffle=True)
-            d.attrs.update(name=n, depth=depth, shape=np.asarray((h, w, c), np.int64))
-            datasets[n] = d
-        with tqdm(total=len(ids), desc="activations", unit="img") as bar:
-            for batch_ids, pixels in stream:
-                maps = extractor(normalize(pixels, spec.normalize), batch_size=len(batch_ids))
-                blank.append(np.stack([blank_channels(maps[n]).mean(axis=1) for n in names], axis=1))
-                for n in names:
-                    values = maps[n]
-                    if np.abs(values).max(initial=0.0) > FLOAT16_MAX:
-                        logger.warning("activations of %s exceed float16's range; stored clipped", n)
-                    d = datasets[n]
-                    start = d.shape[0]
-                    d.resize(start + len(batch_ids), axis=0)
-                    d[start:] = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
-                done.append(batch_ids)
-                bar.update(len(batch_ids))
-            bar.update(len(stream.errors))
-        done_ids = np.concatenate(done).astype(np.int64) if done else np.zeros(0, np.int64)
-        g["image"] = done_ids
-        fractions = np.concatenate(blank).astype(np.float32) if blank else np.zeros((0, len(names)), np.float32)
-        replace_dataset(g, "blank_fraction", fractions)
+    clipped = set()
+    with tqdm(total=len(ids), initial=len(ids) - stream.remaining, desc="activations", unit="img") as bar:
+        for batch_ids, pixels in stream:
+            maps = extractor(normalize(pixels, spec.normalize), batch_size=len(batch_ids))
+            rows = {"activations/image": batch_ids.astype(np.int64),
+                    "activations/blank_fraction": np.stack([blank_channels(maps[n]).mean(axis=1) for n in names],
+                                                           axis=1).astype(np.float32)}
+            for n in names:
+                if np.abs(maps[n]).max(initial=0.0) > FLOAT16_MAX:
+                    clipped.add(n)
+                rows[f"activations/{stored_name(n)}"] = np.clip(maps[n], -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+            stream.add(rows)
+            bar.update(len(batch_ids))
+        bar.update(len(ids) - bar.n)
+    for n in sorted(clipped):
+        logger.warning("activations of %s exceed float16's range; stored clipped", n)
+    store.write_images(len(table), stream.errors, replace=False)
+    with store.write(PART) as f:
+        work.assemble(f, skip=BOOKKEEPING)
+        g = f.require_group("activations")
+        if "image" not in g:  # every chosen image unreadable: empty tables, the sheets say so
+            g["image"] = np.zeros(0, np.int64)
+            g["blank_fraction"] = np.zeros((0, len(names)), np.float32)
         g["blank_fraction"].attrs["layers"] = json.dumps(names)
-        from pipeline.stages.cam import _ensure_run_record
-
-        _ensure_run_record(f, cfg, bundle, table, stream.errors)
-        mark_done(f, "activations", stage_print)
+        for depth, n in enumerate(names):
+            if stored_name(n) in g:
+                g[stored_name(n)].attrs.update(name=n, depth=depth, shape=np.asarray(shapes[n], np.int64))
     if stream.errors:
         logger.warning("activations: %d chosen image(s) unreadable, left out", len(stream.errors))
-    draw_sheets(results, run_dir / "activations", int(a.grid), int(a.per_row))
+    draw_sheets(store.parts / PART, run_dir / "activations", int(a.grid), int(a.per_row))
 
 
-def choose_images(value, table: ImageTable, results: Path, section: str) -> np.ndarray:
+def DEPENDS(cfg) -> tuple[str, ...]:  # noqa: N802 - the runner reads it like the constant it usually is
+    """Images chosen from the scan's top-k make the maps depend on the scan."""
+    return ("scan",) if images_from_topk(cfg.activations.images) else ()
+
+
+def images_from_topk(value) -> bool:
+    """Whether an `images` setting names the top images of channels in the scan."""
+    from omegaconf import DictConfig
+
+    return isinstance(value, (dict, DictConfig))
+
+
+def choose_images(value, table: ImageTable, store, section: str) -> np.ndarray:
     """Image ids from a stage's `images` setting: N (the first N), a list of ids, or
     {layer, channels, k} (the k top images of each channel in the scan's results)."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
     n = len(table)
-    if isinstance(value, (DictConfig, dict)):
+    if images_from_topk(value):
         spec = OmegaConf.to_container(value) if isinstance(value, DictConfig) else dict(value)
         unknown = set(spec) - {"layer", "channels", "k"}
         if unknown or "layer" not in spec:
             raise PipelineError(f"{section}.images={spec}: use {{layer: NAME, channels: [..], k: 1}}")
-        return _top_images(results, str(spec["layer"]), spec.get("channels"), int(spec.get("k", 1)), section)
+        return _top_images(store, str(spec["layer"]), spec.get("channels"), int(spec.get("k", 1)), section)
     if isinstance(value, (ListConfig, list, tuple)):
         ids = np.asarray(list(value), dtype=np.int64)
         bad = ids[(ids < 0) | (ids >= n)]
@@ -135,13 +141,11 @@ def choose_images(value, table: ImageTable, results: Path, section: str) -> np.n
                         "or {layer: NAME, channels: [..], k: 1}")
 
 
-def _top_images(results: Path, layer: str, channels, k: int, section: str) -> np.ndarray:
-    import h5py
-
-    if not results.exists():
+def _top_images(store, layer: str, channels, k: int, section: str) -> np.ndarray:
+    if "scan" not in store.stages_done():
         raise PipelineError(f"{section}.images names top images of {layer} but no scan results exist: "
                             f"run the scan first (stages=[scan,{section}])")
-    with h5py.File(results, "r") as f:
+    with store.open() as f:
         group = f.get(f"layers/{stored_name(layer)}")
         if group is None or "topk" not in group:
             have = ", ".join(str(f[f"layers/{key}"].attrs.get("name", key)) for key in f.get("layers", {}))
@@ -162,7 +166,7 @@ def _top_images(results: Path, layer: str, channels, k: int, section: str) -> np
 # sheets
 
 
-def draw_sheets(results: Path, out_dir: Path, grid: int, per_row: int) -> list[Path]:
+def draw_sheets(part: Path, out_dir: Path, grid: int, per_row: int) -> list[Path]:
     import h5py
 
     from pipeline import draw
@@ -170,7 +174,7 @@ def draw_sheets(results: Path, out_dir: Path, grid: int, per_row: int) -> list[P
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    with h5py.File(results, "r") as f:
+    with h5py.File(part, "r") as f:
         g = f["activations"]
         ids = g["image"][()]
         names = json.loads(g["blank_fraction"].attrs["layers"])

@@ -1,9 +1,9 @@
 """`cam` stage: Grad-CAM, Grad-CAM++, Score-CAM and guided Grad-CAM over every image.
 
 A thin wrapper over `pipeline.explain.CamExplainer`: the dataset is streamed in batches
-of `batch_size`, each batch's maps are appended to results.h5 as they come (memory flat
-in dataset size), and sheets are drawn at the end: overlays on the original photos and
-the mean map per explained class.
+of `batch_size`, the maps are committed in chunks as they come (memory flat in dataset
+size; a killed run resumes after the last chunk, pipeline.chunks), and sheets are drawn
+at the end: overlays on the original photos and the mean map per explained class.
 
 results.h5:
 
@@ -29,11 +29,12 @@ from tqdm import tqdm
 
 from pipeline.datasets import BatchStream, ImageTable, list_images
 from pipeline.errors import PipelineError
-from pipeline.store import RESULTS_FILE, mark_done, transaction
+from pipeline.store import Store
 
 logger = logging.getLogger(__name__)
 
 KEYS = ("model", "dataset", "cam")
+PART = "cam.h5"
 ROWS_PER_PAGE = 6
 CLASS_MEANS_DRAWN = 24
 DISPLAY_SIDE = 448  # longest side of a photo on the sheets
@@ -42,6 +43,7 @@ TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-C
 
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
+    from pipeline.chunks import BOOKKEEPING, ChunkedStream
     from pipeline.explain import METHODS, CamExplainer
     from pipeline.models.sources import load_model
     from pipeline.preprocess import normalize
@@ -61,61 +63,63 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     logger.info("cam: %s on layer %s (logits from %s) over %d images, target %s", ", ".join(methods),
                 explainer.layer, explainer.logits_layer, len(table), c.target)
 
-    results = run_dir / RESULTS_FILE
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stream = BatchStream(table, spec, cfg.batch_size)
-    drawn: dict[int, dict] = {}
-    means: dict[str, dict[int, list]] = {m: {} for m in methods if m != "guided_gradcam"}
-    with transaction(results) as f:
-        if "cam" in f:
-            del f["cam"]
-        g = f.create_group("cam")
-        writer = _Appender(g)
-        top5: dict[str, list] = {"image": [], "class": [], "logit": [], "probability": []}
-        with tqdm(total=len(table), desc="cam", unit="img") as bar:
-            for ids, pixels in stream:
-                x = normalize(pixels, spec.normalize)
-                _add_top_predictions(top5, ids, explainer.logits(x, batch_size=len(ids)))
-                out = explainer.compute(x, codes_for(ids), methods, batch_size=len(ids),
-                                        scorecam_batch=c.scorecam_batch)
-                first = out[methods[0]]
-                k = first.classes.shape[1]
-                writer.add("image", np.repeat(ids.astype(np.int64), k))
-                writer.add("rank", np.tile(np.arange(k, dtype=np.int32), len(ids)))
-                for m, r in out.items():
-                    rows = r.maps.reshape((-1,) + r.maps.shape[2:])
-                    writer.add(f"{m}/map", rows, chunk_rows=1 if m == "guided_gradcam" else None)
-                    writer.add(f"{m}/class", r.classes.reshape(-1))
-                    writer.add(f"{m}/score", r.scores.reshape(-1))
-                    writer.add(f"{m}/max", r.maxima.reshape(-1).astype(np.float32))
-                    if m in means:
-                        _accumulate(means[m], rows, r.classes.reshape(-1))
-                for i, image_id in enumerate(ids):
-                    if image_id < draw_limit:
-                        drawn[int(image_id)] = {"pixels": pixels[i].numpy(), "maps": {
-                            m: (r.maps[i], r.classes[i], r.scores[i]) for m, r in out.items()}}
-                bar.update(len(ids))
-            bar.update(len(stream.errors))
-        _ensure_run_record(f, cfg, bundle, table, stream.errors)
-        if "predictions" in f:
-            del f["predictions"]
-        for key, parts in top5.items():  # the model's top-5 classes of every image
-            f[f"predictions/{key}"] = np.concatenate(parts)
+    store = Store(run_dir)
+    store.ensure_run(cfg, bundle, table)
+    work = store.work("cam", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
+    stream = ChunkedStream(work, table, spec, cfg.batch_size, np.arange(len(table), dtype=np.int64), cfg.checkpoint)
+    with tqdm(total=len(table), initial=len(table) - stream.remaining, desc="cam", unit="img") as bar:
+        for ids, pixels in stream:
+            x = normalize(pixels, spec.normalize)
+            rows = top_predictions(ids, explainer.logits(x, batch_size=len(ids)))
+            out = explainer.compute(x, codes_for(ids), methods, batch_size=len(ids), scorecam_batch=c.scorecam_batch)
+            k = out[methods[0]].classes.shape[1]
+            rows["cam/image"] = np.repeat(ids.astype(np.int64), k)
+            rows["cam/rank"] = np.tile(np.arange(k, dtype=np.int32), len(ids))
+            for m, r in out.items():
+                rows[f"cam/{m}/map"] = r.maps.reshape((-1,) + r.maps.shape[2:])
+                rows[f"cam/{m}/class"] = r.classes.reshape(-1)
+                rows[f"cam/{m}/score"] = r.scores.reshape(-1)
+                rows[f"cam/{m}/max"] = r.maxima.reshape(-1).astype(np.float32)
+            stream.add(rows)
+            bar.update(len(ids))
+        bar.update(len(table) - bar.n)
+    store.write_images(len(table), stream.errors, replace=False)
+    with store.write(PART) as f:
+        work.assemble(f, skip=BOOKKEEPING)
+        if "cam" not in f:
+            raise PipelineError("cam: none of the images could be read: check dataset.path (images/error says why)")
+        g = f["cam"]
         g.attrs.update(layer=explainer.layer, logits_layer=explainer.logits_layer, methods=json.dumps(methods),
                        target=str(c.target), input_size=spec.input_size,
                        map_shape=np.asarray(explainer.map_shape[:2], np.int64))
-        for m, per_class in means.items():
-            cm = g.require_group(m).create_group("class_mean")
-            order = sorted(per_class, key=lambda cls: (-per_class[cls][1], cls))
-            cm["class"] = np.asarray(order, np.int64)
-            cm["count"] = np.asarray([per_class[cls][1] for cls in order], np.int64)
-            cm["map"] = np.asarray([per_class[cls][0] / per_class[cls][1] for cls in order], np.float32) \
-                .reshape((len(order),) + tuple(g.attrs["map_shape"]))
         for m in methods:
             g[m].attrs.update(layer=explainer.layer, method=m)
-        mark_done(f, "cam", stage_print)
+            if m != "guided_gradcam":
+                _write_class_means(g[m])
     logger.info("cam: %d images explained, %d unreadable", len(table) - len(stream.errors), len(stream.errors))
-    draw_sheets(results, run_dir / "cam", table, spec, names, drawn, methods, float(c.alpha))
+    draw_sheets(store.parts / PART, run_dir / "cam", table, spec, names, methods, float(c.alpha), draw_limit,
+                cfg.batch_size)
+
+
+def _write_class_means(g, block: int = 4096) -> None:
+    """class_mean/: per explained class, the mean of its maps, each max-normalised first."""
+    from pipeline.draw import unit_scale
+
+    per_class: dict[int, tuple] = {}
+    maps, classes = g["map"], g["class"]
+    for start in range(0, len(classes), block):
+        unit = unit_scale(maps[start:start + block])
+        cls_block = classes[start:start + block]
+        for cls in np.unique(cls_block):
+            sel = cls_block == cls
+            total, count = per_class.get(int(cls), (0.0, 0))
+            per_class[int(cls)] = (total + unit[sel].sum(axis=0), count + int(sel.sum()))
+    order = sorted(per_class, key=lambda cls: (-per_class[cls][1], cls))
+    cm = g.create_group("class_mean")
+    cm["class"] = np.asarray(order, np.int64)
+    cm["count"] = np.asarray([per_class[cls][1] for cls in order], np.int64)
+    cm["map"] = np.asarray([per_class[cls][0] / per_class[cls][1] for cls in order], np.float32) \
+        .reshape((len(order),) + maps.shape[1:])
 
 
 # ----------------------------------------------------------------------------
@@ -182,26 +186,15 @@ def _class_index(value, names: list[str], num_classes: int) -> int:
                         f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}: use an index or a class name")
 
 
-def _add_top_predictions(top5: dict[str, list], ids: np.ndarray, logits: np.ndarray, k: int = 5) -> None:
+def top_predictions(ids: np.ndarray, logits: np.ndarray, k: int = 5) -> dict[str, np.ndarray]:
+    """predictions/: the model's top-k classes of every image, their logits and probabilities."""
     k = min(k, logits.shape[1])
     classes = np.argsort(-logits, axis=1, kind="stable")[:, :k]
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     probability = shifted / shifted.sum(axis=1, keepdims=True)
-    top5["image"].append(ids.astype(np.int64))
-    top5["class"].append(classes.astype(np.int64))
-    top5["logit"].append(np.take_along_axis(logits, classes, axis=1).astype(np.float32))
-    top5["probability"].append(np.take_along_axis(probability, classes, axis=1).astype(np.float32))
-
-
-def _ensure_run_record(f, cfg, bundle, table: ImageTable, errors: dict[int, str]) -> None:
-    """Write the run attrs and images/ when no earlier stage (scan) did; images this
-    stage did not read are recorded as readable."""
-    from pipeline.store import write_image_table, write_run_attrs
-
-    if "identity" not in f.attrs:
-        write_run_attrs(f, cfg, bundle.name, bundle.preprocessing, bundle.weights_sha256, bundle.imagenet_classes)
-    if "images" not in f:
-        write_image_table(f, table, errors)
+    return {"predictions/image": ids.astype(np.int64), "predictions/class": classes.astype(np.int64),
+            "predictions/logit": np.take_along_axis(logits, classes, axis=1).astype(np.float32),
+            "predictions/probability": np.take_along_axis(probability, classes, axis=1).astype(np.float32)}
 
 
 def original_photo(table: ImageTable, image_id: int) -> np.ndarray | None:
@@ -259,38 +252,6 @@ def crop_box(h: int, w: int, spec) -> tuple[float, float, float, float]:
     return top * h / new_h, left * w / new_w, (top + size) * h / new_h, (left + size) * w / new_w
 
 
-class _Appender:
-    """Datasets that grow by rows as batches arrive (rows chunked for per-image reads)."""
-
-    def __init__(self, group):
-        self.group = group
-
-    def add(self, name: str, rows: np.ndarray, chunk_rows: int | None = None) -> None:
-        rows = np.asarray(rows)
-        if name not in self.group:
-            shape = (0,) + rows.shape[1:]
-            if chunk_rows is None:
-                chunk_rows = max(1, min(1024, (1 << 20) // max(1, rows[0].nbytes if len(rows) else 1)))
-            kwargs = {"compression": "gzip", "shuffle": True} if rows.ndim > 2 else {}
-            self.group.create_dataset(name, shape=shape, maxshape=(None,) + rows.shape[1:], dtype=rows.dtype,
-                                      chunks=(chunk_rows,) + rows.shape[1:], **kwargs)
-        d = self.group[name]
-        n = d.shape[0]
-        d.resize(n + len(rows), axis=0)
-        d[n:] = rows
-
-
-def _accumulate(per_class: dict, maps: np.ndarray, classes: np.ndarray) -> None:
-    """Sum of per-map max-normalised maps and counts, per class (one add per class present)."""
-    from pipeline.draw import unit_scale
-
-    unit = unit_scale(maps)
-    for cls in np.unique(classes):
-        sel = classes == cls
-        total, count = per_class.get(int(cls), (0.0, 0))
-        per_class[int(cls)] = (total + unit[sel].sum(axis=0), count + int(sel.sum()))
-
-
 # ----------------------------------------------------------------------------
 # sheets
 
@@ -299,8 +260,30 @@ def file_slug(method: str) -> str:
     return method.replace("++", "_pp")
 
 
-def draw_sheets(results: Path, out_dir: Path, table: ImageTable, spec, names: list[str], drawn: dict,
-                methods: list[str], alpha: float) -> list[Path]:
+def drawn_maps(part: Path, table: ImageTable, spec, methods: list[str], limit: int, batch_size: int) -> dict:
+    """image id -> its pixels and, per method, (maps, classes, scores) of its targets, for
+    the images below `limit`, read back from the stage's part (a resumed run has them too)."""
+    import h5py
+
+    with h5py.File(part, "r") as f:
+        image = f["cam/image"][()]
+        rows = np.flatnonzero(image < limit)
+        drawn = {int(i): {"maps": {}} for i in np.unique(image[rows])}
+        for m in methods:
+            g = f[f"cam/{m}"]
+            maps = g["map"][rows] if len(rows) else np.zeros((0,) + g["map"].shape[1:], np.float32)
+            classes, scores = g["class"][()][rows], g["score"][()][rows]
+            for image_id in drawn:
+                sel = image[rows] == image_id
+                drawn[image_id]["maps"][m] = (maps[sel], classes[sel], scores[sel])
+    for ids, pixels in BatchStream(table, spec, batch_size, ids=np.asarray(sorted(drawn), np.int64)):
+        for image_id, p in zip(ids, pixels.numpy()):
+            drawn[int(image_id)]["pixels"] = p
+    return {i: item for i, item in drawn.items() if "pixels" in item}
+
+
+def draw_sheets(part: Path, out_dir: Path, table: ImageTable, spec, names: list[str], methods: list[str],
+                alpha: float, limit: int, batch_size: int) -> list[Path]:
     """Overlay pages (photo, then one panel per method; a row per image and target) and
     the per-class mean maps, as PNG files in out_dir."""
     import h5py
@@ -308,6 +291,7 @@ def draw_sheets(results: Path, out_dir: Path, table: ImageTable, spec, names: li
 
     from pipeline import draw
 
+    drawn = drawn_maps(part, table, spec, methods, limit, batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     rows = []
@@ -342,7 +326,7 @@ def draw_sheets(results: Path, out_dir: Path, table: ImageTable, spec, names: li
             ax.set_yticks([])
         fig.suptitle(f"class activation maps, page {page + 1} of {pages}", fontsize=9)
         written.append(draw.save(fig, out_dir / f"overlays_{page:03d}.png"))
-    with h5py.File(results, "r") as f:
+    with h5py.File(part, "r") as f:
         size = int(f["cam"].attrs["input_size"])
         for m in methods:
             if "class_mean" not in f[f"cam/{m}"]:

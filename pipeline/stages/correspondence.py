@@ -22,13 +22,15 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.store import RESULTS_FILE, mark_done, stored_name, transaction, write_image_table
+from pipeline.stages.train import own_snapshots as DEPENDS  # noqa: F401,N812 (read by the runner)
+from pipeline.store import Store, stored_name
 
 logger = logging.getLogger(__name__)
 
 KEYS = ("model", "dataset", "layers", "train", "invariance.layers", "invariance.correspondence_images",
         "invariance.correspondence_class", "invariance.correspondence_parts", "invariance.correspondence_names",
         "invariance.correspondence_random", "invariance.correspondence_fill")
+PART = "correspondence.h5"
 
 FIGURE = Path("sheets") / "correspondence.png"
 
@@ -141,13 +143,10 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     part_scores = scores[:len(parts)]
     random_scores = scores[len(parts):].reshape(len(parts), trials, len(names))
 
-    results = run_dir / RESULTS_FILE
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with transaction(results) as f:
-        if "images" not in f:
-            write_image_table(f, table, errors)
-        if "correspondence" in f:
-            del f["correspondence"]
+    store = Store(run_dir)
+    store.ensure_run(cfg, bundle, table)
+    store.write_images(len(table), errors, replace=False)
+    with store.write(PART) as f:
         g = f.create_group("correspondence")
         g.attrs.update(model=bundle.name, layers=json.dumps(names), parts=json.dumps(part_names),
                        stored_layers=json.dumps([stored_name(n) for n in names]), fill=float(ic.correspondence_fill))
@@ -156,7 +155,6 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         g["random_boxes"] = random.reshape(len(parts), trials, 4).astype(np.int32)
         g["score"] = part_scores
         g["random_score"] = random_scores
-        mark_done(f, "correspondence", stage_print)
     draw_correspondence(part_names, names, part_scores, random_scores, run_dir / FIGURE, len(ids))
     logger.info("correspondence scores in %s", run_dir / FIGURE)
 

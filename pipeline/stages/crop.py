@@ -1,79 +1,120 @@
 """`crop` stage: the receptive-field patch of every top-k (and bottom-k) entry,
-from results.h5 and the data: layers/<layer>/patches and bottom_patches."""
+from results.h5 and the data: layers/<layer>/patches and bottom_patches.
+
+Channels are cut in blocks of at most `checkpoint.block_mb` of patches (peak memory does not
+grow with the channel count); each block is one chunk file, committed as soon as it
+is cut, so a killed crop resumes at the next block.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.crop import cut_patches, patch_size, shrink
+from pipeline.crop import channel_blocks, cut_patches, patch_size, shrink
 from pipeline.datasets import BatchStream, list_images
 from pipeline.errors import PipelineError
 from pipeline.preprocess import Preprocessing
-from pipeline.store import RESULTS_FILE, mark_done, read_strings, replace_dataset, stages_done, transaction
+from pipeline.store import Store, block_bytes, table_digest
+
+logger = logging.getLogger(__name__)
 
 KEYS = ("model", "dataset", "layers", "topk", "crop")
+DEPENDS = ("scan",)
+PART = "crop.h5"
+
+
+@dataclass
+class _Table:
+    """One top-k or bottom-k table of a layer and how its patches are cut."""
+
+    key: str  # stored layer name
+    name: str  # patches | bottom_patches
+    image: np.ndarray  # (C, K)
+    box: np.ndarray
+    y: np.ndarray
+    x: np.ndarray
+    row_offset: np.ndarray
+    col_offset: np.ndarray
+    frame: tuple[int, int]
+    size: tuple[int, int]
 
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
-    results = run_dir / RESULTS_FILE
-    if "scan" not in stages_done(results):
+    store = Store(run_dir)
+    if "scan" not in store.stages_done():
         raise PipelineError(f"no scan results in {run_dir}: run stages=[scan,crop] first")
-    with h5py.File(results, "r") as f:
+    tables: dict[tuple[str, str], _Table] = {}
+    with store.open() as f:
         spec = Preprocessing(**json.loads(f.attrs["preprocessing"]))
-        stored_paths = read_strings(f["images/path"])
-        layers = {}  # (layer, dataset name) -> what cutting its patches needs
-        for key, g in f["layers"].items():
+        digest = str(f.attrs["images_sha256"])
+        for key, g in sorted(f["layers"].items(), key=lambda item: int(item[1].attrs["depth"])):
             frame = tuple(int(v) for v in g["geometry"].attrs["frame"])
-            for table, name in (("topk", "patches"), ("bottomk", "bottom_patches")):
-                if table in g:
-                    layers[key, name] = dict(
-                        image=g[f"{table}/image"][()], box=g[f"{table}/box"][()],
-                        y=g[f"{table}/y"][()], x=g[f"{table}/x"][()],
-                        row_offset=g["geometry/row_offset"][()], col_offset=g["geometry/col_offset"][()],
-                        frame=frame, size=patch_size(frame, cfg.crop.max_size))
+            for group, name in (("topk", "patches"), ("bottomk", "bottom_patches")):
+                if group in g:
+                    tables[key, name] = _Table(
+                        key, name, g[f"{group}/image"][()], g[f"{group}/box"][()], g[f"{group}/y"][()],
+                        g[f"{group}/x"][()], g["geometry/row_offset"][()], g["geometry/col_offset"][()],
+                        frame, patch_size(frame, cfg.crop.max_size))
     table = list_images(cfg.dataset)
-    if table.paths != stored_paths:
+    if table_digest(table) != digest:
         raise PipelineError(f"the dataset changed since the scan of {run_dir}: "
                             f"crop with the same dataset, or scan again in a new hydra.run.dir")
-    for info in layers.values():
-        c, k = info["image"].shape
-        info["patches"] = np.zeros((c, k) + info["size"] + (spec.channels,), np.uint8)
-    needed = np.unique(np.concatenate([v["image"].ravel() for v in layers.values()]))
-    needed = needed[needed >= 0]
-    stream = BatchStream(table, spec, cfg.batch_size, ids=needed)
-    with tqdm(total=len(needed), desc="crop", unit="img") as bar:
-        for ids, pixels in stream:
-            images = pixels.numpy()
-            for info in layers.values():
-                _cut_layer(info, ids, images)
-            bar.update(len(ids))
-    with transaction(results) as f:
-        for (key, name), info in layers.items():
-            g = f[f"layers/{key}"]
-            c, k, h, w, ch = info["patches"].shape
-            replace_dataset(g, name, info["patches"], chunks=(1, k, h, w, ch), compression="gzip", compression_opts=4)
-            g[name].attrs.update(frame=np.asarray(info["frame"], np.int64), scale=h / info["frame"][0])
-        mark_done(f, "crop", stage_print)
+    budget = block_bytes(cfg.checkpoint)
+    work = store.work("crop", stage_print, cfg.overwrite, block_bytes=budget)  # the blocks are numbered
+    order = list(tables)
+    per_channel = [int(np.prod(t.image.shape[1:])) * t.size[0] * t.size[1] * spec.channels
+                   for t in tables.values()]
+    blocks = channel_blocks([(i, t.image.shape[0], b) for i, (t, b) in enumerate(zip(tables.values(), per_channel))],
+                            budget)
+    done = set(work.chunks())
+    todo = [(n, pieces) for n, pieces in enumerate(blocks) if work.chunk_name(n) not in done]
+    if len(todo) < len(blocks):
+        logger.info("crop: resuming, %d of %d blocks already cut", len(blocks) - len(todo), len(blocks))
+    needed = {n: _needed([tables[order[i]].image[c0:c1] for i, c0, c1 in pieces]) for n, pieces in todo}
+    with tqdm(total=sum(len(v) for v in needed.values()), desc="crop", unit="img") as bar:
+        for n, pieces in todo:
+            cut = [(tables[order[i]], c0, c1) for i, c0, c1 in pieces]
+            patches = [np.zeros((c1 - c0, t.image.shape[1]) + t.size + (spec.channels,), np.uint8)
+                       for t, c0, c1 in cut]
+            for ids, pixels in BatchStream(table, spec, cfg.batch_size, ids=needed[n]):
+                images = pixels.numpy()
+                for (t, c0, c1), out in zip(cut, patches):
+                    _cut_block(t, c0, c1, out, ids, images)
+                bar.update(len(ids))
+            with work.write(work.chunk_name(n)) as f:
+                for (t, _, _), out in zip(cut, patches):
+                    c, k, h, w, ch = out.shape
+                    d = f.create_dataset(f"layers/{t.key}/{t.name}", data=out, chunks=(1, k, h, w, ch),
+                                         compression="gzip", compression_opts=4)
+                    d.attrs.update(frame=np.asarray(t.frame, np.int64), scale=h / t.frame[0])
+    with store.write(PART) as f:
+        work.assemble(f)
 
 
-def _cut_layer(info: dict, batch_ids: np.ndarray, images: np.ndarray) -> None:
-    """Fill the patches of every top-k entry whose image is in this batch."""
-    hit = np.isin(info["image"], batch_ids)
+def _needed(images: list[np.ndarray]) -> np.ndarray:
+    ids = np.unique(np.concatenate([a.ravel() for a in images]))
+    return ids[ids >= 0]
+
+
+def _cut_block(t: _Table, c0: int, c1: int, out: np.ndarray, batch_ids: np.ndarray, images: np.ndarray) -> None:
+    """Fill the patches of channels c0:c1 whose image is in this batch."""
+    hit = np.isin(t.image[c0:c1], batch_ids)
     if not hit.any():
         return
     ch, slot = np.nonzero(hit)
+    ch += c0
     order = np.argsort(batch_ids)
-    which = order[np.searchsorted(batch_ids[order], info["image"][ch, slot])]
-    boxes = info["box"][ch, slot]
-    offsets = np.stack([info["row_offset"][info["y"][ch, slot]],
-                        info["col_offset"][info["x"][ch, slot]]], axis=1)
+    which = order[np.searchsorted(batch_ids[order], t.image[ch, slot])]
+    boxes = t.box[ch, slot]
+    offsets = np.stack([t.row_offset[t.y[ch, slot]], t.col_offset[t.x[ch, slot]]], axis=1)
     # many channels win at the same (image, location): cut and shrink each once
     keys = np.concatenate([which[:, None], boxes, offsets], axis=1)
     unique, inverse = np.unique(keys, axis=0, return_inverse=True)
-    patches = cut_patches(images, unique[:, 0], unique[:, 1:5], unique[:, 5:7], info["frame"])
-    info["patches"][ch, slot] = shrink(patches, info["size"])[inverse.ravel()]
+    patches = cut_patches(images, unique[:, 0], unique[:, 1:5], unique[:, 5:7], t.frame)
+    out[ch - c0, slot] = shrink(patches, t.size)[inverse.ravel()]

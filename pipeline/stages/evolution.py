@@ -24,11 +24,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.store import RESULTS_FILE, mark_done, replace_dataset, stored_name, transaction, write_image_table
+from pipeline.stages.train import own_snapshots as DEPENDS  # noqa: F401,N812 (read by the runner)
+from pipeline.store import Store, stored_name
 
 logger = logging.getLogger(__name__)
 
 KEYS = ("model", "dataset", "layers", "topk", "crop", "train", "evolution")
+PART = "evolution.h5"
 
 SHEET_DIR = Path("sheets") / "evolution"
 CHANGE_FIGURE = "topk_change.png"
@@ -191,8 +193,9 @@ class _Layer:
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline import train as T
-    from pipeline.datasets import list_images
+    from pipeline.datasets import BatchStream, list_images
     from pipeline.geometry import layer_geometry
+    from pipeline.stages.scan import STATE, scan_images
     from pipeline.layers import select_layers
     from pipeline.scan import Scanner
 
@@ -219,12 +222,12 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     chosen = {name: choose_channels(wanted, shape[-1]) for name, shape in zip(names, shapes)}
     logger.info("evolution: scanning %d images through %d layers of %d snapshots (epochs %s) of %s",
                 count, len(names), len(epochs), epochs, source)
-    stream = T.PixelBatches(table, spec, cfg.batch_size, ids=ids)
-    with tqdm(total=count, desc=f"evolution scan x{len(epochs)} snapshots", unit="img") as bar:
-        for batch_ids, pixels in stream:
-            scanner.update(pixels, batch_ids)
-            bar.update(len(batch_ids))
-        bar.update(len(stream.errors))
+    store = Store(run_dir)
+    store.ensure_run(cfg, first, table)
+    work = store.work("evolution", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
+    state = work.path / STATE  # kept until the sheets are drawn: a rerun after a kill skips the scan
+    errors = scan_images(scanner, table, spec, cfg.batch_size, ids, state, cfg.checkpoint,
+                         f"evolution scan x{len(epochs)} snapshots")
     tables = scanner.results()  # snapshot-major: [e * L + l] -> (TopK, ChannelStats)
     n = len(names)
     layers = [_Layer(name, geo, shape, tables[i::n], cfg.topk, cfg.crop.max_size)
@@ -232,7 +235,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
 
     needed = np.unique(np.concatenate([layer.image.ravel() for layer in layers]))
     needed = needed[needed >= 0]
-    crop_stream = T.PixelBatches(table, spec, cfg.batch_size, ids=needed)
+    crop_stream = BatchStream(table, spec, cfg.batch_size, ids=needed)
     with tqdm(total=len(needed), desc="evolution patches", unit="img") as bar:
         for batch_ids, pixels in crop_stream:
             images = pixels.numpy()
@@ -244,13 +247,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
 
     changes = {layer.name: topk_change(layer.image) for layer in layers}
 
-    results = run_dir / RESULTS_FILE
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with transaction(results) as f:
-        if "images" not in f:
-            write_image_table(f, table, stream.errors)
-        if "evolution" in f:
-            del f["evolution"]
+    store.write_images(len(table), errors, replace=False)
+    with store.write(PART) as f:
         g = f.create_group("evolution")
         g["epochs"] = np.asarray(epochs, np.int64)
         g.attrs.update(source=str(source), images=count, k=int(cfg.topk),
@@ -258,7 +256,6 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         for depth, layer in enumerate(layers):
             _write_layer(g.create_group(stored_name(layer.name)), layer, depth, changes[layer.name],
                          chosen[layer.name])
-        mark_done(f, "evolution", stage_print)
 
     p = max(1, min(int(ec.patches), int(cfg.topk)))
     for layer in layers:
@@ -271,6 +268,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         Image.fromarray(sheet).save(path, format="PNG", compress_level=1, dpi=(150, 150))
     if len(epochs) > 1:
         draw_change(epochs, changes, run_dir / SHEET_DIR / CHANGE_FIGURE, count, int(cfg.topk))
+    state.unlink(missing_ok=True)
     logger.info("evolution sheets in %s", run_dir / SHEET_DIR)
 
 
@@ -310,6 +308,6 @@ def _write_layer(g, layer: _Layer, depth: int, change: np.ndarray, channels: np.
     geo["row_offset"], geo["col_offset"] = layer.geo.row_offset, layer.geo.col_offset
     geo.attrs["frame"] = np.asarray(layer.geo.frame, np.int64)
     e, c, k, h, w, ch = layer.patches.shape
-    replace_dataset(g, "patches", layer.patches, chunks=(1, 1, k, h, w, ch), compression="gzip",
-                    compression_opts=4)
+    g.create_dataset("patches", data=layer.patches, chunks=(1, 1, k, h, w, ch), compression="gzip",
+                     compression_opts=4)
     g["patches"].attrs.update(frame=np.asarray(layer.geo.frame, np.int64), scale=h / layer.geo.frame[0])

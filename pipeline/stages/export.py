@@ -25,9 +25,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.draw import panel_to_uint8
-from pipeline.errors import PipelineError
 from pipeline.stages.filters import export_regularized_opt
-from pipeline.store import RESULTS_FILE, read_strings
+from pipeline.store import Store, read_strings
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +79,7 @@ def export_layer(f: h5py.File, key: str, out_dir: Path, paths: list[str], labels
 
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
-    results = Path(run_dir) / RESULTS_FILE
-    if not results.exists():
-        raise PipelineError(f"no results.h5 in {run_dir}: run the scan stage first")
+    results = Store(run_dir).require("stages=[scan,crop,export]")
     out_dir = Path(run_dir) / "toolbox"
     written = 0
     with h5py.File(results, "r") as f:

@@ -28,17 +28,17 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.store import (RESULTS_FILE, mark_done, read_strings, replace_dataset, stored_name, transaction,
-                            write_run_attrs, write_strings)
+from pipeline.store import Store, read_strings, stored_name, write_strings
 
 logger = logging.getLogger(__name__)
 
 # the config keys whose values decide this stage's results
 KEYS = ("model", "layers", "filters")
+PART = "filters.h5"
 
 WEIGHT_MODES = ("selected", "all", "none")
 UPSCALE_MODES = ("auto", "tile", "resize")
-BLOCK = 128  # channels per checkpoint
+BLOCK_BATCHES = 8  # optimisation batches per chunk file (a killed run resumes after the last one)
 KERNEL_TABLE = "kernel_table"
 SHEETS_DIR = ("sheets", "filters")
 TOOLBOX_DIR = "toolbox"
@@ -140,15 +140,13 @@ def _write_weights(f: h5py.File, model, names: list[str]) -> None:
         main = np.asarray(getattr(layer, variables[0]).numpy(), np.float32)
         if isinstance(layer, keras.layers.Conv2DTranspose):  # Keras holds (kh, kw, out, in)
             main = main.transpose(0, 1, 3, 2)
-        replace_dataset(g, "weights", main, compression="gzip", shuffle=True)
+        g.create_dataset("weights", data=main, compression="gzip", shuffle=True)
         if len(variables) > 1:
-            replace_dataset(g, "pointwise", np.asarray(getattr(layer, variables[1]).numpy(), np.float32),
-                            compression="gzip", shuffle=True)
+            g.create_dataset("pointwise", data=np.asarray(getattr(layer, variables[1]).numpy(), np.float32),
+                             compression="gzip", shuffle=True)
         bias = getattr(layer, "bias", None)
         if bias is not None:
-            replace_dataset(g, "bias", np.asarray(bias.numpy(), np.float32))
-        elif "bias" in g:
-            del g["bias"]
+            g["bias"] = np.asarray(bias.numpy(), np.float32)
         g.attrs.update(name=name, kind=type(layer).__name__,
                        kernel_shape=np.asarray(main.shape, np.int64))
 
@@ -274,73 +272,44 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     logger.info("convolution kernels of %s:\n%s", bundle.name, kernel_table_text(kernels))
     weight_layers = _weight_layers(fc.weights, model, kernels, [j.layer for j in jobs])
 
-    results = run_dir / RESULTS_FILE
-    run_dir.mkdir(parents=True, exist_ok=True)
-    size = spec.input_size
-    with transaction(results) as f:
-        _write_run_attrs(f, cfg, bundle)
-        _clear_stale(f, stage_print)
+    store = Store(run_dir)
+    store.ensure_run(cfg, bundle)
+    work = store.work("filters", stage_print, cfg.overwrite)
+    block = BLOCK_BATCHES * int(fc.batch)  # a pattern depends on its (seed, channel) only, not on its block
+    blocks = [(job, np.arange(start, min(start + block, len(job.targets))))
+              for job in jobs for start in range(0, len(job.targets), block)]
+    done = set(work.chunks())
+    todo = [(n, job, rows) for n, (job, rows) in enumerate(blocks) if work.chunk_name(n) not in done]
+    total = sum(len(rows) for _, _, rows in todo) * int(fc.seeds)
+    logger.info("filter patterns: %d image(s) over %d layer(s), %s, %d steps%s", total, len(jobs),
+                recipe.method, recipe.steps,
+                f" (resuming: {len(blocks) - len(todo)} of {len(blocks)} blocks done)" if len(todo) < len(blocks)
+                else "")
+    with tqdm(total=total // int(fc.seeds), desc="patterns", unit="ch") as bar:
+        for number, job, rows in todo:
+            bar.set_postfix_str(job.layer)
+            result = filter_patterns(model, spec, job.layer, job.targets[rows], objective=fc.objective,
+                                     recipe=recipe, repeats=int(fc.seeds), batch=int(fc.batch),
+                                     head=job.head, progress=bar)
+            with work.write(work.chunk_name(number)) as f:
+                _write_block(f, job, rows, result, fc.objective)
+
+    with store.write(PART) as f:
+        work.assemble(f)
         root = f.require_group("filters")
         root.attrs.update(objective=fc.objective, method=recipe.method, steps=recipe.steps,
-                          size=recipe.size or size, lr=recipe.learning_rate, seed=recipe.seed,
+                          size=recipe.size or spec.input_size, lr=recipe.learning_rate, seed=recipe.seed,
                           seeds=int(fc.seeds), transforms=recipe.transforms and recipe.method == "fourier",
                           upscale=recipe.upscale, normalize=spec.normalize)
         _write_kernel_table(root, kernels)
         _write_weights(f, model, weight_layers)
-        for job in jobs:
-            _prepare_layer(f, job, stage_print, fc, size)
-
-    total = sum(len(j.targets) for j in jobs) * int(fc.seeds)
-    logger.info("filter patterns: %d image(s) over %d layer(s), %s, %d steps", total, len(jobs),
-                recipe.method, recipe.steps)
-    for job in jobs:
-        with h5py.File(results, "r") as f:
-            computed = f[f"filters/{job.key}/computed"][()]
-        todo = np.flatnonzero(~computed)
-        if todo.size == 0:
-            logger.info("%s: patterns already computed, kept", job.layer)
-            continue
-        bar = tqdm(total=int(todo.size), desc=f"patterns {job.layer}", unit="ch")
-        for start in range(0, todo.size, BLOCK):
-            rows = todo[start:start + BLOCK]
-            result = filter_patterns(model, spec, job.layer, job.targets[rows], objective=fc.objective,
-                                     recipe=recipe, repeats=int(fc.seeds), batch=int(fc.batch),
-                                     head=job.head, progress=bar)
-            with transaction(results) as f:
-                _write_block(f[f"filters/{job.key}"], rows, result, int(fc.seeds))
-        bar.close()
-
-    with transaction(results) as f:
-        mark_done(f, "filters", stage_print)
-    render_filter_sheets(results, run_dir.joinpath(*SHEETS_DIR))
+    part = store.parts / PART
+    render_filter_sheets(part, run_dir.joinpath(*SHEETS_DIR), bgr=spec.normalize == "caffe")
     if fc.toolbox:
-        export_regularized_opt(results, run_dir / TOOLBOX_DIR)
-
-
-def _write_run_attrs(f: h5py.File, cfg, bundle) -> None:
-    """The root attributes the scan writes, for a results.h5 this stage creates."""
-    if "model" not in f.attrs:
-        write_run_attrs(f, cfg, bundle.name, bundle.preprocessing, bundle.weights_sha256, bundle.imagenet_classes)
-
-
-def _clear_stale(f: h5py.File, stage_print: str) -> None:
-    """Drop everything under filters/ except pattern blocks of this very config (resume)."""
-    if "filters" not in f:
-        return
-    root = f["filters"]
-    for name in list(root):
-        g = root[name]
-        if isinstance(g, h5py.Group) and g.attrs.get("fingerprint", "") == stage_print and "patterns" in g:
-            for key in ("weights", "pointwise", "bias"):
-                if key in g:
-                    del g[key]
-            continue
-        del root[name]
+        export_regularized_opt(part, run_dir / TOOLBOX_DIR)
 
 
 def _write_kernel_table(root: h5py.Group, kernels: list[Kernel]) -> None:
-    if KERNEL_TABLE in root:
-        del root[KERNEL_TABLE]
     t = root.create_group(KERNEL_TABLE)
     write_strings(t, "layer", [k.layer for k in kernels])
     write_strings(t, "kind", [k.kind for k in kernels])
@@ -351,51 +320,26 @@ def _write_kernel_table(root: h5py.Group, kernels: list[Kernel]) -> None:
     t["shape"] = shapes
 
 
-def _prepare_layer(f: h5py.File, job: Job, stage_print: str, fc, size: int) -> None:
-    g = f.require_group(f"filters/{job.key}")
-    n, seeds = len(job.targets), int(fc.seeds)
-    if g.attrs.get("fingerprint", "") == stage_print and "patterns" in g:
-        return  # resuming: keep what is there
-    for key in ("patterns", "value", "channels", "computed", "pattern_seeds", "seed_values", "final_score"):
-        if key in g:
-            del g[key]
+def _write_block(f: h5py.File, job: Job, rows: np.ndarray, result, objective: str) -> None:
+    """One block of a layer's patterns: the best seed's image, its value and final score
+    per channel (and every seed's, with filters.seeds > 1)."""
+    g = f.create_group(f"filters/{job.key}")
     g.attrs.update(name=job.name or job.layer, objective_layer=job.read or job.layer, channels_total=job.total,
-                   objective=fc.objective, fingerprint=stage_print)
+                   objective=objective, optimised_size=int(result.optimised_size))
     if job.labels:
         g.attrs["class_names"] = json.dumps(list(job.labels))
-    g["channels"] = job.targets
-    g["computed"] = np.zeros(n, bool)
-    g.create_dataset("patterns", (n, size, size, 3), np.uint8, chunks=(1, size, size, 3),
-                     compression="gzip", shuffle=True)
-    g.create_dataset("value", data=np.full(n, np.nan, np.float32))
-    g.create_dataset("final_score", data=np.full(n, np.nan, np.float32))
-    if seeds > 1:
-        g.create_dataset("pattern_seeds", (n, seeds, size, size, 3), np.uint8, chunks=(1, 1, size, size, 3),
-                         compression="gzip", shuffle=True)
-        g.create_dataset("seed_values", data=np.full((n, seeds), np.nan, np.float32))
-
-
-def _write_block(g: h5py.Group, rows: np.ndarray, result, seeds: int) -> None:
-    best = result.best
-    idx = np.arange(len(rows))
-    for i, row in enumerate(rows):  # one chunk per channel; rows are ascending
-        g["patterns"][row] = result.images[i, best[i]]
-        if seeds > 1:
-            g["pattern_seeds"][row] = result.images[i]
-    value = g["value"][()]
-    value[rows] = result.values[idx, best]
-    g["value"][...] = value
-    final = g["final_score"][()]
-    final[rows] = result.final_scores[idx, best]
-    g["final_score"][...] = final
-    if seeds > 1:
-        seed_values = g["seed_values"][()]
-        seed_values[rows] = result.values
-        g["seed_values"][...] = seed_values
-    computed = g["computed"][()]
-    computed[rows] = True
-    g["computed"][...] = computed
-    g.attrs["optimised_size"] = int(result.optimised_size)
+    best, idx = result.best, np.arange(len(rows))
+    size = result.images.shape[2]
+    g["channels"] = job.targets[rows]
+    g["computed"] = np.ones(len(rows), bool)
+    g.create_dataset("patterns", data=result.images[idx, best], chunks=(1, size, size, 3), compression="gzip",
+                     shuffle=True)
+    g["value"] = result.values[idx, best].astype(np.float32)
+    g["final_score"] = result.final_scores[idx, best].astype(np.float32)
+    if result.images.shape[1] > 1:
+        g.create_dataset("pattern_seeds", data=result.images, chunks=(1, 1, size, size, 3), compression="gzip",
+                         shuffle=True)
+        g["seed_values"] = result.values.astype(np.float32)
 
 
 # --------------------------------------------------------------------------- drawing (from results.h5 only)
@@ -634,8 +578,9 @@ def pattern_sheet(g: h5py.Group, attrs) -> np.ndarray:
     return draw_labels(canvas, text)
 
 
-def render_filter_sheets(results_path: Path, out_dir: Path) -> list[Path]:
-    """Weight sheets, the kernel table and one pattern sheet per layer, from results.h5 only."""
+def render_filter_sheets(results_path: Path, out_dir: Path, bgr: bool | None = None) -> list[Path]:
+    """Weight sheets, the kernel table and one pattern sheet per layer, from results.h5
+    (or the stage's part; `bgr`: caffe-ordered first-layer kernels, default from the attrs)."""
     from PIL import Image
 
     out_dir = Path(out_dir)
@@ -656,8 +601,8 @@ def render_filter_sheets(results_path: Path, out_dir: Path) -> list[Path]:
             first = kernels[0].layer if kernels else None
         else:
             first = None
-        preprocessing = json.loads(_as_str(f.attrs.get("preprocessing", "{}")))
-        bgr = preprocessing.get("normalize") == "caffe"
+        if bgr is None:
+            bgr = json.loads(_as_str(f.attrs.get("preprocessing", "{}"))).get("normalize") == "caffe"
         groups = [(k, g) for k, g in root.items() if isinstance(g, h5py.Group) and k != KERNEL_TABLE]
         for key, g in tqdm(groups, desc="filter sheets", unit="layer"):
             if "weights" in g:

@@ -23,12 +23,14 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.store import RESULTS_FILE, mark_done, replace_dataset, stored_name, transaction, write_image_table
+from pipeline.stages.train import own_snapshots as DEPENDS  # noqa: F401,N812 (read by the runner)
+from pipeline.store import Store, stored_name
 
 logger = logging.getLogger(__name__)
 
 KEYS = ("model", "dataset", "layers", "train", "invariance.images", "invariance.layers", "invariance.translation",
         "invariance.rotation", "invariance.scale", "invariance.steps", "invariance.fill", "invariance.target")
+PART = "invariance.h5"
 
 FIGURE = Path("sheets") / "invariance.png"
 KINDS = ("translation", "rotation", "scale")
@@ -221,8 +223,6 @@ def _model(cfg, run_dir: Path):
 
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
-    import h5py
-
     from pipeline import train as T
     from pipeline.datasets import list_images
     from pipeline.layers import select_layers
@@ -238,11 +238,11 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     else:
         names = default_layers(model, select_layers(model, cfg.layers))
     table = list_images(cfg.dataset)
-    results = run_dir / RESULTS_FILE
+    store = Store(run_dir)
     candidates = np.arange(len(table), dtype=np.int64)
-    if results.exists():
-        with h5py.File(results, "r") as f:
-            if "train/val_ids" in f and len(f["train/val_ids"]):
+    if "train" in store.stages_done():
+        with store.open() as f:
+            if len(f["train/val_ids"]):
                 candidates = f["train/val_ids"][()]  # held-out images, never trained on
     wanted = choose_images(list(ic.images) if _is_seq(ic.images) else ic.images, table.labels, candidates)
     ids, pixels, errors = T.load_pixels(table, spec, np.sort(wanted), batch_size=cfg.batch_size,
@@ -274,12 +274,9 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     curves = invariance_curves(model, names, spec, pixels, targets, {k: grids[k][0] for k in KINDS}, ic.fill,
                                cfg.batch_size)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with transaction(results) as f:
-        if "images" not in f:
-            write_image_table(f, table, errors)
-        if "invariance" in f:
-            del f["invariance"]
+    store.ensure_run(cfg, bundle, table)
+    store.write_images(len(table), errors, replace=False)
+    with store.write(PART) as f:
         g = f.create_group("invariance")
         g.attrs.update(model=bundle.name, layers=json.dumps(names), fill=ic.fill,
                        units=json.dumps(dict(translation="fraction of the input side (down is positive)",
@@ -298,9 +295,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                 if stored_name(name) not in norms:
                     norms[stored_name(name)] = norm[name]
             k["probability"], k["predicted"] = probability, predicted
-            replace_dataset(k, "pixels", shown, compression="gzip", compression_opts=4,
-                            chunks=(1, 1) + shown.shape[2:])
-        mark_done(f, "invariance", stage_print)
+            k.create_dataset("pixels", data=shown, compression="gzip", compression_opts=4,
+                             chunks=(1, 1) + shown.shape[2:])
     draw_invariance(curves, grids, names, ids, targets, target_is_label, class_names, run_dir / FIGURE,
                     bundle.name)
     logger.info("invariance curves in %s", run_dir / FIGURE)

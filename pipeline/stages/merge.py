@@ -12,99 +12,110 @@ import json
 import logging
 from pathlib import Path
 
-import h5py
 import numpy as np
 from omegaconf import OmegaConf
 
 from pipeline.errors import PipelineError
-from pipeline.geometry import interval_boxes
-from pipeline.spectrum import sketch_quantiles
 from pipeline.stages import scan
-from pipeline.store import (IDENTITY_KEYS, RESULTS_FILE, fingerprint, mark_done, read_strings, replace_dataset,
-                            stages_done, transaction, write_strings)
-from pipeline.topk import TopK, merge_topk
+from pipeline.store import IDENTITY_KEYS, IMAGES_PART, RUN_PART, Store, fingerprint, open_h5, read_strings
+from pipeline.topk import ChannelStats, TopK, merge_topk
 
 logger = logging.getLogger(__name__)
 
 KEYS = ("model", "dataset", "layers", "topk", "scan.bottomk", "merge")
 
 
-def shard_results(patterns) -> list[Path]:
-    """results.h5 of every run directory named (or matched by a glob) in `patterns`."""
+def shard_stores(patterns) -> list[Store]:
+    """The run directories named (or matched by a glob) in `patterns`, each with a finished scan."""
     found = []
     for pattern in patterns:
         pattern = str(Path(str(pattern)).expanduser())
         if glob.has_magic(pattern):  # a glob picks the run directories among what it matches
-            found.extend(Path(d) / RESULTS_FILE for d in sorted(glob.glob(pattern))
-                         if (Path(d) / RESULTS_FILE).exists())
+            found.extend(Store(Path(d)) for d in sorted(glob.glob(pattern)) if Store(Path(d)).is_run_dir())
         else:
-            found.append(Path(pattern) / RESULTS_FILE)
+            found.append(Store(Path(pattern)))
     if not found:
         raise PipelineError("merge.inputs is empty: pass merge.inputs=[DIR,...] with the shard run directories")
-    for path in found:
-        if "scan" not in stages_done(path):
-            raise PipelineError(f"{path.parent} holds no finished scan: run or resume that shard first")
+    for shard in found:
+        if "scan" not in shard.stages_done():
+            raise PipelineError(f"{shard.run_dir} holds no finished scan: run or resume that shard first")
     return found
 
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
-    inputs = shard_results(cfg.merge.inputs)
-    with h5py.File(inputs[0], "r") as first:
-        paths = read_strings(first["images/path"])
-        layer_keys = sorted(first["layers"], key=lambda k: first[f"layers/{k}"].attrs["depth"])
-    scanned = np.zeros(len(paths), bool)
-    ok = np.zeros(len(paths), bool)
-    errors = np.full(len(paths), "", dtype=object)
+    store = Store(run_dir)
+    shards = shard_stores(cfg.merge.inputs)
+    if any(s.run_dir.resolve() == store.run_dir.resolve() for s in shards):
+        raise PipelineError(f"merge.inputs names the merge's own run directory {run_dir}: merge into a new one")
+    reference = _check_compatible(shards, cfg)
+    n_images = reference["n_images"]
+    scanned = np.zeros(n_images, bool)
+    errors: dict[int, str] = {}
     merged: dict[str, dict] = {}
-    for path in inputs:
-        with h5py.File(path, "r") as f:
-            _check_compatible(f, path, paths, layer_keys, inputs[0])
+    layer_keys: list[str] = []
+    for shard in shards:
+        with open_h5(shard.parts / IMAGES_PART, "part file") as f:
             mine = f["images/scanned"][()]
-            if (scanned & mine).any():
-                raise PipelineError(f"{path.parent} scanned images another input scanned too: "
-                                    f"merge each shard once")
-            scanned |= mine
-            ok[mine] = f["images/ok"][()][mine]
-            errors[mine] = np.asarray(read_strings(f["images/error"]), dtype=object)[mine]
+        if (scanned & mine).any():
+            raise PipelineError(f"{shard.run_dir} scanned images another input scanned too: merge each shard once")
+        scanned |= mine
+        with open_h5(shard.parts / scan.PART, "part file") as f:
+            errors.update(zip(f["scan_errors/image"][()].tolist(), read_strings(f["scan_errors/reason"])))
+            keys = sorted(f["layers"], key=lambda k: f[f"layers/{k}"].attrs["depth"])
+            if not layer_keys:
+                layer_keys = keys
             for key in layer_keys:
                 _accumulate(merged.setdefault(key, {}), f[f"layers/{key}"])
     missing = int((~scanned).sum())
     if missing:
-        logger.warning("the merged shards leave %d of %d images unscanned", missing, len(paths))
+        logger.warning("the merged shards leave %d of %d images unscanned", missing, n_images)
 
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    with transaction(Path(run_dir) / RESULTS_FILE) as f:
-        with h5py.File(inputs[0], "r") as src:
-            for key, value in src.attrs.items():
-                if key not in ("stages_done", "scan_progress"):
-                    f.attrs[key] = value
-            for name in ("images", "layers"):
-                if name in f:
-                    del f[name]
-            src.copy(src["images"], f, "images")
-            for key in layer_keys:  # attrs and geometry of each layer; tables below
-                g = f.create_group(f"layers/{key}")
-                g.attrs.update(dict(src[f"layers/{key}"].attrs))
-                src.copy(src[f"layers/{key}/geometry"], g, "geometry")
-        f.attrs.update(config=OmegaConf.to_yaml(cfg, resolve=True), identity=fingerprint(cfg, IDENTITY_KEYS),
-                       shard_count=1, shard_index=0, merged_from=json.dumps([str(p.parent) for p in inputs]))
-        replace_dataset(f["images"], "scanned", scanned)
-        replace_dataset(f["images"], "ok", ok)
-        write_strings(f["images"], "error", errors)
-        for key in layer_keys:
-            _write_layer(f[f"layers/{key}"], merged[key])
-        mark_done(f, "scan", fingerprint(cfg, scan.KEYS), invalidates=("crop", "panels"))
-        mark_done(f, "merge", stage_print)
-    logger.info("merged %d shard scans: %d images scanned, %d unreadable", len(inputs), int(scanned.sum()),
-                int((scanned & ~ok).sum()))
+    scan_print = fingerprint(cfg, scan.KEYS)
+    store.begin("scan", recompute=True)  # what was built on an earlier scan here goes
+    store.copy_part(shards[0].parts / RUN_PART, RUN_PART, config=OmegaConf.to_yaml(cfg, resolve=True),
+                    identity=fingerprint(cfg, IDENTITY_KEYS))
+    store.write_images(n_images, errors, scanned)
+    with store.write(scan.PART) as f, open_h5(shards[0].parts / scan.PART, "part file") as first:
+        f.attrs.update(_stage_print=scan_print, shard_count=1, shard_index=0,
+                       scan_config=fingerprint(cfg, scan.SHARED_KEYS),
+                       merged_from=json.dumps([str(s.run_dir) for s in shards]))
+        scan.write_errors(f, errors)
+        for key in layer_keys:  # attrs and geometry of each layer from the first shard; tables merged
+            g = f.create_group(f"layers/{key}")
+            g.attrs.update(dict(first[f"layers/{key}"].attrs))
+            first.copy(first[f"layers/{key}/geometry"], g, "geometry")
+            _write_layer(g, merged[key])
+    store.finish("scan", scan_print)
+    logger.info("merged %d shard scans: %d images scanned, %d unreadable", len(shards), int(scanned.sum()),
+                len(errors))
 
 
-def _check_compatible(f, path: Path, paths: list[str], layer_keys: list[str], first: Path) -> None:
-    if read_strings(f["images/path"]) != paths:
-        raise PipelineError(f"{path.parent} scanned another dataset than {first.parent}: merge shards of one dataset")
-    keys = sorted(f["layers"], key=lambda k: f[f"layers/{k}"].attrs["depth"])
-    if keys != layer_keys:
-        raise PipelineError(f"{path.parent} scanned other layers than {first.parent}: merge shards of one config")
+def _check_compatible(shards: list[Store], cfg) -> dict:
+    """Every shard scanned this merge's model (same weights), dataset (same image list) and
+    layers, topk and bottomk; a mismatch names the shard."""
+    identity, expected = fingerprint(cfg, IDENTITY_KEYS), fingerprint(cfg, scan.SHARED_KEYS)
+    reference = None
+    for shard in shards:
+        with open_h5(shard.parts / RUN_PART, "part file") as f:
+            facts = dict(identity=str(f.attrs["identity"]), weights=str(f.attrs.get("weights_sha256", "")),
+                         images=str(f.attrs["images_sha256"]), n_images=len(f["images/path"]))
+        with open_h5(shard.parts / scan.PART, "part file") as f:
+            facts["scan"] = str(f.attrs["scan_config"])
+            facts["shards"] = int(f.attrs["shard_count"])
+        if facts["identity"] != identity:
+            raise PipelineError(f"shard {shard.run_dir} scanned another model or dataset than this merge's "
+                                f"config: merge with the model=... and dataset=... the shards ran with")
+        if facts["scan"] != expected:
+            raise PipelineError(f"shard {shard.run_dir} scanned other layers, topk or scan.bottomk than this "
+                                f"merge's config: merge with the layers, topk and scan.bottomk of the shards")
+        if reference is None:
+            reference = dict(facts, run_dir=shard.run_dir)
+        for key, what in (("weights", "model weights (sha256)"), ("images", "image list"),
+                          ("shards", "shard.count")):
+            if facts[key] != reference[key]:
+                raise PipelineError(f"shard {shard.run_dir} has another {what} than {reference['run_dir']}: "
+                                    f"merge shards of one scan")
+    return reference
 
 
 def _read_table(g) -> TopK:
@@ -119,33 +130,16 @@ def _accumulate(acc: dict, g) -> None:
         b.value = -b.value
         acc["bottomk"] = merge_topk(acc["bottomk"], b) if "bottomk" in acc else b
     s = g["stats"]
-    for key in ("total", "zeros", "spectrum"):
-        acc[key] = acc.get(key, 0) + s[key][()]
-    acc["max"] = np.maximum(acc.get("max", -np.inf), s["max"][()])
-    acc["positions"] = acc.get("positions", 0) + int(s.attrs["positions"])
-    acc["stats_attrs"] = dict(s.attrs)
+    stats = ChannelStats(s["total"][()], s["zeros"][()], s["max"][()], int(s.attrs["positions"]))
+    acc["stats"] = acc["stats"].merged(stats) if "stats" in acc else stats
+    acc["spectrum"] = acc.get("spectrum", 0) + s["spectrum"][()]
 
 
 def _write_layer(g, acc: dict) -> None:
     rows, cols = g["geometry/rows"][()], g["geometry/cols"][()]
-    tables = [("topk", acc["topk"])]
+    scan.write_table(g, "topk", acc["topk"], rows, cols)
     if "bottomk" in acc:
         bottom = acc["bottomk"]
         bottom.value = -bottom.value
-        tables.append(("bottomk", bottom))
-    for name, table in tables:
-        t = g.create_group(name)
-        for key in ("value", "image", "y", "x"):
-            t[key] = getattr(table, key)
-        box = interval_boxes(rows, cols, np.maximum(table.y, 0), np.maximum(table.x, 0))
-        t["box"] = np.where((table.image < 0)[..., None], 0, box)
-    s = g.create_group("stats")
-    positions = max(acc["positions"], 1)
-    s["mean"] = (acc["total"] / positions).astype(np.float32)
-    s["max"] = acc["max"].astype(np.float32)
-    s["zero_fraction"] = (acc["zeros"] / positions).astype(np.float32)
-    s["total"], s["zeros"] = acc["total"], acc["zeros"]
-    s["quantiles"] = sketch_quantiles(acc["spectrum"])
-    s.create_dataset("spectrum", data=acc["spectrum"], compression="gzip")
-    s.attrs.update(acc["stats_attrs"])
-    s.attrs["positions"] = acc["positions"]
+        scan.write_table(g, "bottomk", bottom, rows, cols)
+    scan.write_stats(g, acc["stats"], acc["spectrum"])

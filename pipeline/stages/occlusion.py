@@ -27,19 +27,28 @@ from tqdm import tqdm
 
 from pipeline.datasets import BatchStream, list_images
 from pipeline.errors import PipelineError
-from pipeline.store import RESULTS_FILE, mark_done, transaction
+from pipeline.store import Store
 
 logger = logging.getLogger(__name__)
 
 KEYS = ("model", "dataset", "layers", "occlusion")
+PART = "occlusion.h5"
+
+
+def DEPENDS(cfg) -> tuple[str, ...]:  # noqa: N802 - the runner reads it like the constant it usually is
+    """Images chosen from the scan's top-k make the maps depend on the scan."""
+    from pipeline.stages.activations import images_from_topk
+
+    return ("scan",) if images_from_topk(cfg.occlusion.images) else ()
 
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
-    from pipeline.explain import Occluder
+    from pipeline.chunks import BOOKKEEPING, ChunkedStream
+    from pipeline.explain import Occluder, occlusion_grid
     from pipeline.models.sources import load_model
     from pipeline.preprocess import normalize
     from pipeline.stages.activations import choose_images
-    from pipeline.stages.cam import _ensure_run_record, class_names, target_codes
+    from pipeline.stages.cam import class_names, target_codes
 
     o = cfg.occlusion
     if int(o.size) < 1 or int(o.stride) < 1 or int(o.batch_size) < 1:
@@ -48,51 +57,43 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         raise PipelineError(f"occlusion.fill={o.fill}: use a grey level from 0 to 255")
     bundle = load_model(cfg.model, cfg.cache_dir)
     table = list_images(cfg.dataset)
-    results = run_dir / RESULTS_FILE
-    ids = choose_images(o.images, table, results, "occlusion")
+    store = Store(run_dir)
+    ids = choose_images(o.images, table, store, "occlusion")
     spec = bundle.preprocessing
     occluder = Occluder(bundle.model, o.layer, spec)
     names = class_names(bundle, table, int(bundle.model.outputs[0].shape[-1]))
     codes_for = target_codes(o, table, names, len(names))
-    stream = BatchStream(table, spec, cfg.batch_size, ids=ids)
-    parts, pixels_of = [], {}
+    store.ensure_run(cfg, bundle, table)
+    work = store.work("occlusion", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
+    stream = ChunkedStream(work, table, spec, cfg.batch_size, ids, cfg.checkpoint)
     logger.info("occlusion: %d image(s), square %d px every %d px, feature maps of %s",
                 len(ids), o.size, o.stride, occluder.layer)
-    with tqdm(total=len(ids), desc="occlusion", unit="img") as bar:
+    with tqdm(total=len(ids), initial=len(ids) - stream.remaining, desc="occlusion", unit="img") as bar:
         for batch_ids, pixels in stream:
             r = occluder.compute(normalize(pixels, spec.normalize), codes_for(batch_ids)[:, 0], int(o.size),
                                  int(o.stride), int(o.fill), int(o.batch_size))
-            parts.append((batch_ids, r))
-            pixels_of.update({int(i): p for i, p in zip(batch_ids, pixels.numpy())})
+            stream.add({"occlusion/image": batch_ids.astype(np.int64), "occlusion/class": r.classes.astype(np.int64),
+                        "occlusion/channel": r.channel.astype(np.int64),
+                        "occlusion/top_class": r.top_class.astype(np.int64),
+                        **{f"occlusion/{key}": getattr(r, key).astype(np.float32) for key in
+                           ("probability", "activation", "base_probability", "base_activation")}})
             bar.update(len(batch_ids))
-        bar.update(len(stream.errors))
-    if not parts:
-        raise PipelineError("occlusion: none of the chosen images could be read: choose others with occlusion.images")
-    first = parts[0][1]
-    cat = {k: np.concatenate([getattr(r, k) for _, r in parts]) for k in
-           ("probability", "top_class", "activation", "classes", "base_probability", "base_activation", "channel")}
-    done_ids = np.concatenate([i for i, _ in parts]).astype(np.int64)
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with transaction(results) as f:
-        if "occlusion" in f:
-            del f["occlusion"]
-        g = f.create_group("occlusion")
-        g["image"] = done_ids
-        g["class"] = cat["classes"].astype(np.int64)
-        g["channel"] = cat["channel"].astype(np.int64)
-        for key in ("probability", "activation", "base_probability", "base_activation"):
-            g[key] = cat[key].astype(np.float32)
-        g["top_class"] = cat["top_class"].astype(np.int64)
-        g["rows"], g["cols"] = first.rows, first.cols
+        bar.update(len(ids) - bar.n)
+    store.write_images(len(table), stream.errors, replace=False)
+    with store.write(PART) as f:
+        work.assemble(f, skip=BOOKKEEPING)
+        if "occlusion" not in f:
+            raise PipelineError("occlusion: none of the chosen images could be read: choose others with "
+                                "occlusion.images")
+        g = f["occlusion"]
+        g["rows"] = occlusion_grid(spec.input_size, int(o.size), int(o.stride))
+        g["cols"] = occlusion_grid(spec.input_size, int(o.size), int(o.stride))
         g.attrs.update(size=int(o.size), stride=int(o.stride), fill=int(o.fill), layer=occluder.layer,
                        target=str(o.target))
-        _ensure_run_record(f, cfg, bundle, table, stream.errors)
-        mark_done(f, "occlusion", stage_print)
-    draw_sheets(results, run_dir / "occlusion", table, spec, names, pixels_of)
+    draw_sheets(store.parts / PART, run_dir / "occlusion", table, spec, names, cfg.batch_size)
 
 
-def draw_sheets(results: Path, out_dir: Path, table, spec, names: list[str], pixels_of: dict) -> list[Path]:
+def draw_sheets(part: Path, out_dir: Path, table, spec, names: list[str], batch_size: int) -> list[Path]:
     """Per image: the photo (as the model saw it) with the square's size marked, the target
     probability map and the followed feature map's activation map, on the photo's axes."""
     import h5py
@@ -103,11 +104,15 @@ def draw_sheets(results: Path, out_dir: Path, table, spec, names: list[str], pix
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    with h5py.File(results, "r") as f:
+    with h5py.File(part, "r") as f:
         g = f["occlusion"]
+        pixels_of = {int(i): p for ids, batch in BatchStream(table, spec, batch_size, ids=g["image"][()])
+                     for i, p in zip(ids, batch.numpy())}
         size, stride, layer = int(g.attrs["size"]), int(g.attrs["stride"]), str(g.attrs["layer"])
         rows, cols = g["rows"][()], g["cols"][()]
         for i, image_id in enumerate(tqdm(g["image"][()], desc="occlusion sheets", unit="sheet")):
+            if int(image_id) not in pixels_of:
+                continue  # unreadable now, though it was read for the maps
             photo = draw.to_rgb(pixels_of[int(image_id)])
             side_y, side_x = photo.shape[:2]
             cls, channel = int(g["class"][i]), int(g["channel"][i])

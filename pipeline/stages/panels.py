@@ -16,24 +16,23 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from pipeline.crop import cut_patches, patch_size
+from pipeline.crop import channel_blocks, cut_patches, patch_size
 from pipeline.datasets import BatchStream, list_images
 from pipeline.errors import PipelineError
 from pipeline.preprocess import Preprocessing, normalize
-from pipeline.store import RESULTS_FILE, mark_done, read_strings, stages_done, transaction
+from pipeline.store import Store, block_bytes, table_digest
 
 logger = logging.getLogger(__name__)
 
 # crop: the panels are shrunk to crop.max_size exactly like the patches
 KEYS = ("model", "dataset", "layers", "topk", "crop", "panels")
+DEPENDS = ("scan",)
+PART = "panels.h5"
 
-# in-memory panels of one block of channels (all methods), before it is written
-BLOCK_BYTES = 256 * 2**20
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 FLOAT16_TINY = float(np.finfo(np.float16).tiny)  # smallest normal float16
 
@@ -56,8 +55,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline.backprop import METHODS, Backprop
     from pipeline.models.sources import load_model
 
-    results = run_dir / RESULTS_FILE
-    if "scan" not in stages_done(results):
+    store = Store(run_dir)
+    if "scan" not in store.stages_done():
         raise PipelineError(f"no scan results in {run_dir}: run stages=[scan,panels] first")
     methods = [str(m) for m in cfg.panels.methods]
     bad = [m for m in methods if m not in METHODS]
@@ -66,108 +65,120 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                             f"{', '.join(METHODS)}, e.g. panels.methods=[deconv,guided]")
     if int(cfg.panels.batch_size) < 1:
         raise PipelineError(f"panels.batch_size={cfg.panels.batch_size}: use a positive number of seeds per pass")
-    with h5py.File(results, "r") as f:
+    with store.open() as f:
         spec = Preprocessing(**json.loads(f.attrs["preprocessing"]))
-        stored_paths = read_strings(f["images/path"])
-        layers = [_read_layer(key, g, cfg.crop.max_size) for key, g in f["layers"].items()]
+        digest = str(f.attrs["images_sha256"])
+        layers = [_read_layer(key, g, cfg.crop.max_size)
+                  for key, g in sorted(f["layers"].items(), key=lambda item: int(item[1].attrs["depth"]))]
     table = list_images(cfg.dataset)
-    if table.paths != stored_paths:
+    if table_digest(table) != digest:
         raise PipelineError(f"the dataset changed since the scan of {run_dir}: compute panels with "
                             f"the same dataset, or scan again in a new hydra.run.dir")
     bundle = load_model(cfg.model, cfg.cache_dir)
-    total = sum(int((layer.image >= 0).sum()) for layer in layers)
-    logger.info("panels: %d top-k entries in %d layers, methods %s", total, len(layers), ", ".join(methods))
+    budget = block_bytes(cfg.checkpoint)  # in-memory panels of one block of channels, all methods
+    work = store.work("panels", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size),
+                      panels_batch_size=int(cfg.panels.batch_size), block_bytes=budget)
+    done = set(work.chunks())
+    blocks = []  # (chunk number, layer, c0, c1): a block never spans layers
+    for layer in layers:
+        k, (h, w) = layer.image.shape[1], layer.size
+        per_channel = k * h * w * (spec.channels + 1) * len(methods) * 2
+        for [(_, c0, c1)] in channel_blocks([(layer.key, layer.image.shape[0], per_channel)], budget):
+            blocks.append((len(blocks), layer, c0, c1))
+    todo = [b for b in blocks if work.chunk_name(b[0]) not in done]
+    total = sum(int((layer.image[c0:c1] >= 0).sum()) for _, layer, c0, c1 in todo)
+    logger.info("panels: %d top-k entries in %d layers, methods %s%s", total, len(layers), ", ".join(methods),
+                f" (resuming: {len(blocks) - len(todo)} of {len(blocks)} blocks done)" if len(todo) < len(blocks)
+                else "")
     coords = _coordinate_image(spec.input_size)
-    with transaction(results) as f, tqdm(total=total, desc="panels", unit="patch") as bar:
-        for layer in layers:
-            programs = {m: Backprop(bundle.model, layer.name, m) for m in methods}
-            _layer_panels(f, layer, programs, table, spec, cfg, coords, bar)
-        mark_done(f, "panels", stage_print)
+    programs, stats = {}, {}
+    with tqdm(total=total, desc="panels", unit="patch") as bar:
+        for number, layer, c0, c1 in todo:
+            if layer.key not in programs:
+                programs = {layer.key: {m: Backprop(bundle.model, layer.name, m) for m in methods}}
+                bar.set_postfix_str(layer.name)
+            out, counts = _block_panels(layer, c0, c1, programs[layer.key], table, spec, cfg, coords, bar)
+            with work.write(work.chunk_name(number)) as f:
+                group = f.create_group(f"layers/{layer.key}/panels")
+                group.attrs.update(methods=json.dumps(methods), frame=np.asarray(layer.frame, np.int64),
+                                   scale=layer.size[0] / layer.frame[0], layer=layer.name,
+                                   input="gradient w.r.t. the normalised model input")
+                for name, array in out.items():
+                    group.create_dataset(name, data=array, chunks=(1,) + array.shape[1:], compression="gzip",
+                                         compression_opts=4, shuffle=True)
+            for key, value in counts.items():
+                stats.setdefault(layer.name, {}).setdefault(key, 0)
+                stats[layer.name][key] += value
+    _log_counts(stats)
+    with store.write(PART) as f:
+        work.assemble(f)
 
 
-def _read_layer(key: str, g: h5py.Group, max_size: int) -> _Layer:
+def _read_layer(key: str, g, max_size: int) -> _Layer:
     frame = tuple(int(v) for v in g["geometry"].attrs["frame"])
     return _Layer(key=key, name=str(g.attrs["name"]), image=g["topk/image"][()], y=g["topk/y"][()],
                   x=g["topk/x"][()], box=g["topk/box"][()], row_offset=g["geometry/row_offset"][()],
                   col_offset=g["geometry/col_offset"][()], frame=frame, size=patch_size(frame, max_size))
 
 
-def _layer_panels(f: h5py.File, layer: _Layer, programs: dict, table, spec: Preprocessing, cfg,
-                  coords: np.ndarray, bar: tqdm) -> None:
-    """Compute and write every panel of one layer, a block of channels at a time."""
-    channels, k = layer.image.shape
+def _block_panels(layer: _Layer, c0: int, c1: int, programs: dict, table, spec: Preprocessing, cfg,
+                  coords: np.ndarray, bar: tqdm) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Every panel of channels c0:c1 of one layer; zero where a slot is empty or its
+    image cannot be read again."""
+    k = layer.image.shape[1]
     h, w = layer.size
-    ch = spec.channels
-    g = f[f"layers/{layer.key}"]
-    if "panels" in g:
-        del g["panels"]
-    group = g.create_group("panels")
-    group.attrs.update(methods=json.dumps(list(programs)), frame=np.asarray(layer.frame, np.int64),
-                       scale=h / layer.frame[0], layer=layer.name,
-                       input="gradient w.r.t. the normalised model input")
-    datasets = {}
-    for m in programs:
-        datasets[m] = group.create_dataset(m, (channels, k, h, w, ch), np.float16, chunks=(1, k, h, w, ch),
-                                           compression="gzip", compression_opts=4, shuffle=True, fillvalue=0)
-        datasets[m + "_norm"] = group.create_dataset(m + "_norm", (channels, k, h, w), np.float16,
-                                                     chunks=(1, k, h, w), compression="gzip",
-                                                     compression_opts=4, shuffle=True, fillvalue=0)
-    per_channel = k * h * w * (ch + 1) * len(programs) * 2
-    block = max(1, BLOCK_BYTES // max(per_channel, 1))
-    bar.set_postfix_str(layer.name)
-    tiny = huge = missing = 0
-    empty = dict.fromkeys(programs, 0)
-    for c0 in range(0, channels, block):
-        c1 = min(channels, c0 + block)
-        c_idx, k_idx = np.nonzero(layer.image[c0:c1] >= 0)
-        c_idx += c0
-        images = layer.image[c_idx, k_idx]
-        order = np.lexsort((k_idx, c_idx, images))  # grouped by image
-        c_idx, k_idx, images = c_idx[order], k_idx[order], images[order]
-        if len(images) == 0:
-            continue  # no filled slot in these channels: the datasets' fill value (0) stands
-        out = {m: np.zeros((c1 - c0, k, h, w, ch), np.float16) for m in programs}
-        out.update({m + "_norm": np.zeros((c1 - c0, k, h, w), np.float16) for m in programs})
-        needed = np.unique(images)
-        stream = BatchStream(table, spec, cfg.batch_size, ids=needed)
-        pending = _Pending(int(cfg.panels.batch_size))
-        done = np.zeros(len(c_idx), bool)
-        for ids, pixels in stream:
-            x = normalize(pixels, spec.normalize)
-            sort = np.argsort(ids)
-            pos = sort[np.clip(np.searchsorted(ids[sort], images), 0, len(ids) - 1)]
-            hit = np.nonzero(ids[pos] == images)[0]
-            if len(hit) == 0:
-                continue
-            pending.add(hit, tf.gather(x, pos[hit]))
-            for entries, rows in pending.full():
-                t, s = _compute(layer, programs, c_idx[entries], k_idx[entries], rows, coords, out, c0, empty)
-                tiny, huge = tiny + t, huge + s
-                done[entries] = True
-                bar.update(len(entries))
-        for entries, rows in pending.rest():
-            t, s = _compute(layer, programs, c_idx[entries], k_idx[entries], rows, coords, out, c0, empty)
-            tiny, huge = tiny + t, huge + s
-            done[entries] = True
-            bar.update(len(entries))
-        if not done.all():  # images that could not be decoded again: their panels stay zero
-            missing += int((~done).sum())
-            bar.update(int((~done).sum()))
-        for name, array in out.items():
-            datasets[name][c0:c1] = array
-    if missing:
-        logger.warning("layer %s: %d panel(s) left zero, their images could not be read again",
-                       layer.name, missing)
-    for method, count in empty.items():
-        if count:
-            logger.info("layer %s: %d %s panel(s) are all zero (the unit is inactive, or clipped by a "
-                        "ReLU6, where only deconv passes a signal)", layer.name, count, method)
-    if tiny:
-        logger.warning("layer %s: %d panel(s) peak below %.1e and lose precision as float16",
-                       layer.name, tiny, FLOAT16_TINY)
-    if huge:
-        logger.warning("layer %s: %d panel(s) exceed the float16 range and were clipped to +-%g",
-                       layer.name, huge, FLOAT16_MAX)
+    out = {m: np.zeros((c1 - c0, k, h, w, spec.channels), np.float16) for m in programs}
+    out.update({m + "_norm": np.zeros((c1 - c0, k, h, w), np.float16) for m in programs})
+    counts = dict.fromkeys(("tiny", "huge", "missing"), 0)
+    counts.update({f"empty {m}": 0 for m in programs})
+    c_idx, k_idx = np.nonzero(layer.image[c0:c1] >= 0)
+    c_idx += c0
+    images = layer.image[c_idx, k_idx]
+    order = np.lexsort((k_idx, c_idx, images))  # grouped by image
+    c_idx, k_idx, images = c_idx[order], k_idx[order], images[order]
+    if len(images) == 0:
+        return out, counts
+    stream = BatchStream(table, spec, cfg.batch_size, ids=np.unique(images))
+    pending = _Pending(int(cfg.panels.batch_size))
+    done = np.zeros(len(c_idx), bool)
+
+    def compute(entries, rows):
+        _compute(layer, programs, c_idx[entries], k_idx[entries], rows, coords, out, c0, counts)
+        done[entries] = True
+        bar.update(len(entries))
+
+    for ids, pixels in stream:
+        x = normalize(pixels, spec.normalize)
+        sort = np.argsort(ids)
+        pos = sort[np.clip(np.searchsorted(ids[sort], images), 0, len(ids) - 1)]
+        hit = np.nonzero(ids[pos] == images)[0]
+        if len(hit) == 0:
+            continue
+        pending.add(hit, tf.gather(x, pos[hit]))
+        for entries, rows in pending.full():
+            compute(entries, rows)
+    for entries, rows in pending.rest():
+        compute(entries, rows)
+    counts["missing"] = int((~done).sum())  # images that could not be decoded again: their panels stay zero
+    bar.update(counts["missing"])
+    return out, counts
+
+
+def _log_counts(stats: dict[str, dict[str, int]]) -> None:
+    for name, counts in stats.items():
+        if counts["missing"]:
+            logger.warning("layer %s: %d panel(s) left zero, their images could not be read again",
+                           name, counts["missing"])
+        for key, count in counts.items():
+            if key.startswith("empty ") and count:
+                logger.info("layer %s: %d %s panel(s) are all zero (the unit is inactive, or clipped by a "
+                            "ReLU6, where only deconv passes a signal)", name, count, key[6:])
+        if counts["tiny"]:
+            logger.warning("layer %s: %d panel(s) peak below %.1e and lose precision as float16",
+                           name, counts["tiny"], FLOAT16_TINY)
+        if counts["huge"]:
+            logger.warning("layer %s: %d panel(s) exceed the float16 range and were clipped to +-%g",
+                           name, counts["huge"], FLOAT16_MAX)
 
 
 class _Pending:
@@ -200,26 +211,24 @@ class _Pending:
 
 
 def _compute(layer: _Layer, programs: dict, c: np.ndarray, k: np.ndarray, rows: tf.Tensor,
-             coords: np.ndarray, out: dict, c0: int, empty: dict) -> tuple[int, int]:
+             coords: np.ndarray, out: dict, c0: int, counts: dict) -> None:
     """Panels of the entries (c, k) whose model inputs are `rows`, into `out`."""
     any_program = next(iter(programs.values()))
     y, x = layer.y[c, k], layer.x[c, k]
     seeds = seed_for(any_program.output_shape, c, y, x)
     boxes = layer.box[c, k]
     offsets = np.stack([layer.row_offset[y], layer.col_offset[x]], axis=1)
-    tiny = huge = 0
     for method, program in programs.items():
         maps = program(rows, seeds).numpy()
         raw = place_in_frame(maps, boxes, offsets, layer.frame, coords)
         norm = np.sqrt(np.square(raw).sum(axis=-1))
         raw, norm = shrink_float(raw, layer.size), shrink_float(norm[..., None], layer.size)[..., 0]
         peak = np.abs(raw).reshape(len(raw), -1).max(axis=1)
-        tiny += int(((peak > 0) & (peak < FLOAT16_TINY)).sum())
-        huge += int((peak > FLOAT16_MAX).sum())
-        empty[method] += int((peak == 0).sum())
+        counts["tiny"] += int(((peak > 0) & (peak < FLOAT16_TINY)).sum())
+        counts["huge"] += int((peak > FLOAT16_MAX).sum())
+        counts[f"empty {method}"] += int((peak == 0).sum())
         out[method][c - c0, k] = np.clip(raw, -FLOAT16_MAX, FLOAT16_MAX)
         out[method + "_norm"][c - c0, k] = np.clip(norm, 0, FLOAT16_MAX)
-    return tiny, huge
 
 
 def seed_for(output_shape: tuple, c: np.ndarray, y: np.ndarray, x: np.ndarray) -> tf.Tensor:

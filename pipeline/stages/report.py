@@ -961,11 +961,9 @@ KEYS = ()  # rendering reads only results.h5 and is cheap next to the stages it 
 
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
-    from pipeline.store import RESULTS_FILE
+    from pipeline.store import Store
 
-    results = Path(run_dir) / RESULTS_FILE
-    if not results.exists():
-        raise PipelineError(f"no results.h5 in {run_dir}: run the scan stage first (stages=[scan,crop,report])")
+    results = Store(run_dir).require("stages=[scan,crop,report]")
     rc = cfg.get("report") if hasattr(cfg, "get") else None
     options = {}
     if rc is not None:

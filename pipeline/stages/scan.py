@@ -1,12 +1,13 @@
 """`scan` stage: stream every image once, keep per-channel top-k tables, statistics
 and spectra; checkpointed, resumable, shardable.
 
-Every `scan.checkpoint_every` batches the whole device state and the stream
-position go into results.h5 (`scan_state/`, with the partial tables in
-`layers/`), through an atomic replace. Started again with the same config in the
-same run directory, the scan loads that state and continues from the next
-image; batches are then formed from the same images as in an uninterrupted run,
-so the final tables and sums are identical bit for bit.
+Every `checkpoint.seconds` (and `checkpoint.batches`, when set) the device state and
+the stream position go into a small state file of their own
+(parts/scan.<print>/state.h5, replaced atomically: its size is the state's, not the
+run's). Started again with the same config in the same run directory, the scan loads
+that state and continues from the next image; batches are then formed from the same
+images as in an uninterrupted run, so the final tables and sums are identical bit for
+bit. The tables, the image flags and the sparse error list are written once, at the end.
 """
 
 from __future__ import annotations
@@ -15,21 +16,22 @@ import logging
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 from tqdm import tqdm
 
 from pipeline.datasets import BatchStream, list_images
 from pipeline.errors import PipelineError
 from pipeline.spectrum import GAMMA, MIN_ABS, QUANTILES, sketch_quantiles
-from pipeline.store import (RESULTS_FILE, mark_done, replace_dataset, stored_name, transaction, write_image_table,
-                            write_run_attrs)
+from pipeline.store import Pacer, Store, atomic_h5, fingerprint, open_h5, stored_name, write_strings
 
 logger = logging.getLogger(__name__)
 
 # the config keys whose values decide this stage's results
 KEYS = ("model", "dataset", "layers", "topk", "scan.bottomk", "shard")
-STATE = "scan_state"
+# what the shards of one scan share: merge checks it
+SHARED_KEYS = ("model", "dataset", "layers", "topk", "scan.bottomk")
+PART = "scan.h5"
+STATE = "state.h5"
 
 
 def shard_ids(n_images: int, count: int, index: int) -> np.ndarray:
@@ -46,6 +48,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline.models.sources import load_model
     from pipeline.scan import Scanner
 
+    store = Store(run_dir)
     bundle = load_model(cfg.model, cfg.cache_dir)
     table = list_images(cfg.dataset)
     names = select_layers(bundle.model, cfg.layers)
@@ -56,131 +59,129 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
             logger.warning("layer %s: %s", name, geo.message)
     scanner = Scanner(feature_model(bundle.model, names), names, bundle.preprocessing, cfg.topk,
                       bottomk=cfg.scan.bottomk)
-    results = Path(run_dir) / RESULTS_FILE
     layers = list(zip(names, geometries, scanner.map_shapes))
-
-    saved = _load_checkpoint(results, stage_print, scanner, cfg.overwrite)
-    if saved is None:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        with transaction(results) as f:
-            for stale in ("images", "layers", STATE):  # from an earlier scan of another config
-                if stale in f:
-                    del f[stale]
-            write_run_attrs(f, cfg, bundle.name, bundle.preprocessing, bundle.weights_sha256,
-                            bundle.imagenet_classes, shard_count=cfg.shard.count, shard_index=cfg.shard.index)
-            write_image_table(f, table, {}, _scanned(len(table), ids))
-            _write_layers(f, scanner, layers)
-        position, dropped = 0, []
-    else:
-        position, dropped = saved
-        logger.info("resuming the scan at image %d of %d (%d images already scanned)",
-                    position, len(ids), scanner.images_seen)
-    logger.info("scanning %d images through %d layers of %s (%d channels)", len(ids) - position, len(names),
+    store.ensure_run(cfg, bundle, table)
+    if store.part_print(PART) == stage_print:
+        logger.info("scan: its tables are already written (the run stopped before recording it), kept")
+        return
+    work = store.work("scan", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
+    logger.info("scanning %d images through %d layers of %s (%d channels)", len(ids), len(names),
                 bundle.name, sum(shape[-1] for shape in scanner.map_shapes))
-
-    stream = BatchStream(table, bundle.preprocessing, cfg.batch_size, ids=ids[position:], dropped=dropped)
     started, seen_before = time.perf_counter(), scanner.images_seen
-    batches = 0
-    with tqdm(total=len(ids), initial=position, desc="scan", unit="img") as bar:
+    errors = scan_images(scanner, table, bundle.preprocessing, cfg.batch_size, ids, work.path / STATE,
+                         cfg.checkpoint, "scan")
+    scanned = np.zeros(len(table), bool)
+    scanned[ids] = True
+    store.write_images(len(table), errors, scanned)
+    with store.write(PART) as f:
+        f.attrs.update(_stage_print=stage_print, shard_count=cfg.shard.count, shard_index=cfg.shard.index,
+                       scan_config=fingerprint(cfg, SHARED_KEYS))
+        write_errors(f, errors)
+        states = scanner.state()  # one read of the device state serves every table
+        write_layers(f, layers, scanner.results(states), scanner.bottom_results(states) if scanner.bottomk else None,
+                     states)
+    (work.path / STATE).unlink(missing_ok=True)
+    elapsed = time.perf_counter() - started
+    scanned_now = scanner.images_seen - seen_before
+    logger.info("scan finished: %d images scanned, %d skipped as unreadable, %.1f s (%.1f images/s)",
+                scanner.images_seen, len(errors), elapsed, scanned_now / max(elapsed, 1e-9))
+
+
+def scan_images(scanner, table, spec, batch_size: int, ids: np.ndarray, state_path: Path, checkpoint,
+                desc: str) -> dict[int, str]:
+    """Stream `ids` through `scanner`, checkpointing its state into `state_path` (and
+    resuming from it when it exists); returns the unreadable images (id -> reason)."""
+    position, dropped = 0, []
+    if state_path.exists():
+        position, dropped = _load_checkpoint(state_path, scanner)
+        logger.info("resuming the %s at image %d of %d (%d images already scanned)", desc, position, len(ids),
+                    scanner.images_seen)
+    stream = BatchStream(table, spec, batch_size, ids=ids[position:], dropped=dropped)
+    pacer = Pacer(checkpoint)
+    with tqdm(total=len(ids), initial=position, desc=desc, unit="img") as bar:
         for batch_ids, pixels in stream.main():
             scanner.update(pixels, batch_ids)
             bar.update(stream.position + position - bar.n)
-            batches += 1
-            if batches % cfg.scan.checkpoint_every == 0:
-                _checkpoint(results, scanner, layers, position + stream.position, stream.dropped, stage_print)
+            if pacer.due():
+                _checkpoint(state_path, scanner, position + stream.position, stream.dropped)
         bar.update(len(ids) - bar.n)
-    _checkpoint(results, scanner, layers, len(ids), stream.dropped, stage_print)
+    if stream.dropped:  # the Pillow pass below is slow: do not lose the main pass to a kill in it
+        _checkpoint(state_path, scanner, len(ids), stream.dropped)
     for batch_ids, pixels in stream.fallback():
         scanner.update(pixels, batch_ids)
-
-    with transaction(results) as f:
-        write_image_table(f, table, stream.errors, _scanned(len(table), ids))
-        _write_layers(f, scanner, layers)
-        if STATE in f:
-            del f[STATE]
-        f.attrs["scan_progress"] = f"{len(ids)}/{len(ids)}"
-        mark_done(f, "scan", stage_print, invalidates=("crop", "panels"))
-    elapsed = time.perf_counter() - started
-    scanned = scanner.images_seen - seen_before
-    logger.info("scan finished: %d images scanned, %d skipped as unreadable, %.1f s (%.1f images/s)",
-                scanner.images_seen, len(stream.errors), elapsed, scanned / max(elapsed, 1e-9))
+    return stream.errors
 
 
 # ------------------------------------------------------------------ checkpoints
 
-def _checkpoint(results: Path, scanner, layers, position: int, dropped: list[int], stage_print: str) -> None:
-    with transaction(results) as f:
-        if STATE in f:
-            del f[STATE]
-        g = f.create_group(STATE)
-        g.attrs.update(stage_print=stage_print, position=position, images_seen=scanner.images_seen)
-        g["dropped"] = np.asarray(sorted(dropped), np.int64)
-        states = scanner.state()
-        for (name, _, _), state in zip(layers, states):
-            sg = g.create_group(stored_name(name))
+def _checkpoint(path: Path, scanner, position: int, dropped: list[int]) -> None:
+    """The device state and the stream position, into their own small file."""
+    started = time.perf_counter()
+    with atomic_h5(path) as f:
+        f.attrs.update(position=position, images_seen=scanner.images_seen)
+        f["dropped"] = np.asarray(sorted(dropped), np.int64)
+        for i, state in enumerate(scanner.state()):  # by position: a layer may be scanned twice (evolution)
+            g = f.create_group(f"layer_{i:04d}")
             for key, array in state.items():
-                sg.create_dataset(key, data=array, compression="gzip" if array.size > 4096 else None)
-        _write_layers(f, scanner, layers, states)
-        f.attrs["scan_progress"] = f"{position}/{len(f['images/path'])}"
-    logger.info("checkpoint: %d images scanned, stream position %d", scanner.images_seen, position)
+                g[key] = array
+    logger.info("checkpoint: %d images scanned, stream position %d (%.2f s)", scanner.images_seen, position,
+                time.perf_counter() - started)
 
 
-def _load_checkpoint(results: Path, stage_print: str, scanner, overwrite: bool) -> tuple[int, list[int]] | None:
-    if not results.exists():
-        return None
-    with h5py.File(results, "r") as f:
-        if STATE not in f:
-            return None
-        g = f[STATE]
-        if g.attrs["stage_print"] != stage_print:
-            if overwrite:
-                return None
-            raise PipelineError(f"{results} holds an unfinished scan of a different config: pass "
-                                f"overwrite=true to start it again, or choose a new hydra.run.dir")
-        state = [{key: ds[()] for key, ds in g[stored_name(name)].items()} for name in scanner.names]
-        scanner.load_state(state, int(g.attrs["images_seen"]))
-        return int(g.attrs["position"]), [int(i) for i in g["dropped"][()]]
+def _load_checkpoint(path: Path, scanner) -> tuple[int, list[int]]:
+    with open_h5(path, "scan checkpoint") as f:
+        state = [{key: ds[()] for key, ds in f[f"layer_{i:04d}"].items()} for i in range(len(scanner.names))]
+        scanner.load_state(state, int(f.attrs["images_seen"]))
+        return int(f.attrs["position"]), [int(i) for i in f["dropped"][()]]
 
 
 # ------------------------------------------------------------------ writing
 
-def _scanned(n_images: int, ids: np.ndarray) -> np.ndarray:
-    scanned = np.zeros(n_images, bool)
-    scanned[ids] = True
-    return scanned
+def write_errors(f, errors: dict[int, str]) -> None:
+    """The unreadable images as a sparse list (merge reads it, not the (N,) table)."""
+    ids = sorted(errors)
+    g = f.create_group("scan_errors")
+    g["image"] = np.asarray(ids, np.int64)
+    write_strings(g, "reason", [errors[i] for i in ids])
 
 
-def _write_layers(f, scanner, layers, states=None) -> None:
-    states = states or scanner.state()  # one read of the device state serves every table
-    bottoms = scanner.bottom_results(states) if scanner.bottomk else [None] * len(layers)
+def write_layers(f, layers, results, bottoms, states) -> None:
+    """layers/<layer>/: attrs, top-k (and bottom-k) tables with boxes, statistics, spectra
+    and geometry; `layers` is [(name, geometry, map shape)]."""
+    bottoms = bottoms or [None] * len(layers)
     for depth, ((name, geo, shape), (top, stats), bottom, state) in enumerate(
-            zip(layers, scanner.results(states), bottoms, states)):
-        g = f.require_group(f"layers/{stored_name(name)}")
+            zip(layers, results, bottoms, states)):
+        g = f.create_group(f"layers/{stored_name(name)}")
         g.attrs.update(name=name, shape=np.asarray(shape, np.int64), depth=depth,
                        rf_size=np.asarray(geo.rf_size, np.int64), rf_stride=np.asarray(geo.rf_stride, np.int64),
                        mappable=geo.mappable, geometry_message=geo.message)
-        _write_table(g, "topk", top, geo)
+        write_table(g, "topk", top, geo.rows, geo.cols)
         if bottom is not None:
-            _write_table(g, "bottomk", bottom, geo)
-        s = g.require_group("stats")
-        for key, value in (("mean", stats.mean), ("max", stats.maximum), ("zero_fraction", stats.zero_fraction),
-                           ("total", stats.total), ("zeros", stats.zeros),
-                           ("quantiles", sketch_quantiles(state["spectrum"]))):
-            replace_dataset(s, key, value)
-        replace_dataset(s, "spectrum", state["spectrum"], compression="gzip")
-        s.attrs.update(positions=stats.positions, quantiles=np.asarray(QUANTILES),
-                       spectrum_gamma=GAMMA, spectrum_min_abs=MIN_ABS)
-        geo_group = g.require_group("geometry")
+            write_table(g, "bottomk", bottom, geo.rows, geo.cols)
+        write_stats(g, stats, state["spectrum"])
+        geo_group = g.create_group("geometry")
         for key, value in (("rows", geo.rows), ("cols", geo.cols),
                            ("row_offset", geo.row_offset), ("col_offset", geo.col_offset)):
-            replace_dataset(geo_group, key, value)
+            geo_group[key] = value
         geo_group.attrs["frame"] = np.asarray(geo.frame, np.int64)
 
 
-def _write_table(g, group: str, table, geo) -> None:
-    t = g.require_group(group)
+def write_stats(g, stats, spectrum: np.ndarray) -> None:
+    """stats/: per-channel mean, max, zero fraction, the sums behind them, spectrum, quantiles."""
+    s = g.create_group("stats")
+    for key, value in (("mean", stats.mean), ("max", stats.maximum), ("zero_fraction", stats.zero_fraction),
+                       ("total", stats.total), ("zeros", stats.zeros), ("quantiles", sketch_quantiles(spectrum))):
+        s[key] = value
+    s.create_dataset("spectrum", data=spectrum, compression="gzip")
+    s.attrs.update(positions=stats.positions, quantiles=np.asarray(QUANTILES), spectrum_gamma=GAMMA,
+                   spectrum_min_abs=MIN_ABS)
+
+
+def write_table(g, group: str, table, rows: np.ndarray, cols: np.ndarray) -> None:
+    from pipeline.geometry import interval_boxes
+
+    t = g.create_group(group)
     for key in ("value", "image", "y", "x"):
-        replace_dataset(t, key, getattr(table, key))
-    empty = table.image < 0
-    boxes = geo.boxes(np.maximum(table.y, 0), np.maximum(table.x, 0))
-    replace_dataset(t, "box", np.where(empty[..., None], 0, boxes).astype(np.int32))
+        t[key] = getattr(table, key)
+    boxes = interval_boxes(rows, cols, np.maximum(table.y, 0), np.maximum(table.x, 0))
+    t["box"] = np.where((table.image < 0)[..., None], 0, boxes).astype(np.int32)

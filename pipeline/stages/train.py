@@ -17,14 +17,20 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.store import (RESULTS_FILE, mark_done, replace_dataset, transaction, write_image_table, write_run_attrs,
-                            write_strings)
+from pipeline.store import Store, write_strings
 
 logger = logging.getLogger(__name__)
 
 KEYS = ("dataset", "train")
 
 SHEET = Path("sheets") / "training_curve.png"
+PART = "train.h5"
+
+
+def own_snapshots(cfg) -> tuple[str, ...]:
+    """Stages that use the snapshots depend on this run's train stage, unless
+    model=snapshot model.run_dir=... names another run."""
+    return () if cfg.model.kind == "snapshot" and cfg.model.get("run_dir") not in (None, "", "???") else ("train",)
 
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
@@ -83,11 +89,10 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                       seed=int(tc.seed), snapshots=snapshots, on_snapshot=on_snapshot)
     total = time.perf_counter() - started
 
-    with transaction(run_dir / RESULTS_FILE) as f:
-        write_run_attrs(f, cfg, f"{model.name} trained in this run", spec)
-        write_image_table(f, table, errors)
-        if "train" in f:
-            del f["train"]
+    store = Store(run_dir)
+    store.write_run(cfg, f"{model.name} trained in this run", spec, table)
+    store.write_images(len(table), errors)
+    with store.write(PART) as f:
         g = f.create_group("train")
         for key in ("loss", "accuracy", "val_loss", "val_accuracy", "seconds"):
             g[key] = np.asarray(history[key], np.float32)
@@ -95,17 +100,13 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         g["train_ids"], g["val_ids"] = train_ids, val_ids
         g["snapshot_epoch"] = np.asarray(snapshots, np.int64)
         write_strings(g, "snapshot_file", [T.snapshot_path(Path("."), e).as_posix() for e in snapshots])
-        replace_dataset(g, "val_predicted", np.stack([predicted[e] for e in snapshots]).astype(np.int64))
+        g["val_predicted"] = np.stack([predicted[e] for e in snapshots]).astype(np.int64)
         g.attrs.update(classes=classes, class_names=json.dumps(class_names), input_size=spec.input_size,
                        channels=spec.channels, parameters=model.count_params(),
                        architecture=json.dumps(dict(filters=[int(x) for x in tc.filters], dense=int(tc.dense),
                                                     dropout=float(tc.dropout))),
                        optimizer=tc.optimizer, lr=float(tc.lr), batch_size=int(tc.batch_size),
                        seed=int(tc.seed), validation=float(tc.validation), seconds_total=total)
-        later = ("evolution", "invariance", "correspondence")
-        if cfg.model.kind == "snapshot":  # the scan used this run's network
-            later += ("scan", "crop", "panels", "activations", "cam", "occlusion", "filters")
-        mark_done(f, "train", stage_print, invalidates=later)
     T.draw_training_curve(history, snapshots, run_dir / SHEET,
                           title=f"{model.name}: {len(tr)} training, {len(va)} validation images")
     logger.info("trained %d epochs in %.1f s; validation accuracy %.4f; curve in %s", tc.epochs, total,
