@@ -44,7 +44,7 @@ def child(model: str, data: str, run_dir: str) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             "model=file", f"model.path={model}", "model.preprocess=tf", "dataset=folder", f"dataset.path={data}",
-            "layers=activations", "stages=[scan]", "batch_size=64", "scan.checkpoint_every=100"])
+            "layers=activations", "stages=[scan]", "batch_size=64", "checkpoint.batches=100"])
     started = time.perf_counter()
     run(cfg, Path(run_dir))
     elapsed = time.perf_counter() - started

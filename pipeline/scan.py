@@ -36,7 +36,9 @@ def channel_sums(maps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return total, nonzero
 
 
-# Device state of one layer: name -> (dtype, shape given (C, K), initial value)
+# Device state: name -> (dtype, shape given (C, K), initial value); C is the channel count
+# of every layer together (one table, one merge and one sketch per batch for all layers:
+# the per-op cost, not the arithmetic, is what a scan of small maps pays)
 _STATE = {
     "value": (tf.float32, lambda c, k: (c, k), -np.inf),
     "image": (tf.int64, lambda c, k: (c, k), -1),
@@ -52,8 +54,8 @@ _BOTTOM = {f"bottom_{n}": _STATE[n] for n in ("value", "image", "pos")}
 class Scanner:
     """Holds the device-side state for a list of layers of a feature model.
 
-    `state()` / `load_state()` move the whole state to and from numpy arrays,
-    which is what checkpoints and resumes use.
+    `state()` / `load_state()` move the whole state to and from numpy arrays, one
+    dict per layer, which is what checkpoints and resumes use.
     """
 
     def __init__(self, feature_model, names: list[str], spec: Preprocessing, k: int, bottomk: int = 0):
@@ -65,59 +67,64 @@ class Scanner:
         outputs = feature_model.outputs if isinstance(feature_model.outputs, (list, tuple)) else [feature_model.outputs]
         self.map_shapes = [tuple(int(d) for d in as_maps(tf.zeros((1,) + tuple(t.shape[1:]))).shape[1:])
                            for t in outputs]
+        self.bounds = [int(b) for b in np.cumsum([0] + [c for _, _, c in self.map_shapes])]  # layer i: bounds[i]:bounds[i+1]
         self._fields = dict(_STATE, **(_BOTTOM if bottomk else {}))
-        self._vars = [{name: tf.Variable(value) for name, value in self._initial(c).items()}
-                      for h, w, c in self.map_shapes]
+        self._vars = {name: tf.Variable(value) for name, value in self._initial().items()}
         self.images_seen = 0
+        # one trace for every batch size (the last batch too), and no per-call retracing check
+        size, channels = spec.input_size, spec.channels
+        self._step = tf.function(self._update, input_signature=[
+            tf.TensorSpec((None, size, size, channels), tf.uint8), tf.TensorSpec((None,), tf.int64)])
 
-    def _initial(self, channels: int) -> dict[str, tf.Tensor]:
-        return {name: tf.fill(shape(channels, self.bottomk if name.startswith("bottom_") else self.k),
-                              tf.constant(init, dtype))
+    def _initial(self) -> dict[str, tf.Tensor]:
+        c = int(self.bounds[-1])
+        return {name: tf.fill(shape(c, self.bottomk if name.startswith("bottom_") else self.k), tf.constant(init, dtype))
                 for name, (dtype, shape, init) in self._fields.items()}
 
     def reset(self) -> None:
         """Back to the empty state (keeps the traced update function)."""
-        for (h, w, c), layer in zip(self.map_shapes, self._vars):
-            for name, value in self._initial(c).items():
-                layer[name].assign(value)
+        for name, value in self._initial().items():
+            self._vars[name].assign(value)
         self.images_seen = 0
 
-    @tf.function(reduce_retracing=True)
     def _update(self, pixels, ids):
         outputs = self.model(normalize(pixels, self.spec.normalize), training=False)
-        if not isinstance(outputs, (list, tuple)):
-            outputs = [outputs]
-        for out, v in zip(outputs, self._vars):
-            maps = as_maps(out)
-            batch_max, batch_y = row_maxima(maps)
-            value, image, pos, row = merge_candidates(v["value"], v["image"], v["pos"], batch_max, ids, batch_y)
-            v["value"].assign(value)
-            v["image"].assign(image)
-            v["pos"].assign(locate_columns(maps, pos, row, batch_max))
-            if "bottom_value" in v:  # the weakest maxima: rank negated values
-                value, image, pos, row = merge_candidates(v["bottom_value"], v["bottom_image"], v["bottom_pos"],
-                                                          -batch_max, ids, batch_y)
-                v["bottom_value"].assign(value)
-                v["bottom_image"].assign(image)
-                v["bottom_pos"].assign(locate_columns(maps, pos, row, batch_max))
-            total, nonzero = channel_sums(maps)
-            v["total"].assign_add(tf.cast(total, tf.float64))
-            v["zeros"].assign_add(tf.cast(tf.size(maps) // tf.shape(maps)[-1], tf.float64)
-                                  - tf.cast(nonzero, tf.float64))
-            v["maximum"].assign(tf.maximum(v["maximum"], tf.reduce_max(batch_max, axis=0)))
-            v["spectrum"].assign_add(sketch_counts(batch_max))
+        maps = [as_maps(out) for out in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
+        firsts = [row_maxima(m) for m in maps]
+        batch_max = tf.concat([m for m, _ in firsts], axis=1)  # (B, C) over every layer
+        batch_y = tf.concat([y for _, y in firsts], axis=1)
+        v = self._vars
+        tables = [("value", "image", "pos", batch_max)]
+        if "bottom_value" in v:  # the weakest maxima: rank negated values
+            tables.append(("bottom_value", "bottom_image", "bottom_pos", -batch_max))
+        for value_key, image_key, pos_key, candidates in tables:
+            value, image, pos, row = merge_candidates(v[value_key], v[image_key], v[pos_key], candidates, ids,
+                                                      batch_y)
+            v[value_key].assign(value)
+            v[image_key].assign(image)
+            v[pos_key].assign(tf.concat([locate_columns(m, pos[a:b], row[a:b], batch_max[:, a:b])
+                                         for m, a, b in zip(maps, self.bounds[:-1], self.bounds[1:])], axis=0))
+        sums = [channel_sums(m) for m in maps]
+        total = tf.concat([t for t, _ in sums], axis=0)
+        zeros = tf.concat([tf.cast(tf.size(m) // tf.shape(m)[-1], tf.float64) - tf.cast(nz, tf.float64)
+                           for m, (_, nz) in zip(maps, sums)], axis=0)
+        v["total"].assign_add(tf.cast(total, tf.float64))
+        v["zeros"].assign_add(zeros)
+        v["maximum"].assign(tf.maximum(v["maximum"], tf.reduce_max(batch_max, axis=0)))
+        v["spectrum"].assign_add(sketch_counts(batch_max))
 
     def update(self, pixels, ids: np.ndarray) -> None:
-        self._update(pixels, tf.constant(ids, tf.int64))
+        self._step(tf.convert_to_tensor(pixels, tf.uint8), tf.constant(ids, tf.int64))
         self.images_seen += len(ids)
 
     def state(self) -> list[dict[str, np.ndarray]]:
-        return [{name: var.numpy() for name, var in layer.items()} for layer in self._vars]
+        whole = {name: var.numpy() for name, var in self._vars.items()}
+        return [{name: array[a:b] for name, array in whole.items()}
+                for a, b in zip(self.bounds[:-1], self.bounds[1:])]
 
     def load_state(self, state: list[dict[str, np.ndarray]], images_seen: int) -> None:
-        for layer, saved in zip(self._vars, state):
-            for name, var in layer.items():
-                var.assign(saved[name])
+        for name, var in self._vars.items():
+            var.assign(np.concatenate([layer[name] for layer in state], axis=0))
         self.images_seen = images_seen
 
     def results(self, state: list[dict[str, np.ndarray]] | None = None) -> list[tuple[TopK, ChannelStats]]:

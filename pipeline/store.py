@@ -518,9 +518,7 @@ def block_bytes(checkpoint) -> int:
 
 def table_digest(table) -> str:
     """sha256 of a dataset's image list (paths and labels): shards of one dataset agree on it."""
-    h = hashlib.sha256()
-    for path in table.paths:
-        h.update(path.encode("utf-8", "surrogateescape") + b"\0")
+    h = hashlib.sha256("\0".join(table.paths).encode("utf-8", "surrogateescape"))
     h.update(np.ascontiguousarray(table.labels, np.int64).tobytes())
     return h.hexdigest()
 
@@ -603,3 +601,25 @@ def _compressed(d: h5py.Dataset) -> bool:
         with h5py.File(folder / sources[0].file_name, "r") as f:
             return f[sources[0].dset_name].compression is not None
     return d.compression is not None
+
+
+def main(argv=None) -> None:
+    """python -m pipeline.store pack RUN_DIR OUT.h5: one self-contained copy of a run's results."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.store", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pack", help="write every dataset results.h5 shows into one file")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        store = Store(args.run_dir)
+        store.open().close()  # a missing or foreign run directory is one line
+        pack(store.index, args.out)
+    except PipelineError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -112,14 +112,22 @@ def merge_candidates(value, image, pos, cand_value, ids, cand_y):
     Returns the new (value, image, pos) tables and `row` (C, K): for entries that
     came from this batch, their index in the batch (their pos holds only y so
     far), -1 for entries kept from the table.
+
+    Only the batch's own top K per channel can enter the table, so those are picked
+    first (a top_k over the batch in image-id order, whose lower-index tie rule is then
+    lower image id) and the sort that merges them with the table is over 2K entries,
+    not K + B.
     """
     c = tf.shape(value)[0]
     k = tf.shape(value)[1]
-    n = tf.shape(ids)[0]
-    all_value = tf.concat([value, tf.transpose(cand_value)], axis=1)  # (C, K + B)
-    all_image = tf.concat([image, tf.broadcast_to(ids[None, :], (c, n))], axis=1)
-    all_pos = tf.concat([pos, tf.transpose(cand_y)], axis=1)
-    all_row = tf.concat([tf.fill((c, k), -1), tf.broadcast_to(tf.range(n)[None, :], (c, n))], axis=1)
+    by_id = tf.argsort(ids, stable=True)
+    in_order = tf.gather(tf.transpose(cand_value), by_id, axis=1)  # (C, B), columns by image id
+    batch_value, batch_best = tf.math.top_k(in_order, k=tf.minimum(k, tf.shape(ids)[0]), sorted=True)
+    batch_row = tf.gather(by_id, batch_best)  # (C, kb) row in the batch
+    all_value = tf.concat([value, batch_value], axis=1)  # (C, K + kb)
+    all_image = tf.concat([image, tf.gather(ids, batch_row)], axis=1)
+    all_pos = tf.concat([pos, tf.gather(tf.transpose(cand_y), batch_row, batch_dims=1)], axis=1)
+    all_row = tf.concat([tf.fill((c, k), -1), batch_row], axis=1)
     # Sorting by image id first makes top_k's documented tie rule (lower index
     # first) break ties by lower image id; empty slots (-1) must rank last.
     order = tf.argsort(tf.where(all_image < 0, tf.int64.max, all_image), axis=1, stable=True)

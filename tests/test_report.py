@@ -414,6 +414,39 @@ def test_report_and_export_rerender_without_the_model(full_run, tmp_path):
         hidden.rename(model_file)
 
 
+def test_report_redraws_only_what_changed(full_run, tmp_path):
+    from test_pipeline import compose_cfg
+    from pipeline.runner import run
+
+    cfg, run_dir = full_run[:2]
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    overrides = full_run_overrides(Path(cfg.model.path).parent, Path(cfg.dataset.path))
+
+    def stamps(*patterns):
+        return {p: p.stat().st_mtime_ns for pattern in patterns for p in copy.glob(pattern)}
+
+    card, sheet, image, book = "report/cards/*/*.png", "sheets/*.png", "sheets/images/*.png", "report.pdf"
+    run(compose_cfg(overrides + ["stages=[report]"]), copy)  # the first render with input keys
+    before = stamps(card, sheet, image, book, "index.html")
+    assert len([p for p in before if p.parent.parent.name == "cards"]) == 10  # relu1 4 + relu2 6 units
+    run(compose_cfg(overrides + ["stages=[report]"]), copy)  # nothing changed: nothing is drawn
+    assert stamps(card, sheet, image, book, "index.html") == before
+    # new per-image maps: the per-image sheets, book and index are drawn again, the cards are not
+    run(compose_cfg(overrides + ["stages=[cam]", "cam.methods=[gradcam]", "overwrite=true"]), copy)
+    run(compose_cfg(overrides + ["stages=[report]", "cam.methods=[gradcam]"]), copy)
+    after = stamps(card, sheet, image, book, "index.html")
+    assert {p: t for p, t in after.items() if "cards" in p.parts or p.parent.name == "sheets"} == \
+        {p: t for p, t in before.items() if "cards" in p.parts or p.parent.name == "sheets"}
+    for path in [*copy.glob(image), copy / book, copy / "index.html"]:
+        assert after[path] != before[path], path
+    # a deleted card is drawn again
+    victim = sorted(copy.glob(card))[0]
+    victim.unlink()
+    run(compose_cfg(overrides + ["stages=[report]", "cam.methods=[gradcam]"]), copy)
+    assert victim.exists()
+
+
 def test_report_options_cards_pdf_and_per_image(full_run, tmp_path):
     _, run_dir = full_run[:2]
     results = run_dir / "results.h5"

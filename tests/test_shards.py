@@ -51,12 +51,12 @@ def sharded(tmp_path_factory):
                            f"hydra.run.dir={merged}"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp, sweep
+    return tmp, sweep, common
 
 
 @pytest.mark.slow
 def test_joblib_shards_merge_to_the_unsharded_tables(sharded):
-    tmp, sweep = sharded
+    tmp, sweep, _ = sharded
     with h5py.File(tmp / "single" / "results.h5", "r") as a, h5py.File(tmp / "merged" / "results.h5", "r") as b:
         for shard in ("0", "1"):
             with h5py.File(sweep / shard / "results.h5", "r") as s:
@@ -78,7 +78,7 @@ def test_joblib_shards_merge_to_the_unsharded_tables(sharded):
 
 @pytest.mark.slow
 def test_sweep_summary_lists_and_links_every_job(sharded):
-    _, sweep = sharded
+    _, sweep, _ = sharded
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert [r["job"] for r in rows] == ["0", "1"]
     assert all(r["status"] == "done" and "shard.index=" in r["overrides"] for r in rows)
@@ -94,3 +94,33 @@ def test_slurm_launcher_config_composes():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "submitit_launcher.SlurmLauncher" in proc.stdout and "array_parallelism: 32" in proc.stdout
+
+
+@pytest.mark.slow
+def test_merge_refuses_shards_that_do_not_belong_together(sharded, tmp_path):
+    import keras
+
+    tmp, sweep, common = sharded
+    merge = common + ["stages=[merge]"]
+    # the same shard twice
+    with pytest.raises(PipelineError, match="scanned images another input scanned too"):
+        run(compose_cfg(merge + [f"merge.inputs=[{sweep}/0,{sweep}/0]"]), tmp_path / "twice")
+    # a shard of another topk than the merge's config
+    other_topk = tmp_path / "topk3"
+    run(compose_cfg(common + ["topk=3", "shard.count=2", "shard.index=1", "stages=[scan]"]), other_topk)
+    with pytest.raises(PipelineError, match=f"shard {other_topk} scanned other layers, topk"):
+        run(compose_cfg(merge + [f"merge.inputs=[{sweep}/0,{other_topk}]"]), tmp_path / "mixed_topk")
+    # a shard of the same config whose model file changed in between
+    model_file = tmp / "tiny.keras"
+    original = model_file.read_bytes()
+    model = keras.models.load_model(model_file, compile=False)
+    model.set_weights([w + 0.5 for w in model.get_weights()])
+    model.save(model_file)
+    try:
+        other_weights = tmp_path / "weights"
+        run(compose_cfg(common + ["shard.count=2", "shard.index=1", "stages=[scan]"]), other_weights)
+    finally:
+        model_file.write_bytes(original)
+    with pytest.raises(PipelineError, match=f"shard {other_weights} has another model weights"):
+        run(compose_cfg(merge + [f"merge.inputs=[{sweep}/0,{other_weights}]"]), tmp_path / "mixed_weights")
+    assert not (tmp_path / "mixed_weights" / "parts" / "scan.h5").exists()  # a refused merge writes no results

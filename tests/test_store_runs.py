@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, save_image
 from test_pipeline import compose_cfg, tiny_model
 from pipeline.runner import run
-from pipeline.store import PARTS_DIR, pack, walk
+from pipeline.store import PARTS_DIR, Store, pack, walk
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("store_runs")
     tiny_model(tmp / "tiny.keras")
     rng = np.random.default_rng(11)
-    for i in range(600):
+    for i in range(400):
         save_image(tmp / "data" / f"c{i % 3}" / f"{i:04d}.png", rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
     (tmp / "data" / "c0" / "9999_broken.png").write_bytes(b"\x89PNG broken")
     base = ["model=file", f"model.path={tmp / 'tiny.keras'}", "model.preprocess=unit", "dataset=folder",
@@ -58,7 +58,7 @@ STAGE_RUNS = {  # stage -> the stages listed (the stage is last) and its own set
     "crop": ["stages=[scan,crop]"],
     "panels": ["stages=[scan,panels]", "panels.methods=[deconv,guided]", "panels.batch_size=3"],
     "cam": ["stages=[cam]", "cam.methods=[gradcam,gradcam++]", "cam.draw=2"],
-    "activations": ["stages=[activations]", "activations.images=300"],
+    "activations": ["stages=[activations]", "activations.images=200"],
     "filters": ["stages=[filters]", "filters.steps=6", "filters.size=24", "filters.batch=1", "filters.toolbox=false"],
 }
 
@@ -68,8 +68,10 @@ STAGE_RUNS = {  # stage -> the stages listed (the stage is last) and its own set
 def test_a_stage_killed_mid_way_resumes_to_identical_results(setup, stage):
     tmp, base = setup
     overrides = base + STAGE_RUNS[stage]
-    reference = tmp / f"reference_{stage}"
-    run(compose_cfg(overrides), reference)
+    reference = tmp / f"reference_{stage}"  # an uninterrupted run.py: the same process setup, bit for bit
+    done = subprocess.run([sys.executable, "run.py", *overrides, f"hydra.run.dir={reference}"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     run_dir = tmp / f"killed_{stage}"
     command = overrides + [f"hydra.run.dir={run_dir}"]
     proc = _start(command)
@@ -178,7 +180,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_complete_state(setup):
     try:
         run_dir = disk / "run"
         proc = subprocess.run([sys.executable, "run.py", *base, "stages=[scan,activations]",
-                               "activations.images=600", "checkpoint.batches=null", "checkpoint.block_mb=1",
+                               "activations.images=400", "checkpoint.batches=null", "checkpoint.block_mb=1",
                                f"hydra.run.dir={run_dir}"], cwd=ROOT, env=ENV, capture_output=True, text=True)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2, proc.stderr[-3000:]
@@ -187,3 +189,31 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_complete_state(setup):
             assert f["layers/relu2/topk/value"].shape == (6, 5) and "activations" not in f
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_new_scan_drops_the_maps_of_images_chosen_from_its_top_k(setup):
+    tmp, base = setup
+    run_dir = tmp / "rescan"
+    chosen = "activations.images={layer: relu2, channels: [0, 1], k: 2}"
+    run(compose_cfg(base + ["stages=[scan,activations,occlusion]", chosen, "occlusion.images=3",
+                            "checkpoint.batches=null"]), run_dir)
+    done = Store(run_dir).stages_done()
+    assert {"scan", "activations", "occlusion"} <= set(done)
+    run(compose_cfg(base + ["stages=[scan]", "topk=3", "overwrite=true", "checkpoint.batches=null"]), run_dir)
+    done = Store(run_dir).stages_done()
+    assert "activations" not in done and "occlusion" in done  # occlusion's images (the first 3) did not change
+    with h5py.File(run_dir / "results.h5", "r") as f:
+        assert "activations" not in f and f["layers/relu2/topk/value"].shape == (6, 3)
+
+
+def test_a_resume_with_another_batch_size_is_refused(setup):
+    from pipeline.errors import PipelineError
+    from pipeline.stages import scan
+    from pipeline.store import fingerprint
+
+    tmp, base = setup
+    run_dir = tmp / "other_batch"
+    cfg = compose_cfg(base + ["stages=[scan]"])
+    Store(run_dir).work("scan", fingerprint(cfg, scan.KEYS), False, batch_size=4)  # as a killed batch_size=4 scan
+    with pytest.raises(PipelineError, match="ran with batch_size=4: resume with batch_size=4"):
+        run(compose_cfg(base + ["stages=[scan]", "batch_size=8"]), run_dir)

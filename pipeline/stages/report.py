@@ -814,8 +814,117 @@ def _chosen_units(units, channels: int) -> list[int]:
     return list(range(min(int(units or 0), channels)))
 
 
+def _render_layers(f, infos, n_ok: int, make_sparsity, chosen: dict, cards: bool, sheet_dir: Path,
+                   report_dir: Path):
+    """Layer sheets and their previews, the sparsity figure, unit cards and thumbnails."""
+    from pipeline.cards import ImageIndex, render_layer_cards
+
+    sheets: dict[str, Path] = {}
+    previews: dict[str, Path] = {}
+    for info in tqdm(infos, desc="layer sheets", unit="layer"):
+        path = sheet_dir / f"{info.stored}.png"
+        image = compose_sheet(f["layers"][info.stored], info, n_ok)
+        _write_png(path, image)
+        sheets[info.stored] = path
+        previews[info.stored] = _preview(image, report_dir / "previews" / f"{info.stored}.jpg")
+    sparsity_png = None
+    if make_sparsity is not None:
+        fig = make_sparsity()
+        sparsity_png = _save_figure(fig, sheet_dir / "run" / "sparsity.png", PRINT_DPI)
+        _save_figure(fig, sheet_dir / "run" / "sparsity.pdf", PRINT_DPI)
+    images = ImageIndex.read(f)
+    card_files = {}
+    total = sum((int(i.shape[-1]) if i.shape else 0) if cards else len(chosen.get(i.stored, [])) for i in infos)
+    with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=total, desc="unit cards", unit="card") as bar:
+        for info in infos:
+            wanted = None if cards else chosen.get(info.stored, [])
+            if wanted is not None and not wanted:
+                continue
+            card_files[info.stored] = render_layer_cards(
+                f, info, report_dir / "cards" / info.stored, report_dir / "thumbs" / info.stored if cards else None,
+                units=wanted, images=images, pool=pool, bar=bar)
+    return sheets, previews, sparsity_png, card_files
+
+
+class RenderCache:
+    """What the last render drew, per part of the report, from which inputs
+    (report/.rendered.json); written after each part is drawn."""
+
+    FILE = ".rendered.json"
+
+    def __init__(self, out_dir: Path, report_dir: Path, inputs: dict[str, str] | None):
+        self.out_dir, self.path, self.inputs = Path(out_dir), Path(report_dir) / self.FILE, inputs or {}
+        self.saved = {}
+        if self.inputs and self.path.exists():
+            try:
+                self.saved = json.loads(self.path.read_text())
+            except ValueError:
+                self.saved = {}
+
+    def kept(self, part: str):
+        """The files of `part` from the last render, if its inputs are the same and its files exist."""
+        entry = self.saved.get(part)
+        if not self.inputs or entry is None or entry["key"] != self.inputs.get(part):
+            return None
+        if not all((self.out_dir / rel).exists() for rel in entry["files"]):
+            return None
+        return getattr(self, f"_load_{part}")(entry["data"])
+
+    def record(self, part: str, value) -> None:
+        if not self.inputs:
+            return
+        data, files = getattr(self, f"_dump_{part}")(value)
+        self.saved[part] = dict(key=self.inputs.get(part), data=data, files=files)
+        from pipeline.store import atomic_file
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.path, "w") as fh:
+            json.dump(self.saved, fh)
+
+    def _rel(self, path: Path | None) -> str | None:
+        return None if path is None else Path(path).relative_to(self.out_dir).as_posix()
+
+    def _abs(self, rel: str | None) -> Path | None:
+        return None if rel is None else self.out_dir / rel
+
+    def _dump_layers(self, value):
+        sheets, previews, sparsity, card_files = value
+        cards = {k: dict(cards={u: self._rel(p) for u, p in c.cards.items()},
+                         thumbs={u: self._rel(p) for u, p in c.thumbs.items()}, size=list(c.size), thumb=c.thumb)
+                 for k, c in card_files.items()}
+        data = dict(sheets={k: self._rel(p) for k, p in sheets.items()},
+                    previews={k: self._rel(p) for k, p in previews.items()}, sparsity=self._rel(sparsity), cards=cards)
+        files = list(data["sheets"].values()) + list(data["previews"].values()) + \
+            [rel for c in cards.values() for rel in (*c["cards"].values(), *c["thumbs"].values())]
+        return data, files + ([data["sparsity"]] if sparsity else [])
+
+    def _load_layers(self, data):
+        from pipeline.cards import LayerCardFiles
+
+        cards = {k: LayerCardFiles(k, {int(u): self._abs(p) for u, p in c["cards"].items()},
+                                   {int(u): self._abs(p) for u, p in c["thumbs"].items()}, tuple(c["size"]), c["thumb"])
+                 for k, c in data["cards"].items()}
+        return ({k: self._abs(p) for k, p in data["sheets"].items()},
+                {k: self._abs(p) for k, p in data["previews"].items()}, self._abs(data["sparsity"]), cards)
+
+    def _dump_images(self, value):
+        data = [[int(i), self._rel(p), caption] for i, p, caption in value]
+        return data, [rel for _, rel, _ in data]
+
+    def _load_images(self, data):
+        return [(i, self._abs(rel), caption) for i, rel, caption in data]
+
+    def _dump_site(self, value):
+        book, pages = value
+        data = dict(book=self._rel(book), pages=[self._rel(p) for p in pages])
+        return data, data["pages"] + ([data["book"]] if book else [])
+
+    def _load_site(self, data):
+        return self._abs(data["book"]), [self._abs(p) for p in data["pages"]]
+
+
 def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, units=8, pdf: bool = True,
-                  per_image=8) -> list[Path]:
+                  per_image=8, inputs: dict[str, str] | None = None) -> list[Path]:
     """Render everything from results.h5 into out_dir (the run directory); return the files.
 
     sheets/<layer>.png (network order, first in the list), sheets/run/sparsity.png and .pdf,
@@ -824,14 +933,18 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
     book shows), sheets/images/image_<id>.png (per_image: N or a list of ids),
     report.pdf (pdf=True; `units` per layer: N first units or a list), report/<layer>.html,
     and index.html (last in the list).
+
+    `inputs`: a key per part of the report (layers, images, site) that changes whenever
+    what it is drawn from changes; a part whose key equals the last render's, with its
+    files still there, is kept instead of drawn again.
     """
     from pipeline.book import Book, BookLayer, write_book
-    from pipeline.cards import ImageIndex, render_layer_cards
     from pipeline.site import REPORT_DIR, Site, SiteImage, SiteLayer, write_site
 
     results_path, out_dir = Path(results_path), Path(out_dir)
     sheet_dir = out_dir / "sheets"
     report_dir = out_dir / REPORT_DIR
+    cache = RenderCache(out_dir, report_dir, inputs)
     written: list[Path] = []
     with h5py.File(results_path, "r") as f:
         attrs = {key: f.attrs[key] for key in f.attrs}
@@ -848,53 +961,38 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
         ids = choose_images(pi, per_image, len(paths))  # a bad list stops here, before any file is written
         sheet_dir.mkdir(parents=True, exist_ok=True)
 
-        # layer sheets and their previews
-        sheets: dict[str, Path] = {}
-        previews: dict[str, Path] = {}
-        for info in tqdm(infos, desc="layer sheets", unit="layer"):
-            path = sheet_dir / f"{info.stored}.png"
-            image = compose_sheet(f["layers"][info.stored], info, n_ok)
-            _write_png(path, image)
-            sheets[info.stored] = path
-            previews[info.stored] = _preview(image, report_dir / "previews" / f"{info.stored}.jpg")
-        written += [sheets[i.stored] for i in infos]
-
-        # sparsity by depth
+        # layer sheets, previews, the sparsity figure, unit cards and thumbnails
         zero = [(i.name, f["layers"][i.stored]["stats/zero_fraction"][()]) for i in infos
                 if "stats/zero_fraction" in f["layers"][i.stored]]
-        sparsity_png = None
         make_sparsity = partial(sparsity_figure, [n for n, _ in zero], [z for _, z in zero], model) if zero else None
-        if make_sparsity is not None:
-            fig = make_sparsity()
-            sparsity_png = _save_figure(fig, sheet_dir / "run" / "sparsity.png", PRINT_DPI)
-            written += [sparsity_png, _save_figure(fig, sheet_dir / "run" / "sparsity.pdf", PRINT_DPI)]
-
-        # unit cards and thumbnails
-        images = ImageIndex.read(f)
         chosen = {i.stored: _chosen_units(units, int(i.shape[-1]) if i.shape else 0) for i in infos} if pdf else {}
-        card_files = {}
-        total = sum((int(i.shape[-1]) if i.shape else 0) if cards else len(chosen.get(i.stored, [])) for i in infos)
-        with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=total, desc="unit cards", unit="card") as bar:
-            for info in infos:
-                wanted = None if cards else chosen.get(info.stored, [])
-                if wanted is not None and not wanted:
-                    continue
-                card_files[info.stored] = render_layer_cards(
-                    f, info, report_dir / "cards" / info.stored,
-                    report_dir / "thumbs" / info.stored if cards else None,
-                    units=wanted, images=images, pool=pool, bar=bar)
+        kept = cache.kept("layers")
+        if kept is not None:
+            sheets, previews, sparsity_png, card_files = kept
+            logger.info("report: layer sheets and %d unit cards kept, their inputs did not change",
+                        sum(len(c.cards) for c in card_files.values()))
+        else:
+            sheets, previews, sparsity_png, card_files = _render_layers(f, infos, n_ok, make_sparsity, chosen,
+                                                                         cards, sheet_dir, report_dir)
+            cache.record("layers", (sheets, previews, sparsity_png, card_files))
+        written += [sheets[i.stored] for i in infos]
+        if sparsity_png is not None:
+            written += [sparsity_png, sparsity_png.with_suffix(".pdf")]
         for files in card_files.values():
             written += list(files.cards.values()) + list(files.thumbs.values())
 
         # per-image sheets
         names = class_namer(f)
         spec = _preprocessing(attrs)
-        image_sheets: list[tuple[int, Path, str]] = []
-        for image_id in tqdm(ids, desc="per-image sheets", unit="image"):
-            fig, _ = image_sheet(f, pi, image_id, names, spec, PRINT_DPI)
-            path = _save_figure(fig, sheet_dir / "images" / f"image_{image_id}.png", PRINT_DPI)
-            image_sheets.append((image_id, path, f"image #{image_id}: {Path(paths[image_id]).name}"))
-            written.append(path)
+        image_sheets = cache.kept("images")
+        if image_sheets is None:
+            image_sheets = []
+            for image_id in tqdm(ids, desc="per-image sheets", unit="image"):
+                fig, _ = image_sheet(f, pi, image_id, names, spec, PRINT_DPI)
+                path = _save_figure(fig, sheet_dir / "images" / f"image_{image_id}.png", PRINT_DPI)
+                image_sheets.append((image_id, path, f"image #{image_id}: {Path(paths[image_id]).name}"))
+            cache.record("images", image_sheets)
+        written += [path for _, path, _ in image_sheets]
         extras = _extras(f, out_dir)
 
         # what the run lacks, said once on the index and in the book
@@ -916,6 +1014,11 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
              ("images", f"{n_ok} scanned, {len(paths) - n_ok} skipped"),
              ("layers", f"{len(infos)} ({sum(int(i.shape[-1]) for i in infos if i.shape)} units)"),
              ("version", _as_str(attrs.get("version", "?")))]
+    kept = cache.kept("site")
+    if kept is not None:
+        book_path, pages = kept
+        logger.info("report: nothing changed since the last render; open %s", pages[-1])
+        return written + ([book_path] if book_path else []) + pages
     book_path = None
     if pdf:
         book = Book(title=model, facts=facts,
@@ -950,6 +1053,7 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
                 images=[SiteImage(i, caption, path) for i, path, caption in image_sheets], images_note=images_note,
                 extras=extras, book=book_path, config=_as_str(attrs.get("config", "")), notes=notes)
     pages = write_site(site, out_dir)
+    cache.record("site", (book_path, pages))
     written += pages
     logger.info("report: %d sheets, %d cards, %d per-image sheets%s; open %s", len(sheets),
                 sum(len(c.cards) for c in card_files.values()), len(image_sheets),
@@ -957,7 +1061,26 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
     return written
 
 
-KEYS = ()  # rendering reads only results.h5 and is cheap next to the stages it shows: it always runs
+KEYS = ()  # rendering reads only results.h5: it always runs, and redraws only what changed
+
+
+def render_inputs(store, options: dict) -> dict[str, str]:
+    """A key per part of the report, from the tokens of the stages each part is drawn from
+    (a token changes whenever its stage finishes again), the run record and the options."""
+    import hashlib
+
+    import pipeline
+
+    markers = store.markers()
+    stamps = {n: (store.parts / n).stat().st_mtime_ns for n in ("run.h5", "images.h5") if store.has(n)}
+
+    def key(stages) -> str:
+        items = dict(options=options, version=pipeline.__version__, parts=stamps,
+                     stages={s: markers[s]["token"] for s in stages if s in markers})
+        return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
+
+    return dict(layers=key(("scan", "crop", "panels", "filters")), images=key(("cam", "occlusion", "activations")),
+                site=key(sorted(markers)))
 
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
@@ -973,5 +1096,6 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
             return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
         options = dict(cards=bool(rc.cards), units=plain(rc.units), pdf=bool(rc.pdf), per_image=plain(rc.per_image))
-    files = render_report(results, Path(run_dir), **options)
+    inputs = None if cfg.get("overwrite") else render_inputs(Store(run_dir), options)
+    files = render_report(results, Path(run_dir), **options, inputs=inputs)
     logger.info("report: %d files, open %s", len(files), Path(run_dir) / "index.html")
