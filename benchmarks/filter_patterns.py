@@ -65,7 +65,7 @@ def main() -> None:
     reference = dataset_activations(model, spec, args.layers)
     recipe = Recipe(method=args.method, steps=args.steps, size=args.size)
     print(f"MobileNetV2, {args.method}, {args.steps} steps at {args.size} px, batch {args.batch}, "
-          f"{args.channels} channels per layer, stored at {spec.input_size} px")
+          f"{args.channels} channels per layer, stored at {spec.height}x{spec.width} px")
     for layer in args.layers:
         start = time.perf_counter()
         result = filter_patterns(model, spec, layer, range(args.channels), recipe=recipe, batch=args.batch,

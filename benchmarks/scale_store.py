@@ -152,7 +152,7 @@ def write_cost(tmp: Path, big_gb: float, repeats: int = 5) -> tuple[float, float
         return sorted(times)[len(times) // 2]
 
     cfg = OmegaConf.create({"model": {"kind": "file"}, "dataset": {"kind": "idx"}})
-    spec = Preprocessing(input_size=16, channels=1)
+    spec = Preprocessing(height=16, width=16, channels=1)
     seconds = []
     for name, gigabytes in (("small", 0.0), ("big", big_gb)):
         run_dir = tmp / f"write_{name}"

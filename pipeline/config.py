@@ -24,13 +24,18 @@ class ModelConfig:
     weights_path: Optional[str] = None
     # file: a .keras or .h5 model file
     path: Optional[str] = None
-    # file: none | unit | caffe | tf | torch (keras_app and mobilenet_v2 set their own)
+    # none | unit | caffe | tf | torch; null: the model family's own (keras_app), raw pixels
+    # for a model that normalises its input itself, else unit (file)
     preprocess: Optional[str] = None
-    # input side in pixels where the model does not fix it
-    input_size: Optional[int] = None
-    # 'shorter' (resize shorter side to resize_size, centre crop) or 'exact'
+    # the input in pixels where the model does not fix it: N (N x N) or [H, W]
+    input_size: Any = None
+    # 'shorter' (scale to cover the input with the resize_size margin, centre crop) or 'exact'
     resize: Optional[str] = None
+    # the shorter input side before the crop (e.g. 256 for 224); null: no margin
     resize_size: Optional[int] = None
+    # multi-output models: the head (output name or index) that cam, occlusion, predictions
+    # and class patterns explain; null: the first
+    output: Any = None
     # snapshot: the run directory of a train run (null: this run) and the epoch (null: the last)
     run_dir: Optional[str] = None
     epoch: Optional[int] = None
@@ -52,6 +57,13 @@ class DatasetConfig:
 class CropConfig:
     # frames larger than this (pixels a side) are stored downsampled to fit it
     max_size: int = 64
+
+
+@dataclass
+class GeometryConfig:
+    # custom layer classes (by class name) whose every output position reads only the same
+    # input position: the receptive-field mapper passes through them
+    pointwise: list = field(default_factory=list)
 
 
 @dataclass
@@ -190,8 +202,8 @@ class TrainConfig:  # stage: train
     # fraction of the labelled images held out for validation
     validation: float = 0.1
     seed: int = 0
-    # model input side in pixels (null: the IDX images' own size, 64 for image files)
-    input_size: Optional[int] = None
+    # model input in pixels, N or [H, W] (null: the IDX images' own size, 64 for image files)
+    input_size: Any = None
     # 1 (grey) or 3 (null: 1 for single-channel IDX data, 3 otherwise)
     channels: Optional[int] = None
     # filters of the conv/max-pool blocks, the dense layer's width, the dropout rate before it
@@ -269,6 +281,7 @@ class Config:
     crop: CropConfig = field(default_factory=CropConfig)
     scan: ScanConfig = field(default_factory=ScanConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     panels: PanelsConfig = field(default_factory=PanelsConfig)

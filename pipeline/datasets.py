@@ -205,7 +205,7 @@ def image_stream(table: ImageTable, spec: Preprocessing, batch_size: int,
 def ready_arrays(table: ImageTable, spec: Preprocessing) -> np.ndarray | None:
     """The table's in-memory images as (N, S, S, C) when they already are model-input pixels."""
     arrays = table.arrays
-    if arrays is None or arrays.shape[1:3] != (spec.input_size, spec.input_size):
+    if arrays is None or tuple(arrays.shape[1:3]) != spec.size:
         return None
     arrays = arrays[..., None] if arrays.ndim == 3 else arrays
     return arrays if arrays.shape[-1] == spec.channels else None

@@ -7,3 +7,8 @@ class PipelineError(Exception):
     run.py prints str(err) as one line and exits non-zero; the message must say
     what to do.
     """
+
+
+class StageSkipped(Exception):
+    """A stage that cannot apply to this model (e.g. Grad-CAM for a network without class
+    scores): the runner logs why, records nothing, and goes on with the next stage."""

@@ -139,8 +139,7 @@ def model_inputs(images, preprocessing: Preprocessing | None = None) -> tf.Tenso
         if preprocessing is None:
             raise PipelineError("uint8 pixels need the model's preprocessing: pass preprocessing=<Preprocessing>, "
                                 "or pass normalised float32 inputs")
-        s = preprocessing.input_size
-        if x.shape.rank != 4 or tuple(x.shape[1:]) != (s, s, preprocessing.channels):
+        if x.shape.rank != 4 or tuple(x.shape[1:]) != (*preprocessing.size, preprocessing.channels):
             x = tf.stack([_model_pixels(img, preprocessing) for img in tf.unstack(x)])
         return normalize(x, preprocessing.normalize)
     if x.shape.rank != 4:
@@ -176,22 +175,51 @@ def _is_squashing(layer) -> str | None:
     return None
 
 
-def logits_head(model):
+class NoClassScores(PipelineError):
+    """The model (or its chosen output) gives no vector of class scores."""
+
+
+def output_names(model) -> list[str]:
+    return [t._keras_history.operation.name for t in model.outputs]
+
+
+def choose_output(model, output=None) -> int:
+    """Index of the model output that `model.output` names (a name or an index; None: the
+    first, said once when the model has several)."""
+    names = output_names(model)
+    if output is None:
+        if len(names) > 1:
+            logger.info("model has %d outputs (%s): explaining the first, %s (model.output=NAME|INDEX "
+                        "chooses another)", len(names), ", ".join(names), names[0])
+        return 0
+    if isinstance(output, int) or str(output).lstrip("-").isdigit():
+        index = int(output)
+        if not -len(names) <= index < len(names):
+            raise PipelineError(f"model.output={output}: the model has outputs 0 to {len(names) - 1} "
+                                f"({', '.join(names)})")
+        return index % len(names)
+    if str(output) not in names:
+        raise PipelineError(f"model.output={output} is not an output of the model: use one of "
+                            f"{', '.join(names)} (or an index)")
+    return names.index(str(output))
+
+
+def logits_head(model, output=None):
     """(node name, head) such that head(output of node) gives the class logits.
 
-    The node is the model's (first) output, or, when the model ends in a softmax or
-    sigmoid, the input of that layer; for a Dense layer with such an activation the
-    head computes x @ W + b.
+    The node is the chosen model output (`model.output`: name or index; the first by
+    default), or, when it ends in a softmax or sigmoid, the input of that layer; for a
+    Dense layer with such an activation the head computes x @ W + b.
     """
-    out = model.outputs[0]
+    out = model.outputs[choose_output(model, output)]
     nodes = flat_layers(model)
     node = next((n for n in nodes if any(t is out for t in n.tensors)), None)
     if node is None:  # the output of a nested model: Keras names it after the nested model
         qualified = resolve_layer_names(model, [out._keras_history.operation.name])[0]
         node = next(n for n in nodes if n.name == qualified)
     if len(node.output_shape) != 1:
-        raise PipelineError(f"model {model.name!r} outputs shape {node.output_shape}, not a vector of class "
-                            "scores: the Grad-CAM family and occlusion need a classifier")
+        raise NoClassScores(f"model {model.name!r} outputs shape {node.output_shape}, not a vector of class "
+                            "scores: the Grad-CAM family, occlusion and class patterns need a classifier")
     squash = _is_squashing(node.layer)
     if squash is None:
         return node.name, None
@@ -310,17 +338,17 @@ class CamExplainer:
     """
 
     def __init__(self, model: keras.Model, layer: str | None = None,
-                 preprocessing: Preprocessing | None = None):
+                 preprocessing: Preprocessing | None = None, output=None):
         self.model = model
         self.preprocessing = preprocessing
         self.layer, self.map_shape = map_layer(model, layer, "cam.layer")  # map_shape: (h, w, C)
-        self.logits_layer, self._head = logits_head(model)
+        self.logits_layer, self._head = logits_head(model, output)
         if self.logits_layer == self.layer:
             raise PipelineError(f"layer {self.layer!r} is the model output: pick a convolutional layer")
         # maps and logits in one connected graph: gradients reach maps inside nested models
         self._features = connected_model(model, [self.layer, self.logits_layer], name="cam_features")
         self._logits_model = feature_model(model, [self.logits_layer], name="cam_logits")
-        self.num_classes = int(model.outputs[0].shape[-1])
+        self.num_classes = int(model.outputs[choose_output(model, output)].shape[-1])
         self._zero_logits = None
 
     # -- building blocks -------------------------------------------------------
@@ -547,11 +575,12 @@ class Occluder:
     """
 
     def __init__(self, model: keras.Model, layer: str | None = None,
-                 preprocessing: Preprocessing | None = None):
+                 preprocessing: Preprocessing | None = None, output=None):
         self.model = model
         self.preprocessing = preprocessing
         self.layer, _ = map_layer(model, layer, "occlusion.layer")
-        self.logits_layer, self._head = logits_head(model)
+        self.logits_layer, self._head = logits_head(model, output)
+        self.num_classes = int(model.outputs[choose_output(model, output)].shape[-1])
         self._features = feature_model(model, [self.layer, self.logits_layer], name="occlusion_features")
 
     def _forward(self, x):

@@ -25,9 +25,13 @@ Inputs of a merge that are broadcast from a 1x1 map (squeeze-and-excitation
 style gates computed from global pooling) are left out of the union, with a
 note in `Geometry.message`: the boxes then show the local receptive field.
 
+Transposed convolutions, UpSampling2D and Resizing (nearest and bilinear, the taps
+tf.image.resize reads) are mapped too, as are Reshape and Permute that keep the grid,
+and normalisations (their whole-map statistics are left out, with a note).
+
 A layer whose path to the input crosses something without a spatial mapping
-(global pooling, Flatten, Reshape, UpSampling, a layer type this module does not
-know) is "unmappable": every box is the whole image and `message` says why.
+(global pooling, Flatten, a Reshape that rearranges the grid, a layer type this module
+does not know) is "unmappable": every box is the whole image and `message` says why.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ class Geometry:
     col_offset: np.ndarray  # (W,) int32
     frame: tuple[int, int]
     rf_size: tuple[int, int]  # == frame
-    rf_stride: tuple[int, int]  # product of strides from the input to the layer
+    rf_stride: tuple  # product of strides from the input to the layer (fractional after upsampling)
     input_size: tuple[int, int]
     mappable: bool = True
     message: str = ""
@@ -126,11 +130,73 @@ def layer_geometry(model, name: str) -> Geometry:
 # layer classification
 
 class _AxisMap(NamedTuple):
-    """Output o of one axis reads input taps o*s - pb + j*d, j = 0..k-1."""
+    """A window (convolution, pooling): output o of one axis reads input taps
+    o*s - pb + j*d, j = 0..k-1."""
     k: int = 1
     s: int = 1
     d: int = 1
     pb: int = 0
+
+    def taps(self, o: np.ndarray):
+        return [(o * self.s - self.pb + j * self.d, None) for j in range(self.k)]
+
+    def span(self, lo: np.ndarray, hi: np.ndarray):
+        return lo * self.s - self.pb, (hi - 1) * self.s - self.pb + self.d * (self.k - 1) + 1
+
+    @property
+    def stride(self) -> float:
+        return float(self.s)
+
+
+class _Transposed(NamedTuple):
+    """A transposed convolution: input i feeds outputs i*s - pb + j*d, so output o reads
+    the inputs (o + pb - j*d) / s that are whole numbers."""
+    k: int
+    s: int
+    d: int
+    pb: int
+
+    def taps(self, o: np.ndarray):
+        out = []
+        for j in range(self.k):
+            num = o + self.pb - j * self.d
+            out.append((num // self.s, num % self.s == 0))
+        return out
+
+    def span(self, lo: np.ndarray, hi: np.ndarray):
+        return -((self.d * (self.k - 1) - lo - self.pb) // self.s), (hi - 1 + self.pb) // self.s + 1
+
+    @property
+    def stride(self) -> float:
+        return 1.0 / self.s
+
+
+class _Resize(NamedTuple):
+    """tf.image.resize of n_in to n_out samples (half-pixel centres, no antialiasing):
+    nearest reads floor((o + 0.5) * r); bilinear reads the two samples around
+    (o + 0.5) * r - 0.5 (the second only where its weight is not zero), clamped."""
+    n_in: int
+    n_out: int
+    method: str
+
+    def _centre(self, o: np.ndarray) -> np.ndarray:
+        return (o + 0.5) * (self.n_in / self.n_out) - (0.5 if self.method == "bilinear" else 0.0)
+
+    def taps(self, o: np.ndarray):
+        c = self._centre(o)
+        first = np.floor(c).astype(np.int64)
+        if self.method == "nearest":
+            return [(np.minimum(first, self.n_in - 1), None)]
+        frac = c - first
+        return [(np.clip(first, 0, self.n_in - 1), frac < 1), (np.clip(first + 1, 0, self.n_in - 1), frac > 0)]
+
+    def span(self, lo: np.ndarray, hi: np.ndarray):
+        extra = 1 if self.method == "bilinear" else 0
+        return np.floor(self._centre(lo)).astype(np.int64), np.floor(self._centre(hi - 1)).astype(np.int64) + 1 + extra
+
+    @property
+    def stride(self) -> float:
+        return self.n_in / self.n_out
 
 
 _IDENTITY = _AxisMap()
@@ -153,6 +219,8 @@ _POINTWISE = (_L.InputLayer, _L.Activation, _L.ReLU, _L.LeakyReLU, _L.PReLU, _L.
               _L.Identity, _L.Masking)
 # pointwise layers that normalise along `axis`: spatial only if axis is the channel axis
 _AXIS_POINTWISE = (_L.Softmax, _L.LayerNormalization, _L.UnitNormalization)
+# normalisations whose statistics span the map: mapped as pointwise, with a note
+_WHOLE_MAP_NORM = (_L.GroupNormalization,)
 # element-wise keras.ops calls recorded in functional graphs (by class name)
 _ELEMENTWISE_OPS = frozenset({
     "Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Maximum", "Minimum", "Power",
@@ -231,7 +299,50 @@ def _edges(node, by_name: dict, notes: list[str]) -> list[tuple[str, _AxisMap, _
         return srcs[0][0], srcs[0][2]
 
     if isinstance(layer, _L.Conv2DTranspose):
-        raise _Unmappable(node, "is a transposed convolution, which is not mapped")
+        src, in_hw = single()
+        if getattr(layer, "output_padding", None) is not None:
+            raise _Unmappable(node, "is a transposed convolution with output_padding, which is not mapped")
+        padding = str(layer.padding).lower()
+        maps = []
+        for a in (0, 1):
+            k, s, d = int(layer.kernel_size[a]), int(layer.strides[a]), int(layer.dilation_rate[a])
+            span = d * (k - 1) + 1
+            expect = in_hw[a] * s if padding == "same" else (in_hw[a] - 1) * s + span
+            if expect != out_hw[a]:
+                raise _Unmappable(node, f"maps size {in_hw[a]} to {out_hw[a]}, not the expected {expect}")
+            # the transpose of a 'same' convolution from out_hw to in_hw
+            pb = max((in_hw[a] - 1) * s + span - out_hw[a], 0) // 2 if padding == "same" else 0
+            maps.append(_Transposed(k, s, d, pb))
+        return [(src, maps[0], maps[1], in_hw)]
+    if cls in ("UpSampling2D", "Resizing"):
+        src, in_hw = single()
+        method = str(getattr(layer, "interpolation", "nearest")).lower()
+        if method not in ("nearest", "bilinear"):
+            raise _Unmappable(node, f"resizes with {method!r} interpolation; only nearest and bilinear are mapped")
+        if cls == "Resizing" and (getattr(layer, "crop_to_aspect_ratio", False)
+                                  or getattr(layer, "pad_to_aspect_ratio", False)) and in_hw != out_hw:
+            raise _Unmappable(node, "resizes to another aspect ratio by cropping or padding, which is not mapped")
+        if cls == "Resizing" and in_hw != out_hw and getattr(layer, "antialias", False) and \
+                any(o < i for i, o in zip(in_hw, out_hw)):
+            raise _Unmappable(node, "shrinks with antialiasing, which is not mapped")
+        if in_hw == out_hw:
+            return [(src, _IDENTITY, _IDENTITY, in_hw)]
+        return [(src, _Resize(in_hw[0], out_hw[0], method), _Resize(in_hw[1], out_hw[1], method), in_hw)]
+    if isinstance(layer, (_L.Reshape, _L.Permute)):
+        src, in_hw = single()
+        same = (tuple(layer.dims) == (1, 2, 3)) if isinstance(layer, _L.Permute) else \
+            tuple(by_name[node.sources[0][0]].output_shapes[node.sources[0][1]]) == tuple(node.output_shape)
+        if not same:
+            raise _Unmappable(node, "rearranges the spatial grid")
+        return [(src, _IDENTITY, _IDENTITY, in_hw)]
+    if isinstance(layer, _WHOLE_MAP_NORM) or (isinstance(layer, _AXIS_POINTWISE)
+                                              and not isinstance(layer, _L.Softmax)):
+        src, in_hw = single()
+        axes = getattr(layer, "axis", -1)
+        axes = axes if isinstance(axes, (list, tuple)) else [axes]
+        if isinstance(layer, _WHOLE_MAP_NORM) or any(a is None or int(a) % 4 != _channel_axis(fmt) for a in axes):
+            notes.append(f"{node.name} ({cls}) normalises with statistics of the whole map; they are left out")
+        return [(src, _IDENTITY, _IDENTITY, in_hw)]
     if isinstance(layer, _WINDOWED):
         src, in_hw = single()
         if isinstance(layer, (_L.MaxPooling2D, _L.AveragePooling2D)):
@@ -271,12 +382,9 @@ def _edges(node, by_name: dict, notes: list[str]) -> list[tuple[str, _AxisMap, _
         elif isinstance(layer, _L.Dense):
             pointwise = fmt == "channels_last"  # acts on the last axis only
         if not pointwise:
-            if isinstance(layer, (_L.Reshape, _L.Permute)):
-                raise _Unmappable(node, "rearranges the spatial grid")
-            if cls.startswith("UpSampling"):
-                raise _Unmappable(node, "upsamples, which is not mapped")
-            raise _Unmappable(node, "is a layer type the receptive-field mapper does not know "
-                              "(pipeline.geometry.register_pointwise declares pointwise ones)")
+            raise _Unmappable(node, f"is a layer type the receptive-field mapper does not know (if each of "
+                              f"its output positions reads only the same input position, declare it with "
+                              f"geometry.pointwise=[{cls}])")
 
     edges = []
     for src, shape, in_hw in srcs:
@@ -305,19 +413,18 @@ def _start(n: int) -> _Axis:
     return _Axis(np.eye(n, dtype=bool), o, o + 1)
 
 
-def _back(ax: _Axis, m: _AxisMap, n_in: int) -> _Axis:
+def _back(ax: _Axis, m, n_in: int) -> _Axis:
     """Map a target-by-output mask to a target-by-input mask through one axis map."""
     n_out = ax.mask.shape[1]
-    if m == _IDENTITY and n_in == n_out:
+    if m is _IDENTITY and n_in == n_out:
         return ax
     o = np.arange(n_out, dtype=np.int64)
-    out = np.zeros((ax.mask.shape[0], n_in), dtype=bool)
-    for j in range(m.k):
-        i = o * m.s - m.pb + j * m.d
-        ok = (i >= 0) & (i < n_in)
-        out[:, i[ok]] |= ax.mask[:, o[ok]]  # i is injective in o for a fixed j
-    lo = ax.lo * m.s - m.pb
-    hi = (ax.hi - 1) * m.s - m.pb + m.d * (m.k - 1) + 1
+    reads = np.zeros((n_out, n_in), np.float32)  # output -> input positions it reads
+    for i, valid in m.taps(o):
+        ok = (i >= 0) & (i < n_in) & (True if valid is None else valid)
+        reads[o[ok], i[ok]] = 1.0
+    out = (ax.mask.astype(np.float32) @ reads) > 0
+    lo, hi = m.span(ax.lo, ax.hi)
     return _Axis(out, lo, hi)
 
 
@@ -371,14 +478,14 @@ def _propagate(nodes, by_name, target, out_hw, image, in_hw) -> Geometry:
     if image.name not in state:
         raise _Unmappable(target, "does not depend on the image input")
 
-    stride = {image.name: (1, 1)}
+    stride = {image.name: (1.0, 1.0)}
     for node in nodes[: index[target.name] + 1]:
         if node.name in edges_of:
-            cand = [(stride[src][0] * rm.s, stride[src][1] * cm.s)
+            cand = [(stride[src][0] * rm.stride, stride[src][1] * cm.stride)
                     for src, rm, cm, _ in edges_of[node.name] if src in stride]
             if cand:
                 stride[node.name] = (max(v[0] for v in cand), max(v[1] for v in cand))
-    rf_stride = stride.get(target.name, (1, 1))
+    rf_stride = tuple(int(v) if float(v).is_integer() else float(v) for v in stride.get(target.name, (1, 1)))
 
     rows_ax, cols_ax = state[image.name]
     rows, row_off = _boxes(rows_ax)
@@ -394,7 +501,7 @@ def _propagate(nodes, by_name, target, out_hw, image, in_hw) -> Geometry:
         message += "; boxes show the local receptive field"
         log.info("layer %s: %s", target.name, message)
     return Geometry(rows=rows, cols=cols, row_offset=row_off, col_offset=col_off, frame=frame,
-                    rf_size=frame, rf_stride=(int(rf_stride[0]), int(rf_stride[1])),
+                    rf_size=frame, rf_stride=rf_stride,
                     input_size=in_hw, mappable=True, message=message)
 
 

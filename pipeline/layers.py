@@ -41,6 +41,19 @@ def select_layers(model: keras.Model, layers) -> list[str]:
     return resolve_layer_names(model, names)
 
 
+def chosen_layers(model: keras.Model, layers) -> list[tuple[str, str]]:
+    """(stored key, qualified name) of each chosen layer. The key is the name as the user
+    wrote it ('/' becomes '.'): layers=[inner] for a nested model is stored as layers/inner,
+    whatever inner layer it resolves to; a preset's layers keep their qualified names."""
+    from pipeline.store import stored_name
+
+    qualified = select_layers(model, layers)
+    if isinstance(layers, str) and layers in PRESETS:
+        return [(stored_name(n), n) for n in qualified]
+    requested = [layers] if isinstance(layers, str) else [str(n) for n in layers]
+    return list(dict((stored_name(r), q) for r, q in zip(requested, qualified)).items())  # a name twice: once
+
+
 def preset(model: keras.Model, name: str) -> list[str]:
     """default: the last activation at each spatial resolution (stage ends);
     activations: every activation output; conv: every convolution output;

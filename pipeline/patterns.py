@@ -289,27 +289,12 @@ def negative(objective: Objective) -> Objective:
     return -objective
 
 
-def logits_source(model: keras.Model) -> tuple[str, Callable | None]:
-    """(layer, head) giving the class logits of a classifier: its last layer, or, when that
-    ends in a softmax, the input of the softmax (never the probability)."""
-    from pipeline.graph import flat_layers
+def logits_source(model: keras.Model, output=None) -> tuple[str, Callable | None]:
+    """(layer, head) giving the class logits of a classifier's output (`model.output`): the
+    output layer, or, when it ends in a softmax, the input of the softmax (never the probability)."""
+    from pipeline.explain import logits_head
 
-    nodes = flat_layers(model)
-    last = nodes[-1]
-    layer = last.layer
-    activation = getattr(getattr(layer, "activation", None), "__name__", "")
-    if isinstance(layer, keras.layers.Softmax) or (isinstance(layer, keras.layers.Activation)
-                                                    and activation == "softmax"):
-        return last.inputs[0], None
-    if isinstance(layer, keras.layers.Dense) and activation == "softmax":
-        kernel, bias = layer.kernel, layer.bias
-
-        def head(x):
-            out = tf.matmul(x, tf.convert_to_tensor(kernel))
-            return out + tf.convert_to_tensor(bias) if bias is not None else out
-
-        return last.inputs[0], head
-    return last.name, None
+    return logits_head(model, output)
 
 
 # --------------------------------------------------------------------------- models
@@ -323,18 +308,22 @@ def objective_model(model: keras.Model, layers: Sequence[str], size: int | None 
     from pipeline.graph import feature_model
 
     layers = list(layers)
-    native = model.input_shape[1] if isinstance(model.input_shape, tuple) else None
-    if size is None or native is None or size == native:
+    native = tuple(model.input_shape[1:3]) if isinstance(model.input_shape, tuple) else (None, None)
+    if size is None or None in native or (size, size) == native:
         fm = feature_model(model, layers)
-        return _as_dict(fm, layers), native if native is not None else size
+        return _as_dict(fm, layers), size
     try:
         fm = _resizable_feature_model(model, layers)
         fm(tf.zeros((1, size, size, model.input_shape[-1])), training=False)
     except Exception as err:  # noqa: BLE001 - any layer that rejects another size
-        logger.info("model does not run at %d px (%s); optimising at its input size %s",
-                    size, str(err).splitlines()[0][:120], native)
+        if native[0] != native[1]:
+            raise PipelineError(f"the model runs only at its own {native[0]}x{native[1]} input "
+                                f"({str(err).splitlines()[0][:120]}), and patterns are optimised on squares: "
+                                f"this model's filter patterns cannot be made") from None
+        logger.info("model does not run at %d px (%s); optimising at its input size %d",
+                    size, str(err).splitlines()[0][:120], native[0])
         fm = feature_model(model, layers)
-        return _as_dict(fm, layers), native
+        return _as_dict(fm, layers), native[0]
     return _as_dict(fm, layers), size
 
 
@@ -530,17 +519,17 @@ def preactivation(model: keras.Model, layer: str) -> str | None:
     return None
 
 
-def extend(images: np.ndarray, size: int, mode: str) -> np.ndarray:
-    """(B, s, s, C) float images in [0, 1] -> (B, size, size, C): 'tile' repeats the
+def extend(images: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    """(B, s, s, C) float images in [0, 1] -> (B, height, width, C): 'tile' repeats the
     (periodic) image around its centred copy, 'resize' scales it bilinearly."""
     s = images.shape[1]
-    if s == size:
+    height, width = size
+    if (s, s) == (height, width):
         return images
-    if mode == "tile" and size > s:
-        before = (size - s) // 2
-        after = size - s - before
-        return np.pad(images, ((0, 0), (before, after), (before, after), (0, 0)), mode="wrap")
-    return tf.image.resize(images, (size, size), method="bilinear", antialias=True).numpy()
+    if mode == "tile" and min(height, width) >= s:
+        pad = [(0, 0)] + [((n - s) // 2, n - s - (n - s) // 2) for n in (height, width)] + [(0, 0)]
+        return np.pad(images, pad, mode="wrap")
+    return tf.image.resize(images, (height, width), method="bilinear", antialias=True).numpy()
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -564,8 +553,9 @@ def filter_patterns(model: keras.Model, spec: Preprocessing, layer: str, targets
         raise PipelineError("no channels to optimise: filters.channels selects none")
     items = [(int(t), r) for t in targets for r in range(repeats)]
     channels_in = spec.channels
-    size_in = spec.input_size
-    want = min(recipe.size or size_in, size_in)
+    size_in = spec.size
+    # optimised on a square that fits the input, then tiled or resized to it
+    want = min(recipe.size or min(size_in), min(size_in))
     pre = preactivation(model, layer) if objective in ("channel", "neg") else None
     needed = [layer] if pre is None else [layer, pre]
     features, size = objective_model(model, needed, want)
@@ -586,7 +576,7 @@ def filter_patterns(model: keras.Model, spec: Preprocessing, layer: str, targets
     obj = make_objective(objective, layer, target_var, head, pre)
     step = make_step(features, obj, param, optimizer, spec.normalize, use_transforms)
 
-    images = np.zeros((len(items), size_in, size_in, 3), np.uint8)
+    images = np.zeros((len(items), *size_in, 3), np.uint8)
     values = np.zeros(len(items), np.float32)
     finals = np.zeros(len(items), np.float32)
     logger.info("%s: %d pattern(s) of %s, %s, %d steps at %d px, lr %g, batch %d", description or layer,

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from pipeline import lock
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, StageSkipped
 from pipeline.stages import STAGES
 from pipeline.store import IDENTITY_KEYS, RESULTS_FILE, RUN_PART, Store, fingerprint, open_h5
 
@@ -21,6 +21,10 @@ def run(cfg, run_dir: Path) -> Path:
     if unknown:
         raise PipelineError(f"unknown stage(s) {', '.join(map(str, unknown))}: "
                             f"stages are {', '.join(STAGES)}")
+    if cfg.get("geometry") and cfg.geometry.pointwise:
+        from pipeline.geometry import register_pointwise
+
+        register_pointwise(*(str(name) for name in cfg.geometry.pointwise))
     with lock.holding(run_dir):
         store = Store(run_dir)
         store.clean_temporaries()
@@ -41,7 +45,11 @@ def run(cfg, run_dir: Path) -> Path:
                         f"pass overwrite=true to recompute them, or choose a new hydra.run.dir")
                 store.begin(stage, recompute=done is not None)
             started = time.perf_counter()
-            module.run(cfg, run_dir, stage_print)
+            try:
+                module.run(cfg, run_dir, stage_print)
+            except StageSkipped as why:
+                logger.warning("stage %s skipped: %s", stage, why)
+                continue
             if module.KEYS:
                 store.finish(stage, stage_print, depends_on(module, cfg))
             logger.info("stage %s done in %.1f s", stage, time.perf_counter() - started)

@@ -72,9 +72,8 @@ class Scanner:
         self._vars = {name: tf.Variable(value) for name, value in self._initial().items()}
         self.images_seen = 0
         # one trace for every batch size (the last batch too), and no per-call retracing check
-        size, channels = spec.input_size, spec.channels
         self._step = tf.function(self._update, input_signature=[
-            tf.TensorSpec((None, size, size, channels), tf.uint8), tf.TensorSpec((None,), tf.int64)])
+            tf.TensorSpec((None, *spec.size, spec.channels), tf.uint8), tf.TensorSpec((None,), tf.int64)])
 
     def _initial(self) -> dict[str, tf.Tensor]:
         c = int(self.bounds[-1])

@@ -367,7 +367,7 @@ class Store:
                 if "images" in f:
                     return
         self.write_run(cfg, bundle.name, bundle.preprocessing, table, bundle.weights_sha256,
-                       bundle.imagenet_classes)
+                       bundle.imagenet_classes, random_weights=bundle.random_weights)
 
     def write_images(self, n_images: int, errors: dict[int, str], scanned: np.ndarray | None = None,
                      replace: bool = True) -> None:
@@ -534,7 +534,7 @@ def write_run_attrs(f: h5py.File, cfg, model_name: str, spec, weights_sha256: st
 
     f.attrs.update(
         config=OmegaConf.to_yaml(cfg, resolve=True), identity=fingerprint(cfg, IDENTITY_KEYS), model=model_name,
-        input_size=np.asarray([spec.input_size, spec.input_size], np.int64),
+        input_size=np.asarray(spec.size, np.int64),
         preprocessing=json.dumps(dataclasses.asdict(spec), sort_keys=True), version=pipeline.__version__,
         weights_sha256=weights_sha256, imagenet_classes=imagenet_classes, **extra)
 

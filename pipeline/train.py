@@ -39,10 +39,10 @@ OPTIMIZERS = ("adam", "rmsprop", "sgd")
 
 # ---------------------------------------------------------------- the model
 
-def build_convnet(input_size: int, channels: int, classes: int,
+def build_convnet(size: tuple[int, int], channels: int, classes: int,
                   filters=(32, 64, 128, 128), dense: int = 512, dropout: float = 0.5,
                   seed: int = 0):
-    """The tutorials' small convnet, sized for `input_size` x `input_size` x `channels` inputs.
+    """The tutorials' small convnet, sized for (height, width) x `channels` inputs.
 
     Layer names: conv1..convN (ReLU inside), pool1..poolN, flatten, dropout, dense,
     logits, softmax. Weights are Glorot-uniform from `seed`, biases zero.
@@ -53,12 +53,12 @@ def build_convnet(input_size: int, channels: int, classes: int,
     if not filters:
         raise PipelineError("train.filters=[] builds no convolution: give at least one block, e.g. [32,64,128,128]")
     smallest = 2 ** len(filters)
-    if input_size < smallest:
-        raise PipelineError(f"input side {input_size} px is too small for {len(filters)} pooling blocks: "
+    if min(size) < smallest:
+        raise PipelineError(f"input {size[0]}x{size[1]} px is too small for {len(filters)} pooling blocks: "
                             f"set train.input_size to at least {smallest}")
     if classes < 2:
         raise PipelineError(f"the labels hold {classes} class: training needs at least two classes")
-    inp = keras.Input((input_size, input_size, channels), name="image")
+    inp = keras.Input((*size, channels), name="image")
     x = inp
     for i, n in enumerate(filters, 1):
         x = keras.layers.Conv2D(n, 3, padding="same", activation="relu", name=f"conv{i}",
@@ -84,16 +84,20 @@ def outputs_probabilities(model) -> bool:
 
 # ---------------------------------------------------------------- data
 
-def training_spec(table, input_size: int | None, channels: int | None) -> Preprocessing:
-    """How the training images are fed: the IDX images' own size and channels by default."""
+def training_spec(table, input_size, channels: int | None) -> Preprocessing:
+    """How the training images are fed: the IDX images' own size and channels by default
+    (train.input_size: N or [H, W])."""
+    from pipeline.models.sources import configured_size
+
     arrays = table.arrays
-    if input_size is None:
-        input_size = int(arrays.shape[1]) if arrays is not None else 64
+    size = configured_size(input_size)
+    if size is None:
+        size = tuple(int(v) for v in arrays.shape[1:3]) if arrays is not None else (64, 64)
     if channels is None:
         channels = 1 if arrays is not None and (arrays.ndim == 3 or arrays.shape[-1] == 1) else 3
     if channels not in (1, 3):
         raise PipelineError(f"train.channels={channels}: use 1 (grey) or 3 (RGB)")
-    return Preprocessing(input_size=int(input_size), channels=int(channels), resize="shorter",
+    return Preprocessing(height=size[0], width=size[1], channels=int(channels), resize="shorter",
                          normalize="unit")
 
 
@@ -109,9 +113,9 @@ def load_pixels(table, spec: Preprocessing, ids: np.ndarray, batch_size: int = 2
     from pipeline.datasets import BatchStream, ready_arrays
 
     ids = np.asarray(ids, np.int64)
-    need = len(ids) * spec.input_size ** 2 * spec.channels
+    need = len(ids) * spec.height * spec.width * spec.channels
     if need > MAX_IN_MEMORY:
-        raise PipelineError(f"{len(ids)} images of {spec.input_size}x{spec.input_size}x{spec.channels} need "
+        raise PipelineError(f"{len(ids)} images of {spec.height}x{spec.width}x{spec.channels} need "
                             f"{need / 2**30:.1f} GiB in memory: lower dataset.limit or train.input_size")
     ready = ready_arrays(table, spec)
     if ready is not None:
@@ -125,7 +129,7 @@ def load_pixels(table, spec: Preprocessing, ids: np.ndarray, batch_size: int = 2
             bar.update(len(batch_ids))
         bar.update(len(stream.errors))
     if not got:
-        return np.zeros(0, np.int64), np.zeros((0, spec.input_size, spec.input_size, spec.channels), np.uint8), \
+        return np.zeros(0, np.int64), np.zeros((0, *spec.size, spec.channels), np.uint8), \
             stream.errors
     got_ids = np.concatenate(got_ids)
     order = np.argsort(got_ids, kind="stable")
@@ -310,8 +314,8 @@ def load_snapshot(run_dir, epoch: int | None = None):
     if spec_file.exists():
         spec = Preprocessing(**json.loads(spec_file.read_text())["preprocessing"])
     else:
-        spec = Preprocessing(input_size=int(model.input_shape[1]), channels=int(model.input_shape[-1]),
-                             normalize="unit")
+        spec = Preprocessing(height=int(model.input_shape[1]), width=int(model.input_shape[2]),
+                             channels=int(model.input_shape[-1]), normalize="unit")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return ModelBundle(model, spec, f"{model.name} epoch {int(epoch)} ({run_dir.name})", digest)
 

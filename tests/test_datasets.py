@@ -13,7 +13,7 @@ from pipeline.datasets import BatchStream, list_images, read_idx
 from pipeline.errors import PipelineError
 from pipeline.preprocess import Preprocessing
 
-SPEC = Preprocessing(input_size=16, resize="exact", normalize="none")
+SPEC = Preprocessing(height=16, width=16, resize="exact", normalize="none")
 
 
 def _dataset(kind, path=None, **extra):
@@ -108,7 +108,7 @@ def test_idx_images_and_labels(tmp_path, gz):
     table = list_images(_dataset("idx", str(tmp_path), split="t10k"))
     assert list(table.labels) == [0, 1, 2, 3, 4]
     np.testing.assert_array_equal(read_idx(tmp_path / f"t10k-images-idx3-ubyte{suffix}"), images)
-    spec = Preprocessing(input_size=28, channels=3, resize="exact")
+    spec = Preprocessing(height=28, width=28, channels=3, resize="exact")
     got = _collect(BatchStream(table, spec, batch_size=2))
     for i in range(5):  # grey becomes 3 equal channels, pixels unchanged at the same size
         np.testing.assert_array_equal(got[i][..., 1], images[i])
@@ -139,7 +139,7 @@ def test_channel_matching_for_grey_and_colour_models(channels_in, channels_out):
 
     colour = np.array([200, 100, 50, 255][:channels_in], np.uint8)
     image = np.broadcast_to(colour, (10, 12, channels_in)).copy()
-    spec = Preprocessing(input_size=8, channels=channels_out, resize="exact")
+    spec = Preprocessing(height=8, width=8, channels=channels_out, resize="exact")
     unknown = tf.function(lambda x: to_model_pixels(x, spec),
                           input_signature=[tf.TensorSpec((None, None, None), tf.uint8)])
     expected = (colour[:1] if channels_in == 1 else

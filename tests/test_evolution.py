@@ -44,7 +44,7 @@ def evolved(tmp_path_factory):
     for epoch, net in nets.items():
         snapshot_path(train_dir, epoch).parent.mkdir(parents=True, exist_ok=True)
         net.save(snapshot_path(train_dir, epoch))
-    save_spec(train_dir, Preprocessing(input_size=12, channels=3, normalize="unit"), ["a", "b", "c"])
+    save_spec(train_dir, Preprocessing(height=12, width=12, channels=3, normalize="unit"), ["a", "b", "c"])
     rng = np.random.default_rng(0)
     photos = root / "photos"
     for i in range(30):
@@ -59,7 +59,7 @@ def evolved(tmp_path_factory):
 
 def brute_force_tables(cfg, net):
     table = list_images(cfg.dataset)
-    spec = Preprocessing(input_size=12, channels=3, normalize="unit")
+    spec = Preprocessing(height=12, width=12, channels=3, normalize="unit")
     features = feature_model(net, list(LAYERS))
     ids, maps, pixels = [], {n: [] for n in LAYERS}, {}
     for batch_ids, batch in BatchStream(table, spec, 4):

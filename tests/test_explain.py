@@ -327,7 +327,7 @@ def test_default_target_layer_is_the_last_spatial_output():
 
 def test_uint8_pixels_with_preprocessing_equal_normalised_inputs():
     model = random_model(seed=5)
-    spec = Preprocessing(input_size=16, normalize="torch")
+    spec = Preprocessing(height=16, width=16, normalize="torch")
     pixels = (np.random.default_rng(1).random((2, 16, 16, 3)) * 255).astype(np.uint8)
     x = normalize(tf.constant(pixels), "torch").numpy()
     np.testing.assert_allclose(grad_cam(model, pixels, preprocessing=spec).maps, grad_cam(model, x).maps,
@@ -363,7 +363,7 @@ def test_occlusion_of_the_object_drops_the_class_more_than_the_background():
 def test_occlusion_equals_masking_each_position_by_hand():
     model = random_model(seed=6)
     x = random_images(2, seed=7)
-    spec = Preprocessing(input_size=16, normalize="none")
+    spec = Preprocessing(height=16, width=16, normalize="none")
     r = Occluder(model, "r2", None).compute(x, None, size=6, stride=5, fill=0.25, batch_size=7)
     np.testing.assert_array_equal(r.rows, [0, 5, 10])
     feats = keras.Model(model.input, [model.get_layer("r2").output, model.output])
@@ -384,7 +384,7 @@ def test_occlusion_equals_masking_each_position_by_hand():
                 assert np.isclose(r.activation[i, gy, gx], maps[..., channel[i]].sum(), rtol=1e-4, atol=1e-5)
     # with preprocessing the fill is a grey level, normalised like the pixels
     assert np.allclose(Occluder(model, "r2", spec).fill_value(128), 128.0)
-    assert np.allclose(Occluder(model, "r2", Preprocessing(16, normalize="unit")).fill_value(51), 0.2)
+    assert np.allclose(Occluder(model, "r2", Preprocessing(16, 16, normalize="unit")).fill_value(51), 0.2)
 
 
 def test_occlusion_grid_ends_flush_with_the_border():

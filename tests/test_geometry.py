@@ -320,14 +320,57 @@ def test_global_pooling_is_unmappable():
     assert layer_geometry(model, "conv").mappable
 
 
-def test_upsampling_and_unknown_layers_are_unmappable():
-    x = keras.Input((8, 8, 1))
-    y = L.Conv2D(1, 3, padding="same", name="conv")(x)
-    y = L.UpSampling2D(name="up")(y)
-    y = L.Conv2D(1, 3, padding="same", name="after")(y)
-    geo = layer_geometry(keras.Model(x, y), "after")
-    assert not geo.mappable and "'up'" in geo.message
-    assert geo.rows.shape == (16, 2) and (geo.rows == [0, 8]).all()
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("kernel,stride", [(3, 2), (4, 2), (3, 3), (2, 1)])
+def test_transposed_convolutions(padding, kernel, stride):
+    x = keras.Input((9, 11, 2))
+    y = L.Conv2D(2, 3, strides=2, padding="same", name="down")(x)
+    y = L.Conv2DTranspose(3, kernel, strides=stride, padding=padding, name="up")(y)
+    y = L.Conv2D(2, 3, padding="same", name="after")(y)
+    geos = check_against_oracle(keras.Model(x, y), ["up", "after"])
+    assert geos["up"].rf_stride == pytest.approx((2 / stride, 2 / stride))
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+def test_upsampling_and_resizing(interpolation):
+    x = keras.Input((10, 13, 1))
+    y = L.Conv2D(2, 3, padding="same", name="conv")(x)
+    y = L.UpSampling2D((2, 3), interpolation=interpolation, name="up")(y)
+    y = L.Conv2D(2, 3, padding="same", name="after_up")(y)
+    y = L.Resizing(20, 39, interpolation=interpolation, name="noop")(y)  # the size it has: a no-op
+    y = L.Resizing(10, 13, interpolation=interpolation, name="down")(y)  # integer factors down
+    y = L.Resizing(25, 21, interpolation=interpolation, name="odd")(y)  # neither
+    y = L.Conv2D(1, 3, padding="same", name="last")(y)
+    geos = check_against_oracle(keras.Model(x, y), ["up", "after_up", "noop", "down", "odd", "last"])
+    assert geos["up"].rf_stride == (0.5, 1 / 3)
+
+
+def test_reshape_and_permute_that_keep_the_grid_and_normalisations():
+    x = keras.Input((8, 6, 4))
+    y = L.Conv2D(4, 3, padding="same", name="conv")(x)
+    y = L.Reshape((8, 6, 4), name="noop_reshape")(y)
+    y = L.Permute((1, 2, 3), name="noop_permute")(y)
+    y = L.Conv2D(2, 3, padding="same", name="after")(y)
+    check_against_oracle(keras.Model(x, y), ["noop_reshape", "noop_permute", "after"])
+    z = L.GroupNormalization(2, name="group_norm")(L.Conv2D(4, 3, padding="same", name="c")(x))
+    z = L.Conv2D(2, 3, padding="same", name="after_norm")(z)
+    geo = layer_geometry(keras.Model(x, z), "after_norm")
+    assert geo.mappable and geo.frame == (5, 5) and "group_norm" in geo.message
+    w = L.Permute((2, 1, 3), name="swap")(L.Conv2D(4, 3, padding="same", name="c2")(x))
+    geo = layer_geometry(keras.Model(x, w), "swap")
+    assert not geo.mappable and "'swap'" in geo.message and "rearranges" in geo.message
+
+
+def test_odd_non_square_input_with_strides_dilation_and_nested_sequential():
+    inner = keras.Sequential([keras.Input((31, 34, 4)), L.Conv2D(5, 3, strides=2, padding="same", name="s2"),
+                              L.Conv2D(5, 3, dilation_rate=2, padding="same", name="dil")], name="inner")
+    x = keras.Input((61, 67, 3))
+    y = L.Conv2D(4, 3, strides=2, padding="same", name="first")(x)
+    y = inner(y)
+    y = L.MaxPooling2D(3, strides=2, padding="valid", name="pool")(y)
+    model = keras.Model(x, L.Conv2D(3, 2, padding="valid", name="last")(y))
+    geos = check_against_oracle(model, ["first", "inner/s2", "inner/dil", "pool", "last"])
+    assert geos["last"].input_size == (61, 67) and geos["last"].rows.shape[0] != geos["last"].cols.shape[0]
 
 
 def test_custom_layers_unmappable_until_declared_pointwise():
@@ -339,7 +382,7 @@ def test_custom_layers_unmappable_until_declared_pointwise():
     y = Scale(name="scale")(L.Conv2D(1, 3, padding="same", name="conv")(x))
     model = keras.Model(x, L.Conv2D(1, 3, padding="same", name="after")(y))
     geo = layer_geometry(model, "after")
-    assert not geo.mappable and "'scale'" in geo.message and "register_pointwise" in geo.message
+    assert not geo.mappable and "'scale'" in geo.message and "geometry.pointwise=[Scale]" in geo.message
     register_pointwise("Scale")
     try:
         geo = layer_geometry(model, "after")

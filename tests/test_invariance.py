@@ -21,7 +21,7 @@ S = 16
 
 
 def warped(kind, value, image, fill="constant"):
-    m = transform_matrices(kind, np.array([value]), image.shape[0])
+    m = transform_matrices(kind, np.array([value]), image.shape[:2])
     return warp(image[None].astype(np.float32), m, fill).numpy()[0]
 
 
@@ -205,7 +205,7 @@ def test_image_choice_and_default_layers():
         choose_images([9], labels, np.arange(7))
     from pipeline.train import build_convnet
 
-    net = build_convnet(16, 1, 3)
+    net = build_convnet((16, 16), 1, 3)
     assert default_layers(net, ["conv1", "conv4"]) == ["conv1", "conv4", "dense"]
 
 
@@ -233,7 +233,7 @@ def test_correspondence_stage_against_brute_force(tmp_path, invariance_run):
                        "invariance.correspondence_images=[0,2,3,5]", "invariance.correspondence_parts=[[0.25,0.25,0.5,0.75]]",
                        "invariance.correspondence_names=[middle]", "invariance.correspondence_random=3"])
     run(cfg, tmp_path / "run")
-    np.testing.assert_array_equal(pixel_box([0.25, 0.25, 0.5, 0.75], S), [4, 4, 8, 12])
+    np.testing.assert_array_equal(pixel_box([0.25, 0.25, 0.5, 0.75], (S, S)), [4, 4, 8, 12])
     with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
         g = f["correspondence"]
         assert json.loads(g.attrs["layers"]) == ["pix", "gap"] and json.loads(g.attrs["parts"]) == ["middle"]

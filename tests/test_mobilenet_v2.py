@@ -62,7 +62,7 @@ def converted(tmp_path_factory, weights_file):
 @pytest.fixture(scope="session")
 def images() -> tf.Tensor:
     """chelsea (a cat) and coffee (an espresso cup), preprocessed torchvision-style."""
-    spec = Preprocessing(input_size=224, resize="shorter", resize_size=256, normalize="torch")
+    spec = Preprocessing(height=224, width=224, resize="shorter", resize_size=256, normalize="torch")
     return tf.stack([normalize(to_model_pixels(tf.constant(im), spec), "torch")
                      for im in (skimage.data.chelsea(), skimage.data.coffee())])
 

@@ -43,16 +43,19 @@ def test_fourier_image_is_the_inverse_fft_of_the_scaled_spectrum():
 def test_fourier_image_tiles_without_a_seam():
     param = P.FourierImage(P.FourierImage.initial([np.random.default_rng(3)], 16, 3, sd=0.3))
     image = param().numpy()
-    big = P.extend(image, 40, "tile")
+    big = P.extend(image, (40, 40), "tile")
     before = (40 - 16) // 2
     yy, xx = np.meshgrid(np.arange(40), np.arange(40), indexing="ij")
     np.testing.assert_array_equal(big[0], image[0][(yy - before) % 16, (xx - before) % 16])
+    wide = P.extend(image, (20, 37), "tile")  # a non-square input: each axis wraps on its own
+    yy, xx = np.meshgrid(np.arange(20), np.arange(37), indexing="ij")
+    np.testing.assert_array_equal(wide[0], image[0][(yy - 2) % 16, (xx - 10) % 16])
     # periodic: the jump across the wrap is no larger than between ordinary neighbours
     wrap = np.abs(image[0, 0] - image[0, -1]).mean()
     inner = np.abs(np.diff(image[0], axis=0)).mean()
     assert wrap < 2 * inner
-    resized = P.extend(image, 40, "resize")
-    assert resized.shape == (1, 40, 40, 3)
+    resized = P.extend(image, (40, 40), "resize")
+    assert resized.shape == (1, 40, 40, 3) and P.extend(image, (24, 40), "resize").shape == (1, 24, 40, 3)
 
 
 def test_grey_models_get_one_channel_without_colour_mixing():
@@ -255,7 +258,7 @@ def channel_means(model, layer, spec, images) -> np.ndarray:
 @pytest.fixture(scope="module")
 def edge_patterns():
     model = edge_model()
-    spec = Preprocessing(input_size=32, channels=3, resize="exact", normalize="unit")
+    spec = Preprocessing(height=32, width=32, channels=3, resize="exact", normalize="unit")
     result = P.filter_patterns(model, spec, "relu", range(4), recipe=P.Recipe(steps=96, size=None, seed=3),
                                batch=4, progress=False)
     return model, spec, result
@@ -284,7 +287,7 @@ def test_each_pattern_excites_its_own_channel_most(edge_patterns):
 
 def test_plain_gradient_ascent_finds_the_orientation_too():
     model = edge_model()
-    spec = Preprocessing(input_size=32, channels=3, resize="exact", normalize="unit")
+    spec = Preprocessing(height=32, width=32, channels=3, resize="exact", normalize="unit")
     result = P.filter_patterns(model, spec, "relu", [1, 3], recipe=P.Recipe(method="plain", steps=40, size=None),
                                batch=2, progress=False)
     for k, angle in enumerate((ANGLES[1], ANGLES[3])):
@@ -324,7 +327,7 @@ def colour_model():
 
 def test_positive_and_negative_directions_of_colour_detectors():
     model = colour_model()
-    spec = Preprocessing(input_size=16, channels=3, resize="exact", normalize="torch")
+    spec = Preprocessing(height=16, width=16, channels=3, resize="exact", normalize="torch")
     recipe = P.Recipe(steps=64, size=None, lr=0.2)
     pos = P.filter_patterns(model, spec, "relu", range(3), recipe=recipe, progress=False)
     neg = P.filter_patterns(model, spec, "relu", range(3), objective="neg", recipe=recipe, progress=False)
@@ -352,7 +355,7 @@ def test_the_stored_image_is_the_one_the_network_saw():
     # float image inside the tape, through the model's normalisation) is the value of the
     # stored uint8 image up to rounding and the last small update
     model = colour_model()
-    spec = Preprocessing(input_size=16, channels=3, resize="exact", normalize="torch")
+    spec = Preprocessing(height=16, width=16, channels=3, resize="exact", normalize="torch")
     result = P.filter_patterns(model, spec, "relu", range(3), recipe=P.Recipe(steps=48, size=None, transforms=False),
                                progress=False)
     np.testing.assert_allclose(result.final_scores, result.values, rtol=0.03)
@@ -386,7 +389,7 @@ def test_trained_from_scratch_model_patterns_beat_real_and_random_images():
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     history = model.fit(images / 255.0, labels, epochs=2, batch_size=64, verbose=0)
     assert history.history["accuracy"][-1] > 0.65  # it learned something
-    spec = Preprocessing(input_size=28, channels=1, resize="exact", normalize="unit")
+    spec = Preprocessing(height=28, width=28, channels=1, resize="exact", normalize="unit")
     result = P.filter_patterns(model, spec, "conv2", range(16), recipe=P.Recipe(), batch=16, progress=False)
     assert result.images.shape == (16, 1, 28, 28, 3) and result.optimised_size == 28
     assert (result.best_images[..., 0] == result.best_images[..., 2]).all()  # grey, stored as RGB

@@ -511,12 +511,13 @@ def test_model_view_matches_the_pipeline_preprocessing(tmp_path):
     smooth = np.stack([128 + 100 * np.sin(yy / 23.0), 128 + 100 * np.cos(xx / 31.0),
                        128 + 60 * np.sin((xx + yy) / 41.0)], axis=-1).astype(np.uint8)
     Image.fromarray(smooth).save(tmp_path / "p.png")
-    for spec in (Preprocessing(224, resize_size=256), Preprocessing(24), Preprocessing(64, resize="exact")):
+    for spec in (Preprocessing(224, 224, resize_size=256), Preprocessing(24, 24), Preprocessing(64, 64, resize="exact"),
+                 Preprocessing(61, 67), Preprocessing(96, 128, resize_size=110), Preprocessing(128, 40)):
         expected = to_model_pixels(tf.constant(smooth), spec).numpy()
         got = model_view(str(tmp_path / "p.png"), spec.__dict__)
         assert got.shape == expected.shape
         assert np.abs(got.astype(int) - expected).mean() < 1.0, spec
-    assert model_view(str(tmp_path / "missing.png"), {"input_size": 24}) is None
+    assert model_view(str(tmp_path / "missing.png"), {"height": 24, "width": 24}) is None
 
 
 def test_sparsity_figure_draws_the_means_and_dead_share():

@@ -96,7 +96,7 @@ def test_training_reaches_far_above_chance_and_records_curves(trained):
         assert not set(g["val_ids"][()]) & set(g["train_ids"][()])
         assert list(g["snapshot_epoch"][()]) == [0, 1, 2]
         assert read_strings(g["snapshot_file"]) == [f"snapshots/epoch_00{e}.keras" for e in (0, 1, 2)]
-        assert g.attrs["input_size"] == 20 and g.attrs["channels"] == 1 and g.attrs["classes"] == 4
+        assert list(g.attrs["input_size"]) == [20, 20] and g.attrs["channels"] == 1 and g.attrs["classes"] == 4
         assert json.loads(f.attrs["stages_done"]).keys() == {"train"}
         assert f["images/ok"][()].all() and len(f["images/path"]) == 1600
         assert json.loads(f.attrs["preprocessing"])["normalize"] == "unit"
@@ -120,7 +120,7 @@ def test_snapshots_reload_and_give_the_recorded_predictions(trained):
     predictions = {}
     for row, epoch in enumerate((0, 1, 2)):
         bundle = load_model(OmegaConf.create(dict(kind="snapshot", run_dir=str(run_dir), epoch=epoch)))
-        assert bundle.preprocessing.input_size == 20 and bundle.preprocessing.channels == 1
+        assert bundle.preprocessing.size == (20, 20) and bundle.preprocessing.channels == 1
         assert bundle.preprocessing.normalize == "unit"
         probs = bundle.model.predict(x, verbose=0)
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
@@ -150,18 +150,18 @@ def test_architecture_adapts_to_the_input_size():
     from pipeline.layers import select_layers
     from pipeline.train import build_convnet
 
-    small = build_convnet(28, 1, 10)
+    small = build_convnet((28, 28), 1, 10)
     shapes_by_name = {l.name: l.output.shape[1:] for l in small.layers}
     assert shapes_by_name["conv1"] == (28, 28, 32) and shapes_by_name["conv4"] == (3, 3, 128)
     assert shapes_by_name["flatten"] == (128,) and shapes_by_name["dense"] == (512,)
     assert shapes_by_name["softmax"] == (10,)
     assert select_layers(small, "default") == ["conv1", "conv2", "conv3", "conv4"]
-    big = build_convnet(64, 3, 5, filters=(8, 16, 32, 32), dense=64)
+    big = build_convnet((64, 64), 3, 5, filters=(8, 16, 32, 32), dense=64)
     assert big.get_layer("flatten").output.shape[1:] == (4 * 4 * 32,)
     out = big.predict(np.random.default_rng(0).random((2, 64, 64, 3)), verbose=0)
     np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
     with pytest.raises(PipelineError, match="train.input_size to at least 16"):
-        build_convnet(12, 1, 10)
+        build_convnet((12, 12), 1, 10)
 
 
 def test_image_folder_rgb_and_unlabelled_images_left_out(tmp_path):
@@ -177,7 +177,7 @@ def test_image_folder_rgb_and_unlabelled_images_left_out(tmp_path):
     run(cfg, tmp_path / "run")
     with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
         g = f["train"]
-        assert g.attrs["channels"] == 3 and g.attrs["input_size"] == 16
+        assert g.attrs["channels"] == 3 and list(g.attrs["input_size"]) == [16, 16]
         assert list(g["snapshot_epoch"][()]) == [1]  # the last epoch is always saved
         used = np.concatenate([g["train_ids"][()], g["val_ids"][()]])
         paths = read_strings(f["images/path"])

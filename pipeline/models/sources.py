@@ -38,6 +38,7 @@ class ModelBundle:
     name: str
     weights_sha256: str = ""
     imagenet_classes: bool = False  # outputs are the 1000 ImageNet classes
+    random_weights: bool = False  # an untrained network (keras_app model.weights=null)
 
 
 def load_model(cfg, cache_dir: str | None = None) -> ModelBundle:
@@ -57,8 +58,7 @@ def _mobilenet_v2(cfg, cache_dir) -> ModelBundle:
     from pipeline.models import mobilenet_v2
 
     model = mobilenet_v2.load_mobilenet_v2(cache_dir, cfg.weights_path)
-    spec = Preprocessing(input_size=224, channels=3, resize="shorter", resize_size=256,
-                         normalize="torch")
+    spec = Preprocessing(height=224, width=224, channels=3, resize="shorter", resize_size=256, normalize="torch")
     return ModelBundle(model, spec, "mobilenet_v2 (torchvision weights)",
                        mobilenet_v2.WEIGHTS_SHA256, imagenet_classes=True)
 
@@ -71,6 +71,12 @@ def _keras_app(cfg) -> ModelBundle:
         close = difflib.get_close_matches(str(name), constructors, n=3)
         raise PipelineError(f"model.name={name} is not a keras.applications model; "
                             f"did you mean {', '.join(close) or 'one of ' + ', '.join(sorted(constructors)[:8])}?")
+    module = constructors[name].__module__.rsplit(".", 1)[-1]
+    family = _APP_NORMALIZE.get(module)
+    if family is None and cfg.preprocess is None:
+        raise PipelineError(f"keras.applications.{name} ({module}) has no known preprocessing: set "
+                            f"model.preprocess to one of {', '.join(NORMALIZE_MODES)}")
+    _check_preprocess(cfg.preprocess)
     weights = cfg.weights
     sha = ""
     if weights not in (None, "imagenet"):
@@ -79,21 +85,36 @@ def _keras_app(cfg) -> ModelBundle:
             raise PipelineError(f"model.weights={weights} does not exist: pass imagenet, null or a weights file")
         sha = sha256_file(path)
         weights = str(path)
-    kwargs = {}
-    if cfg.input_size:
-        kwargs = dict(include_top=False, input_shape=(cfg.input_size, cfg.input_size, 3))
-    try:
-        model = constructors[name](weights=weights, **kwargs)
-    except Exception as err:  # download refused offline, wrong file, ...
-        raise PipelineError(f"could not build {name} with weights={cfg.weights}: "
-                            f"{str(err).splitlines()[0]} (offline? pass model.weights=<file> or null)") from err
-    module = constructors[name].__module__.rsplit(".", 1)[-1]
-    normalize = cfg.preprocess or _APP_NORMALIZE.get(module, "tf")
-    size = _input_side(model, cfg.input_size)
-    spec = Preprocessing(input_size=size, channels=3, resize=cfg.resize or "shorter",
+    wanted = configured_size(cfg.input_size)
+    model = _build_app(constructors[name], name, weights, wanted, cfg.weights)
+    size = _input_size(model, wanted)
+    normalize = _normalisation(model, cfg.preprocess, family)
+    spec = Preprocessing(height=size[0], width=size[1], channels=3, resize=cfg.resize or "shorter",
                          resize_size=cfg.resize_size, normalize=normalize)
-    return ModelBundle(model, spec, f"keras.applications.{name}", sha,
-                       imagenet_classes=kwargs == {} and model.output_shape[-1] == 1000)
+    random = cfg.weights is None
+    label = f"keras.applications.{name}" + (" (random weights)" if random else "")
+    return ModelBundle(model, spec, label, sha, random_weights=random,
+                       imagenet_classes=not random and model.output_shape[-1] == 1000 and len(model.output_shape) == 2)
+
+
+def _build_app(constructor, name: str, weights, wanted, weights_setting):
+    """The application, at `wanted` (h, w) when given: with its classifier where the
+    architecture allows it, else without (and the stages that need class scores say so)."""
+    try:
+        if wanted is None:
+            return constructor(weights=weights)
+        try:
+            return constructor(weights=weights, input_shape=(*wanted, 3))
+        except ValueError as err:  # e.g. ImageNet weights with a classifier fix the input size
+            logger.warning("keras.applications.%s keeps no classifier at %dx%d (%s): built with "
+                           "include_top=False, so cam, occlusion and class patterns are skipped",
+                           name, *wanted, str(err).splitlines()[0][:160])
+            return constructor(weights=weights, include_top=False, input_shape=(*wanted, 3))
+    except PipelineError:
+        raise
+    except Exception as err:  # download refused offline, wrong file, ...
+        raise PipelineError(f"could not build {name} with weights={weights_setting}: "
+                            f"{str(err).splitlines()[0]} (offline? pass model.weights=<file> or null)") from err
 
 
 def _model_file(cfg) -> ModelBundle:
@@ -102,18 +123,18 @@ def _model_file(cfg) -> ModelBundle:
     path = Path(cfg.path).expanduser()
     if not path.exists():
         raise PipelineError(f"model.path={cfg.path} does not exist: pass an existing .keras or .h5 file")
-    if cfg.preprocess not in NORMALIZE_MODES:
-        raise PipelineError(f"model.preprocess={cfg.preprocess} is not one of {', '.join(NORMALIZE_MODES)}")
+    _check_preprocess(cfg.preprocess)
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as err:
         raise PipelineError(f"could not load model file {path}: {str(err).splitlines()[0]}") from err
-    size = _input_side(model, cfg.input_size)
-    if model.input_shape[1] is None:
+    wanted = configured_size(cfg.input_size)
+    size = _input_size(model, wanted)
+    if None in model.input_shape[1:3]:
         model = _with_input_size(model, size)
     channels = int(model.input_shape[-1] or 3)
-    spec = Preprocessing(input_size=size, channels=channels, resize=cfg.resize or "shorter",
-                         resize_size=cfg.resize_size, normalize=cfg.preprocess)
+    spec = Preprocessing(height=size[0], width=size[1], channels=channels, resize=cfg.resize or "shorter",
+                         resize_size=cfg.resize_size, normalize=_normalisation(model, cfg.preprocess, "unit"))
     return ModelBundle(model, spec, path.name, sha256_file(path))
 
 
@@ -131,31 +152,104 @@ def _snapshot(cfg) -> ModelBundle:
     return load_snapshot(run_dir, cfg.get("epoch"))
 
 
-def _input_side(model, configured: int | None) -> int:
+def _check_preprocess(value) -> None:
+    if value is not None and value not in NORMALIZE_MODES:
+        raise PipelineError(f"model.preprocess={value} is unknown: use one of {', '.join(NORMALIZE_MODES)}, "
+                            f"or leave it out")
+
+
+def configured_size(value) -> tuple[int, int] | None:
+    """model.input_size: null, N (N x N) or [H, W]."""
+    if value is None:
+        return None
+    from omegaconf import ListConfig
+
+    if isinstance(value, (list, tuple, ListConfig)) and len(value) == 2:
+        h, w = value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        h = w = value
+    else:
+        raise PipelineError(f"model.input_size={value}: give N (an N x N input) or [H, W]")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (h, w)):
+        raise PipelineError(f"model.input_size={value}: sizes are positive whole numbers of pixels")
+    return int(h), int(w)
+
+
+def _input_size(model, wanted: tuple[int, int] | None) -> tuple[int, int]:
+    """(height, width) of the image input, checked to be an image model in channels_last."""
     shape = model.input_shape
     if isinstance(shape, list):
         if len(shape) != 1:
             raise PipelineError(f"the model has {len(shape)} inputs: only single-image models are supported")
         shape = shape[0]
-    h, w = shape[1], shape[2]
+    if len(shape) != 4:
+        raise PipelineError(f"model {model.name!r} takes inputs of shape {tuple(shape[1:])}: cnn-lens reads image "
+                            f"models, whose input is (height, width, channels)")
+    first = _channels_first_layer(model)
+    if first is not None:
+        raise PipelineError(f"model {model.name!r} is channels_first (layer {first!r}; input {tuple(shape[1:])} "
+                            f"is (channels, height, width)): cnn-lens reads channels_last models; rebuild it "
+                            f"with data_format='channels_last' and copy the weights")
+    h, w, c = shape[1:]
+    if c is not None and c not in (1, 3):
+        raise PipelineError(f"model {model.name!r} wants {c}-channel inputs: image files give 1 (grey) or 3 (RGB) "
+                            f"channels")
     if h is None or w is None:
-        if not configured:
-            raise PipelineError("the model does not fix its input size: add model.input_size=<pixels>")
-        return int(configured)
-    if h != w:
-        raise PipelineError(f"the model wants non-square {h}x{w} inputs: only square inputs are supported")
-    if configured and configured != h:
-        raise PipelineError(f"model.input_size={configured} but the model fixes {h}: drop model.input_size")
-    return int(h)
+        if wanted is None:
+            raise PipelineError("the model does not fix its input size: add model.input_size=N or [H, W]")
+        return wanted
+    if wanted is not None and wanted != (h, w):
+        raise PipelineError(f"model.input_size={list(wanted)} but the model fixes {h}x{w}: drop model.input_size")
+    return int(h), int(w)
 
 
-def _with_input_size(model: keras.Model, size: int) -> keras.Model:
+def _channels_first_layer(model) -> str | None:
+    from pipeline.graph import flat_layers
+
+    for node in flat_layers(model):
+        if getattr(node.layer, "data_format", None) == "channels_first":
+            return node.name
+    return None
+
+
+def normalising_layer(model) -> str | None:
+    """The Rescaling or Normalization layer a model applies to its input before any
+    layer with weights, described, or None: such a model wants raw 0..255 pixels."""
+    from pipeline.graph import flat_layers
+
+    for node in flat_layers(model):
+        layer = node.layer
+        if isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)):
+            if isinstance(layer, keras.layers.Rescaling):
+                return f"{node.name} (Rescaling scale={layer.scale}, offset={layer.offset})"
+            return f"{node.name} (Normalization)"
+        if node.kind != "input" and getattr(layer, "weights", None):
+            return None
+    return None
+
+
+def _normalisation(model, configured: str | None, default: str) -> str:
+    """model.preprocess, or the default: raw pixels ('none') for a model that normalises
+    its input itself; a configured scaling on top of the model's own is said once."""
+    own = normalising_layer(model)
+    if configured is None:
+        if own is not None and default != "none":
+            logger.info("the model normalises its input itself (%s): feeding it raw 0..255 pixels", own)
+            return "none"
+        return default
+    if own is not None and configured != "none":
+        logger.warning("model.preprocess=%s scales the pixels and the model scales them again (%s): use "
+                       "model.preprocess=none unless that is intended", configured, own)
+    return configured
+
+
+def _with_input_size(model: keras.Model, size: tuple[int, int]) -> keras.Model:
     """The same model with a fixed spatial input size: geometry needs one."""
     channels = model.input_shape[-1]
     try:
-        fixed = keras.models.clone_model(model, input_tensors=keras.Input((size, size, channels)))
+        fixed = keras.models.clone_model(model, input_tensors=keras.Input((*size, channels)))
     except Exception as err:
-        raise PipelineError(f"could not fix the input size of the model to {size}: "
+        raise PipelineError(f"could not fix the input size of the model to {size[0]}x{size[1]}: "
                             f"{str(err).splitlines()[0]}; save the model with a fixed input shape") from err
     fixed.set_weights(model.get_weights())
     return fixed

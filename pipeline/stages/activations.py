@@ -45,17 +45,17 @@ TILE_PX = 32  # small maps are enlarged by whole factors to about this size
 def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline.explain import ActivationExtractor, blank_channels
     from pipeline.graph import flat_layers
-    from pipeline.layers import select_layers
+    from pipeline.chunks import BOOKKEEPING, ChunkedStream
+    from pipeline.layers import chosen_layers
     from pipeline.models.sources import load_model
     from pipeline.preprocess import normalize
-
-    from pipeline.chunks import BOOKKEEPING, ChunkedStream
 
     a = cfg.activations
     bundle = load_model(cfg.model, cfg.cache_dir)
     table = list_images(cfg.dataset)
     ids = choose_images(a.images, table, Store(run_dir), "activations")
-    names = select_layers(bundle.model, a.layers if a.layers is not None else cfg.layers)
+    key_of = {name: key for key, name in chosen_layers(bundle.model, a.layers if a.layers is not None else cfg.layers)}
+    names = list(key_of)
     shapes = {n.name: n.output_shape for n in flat_layers(bundle.model)}
     flat = [n for n in names if len(shapes[n]) != 3]
     if flat:
@@ -83,7 +83,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
             for n in names:
                 if np.abs(maps[n]).max(initial=0.0) > FLOAT16_MAX:
                     clipped.add(n)
-                rows[f"activations/{stored_name(n)}"] = np.clip(maps[n], -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+                rows[f"activations/{key_of[n]}"] = np.clip(maps[n], -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
             stream.add(rows)
             bar.update(len(batch_ids))
         bar.update(len(ids) - bar.n)
@@ -96,10 +96,10 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         if "image" not in g:  # every chosen image unreadable: empty tables, the sheets say so
             g["image"] = np.zeros(0, np.int64)
             g["blank_fraction"] = np.zeros((0, len(names)), np.float32)
-        g["blank_fraction"].attrs["layers"] = json.dumps(names)
+        g["blank_fraction"].attrs.update(layers=json.dumps(names), keys=json.dumps([key_of[n] for n in names]))
         for depth, n in enumerate(names):
-            if stored_name(n) in g:
-                g[stored_name(n)].attrs.update(name=n, depth=depth, shape=np.asarray(shapes[n], np.int64))
+            if key_of[n] in g:
+                g[key_of[n]].attrs.update(name=n, depth=depth, shape=np.asarray(shapes[n], np.int64))
     if stream.errors:
         logger.warning("activations: %d chosen image(s) unreadable, left out", len(stream.errors))
     draw_sheets(store.parts / PART, run_dir / "activations", int(a.grid), int(a.per_row))
@@ -178,10 +178,11 @@ def draw_sheets(part: Path, out_dir: Path, grid: int, per_row: int) -> list[Path
         g = f["activations"]
         ids = g["image"][()]
         names = json.loads(g["blank_fraction"].attrs["layers"])
+        keys = json.loads(g["blank_fraction"].attrs["keys"])
         side = max(1, int(math.isqrt(grid)))
-        jobs = [(i, n) for i in range(len(ids)) for n in names]
-        for row, name in tqdm(jobs, desc="activation sheets", unit="sheet"):
-            maps = g[stored_name(name)][row].astype(np.float32)  # (H, W, C)
+        jobs = [(i, n, key) for i in range(len(ids)) for n, key in zip(names, keys)]
+        for row, name, key in tqdm(jobs, desc="activation sheets", unit="sheet"):
+            maps = g[key][row].astype(np.float32)  # (H, W, C)
             h, w, c = maps.shape
             blank = blank_channels(maps[None])[0]
             tiles = draw.channel_tiles(maps, blank, max(TILE_PX, h))
@@ -189,11 +190,11 @@ def draw_sheets(part: Path, out_dir: Path, grid: int, per_row: int) -> list[Path
             image = draw.tile(tiles[:first], side)
             title = f"{name}: channels 0-{first - 1} of {c}, image #{ids[row]}"
             written.append(draw.save(draw.image_figure(image, title, _legend(blank[:first])),
-                                     out_dir / f"{stored_name(name)}_grid_{ids[row]}.png"))
+                                     out_dir / f"{key}_grid_{ids[row]}.png"))
             image = draw.tile(tiles, per_row)
             title = f"{name}: all {c} channels ({h}x{w}), image #{ids[row]}"
             written.append(draw.save(draw.image_figure(image, title, _legend(blank)),
-                                     out_dir / f"{stored_name(name)}_{ids[row]}.png"))
+                                     out_dir / f"{key}_{ids[row]}.png"))
         fractions = g["blank_fraction"][()]
     written.append(draw.save(blank_fraction_figure(names, fractions, ids), out_dir / "blank_fraction.png"))
     logger.info("activations: %d sheet(s) in %s", len(written), out_dir)

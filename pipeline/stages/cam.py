@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.datasets import BatchStream, ImageTable, list_images
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, StageSkipped
 from pipeline.store import Store
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-C
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline.chunks import BOOKKEEPING, ChunkedStream
-    from pipeline.explain import METHODS, CamExplainer
+    from pipeline.explain import METHODS, CamExplainer, NoClassScores
     from pipeline.models.sources import load_model
     from pipeline.preprocess import normalize
 
@@ -56,7 +56,10 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     bundle = load_model(cfg.model, cfg.cache_dir)
     table = list_images(cfg.dataset)
     spec = bundle.preprocessing
-    explainer = CamExplainer(bundle.model, c.layer, spec)
+    try:
+        explainer = CamExplainer(bundle.model, c.layer, spec, output=cfg.model.output)
+    except NoClassScores as err:
+        raise StageSkipped(str(err)) from None
     names = class_names(bundle, table, explainer.num_classes)
     codes_for = target_codes(c, table, names, explainer.num_classes)
     draw_limit = len(table) if c.draw is None else int(c.draw)
@@ -90,7 +93,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
             raise PipelineError("cam: none of the images could be read: check dataset.path (images/error says why)")
         g = f["cam"]
         g.attrs.update(layer=explainer.layer, logits_layer=explainer.logits_layer, methods=json.dumps(methods),
-                       target=str(c.target), input_size=spec.input_size,
+                       target=str(c.target), input_size=np.asarray(spec.size, np.int64),
                        map_shape=np.asarray(explainer.map_shape[:2], np.int64))
         for m in methods:
             g[m].attrs.update(layer=explainer.layer, method=m)
@@ -226,8 +229,7 @@ def display_photo(table: ImageTable, image_id: int, spec, pixels: np.ndarray):
 
     photo = original_photo(table, image_id)
     if photo is None:
-        s = pixels.shape[0]
-        return to_rgb(pixels), (0.0, 0.0, float(s), float(s))
+        return to_rgb(pixels), (0.0, 0.0, float(pixels.shape[0]), float(pixels.shape[1]))
     h, w = photo.shape[:2]
     box = crop_box(h, w, spec)
     scale = min(1.0, DISPLAY_SIDE / max(h, w))
@@ -242,14 +244,10 @@ def display_photo(table: ImageTable, image_id: int, spec, pixels: np.ndarray):
 def crop_box(h: int, w: int, spec) -> tuple[float, float, float, float]:
     """Where the model input lies in an (h, w) photo: (y0, x0, y1, x1) in photo pixels,
     following pipeline.preprocess.to_model_pixels (resize, then centre crop)."""
-    size = spec.input_size
-    if spec.resize == "exact":
-        return 0.0, 0.0, float(h), float(w)
-    scale = (spec.resize_size or size) / min(h, w)
-    new_h = max(size, int(round(h * scale)))
-    new_w = max(size, int(round(w * scale)))
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return top * h / new_h, left * w / new_w, (top + size) * h / new_h, (left + size) * w / new_w
+    from pipeline.preprocess import resize_plan
+
+    new_h, new_w, top, left = resize_plan(h, w, spec)
+    return top * h / new_h, left * w / new_w, (top + spec.height) * h / new_h, (left + spec.width) * w / new_w
 
 
 # ----------------------------------------------------------------------------
@@ -327,7 +325,7 @@ def draw_sheets(part: Path, out_dir: Path, table: ImageTable, spec, names: list[
         fig.suptitle(f"class activation maps, page {page + 1} of {pages}", fontsize=9)
         written.append(draw.save(fig, out_dir / f"overlays_{page:03d}.png"))
     with h5py.File(part, "r") as f:
-        size = int(f["cam"].attrs["input_size"])
+        size = tuple(int(v) for v in f["cam"].attrs["input_size"])  # (H, W)
         for m in methods:
             if "class_mean" not in f[f"cam/{m}"]:
                 continue
@@ -340,7 +338,7 @@ def draw_sheets(part: Path, out_dir: Path, table: ImageTable, spec, names: list[
             grid_rows = math.ceil(n / cols)
             fig = Figure(figsize=(1.9 * cols, 2.0 * grid_rows + 0.4), dpi=draw.DPI, layout="constrained")
             axes = fig.subplots(grid_rows, cols, squeeze=False)
-            up, _ = draw.resample(maps, (size, size))
+            up, _ = draw.resample(maps, size)
             image = None
             for i, ax in enumerate(axes.flat):
                 ax.set_axis_off()

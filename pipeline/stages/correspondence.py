@@ -35,24 +35,24 @@ PART = "correspondence.h5"
 FIGURE = Path("sheets") / "correspondence.png"
 
 
-def pixel_box(box, size: int) -> np.ndarray:
-    """[y0, x0, y1, x1] fractions -> half-open pixel box, at least one pixel."""
+def pixel_box(box, size: tuple[int, int]) -> np.ndarray:
+    """[y0, x0, y1, x1] fractions -> half-open pixel box in a (height, width) image, at least one pixel."""
     y0, x0, y1, x1 = (float(v) for v in box)
     if not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
         raise PipelineError(f"correspondence part {[y0, x0, y1, x1]}: give [y0, x0, y1, x1] fractions with "
                             f"0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1")
-    a = np.array([y0, x0, y1, x1]) * size
+    a = np.array([y0, x0, y1, x1]) * np.tile(size, 2)
     lo = np.floor(a[:2]).astype(int)
     hi = np.maximum(np.ceil(a[2:]).astype(int), lo + 1)
     return np.concatenate([lo, np.minimum(hi, size)])
 
 
-def random_boxes(like: np.ndarray, count: int, size: int, seed: int = 0) -> np.ndarray:
-    """`count` boxes of the size of `like` (pixel box) at random places inside the image."""
+def random_boxes(like: np.ndarray, count: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """`count` boxes of the size of `like` (pixel box) at random places inside a (height, width) image."""
     rng = np.random.default_rng(seed)
     h, w = like[2] - like[0], like[3] - like[1]
-    y = rng.integers(0, size - h + 1, count)
-    x = rng.integers(0, size - w + 1, count)
+    y = rng.integers(0, size[0] - h + 1, count)
+    x = rng.integers(0, size[1] - w + 1, count)
     return np.stack([y, x, y + h, x + w], axis=1)
 
 
@@ -131,7 +131,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     part_names = (part_names + [f"part{k}" for k in range(len(parts))])[:len(parts)]
     ids, pixels, errors = T.load_pixels(table, spec, np.sort(ids), batch_size=cfg.batch_size,
                                         desc="correspondence images")
-    size = spec.input_size
+    size = spec.size
     boxes = np.stack([pixel_box(p, size) for p in parts])
     trials = max(0, int(ic.correspondence_random))
     random = np.concatenate([random_boxes(b, trials, size, seed=k) for k, b in enumerate(boxes)]) \

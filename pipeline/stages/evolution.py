@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.stages.train import own_snapshots as DEPENDS  # noqa: F401,N812 (read by the runner)
-from pipeline.store import Store, stored_name
+from pipeline.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline.datasets import BatchStream, list_images
     from pipeline.geometry import layer_geometry
     from pipeline.stages.scan import STATE, scan_images
-    from pipeline.layers import select_layers
+    from pipeline.layers import chosen_layers
     from pipeline.scan import Scanner
 
     ec = cfg.evolution
@@ -209,7 +209,9 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     bundles = [T.load_snapshot(source, e) for e in epochs]
     first = bundles[0]
     spec = first.preprocessing
-    names = select_layers(first.model, ec.layers if ec.layers is not None else cfg.layers)
+    keys, names = (list(t) for t in zip(*chosen_layers(first.model, ec.layers if ec.layers is not None
+                                                         else cfg.layers)))
+    key_of = dict(zip(names, keys))
     geometries = [layer_geometry(first.model, n) for n in names]
     table = list_images(cfg.dataset)
     count = len(table) if ec.images is None else min(int(ec.images), len(table))
@@ -254,7 +256,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         g.attrs.update(source=str(source), images=count, k=int(cfg.topk),
                        layers=json.dumps(names), snapshot_sha256=json.dumps([b.weights_sha256 for b in bundles]))
         for depth, layer in enumerate(layers):
-            _write_layer(g.create_group(stored_name(layer.name)), layer, depth, changes[layer.name],
+            _write_layer(g.create_group(key_of[layer.name]), layer, depth, changes[layer.name],
                          chosen[layer.name])
 
     p = max(1, min(int(ec.patches), int(cfg.topk)))
@@ -263,7 +265,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         sheet, _, _ = compose_evolution_sheet(
             layer.patches[:, rows, :p], layer.image[:, rows, :p] >= 0, epochs, rows, layer.name,
             f"top-{p} patch{'es' if p > 1 else ''} of {len(rows)} channels over {count} images, per snapshot")
-        path = run_dir / SHEET_DIR / f"{stored_name(layer.name)}.png"
+        path = run_dir / SHEET_DIR / f"{key_of[layer.name]}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(sheet).save(path, format="PNG", compress_level=1, dpi=(150, 150))
     if len(epochs) > 1:
@@ -295,7 +297,7 @@ def _is_seq(value) -> bool:
 
 def _write_layer(g, layer: _Layer, depth: int, change: np.ndarray, channels: np.ndarray) -> None:
     g.attrs.update(name=layer.name, shape=np.asarray(layer.shape, np.int64), depth=depth,
-                   rf_size=np.asarray(layer.geo.rf_size, np.int64), rf_stride=np.asarray(layer.geo.rf_stride, np.int64),
+                   rf_size=np.asarray(layer.geo.rf_size, np.int64), rf_stride=np.asarray(layer.geo.rf_stride),
                    mappable=layer.geo.mappable, geometry_message=layer.geo.message)
     t = g.create_group("topk")
     t["value"], t["image"], t["y"], t["x"], t["box"] = layer.value, layer.image, layer.y, layer.x, layer.box

@@ -44,16 +44,24 @@ def tile(images: np.ndarray, side: int) -> np.ndarray:
 
 
 def _save(path: Path, image: np.ndarray) -> None:
+    """A JPEG; one-channel images (grey models) as grey JPEGs."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, quality=JPEG_QUALITY)
+    Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image).save(
+        path, quality=JPEG_QUALITY)
 
 
-def _montages(out_dir: Path, kind: str, layer: str, images: np.ndarray, valid: np.ndarray) -> int:
-    images = np.where(valid[..., None, None, None], images, 0)
-    side = math.ceil(math.sqrt(min(images.shape[1], 9)))
-    for c, montage in enumerate(tile(images[:, :9], side)):
-        _save(out_dir / kind / layer / f"{layer}_{c:04d}.jpg", montage)
-    return len(images)
+BLOCK = 256  # channels read from results.h5 at a time: memory does not grow with the layer
+
+
+def _montages(out_dir: Path, kind: str, layer: str, dataset, valid: np.ndarray, convert=None) -> int:
+    side = math.ceil(math.sqrt(min(dataset.shape[1], 9)))
+    for c0 in range(0, dataset.shape[0], BLOCK):
+        images = dataset[c0:c0 + BLOCK]
+        images = convert(images) if convert is not None else images
+        images = np.where(valid[c0:c0 + BLOCK, :, None, None, None], images, 0)
+        for c, montage in enumerate(tile(images[:, :9], side), c0):
+            _save(out_dir / kind / layer / f"{layer}_{c:04d}.jpg", montage)
+    return dataset.shape[0]
 
 
 def export_layer(f: h5py.File, key: str, out_dir: Path, paths: list[str], labels: np.ndarray) -> int:
@@ -62,12 +70,12 @@ def export_layer(f: h5py.File, key: str, out_dir: Path, paths: list[str], labels
     valid = image >= 0
     written = 0
     if "patches" in g:
-        written += _montages(out_dir, "max_im", key, g["patches"][()], valid)
+        written += _montages(out_dir, "max_im", key, g["patches"], valid)
     else:
         logger.info("export %s: no patches (run the crop stage) - max_im skipped", key)
     if "panels/deconv" in g:
-        deconv = panel_to_uint8(g["panels/deconv"][()], panel_dims=3)
-        written += _montages(out_dir, "max_deconv", key, deconv, valid)
+        written += _montages(out_dir, "max_deconv", key, g["panels/deconv"], valid,
+                             lambda block: panel_to_uint8(block, panel_dims=3))
     value, y, x = g["topk/value"][()], g["topk/y"][()], g["topk/x"][()]
     for c in range(image.shape[0]):
         lines = [f"{value[c, k]:.6g} {image[c, k]} {labels[image[c, k]]} {y[c, k]} {x[c, k]} {paths[image[c, k]]}"

@@ -163,10 +163,11 @@ class Job:
     labels: tuple[str, ...] = ()  # class names of the targets
     name: str = ""  # the layer the patterns belong to (class logits: the output layer)
     read: str = ""  # the layer the score is computed from (neg on a ReLU: its input)
+    stored: str = ""  # the group name in results.h5 (default: from the layer's name)
 
     @property
     def key(self) -> str:
-        return stored_name(self.name or self.layer)
+        return self.stored or stored_name(self.name or self.layer)
 
 
 def _recipe(fc, objective: str):
@@ -235,7 +236,7 @@ def _classes(values, n_classes: int, imagenet: bool) -> tuple[np.ndarray, tuple[
 
 def _jobs(cfg, bundle) -> list[Job]:
     from pipeline.graph import flat_layers
-    from pipeline.layers import select_layers
+    from pipeline.layers import chosen_layers
     from pipeline.patterns import logits_source, preactivation
 
     model, fc = bundle.model, cfg.filters
@@ -244,15 +245,18 @@ def _jobs(cfg, bundle) -> list[Job]:
         if not fc.classes:
             raise PipelineError("filters.objective=class needs classes: add filters.classes=[1,207] "
                                 "(indices or ImageNet class names)")
-        layer, head = logits_source(model)
-        n_classes = int(model.output_shape[-1])
+        from pipeline.explain import choose_output, output_names
+
+        index = choose_output(model, cfg.model.output)
+        layer, head = logits_source(model, index)
+        n_classes = int(model.outputs[index].shape[-1])
         targets, labels = _classes(list(fc.classes), n_classes, bundle.imagenet_classes)
-        return [Job(layer, targets, n_classes, head, labels, name=flat_layers(model)[-1].name, read=layer)]
+        return [Job(layer, targets, n_classes, head, labels, name=output_names(model)[index], read=layer)]
     jobs = []
-    for name in select_layers(model, cfg.layers):
+    for key, name in chosen_layers(model, cfg.layers):
         total = int(shapes[name][-1])
         read = (preactivation(model, name) or name) if fc.objective == "neg" else name
-        jobs.append(Job(name, _channels(fc.channels, total, name), total, read=read))
+        jobs.append(Job(name, _channels(fc.channels, total, name), total, read=read, stored=key))
     return jobs
 
 
@@ -298,7 +302,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         work.assemble(f)
         root = f.require_group("filters")
         root.attrs.update(objective=fc.objective, method=recipe.method, steps=recipe.steps,
-                          size=recipe.size or spec.input_size, lr=recipe.learning_rate, seed=recipe.seed,
+                          size=recipe.size or min(spec.size), lr=recipe.learning_rate, seed=recipe.seed,
                           seeds=int(fc.seeds), transforms=recipe.transforms and recipe.method == "fourier",
                           upscale=recipe.upscale, normalize=spec.normalize)
         _write_kernel_table(root, kernels)

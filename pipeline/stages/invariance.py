@@ -53,29 +53,31 @@ def parameter_grid(low: float, high: float, steps: int, identity: float) -> tupl
     return values, int(np.argmin(np.abs(values - identity)))
 
 
-def transform_matrices(kind: str, values: np.ndarray, size: int) -> np.ndarray:
-    """(T, 8) projective transforms, output pixel (x, y) -> input point, for images of side `size`.
+def transform_matrices(kind: str, values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(T, 8) projective transforms, output pixel (x, y) -> input point, for (height, width) images.
 
-    translation: content moves down by value * size pixels; rotation: counter-clockwise
-    by value degrees about the image centre ((size - 1) / 2); scale: zoom by value about
-    the centre (> 1 enlarges).
+    translation: content moves down by value * height pixels; rotation: counter-clockwise
+    by value degrees about the image centre; scale: zoom by value about the centre (> 1
+    enlarges).
     """
     v = np.asarray(values, np.float64)
-    c = (size - 1) / 2.0
+    height, width = size
+    cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
     m = np.zeros((len(v), 8), np.float64)
     if kind == "translation":
         m[:, 0] = m[:, 4] = 1.0
-        m[:, 5] = -v * size
+        m[:, 5] = -v * height
     elif kind == "rotation":
         a = np.deg2rad(v)
         cos, sin = np.cos(a), np.sin(a)
-        m[:, 0], m[:, 1], m[:, 2] = cos, -sin, c - cos * c + sin * c
-        m[:, 3], m[:, 4], m[:, 5] = sin, cos, c - sin * c - cos * c
+        m[:, 0], m[:, 1], m[:, 2] = cos, -sin, cx - cos * cx + sin * cy
+        m[:, 3], m[:, 4], m[:, 5] = sin, cos, cy - sin * cx - cos * cy
     elif kind == "scale":
         if (v <= 0).any():
             raise PipelineError(f"invariance.scale holds {v[v <= 0].tolist()}: scale factors must be positive")
         m[:, 0] = m[:, 4] = 1.0 / v
-        m[:, 2] = m[:, 5] = c * (1.0 - 1.0 / v)
+        m[:, 2] = cx * (1.0 - 1.0 / v)
+        m[:, 5] = cy * (1.0 - 1.0 / v)
     else:
         raise ValueError(f"unknown transformation {kind!r}")
     return m.astype(np.float32)
@@ -132,7 +134,7 @@ def invariance_curves(model, names: list[str], spec, pixels: np.ndarray, targets
     kinds = list(grids)
     counts = [len(grids[k]) for k in kinds]
     # one job per (kind, image, value), kind-major then image-major
-    matrices = np.concatenate([np.tile(transform_matrices(k, grids[k], spec.input_size), (n, 1)) for k in kinds])
+    matrices = np.concatenate([np.tile(transform_matrices(k, grids[k], spec.size), (n, 1)) for k in kinds])
     image_of = np.concatenate([np.repeat(np.arange(n), t) for t in counts])
     jobs = len(matrices)
     distance = {name: np.zeros(jobs, np.float32) for name in names}

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.datasets import BatchStream, list_images
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, StageSkipped
 from pipeline.store import Store
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def DEPENDS(cfg) -> tuple[str, ...]:  # noqa: N802 - the runner reads it like th
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline.chunks import BOOKKEEPING, ChunkedStream
-    from pipeline.explain import Occluder, occlusion_grid
+    from pipeline.explain import NoClassScores, Occluder, occlusion_grid
     from pipeline.models.sources import load_model
     from pipeline.preprocess import normalize
     from pipeline.stages.activations import choose_images
@@ -60,8 +60,11 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     store = Store(run_dir)
     ids = choose_images(o.images, table, store, "occlusion")
     spec = bundle.preprocessing
-    occluder = Occluder(bundle.model, o.layer, spec)
-    names = class_names(bundle, table, int(bundle.model.outputs[0].shape[-1]))
+    try:
+        occluder = Occluder(bundle.model, o.layer, spec, output=cfg.model.output)
+    except NoClassScores as err:
+        raise StageSkipped(str(err)) from None
+    names = class_names(bundle, table, occluder.num_classes)
     codes_for = target_codes(o, table, names, len(names))
     store.ensure_run(cfg, bundle, table)
     work = store.work("occlusion", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
@@ -86,8 +89,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
             raise PipelineError("occlusion: none of the chosen images could be read: choose others with "
                                 "occlusion.images")
         g = f["occlusion"]
-        g["rows"] = occlusion_grid(spec.input_size, int(o.size), int(o.stride))
-        g["cols"] = occlusion_grid(spec.input_size, int(o.size), int(o.stride))
+        g["rows"] = occlusion_grid(spec.height, int(o.size), int(o.stride))
+        g["cols"] = occlusion_grid(spec.width, int(o.size), int(o.stride))
         g.attrs.update(size=int(o.size), stride=int(o.stride), fill=int(o.fill), layer=occluder.layer,
                        target=str(o.target))
     draw_sheets(store.parts / PART, run_dir / "occlusion", table, spec, names, cfg.batch_size)

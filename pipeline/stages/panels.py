@@ -90,7 +90,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     logger.info("panels: %d top-k entries in %d layers, methods %s%s", total, len(layers), ", ".join(methods),
                 f" (resuming: {len(blocks) - len(todo)} of {len(blocks)} blocks done)" if len(todo) < len(blocks)
                 else "")
-    coords = _coordinate_image(spec.input_size)
+    coords = _coordinate_image(spec.size)
     programs, stats = {}, {}
     with tqdm(total=total, desc="panels", unit="patch") as bar:
         for number, layer, c0, c1 in todo:
@@ -240,11 +240,11 @@ def seed_for(output_shape: tuple, c: np.ndarray, y: np.ndarray, x: np.ndarray) -
     return seed_at(output_shape, c, y, x)
 
 
-def _coordinate_image(size: int) -> np.ndarray:
-    """(1, S, S, 4) uint8: (row + 1, col + 1) of every pixel, as two bytes each."""
-    r = np.arange(1, size + 1)
-    rows = np.broadcast_to(r[:, None], (size, size))
-    cols = np.broadcast_to(r[None, :], (size, size))
+def _coordinate_image(size: tuple[int, int]) -> np.ndarray:
+    """(1, H, W, 4) uint8: (row + 1, col + 1) of every pixel, as two bytes each."""
+    h, w = size
+    rows = np.broadcast_to(np.arange(1, h + 1)[:, None], (h, w))
+    cols = np.broadcast_to(np.arange(1, w + 1)[None, :], (h, w))
     return np.stack([rows >> 8, rows & 255, cols >> 8, cols & 255], axis=-1).astype(np.uint8)[None]
 
 
@@ -257,7 +257,7 @@ def place_in_frame(maps: np.ndarray, boxes: np.ndarray, offsets: np.ndarray, fra
     model-input pixel it shows (0 outside the box), and the maps are read there.
     """
     if coords is None:
-        coords = _coordinate_image(maps.shape[1])
+        coords = _coordinate_image(maps.shape[1:3])
     where = cut_patches(coords, np.zeros(len(maps), np.int64), boxes, offsets, frame).astype(np.int64)
     rows = where[..., 0] * 256 + where[..., 1] - 1  # (E, fh, fw), -1 outside the box
     cols = where[..., 2] * 256 + where[..., 3] - 1

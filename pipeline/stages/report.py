@@ -39,6 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
+from pipeline.preprocess import Preprocessing, resize_plan
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ class LayerInfo:
     name: str
     shape: tuple[int, ...]
     rf_size: tuple[int, ...]
-    rf_stride: tuple[int, ...]
+    rf_stride: tuple
     depth: int
     mappable: bool
     geometry_message: str
@@ -260,7 +261,8 @@ def _layer_info(stored: str, g: h5py.Group) -> LayerInfo:
         name=_as_str(a.get("name", stored)),
         shape=_ints(a.get("shape"), ()),
         rf_size=_ints(a.get("rf_size")),
-        rf_stride=_ints(a.get("rf_stride")),
+        rf_stride=tuple(int(v) if float(v).is_integer() else round(float(v), 4)  # 1/2 after an upsampling
+                        for v in np.atleast_1d(a.get("rf_stride", (0, 0)))),
         depth=int(a.get("depth", 0)),
         mappable=bool(a.get("mappable", True)),
         geometry_message=_as_str(a.get("geometry_message", "")),
@@ -467,15 +469,14 @@ def model_view(path: str, spec: dict) -> np.ndarray | None:
     except Exception as err:  # noqa: BLE001 - any unreadable file just has no photo
         logger.debug("no photo for %s: %s", path, err)
         return None
-    size = int(spec.get("input_size") or max(im.size))
     w, h = im.size
-    if spec.get("resize") == "exact":
-        return np.asarray(im.resize((size, size), Image.BILINEAR, reducing_gap=3.0))
-    scale = (spec.get("resize_size") or size) / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return np.asarray(im)[top:top + size, left:left + size]
+    try:
+        model_spec = Preprocessing(**spec)
+    except (TypeError, PipelineError):  # not stored, or by another version: the photo as it is
+        return np.asarray(im)
+    new_h, new_w, top, left = resize_plan(h, w, model_spec)
+    im = im.resize((new_w, new_h), Image.BILINEAR, reducing_gap=3.0)
+    return np.asarray(im)[top:top + model_spec.height, left:left + model_spec.width]
 
 
 @dataclass
@@ -555,12 +556,12 @@ def image_sheet(f: h5py.File, pi: _PerImage, image_id: int, names, spec: dict, d
 
     paths = f["images/path"].asstr()
     path = _as_str(paths[image_id])
-    size = int(spec.get("input_size") or 224)
+    size = (int(spec.get("height") or 224), int(spec.get("width") or 224))
     photo = model_view(path, spec)
     missing = []
     if photo is None:
         missing.append("the photo (file not readable; maps drawn without it)")
-    grey = photo if photo is not None else np.full((size, size, 3), 200, np.uint8)
+    grey = photo if photo is not None else np.full(size + (3,), 200, np.uint8)
     label = int(f["images/label"][image_id]) if "images/label" in f else -1
 
     cam_rows = pi.cam_rows.get(image_id)
@@ -617,7 +618,7 @@ def image_sheet(f: h5py.File, pi: _PerImage, image_id: int, names, spec: dict, d
     if "occlusion" in rows:
         g = f["occlusion"]
         osize, stride = int(g.attrs.get("size", 0)), int(g.attrs.get("stride", 0))
-        ye, xe = _edges(g["rows"][()], osize, size), _edges(g["cols"][()], osize, size)
+        ye, xe = _edges(g["rows"][()], osize, size[0]), _edges(g["cols"][()], osize, size[1])
         cls, channel = int(g["class"][occ_row]), int(g["channel"][occ_row])
         axes = subs[r].subplots(1, 2)
         for ax, values, what, cmap, lim in (
@@ -627,8 +628,8 @@ def image_sheet(f: h5py.File, pi: _PerImage, image_id: int, names, spec: dict, d
             ax.imshow(grey, alpha=0.3)
             mesh = ax.pcolormesh(xe, ye, values, cmap=cmap, alpha=0.85, vmin=lim[0] if lim else None,
                                  vmax=lim[1] if lim else None)
-            ax.set_xlim(0, size)
-            ax.set_ylim(size, 0)
+            ax.set_xlim(0, size[1])
+            ax.set_ylim(size[0], 0)
             ax.set_title(what, fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])

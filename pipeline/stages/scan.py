@@ -22,14 +22,14 @@ from tqdm import tqdm
 from pipeline.datasets import BatchStream, list_images
 from pipeline.errors import PipelineError
 from pipeline.spectrum import GAMMA, MIN_ABS, QUANTILES, sketch_quantiles
-from pipeline.store import Pacer, Store, atomic_h5, fingerprint, open_h5, stored_name, write_strings
+from pipeline.store import Pacer, Store, atomic_h5, fingerprint, open_h5, write_strings
 
 logger = logging.getLogger(__name__)
 
 # the config keys whose values decide this stage's results
-KEYS = ("model", "dataset", "layers", "topk", "scan.bottomk", "shard")
+KEYS = ("model", "dataset", "layers", "geometry", "topk", "scan.bottomk", "shard")
 # what the shards of one scan share: merge checks it
-SHARED_KEYS = ("model", "dataset", "layers", "topk", "scan.bottomk")
+SHARED_KEYS = ("model", "dataset", "layers", "geometry", "topk", "scan.bottomk")
 PART = "scan.h5"
 STATE = "state.h5"
 
@@ -44,22 +44,22 @@ def shard_ids(n_images: int, count: int, index: int) -> np.ndarray:
 def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline.geometry import layer_geometry
     from pipeline.graph import feature_model
-    from pipeline.layers import select_layers
+    from pipeline.layers import chosen_layers
     from pipeline.models.sources import load_model
     from pipeline.scan import Scanner
 
     store = Store(run_dir)
     bundle = load_model(cfg.model, cfg.cache_dir)
     table = list_images(cfg.dataset)
-    names = select_layers(bundle.model, cfg.layers)
+    keys, names = zip(*chosen_layers(bundle.model, cfg.layers))
     ids = shard_ids(len(table), cfg.shard.count, cfg.shard.index)
     geometries = [layer_geometry(bundle.model, n) for n in names]
     for name, geo in zip(names, geometries):
         if not geo.mappable:
             logger.warning("layer %s: %s", name, geo.message)
-    scanner = Scanner(feature_model(bundle.model, names), names, bundle.preprocessing, cfg.topk,
+    scanner = Scanner(feature_model(bundle.model, list(names)), list(names), bundle.preprocessing, cfg.topk,
                       bottomk=cfg.scan.bottomk)
-    layers = list(zip(names, geometries, scanner.map_shapes))
+    layers = list(zip(keys, names, geometries, scanner.map_shapes))
     store.ensure_run(cfg, bundle, table)
     if store.part_print(PART) == stage_print:
         logger.info("scan: its tables are already written (the run stopped before recording it), kept")
@@ -146,14 +146,14 @@ def write_errors(f, errors: dict[int, str]) -> None:
 
 
 def write_layers(f, layers, results, bottoms, states) -> None:
-    """layers/<layer>/: attrs, top-k (and bottom-k) tables with boxes, statistics, spectra
-    and geometry; `layers` is [(name, geometry, map shape)]."""
+    """layers/<key>/: attrs, top-k (and bottom-k) tables with boxes, statistics, spectra
+    and geometry; `layers` is [(stored key, qualified name, geometry, map shape)]."""
     bottoms = bottoms or [None] * len(layers)
-    for depth, ((name, geo, shape), (top, stats), bottom, state) in enumerate(
+    for depth, ((key, name, geo, shape), (top, stats), bottom, state) in enumerate(
             zip(layers, results, bottoms, states)):
-        g = f.create_group(f"layers/{stored_name(name)}")
+        g = f.create_group(f"layers/{key}")
         g.attrs.update(name=name, shape=np.asarray(shape, np.int64), depth=depth,
-                       rf_size=np.asarray(geo.rf_size, np.int64), rf_stride=np.asarray(geo.rf_stride, np.int64),
+                       rf_size=np.asarray(geo.rf_size, np.int64), rf_stride=np.asarray(geo.rf_stride),
                        mappable=geo.mappable, geometry_message=geo.message)
         write_table(g, "topk", top, geo.rows, geo.cols)
         if bottom is not None:

@@ -70,11 +70,11 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     T.save_spec(run_dir, spec, class_names)
 
     keras.utils.set_random_seed(int(tc.seed))
-    model = T.build_convnet(spec.input_size, spec.channels, classes, tc.filters, int(tc.dense),
+    model = T.build_convnet(spec.size, spec.channels, classes, tc.filters, int(tc.dense),
                             float(tc.dropout), int(tc.seed))
     logger.info("training %s (%d parameters, input %dx%dx%d, %d classes) on %d images, validating on %d, "
-                "%d epochs, snapshots after %s", model.name, model.count_params(), spec.input_size,
-                spec.input_size, spec.channels, classes, len(tr), len(va), tc.epochs, snapshots)
+                "%d epochs, snapshots after %s", model.name, model.count_params(), spec.height,
+                spec.width, spec.channels, classes, len(tr), len(va), tc.epochs, snapshots)
     predicted = {}
 
     def on_snapshot(epoch: int) -> None:
@@ -101,7 +101,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         g["snapshot_epoch"] = np.asarray(snapshots, np.int64)
         write_strings(g, "snapshot_file", [T.snapshot_path(Path("."), e).as_posix() for e in snapshots])
         g["val_predicted"] = np.stack([predicted[e] for e in snapshots]).astype(np.int64)
-        g.attrs.update(classes=classes, class_names=json.dumps(class_names), input_size=spec.input_size,
+        g.attrs.update(classes=classes, class_names=json.dumps(class_names), input_size=list(spec.size),
                        channels=spec.channels, parameters=model.count_params(),
                        architecture=json.dumps(dict(filters=[int(x) for x in tc.filters], dense=int(tc.dense),
                                                     dropout=float(tc.dropout))),
