@@ -580,8 +580,9 @@ class LayerCards:
         cells = []
         absent = []
         kk = min(k, 9)
+        shown = f"top {kk} of {k}" if k > kk else f"top-{kk}"
         if has_patches:
-            cells.append(Cell("top", f"top-{kk} patches"))
+            cells.append(Cell("top", f"{shown} patches"))
         elif info.mappable:
             absent.append("patches (stages=[crop])")
         else:
@@ -612,6 +613,9 @@ class LayerCards:
         ph, pw = patch_px(patch_hw)
         width = 2 * MARGIN + COLS * max(3 * max(ph, pw) + 2 * THIN, 120) + (COLS - 1) * GAP
         footer = wrap("not in results.h5: " + " \u00b7 ".join(absent), 11, width - 2 * MARGIN) if absent else []
+        if k > kk:  # the card has room for 9; the rest are one read away
+            footer += wrap(f"ranks {kk + 1}-{k} of every unit: results.h5 layers/{info.stored}/topk and patches",
+                           11, width - 2 * MARGIN)
         layout = card_layout(cells, (ph, pw), k, bk if bottom_value is not None else 0, stats_lines, len(footer))
         layout.footer = footer
         return cls(info=info, group=g, images=images, channels=channels, k=k, value=value, image=image,
@@ -639,7 +643,8 @@ class LayerCards:
                f"{_fmt(info.rf_stride)} \u00b7 depth {info.depth}")
         draw_text(canvas, sub, MARGIN, 32, 12, MUTED, max_width=lay.width - 2 * MARGIN)
         if lay.k:
-            self._table_header(canvas, lay.table_y, f"top-{min(self.k, 9)}")
+            self._table_header(canvas, lay.table_y, f"top {min(self.k, 9)} of {self.k}" if self.k > 9
+                               else f"top-{self.k}")
         if lay.bottom_table_y is not None:
             self._table_header(canvas, lay.bottom_table_y, f"bottom-{lay.bottom_k}")
         for i, line in enumerate(lay.footer):

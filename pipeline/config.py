@@ -51,6 +51,10 @@ class DatasetConfig:
     split: Optional[str] = None
     # take only the first N images (null: all)
     limit: Optional[int] = None
+    # files larger than this (MiB) are not read; images whose header gives more pixels than
+    # this are not decoded (a 6000x4000 photo is 24M): recorded in images/error instead
+    max_mb: float = 512.0
+    max_pixels: int = 50_000_000
 
 
 @dataclass
@@ -145,9 +149,10 @@ class CamConfig:  # stage: cam
 class OcclusionConfig:  # stage: occlusion
     # N for the first N images, a list of image ids, or {layer: NAME, channels: [..], k: 1}
     images: Any = 4
-    # side of the grey square and its step, in model-input pixels
-    size: int = 32
-    stride: int = 16
+    # side of the grey square and its step, in model-input pixels (null: a seventh of the
+    # input's shorter side, 32 for 224; the step: half the square)
+    size: Optional[int] = None
+    stride: Optional[int] = None
     # grey level (0-255) of the square, before normalisation
     fill: int = 128
     # predicted | label (unlabelled images: predicted)

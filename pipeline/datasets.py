@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,9 @@ class ImageTable:
     class_names: list[str] = field(default_factory=list)
     # For in-memory sources (IDX): (N, H, W) or (N, H, W, C) uint8; paths are then names.
     arrays: np.ndarray | None = None
+    # reads are bounded before decoding (dataset.max_mb, dataset.max_pixels)
+    max_bytes: int = 512 * 2**20
+    max_pixels: int = 50_000_000
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -65,6 +69,8 @@ def list_images(cfg) -> ImageTable:
         n = int(cfg.limit)
         table = ImageTable(table.paths[:n], table.labels[:n], table.class_names,
                            None if table.arrays is None else table.arrays[:n])
+    table.max_bytes = int(float(cfg.get("max_mb", 512)) * 2**20)
+    table.max_pixels = int(cfg.get("max_pixels", 50_000_000))
     if len(table) == 0:
         raise PipelineError(f"dataset {kind!r} at {cfg.path} holds no images: "
                             f"point dataset.path at a folder of {'/'.join(sorted(IMAGE_SUFFIXES))} files")
@@ -92,13 +98,32 @@ def _samples() -> ImageTable:
     return ImageTable(paths, np.full(len(paths), -1, np.int64))
 
 
+SYSTEM_DIRS = ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin", "/sys", "/usr", "/var")
+
+
 def _folder(root: Path) -> ImageTable:
+    """Every image file under `root`, symlinked folders followed (each real folder once,
+    so a link back up does not loop); a first-level folder names the class."""
     if root.is_file():
         raise PipelineError(f"dataset.path={root} is a file: dataset=folder wants a folder "
                             f"(use dataset=filelist for a list file)")
-    files = sorted(
-        (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-        key=lambda p: p.relative_to(root).as_posix())
+    real = Path(os.path.realpath(root))
+    if str(real) in SYSTEM_DIRS:
+        raise PipelineError(f"dataset.path={root} is the system folder {real}: point dataset.path at a folder "
+                            f"of images")
+    found, seen = [], set()
+    for folder, subdirs, files in os.walk(root, followlinks=True):
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen:
+            subdirs[:] = []  # reached again through a link: walked already
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        subdirs.sort()
+        for name in files:
+            path = Path(folder) / name
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                found.append(path)
+    files = sorted(found, key=lambda p: p.relative_to(root).as_posix())
     class_names = sorted({p.relative_to(root).parts[0] for p in files
                           if len(p.relative_to(root).parts) > 1})
     index = {name: i for i, name in enumerate(class_names)}
@@ -108,19 +133,39 @@ def _folder(root: Path) -> ImageTable:
 
 
 def _filelist(list_file: Path) -> ImageTable:
-    paths, labels = [], []
-    for lineno, line in enumerate(list_file.read_text().splitlines(), 1):
+    """'path label' lines (label optional; '#' starts a comment line). A path with spaces
+    works when the whole line names an existing file, or when a label follows it. Labels
+    are integers, or words that become class names (sorted); relative paths are relative
+    to the list file."""
+    try:
+        lines = list_file.read_text(encoding="utf-8").splitlines()
+    except (UnicodeDecodeError, OSError) as err:
+        raise PipelineError(f"dataset.path={list_file} is not a readable text list ({err}): give a file of "
+                            f"'path label' lines") from None
+    paths, raw = [], []
+    for lineno, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        path, label = line, None
         parts = line.rsplit(maxsplit=1)
-        label = -1
-        if len(parts) == 2 and _is_int(parts[1]):
-            line, label = parts[0], int(parts[1])
-        path = Path(line).expanduser()
-        paths.append(str(path if path.is_absolute() else list_file.parent / path))
-        labels.append(label)
-    return ImageTable(paths, np.asarray(labels, np.int64))
+        if len(parts) == 2 and not _resolve(parts[0] + " " + parts[1], list_file).exists():
+            path, label = parts
+        if "\0" in path:
+            raise PipelineError(f"{list_file} line {lineno} holds a NUL byte: one 'path label' per line")
+        paths.append(str(_resolve(path, list_file)))
+        raw.append(label)
+    words = sorted({lab for lab in raw if lab is not None and not _is_int(lab)})
+    if words:  # word labels name classes; a list mixing in numbers treats them as words too
+        names = sorted({lab for lab in raw if lab is not None})
+        index = {name: i for i, name in enumerate(names)}
+        return ImageTable(paths, np.asarray([index[lab] if lab is not None else -1 for lab in raw], np.int64), names)
+    return ImageTable(paths, np.asarray([int(lab) if lab is not None else -1 for lab in raw], np.int64))
+
+
+def _resolve(path: str, list_file: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else list_file.parent / p
 
 
 def _is_int(text: str) -> bool:
@@ -180,23 +225,78 @@ def _idx(path: Path, split: str) -> ImageTable:
 
 # ---------------------------------------------------------------- the stream
 
+def file_problem(path: str, table: ImageTable) -> str:
+    """Why a file may not be read ('' when it may), from its metadata alone: only regular
+    files (never a device like /dev/zero, a pipe or a folder), not empty, not above
+    dataset.max_mb. Nothing is read, so an endless or sparse huge file costs nothing."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as err:
+        return f"cannot open: {err.strerror or err}"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file (a device, pipe or folder): not read"
+    if info.st_size == 0:
+        return "empty file (0 bytes)"
+    if info.st_size > table.max_bytes:
+        return (f"file of {info.st_size / 2**20:.0f} MiB is above dataset.max_mb={table.max_bytes / 2**20:g}: "
+                f"not read (raise dataset.max_mb to read it)")
+    return ""
+
+
+def too_many_pixels(h: int, w: int, table: ImageTable) -> str:
+    if h * w > table.max_pixels:
+        return (f"image of {w}x{h} pixels is above dataset.max_pixels={table.max_pixels}: not decoded "
+                f"(raise dataset.max_pixels to read it)")
+    return ""
+
+
+def _header_pixels(data: tf.Tensor) -> tf.Tensor:
+    """Width times height from the header of a JPEG, PNG, GIF or BMP file (0 for other
+    formats, which TensorFlow does not decode), read before anything is decoded."""
+    def be32(offset):
+        return tf.cast(tf.io.decode_raw(tf.strings.substr(data, offset, 4), tf.int32, little_endian=False)[0],
+                       tf.int64)
+
+    def le(offset, dtype, size):
+        return tf.abs(tf.cast(tf.io.decode_raw(tf.strings.substr(data, offset, size), dtype)[0], tf.int64))
+
+    magic = tf.strings.substr(data, 0, 4)
+    shape = lambda: tf.cast(tf.reduce_prod(tf.image.extract_jpeg_shape(data)[:2]), tf.int64)  # noqa: E731
+    return tf.case([
+        (tf.strings.substr(data, 0, 2) == b"\xff\xd8", shape),
+        (magic == b"\x89PNG", lambda: be32(16) * be32(20)),
+        (magic == b"GIF8", lambda: le(6, tf.uint16, 2) * le(8, tf.uint16, 2)),
+        (tf.strings.substr(data, 0, 2) == b"BM", lambda: le(18, tf.int32, 4) * le(22, tf.int32, 4)),
+    ], default=lambda: tf.constant(0, tf.int64))
+
+
 def image_stream(table: ImageTable, spec: Preprocessing, batch_size: int,
                  ids: np.ndarray | None = None) -> tf.data.Dataset:
     """tf.data stream of (ids int64 (B,), pixels uint8 (B, S, S, C)) over the image files
     of `ids`, in order.
 
-    Files that fail to decode are silently dropped here; `BatchStream` notices
-    the gap and deals with them.
+    Files that may not be read (file_problem), whose header gives more than
+    dataset.max_pixels, or that fail to decode are left out here; `BatchStream`
+    notices the gap and deals with them.
     """
     ids = np.arange(len(table), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
-    paths = np.asarray(table.paths, dtype=object)[ids] if len(ids) else np.zeros(0, object)
+
+    def readable():
+        for i in ids:
+            path = table.paths[i]
+            if not file_problem(path, table):
+                yield i, path
 
     def load(i, path):
         data = tf.io.read_file(path)
+        tf.debugging.assert_less_equal(_header_pixels(data), tf.constant(table.max_pixels, tf.int64))
         img = tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
         return i, to_model_pixels(img, spec)
 
-    ds = tf.data.Dataset.from_tensor_slices((ids, tf.constant(paths.astype(str))))
+    ds = tf.data.Dataset.from_generator(readable, output_signature=(
+        tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string)))
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors()
     return ds.batch(batch_size).prefetch(2)
@@ -269,7 +369,7 @@ class BatchStream:
     def fallback(self) -> Iterator[tuple[np.ndarray, tf.Tensor]]:
         done_ids, done_pixels = [], []
         for image_id in sorted(self.dropped):
-            pixels, error = decode_with_pillow(self.table.paths[image_id], self.spec)
+            pixels, error = decode_with_pillow(self.table.paths[image_id], self.spec, self.table)
             if pixels is None:
                 self.errors[int(image_id)] = error
                 logger.warning("skipped image %d (%s): %s", image_id, self.table.paths[image_id], error)
@@ -283,22 +383,28 @@ class BatchStream:
             yield np.asarray(done_ids, np.int64), tf.stack(done_pixels)
 
 
-def decode_with_pillow(path: str, spec: Preprocessing) -> tuple[tf.Tensor | None, str]:
-    """Second chance for files TensorFlow cannot decode; returns (pixels, '') or (None, reason)."""
+def decode_with_pillow(path: str, spec: Preprocessing, table: ImageTable) -> tuple[tf.Tensor | None, str]:
+    """Second chance for files TensorFlow cannot decode; returns (pixels, '') or (None, reason).
+    The same bounds hold: the file's metadata first, then the pixel count of its header."""
     from PIL import Image, UnidentifiedImageError
 
-    if not os.path.exists(path):
-        return None, "file not found"
-    if os.path.getsize(path) == 0:
-        return None, "empty file (0 bytes)"
+    problem = file_problem(path, table)
+    if problem:
+        return None, problem
+    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # ours is the limit, with its message
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only
+            problem = too_many_pixels(im.height, im.width, table)
+            if problem:
+                return None, problem
             im.load()
             array = _pillow_to_uint8(im)
     except UnidentifiedImageError:
         return None, "not an image file (format not recognised)"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return None, f"cannot decode: {err}"
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
     return to_model_pixels(tf.constant(array), spec), ""
 
 

@@ -273,9 +273,12 @@ def _resolve(model, flat: _Flat, names: str | Iterable[str]) -> list[str]:
         names = [names]
     valid = [n.name for n in flat.nodes]
     known = set(valid)
+    renamed = getattr(model, "renamed_layers", {})  # names TensorFlow refused (pipeline.models.sources)
     out = []
     for name in names:
         name = str(name)
+        if name not in known and name in renamed:
+            name = renamed[name]
         if name in known:
             out.append(name)
             continue

@@ -49,9 +49,16 @@ def chosen_layers(model: keras.Model, layers) -> list[tuple[str, str]]:
 
     qualified = select_layers(model, layers)
     if isinstance(layers, str) and layers in PRESETS:
-        return [(stored_name(n), n) for n in qualified]
-    requested = [layers] if isinstance(layers, str) else [str(n) for n in layers]
-    return list(dict((stored_name(r), q) for r, q in zip(requested, qualified)).items())  # a name twice: once
+        requested = qualified
+    else:
+        requested = [layers] if isinstance(layers, str) else [str(n) for n in layers]
+    chosen: dict[str, str] = {}
+    for name, resolved in zip(requested, qualified):
+        key = stored_name(name)
+        while chosen.get(key, resolved) != resolved:  # two layers, one safe name: tell them apart
+            key += "_"
+        chosen[key] = resolved  # the same layer asked for twice is kept once
+    return list(chosen.items())
 
 
 def preset(model: keras.Model, name: str) -> list[str]:

@@ -16,7 +16,10 @@ logger = logging.getLogger(__name__)
 
 
 def run(cfg, run_dir: Path) -> Path:
+    from pipeline.validate import check_config
+
     run_dir = Path(run_dir)
+    check_config(cfg)
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise PipelineError(f"unknown stage(s) {', '.join(map(str, unknown))}: "

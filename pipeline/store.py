@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -53,8 +54,12 @@ class StorageError(PipelineError):
 
 
 def stored_name(layer: str) -> str:
-    """HDF5 group name of a layer: '/' (nested models) becomes '.'."""
-    return layer.replace("/", ".")
+    """The name a layer is stored and drawn under: its HDF5 group, and every file and
+    folder named after it. '/' (nested models) becomes '.', anything but letters, digits
+    and . _ + = - becomes '_', and a name cannot be '.', '..' or start with '.'. The real
+    name stays in the group's attrs."""
+    name = re.sub(r"[^A-Za-z0-9._+=-]", "_", layer.replace("/", "."))
+    return "_" + name if not name or name.startswith(".") else name
 
 
 def fingerprint(cfg, keys) -> str:

@@ -309,7 +309,7 @@ def load_snapshot(run_dir, epoch: int | None = None):
         raise PipelineError(f"no snapshot of epoch {epoch} in {run_dir / SNAPSHOT_DIR}: "
                             f"set model.epoch to one of {', '.join(map(str, found))}")
     path = found[int(epoch)]
-    model = keras.models.load_model(path, compile=False)
+    model = keras.models.load_model(path, compile=False, safe_mode=True)
     spec_file = run_dir / SNAPSHOT_DIR / SPEC_FILE
     if spec_file.exists():
         spec = Preprocessing(**json.loads(spec_file.read_text())["preprocessing"])

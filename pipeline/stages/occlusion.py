@@ -51,11 +51,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline.stages.cam import class_names, target_codes
 
     o = cfg.occlusion
-    if int(o.size) < 1 or int(o.stride) < 1 or int(o.batch_size) < 1:
-        raise PipelineError("occlusion.size, occlusion.stride and occlusion.batch_size must be at least 1")
-    if not 0 <= int(o.fill) <= 255:
-        raise PipelineError(f"occlusion.fill={o.fill}: use a grey level from 0 to 255")
     bundle = load_model(cfg.model, cfg.cache_dir)
+    size, stride = square_and_step(o, bundle.preprocessing.size)
     table = list_images(cfg.dataset)
     store = Store(run_dir)
     ids = choose_images(o.images, table, store, "occlusion")
@@ -70,11 +67,11 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     work = store.work("occlusion", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
     stream = ChunkedStream(work, table, spec, cfg.batch_size, ids, cfg.checkpoint)
     logger.info("occlusion: %d image(s), square %d px every %d px, feature maps of %s",
-                len(ids), o.size, o.stride, occluder.layer)
+                len(ids), size, stride, occluder.layer)
     with tqdm(total=len(ids), initial=len(ids) - stream.remaining, desc="occlusion", unit="img") as bar:
         for batch_ids, pixels in stream:
-            r = occluder.compute(normalize(pixels, spec.normalize), codes_for(batch_ids)[:, 0], int(o.size),
-                                 int(o.stride), int(o.fill), int(o.batch_size))
+            r = occluder.compute(normalize(pixels, spec.normalize), codes_for(batch_ids)[:, 0], size, stride,
+                                 int(o.fill), int(o.batch_size))
             stream.add({"occlusion/image": batch_ids.astype(np.int64), "occlusion/class": r.classes.astype(np.int64),
                         "occlusion/channel": r.channel.astype(np.int64),
                         "occlusion/top_class": r.top_class.astype(np.int64),
@@ -89,11 +86,23 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
             raise PipelineError("occlusion: none of the chosen images could be read: choose others with "
                                 "occlusion.images")
         g = f["occlusion"]
-        g["rows"] = occlusion_grid(spec.height, int(o.size), int(o.stride))
-        g["cols"] = occlusion_grid(spec.width, int(o.size), int(o.stride))
-        g.attrs.update(size=int(o.size), stride=int(o.stride), fill=int(o.fill), layer=occluder.layer,
+        g["rows"] = occlusion_grid(spec.height, size, stride)
+        g["cols"] = occlusion_grid(spec.width, size, stride)
+        g.attrs.update(size=size, stride=stride, fill=int(o.fill), layer=occluder.layer,
                        target=str(o.target))
     draw_sheets(store.parts / PART, run_dir / "occlusion", table, spec, names, cfg.batch_size)
+
+
+def square_and_step(o, input_size: tuple[int, int]) -> tuple[int, int]:
+    """occlusion.size and .stride, defaults scaled to the input; a square that covers the
+    whole input at every position (flat maps) is refused."""
+    shorter = min(input_size)
+    size = int(o.size) if o.size is not None else max(1, round(shorter / 7))
+    if size >= shorter:
+        raise PipelineError(f"occlusion.size={size} covers the whole {input_size[0]}x{input_size[1]} input at "
+                            f"every position: use a size below {shorter} (default: a seventh of the shorter side)")
+    stride = int(o.stride) if o.stride is not None else max(1, size // 2)
+    return size, stride
 
 
 def draw_sheets(part: Path, out_dir: Path, table, spec, names: list[str], batch_size: int) -> list[Path]:

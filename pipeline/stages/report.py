@@ -251,6 +251,7 @@ class LayerInfo:
     geometry_message: str
     sparsity: float | None  # mean zero fraction over channels
     has_patches: bool
+    topk: int = 0  # images kept per channel
 
 
 def _layer_info(stored: str, g: h5py.Group) -> LayerInfo:
@@ -268,6 +269,7 @@ def _layer_info(stored: str, g: h5py.Group) -> LayerInfo:
         geometry_message=_as_str(a.get("geometry_message", "")),
         sparsity=float(np.mean(zf)) if zf is not None and zf.size else None,
         has_patches="patches" in g,
+        topk=int(g["topk/value"].shape[1]) if "topk/value" in g else 0,
     )
 
 
@@ -334,9 +336,10 @@ def draw_labels(canvas: np.ndarray, labels: list[Label]) -> np.ndarray:
 
 
 def _title_labels(info: LayerInfo, n_ok: int, k: int, width: int, top: float,
-                  title_h: float) -> list[Label]:
+                  title_h: float, kept: int | None = None) -> list[Label]:
+    shown = f"top {k} of the {kept} kept" if kept and kept > k else f"top-{k}"
     details = (f"output {_fmt(info.shape)} \u00b7 receptive field {_fmt(info.rf_size)} px, "
-               f"stride {_fmt(info.rf_stride)} \u00b7 top-{k} patches per channel "
+               f"stride {_fmt(info.rf_stride)} \u00b7 {shown} patches per channel "
                f"from {n_ok} images")
     return [Label(width / 2, top + 0.32 * title_h, info.name,
                   _fit_px(info.name, 0.38 * title_h, 0.9 * width), weight="bold", color="black"),
@@ -396,7 +399,7 @@ def compose_sheet(g: h5py.Group, info: LayerInfo, n_ok: int) -> np.ndarray:
     left = (width - gridded.shape[1]) // 2
     canvas[top:top + gridded.shape[0], left:left + gridded.shape[1]] = gridded
 
-    labels = _title_labels(info, n_ok, k, width, layout.margin, layout.title_h)
+    labels = _title_labels(info, n_ok, k, width, layout.margin, layout.title_h, kept=ds.shape[1])
     label_px = 0.72 * layout.label_h
     labels += [Label(left + x + cw / 2, top + y + ch + layout.label_h / 2, str(c), label_px)
                for c, (y, x) in enumerate(origins)]
@@ -1047,7 +1050,9 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
     images_note = "" if image_sheets else (
         "No per-image maps in results.h5: run stages=[activations,cam,occlusion] to draw per-image sheets."
         if not pi.ids() else "Per-image sheets are off (report.per_image=0).")
-    lead = f"Top-{MAX_SLOTS} receptive-field patches per channel, unit cards and per-image maps."
+    kept = max((i.topk for i in infos), default=MAX_SLOTS)
+    lead = (f"Top-{min(kept, MAX_SLOTS)} receptive-field patches per channel"
+            + (f" (of the {kept} kept)" if kept > MAX_SLOTS else "") + ", unit cards and per-image maps.")
     site = Site(title=model, lead=lead,
                 facts=facts, images_line=f"{n_ok} images scanned, {len(skipped)} skipped.", skipped=skipped,
                 layers=site_layers, sparsity=sparsity_png,

@@ -73,6 +73,11 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     scanned = np.zeros(len(table), bool)
     scanned[ids] = True
     store.write_images(len(table), errors, scanned)
+    if len(ids) and len(errors) == len(ids):  # nothing to show: say so, and keep the reasons
+        store.rebuild()
+        first = min(errors)
+        raise PipelineError(f"none of the {len(ids)} images could be read (e.g. {table.paths[first]}: "
+                            f"{errors[first]}): check dataset.path; images/error in {store.index} lists each reason")
     with store.write(PART) as f:
         f.attrs.update(_stage_print=stage_print, shard_count=cfg.shard.count, shard_index=cfg.shard.index,
                        scan_config=fingerprint(cfg, SHARED_KEYS))
@@ -80,6 +85,10 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         states = scanner.state()  # one read of the device state serves every table
         write_layers(f, layers, scanner.results(states), scanner.bottom_results(states) if scanner.bottomk else None,
                      states)
+        original = {new: old for old, new in getattr(bundle.model, "renamed_layers", {}).items()}
+        for key, name, _, _ in layers:
+            if name in original:  # renamed for TensorFlow: the model's own name, for the record
+                f[f"layers/{key}"].attrs["keras_name"] = original[name]
     (work.path / STATE).unlink(missing_ok=True)
     elapsed = time.perf_counter() - started
     scanned_now = scanner.images_seen - seen_before
