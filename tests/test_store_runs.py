@@ -58,7 +58,7 @@ STAGE_RUNS = {  # stage -> the stages listed (the stage is last) and its own set
     "crop": ["stages=[scan,crop]"],
     "panels": ["stages=[scan,panels]", "panels.methods=[deconv,guided]", "panels.batch_size=3"],
     "cam": ["stages=[cam]", "cam.methods=[gradcam,gradcam++]", "cam.draw=2"],
-    "activations": ["stages=[activations]", "activations.images=200"],
+    "activations": ["stages=[activations]", "activations.images=40"],
     "filters": ["stages=[filters]", "filters.steps=6", "filters.size=24", "filters.batch=1", "filters.toolbox=false"],
 }
 
@@ -97,7 +97,7 @@ def test_a_second_run_on_a_busy_directory_is_refused_and_changes_nothing(setup):
     command = base + ["stages=[scan,cam]", "batch_size=1", "checkpoint.batches=null", f"hydra.run.dir={run_dir}"]
     first = _start(command)
     deadline = time.time() + 120
-    while not (run_dir / ".hydra" / "config.yaml").exists() and time.time() < deadline:
+    while not (run_dir / "results.h5").exists() and time.time() < deadline:  # Hydra's own files are written by then
         time.sleep(0.05)
     hydra_before = (run_dir / ".hydra" / "config.yaml").read_bytes()
     second = subprocess.run([sys.executable, "run.py", *command[:-1], "topk=3", f"hydra.run.dir={run_dir}"],
