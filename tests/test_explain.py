@@ -11,6 +11,7 @@ from pipeline.explain import (CamExplainer, Occluder, blank_channels, default_ta
                               grad_cam_pp, guided_grad_cam, layer_activations, occlusion, occlusion_grid,
                               score_cam)
 from pipeline.preprocess import Preprocessing, normalize
+from pipeline.graph import feature_model
 
 ALL = ("gradcam", "gradcam++", "scorecam", "guided_gradcam")
 
@@ -235,6 +236,31 @@ def test_a_batch_gives_the_same_maps_as_one_image_at_a_time():
     split = explainer.compute(x, "top2", ALL, batch_size=2, scorecam_batch=3)
     for m in ALL:
         np.testing.assert_allclose(split[m].maps, batch[m].maps, rtol=1e-4, atol=1e-6)
+
+
+def test_gradcam_weights_are_each_images_own_gradient():
+    """A head whose gradient depends on the image (a ReLU layer after the pooling): weights
+    averaged over the batch too, the classic bug, would give every image the same weights."""
+    rng = np.random.default_rng(5)
+    inp = keras.Input((12, 12, 3))
+    maps = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="conv")(inp)
+    hidden = keras.layers.Dense(8, activation="relu", name="hidden")(keras.layers.GlobalAveragePooling2D()(maps))
+    model = keras.Model(inp, keras.layers.Dense(3, name="logits")(hidden))
+    model.set_weights([rng.normal(size=w.shape).astype(np.float32) for w in model.get_weights()])
+    x = random_images(4, (12, 12, 3), seed=3) * np.array([1, 3, 0.3, 6], np.float32)[:, None, None, None]
+    got = CamExplainer(model, "conv").compute(x, targets=1, methods=("gradcam",), batch_size=4)["gradcam"]
+    features = feature_model(model, ["conv", "logits"])
+    weights = []
+    for i in range(len(x)):  # the textbook recipe, one image at a time
+        with tf.GradientTape() as tape:
+            a, z = features(x[i:i + 1])
+            score = z[0, 1]
+        w = tf.reduce_mean(tape.gradient(score, a), axis=(1, 2))[0].numpy()
+        weights.append(w)
+        want = np.maximum((a[0].numpy() * w).sum(axis=-1), 0)
+        np.testing.assert_allclose(got.maps[i], want, rtol=1e-4, atol=1e-6)
+    weights = np.stack(weights)  # the images really have different weights:
+    assert np.ptp(weights, axis=0).max() > 0.3 * np.abs(weights).max()
 
 
 @pytest.mark.parametrize("ending", ["dense_softmax", "softmax_layer", "activation_softmax"])
