@@ -29,17 +29,15 @@ class ChunkedStream:
         self.rows: dict[str, list[np.ndarray]] = {}
         self.bytes = 0
         self.errors: dict[int, str] = {}
-        position, dropped, finished = 0, [], False
+        position, dropped, self.finished = 0, [], False
         chunks = work.chunks()
-        for name in chunks:
-            with work.open(name) as f:
+        self.next_chunk = len(chunks)
+        if chunks:  # where the last commit left the stream (the Pillow pass, if any, is always last)
+            with work.open(chunks[-1]) as f:
+                position, self.finished = int(f.attrs["_position"]), bool(f.attrs["_fallback"])
+                dropped = f["_dropped"][()].tolist()
                 if "_errors" in f:
                     self.errors.update(zip(f["_errors/image"][()].tolist(), read_strings(f["_errors/reason"])))
-                if name == chunks[-1]:
-                    position, finished = int(f.attrs["_position"]), bool(f.attrs["_fallback"])
-                    dropped = f["_dropped"][()].tolist()
-        self.resumed_at = position
-        self.finished = finished
         self.stream = BatchStream(table, spec, batch_size, ids=self.ids[position:], dropped=dropped)
         self.offset = position
         self.in_fallback = False
@@ -69,7 +67,8 @@ class ChunkedStream:
             self._commit()
 
     def _commit(self) -> None:
-        name = self.work.chunk_name(len(self.work.chunks()))
+        name = self.work.chunk_name(self.next_chunk)
+        self.next_chunk += 1
         with self.work.write(name) as f:
             f.attrs["_position"] = self.offset + self.stream.position
             f.attrs["_fallback"] = self.in_fallback

@@ -11,20 +11,19 @@ from pipeline import lock
 from pipeline.errors import PipelineError, StageSkipped
 from pipeline.stages import STAGES
 from pipeline.store import IDENTITY_KEYS, RESULTS_FILE, RUN_PART, Store, fingerprint, open_h5
+from pipeline.validate import check_config
 
 logger = logging.getLogger(__name__)
 
 
 def run(cfg, run_dir: Path) -> Path:
-    from pipeline.validate import check_config
-
     run_dir = Path(run_dir)
     check_config(cfg)
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise PipelineError(f"unknown stage(s) {', '.join(map(str, unknown))}: "
                             f"stages are {', '.join(STAGES)}")
-    if cfg.get("geometry") and cfg.geometry.pointwise:
+    if cfg.geometry.pointwise:
         from pipeline.geometry import register_pointwise
 
         register_pointwise(*(str(name) for name in cfg.geometry.pointwise))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -247,21 +248,17 @@ class Store:
         return atomic_h5(self.parts / name)
 
     def copy_part(self, source: Path, name: str, **attrs) -> None:
-        """parts/<name> as a copy of another run's part file, with root attrs changed."""
-        dest = self.parts / name
-        self.parts.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{name}.tmp-{os.getpid()}")
+        """parts/<name> as a copy of another run's part file, with root attrs changed
+        (changed in memory, then written like every part)."""
+        buffer = io.BytesIO(Path(source).read_bytes())
         try:
-            shutil.copyfile(source, tmp)
-            with h5py.File(tmp, "a") as f:
+            with h5py.File(buffer, "r+") as f:
                 f.attrs.update(attrs)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, dest)
         except OSError as err:
-            raise storage_error(err, dest) from err
-        finally:
-            tmp.unlink(missing_ok=True)
+            raise StorageError(f"{source} is not a readable part file ({err})") from None
+        self.parts.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.parts / name) as fh:
+            fh.write(buffer.getvalue())
 
     def has(self, name: str) -> bool:
         return (self.parts / name).exists()
