@@ -37,7 +37,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.draw import panel_to_uint8
-from pipeline.stages.report import (EMPTY_GREY, LayerInfo, _as_str, _fmt, montage, resize_patches)
+from pipeline.montage import EMPTY_GREY, montage, resize_patches
+from pipeline.stages.report import LayerInfo, _as_str, _fmt
 
 logger = logging.getLogger(__name__)
 

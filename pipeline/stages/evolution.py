@@ -83,7 +83,8 @@ def compose_evolution_sheet(patches: np.ndarray, valid: np.ndarray, epochs, chan
     of the top P, enlarged by a whole factor (or shrunk) to a readable size.
     Returns (sheet (H, W, 3) uint8, origins (n, E, 2) top-left of every cell, cell (h, w)).
     """
-    from pipeline.stages.report import BACKGROUND, Label, draw_labels, montage, resize_patches
+    from pipeline.montage import BACKGROUND, montage, resize_patches
+    from pipeline.stages.report import Label, draw_labels
 
     e, n, p, h, w = patches.shape[:5]
     side = max(1, math.ceil(math.sqrt(p)))

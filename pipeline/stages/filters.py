@@ -7,7 +7,7 @@ Needs only the model (no scan). Writes, in results.h5:
     filters/<layer>/patterns (n, H, W, 3) uint8 at the model's input size, value, channels, ...
 
 and renders, from results.h5 only, sheets/filters/*.png and the toolbox files
-toolbox/regularized_opt/<layer>/<layer>_%04d_montage.jpg and whole_layer.jpg.
+toolbox/regularized_opt/<layer>/ (pipeline.toolbox, the layout the export writes).
 Patterns are written a block of channels at a time; a killed run resumes with the
 channels that are missing.
 """
@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.store import Store, read_strings, stored_name, write_strings
+from pipeline.toolbox import write_regularized_opt
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +43,6 @@ BLOCK_BATCHES = 8  # optimisation batches per chunk file (a killed run resumes a
 KERNEL_TABLE = "kernel_table"
 SHEETS_DIR = ("sheets", "filters")
 TOOLBOX_DIR = "toolbox"
-SPRITE_MAX_PX = 4096  # whole_layer.jpg: tiles shrink so the sprite stays within this side
-JPEG_QUALITY = 90
-EMPTY_GREY = 128
 
 _CONV = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
          keras.layers.Conv2DTranspose)
@@ -310,7 +308,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     part = store.parts / PART
     render_filter_sheets(part, run_dir.joinpath(*SHEETS_DIR), bgr=spec.normalize == "caffe")
     if fc.toolbox:
-        export_regularized_opt(part, run_dir / TOOLBOX_DIR)
+        write_regularized_opt(part, run_dir / TOOLBOX_DIR)
 
 
 def _write_kernel_table(root: h5py.Group, kernels: list[Kernel]) -> None:
@@ -536,7 +534,8 @@ def weight_sheets(g: h5py.Group, out_dir: Path, first: bool, bgr: bool) -> list[
 
 def pattern_sheet(g: h5py.Group, attrs) -> np.ndarray:
     """Every computed pattern of one layer group as a labelled grid, (H, W, 3) uint8."""
-    from pipeline.stages.report import Label, draw_labels, grid, resize_patches
+    from pipeline.montage import resize_patches
+    from pipeline.stages.report import Label, draw_labels, grid
 
     computed = g["computed"][()]
     rows = np.flatnonzero(computed)
@@ -616,79 +615,4 @@ def render_filter_sheets(results_path: Path, out_dir: Path, bgr: bool | None = N
                 Image.fromarray(pattern_sheet(g, root.attrs)).save(path, compress_level=1)
                 written.append(path)
     logger.info("filter sheets: %d file(s) in %s", len(written), out_dir)
-    return written
-
-
-# --------------------------------------------------------------------------- toolbox export
-
-
-def square_montage(images: np.ndarray, gap: int = 2, background: int = 255) -> np.ndarray:
-    """(R, h, w, 3) -> one image: the image itself for R == 1, else a square of
-    ceil(sqrt(R)) a side, row-major, grey where a slot is empty."""
-    if len(images) == 1:
-        return images[0]
-    from pipeline.stages.report import montage
-
-    side = math.ceil(math.sqrt(len(images)))
-    return montage(images[None], np.ones((1, len(images)), bool), side, gap, EMPTY_GREY, background)[0]
-
-
-def sprite(tiles: np.ndarray, present: np.ndarray, max_px: int = SPRITE_MAX_PX) -> np.ndarray:
-    """whole_layer.jpg: (C, h, w, 3) tiles in a square of ceil(sqrt(C)) tiles a side, row-major,
-    no gaps; channels not computed are grey. Tiles shrink (area average) to keep the side
-    within max_px."""
-    from pipeline.stages.report import resize_patches
-
-    c, h, w = tiles.shape[:3]
-    side = math.ceil(math.sqrt(c))
-    t = min(h, max(1, max_px // side))
-    if t != h:
-        tiles = resize_patches(tiles, (t, round(w * t / h)))
-    th, tw = tiles.shape[1:3]
-    out = np.full((side * th, side * tw, 3), EMPTY_GREY, np.uint8)
-    for i in np.flatnonzero(present):
-        r, col = divmod(int(i), side)
-        out[r * th:(r + 1) * th, col * tw:(col + 1) * tw] = tiles[i]
-    return out
-
-
-def export_regularized_opt(results_path: Path, toolbox_dir: Path) -> list[Path]:
-    """Write regularized_opt/<layer>/<layer>_%04d_montage.jpg per computed unit and
-    whole_layer.jpg per layer (positive objectives only), from results.h5 only."""
-    from PIL import Image
-
-    written = []
-    with h5py.File(results_path, "r") as f:
-        if "filters" not in f:
-            return []
-        for key, g in f["filters"].items():
-            if not isinstance(g, h5py.Group) or "patterns" not in g:
-                continue
-            if _as_str(g.attrs.get("objective", "channel")) == "neg":
-                logger.info("toolbox: %s holds negative patterns; regularized_opt is for positive ones, skipped", key)
-                continue
-            computed = g["computed"][()]
-            units = g["channels"][()]
-            total = int(g.attrs.get("channels_total", int(units.max()) + 1))
-            folder = Path(toolbox_dir) / "regularized_opt" / key
-            folder.mkdir(parents=True, exist_ok=True)
-            size = g["patterns"].shape[1]
-            side = math.ceil(math.sqrt(total))
-            t = min(size, max(1, SPRITE_MAX_PX // side))
-            tiles = np.full((total, t, t, 3), EMPTY_GREY, np.uint8)
-            present = np.zeros(total, bool)
-            from pipeline.stages.report import resize_patches
-
-            for row in tqdm(np.flatnonzero(computed), desc=f"toolbox {key}", unit="unit"):
-                unit = int(units[row])
-                images = g["pattern_seeds"][row] if "pattern_seeds" in g else g["patterns"][row][None]
-                path = folder / f"{key}_{unit:04d}_montage.jpg"
-                Image.fromarray(square_montage(images)).save(path, quality=JPEG_QUALITY)
-                written.append(path)
-                tiles[unit] = resize_patches(g["patterns"][row], (t, t))
-                present[unit] = True
-            path = folder / "whole_layer.jpg"
-            Image.fromarray(sprite(tiles, present)).save(path, quality=JPEG_QUALITY)
-            written.append(path)
-    logger.info("toolbox: %d file(s) under %s", len(written), Path(toolbox_dir) / "regularized_opt")
     return written
