@@ -181,19 +181,26 @@ def save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def panel_to_uint8(panel, panel_dims: int | None = None, centred: bool = True) -> np.ndarray:
+def panel_to_uint8(panel, panel_dims: int | None = None, centred: bool = True,
+                   percentile: float = 100.0) -> np.ndarray:
     """A panel as a viewable uint8 image (same shape).
 
-    centred (raw panels, signed): 0 maps to 128 grey, +max|v| to 255 and -max|v|
-    to 0, with max|v| taken per panel. centred=False (norm panels, >= 0): 0 is
-    black and the panel's max is white. panel_dims: how many trailing axes form
-    one panel (3 for a (..., h, w, C) stack, 2 for (..., h, w) norm maps); None:
-    the whole array is one panel. An all-zero panel gives flat grey (or black).
+    centred (raw panels, signed): 0 maps to 128 grey, +s to 255 and -s to 0, with s
+    the `percentile` of |v| per panel (100: max|v|; lower values stretch the contrast
+    of sparse maps, clipping the few largest). centred=False (norm panels, >= 0): 0 is
+    black and s is white. panel_dims: how many trailing axes form one panel (3 for a
+    (..., h, w, C) stack, 2 for (..., h, w) norm maps); None: the whole array is one
+    panel. An all-zero panel gives flat grey (or black).
     """
     v = np.asarray(panel, np.float32)
     dims = v.ndim if panel_dims is None else int(panel_dims)
     axes = tuple(range(v.ndim - dims, v.ndim))
-    scale = np.abs(v).max(axis=axes, keepdims=True) if v.size else np.ones((1,) * v.ndim, np.float32)
+    if not v.size:
+        scale = np.ones((1,) * v.ndim, np.float32)
+    elif percentile >= 100:
+        scale = np.abs(v).max(axis=axes, keepdims=True)
+    else:
+        scale = np.percentile(np.abs(v), percentile, axis=axes, keepdims=True).astype(np.float32)
     unit = np.divide(v, scale, out=np.zeros_like(v), where=scale > 0)
     out = 128.0 + 128.0 * unit if centred else 256.0 * unit
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)

@@ -88,7 +88,8 @@ class Site:
     notes: list[str] = field(default_factory=list)  # things absent from results.h5
 
 
-_CSS = """
+# shared with the live viewer (pipeline.viewer.page)
+CSS = """
 :root { --ink: #222; --muted: #6b6b6b; --line: #ddd; --accent: #2a62a8; }
 * { box-sizing: border-box; }
 body { font-family: Helvetica, Arial, sans-serif; margin: 0; color: var(--ink); background: #fff; }
@@ -310,7 +311,7 @@ def _page(title: str, body: str, data: str, bar: str, example: str) -> str:
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title}</title>
-<style>{_CSS}</style>
+<style>{CSS}</style>
 </head>
 <body>
 <header class="bar">{bar}

@@ -1,0 +1,337 @@
+"""The live viewer over a real run directory: its computations against the model itself,
+its server as a real process (safety: path traversal, upload bounds, read-only, clean stop),
+and its page in a real headless Chromium (images, uploads, clicks, keys)."""
+
+import hashlib
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_pipeline import compose_cfg, tiny_model
+from test_site import ARGS, CHROMIUM
+from pipeline.backprop import backprop
+from pipeline.preprocess import normalize
+from pipeline.runner import run
+from pipeline.viewer.server import Viewer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def viewer_run(tmp_path_factory):
+    """A tiny model's run with patches, deconv/guided panels, filter patterns and the report."""
+    tmp = tmp_path_factory.mktemp("viewer")
+    photos = tmp / "photos"
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        photos.joinpath("c" + str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((30 + 2 * i, 36, 3)) * 255).astype(np.uint8)).save(photos / f"c{i % 2}/p{i}.png")
+    model = tiny_model(tmp / "tiny.keras")
+    cfg = compose_cfg(["model=file", f"model.path={tmp / 'tiny.keras'}", "dataset=folder", f"dataset.path={photos}",
+                       "layers=[relu1,relu2]", "stages=[scan,crop,panels,filters,report]",
+                       "panels.methods=[deconv,guided]", "filters.steps=4",
+                       "filters.weights=none", "filters.size=24"])
+    run_dir = tmp / "run"
+    run(cfg, run_dir)
+    return model, run_dir, tmp
+
+
+def files_state(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def png_bytes(array) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- computations, in process
+
+
+def test_live_maps_predictions_and_backprop_are_the_models(viewer_run):
+    model, run_dir, _ = viewer_run
+    viewer = Viewer(run_dir)
+    live = viewer.model
+    assert live is not None and viewer.banner == ""
+    pixels = viewer.inputs.pixels("2")
+    assert pixels.shape == (24, 24, 3) and pixels.dtype == np.uint8
+    x = normalize(pixels[None], viewer.inputs.spec.normalize)
+    reference = keras.Model(model.inputs, [model.get_layer(n).output for n in ("relu1", "relu2", "logits")])
+    relu1, relu2, logits = (np.asarray(t) for t in reference(x))
+    maps = live.forward(pixels)["maps"]
+    np.testing.assert_allclose(maps["relu1"], relu1[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(maps["relu2"], relu2[0], rtol=1e-5, atol=1e-5)
+    z = np.exp(logits[0] - logits[0].max())
+    top = live.predictions(pixels)
+    assert [p["class"] for p in top] == list(np.argsort(-logits[0], kind="stable"))
+    np.testing.assert_allclose([p["p"] for p in top], np.sort(z / z.sum())[::-1], rtol=1e-5)
+    unit = live.unit(pixels, "relu2", 4, None)
+    assert tuple(unit["at"]) == np.unravel_index(relu2[0, ..., 4].argmax(), relu2.shape[1:3])
+    assert unit["max"] == pytest.approx(float(relu2[0, ..., 4].max()), rel=1e-5)
+    # live deconv: the toolbox's seed (the channel's own map), through pipeline.backprop
+    seed = np.zeros_like(relu2)
+    seed[..., 4] = relu2[..., 4]
+    want = np.asarray(backprop(model, x, "relu2", seed, "deconv"))[0]
+    got = live.backprop(pixels, "relu2", 4, "deconv")
+    from pipeline.draw import panel_to_uint8
+
+    np.testing.assert_array_equal(got, panel_to_uint8(want, percentile=99.5))
+    assert got.std() > 0
+
+
+def test_uploads_are_bounded_and_decoded_like_the_dataset(viewer_run):
+    _, run_dir, _ = viewer_run
+    viewer = Viewer(run_dir, max_upload_mb=0.01)
+    image = (np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8)
+    ref = viewer.inputs.upload(png_bytes(image))
+    assert ref.startswith("u") and viewer.inputs.pixels(ref).shape == (24, 24, 3)
+    with pytest.raises(ValueError, match="not a readable image"):
+        viewer.inputs.upload(b"GIF89a but not really")
+    with pytest.raises(ValueError, match="above the limit"):
+        viewer.inputs.upload(b"\0" * 20000)
+
+
+def test_stored_unit_pictures_come_from_results(viewer_run):
+    _, run_dir, _ = viewer_run
+    view = Viewer(run_dir, live=False).view
+    with h5py.File(run_dir / "results.h5", "r") as f:
+        image = f["layers/relu2/topk/image"][3]
+        value = f["layers/relu2/topk/value"][3]
+    unit = view.unit("relu2", 3)
+    assert [e["image"] for e in unit["top"]] == [int(i) for i in image if i >= 0]
+    np.testing.assert_allclose([e["value"] for e in unit["top"]], value[image >= 0], rtol=1e-6)
+    for key in ("max_im", "max_deconv", "max_guided", "pattern"):
+        assert unit[key].startswith("data:image/png;base64,"), key
+    assert unit["card"] == "report/cards/relu2/unit_0003.png" and (run_dir / unit["card"]).is_file()
+    assert unit["page"] == "report/relu2.html#u3"
+    with pytest.raises(KeyError):
+        view.unit("relu2", 6)
+    assert view.patterns("relu1")["cols"] == 2 and view.patterns("relu2")["cols"] == 3
+
+
+# ---------------------------------------------------------------- the server as a process
+
+
+class Server:
+    def __init__(self, run_dir: Path, *extra: str):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.viewer", str(run_dir), "--port", "0", *extra],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.log = []
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if not line and self.proc.poll() is not None:
+                break
+            self.log.append(line)
+            m = re.search(r"viewer at (http://127\.0\.0\.1:(\d+)/)", line)
+            if m:
+                self.url, self.port = m[1], int(m[2])
+                return
+        self.proc.kill()
+        raise AssertionError("viewer did not start:\n" + "".join(self.log))
+
+    def get(self, raw_path: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.putrequest("GET", raw_path, skip_accept_encoding=True)  # the path exactly as written
+        conn.endheaders()
+        r = conn.getresponse()
+        body = r.read()
+        conn.close()
+        return r.status, body
+
+    def post(self, path: str, body: bytes, headers=None) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request("POST", path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        out = r.read()
+        conn.close()
+        return r.status, out
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def server(viewer_run):
+    _, run_dir, tmp = viewer_run
+    secret = tmp / "secret.txt"
+    secret.write_text("not for the viewer")
+    os.symlink(secret, run_dir / "sheets" / "link_out.txt")
+    before = files_state(run_dir)
+    s = Server(run_dir, "--max-upload-mb", "1")
+    yield s, run_dir
+    code = s.stop()
+    assert code == 0, "".join(s.log)
+    assert files_state(run_dir) == before  # nothing written into the run directory
+    (run_dir / "sheets" / "link_out.txt").unlink()
+
+
+def test_server_serves_run_files_and_refuses_everything_else(server):
+    s, run_dir = server
+    status, body = s.get("/run/index.html")
+    assert status == 200 and body == (run_dir / "index.html").read_bytes()
+    for bad in ("/run/../secret.txt", "/run/%2e%2e/secret.txt", "/run/..%2fsecret.txt", "/run//etc/passwd",
+                "/run/sheets/link_out.txt", "/run/parts", "/../secret.txt", "/run/%2e%2e/%2e%2e/etc/passwd"):
+        status, body = s.get(bad)
+        assert status == 404 and b"not for the viewer" not in body and b"root:" not in body, bad
+    assert s.get("/api/unit?image=0&layer=nope&unit=0")[0] == 404
+    assert s.get("/api/unit?image=0&layer=relu2&unit=99")[0] == 404
+    assert s.get("/api/unit?image=0&layer=relu2&unit=x")[0] == 400
+
+
+def test_server_bounds_uploads(server):
+    s, _ = server
+    status, body = s.post("/api/upload", b"\0" * (2 * 2**20), {"Content-Length": str(2 * 2**20)})
+    assert status == 413 and b"limit" in body
+    status, body = s.post("/api/upload", b"not an image", {"Content-Length": "12"})
+    assert status == 400 and b"not a readable image" in body
+    status, body = s.post("/api/upload", png_bytes(np.zeros((30, 30, 3), np.uint8)))
+    assert status == 200 and b'"image": "u' in body
+
+
+def test_server_listens_on_localhost_only(server):
+    s, _ = server
+    import socket
+
+    addresses = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)} - {"127.0.0.1"}
+    for address in addresses:
+        with pytest.raises(OSError):
+            socket.create_connection((address, s.port), timeout=2).close()
+
+
+# ---------------------------------------------------------------- the page, in Chromium
+
+
+@pytest.fixture
+def page():
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium is missing (apt-get install chromium; .ci/run does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[test])")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        pg = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
+        pg.errors = []
+        pg.on("console", lambda m: pg.errors.append(m.text) if m.type == "error" else None)
+        pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+        pg.on("requestfailed", lambda r: pg.errors.append(f"failed: {r.url}"))
+        yield pg
+        browser.close()
+
+
+def settle(page) -> None:
+    page.wait_for_function("document.getElementById('unit-pane').dataset.busy === '0'", timeout=60000)
+
+
+def digest(page, selector: str) -> str:
+    return hashlib.sha1(page.get_attribute(selector, "src").encode()).hexdigest()
+
+
+def test_page_images_uploads_clicks_and_keys(server, page, tmp_path):
+    s, run_dir = server
+    page.goto(s.url)
+    page.wait_for_selector("#tiles[src]")
+    settle(page)
+    assert page.locator("#top5 li").count() == 3  # the tiny model has 3 classes
+    assert page.get_attribute("#unit-pane", "data-layer") == "relu1"
+    first_tiles = digest(page, "#tiles")
+
+    page.select_option("#image", "3")  # another dataset image: other activations
+    page.wait_for_function(f"document.getElementById('unit-pane').dataset.image === '3'")
+    settle(page)
+    assert digest(page, "#tiles") != first_tiles
+
+    upload = tmp_path / "drop.png"
+    Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (64, 1, 3))).save(upload)
+    page.set_input_files("#upload", str(upload))
+    page.wait_for_function("document.getElementById('unit-pane').dataset.image.startsWith('u')")
+    settle(page)
+    uploaded_tiles = digest(page, "#tiles")
+    assert uploaded_tiles not in (first_tiles,)
+
+    box = page.locator("#tiles").bounding_box()  # relu1: 4 channels, 2 tiles a side: click the lower right
+    page.mouse.click(box["x"] + box["width"] * 0.75, box["y"] + box["height"] * 0.75)
+    page.wait_for_function("document.getElementById('unit-pane').dataset.unit === '3'")
+    page.keyboard.press("j")
+    page.wait_for_function("document.getElementById('unit-pane').dataset.unit === '2'")
+    page.keyboard.press("o")  # next layer
+    page.wait_for_function("document.getElementById('unit-pane').dataset.layer === 'relu2'")
+    settle(page)
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function("document.getElementById('unit-pane').dataset.unit === '3'")
+    # a unit active on both the upload and image 1, so that its deconv is not blank on either
+    ref = page.get_attribute("#unit-pane", "data-image")
+    active = [u for u in range(6) if all(json.loads(s.get(f"/api/unit?image={i}&layer=relu2&unit={u}")[1])["max"] > 0
+                                         for i in (ref, "1"))]
+    for _ in range(abs(active[0] - 3)):
+        page.keyboard.press("l" if active[0] > 3 else "j")
+    page.wait_for_function(f"document.getElementById('unit-pane').dataset.unit === '{active[0]}'")
+    page.keyboard.press("b")  # live deconv on
+    page.wait_for_selector("#unit-backprop[src]")
+    settle(page)
+    deconv_on_upload = digest(page, "#unit-backprop")
+    page.select_option("#image", "1")
+    page.wait_for_function("document.getElementById('unit-pane').dataset.image === '1'")
+    settle(page)
+    assert digest(page, "#unit-backprop") != deconv_on_upload  # the live deconv follows the image
+    for stored in ("#max-im", "#max-deconv", "#max-guided", "#pattern"):
+        assert page.locator(stored).is_visible(), stored
+    assert page.locator("#top-table tr").count() >= 1
+    assert page.get_attribute("#card-link", "href") == f"/run/report/cards/relu2/unit_{active[0]:04d}.png"
+    page.keyboard.press("s")  # pattern mode: the layer's filter patterns as tiles
+    page.wait_for_selector("#tiles-wrap[data-mode=patterns]")
+    settle(page)
+    page.screenshot(path=str(tmp_path / "viewer.png"), full_page=True)
+    assert page.errors == []
+
+
+def test_page_without_a_model_keeps_the_stored_pictures(viewer_run, page, tmp_path):
+    _, run_dir, tmp = viewer_run
+    moved = tmp / "tiny.keras.moved"
+    shutil.move(tmp / "tiny.keras", moved)
+    try:
+        s = Server(run_dir)
+        try:
+            page.goto(s.url)
+            page.wait_for_function("document.getElementById('banner').textContent.includes('could not be loaded')")
+            settle(page)
+            page.wait_for_selector("#max-im[src]")
+            page.keyboard.press("l")
+            page.wait_for_function("document.getElementById('stored').dataset.unit === '1'")
+            assert not page.locator("#unit-map").is_visible()
+            assert page.errors == []
+        finally:
+            assert s.stop() == 0
+    finally:
+        shutil.move(moved, tmp / "tiny.keras")
+
+
+def test_a_directory_that_is_not_a_run_is_one_error_line(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+    for target in (tmp_path / "missing", tmp_path):
+        r = subprocess.run([sys.executable, "-m", "pipeline.viewer", str(target), "--port", "0"],
+                           capture_output=True, text=True, env=env, timeout=120)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1 and "results.h5" in errors[0], r.stderr
