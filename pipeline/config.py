@@ -288,6 +288,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    # GPU ids of this machine to spread shard jobs over: shard i sees only gpus[i % len(gpus)]
+    # (CUDA_VISIBLE_DEVICES, set before TensorFlow starts); [] leaves the devices as they are
+    gpus: list = field(default_factory=list)
     merge: MergeConfig = field(default_factory=MergeConfig)
     panels: PanelsConfig = field(default_factory=PanelsConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)

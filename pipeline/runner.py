@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline import lock
+from pipeline import devices, lock
 from pipeline.errors import PipelineError, StageSkipped
 from pipeline.stages import STAGES
 from pipeline.store import IDENTITY_KEYS, RESULTS_FILE, RUN_PART, Store, fingerprint, open_h5
@@ -23,6 +23,7 @@ def run(cfg, run_dir: Path) -> Path:
     if unknown:
         raise PipelineError(f"unknown stage(s) {', '.join(map(str, unknown))}: "
                             f"stages are {', '.join(STAGES)}")
+    devices.assign(cfg.gpus, cfg.shard)
     if cfg.geometry.pointwise:
         from pipeline.geometry import register_pointwise
 

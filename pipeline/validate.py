@@ -24,6 +24,7 @@ RULES: dict[str, tuple] = {
     "dataset.max_pixels": (1, None, True, False),
     "shard.count": (1, None, True, False),
     "shard.index": (0, None, True, False),
+    "gpus": (0, None, True, False),
     "crop.max_size": (0, None, True, False),
     "panels.batch_size": (1, None, True, False),
     "activations.grid": (1, None, True, False),

@@ -2,8 +2,10 @@
 
 import csv
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -54,10 +56,8 @@ def sharded(tmp_path_factory):
     return tmp, sweep, common
 
 
-@pytest.mark.slow
-def test_joblib_shards_merge_to_the_unsharded_tables(sharded):
-    tmp, sweep, _ = sharded
-    with h5py.File(tmp / "single" / "results.h5", "r") as a, h5py.File(tmp / "merged" / "results.h5", "r") as b:
+def assert_merge_equals_single(single: Path, merged: Path, sweep: Path) -> None:
+    with h5py.File(single / "results.h5", "r") as a, h5py.File(merged / "results.h5", "r") as b:
         for shard in ("0", "1"):
             with h5py.File(sweep / shard / "results.h5", "r") as s:
                 assert 0 < s["images/scanned"][()].sum() < len(s["images/path"])
@@ -65,7 +65,7 @@ def test_joblib_shards_merge_to_the_unsharded_tables(sharded):
             assert np.array_equal(a[name][()], b[name][()])
         assert list(a["images/error"].asstr()[()]) == list(b["images/error"].asstr()[()])
         for layer in ("relu1", "relu2"):
-            for table in ("topk", "bottomk"):
+            for table in ("topk", "bottomk") if "bottomk" in a[f"layers/{layer}"] else ("topk",):
                 for key in ("value", "image", "y", "x", "box"):
                     assert np.array_equal(a[f"layers/{layer}/{table}/{key}"][()],
                                           b[f"layers/{layer}/{table}/{key}"][()]), (layer, table, key)
@@ -73,7 +73,40 @@ def test_joblib_shards_merge_to_the_unsharded_tables(sharded):
                 np.testing.assert_allclose(a[f"layers/{layer}/stats/{key}"][()],
                                            b[f"layers/{layer}/stats/{key}"][()], rtol=1e-6)
             assert np.array_equal(a[f"layers/{layer}/stats/spectrum"][()], b[f"layers/{layer}/stats/spectrum"][()])
+
+
+def merge(common, sweep: Path, merged: Path, *stages: str) -> None:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "run.py", *common, f"stages=[merge{''.join(',' + s for s in stages)}]",
+                           f"merge.inputs=[{sweep}/*]", f"hydra.run.dir={merged}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_joblib_shards_merge_to_the_unsharded_tables(sharded):
+    tmp, sweep, _ = sharded
+    assert_merge_equals_single(tmp / "single", tmp / "merged", sweep)
+    with h5py.File(tmp / "merged" / "results.h5", "r") as b:
         assert b["layers/relu1/patches"].shape[:2] == (4, 5)  # crop ran on the merged tables
+
+
+@pytest.mark.slow
+def test_submitit_shards_get_one_gpu_each_and_merge_to_the_unsharded_tables(sharded):
+    """hydra/launcher=shards_gpus: submitit's local executor (the SLURM launcher's local twin),
+    one fresh process per job, shard i on gpus[i]."""
+    tmp, _, common = sharded
+    sweep = tmp / "sweep_submitit"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "run.py", "-m", "hydra/launcher=shards_gpus", *common, "shard.count=2",
+                           "shard.index=0,1", "gpus=[3,5]", "stages=[scan]", f"hydra.sweep.dir={sweep}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for shard, device in (("0", "3"), ("1", "5")):  # the environment each job's TensorFlow started in
+        with h5py.File(sweep / shard / "parts" / "scan.h5", "r") as f:
+            assert f.attrs["cuda_visible_devices"] == device
+    merge(common, sweep, tmp / "merged_submitit")
+    assert_merge_equals_single(tmp / "single", tmp / "merged_submitit", sweep)
 
 
 @pytest.mark.slow
@@ -124,3 +157,97 @@ def test_merge_refuses_shards_that_do_not_belong_together(sharded, tmp_path):
     with pytest.raises(PipelineError, match=f"shard {other_weights} has another model weights"):
         run(compose_cfg(merge + [f"merge.inputs=[{sweep}/0,{other_weights}]"]), tmp_path / "mixed_weights")
     assert not (tmp_path / "mixed_weights" / "parts" / "scan.h5").exists()  # a refused merge writes no results
+
+
+@pytest.mark.slow
+def test_ray_shards_merge_to_the_unsharded_tables(sharded):
+    """hydra/launcher=shards_ray on a Ray instance started on this machine."""
+    pytest.importorskip("ray", reason="ray is not installed (pip install -e .[ray])")
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="hydra-ray-launcher is not installed")
+    tmp, _, common = sharded
+    sweep = tmp / "sweep_ray"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", RAY_DEDUP_LOGS="0")
+    proc = subprocess.run([sys.executable, "run.py", "-m", "hydra/launcher=shards_ray", *common, "shard.count=2",
+                           "shard.index=0,1", "stages=[scan]", f"hydra.sweep.dir={sweep}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pids = {int(m) for m in re.findall(r"_run_job pid=(\d+)", proc.stdout + proc.stderr)}
+    assert len(pids) == 2  # max_calls=1: each job in its own worker process
+    merge(common, sweep, tmp / "merged_ray")
+    assert_merge_equals_single(tmp / "single", tmp / "merged_ray", sweep)
+
+
+def _process_holding(path: Path) -> int | None:
+    """The pid of the process that has `path` open (the run directory's lock of a job)."""
+    target = str(path)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) == target for fd in (proc / "fd").iterdir()):
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_a_preempted_submitit_shard_is_requeued_and_resumes_its_scan(tmp_path):
+    """SLURM's preemption, through submitit's own machinery: SIGUSR2 to a running job, which
+    submitit checkpoints and requeues; the requeued job resumes the scan from its last
+    checkpoint, and the merge equals the unsharded scan."""
+    import signal
+    import time
+
+    rng = np.random.default_rng(2)
+    data = tmp_path / "data"
+    for i in range(1600):
+        save_image(data / f"k{i % 2}" / f"{i:04d}.png", rng.integers(0, 256, (12, 12, 3), dtype=np.uint8))
+    tiny_model(tmp_path / "tiny.keras")
+    common = ["model=file", f"model.path={tmp_path / 'tiny.keras'}", "dataset=folder", f"dataset.path={data}",
+              "layers=[relu1,relu2]", "topk=5", "batch_size=2", "checkpoint.batches=2"]
+    run(compose_cfg(common + ["stages=[scan]"]), tmp_path / "single")
+    sweep = tmp_path / "sweep"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen([sys.executable, "run.py", "-m", "hydra/launcher=shards_gpus", *common, "shard.count=2",
+                             "shard.index=0,1", "stages=[scan]", f"hydra.sweep.dir={sweep}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((sweep / "0" / "parts").glob("scan.*/state.h5")):
+            time.sleep(0.05)
+        pid = _process_holding(sweep / "0" / ".lock")
+        assert pid is not None, "shard 0 is not running"
+        os.kill(pid, signal.SIGUSR2)  # what SLURM sends before preempting (submitit's signal)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    submitit_logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
+    assert "this job is preempted" in submitit_logs and "Requeued job" in submitit_logs
+    assert "resuming the scan at image" in (sweep / "0" / "run.log").read_text()
+    merge(common, sweep, tmp_path / "merged")
+    assert_merge_equals_single(tmp_path / "single", tmp_path / "merged", sweep)
+
+
+@pytest.mark.slow
+def test_many_shard_merge_benchmark_at_a_small_size():
+    proc = subprocess.run([sys.executable, "benchmarks/merge_shards.py", "--images", "2000", "--shards", "3",
+                           "--batch", "256"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if " shards: merge " in line]
+    assert len(lines) == 1 and all("merged == unsharded: yes" in line and "(skipped)" in line for line in lines), \
+        proc.stdout
+
+
+def test_gpus_are_checked_and_never_changed_under_a_running_tensorflow(tmp_path):
+    import tensorflow  # noqa: F401  (as in a reused launcher worker: TensorFlow already started here)
+
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    with pytest.raises(PipelineError, match=r"gpus=\[0, -1\]: use a whole number >= 0"):
+        run(compose_cfg(["gpus=[0,-1]", "stages=[scan]"]), tmp_path / "bad")
+    with pytest.raises(PipelineError, match="TensorFlow already runs in this process.*hydra/launcher=shards_gpus"):
+        run(compose_cfg(["gpus=[7]", "shard.count=2", "shard.index=1", "stages=[scan]"]), tmp_path / "late")
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == before

@@ -13,6 +13,7 @@ bit. The tables, the image flags and the sparse error list are written once, at 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -80,7 +81,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                             f"{errors[first]}): check dataset.path; images/error in {store.index} lists each reason")
     with store.write(PART) as f:
         f.attrs.update(_stage_print=stage_print, shard_count=cfg.shard.count, shard_index=cfg.shard.index,
-                       scan_config=fingerprint(cfg, SHARED_KEYS))
+                       scan_config=fingerprint(cfg, SHARED_KEYS),
+                       cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", "(not set)"))
         write_errors(f, errors)
         states = scanner.state()  # one read of the device state serves every table
         write_layers(f, layers, scanner.results(states), scanner.bottom_results(states) if scanner.bottomk else None,
