@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from pipeline.draw import panel_to_uint8
 from pipeline.montage import EMPTY_GREY, montage, resize_patches
+from pipeline.spectrum import GAMMA, MIN_ABS
 from pipeline.stages.report import LayerInfo, _as_str, _fmt
 
 logger = logging.getLogger(__name__)
@@ -550,8 +551,8 @@ class LayerCards:
         spectrum = spectrum_x = None
         if s is not None and "spectrum" in s:
             spectrum = s["spectrum"][()]
-            spectrum_x = spectrum_values(spectrum.shape[1], float(s.attrs.get("spectrum_gamma", 1.04)),
-                                         float(s.attrs.get("spectrum_min_abs", 1e-4)))
+            spectrum_x = spectrum_values(spectrum.shape[1], float(s.attrs.get("spectrum_gamma", GAMMA)),
+                                         float(s.attrs.get("spectrum_min_abs", MIN_ABS)))
         panels = g.get("panels")
         methods = []
         if panels is not None:

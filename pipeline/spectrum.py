@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import tensorflow as tf
 
 GAMMA = 1.15
 MIN_ABS = 1e-3  # |v| below this counts as zero
@@ -25,6 +24,8 @@ QUANTILES = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
 def bucket_index(values: tf.Tensor) -> tf.Tensor:
     """Bucket of each value, int32, same shape."""
+    import tensorflow as tf  # here, so that the report reads the constants without TensorFlow
+
     magnitude = tf.abs(values)
     step = tf.math.log(tf.maximum(magnitude, MIN_ABS) / MIN_ABS) / math.log(GAMMA)
     i = tf.clip_by_value(tf.cast(tf.floor(step), tf.int32), 0, PER_SIGN - 1)
@@ -34,6 +35,8 @@ def bucket_index(values: tf.Tensor) -> tf.Tensor:
 
 def sketch_counts(values: tf.Tensor) -> tf.Tensor:
     """Counts (C, BUCKETS) int32 of values (B, C), to add to a sketch."""
+    import tensorflow as tf
+
     c = tf.shape(values)[1]
     flat = tf.reshape(bucket_index(values) + tf.range(c)[None, :] * BUCKETS, [-1])
     # a dense segment sum beats a scatter into the sketch by several times on CPU

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -32,3 +33,9 @@ def photo_folder(tmp_path):
         save_image(root / rel, a)
     save_image(root / "b_cls/photo.jpg", (rng.random((50, 60, 3)) * 255).astype(np.uint8), quality=95)
     return root
+
+
+# the headless browser of the HTML tests (Debian's chromium, driven by playwright)
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]

@@ -205,12 +205,28 @@ def test_activations_sheet_shows_blank_channels_grey(tmp_path):
     run(cfg, tmp_path / "run")
     with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
         assert np.isclose(f["activations/blank_fraction"][0, 0], 0.25)
-    from pipeline.draw import BLANK_GREY, channel_tiles
+        maps = f["activations/act"][0].astype(np.float32)
+    from PIL import Image
 
-    maps = keras.Model(inp, out)(rng.random((1, 12, 12, 3)).astype(np.float32)).numpy()[0]
-    tiles = channel_tiles(maps, blank_channels(maps[None])[0], 32)
-    assert (tiles[1] == int(BLANK_GREY * 255)).all()
-    assert all(len(np.unique(tiles[c].reshape(-1, 3), axis=0)) > 3 for c in (0, 2, 3))
+    from pipeline import draw
+    from pipeline.stages.activations import TILE_PX
+
+    # the sheet as written: the composed tiles sit at whole-pixel scale below the title
+    with Image.open(tmp_path / "run" / "activations" / "act_0.png") as im:
+        sheet = np.asarray(im.convert("RGB")).astype(int)
+    tiles = draw.channel_tiles(maps, blank_channels(maps[None])[0], max(TILE_PX, maps.shape[0]))
+    composed = draw.tile(tiles, 4)
+    rep = max(1, 640 // composed.shape[1])
+    composed = np.repeat(np.repeat(composed, rep, axis=0), rep, axis=1)
+    h, w = composed.shape[:2]
+    top, left = 36, (max(w, 640) - w) // 2
+    drawn = sheet[top:top + h, left:left + w]
+    assert np.abs(drawn - composed).max() <= 1
+    t = tiles.shape[1] * rep  # tile 1 (the dead channel) flat grey, the others not
+    step = (tiles.shape[1] + 2) * rep
+    assert (np.abs(drawn[:t, step:step + t] - int(draw.BLANK_GREY * 255)) <= 1).all()
+    for c in (0, 2, 3):
+        assert len(np.unique(drawn[:t, c * step:c * step + t].reshape(-1, 3), axis=0)) > 3
 
 
 def test_occlusion_stage_stores_maps_equal_to_masking_by_hand(tmp_path, tiny):

@@ -163,13 +163,19 @@ def test_png_writer_round_trips_exactly_with_dpi():
 
 
 def test_panel_view_and_spectrum_values_match_the_pipeline_helpers():
-    from pipeline.draw import panel_to_uint8
     from pipeline.spectrum import bucket_values
 
-    rng = np.random.default_rng(4)
-    panels = rng.normal(size=(3, 4, 5, 5, 3)).astype(np.float16)
-    panels[1, 2] = 0
-    np.testing.assert_array_equal(panel_view(panels), panel_to_uint8(panels, panel_dims=3))
+    panels = np.zeros((2, 3, 5, 5, 3), np.float16)
+    panels[0, 0, 0, 0] = 2.0  # each panel scaled by its own max |v|: +max white, -max black, 0 grey
+    panels[0, 0, 1, 1] = -2.0
+    panels[0, 0, 2, 2] = 1.0
+    panels[1, 2, 4, 4] = -0.5  # a panel of one negative value: that value is black
+    view = panel_view(panels)
+    assert view.dtype == np.uint8 and view.shape == panels.shape
+    assert (view[0, 0, 0, 0] == 255).all() and (view[0, 0, 1, 1] == 0).all() and (view[0, 0, 2, 2] == 192).all()
+    assert (view[0, 0, 3, 3] == 128).all() and (view[0, 1] == 128).all()  # an all-zero panel is flat grey
+    assert (view[1, 2, 4, 4] == 0).all() and (view[1, 2, 0, 0] == 128).all()
+    # the card reads the spectrum buckets back with the values the scan wrote them with
     np.testing.assert_allclose(spectrum_values(SPECTRUM, GAMMA, MIN_ABS), bucket_values(), rtol=1e-6)
 
 

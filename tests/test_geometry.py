@@ -65,9 +65,14 @@ def linear_copy(model):
     return copy
 
 
+EVERY_POSITION = 12  # maps up to this side are checked at every position, larger ones at borders and centre
+
+
 def positions(h, w, full=True):
-    ys = sorted({v for v in (0, 1, h // 2, h - 2, h - 1) if 0 <= v < h})
-    xs = sorted({v for v in (0, 1, w // 2, w - 2, w - 1) if 0 <= v < w})
+    if full and h <= EVERY_POSITION and w <= EVERY_POSITION:
+        return [(y, x) for y in range(h) for x in range(w)]
+    ys = sorted({v for v in (0, 1, 2, h // 3, h // 2, h - 3, h - 2, h - 1) if 0 <= v < h})
+    xs = sorted({v for v in (0, 1, 2, w // 3, w // 2, w - 3, w - 2, w - 1) if 0 <= v < w})
     if full:
         return [(y, x) for y in ys for x in xs]
     # every row value and every column value at least once, corners included
@@ -129,8 +134,11 @@ def _check_frame(g, hw):
     h, w = hw
     assert g.rows.shape == (h, 2) and g.cols.shape == (w, 2)
     assert g.rows.dtype == np.int32 and g.row_offset.dtype == np.int32
-    assert g.rf_size == g.frame
+    # the frame is the centre unit's box; a box that fits the frame lies wholly inside it
     assert g.frame == (g.rows[h // 2, 1] - g.rows[h // 2, 0], g.cols[w // 2, 1] - g.cols[w // 2, 0])
+    for boxes, offset, side in ((g.rows, g.row_offset, g.frame[0]), (g.cols, g.col_offset, g.frame[1])):
+        size = boxes[:, 1] - boxes[:, 0]
+        assert (offset[size <= side] + size[size <= side] <= side).all()
     assert (g.row_offset >= 0).all() and (g.col_offset >= 0).all()
     assert (g.rows[:, 0] >= 0).all() and (g.rows[:, 1] <= g.input_size[0]).all()
     assert (g.cols[:, 0] >= 0).all() and (g.cols[:, 1] <= g.input_size[1]).all()

@@ -207,3 +207,21 @@ def test_random_keras_application_weights_are_marked(tmp_path, photo_folder):
     with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
         assert f.attrs["random_weights"] and "random weights" in f.attrs["model"]
         assert not f.attrs["imagenet_classes"] and f["cam/gradcam/map"].shape[1:] == (2, 3)
+
+
+def test_keras_app_normalisation_equals_each_familys_preprocess_input():
+    """The family table against Keras' own preprocess_input, module by module (caffe's BGR
+    and mean, torch's mean and std, tf's [-1, 1], and 'none' for models that scale inside)."""
+    from pipeline.models.sources import _APP_NORMALIZE
+    from pipeline.preprocess import normalize
+
+    import sys
+
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3)).astype(np.uint8)
+    modules = {getattr(keras.applications, n).__module__ for n in dir(keras.applications) if n[0].isupper()}
+    assert {m.rsplit(".", 1)[-1] for m in modules} == set(_APP_NORMALIZE)  # every family known, none dead
+    for module in sorted(modules):  # looked up as the model source looks it up: the constructor's module
+        mode = _APP_NORMALIZE[module.rsplit(".", 1)[-1]]
+        expected = sys.modules[module].preprocess_input(pixels.astype(np.float32))
+        np.testing.assert_allclose(np.asarray(normalize(pixels, mode)), np.asarray(expected), rtol=1e-5, atol=1e-4,
+                                   err_msg=module)

@@ -1,5 +1,7 @@
 """The scan, crop and store stages on a tiny real model and real image files."""
 
+import json
+
 import h5py
 import keras
 import numpy as np
@@ -152,7 +154,11 @@ def test_same_config_twice_gives_identical_tables_and_skips(tmp_path, tiny_run):
     _, cfg, results = tiny_run
     with h5py.File(results, "r") as f:
         first = {k: f[f"layers/relu2/topk/{k}"][()] for k in ("value", "image", "y", "x")}
+    parts = results.parent / "parts"
+    stored = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in parts.iterdir() if p.is_file()}
     run(cfg, results.parent)  # same dir: stages already done, skipped
+    # a skip writes no part: same bytes and modification times, and nothing new
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in parts.iterdir() if p.is_file()} == stored
     run(cfg, tmp_path / "again")
     with h5py.File(tmp_path / "again" / "results.h5", "r") as f:
         for k, v in first.items():
@@ -225,5 +231,5 @@ def test_keras_application_with_random_weights(tmp_path, photo_folder):
     with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
         assert list(f["layers"]) == ["out_relu"]
         assert f["layers/out_relu"].attrs["shape"].tolist() == [7, 7, 1280]
-        assert "tf" in f.attrs["preprocessing"]  # MobileNetV2's own [-1, 1] scaling
+        assert json.loads(f.attrs["preprocessing"])["normalize"] == "tf"  # MobileNetV2's own [-1, 1] scaling
         assert (f["layers/out_relu/topk/image"][()][:, 0] >= 0).all()

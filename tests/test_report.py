@@ -28,8 +28,9 @@ from pipeline.stages.report import (
     resize_patches,
     sheet_layout,
 )
+from conftest import CHROMIUM as SITE_CHROMIUM
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+CHROMIUM = str(SITE_CHROMIUM) if SITE_CHROMIUM.exists() else None  # the same browser as the site tests
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -208,14 +209,27 @@ def test_one_png_sheet_per_layer(rendered):
         assert img[..., :3].std() > 0.01  # not blank
 
 
-def test_sheet_pixels_show_the_patch_colours(rendered):
+def test_sheet_cells_hold_each_channels_patches_in_slot_order(rendered):
+    """Every (channel, rank) patch at the place the layout gives it, empty slots grey."""
     _, out, _ = rendered
     img = (mpimg.imread(out / "sheets" / "block1.conv.png")[..., :3] * 255).round().astype(int)
-    colours = {tuple(p) for p in img.reshape(-1, 3)[::7]}
-    for c in range(5):
-        assert colour(c, 0) in colours
-    assert (EMPTY_GREY,) * 3 in colours
-    assert img.min() < 60  # dark title / channel-number text is drawn
+    channels, k, size = 5, 9, 11
+    layout = report.sheet_layout(channels, k, (size, size))
+    assert img.shape[:2] == layout.size
+    ch, cw = layout.cell_hw
+    _, origins = report.grid(np.zeros((channels, ch, cw, 3), np.uint8), layout.cols, layout.gap_x,
+                             layout.label_h + layout.gap_y)
+    top = layout.margin + layout.title_h
+    left = (layout.size[1] - (layout.cols * (cw + layout.gap_x) - layout.gap_x)) // 2
+    ph, pw = layout.patch_hw
+    for c, (y, x) in enumerate(origins):
+        for slot in range(k):
+            r, col = divmod(slot, layout.side)
+            y0, x0 = top + y + r * (ph + layout.thin), left + x + col * (pw + layout.thin)
+            cell = img[y0 + 1:y0 + ph - 1, x0 + 1:x0 + pw - 1].reshape(-1, 3)
+            want = (EMPTY_GREY,) * 3 if (c, slot) in EMPTY_SLOTS else colour(c, slot)
+            assert (np.abs(cell - want).max(axis=1) <= 1).all(), (c, slot)
+    assert img[:layout.margin + layout.title_h].min() < 60  # the title's dark text is drawn
 
 
 def test_sheet_without_patches_is_a_placeholder(rendered):
@@ -292,9 +306,13 @@ def test_index_renders_in_headless_chromium(rendered, tmp_path):
     shot = tmp_path / "shot.png"
     _chromium(url, tmp_path / "profile", f"--screenshot={shot}")
     assert shot.is_file(), "chromium wrote no screenshot"
-    pixels = mpimg.imread(shot)
+    pixels = (mpimg.imread(shot)[..., :3] * 255).round()
     assert pixels.shape[:2] == (900, 1200)
-    assert pixels[..., :3].var() > 0
+    # the page's own styles were applied: the sticky header bar is #fafafa, the body white
+    # with dark text (the run's title) below it
+    assert (np.abs(pixels[2:10, 300:900] - 250) <= 2).all(axis=-1).mean() > 0.6
+    body = pixels[60:300]
+    assert (body == 255).all(axis=-1).mean() > 0.5 and (body.max(axis=-1) < 100).mean() > 0.002
 
     dom = _chromium(url, tmp_path / "profile2", "--dump-dom").stdout
     assert '<table id="layers">' in dom

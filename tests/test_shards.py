@@ -201,11 +201,11 @@ def test_a_preempted_submitit_shard_is_requeued_and_resumes_its_scan(tmp_path):
 
     rng = np.random.default_rng(2)
     data = tmp_path / "data"
-    for i in range(1600):
+    for i in range(800):
         save_image(data / f"k{i % 2}" / f"{i:04d}.png", rng.integers(0, 256, (12, 12, 3), dtype=np.uint8))
     tiny_model(tmp_path / "tiny.keras")
     common = ["model=file", f"model.path={tmp_path / 'tiny.keras'}", "dataset=folder", f"dataset.path={data}",
-              "layers=[relu1,relu2]", "topk=5", "batch_size=2", "checkpoint.batches=2"]
+              "layers=[relu1,relu2]", "topk=5", "batch_size=2", "checkpoint.batches=1"]
     run(compose_cfg(common + ["stages=[scan]"]), tmp_path / "single")
     sweep = tmp_path / "sweep"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -233,7 +233,7 @@ def test_a_preempted_submitit_shard_is_requeued_and_resumes_its_scan(tmp_path):
 
 @pytest.mark.slow
 def test_many_shard_merge_benchmark_at_a_small_size():
-    proc = subprocess.run([sys.executable, "benchmarks/merge_shards.py", "--images", "2000", "--shards", "3",
+    proc = subprocess.run([sys.executable, "benchmarks/merge_shards.py", "--images", "1000", "--shards", "3",
                            "--batch", "256"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -14,12 +14,10 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import ARGS, CHROMIUM
 from test_report import full_run  # noqa: F401  (session fixture: a real run through every stage)
 from pipeline.stages.report import render_report
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 
 needs_browser = pytest.mark.skipif(not CHROMIUM.exists(),
                                    reason="/usr/bin/chromium is missing (apt-get install chromium; .ci/run does)")

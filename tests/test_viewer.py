@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from test_pipeline import compose_cfg, tiny_model
-from test_site import ARGS, CHROMIUM
+from conftest import ARGS, CHROMIUM
 from pipeline.backprop import backprop
 from pipeline.preprocess import normalize
 from pipeline.runner import run

@@ -22,13 +22,13 @@ logger = logging.getLogger(__name__)
 
 # keras.applications module -> the normalisation its preprocess_input applies
 _APP_NORMALIZE = {
-    "vgg16": "caffe", "vgg19": "caffe", "resnet": "caffe", "resnet50": "caffe",
+    "vgg16": "caffe", "vgg19": "caffe", "resnet": "caffe",
     "resnet_v2": "tf", "mobilenet": "tf", "mobilenet_v2": "tf", "inception_v3": "tf",
     "inception_resnet_v2": "tf", "xception": "tf", "nasnet": "tf",
     "densenet": "torch",
     # these models rescale inside the graph and want raw 0..255 pixels
     "efficientnet": "none", "efficientnet_v2": "none", "convnext": "none",
-    "regnet": "none", "mobilenet_v3": "none",
+    "mobilenet_v3": "none",
 }
 
 
