@@ -19,7 +19,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from scale_store import LAYERS, write_idx, write_model  # noqa: E402
+from scale_store import LAYERS, run_child as _run_child, write_idx, write_model  # noqa: E402
 
 
 def config(tmp: Path, batch: int, *extra: str):
@@ -54,13 +53,14 @@ def child(kind: str, tmp: str, batch: str, *args: str) -> None:
     tmp_path, batch = Path(tmp), int(batch)
     started = time.perf_counter()
     result = {}
-    if kind == "single":
+    if kind == "scans":  # the unsharded scan (timed: the baseline), then the merges' inputs
         run(config(tmp_path, batch, "stages=[scan]"), tmp_path / "single")
-    elif kind == "shards":  # the merge's inputs, in one process (not measured)
-        count = int(args[0])
-        for i in range(count):
-            run(config(tmp_path, batch, "stages=[scan]", f"shard.count={count}", f"shard.index={i}"),
-                tmp_path / f"shards{count}" / str(i))
+        result["seconds"] = time.perf_counter() - started
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        for count in map(int, args):
+            for i in range(count):
+                run(config(tmp_path, batch, "stages=[scan]", f"shard.count={count}", f"shard.index={i}"),
+                    tmp_path / f"shards{count}" / str(i))
     else:  # merge
         count = int(args[0])
         run_dir = tmp_path / f"merged{count}"
@@ -71,17 +71,12 @@ def child(kind: str, tmp: str, batch: str, *args: str) -> None:
         run(cfg, run_dir)  # the same merge again: skipped
         result["rerun_seconds"] = time.perf_counter() - again
     result.setdefault("seconds", time.perf_counter() - started)
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.setdefault("peak_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print("RESULT " + json.dumps(result))
 
 
 def run_child(*args) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True,
-                         cwd=ROOT)
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if out.returncode or not line:
-        raise SystemExit(out.stderr[-3000:])
-    return json.loads(line[0][7:])
+    return _run_child(*args, script=__file__)
 
 
 def same_tables(a: Path, b: Path) -> bool:
@@ -120,11 +115,10 @@ def main() -> None:
     try:
         write_idx(tmp / "train-images-idx3-ubyte", args.images)
         write_model(tmp / "tiny.keras")
-        single = run_child("single", tmp, args.batch)
+        single = run_child("scans", tmp, args.batch, *args.shards)
         print(f"unsharded scan of {args.images:,} images: {single['seconds']:.1f} s, "
               f"peak RSS {single['peak_rss_mib']:.0f} MiB (the baseline)")
         for count in args.shards:
-            run_child("shards", tmp, args.batch, count)
             merged = run_child("merge", tmp, args.batch, count)
             equal = same_tables(tmp / "single", tmp / f"merged{count}")
             print(f"{count:3d} shards: merge {merged['seconds']:.1f} s ({merged['seconds'] / single['seconds']:.2f}x "

@@ -118,8 +118,9 @@ def child(kind: str, *args) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def run_child(*args) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True,
+def run_child(*args, script: str = __file__) -> dict:
+    """`script --child ARGS` in its own process; the dict it printed as 'RESULT {json}'."""
+    out = subprocess.run([sys.executable, script, "--child", *map(str, args)], capture_output=True, text=True,
                          cwd=ROOT)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode or not line:

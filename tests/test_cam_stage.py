@@ -87,6 +87,17 @@ def test_cam_stage_stores_every_image_and_draws_sheets(tmp_path, tiny):
             np.testing.assert_allclose(maps[row], tutorial_gradcam(model, pixels[i], classes[row]),
                                        rtol=1e-4, atol=1e-6)
         assert maps.max() > 0
+        # every other method stored under its own name: each equals that method computed
+        # directly on the same inputs and classes (their closed forms are in test_explain)
+        from pipeline.explain import grad_cam_pp, guided_grad_cam, score_cam
+
+        x = np.stack([pixels[int(i)] for i in ids])
+        for name, method in (("gradcam++", grad_cam_pp), ("scorecam", score_cam), ("guided_gradcam", guided_grad_cam)):
+            want = method(model, x, targets=classes, layer="relu2")
+            np.testing.assert_array_equal(f[f"cam/{name}/class"][()], classes)
+            np.testing.assert_allclose(f[f"cam/{name}/map"][()], want.maps, rtol=1e-4, atol=1e-6, err_msg=name)
+        for name in ("gradcam++", "scorecam"):  # and they differ from Grad-CAM on this model
+            assert not np.allclose(unit_scale(f[f"cam/{name}/map"][()]), unit_scale(maps), atol=1e-3), name
         # the per-class mean of the max-normalised maps
         cm = f["cam/gradcam/class_mean"]
         for cls, count, mean in zip(cm["class"][()], cm["count"][()], cm["map"][()]):

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from test_pipeline import compose_cfg, tiny_model
-from conftest import ARGS, CHROMIUM
+from conftest import watched_page
 from pipeline.backprop import backprop
 from pipeline.preprocess import normalize
 from pipeline.runner import run
@@ -226,19 +226,10 @@ def test_server_listens_on_localhost_only(server):
 
 
 @pytest.fixture
-def page():
-    if not CHROMIUM.exists():
-        pytest.skip("/usr/bin/chromium is missing (apt-get install chromium; .ci/run does)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[test])")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        pg = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
-        pg.errors = []
-        pg.on("console", lambda m: pg.errors.append(m.text) if m.type == "error" else None)
-        pg.on("pageerror", lambda e: pg.errors.append(str(e)))
-        pg.on("requestfailed", lambda r: pg.errors.append(f"failed: {r.url}"))
-        yield pg
-        browser.close()
+def page(browser):
+    context, pg = watched_page(browser, 1400, 900)
+    yield pg
+    context.close()
 
 
 def settle(page) -> None:
