@@ -386,13 +386,7 @@ class LiveModel:
 
     def warm(self) -> None:
         """Trace every (layer, method) backward program once, so the first click is fast."""
-        from pipeline.backprop import Backprop
-
         probe = np.zeros(self.spec.size + (self.spec.channels,), np.uint8)
-        self.forward(probe)
         for e in self.view.layers:
             for method in BACKPROP_METHODS:
-                with self._lock:
-                    if (e.key, method) not in self._backprop:
-                        self._backprop[(e.key, method)] = Backprop(self.model, e.name, method)
                 self.backprop(probe, e.key, 0, method)
