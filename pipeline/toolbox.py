@@ -59,16 +59,21 @@ def tile(images: np.ndarray, side: int) -> np.ndarray:
     return full.reshape(c, side, side, h, w, ch).transpose(0, 1, 3, 2, 4, 5).reshape(c, side * h, side * w, ch)
 
 
-def fit_square(image: np.ndarray, side: int) -> np.ndarray:
-    """image (h, w, ch) scaled to fit a side x side square, centred on grey."""
-    h, w = image.shape[:2]
+def fit_squares(images: np.ndarray, side: int) -> np.ndarray:
+    """images (N, h, w, ch) scaled to fit side x side squares, centred on grey; one
+    vectorised resize for the whole stack."""
+    n, h, w, ch = images.shape
     scale = side / max(h, w)
     oh, ow = max(1, round(h * scale)), max(1, round(w * scale))
-    image = resize_patches(image, (oh, ow))
-    out = np.full((side, side, image.shape[2]), EMPTY_GREY, np.uint8)
+    out = np.full((n, side, side, ch), EMPTY_GREY, np.uint8)
     y, x = (side - oh) // 2, (side - ow) // 2
-    out[y:y + oh, x:x + ow] = image
+    out[:, y:y + oh, x:x + ow] = resize_patches(images, (oh, ow))
     return out
+
+
+def fit_square(image: np.ndarray, side: int) -> np.ndarray:
+    """One image (h, w, ch) as fit_squares draws it."""
+    return fit_squares(image[None], side)[0]
 
 
 def corner_montage(best: np.ndarray, seeds: np.ndarray | None = None) -> np.ndarray:
@@ -83,7 +88,7 @@ def corner_montage(best: np.ndarray, seeds: np.ndarray | None = None) -> np.ndar
     if seeds is not None and len(seeds) > 1:
         side = math.ceil(math.sqrt(len(seeds)))
         cell = max(1, inner // side)
-        grid = tile(np.stack([fit_square(s, cell) for s in seeds])[None], side)[0]
+        grid = tile(fit_squares(np.asarray(seeds), cell)[None], side)[0]
         out[TRIM:TRIM + grid.shape[0], TRIM:TRIM + grid.shape[1]] = grid
     return out
 

@@ -34,7 +34,7 @@ from pipeline.draw import channel_tiles, heat_image, panel_to_uint8, tile, to_rg
 from pipeline.errors import PipelineError
 from pipeline.montage import EMPTY_GREY
 from pipeline.store import Store, read_strings
-from pipeline.toolbox import deconv_to_uint8, fit_square, sprite, top9_montages
+from pipeline.toolbox import deconv_to_uint8, fit_squares, sprite, top9_montages
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ TILE_PX = 32  # activation tiles are enlarged by whole factors up to about this 
 GAP = 2  # pixels between activation tiles
 PATTERN_TILE_PX = 48  # pattern mode: each filter pattern shrunk to this side
 UPLOADS_KEPT = 16  # uploaded images held in memory, oldest dropped first
+DATASET_IMAGES_KEPT = 64  # decoded dataset images held in memory
 BACKPROP_METHODS = ("deconv", "guided")
 LIVE_PERCENTILE = 99.5  # live backprop: |v| at this percentile is full contrast (sparse maps stay visible)
 
@@ -176,11 +177,10 @@ class RunView:
             t = min(max(h, w), PATTERN_TILE_PX)
             tiles = np.full((total, t, t, ch), EMPTY_GREY, np.uint8)
             present = np.zeros(total, bool)
-            for row in np.flatnonzero(computed):
-                u = int(units[row])
-                if u < total:
-                    tiles[u] = fit_square(p["patterns"][row], t)
-                    present[u] = True
+            rows = np.flatnonzero(computed & (units < total))
+            if len(rows):  # one read and one resize for the whole layer
+                tiles[units[rows]] = fit_squares(p["patterns"][()][rows], t)
+                present[units[rows]] = True
         return {"layer": key, "cols": math.ceil(math.sqrt(total)), "tile": [t, t], "gap": 0,
                 "png": png_url(sprite(tiles, present))}
 
@@ -229,7 +229,7 @@ class Inputs:
         pixels = self._dataset_pixels(i)
         with self._lock:
             self._cache[ref] = pixels
-            while len(self._cache) > 64:
+            while len(self._cache) > DATASET_IMAGES_KEPT:
                 self._cache.popitem(last=False)
         return pixels
 
