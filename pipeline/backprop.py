@@ -48,7 +48,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.graph import flat_layers, resolve_layer_names
+from pipeline.graph import flat_layers, replay, resolve_layer_names
 
 logger = logging.getLogger(__name__)
 
@@ -137,17 +137,13 @@ class Backprop:
         return tf.zeros_like(x) if grad is None else tf.cast(grad, tf.float32)
 
     def _forward(self, x):
-        values: dict[tuple[str, int], Any] = {(self._input, 0): x}
-        for node in self._nodes:
-            fill = {id(kt): values[src] for kt, src in zip(node.call.input_tensors, node.sources)}
-            args, kwargs = node.call.arguments.fill_in(fill)
+        def call(node, args, kwargs):
             rule = self._rules.get(node.name)
             if rule is None:
-                out = node.layer(*args, **kwargs)
-            else:
-                out = _apply_rule(rule, node.layer, args, kwargs, self.method)
-            for i, t in enumerate(keras.tree.flatten(out)):
-                values[(node.name, i)] = t
+                return node.layer(*args, **kwargs)
+            return _apply_rule(rule, node.layer, args, kwargs, self.method)
+
+        values = replay(self._nodes, {(self._input, 0): x}, call)
         return values[(self.layer, 0)]
 
 

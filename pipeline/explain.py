@@ -55,13 +55,14 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.graph import ancestors, feature_model, flat_layers, resolve_layer_names
+from pipeline.graph import (  # noqa: F401 (NoClassScores, output_names: used by the stages from here)
+    NoClassScores, ancestors, choose_output, feature_model, flat_layers, logits_head, output_names, replay,
+    resolve_layer_names)
 from pipeline.preprocess import Preprocessing, normalize, to_model_pixels
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("gradcam", "gradcam++", "scorecam", "guided_gradcam")
-_SQUASHING = ("softmax", "sigmoid")
 
 
 # ----------------------------------------------------------------------------
@@ -164,83 +165,6 @@ def default_target_layer(model) -> str:
     return spatial[-1].name
 
 
-def _is_squashing(layer) -> str | None:
-    """'softmax'/'sigmoid' when the layer turns logits into probabilities, else None."""
-    if isinstance(layer, keras.layers.Softmax) or type(layer).__name__ in ("Softmax", "Sigmoid"):
-        return type(layer).__name__.lower()
-    activation = getattr(layer, "activation", None)
-    name = getattr(activation, "__name__", None)
-    if name in _SQUASHING:
-        return name
-    return None
-
-
-class NoClassScores(PipelineError):
-    """The model (or its chosen output) gives no vector of class scores."""
-
-
-def output_names(model) -> list[str]:
-    return [t._keras_history.operation.name for t in model.outputs]
-
-
-def choose_output(model, output=None) -> int:
-    """Index of the model output that `model.output` names (a name or an index; None: the
-    first, said once when the model has several)."""
-    names = output_names(model)
-    if output is None:
-        if len(names) > 1:
-            logger.info("model has %d outputs (%s): explaining the first, %s (model.output=NAME|INDEX "
-                        "chooses another)", len(names), ", ".join(names), names[0])
-        return 0
-    if isinstance(output, int) or str(output).lstrip("-").isdigit():
-        index = int(output)
-        if not -len(names) <= index < len(names):
-            raise PipelineError(f"model.output={output}: the model has outputs 0 to {len(names) - 1} "
-                                f"({', '.join(names)})")
-        return index % len(names)
-    if str(output) not in names:
-        raise PipelineError(f"model.output={output} is not an output of the model: use one of "
-                            f"{', '.join(names)} (or an index)")
-    return names.index(str(output))
-
-
-def logits_head(model, output=None):
-    """(node name, head) such that head(output of node) gives the class logits.
-
-    The node is the chosen model output (`model.output`: name or index; the first by
-    default), or, when it ends in a softmax or sigmoid, the input of that layer; for a
-    Dense layer with such an activation the head computes x @ W + b.
-    """
-    out = model.outputs[choose_output(model, output)]
-    nodes = flat_layers(model)
-    node = next((n for n in nodes if any(t is out for t in n.tensors)), None)
-    if node is None:  # the output of a nested model: Keras names it after the nested model
-        qualified = resolve_layer_names(model, [out._keras_history.operation.name])[0]
-        node = next(n for n in nodes if n.name == qualified)
-    if len(node.output_shape) != 1:
-        raise NoClassScores(f"model {model.name!r} outputs shape {node.output_shape}, not a vector of class "
-                            "scores: the Grad-CAM family, occlusion and class patterns need a classifier")
-    squash = _is_squashing(node.layer)
-    if squash is None:
-        return node.name, None
-    source = node.sources[0][0]
-    if isinstance(node.layer, keras.layers.Dense):
-        dense = node.layer
-
-        def head(z):
-            y = keras.ops.matmul(z, dense.kernel)
-            return y + dense.bias if dense.bias is not None else y
-
-        logger.info("model ends in %s with %s: using x @ W + b of its input %s as logits",
-                    node.name, squash, source)
-        return source, head
-    if isinstance(node.layer, (keras.layers.Activation, keras.layers.Softmax)) or node.kind == "op":
-        logger.info("model ends in %s (%s): using its input %s as logits", node.name, squash, source)
-        return source, None
-    raise PipelineError(f"model {model.name!r} ends in {node.name} with a {squash} activation that cannot be "
-                        "undone: give a model that outputs logits")
-
-
 def connected_model(model, names: Sequence[str], name: str | None = None) -> keras.Model:
     """A model from the inputs to the named layer outputs in which every layer call on the
     way is made again, so a later output is computed from the earlier outputs themselves.
@@ -254,17 +178,8 @@ def connected_model(model, names: Sequence[str], name: str | None = None) -> ker
     qualified = resolve_layer_names(model, list(names))
     by_name = {n.name: n for n in nodes}
     needed = ancestors(by_name, qualified)
-    values = {}
-    for node in nodes:
-        if node.name not in needed:
-            continue
-        if node.kind == "input":
-            values[(node.name, 0)] = node.tensors[0]
-            continue
-        fill = {id(kt): values[src] for kt, src in zip(node.call.input_tensors, node.sources)}
-        args, kwargs = node.call.arguments.fill_in(fill)
-        for i, t in enumerate(keras.tree.flatten(node.layer(*args, **kwargs))):
-            values[(node.name, i)] = t
+    values = {(n.name, 0): n.tensors[0] for n in nodes if n.kind == "input" and n.name in needed}
+    values = replay([n for n in nodes if n.name in needed and n.kind != "input"], values)
     inputs = model.inputs[0] if len(model.inputs) == 1 else model.input
     return keras.Model(inputs=inputs, outputs=[values[(q, 0)] for q in qualified],
                        name=name or f"{model.name}_connected")

@@ -6,7 +6,9 @@ outer graph, and the tensors inside it belong to the inner model's own graph:
 This module flattens such models into one graph of layer calls with qualified
 names ('<outer model-layer name>/<inner layer name>', recursively), and builds
 feature-extraction models by calling the same layer objects again on fresh
-tensors, so weights are shared, never copied.
+tensors, so weights are shared, never copied (`replay` is that one loop, used by
+every module that rebuilds a graph). `logits_head` finds the class logits of a
+classifier's output.
 
 Naming rules:
 
@@ -29,7 +31,7 @@ from __future__ import annotations
 import difflib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import keras
 
@@ -112,26 +114,126 @@ def feature_model(model, names: str | Iterable[str], name: str | None = None) ->
         needed.add(q)
         stack.extend(src for src, _ in by_name[q].sources if by_name[src].depth > 0)
 
-    values: dict[Ref, Any] = {}
+    # outer nodes keep their own symbolic tensors; only the nested calls are replayed
+    values: dict[Ref, Any] = {(n.name, i): t for n in flat.nodes if n.depth == 0
+                              for i, t in enumerate(n.tensors)}
+    values = replay([by_name[q] for q in sorted(needed, key=order.__getitem__)], values)
 
-    def tensor(ref: Ref):
-        node = by_name[ref[0]]
-        return node.tensors[ref[1]] if node.depth == 0 else values[ref]
-
-    for q in sorted(needed, key=order.__getitem__):
-        node = by_name[q]
-        fill = {id(kt): tensor(src) for kt, src in zip(node.call.input_tensors, node.sources)}
-        args, kwargs = node.call.arguments.fill_in(fill)
-        outputs = keras.tree.flatten(node.layer(*args, **kwargs))
-        for i, t in enumerate(outputs):
-            values[(q, i)] = t
-
-    outputs = [tensor((q, 0)) for q in qualified]
+    outputs = [values[(q, 0)] for q in qualified]
     log.debug("feature model for %s: %d nested layer call(s) replayed", qualified, len(needed))
     inputs = model.inputs
     # same input structure as the model: one tensor, or the model's own list/dict
     inputs = inputs[0] if len(inputs) == 1 else model.input
     return keras.Model(inputs=inputs, outputs=outputs, name=name or f"{model.name}_features")
+
+
+def replay(nodes: Iterable[FlatNode], values: dict[Ref, Any],
+           call: Callable[[FlatNode, tuple, dict], Any] | None = None) -> dict[Ref, Any]:
+    """Call the layers of `nodes` again, in the given order, on the tensors in `values`.
+
+    Keras keeps a nested model as one node of the outer graph, so its inner tensors
+    cannot be outputs of a new model; calling the same layer objects again on new
+    tensors gives a connected graph with every weight shared. `values` maps
+    (qualified node name, output index) to a tensor and must hold every source of
+    the first node that reads it; `nodes` (FlatNodes with a call, producers before
+    consumers) fill it in. Each node's call arguments are those of its recorded
+    call with the tensors swapped; `call(node, args, kwargs)` replaces the plain
+    `node.layer(*args, **kwargs)` when given. Returns a new dict: `values` plus
+    every flattened output of every node, under (node.name, i).
+    """
+    values = dict(values)
+    for node in nodes:
+        fill = {id(kt): values[src] for kt, src in zip(node.call.input_tensors, node.sources)}
+        args, kwargs = node.call.arguments.fill_in(fill)
+        out = node.layer(*args, **kwargs) if call is None else call(node, args, kwargs)
+        for i, t in enumerate(keras.tree.flatten(out)):
+            values[(node.name, i)] = t
+    return values
+
+
+# ---------------------------------------------------------------------------
+# class logits
+
+
+class NoClassScores(PipelineError):
+    """The model (or its chosen output) gives no vector of class scores."""
+
+
+_SQUASHING = ("softmax", "sigmoid")
+
+
+def output_names(model) -> list[str]:
+    return [t._keras_history.operation.name for t in model.outputs]
+
+
+def choose_output(model, output=None) -> int:
+    """Index of the model output that `model.output` names (a name or an index; None: the
+    first, said once when the model has several)."""
+    names = output_names(model)
+    if output is None:
+        if len(names) > 1:
+            log.info("model has %d outputs (%s): explaining the first, %s (model.output=NAME|INDEX "
+                     "chooses another)", len(names), ", ".join(names), names[0])
+        return 0
+    if isinstance(output, int) or str(output).lstrip("-").isdigit():
+        index = int(output)
+        if not -len(names) <= index < len(names):
+            raise PipelineError(f"model.output={output}: the model has outputs 0 to {len(names) - 1} "
+                                f"({', '.join(names)})")
+        return index % len(names)
+    if str(output) not in names:
+        raise PipelineError(f"model.output={output} is not an output of the model: use one of "
+                            f"{', '.join(names)} (or an index)")
+    return names.index(str(output))
+
+
+def logits_head(model, output=None) -> tuple[str, Callable | None]:
+    """(node name, head) such that head(output of node) gives the class logits.
+
+    The node is the chosen model output (`model.output`: name or index; the first by
+    default), or, when it ends in a softmax or sigmoid, the input of that layer; for a
+    Dense layer with such an activation the head computes x @ W + b. The head is None
+    when the node's output is the logits itself. Never a probability.
+    """
+    out = model.outputs[choose_output(model, output)]
+    nodes = flat_layers(model)
+    node = next((n for n in nodes if any(t is out for t in n.tensors)), None)
+    if node is None:  # the output of a nested model: Keras names it after the nested model
+        qualified = resolve_layer_names(model, [out._keras_history.operation.name])[0]
+        node = next(n for n in nodes if n.name == qualified)
+    if len(node.output_shape) != 1:
+        raise NoClassScores(f"model {model.name!r} outputs shape {node.output_shape}, not a vector of class "
+                            "scores: the Grad-CAM family, occlusion and class patterns need a classifier")
+    squash = _is_squashing(node.layer)
+    if squash is None:
+        return node.name, None
+    source = node.sources[0][0]
+    if isinstance(node.layer, keras.layers.Dense):
+        dense = node.layer
+
+        def head(z):
+            y = keras.ops.matmul(z, dense.kernel)
+            return y + dense.bias if dense.bias is not None else y
+
+        log.info("model ends in %s with %s: using x @ W + b of its input %s as logits",
+                 node.name, squash, source)
+        return source, head
+    if isinstance(node.layer, (keras.layers.Activation, keras.layers.Softmax)) or node.kind == "op":
+        log.info("model ends in %s (%s): using its input %s as logits", node.name, squash, source)
+        return source, None
+    raise PipelineError(f"model {model.name!r} ends in {node.name} with a {squash} activation that cannot be "
+                        "undone: give a model that outputs logits")
+
+
+def _is_squashing(layer) -> str | None:
+    """'softmax'/'sigmoid' when the layer turns logits into probabilities, else None."""
+    if isinstance(layer, keras.layers.Softmax) or type(layer).__name__ in ("Softmax", "Sigmoid"):
+        return type(layer).__name__.lower()
+    activation = getattr(layer, "activation", None)
+    name = getattr(activation, "__name__", None)
+    if name in _SQUASHING:
+        return name
+    return None
 
 
 # ---------------------------------------------------------------------------

@@ -289,14 +289,6 @@ def negative(objective: Objective) -> Objective:
     return -objective
 
 
-def logits_source(model: keras.Model, output=None) -> tuple[str, Callable | None]:
-    """(layer, head) giving the class logits of a classifier's output (`model.output`): the
-    output layer, or, when it ends in a softmax, the input of the softmax (never the probability)."""
-    from pipeline.explain import logits_head
-
-    return logits_head(model, output)
-
-
 # --------------------------------------------------------------------------- models
 
 
@@ -338,7 +330,7 @@ def _as_dict(fm: keras.Model, layers: list[str]) -> Callable:
 
 def _resizable_feature_model(model: keras.Model, names: Sequence[str]) -> keras.Model:
     """Replay the layer calls that feed `names` on a new (None, None, C) input."""
-    from pipeline.graph import ancestors, flat_layers, resolve_layer_names
+    from pipeline.graph import ancestors, flat_layers, replay, resolve_layer_names
 
     nodes = flat_layers(model)
     qualified = resolve_layer_names(model, names)
@@ -348,14 +340,8 @@ def _resizable_feature_model(model: keras.Model, names: Sequence[str]) -> keras.
         raise ValueError("only single-input models can be resized")
     new_input = keras.Input((None, None) + tuple(inputs[0].output_shape[2:]))
     needed = ancestors(by_name, qualified)
-    values = {(inputs[0].name, 0): new_input}
-    for node in nodes:
-        if node.name not in needed or node.kind == "input":
-            continue
-        fill = {id(kt): values[src] for kt, src in zip(node.call.input_tensors, node.sources)}
-        args, kwargs = node.call.arguments.fill_in(fill)
-        for i, t in enumerate(keras.tree.flatten(node.layer(*args, **kwargs))):
-            values[(node.name, i)] = t
+    values = replay([n for n in nodes if n.name in needed and n.kind != "input"],
+                    {(inputs[0].name, 0): new_input})
     return keras.Model(new_input, [values[(q, 0)] for q in qualified])
 
 
@@ -544,8 +530,8 @@ def filter_patterns(model: keras.Model, spec: Preprocessing, layer: str, targets
     images at a time, and evaluate each stored uint8 image at the model's input size.
 
     objective: 'channel' (mean activation of channel t), 'neg' (its opposite), 'class'
-    (logit t; `layer`/`head` from `logits_source`). progress: True (a bar of its own),
-    False, or a tqdm bar to advance by one per target (all its repeats done).
+    (logit t; `layer`/`head` from `pipeline.graph.logits_head`). progress: True (a bar of
+    its own), False, or a tqdm bar to advance by one per target (all its repeats done).
     """
     recipe.check()
     targets = np.asarray(list(targets), np.int64)

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from pipeline import patterns as P
 from pipeline.errors import PipelineError
-from pipeline.graph import feature_model
+from pipeline.graph import feature_model, logits_head
 from pipeline.preprocess import Preprocessing, normalize
 
 L = keras.layers
@@ -140,7 +140,7 @@ def test_class_logit_is_the_input_of_the_softmax():
     inp = keras.Input((6,))
     out = L.Dense(4, activation="softmax", name="probs")(L.Dense(5, name="hidden")(inp))
     model = keras.Model(inp, out)
-    layer, head = P.logits_source(model)
+    layer, head = logits_head(model)
     assert layer == "hidden" and head is not None
     x = np.random.default_rng(0).normal(size=(3, 6)).astype(np.float32)
     hidden = feature_model(model, ["hidden"])(x).numpy()
@@ -149,9 +149,9 @@ def test_class_logit_is_the_input_of_the_softmax():
     score = P.class_logit(layer, [3, 0, 2], head)({"hidden": tf.constant(hidden)}).numpy()
     np.testing.assert_allclose(score, logits[[0, 1, 2], [3, 0, 2]], rtol=1e-5)
     separate = keras.Model(inp, L.Softmax(name="sm")(L.Dense(4, name="logits")(inp)))
-    assert P.logits_source(separate) == ("logits", None)
+    assert logits_head(separate) == ("logits", None)
     plain = keras.Model(inp, L.Dense(4, name="out")(inp))
-    assert P.logits_source(plain) == ("out", None)
+    assert logits_head(plain) == ("out", None)
 
 
 def test_plain_step_is_the_tutorials_normalised_gradient_ascent():

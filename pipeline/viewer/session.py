@@ -279,8 +279,7 @@ class LiveModel:
     def __init__(self, view: RunView, spec):
         from omegaconf import OmegaConf
 
-        from pipeline.explain import NoClassScores, logits_head
-        from pipeline.graph import feature_model
+        from pipeline.graph import NoClassScores, feature_model, logits_head
         from pipeline.models.sources import load_model
 
         cfg = OmegaConf.create(view.config)
