@@ -30,7 +30,11 @@ def main(cfg) -> None:
         _remove_if_only_bookkeeping(run_dir)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    logger.info("results in %s", results)
+    report = run_dir / "index.html"
+    if report.exists():  # what a person opens; results.h5 is for programs
+        logger.info("results in %s; the report: %s", results, report)
+    else:
+        logger.info("results in %s (stages=[report] draws index.html)", results)
 
 
 def _remove_if_only_bookkeeping(run_dir: Path) -> None:

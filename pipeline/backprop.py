@@ -35,7 +35,7 @@ The forward values are exactly the model's.
 Guided Grad-CAM and other callers: build one `Backprop(model, layer, method)`
 and call it on many batches (one traced tf.function per object); `backprop()`
 keeps such objects per model. `seed_at` builds one-hot seeds for a batch, and
-`pipeline.draw.panel_to_uint8` turns a map into an image for viewers.
+`pipeline.render.draw.panel_to_uint8` turns a map into an image for viewers.
 """
 
 from __future__ import annotations

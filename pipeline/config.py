@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+
 @dataclass
 class ModelConfig:
     # mobilenet_v2 | keras_app | file
@@ -305,6 +306,13 @@ class Config:
     # recompute stages whose results are already in the run directory
     overwrite: bool = False
     report: ReportConfig = field(default_factory=ReportConfig)
+
+
+def is_sequence(value) -> bool:
+    """A list given in the config (a ListConfig once composed) or in code."""
+    from omegaconf import ListConfig
+
+    return isinstance(value, (list, tuple, ListConfig))
 
 
 def register_configs() -> None:

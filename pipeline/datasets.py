@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.errors import PipelineError
-from pipeline.preprocess import Preprocessing, to_model_pixels
+from pipeline.preprocess import Preprocessing, photo_pixels, to_model_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -398,7 +398,7 @@ def decode_with_pillow(path: str, spec: Preprocessing, table: ImageTable) -> tup
             if problem:
                 return None, problem
             im.load()
-            array = _pillow_to_uint8(im)
+            array = photo_pixels(im)
     except UnidentifiedImageError:
         return None, "not an image file (format not recognised)"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
@@ -406,13 +406,3 @@ def decode_with_pillow(path: str, spec: Preprocessing, table: ImageTable) -> tup
     finally:
         Image.MAX_IMAGE_PIXELS = pillow_limit
     return to_model_pixels(tf.constant(array), spec), ""
-
-
-def _pillow_to_uint8(im) -> np.ndarray:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(im, np.float64)
-        hi = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
-        return (np.clip(a / hi, 0, 1) * 255 + 0.5).astype(np.uint8)[..., None]
-    if im.mode in ("L", "1"):
-        return np.asarray(im.convert("L"), np.uint8)[..., None]
-    return np.asarray(im.convert("RGB"), np.uint8)

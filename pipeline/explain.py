@@ -27,7 +27,7 @@ Rules every method here follows (see DESIGN.md, "Grad-CAM family"):
   Dense layer's input where needed;
 * gradients are averaged over height and width per image, never over the batch;
 * ReLU is applied once, to the weighted channel sum; the raw map is returned, an
-  all-zero map stays zero (no normalisation here; `pipeline.draw` does that);
+  all-zero map stays zero (no normalisation here; `pipeline.render.draw` does that);
 * the target layer defaults to the last rank-4 output with height and width > 1;
 * models nested inside models work: conv maps and logits come from one graph in
   which every layer on the way is called again (`connected_model`), so the logits

@@ -86,3 +86,17 @@ def preset(model: keras.Model, name: str) -> list[str]:
     if not chosen:
         raise PipelineError(f"layer preset {name!r} selects nothing in this model: name layers with layers=[...]")
     return [n.name for n in chosen]
+
+
+def default_layers(model, scanned: list[str]) -> list[str]:
+    """The scanned layers plus the input of the model's last Dense layer (the classifier's
+    feature vector, Zeiler & Fergus' layer 7) when there is one and it is not among them."""
+    nodes = flat_layers(model)
+    dense = [n for n in nodes if isinstance(n.layer, keras.layers.Dense)]
+    names = list(scanned)
+    if dense and dense[-1].inputs:
+        source = dense[-1].inputs[0]
+        node = next(n for n in nodes if n.name == source)
+        if node.kind != "input" and source not in names:
+            names.append(source)
+    return names

@@ -72,6 +72,25 @@ def resize_plan(h: int, w: int, spec: Preprocessing) -> tuple[int, int, int, int
     return new_h, new_w, (new_h - height) // 2, (new_w - width) // 2
 
 
+def input_box(h: int, w: int, spec: Preprocessing) -> tuple[float, float, float, float]:
+    """Where the model input lies in an (h, w) photo: (y0, x0, y1, x1) in photo pixels,
+    following `resize_plan` (resize, then centre crop)."""
+    new_h, new_w, top, left = resize_plan(h, w, spec)
+    return top * h / new_h, left * w / new_w, (top + spec.height) * h / new_h, (left + spec.width) * w / new_w
+
+
+def photo_pixels(im) -> np.ndarray:
+    """A loaded PIL image -> uint8 (H, W, 1) or (H, W, 3), as TensorFlow's decoder gives
+    it: 16-bit scaled from the full 16-bit range, float/int32 from the image's maximum."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
+        return (np.clip(a / hi, 0, 1) * 255 + 0.5).astype(np.uint8)[..., None]
+    if im.mode in ("L", "1"):
+        return np.asarray(im.convert("L"), np.uint8)[..., None]
+    return np.asarray(im.convert("RGB"), np.uint8)
+
+
 def to_model_pixels(image: tf.Tensor, spec: Preprocessing) -> tf.Tensor:
     """uint8 (H, W, C) of any size and 1/3 channels -> uint8 (height, width, spec.channels);
     a batch (B, H, W, C) of images of one size likewise."""

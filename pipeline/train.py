@@ -15,13 +15,9 @@ are fed to it). `load_snapshot` reads one back as a ModelBundle; it is what
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
-from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 
@@ -30,8 +26,6 @@ from pipeline.preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
 
-SNAPSHOT_DIR = "snapshots"
-SPEC_FILE = "preprocessing.json"
 MIN_SIDE = 16  # four 2x2 poolings
 MAX_IN_MEMORY = 4 * 2**30  # bytes of model-input pixels a stage may hold at once
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
@@ -257,106 +251,3 @@ def predict_classes(model, pixels: np.ndarray, batch_size: int = 256) -> np.ndar
     return np.concatenate([tf.argmax(model(normalize(pixels[i:i + batch_size], "unit"), training=False),
                                      axis=-1).numpy()
                            for i in range(0, len(pixels), batch_size)]).astype(np.int64)
-
-
-# ---------------------------------------------------------------- snapshots
-
-def snapshot_path(run_dir: Path, epoch: int) -> Path:
-    return Path(run_dir) / SNAPSHOT_DIR / f"epoch_{int(epoch):03d}.keras"
-
-
-def save_spec(run_dir: Path, spec: Preprocessing, class_names: list[str]) -> None:
-    folder = Path(run_dir) / SNAPSHOT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / SPEC_FILE).write_text(json.dumps(dict(preprocessing=asdict(spec), class_names=class_names),
-                                               indent=1, sort_keys=True))
-
-
-def list_snapshots(run_dir: Path) -> dict[int, Path]:
-    """Epoch -> snapshot file of a train run directory, sorted by epoch."""
-    folder = Path(run_dir) / SNAPSHOT_DIR
-    found = {}
-    for p in folder.glob("epoch_*.keras") if folder.is_dir() else ():
-        try:
-            found[int(p.stem.split("_", 1)[1])] = p
-        except ValueError:
-            continue
-    return dict(sorted(found.items()))
-
-
-def snapshot_run_dir(cfg, run_dir: Path) -> Path:
-    """Where the snapshots of a run are: model.run_dir with model=snapshot, else this run."""
-    model = cfg.model
-    if model.kind == "snapshot" and model.get("run_dir") not in (None, "", "???"):
-        return Path(str(model.run_dir)).expanduser()
-    return Path(run_dir)
-
-
-def load_snapshot(run_dir, epoch: int | None = None):
-    """The model saved after `epoch` (null: the last) in a train run directory, as a ModelBundle."""
-    import keras
-
-    from pipeline.models.sources import ModelBundle
-
-    run_dir = Path(str(run_dir)).expanduser()
-    found = list_snapshots(run_dir)
-    if not found:
-        raise PipelineError(f"no snapshots in {run_dir / SNAPSHOT_DIR}: run stages=[train] there first, "
-                            f"or point model.run_dir at the run directory of a train run")
-    if epoch is None:
-        epoch = max(found)
-    if int(epoch) not in found:
-        raise PipelineError(f"no snapshot of epoch {epoch} in {run_dir / SNAPSHOT_DIR}: "
-                            f"set model.epoch to one of {', '.join(map(str, found))}")
-    path = found[int(epoch)]
-    model = keras.models.load_model(path, compile=False, safe_mode=True)
-    spec_file = run_dir / SNAPSHOT_DIR / SPEC_FILE
-    if spec_file.exists():
-        spec = Preprocessing(**json.loads(spec_file.read_text())["preprocessing"])
-    else:
-        spec = Preprocessing(height=int(model.input_shape[1]), width=int(model.input_shape[2]),
-                             channels=int(model.input_shape[-1]), normalize="unit")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return ModelBundle(model, spec, f"{model.name} epoch {int(epoch)} ({run_dir.name})", digest)
-
-
-def snapshot_class_names(run_dir) -> list[str]:
-    spec_file = Path(str(run_dir)).expanduser() / SNAPSHOT_DIR / SPEC_FILE
-    if not spec_file.exists():
-        return []
-    return list(json.loads(spec_file.read_text()).get("class_names", []))
-
-
-# ---------------------------------------------------------------- results.h5 helpers
-
-# ---------------------------------------------------------------- drawing
-
-def draw_training_curve(history: dict, snapshots: list[int], path: Path, title: str = "") -> None:
-    """Loss and accuracy per epoch, training and validation; snapshot epochs marked."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    epochs = np.asarray(history["epoch"])
-    fig = Figure(figsize=(7.2, 3.0), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
-    for ax, key, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "accuracy", "accuracy")):
-        ax.plot(epochs, history[key], "o-", color="#1f5fa8", ms=3.5, lw=1.4, label="training")
-        val = np.asarray(history[f"val_{key}"], float)
-        if np.isfinite(val).any():
-            ax.plot(epochs, val, "s--", color="#d0621b", ms=3.5, lw=1.4, label="validation")
-        for e in snapshots:
-            if e >= 1:
-                ax.axvline(e, color="0.75", lw=0.8, ls=":", zorder=0)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.set_xlim(0.5, max(epochs.max(), 1) + 0.5)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.25, lw=0.6)
-        ax.spines[["top", "right"]].set_visible(False)
-    axes[1].legend(frameon=False, loc="lower right")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=200)
-    fig.savefig(path.with_suffix(".pdf"))

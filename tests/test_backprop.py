@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.backprop import Backprop, backprop, seed_at
-from pipeline.draw import panel_to_uint8
+from pipeline.render.draw import panel_to_uint8
 from pipeline.graph import feature_model
 
 

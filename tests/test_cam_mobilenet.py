@@ -8,11 +8,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import save_image
-from pipeline import draw
+from pipeline.render import draw
 from pipeline.explain import CamExplainer
 from pipeline.models.imagenet import class_names
 from pipeline.runner import run
-from pipeline.stages.cam import crop_box
+from pipeline.preprocess import input_box
 from test_pipeline import compose_cfg
 
 CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -39,7 +39,7 @@ def test_gradcam_peak_for_the_cat_lies_on_the_cat(mobilenet):
     out = explainer.compute([photo], None, ("gradcam", "gradcam++"))
     cls = int(out["gradcam"].classes[0])
     assert cls in CATS, class_names()[cls]
-    y0, x0, y1, x1 = crop_box(*photo.shape[:2], mobilenet.preprocessing)
+    y0, x0, y1, x1 = input_box(*photo.shape[:2], mobilenet.preprocessing)
     for method in ("gradcam", "gradcam++"):
         (py, px), _ = peak(out[method].maps[0])
         # from model-input pixels back to the photo

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import save_image
 from pipeline.datasets import BatchStream, list_images
-from pipeline.draw import unit_scale
+from pipeline.render.draw import unit_scale
 from pipeline.errors import PipelineError
 from pipeline.explain import blank_channels
 from pipeline.models.sources import load_model
@@ -219,8 +219,8 @@ def test_activations_sheet_shows_blank_channels_grey(tmp_path):
         maps = f["activations/act"][0].astype(np.float32)
     from PIL import Image
 
-    from pipeline import draw
-    from pipeline.stages.activations import TILE_PX
+    from pipeline.render import draw
+    from pipeline.render.maps import TILE_PX
 
     # the sheet as written: the composed tiles sit at whole-pixel scale below the title
     with Image.open(tmp_path / "run" / "activations" / "act_0.png") as im:

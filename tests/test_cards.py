@@ -13,11 +13,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pipeline import cards
-from pipeline.cards import (GlyphFont, ImageIndex, LayerCards, draw_text, find_weights, panel_view,
+from pipeline.render import cards
+from pipeline.render.cards import (GlyphFont, ImageIndex, LayerCards, draw_text, find_weights, panel_view,
                             png_bytes, render_layer_cards, spectrum_bars, spectrum_values, weight_tiles, wrap)
 from pipeline.spectrum import BUCKETS as SPECTRUM, GAMMA, MIN_ABS  # the sketch's layout
-from pipeline.stages.report import EMPTY_GREY, _layers
+from pipeline.render.canvas import EMPTY_GREY
+from pipeline.render.results import read_layers
 
 C, K, S = 5, 4, 6  # channels, top-k, stored patch side
 ZERO = (SPECTRUM - 1) // 2  # the spectrum's zero bucket
@@ -112,7 +113,7 @@ def results(tmp_path_factory):
 def rendered(results, tmp_path_factory):
     out = tmp_path_factory.mktemp("cards_out")
     with h5py.File(results, "r") as f:
-        info = _layers(f)[0]
+        info = read_layers(f)[0]
         files = render_layer_cards(f, info, out / "cards", out / "thumbs")
         lc = LayerCards.read(f, info, ImageIndex.read(f))
     return files, lc
@@ -209,7 +210,7 @@ def test_weight_tiles_colour_the_sign_and_size_of_each_input():
 
 
 def test_find_weights_own_named_inferred_and_ambiguous(tmp_path):
-    from pipeline.stages.report import LayerInfo
+    from pipeline.render.results import LayerInfo
 
     def info(stored):
         return LayerInfo(stored, stored, (4, 4, 6), (3, 3), (1, 1), 0, True, "", None, True)
@@ -305,7 +306,7 @@ def test_cards_are_identical_whatever_the_block_size(results, rendered, tmp_path
     files, _ = rendered
     monkeypatch.setattr(cards, "BLOCK_PIXELS", 1)  # one unit per block
     with h5py.File(results, "r") as f:
-        small = render_layer_cards(f, _layers(f)[0], tmp_path / "c", None, units=[3, 1])
+        small = render_layer_cards(f, read_layers(f)[0], tmp_path / "c", None, units=[3, 1])
     assert sorted(small.cards) == [1, 3] and not small.thumbs
     for u in (1, 3):
         np.testing.assert_array_equal(load(small.cards[u]), load(files.cards[u]))
@@ -317,7 +318,7 @@ def test_missing_parts_are_named_on_the_card(tmp_path):
         f["layers/block.conv"].attrs.update(mappable=False, geometry_message="a Dense layer has no map")
         del f["layers/block.conv/patches"]
     with h5py.File(path, "r") as f:
-        info = _layers(f)[0]
+        info = read_layers(f)[0]
         lc = LayerCards.read(f, info, ImageIndex.read(f))
         files = render_layer_cards(f, info, tmp_path / "c", tmp_path / "t")
     assert lc.layout.cells == []

@@ -13,9 +13,10 @@ from pipeline.errors import PipelineError
 from pipeline.graph import feature_model
 from pipeline.preprocess import Preprocessing, normalize
 from pipeline.runner import run
-from pipeline.stages.evolution import choose_channels, compose_evolution_sheet, topk_change
+from pipeline.render.training import compose_evolution_sheet
+from pipeline.stages.evolution import choose_channels, topk_change
 from pipeline.topk import topk_from_maps
-from pipeline.train import save_spec, snapshot_path
+from pipeline.models.sources import save_spec, snapshot_path
 from test_pipeline import compose_cfg
 
 EPOCHS = (1, 2, 5)

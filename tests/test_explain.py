@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import draw
+from pipeline.render import draw
 from pipeline.errors import PipelineError
 from pipeline.explain import (CamExplainer, Occluder, blank_channels, default_target_layer, grad_cam,
                               grad_cam_pp, guided_grad_cam, layer_activations, occlusion, occlusion_grid,

@@ -20,7 +20,7 @@ from PIL import Image
 from test_pipeline import compose_cfg, tiny_model
 from pipeline.runner import run
 from pipeline.store import read_strings
-from pipeline.toolbox import INFO_HEADER, corner_montage
+from pipeline.render.toolbox import INFO_HEADER, corner_montage
 
 COLOURS = np.array([[230, 30, 30], [30, 200, 40], [40, 60, 220], [220, 200, 30], [200, 40, 210]], np.uint8)
 
@@ -173,7 +173,7 @@ def test_settings_local_points_the_toolbox_at_the_export(exported):
 
 
 def test_grey_patterns_make_grey_toolbox_files(tmp_path):
-    from pipeline.toolbox import write_regularized_opt
+    from pipeline.render.toolbox import write_regularized_opt
 
     results = tmp_path / "filters.h5"
     with h5py.File(results, "w") as f:  # what the filters stage stores for a one-channel model

@@ -16,7 +16,7 @@ from pipeline.errors import PipelineError
 from pipeline.graph import feature_model
 from pipeline.preprocess import normalize
 from pipeline.runner import run
-from pipeline.stages import filters as F
+from pipeline.render import filters as F
 from pipeline.store import read_strings
 from test_cli import error_lines, run_py
 from test_pipeline import compose_cfg

@@ -11,8 +11,8 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.runner import run
-from pipeline.stages.invariance import (choose_images, default_layers, parameter_grid, transform_matrices,
-                                        warp)
+from pipeline.layers import default_layers
+from pipeline.stages.invariance import choose_images, parameter_grid, transform_matrices, warp
 from test_cli import run_py
 from test_pipeline import compose_cfg
 from test_train import shapes_idx, write_idx

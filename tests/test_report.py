@@ -17,17 +17,11 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from pipeline.stages import report
+from pipeline.render.canvas import EMPTY_GREY, grid, montage, resize_patches
+from pipeline.render.report import render_report
+from pipeline.render.results import layer_names
+from pipeline.render.sheets import MAX_SIDE_PX, sheet_layout
 from pipeline.store import pack
-from pipeline.stages.report import (
-    EMPTY_GREY,
-    grid,
-    layer_names,
-    montage,
-    render_report,
-    resize_patches,
-    sheet_layout,
-)
 from conftest import CHROMIUM as SITE_CHROMIUM
 
 CHROMIUM = str(SITE_CHROMIUM) if SITE_CHROMIUM.exists() else None  # the same browser as the site tests
@@ -176,10 +170,10 @@ def test_resize_patches_uneven_factor_matches_exact_area_average():
 
 def test_layout_caps_large_layers():
     layout = sheet_layout(1280, 9, (224, 224))
-    assert max(layout.size) <= report.MAX_SIDE_PX
+    assert max(layout.size) <= MAX_SIDE_PX
     assert layout.cols * layout.rows >= 1280 and layout.side == 3
     huge = sheet_layout(8192, 9, (224, 224))
-    assert max(huge.size) <= report.MAX_SIDE_PX
+    assert max(huge.size) <= MAX_SIDE_PX
     small = sheet_layout(5, 9, (11, 11))
     assert small.patch_hw == (22, 22)  # small patches are enlarged by a whole factor
     assert sheet_layout(20, 4, (30, 30)).side == 2
@@ -205,7 +199,7 @@ def test_one_png_sheet_per_layer(rendered):
         assert p.read_bytes()[:8] == PNG_MAGIC
         img = mpimg.imread(p)
         h, w = img.shape[:2]
-        assert 200 <= w <= report.MAX_SIDE_PX and 200 <= h <= report.MAX_SIDE_PX, (p, img.shape)
+        assert 200 <= w <= MAX_SIDE_PX and 200 <= h <= MAX_SIDE_PX, (p, img.shape)
         assert img[..., :3].std() > 0.01  # not blank
 
 
@@ -214,10 +208,10 @@ def test_sheet_cells_hold_each_channels_patches_in_slot_order(rendered):
     _, out, _ = rendered
     img = (mpimg.imread(out / "sheets" / "block1.conv.png")[..., :3] * 255).round().astype(int)
     channels, k, size = 5, 9, 11
-    layout = report.sheet_layout(channels, k, (size, size))
+    layout = sheet_layout(channels, k, (size, size))
     assert img.shape[:2] == layout.size
     ch, cw = layout.cell_hw
-    _, origins = report.grid(np.zeros((channels, ch, cw, 3), np.uint8), layout.cols, layout.gap_x,
+    _, origins = grid(np.zeros((channels, ch, cw, 3), np.uint8), layout.cols, layout.gap_x,
                              layout.label_h + layout.gap_y)
     top = layout.margin + layout.title_h
     left = (layout.size[1] - (layout.cols * (cw + layout.gap_x) - layout.gap_x)) // 2
@@ -284,7 +278,7 @@ def test_index_summary_skipped_images_and_escaping(rendered):
 
 
 def test_modules_do_not_import_tensorflow():
-    code = ("import sys, pipeline.stages.report, pipeline.cards, pipeline.site, pipeline.book; "
+    code = ("import sys, pipeline.stages.report, pipeline.render.cards, pipeline.render.site, pipeline.render.book; "
             "sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
 
@@ -497,11 +491,12 @@ def test_bad_per_image_is_one_line_error(full_run, tmp_path):
 
 
 def test_per_image_predictions_are_the_stored_top_n(full_run):
-    from pipeline.stages.report import _PerImage, class_namer, image_sheet
+    from pipeline.render.image_sheet import PerImage, image_sheet
+    from pipeline.render.results import class_namer
 
     _, run_dir = full_run[:2]
     with h5py.File(run_dir / "results.h5", "r") as f:
-        pi = _PerImage.read(f)
+        pi = PerImage.read(f)
         row = int(np.flatnonzero(f["predictions/image"][()] == 1)[0])
         classes = f["predictions/class"][row]
         logits = f["predictions/probability"][row]  # the bars show probabilities
@@ -523,7 +518,7 @@ def test_model_view_matches_the_pipeline_preprocessing(tmp_path):
     from PIL import Image
 
     from pipeline.preprocess import Preprocessing, to_model_pixels
-    from pipeline.stages.report import model_view
+    from pipeline.render.image_sheet import model_view
 
     yy, xx = np.mgrid[0:300, 0:451]
     smooth = np.stack([128 + 100 * np.sin(yy / 23.0), 128 + 100 * np.cos(xx / 31.0),
@@ -539,7 +534,7 @@ def test_model_view_matches_the_pipeline_preprocessing(tmp_path):
 
 
 def test_sparsity_figure_draws_the_means_and_dead_share():
-    from pipeline.stages.report import sparsity_figure
+    from pipeline.render.sheets import sparsity_figure
 
     zero = [np.array([0.0, 0.5, 1.0, 0.5]), np.array([1.0, 1.0, 0.9])]
     fig = sparsity_figure(["a", "b"], zero)

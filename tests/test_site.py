@@ -16,7 +16,7 @@ import pytest
 
 from conftest import CHROMIUM, watched_page
 from test_report import full_run  # noqa: F401  (session fixture: a real run through every stage)
-from pipeline.stages.report import render_report
+from pipeline.render.report import render_report
 
 
 needs_browser = pytest.mark.skipif(not CHROMIUM.exists(),
@@ -165,6 +165,13 @@ def test_search_box_lands_on_a_unit(page, full_run, tmp_path):  # noqa: F811
     _open(page, run_dir / "index.html")
     page.keyboard.press("/")
     assert page.evaluate("document.activeElement.id") == "search"
+    # on the index a bare number is that unit of every layer that has one, in network order
+    page.keyboard.type("3")
+    page.wait_for_selector("#search-results li")
+    found = page.eval_on_selector_all("#search-results li", "els => els.map(e => e.innerText)")
+    assert all("unit 3" in text for text in found)
+    assert [text.split()[0] for text in found][:2] == ["relu1", "relu2"], found
+    page.fill("#search", "")
     page.keyboard.type("relu2 4")
     page.wait_for_selector("#search-results li")
     first = page.inner_text("#search-results li")

@@ -89,7 +89,7 @@ def test_live_maps_predictions_and_backprop_are_the_models(viewer_run):
     seed[..., 4] = relu2[..., 4]
     want = np.asarray(backprop(model, x, "relu2", seed, "deconv"))[0]
     got = live.backprop(pixels, "relu2", 4, "deconv")
-    from pipeline.draw import panel_to_uint8
+    from pipeline.render.draw import panel_to_uint8
 
     np.testing.assert_array_equal(got, panel_to_uint8(want, percentile=99.5))
     assert got.std() > 0

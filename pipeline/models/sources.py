@@ -7,9 +7,11 @@ must know about it (preprocessing, a name, the weights' hash).
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import keras
@@ -142,8 +144,6 @@ def _model_file(cfg) -> ModelBundle:
 
 def _snapshot(cfg) -> ModelBundle:
     """A snapshot saved by the train stage: model.run_dir (null: this Hydra run), model.epoch (null: last)."""
-    from pipeline.train import load_snapshot
-
     run_dir = cfg.get("run_dir")
     if run_dir in (None, "", "???"):
         from hydra.core.hydra_config import HydraConfig
@@ -278,3 +278,100 @@ def _with_input_size(model: keras.Model, size: tuple[int, int]) -> keras.Model:
                             f"{str(err).splitlines()[0]}; save the model with a fixed input shape") from err
     fixed.set_weights(model.get_weights())
     return fixed
+
+
+# ---------------------------------------------------------------- snapshots of the train stage
+
+SNAPSHOT_DIR = "snapshots"
+SPEC_FILE = "preprocessing.json"
+
+
+def snapshot_path(run_dir: Path, epoch: int) -> Path:
+    return Path(run_dir) / SNAPSHOT_DIR / f"epoch_{int(epoch):03d}.keras"
+
+
+
+def save_spec(run_dir: Path, spec: Preprocessing, class_names: list[str]) -> None:
+    folder = Path(run_dir) / SNAPSHOT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SPEC_FILE).write_text(json.dumps(dict(preprocessing=asdict(spec), class_names=class_names),
+                                               indent=1, sort_keys=True))
+
+
+
+def list_snapshots(run_dir: Path) -> dict[int, Path]:
+    """Epoch -> snapshot file of a train run directory, sorted by epoch."""
+    folder = Path(run_dir) / SNAPSHOT_DIR
+    found = {}
+    for p in folder.glob("epoch_*.keras") if folder.is_dir() else ():
+        try:
+            found[int(p.stem.split("_", 1)[1])] = p
+        except ValueError:
+            continue
+    return dict(sorted(found.items()))
+
+
+
+def snapshot_run_dir(cfg, run_dir: Path) -> Path:
+    """Where the snapshots of a run are: model.run_dir with model=snapshot, else this run."""
+    model = cfg.model
+    if model.kind == "snapshot" and model.get("run_dir") not in (None, "", "???"):
+        return Path(str(model.run_dir)).expanduser()
+    return Path(run_dir)
+
+
+
+def load_snapshot(run_dir, epoch: int | None = None):
+    """The model saved after `epoch` (null: the last) in a train run directory, as a ModelBundle."""
+    import keras
+
+    run_dir = Path(str(run_dir)).expanduser()
+    found = list_snapshots(run_dir)
+    if not found:
+        raise PipelineError(f"no snapshots in {run_dir / SNAPSHOT_DIR}: run stages=[train] there first, "
+                            f"or point model.run_dir at the run directory of a train run")
+    if epoch is None:
+        epoch = max(found)
+    if int(epoch) not in found:
+        raise PipelineError(f"no snapshot of epoch {epoch} in {run_dir / SNAPSHOT_DIR}: "
+                            f"set model.epoch to one of {', '.join(map(str, found))}")
+    path = found[int(epoch)]
+    model = keras.models.load_model(path, compile=False, safe_mode=True)
+    spec_file = run_dir / SNAPSHOT_DIR / SPEC_FILE
+    if spec_file.exists():
+        spec = Preprocessing(**json.loads(spec_file.read_text())["preprocessing"])
+    else:
+        spec = Preprocessing(height=int(model.input_shape[1]), width=int(model.input_shape[2]),
+                             channels=int(model.input_shape[-1]), normalize="unit")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return ModelBundle(model, spec, f"{model.name} epoch {int(epoch)} ({run_dir.name})", digest)
+
+
+
+def snapshot_class_names(run_dir) -> list[str]:
+    spec_file = Path(str(run_dir)).expanduser() / SNAPSHOT_DIR / SPEC_FILE
+    if not spec_file.exists():
+        return []
+    return list(json.loads(spec_file.read_text()).get("class_names", []))
+
+
+def own_snapshots(cfg) -> tuple[str, ...]:
+    """Stages that use the snapshots depend on this run's train stage, unless
+    model=snapshot model.run_dir=... names another run."""
+    return () if cfg.model.kind == "snapshot" and cfg.model.get("run_dir") not in (None, "", "???") else ("train",)
+
+
+def analysed_model(cfg, run_dir: Path) -> tuple[ModelBundle, list[str], bool]:
+    """(bundle, class names, from_snapshot) for the stages that analyse a trained network:
+    this run's last snapshot when it trained one, else the configured model."""
+    if cfg.model.kind != "snapshot" and list_snapshots(run_dir):
+        return load_snapshot(run_dir), snapshot_class_names(run_dir), True
+    bundle = load_model(cfg.model, cfg.cache_dir)
+    names = []
+    if cfg.model.kind == "snapshot":
+        names = snapshot_class_names(snapshot_run_dir(cfg, run_dir))
+    elif bundle.imagenet_classes:
+        from pipeline.models.imagenet import class_names
+
+        names = list(class_names())
+    return bundle, names, cfg.model.kind == "snapshot"

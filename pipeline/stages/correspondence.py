@@ -21,8 +21,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.config import is_sequence
 from pipeline.errors import PipelineError
-from pipeline.stages.train import own_snapshots as DEPENDS  # noqa: F401,N812 (read by the runner)
+from pipeline.layers import default_layers
+from pipeline.models.sources import analysed_model
+from pipeline.models.sources import own_snapshots as DEPENDS  # noqa: F401,N812 (read by the runner)
+from pipeline.render.training import draw_correspondence
 from pipeline.store import Store, stored_name
 
 logger = logging.getLogger(__name__)
@@ -107,15 +111,14 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline import train as T
     from pipeline.datasets import list_images
     from pipeline.layers import select_layers
-    from pipeline.stages.invariance import _is_seq, _model, default_layers
 
     ic = cfg.invariance
-    bundle, class_names, _ = _model(cfg, run_dir)
+    bundle, class_names, _ = analysed_model(cfg, run_dir)
     model, spec = bundle.model, bundle.preprocessing
     names = select_layers(model, ic.layers) if ic.layers is not None else \
         default_layers(model, select_layers(model, cfg.layers))
     table = list_images(cfg.dataset)
-    if _is_seq(ic.correspondence_images):
+    if is_sequence(ic.correspondence_images):
         ids = np.asarray([int(i) for i in ic.correspondence_images], np.int64)
         if (ids < 0).any() or (ids >= len(table)).any():
             raise PipelineError(f"invariance.correspondence_images={ids.tolist()} is outside 0..{len(table) - 1}")
@@ -159,31 +162,3 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     logger.info("correspondence scores in %s", run_dir / FIGURE)
 
 
-def draw_correspondence(parts, layers, scores, random_scores, path: Path, images: int) -> None:
-    """Grouped bars per layer: each part, and the random boxes of its size (mean, sd)."""
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(max(4.5, 1.1 * len(layers) + 1.5), 3.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    x = np.arange(len(layers))
-    width = 0.8 / (2 * len(parts))
-    cmap = matplotlib.colormaps["tab10"]
-    for p, name in enumerate(parts):
-        offset = (2 * p - len(parts) + 0.5) * width
-        ax.bar(x + offset, scores[p], width, color=cmap(p), label=name)
-        if random_scores.shape[1]:
-            ax.bar(x + offset + width, random_scores[p].mean(axis=0), width, color=cmap(p), alpha=0.35,
-                   yerr=random_scores[p].std(axis=0), capsize=2, error_kw=dict(lw=0.8),
-                   label=f"{name}: random place")
-    ax.set_xticks(x, layers)
-    ax.set_ylabel("sign disagreement (lower: consistent)")
-    ax.set_title(f"Correspondence of occluded parts over {images} images", fontsize=10)
-    ax.spines[["top", "right"]].set_visible(False)
-    ax.grid(axis="y", alpha=0.25, lw=0.6)
-    ax.legend(frameon=False, fontsize=7, ncol=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=200)
-    fig.savefig(path.with_suffix(".pdf"))

@@ -16,15 +16,22 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.config import is_sequence
 from pipeline.errors import PipelineError
-from pipeline.stages.train import own_snapshots as DEPENDS  # noqa: F401,N812 (read by the runner)
+from pipeline.models.sources import (
+    SNAPSHOT_DIR,
+    list_snapshots,
+    load_snapshot,
+    snapshot_run_dir,
+)
+from pipeline.models.sources import own_snapshots as DEPENDS  # noqa: F401,N812 (read by the runner)
+from pipeline.render.training import compose_evolution_sheet, draw_change
 from pipeline.store import Store
 
 logger = logging.getLogger(__name__)
@@ -63,92 +70,6 @@ def topk_change(image: np.ndarray) -> np.ndarray:
     kept = kept.any(axis=-1) & valid
     n = valid.sum(axis=-1)
     return np.where(n > 0, 1.0 - kept.sum(axis=-1) / np.maximum(n, 1), 0.0).astype(np.float32)
-
-
-def _display_size(hw: tuple[int, int], target: int) -> tuple[int, int]:
-    h, w = hw
-    longest = max(h, w)
-    if longest <= target:
-        f = max(1, target // longest)
-        return h * f, w * f
-    return max(1, round(h * target / longest)), max(1, round(w * target / longest))
-
-
-def compose_evolution_sheet(patches: np.ndarray, valid: np.ndarray, epochs, channels, title: str,
-                            subtitle: str = "") -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """A sheet with channels in rows and snapshots in columns.
-
-    patches (E, n, P, h, w, 3) uint8: the top-P patches of n channels at E snapshots;
-    valid (E, n, P) bool. Each cell is the top-1 patch (P = 1) or a square montage
-    of the top P, enlarged by a whole factor (or shrunk) to a readable size.
-    Returns (sheet (H, W, 3) uint8, origins (n, E, 2) top-left of every cell, cell (h, w)).
-    """
-    from pipeline.montage import BACKGROUND, montage, resize_patches
-    from pipeline.stages.report import Label, draw_labels
-
-    e, n, p, h, w = patches.shape[:5]
-    side = max(1, math.ceil(math.sqrt(p)))
-    size = _display_size((h, w), 64 if side == 1 else 26)
-    small = resize_patches(patches.reshape((e * n, p, h, w, 3)), size)
-    thin = 1 if side > 1 else 0
-    cells = montage(small, valid.reshape(e * n, p), side, thin)
-    cells = cells.reshape((e, n) + cells.shape[1:])
-    ch, cw = cells.shape[2:4]
-    gap, margin, label_w, header_h = max(4, cw // 10), 20, 64, 26
-    title_h = 64 if subtitle else 40
-    grid_w = e * cw + (e - 1) * gap
-    width = max(2 * margin + label_w + grid_w, 420)
-    height = 2 * margin + title_h + header_h + n * ch + (n - 1) * gap
-    canvas = np.full((height, width, 3), BACKGROUND, np.uint8)
-    left = margin + label_w + (width - 2 * margin - label_w - grid_w) // 2
-    top = margin + title_h + header_h
-    origins = np.zeros((n, e, 2), np.int64)
-    for r in range(n):
-        for c in range(e):
-            y, x = top + r * (ch + gap), left + c * (cw + gap)
-            canvas[y:y + ch, x:x + cw] = cells[c, r]
-            origins[r, c] = (y, x)
-    labels = [Label(width / 2, margin + 16, title, 20, weight="bold", color="black")]
-    if subtitle:
-        labels.append(Label(width / 2, margin + 44, subtitle, min(13, 0.9 * width / (0.6 * len(subtitle))),
-                            color="0.3"))
-    labels += [Label(left + c * (cw + gap) + cw / 2, top - header_h / 2, f"epoch {int(ep)}", 13, color="0.15")
-               for c, ep in enumerate(epochs)]
-    labels += [Label(margin + label_w / 2, top + r * (ch + gap) + ch / 2, f"ch {int(k)}", 13, color="0.15")
-               for r, k in enumerate(channels)]
-    return draw_labels(canvas, labels), origins, (ch, cw)
-
-
-def draw_change(epochs, changes: dict[str, np.ndarray], path: Path, images: int, k: int) -> None:
-    """Mean (line) and interquartile range (band) over channels of the top-k change, per layer."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    epochs = [int(e) for e in epochs]
-    fig = Figure(figsize=(5.6, 3.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    x = np.arange(1, len(epochs))
-    import matplotlib
-
-    cmap = matplotlib.colormaps["viridis"]
-    colors = [cmap(v) for v in np.linspace(0.0, 0.85, max(len(changes), 1))]
-    for color, (name, change) in zip(colors, changes.items()):
-        ax.plot(x, change.mean(axis=1), "o-", color=color, lw=1.6, ms=4, label=name)
-        q1, q3 = np.percentile(change, [25, 75], axis=1)
-        ax.fill_between(x, q1, q3, color=color, alpha=0.15, lw=0)
-    ax.set_xticks(x, [f"{a}\u2192{b}" for a, b in zip(epochs[:-1], epochs[1:])])
-    ax.set_xlim(0.6, max(len(epochs) - 1, 1) + 0.4)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("snapshot epochs")
-    ax.set_ylabel(f"share of top-{k} images replaced")
-    ax.set_title(f"Top-{k} turnover between snapshots ({images} images)", fontsize=10)
-    ax.grid(alpha=0.25, lw=0.6)
-    ax.spines[["top", "right"]].set_visible(False)
-    ax.legend(frameon=False, fontsize=8, loc="upper right", title="layer (mean, IQR)", title_fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=200)
-    fig.savefig(path.with_suffix(".pdf"))
 
 
 # ---------------------------------------------------------------- the stage
@@ -193,21 +114,20 @@ class _Layer:
 
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
-    from pipeline import train as T
     from pipeline.datasets import BatchStream, list_images
     from pipeline.geometry import layer_geometry
-    from pipeline.stages.scan import STATE, scan_images
     from pipeline.layers import chosen_layers
     from pipeline.scan import Scanner
+    from pipeline.scan_io import STATE, scan_images
 
     ec = cfg.evolution
-    source = T.snapshot_run_dir(cfg, run_dir)
-    snaps = T.list_snapshots(source)
+    source = snapshot_run_dir(cfg, run_dir)
+    snaps = list_snapshots(source)
     if not snaps:
-        raise PipelineError(f"no snapshots in {source / T.SNAPSHOT_DIR}: list train before evolution in stages, "
+        raise PipelineError(f"no snapshots in {source / SNAPSHOT_DIR}: list train before evolution in stages, "
                             f"or pass model=snapshot model.run_dir=<a train run directory>")
     epochs = list(snaps)
-    bundles = [T.load_snapshot(source, e) for e in epochs]
+    bundles = [load_snapshot(source, e) for e in epochs]
     first = bundles[0]
     spec = first.preprocessing
     keys, names = (list(t) for t in zip(*chosen_layers(first.model, ec.layers if ec.layers is not None
@@ -221,7 +141,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     ids = np.arange(count, dtype=np.int64)
     scanner = Scanner(_all_snapshots(bundles, names), names * len(bundles), spec, cfg.topk)
     shapes = scanner.map_shapes[:len(names)]
-    wanted = list(ec.channels) if _is_seq(ec.channels) else ec.channels
+    wanted = list(ec.channels) if is_sequence(ec.channels) else ec.channels
     chosen = {name: choose_channels(wanted, shape[-1]) for name, shape in zip(names, shapes)}
     logger.info("evolution: scanning %d images through %d layers of %d snapshots (epochs %s) of %s",
                 count, len(names), len(epochs), epochs, source)
@@ -288,12 +208,6 @@ def _all_snapshots(bundles, names):
         out = feature_model(b.model, names, name=f"snapshot_{e}")(inp)
         outputs.extend(out if isinstance(out, (list, tuple)) else [out])
     return keras.Model(inp, outputs, name="snapshots")
-
-
-def _is_seq(value) -> bool:
-    from omegaconf import ListConfig
-
-    return isinstance(value, (list, tuple, ListConfig))
 
 
 def _write_layer(g, layer: _Layer, depth: int, change: np.ndarray, channels: np.ndarray) -> None:

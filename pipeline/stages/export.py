@@ -2,7 +2,7 @@
 
 Written from results.h5 only, under <run_dir>/toolbox/ (the toolbox's
 caffevis_unit_jpg_dir); the layout and the loader rules it follows are in
-pipeline.toolbox. A part whose data is not in results.h5 (no crop, no panels, no
+pipeline.render.toolbox. A part whose data is not in results.h5 (no crop, no panels, no
 filter patterns) is skipped with a log line.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from pipeline.render.toolbox import write_toolbox
 from pipeline.store import Store
-from pipeline.toolbox import write_toolbox
 
 logger = logging.getLogger(__name__)
 

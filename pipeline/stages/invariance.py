@@ -22,8 +22,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.config import is_sequence
 from pipeline.errors import PipelineError
-from pipeline.stages.train import own_snapshots as DEPENDS  # noqa: F401,N812 (read by the runner)
+from pipeline.layers import default_layers
+from pipeline.models.sources import analysed_model
+from pipeline.models.sources import own_snapshots as DEPENDS  # noqa: F401,N812 (read by the runner)
+from pipeline.render.training import draw_invariance
 from pipeline.store import Store, stored_name
 
 logger = logging.getLogger(__name__)
@@ -35,8 +39,6 @@ PART = "invariance.h5"
 FIGURE = Path("sheets") / "invariance.png"
 KINDS = ("translation", "rotation", "scale")
 IDENTITY = {"translation": 0.0, "rotation": 0.0, "scale": 1.0}
-AXIS_LABEL = {"translation": "vertical shift (fraction of image height)", "rotation": "rotation (degrees)",
-              "scale": "scale factor"}
 FILL_MODES = ("constant", "nearest", "reflect", "wrap")
 
 
@@ -163,24 +165,6 @@ def invariance_curves(model, names: list[str], spec, pixels: np.ndarray, targets
     return out
 
 
-def default_layers(model, scanned: list[str]) -> list[str]:
-    """The scanned layers plus the input of the model's last Dense layer (the classifier's
-    feature vector, Zeiler & Fergus' layer 7) when there is one and it is not among them."""
-    import keras
-
-    from pipeline.graph import flat_layers
-
-    nodes = flat_layers(model)
-    dense = [n for n in nodes if isinstance(n.layer, keras.layers.Dense)]
-    names = list(scanned)
-    if dense and dense[-1].inputs:
-        source = dense[-1].inputs[0]
-        node = next(n for n in nodes if n.name == source)
-        if node.kind != "input" and source not in names:
-            names.append(source)
-    return names
-
-
 def choose_images(spec, labels: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """Image ids: an explicit list, or for a count N one image of each of the first N
     classes among `candidates` (the first N candidates when labels are unknown)."""
@@ -207,22 +191,6 @@ def choose_images(spec, labels: np.ndarray, candidates: np.ndarray) -> np.ndarra
 
 # ---------------------------------------------------------------- the stage
 
-def _model(cfg, run_dir: Path):
-    from pipeline import train as T
-    from pipeline.models.sources import load_model
-
-    if cfg.model.kind != "snapshot" and T.list_snapshots(run_dir):
-        return T.load_snapshot(run_dir), T.snapshot_class_names(run_dir), True
-    bundle = load_model(cfg.model, cfg.cache_dir)
-    names = []
-    if cfg.model.kind == "snapshot":
-        names = T.snapshot_class_names(T.snapshot_run_dir(cfg, run_dir))
-    elif bundle.imagenet_classes:
-        from pipeline.models.imagenet import class_names
-
-        names = list(class_names())
-    return bundle, names, cfg.model.kind == "snapshot"
-
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline import train as T
@@ -233,7 +201,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     if ic.fill not in FILL_MODES:
         raise PipelineError(f"invariance.fill={ic.fill}: use one of {', '.join(FILL_MODES)}")
     grids = {kind: parameter_grid(*_pair(ic[kind], kind), int(ic.steps), IDENTITY[kind]) for kind in KINDS}
-    bundle, class_names, bundle_is_snapshot = _model(cfg, run_dir)
+    bundle, class_names, bundle_is_snapshot = analysed_model(cfg, run_dir)
     model, spec = bundle.model, bundle.preprocessing
     if ic.layers is not None:
         names = select_layers(model, ic.layers)
@@ -246,7 +214,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         with store.open() as f:
             if len(f["train/val_ids"]):
                 candidates = f["train/val_ids"][()]  # held-out images, never trained on
-    wanted = choose_images(list(ic.images) if _is_seq(ic.images) else ic.images, table.labels, candidates)
+    wanted = choose_images(list(ic.images) if is_sequence(ic.images) else ic.images, table.labels, candidates)
     ids, pixels, errors = T.load_pixels(table, spec, np.sort(wanted), batch_size=cfg.batch_size,
                                         desc="invariance images")
     if len(ids) == 0:
@@ -311,72 +279,5 @@ def _pair(value, kind: str) -> tuple[float, float]:
     return float(values[0]), float(values[1])
 
 
-def _is_seq(value) -> bool:
-    from omegaconf import ListConfig
-
-    return isinstance(value, (list, tuple, ListConfig))
-
-
 # ---------------------------------------------------------------- drawing
 
-def draw_invariance(curves, grids, names, ids, targets, target_is_label, class_names, path: Path,
-                    model_name: str = "") -> None:
-    """Rows: vertical shift, rotation, scale. Columns: examples of the first image, the
-    distance of each layer's feature vector to the original's, the probability of the
-    true class. One curve per image."""
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    cols = len(names) + 2
-    fig = Figure(figsize=(2.35 * cols, 2.2 * len(KINDS) + 0.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(KINDS), cols, squeeze=False)
-    colors = matplotlib.colormaps["tab10"](np.arange(len(ids)) % 10)
-    handles = []
-    for r, kind in enumerate(KINDS):
-        distance, _, probability, _, shown = curves[kind]
-        values, identity = grids[kind]
-        ax = axes[r, 0]
-        picks = np.unique(np.round(np.linspace(0, len(values) - 1, 5)).astype(int))
-        strip = np.concatenate([np.pad(shown[0, p], ((1, 1), (1, 1), (0, 0)), constant_values=255)
-                                for p in picks], axis=1)
-        ax.imshow(strip[..., 0] if strip.shape[-1] == 1 else strip, cmap="gray", vmin=0, vmax=255,
-                  interpolation="nearest")
-        width = shown.shape[3] + 2
-        ax.set_xticks((np.arange(len(picks)) + 0.5) * width - 0.5, [f"{values[p]:.3g}" for p in picks],
-                      fontsize=7)
-        ax.set_yticks([])
-        ax.set_xlabel(AXIS_LABEL[kind], fontsize=7)
-        for spine in ax.spines.values():
-            spine.set_visible(False)
-        for c, name in enumerate(names, 1):
-            ax = axes[r, c]
-            for i in range(len(ids)):
-                ax.plot(values, distance[name][i], "-", color=colors[i], lw=1.2)
-            if r == 0:
-                ax.set_title(name, fontsize=9)
-            if c == 1:
-                ax.set_ylabel("Euclidean distance", fontsize=8)
-        ax = axes[r, -1]
-        for i in range(len(ids)):
-            line, = ax.plot(values, probability[i], "-", color=colors[i], lw=1.2)
-            if r == 0:
-                name = class_names[targets[i]] if targets[i] < len(class_names) else f"class {targets[i]}"
-                handles.append((line, f"image {ids[i]}: {name}{'' if target_is_label[i] else ' (predicted)'}"))
-        ax.set_ylim(-0.03, 1.03)
-        if r == 0:
-            ax.set_title("P(true class)", fontsize=9)
-        for ax in axes[r, 1:]:
-            ax.axvline(values[identity], color="0.7", lw=0.8, ls=":", zorder=0)
-            ax.tick_params(labelsize=7)
-            ax.grid(alpha=0.25, lw=0.5)
-            ax.spines[["top", "right"]].set_visible(False)
-            ax.set_xlabel(AXIS_LABEL[kind], fontsize=7)
-    fig.legend([h for h, _ in handles], [t for _, t in handles], loc="outside lower center",
-               ncol=min(len(handles), 4), frameon=False, fontsize=8)
-    if model_name:
-        fig.suptitle(f"Invariance of {model_name}", fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=200)
-    fig.savefig(path.with_suffix(".pdf"))

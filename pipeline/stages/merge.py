@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from pipeline import scan_io
 from pipeline.errors import PipelineError
-from pipeline.stages import scan
 from pipeline.store import IDENTITY_KEYS, IMAGES_PART, RUN_PART, Store, fingerprint, open_h5, read_strings
 from pipeline.topk import ChannelStats, TopK, merge_topk
 
@@ -59,7 +59,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         if (scanned & mine).any():
             raise PipelineError(f"{shard.run_dir} scanned images another input scanned too: merge each shard once")
         scanned |= mine
-        with open_h5(shard.parts / scan.PART, "part file") as f:
+        with open_h5(shard.parts / scan_io.SCAN_PART, "part file") as f:
             errors.update(zip(f["scan_errors/image"][()].tolist(), read_strings(f["scan_errors/reason"])))
             keys = sorted(f["layers"], key=lambda k: f[f"layers/{k}"].attrs["depth"])
             if not layer_keys:
@@ -70,16 +70,16 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     if missing:
         logger.warning("the merged shards leave %d of %d images unscanned", missing, n_images)
 
-    scan_print = fingerprint(cfg, scan.KEYS)
+    scan_print = fingerprint(cfg, scan_io.SCAN_KEYS)
     store.begin("scan", recompute=True)  # what was built on an earlier scan here goes
     store.copy_part(shards[0].parts / RUN_PART, RUN_PART, config=OmegaConf.to_yaml(cfg, resolve=True),
                     identity=fingerprint(cfg, IDENTITY_KEYS))
     store.write_images(n_images, errors, scanned)
-    with store.write(scan.PART) as f, open_h5(shards[0].parts / scan.PART, "part file") as first:
+    with store.write(scan_io.SCAN_PART) as f, open_h5(shards[0].parts / scan_io.SCAN_PART, "part file") as first:
         f.attrs.update(_stage_print=scan_print, shard_count=1, shard_index=0,
-                       scan_config=fingerprint(cfg, scan.SHARED_KEYS),
+                       scan_config=fingerprint(cfg, scan_io.SHARED_KEYS),
                        merged_from=json.dumps([str(s.run_dir) for s in shards]))
-        scan.write_errors(f, errors)
+        scan_io.write_errors(f, errors)
         for key in layer_keys:  # attrs and geometry of each layer from the first shard; tables merged
             g = f.create_group(f"layers/{key}")
             g.attrs.update(dict(first[f"layers/{key}"].attrs))
@@ -93,13 +93,13 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
 def _check_compatible(shards: list[Store], cfg) -> dict:
     """Every shard scanned this merge's model (same weights), dataset (same image list) and
     layers, topk and bottomk; a mismatch names the shard."""
-    identity, expected = fingerprint(cfg, IDENTITY_KEYS), fingerprint(cfg, scan.SHARED_KEYS)
+    identity, expected = fingerprint(cfg, IDENTITY_KEYS), fingerprint(cfg, scan_io.SHARED_KEYS)
     reference = None
     for shard in shards:
         with open_h5(shard.parts / RUN_PART, "part file") as f:
             facts = dict(identity=str(f.attrs["identity"]), weights=str(f.attrs.get("weights_sha256", "")),
                          images=str(f.attrs["images_sha256"]), n_images=len(f["images/path"]))
-        with open_h5(shard.parts / scan.PART, "part file") as f:
+        with open_h5(shard.parts / scan_io.SCAN_PART, "part file") as f:
             facts["scan"] = str(f.attrs["scan_config"])
             facts["shards"] = int(f.attrs["shard_count"])
         if facts["identity"] != identity:
@@ -137,9 +137,9 @@ def _accumulate(acc: dict, g) -> None:
 
 def _write_layer(g, acc: dict) -> None:
     rows, cols = g["geometry/rows"][()], g["geometry/cols"][()]
-    scan.write_table(g, "topk", acc["topk"], rows, cols)
+    scan_io.write_table(g, "topk", acc["topk"], rows, cols)
     if "bottomk" in acc:
         bottom = acc["bottomk"]
         bottom.value = -bottom.value
-        scan.write_table(g, "bottomk", bottom, rows, cols)
-    scan.write_stats(g, acc["stats"], acc["spectrum"])
+        scan_io.write_table(g, "bottomk", bottom, rows, cols)
+    scan_io.write_stats(g, acc["stats"], acc["spectrum"])

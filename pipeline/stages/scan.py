@@ -1,13 +1,9 @@
 """`scan` stage: stream every image once, keep per-channel top-k tables, statistics
 and spectra; checkpointed, resumable, shardable.
 
-Every `checkpoint.seconds` (and `checkpoint.batches`, when set) the device state and
-the stream position go into a small state file of their own
-(parts/scan.<print>/state.h5, replaced atomically: its size is the state's, not the
-run's). Started again with the same config in the same run directory, the scan loads
-that state and continues from the next image; batches are then formed from the same
-images as in an uninterrupted run, so the final tables and sums are identical bit for
-bit. The tables, the image flags and the sparse error list are written once, at the end.
+The checkpoint is parts/scan.<print>/state.h5 (pipeline.scan_io): started again with the
+same config in the same run directory, the scan continues from the next image. The
+tables, the image flags and the sparse error list are written once, at the end.
 """
 
 from __future__ import annotations
@@ -18,21 +14,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from pipeline.datasets import BatchStream, list_images
+from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
-from pipeline.spectrum import GAMMA, MIN_ABS, QUANTILES, sketch_quantiles
-from pipeline.store import Pacer, Store, atomic_h5, fingerprint, open_h5, write_strings
+from pipeline.scan_io import SCAN_KEYS, SCAN_PART, SHARED_KEYS, STATE, scan_images, write_errors, write_layers
+from pipeline.store import Store, fingerprint
 
 logger = logging.getLogger(__name__)
 
-# the config keys whose values decide this stage's results
-KEYS = ("model", "dataset", "layers", "geometry", "topk", "scan.bottomk", "shard")
-# what the shards of one scan share: merge checks it
-SHARED_KEYS = ("model", "dataset", "layers", "geometry", "topk", "scan.bottomk")
-PART = "scan.h5"
-STATE = "state.h5"
+KEYS, PART = SCAN_KEYS, SCAN_PART  # the config keys whose values decide this stage's results; its part
 
 
 def shard_ids(n_images: int, count: int, index: int) -> np.ndarray:
@@ -98,101 +88,3 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                 scanner.images_seen, len(errors), elapsed, scanned_now / max(elapsed, 1e-9))
 
 
-def scan_images(scanner, table, spec, batch_size: int, ids: np.ndarray, state_path: Path, checkpoint,
-                desc: str) -> dict[int, str]:
-    """Stream `ids` through `scanner`, checkpointing its state into `state_path` (and
-    resuming from it when it exists); returns the unreadable images (id -> reason)."""
-    position, dropped = 0, []
-    if state_path.exists():
-        position, dropped = _load_checkpoint(state_path, scanner)
-        logger.info("resuming the %s at image %d of %d (%d images already scanned)", desc, position, len(ids),
-                    scanner.images_seen)
-    stream = BatchStream(table, spec, batch_size, ids=ids[position:], dropped=dropped)
-    pacer = Pacer(checkpoint)
-    with tqdm(total=len(ids), initial=position, desc=desc, unit="img") as bar:
-        for batch_ids, pixels in stream.main():
-            scanner.update(pixels, batch_ids)
-            bar.update(stream.position + position - bar.n)
-            if pacer.due():
-                _checkpoint(state_path, scanner, position + stream.position, stream.dropped)
-        bar.update(len(ids) - bar.n)
-    if stream.dropped:  # the Pillow pass below is slow: do not lose the main pass to a kill in it
-        _checkpoint(state_path, scanner, len(ids), stream.dropped)
-    for batch_ids, pixels in stream.fallback():
-        scanner.update(pixels, batch_ids)
-    return stream.errors
-
-
-# ------------------------------------------------------------------ checkpoints
-
-def _checkpoint(path: Path, scanner, position: int, dropped: list[int]) -> None:
-    """The device state and the stream position, into their own small file."""
-    started = time.perf_counter()
-    with atomic_h5(path) as f:
-        f.attrs.update(position=position, images_seen=scanner.images_seen)
-        f["dropped"] = np.asarray(sorted(dropped), np.int64)
-        for i, state in enumerate(scanner.state()):  # by position: a layer may be scanned twice (evolution)
-            g = f.create_group(f"layer_{i:04d}")
-            for key, array in state.items():
-                g[key] = array
-    logger.info("checkpoint: %d images scanned, stream position %d (%.2f s)", scanner.images_seen, position,
-                time.perf_counter() - started)
-
-
-def _load_checkpoint(path: Path, scanner) -> tuple[int, list[int]]:
-    with open_h5(path, "scan checkpoint") as f:
-        state = [{key: ds[()] for key, ds in f[f"layer_{i:04d}"].items()} for i in range(len(scanner.names))]
-        scanner.load_state(state, int(f.attrs["images_seen"]))
-        return int(f.attrs["position"]), [int(i) for i in f["dropped"][()]]
-
-
-# ------------------------------------------------------------------ writing
-
-def write_errors(f, errors: dict[int, str]) -> None:
-    """The unreadable images as a sparse list (merge reads it, not the (N,) table)."""
-    ids = sorted(errors)
-    g = f.create_group("scan_errors")
-    g["image"] = np.asarray(ids, np.int64)
-    write_strings(g, "reason", [errors[i] for i in ids])
-
-
-def write_layers(f, layers, results, bottoms, states) -> None:
-    """layers/<key>/: attrs, top-k (and bottom-k) tables with boxes, statistics, spectra
-    and geometry; `layers` is [(stored key, qualified name, geometry, map shape)]."""
-    bottoms = bottoms or [None] * len(layers)
-    for depth, ((key, name, geo, shape), (top, stats), bottom, state) in enumerate(
-            zip(layers, results, bottoms, states)):
-        g = f.create_group(f"layers/{key}")
-        g.attrs.update(name=name, shape=np.asarray(shape, np.int64), depth=depth,
-                       rf_size=np.asarray(geo.rf_size, np.int64), rf_stride=np.asarray(geo.rf_stride),
-                       mappable=geo.mappable, geometry_message=geo.message)
-        write_table(g, "topk", top, geo.rows, geo.cols)
-        if bottom is not None:
-            write_table(g, "bottomk", bottom, geo.rows, geo.cols)
-        write_stats(g, stats, state["spectrum"])
-        geo_group = g.create_group("geometry")
-        for key, value in (("rows", geo.rows), ("cols", geo.cols),
-                           ("row_offset", geo.row_offset), ("col_offset", geo.col_offset)):
-            geo_group[key] = value
-        geo_group.attrs["frame"] = np.asarray(geo.frame, np.int64)
-
-
-def write_stats(g, stats, spectrum: np.ndarray) -> None:
-    """stats/: per-channel mean, max, zero fraction, the sums behind them, spectrum, quantiles."""
-    s = g.create_group("stats")
-    for key, value in (("mean", stats.mean), ("max", stats.maximum), ("zero_fraction", stats.zero_fraction),
-                       ("total", stats.total), ("zeros", stats.zeros), ("quantiles", sketch_quantiles(spectrum))):
-        s[key] = value
-    s.create_dataset("spectrum", data=spectrum, compression="gzip")
-    s.attrs.update(positions=stats.positions, quantiles=np.asarray(QUANTILES), spectrum_gamma=GAMMA,
-                   spectrum_min_abs=MIN_ABS)
-
-
-def write_table(g, group: str, table, rows: np.ndarray, cols: np.ndarray) -> None:
-    from pipeline.geometry import interval_boxes
-
-    t = g.create_group(group)
-    for key in ("value", "image", "y", "x"):
-        t[key] = getattr(table, key)
-    boxes = interval_boxes(rows, cols, np.maximum(table.y, 0), np.maximum(table.x, 0))
-    t["box"] = np.where((table.image < 0)[..., None], 0, boxes).astype(np.int32)

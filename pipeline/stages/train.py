@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.models.sources import SNAPSHOT_DIR, save_spec, snapshot_path
+from pipeline.render.training import draw_training_curve
 from pipeline.store import Store, write_strings
 
 logger = logging.getLogger(__name__)
@@ -25,12 +27,6 @@ KEYS = ("dataset", "train")
 
 SHEET = Path("sheets") / "training_curve.png"
 PART = "train.h5"
-
-
-def own_snapshots(cfg) -> tuple[str, ...]:
-    """Stages that use the snapshots depend on this run's train stage, unless
-    model=snapshot model.run_dir=... names another run."""
-    return () if cfg.model.kind == "snapshot" and cfg.model.get("run_dir") not in (None, "", "???") else ("train",)
 
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
@@ -64,10 +60,10 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     va = np.asarray([position[int(i)] for i in val_ids], np.int64)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    folder = run_dir / T.SNAPSHOT_DIR
+    folder = run_dir / SNAPSHOT_DIR
     if folder.exists():  # a retrain (overwrite=true): no stale epochs may survive
         shutil.rmtree(folder)
-    T.save_spec(run_dir, spec, class_names)
+    save_spec(run_dir, spec, class_names)
 
     keras.utils.set_random_seed(int(tc.seed))
     model = T.build_convnet(spec.size, spec.channels, classes, tc.filters, int(tc.dense),
@@ -78,7 +74,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     predicted = {}
 
     def on_snapshot(epoch: int) -> None:
-        path = T.snapshot_path(run_dir, epoch)
+        path = snapshot_path(run_dir, epoch)
         model.save(path)
         predicted[epoch] = T.predict_classes(model, pixels[va])
         logger.info("saved %s", path)
@@ -99,7 +95,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         g["epoch"] = np.asarray(history["epoch"], np.int64)
         g["train_ids"], g["val_ids"] = train_ids, val_ids
         g["snapshot_epoch"] = np.asarray(snapshots, np.int64)
-        write_strings(g, "snapshot_file", [T.snapshot_path(Path("."), e).as_posix() for e in snapshots])
+        write_strings(g, "snapshot_file", [snapshot_path(Path("."), e).as_posix() for e in snapshots])
         g["val_predicted"] = np.stack([predicted[e] for e in snapshots]).astype(np.int64)
         g.attrs.update(classes=classes, class_names=json.dumps(class_names), input_size=list(spec.size),
                        channels=spec.channels, parameters=model.count_params(),
@@ -107,7 +103,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                                                     dropout=float(tc.dropout))),
                        optimizer=tc.optimizer, lr=float(tc.lr), batch_size=int(tc.batch_size),
                        seed=int(tc.seed), validation=float(tc.validation), seconds_total=total)
-    T.draw_training_curve(history, snapshots, run_dir / SHEET,
+    draw_training_curve(history, snapshots, run_dir / SHEET,
                           title=f"{model.name}: {len(tr)} training, {len(va)} validation images")
     logger.info("trained %d epochs in %.1f s; validation accuracy %.4f; curve in %s", tc.epochs, total,
                 history["val_accuracy"][-1], run_dir / SHEET)

@@ -14,7 +14,7 @@ guided), 9 shows / hides the stored pictures, h or ? the key list.
 
 from __future__ import annotations
 
-from pipeline.site import CSS
+from pipeline.render.site import CSS
 
 _VIEWER_CSS = """
 .panes { display: grid; grid-template-columns: minmax(240px, 300px) minmax(320px, 1fr) minmax(320px, 460px);

@@ -8,7 +8,7 @@ computed live: the scanned layers' activations, the top-5 predictions, and the
 deconv / guided backprop of one channel on the current image.
 
 Pictures are drawn by the same functions as the report and the toolbox export
-(pipeline.draw, pipeline.toolbox), so a unit looks the same in all three.
+(pipeline.render.draw, pipeline.render.toolbox), so a unit looks the same in all three.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from pipeline.draw import channel_tiles, heat_image, panel_to_uint8, tile, to_rgb
 from pipeline.errors import PipelineError
-from pipeline.montage import EMPTY_GREY
+from pipeline.render.canvas import EMPTY_GREY
+from pipeline.render.draw import channel_tiles, heat_image, panel_to_uint8, tile, to_rgb
+from pipeline.render.toolbox import deconv_to_uint8, fit_squares, sprite, top9_montages
 from pipeline.store import Store, read_strings
-from pipeline.toolbox import deconv_to_uint8, fit_squares, sprite, top9_montages
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,9 @@ class RunView:
         self.run_dir = Path(run_dir).resolve()
         self.store = Store(self.run_dir)
         self.results = self.store.require("stages=[scan,crop]")
-        from pipeline.stages.report import class_namer  # TF-free, reads results.h5 only
+        from pipeline.render.results import (
+            class_namer,  # TF-free, reads results.h5 only
+        )
 
         with self.store.open() as f:
             if "layers" not in f:

@@ -36,10 +36,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.draw import panel_to_uint8
-from pipeline.montage import EMPTY_GREY, montage, resize_patches
+from pipeline.render.canvas import EMPTY_GREY, montage, resize_patches
+from pipeline.render.draw import panel_to_uint8
+from pipeline.render.results import LayerInfo, as_str, fmt
 from pipeline.spectrum import GAMMA, MIN_ABS
-from pipeline.stages.report import LayerInfo, _as_str, _fmt
+from pipeline.store import stored_name
 
 logger = logging.getLogger(__name__)
 
@@ -336,9 +337,9 @@ class ImageIndex:
         if "images" not in f:
             return cls([], np.zeros(0, np.int64), [])
         g = f["images"]
-        paths = [_as_str(p) for p in g["path"].asstr()[()]]
+        paths = [as_str(p) for p in g["path"].asstr()[()]]
         labels = g["label"][()].astype(np.int64) if "label" in g else np.full(len(paths), -1, np.int64)
-        names = json.loads(_as_str(g.attrs.get("class_names", "[]")) or "[]")
+        names = json.loads(as_str(g.attrs.get("class_names", "[]")) or "[]")
         return cls(paths, labels, [str(n) for n in names])
 
     def label(self, image_id: int) -> str:
@@ -370,7 +371,7 @@ class Weights:
 
 def _units_kernel(g: h5py.Group) -> tuple[np.ndarray, str] | None:
     """(kh, kw, n, units) kernel of a filters/<conv> group, one slice per output unit."""
-    kind = _as_str(g.attrs.get("kind", "Conv2D"))
+    kind = as_str(g.attrs.get("kind", "Conv2D"))
     w = np.asarray(g["weights"][()], np.float32)
     if w.ndim != 4:
         return None
@@ -406,7 +407,7 @@ def find_weights(f: h5py.File, info: LayerInfo, channels: int) -> Weights | None
     named = None
     for holder in (own, f["layers"].get(info.stored) if "layers" in f else None):
         if holder is not None and "conv" in holder.attrs:
-            named = _as_str(holder.attrs["conv"]).replace("/", ".")
+            named = stored_name(as_str(holder.attrs["conv"]))
     inferred = ""
     if info.stored in groups:
         key = info.stored
@@ -435,12 +436,12 @@ def find_weights(f: h5py.File, info: LayerInfo, channels: int) -> Weights | None
     kernel_table = root.get("kernel_table")
     first = None
     if kernel_table is not None and "layer" in kernel_table and len(kernel_table["layer"]):
-        first = _as_str(kernel_table["layer"].asstr()[0]).replace("/", ".")
+        first = as_str(kernel_table["layer"].asstr()[0]).replace("/", ".")
     rgb = kind == "Conv2D" and kernel.shape[2] == 3 and (first is None or first == key)
     if rgb:  # min-max over the layer, like the filters stage's colour sheet
         lo, hi = float(kernel.min()), float(kernel.max())
         kernel = (kernel - lo) / (hi - lo) if hi > lo else np.zeros_like(kernel)
-    return Weights(conv=_as_str(g.attrs.get("name", key)), kind=kind, kernel=kernel, bias=bias,
+    return Weights(conv=as_str(g.attrs.get("name", key)), kind=kind, kernel=kernel, bias=bias,
                    inferred=inferred, rgb=rgb, scale=float(np.abs(np.asarray(g["weights"][()])).max() or 1.0))
 
 
@@ -556,13 +557,13 @@ class LayerCards:
         panels = g.get("panels")
         methods = []
         if panels is not None:
-            listed = json.loads(_as_str(panels.attrs.get("methods", "[]")) or "[]")
+            listed = json.loads(as_str(panels.attrs.get("methods", "[]")) or "[]")
             methods = [m for m in (listed or [k_ for k_ in panels if not k_.endswith("_norm")]) if m in panels]
         pattern_rows = pattern_ds = pattern_value = None
         objective = "channel"
         fg = f.get(f"filters/{info.stored}")
         if fg is not None and "patterns" in fg and "channels" in fg:
-            objective = _as_str(fg.attrs.get("objective", "channel"))
+            objective = as_str(fg.attrs.get("objective", "channel"))
             if objective in ("channel", "neg"):
                 rows = np.full(channels, -1, np.int64)
                 chans = fg["channels"][()]
@@ -641,8 +642,8 @@ class LayerCards:
             canvas[y0:y0 + lay.cell + 2, x0] = BORDER
             canvas[y0:y0 + lay.cell + 2, x0 + w + 1] = BORDER
         info = self.info
-        sub = (f"output {_fmt(info.shape)} \u00b7 receptive field {_fmt(info.rf_size)} px, stride "
-               f"{_fmt(info.rf_stride)} \u00b7 depth {info.depth}")
+        sub = (f"output {fmt(info.shape)} \u00b7 receptive field {fmt(info.rf_size)} px, stride "
+               f"{fmt(info.rf_stride)} \u00b7 depth {info.depth}")
         draw_text(canvas, sub, MARGIN, 32, 12, MUTED, max_width=lay.width - 2 * MARGIN)
         if lay.k:
             self._table_header(canvas, lay.table_y, f"top {min(self.k, 9)} of {self.k}" if self.k > 9

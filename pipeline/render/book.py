@@ -70,7 +70,7 @@ def _reduce(image: np.ndarray, max_px: int = MAX_IMAGE_PX) -> np.ndarray:
     f = math.ceil(max(h, w) / max_px)
     if f <= 1:
         return image
-    from pipeline.montage import resize_patches
+    from pipeline.render.canvas import resize_patches
 
     h2, w2 = h // f, w // f
     return resize_patches(image[None, :h2 * f, :w2 * f, :3], (h2, w2))[0]

@@ -1,15 +1,22 @@
-"""Pure numpy composition of patch images: area resizing and montages.
+"""Drawing primitives shared by every picture: area resizing, montages, grids, text
+labels on composed pixels, and the PNG / figure writers.
 
-Shared by the report's sheets and cards, the filters' sheets, the toolbox export and
-the viewer, so a unit's patches look the same wherever they are drawn.
+Used by the report's sheets and cards, the filters' sheets, the evolution sheets, the
+toolbox export and the viewer, so a unit's patches look the same wherever they are drawn.
+Pure numpy but for `draw_labels` (matplotlib renders the text) and the writers.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 EMPTY_GREY = 128  # an empty slot
 BACKGROUND = 255  # the lines between patches
+DPI = 150  # of composed sheets: text sizes are set in pixels through it
 
 
 def _area_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
@@ -87,3 +94,82 @@ def montage(patches: np.ndarray, valid: np.ndarray, side: int, thin: int,
             ok = valid[:, slot]
             cell[ok] = patches[ok, slot]
     return out
+
+
+def grid(cells: np.ndarray, cols: int, gap_x: int, gap_y: int,
+         background: int = BACKGROUND) -> tuple[np.ndarray, np.ndarray]:
+    """Place cells (C, ch, cw, 3) row-major in a grid with gaps between them.
+
+    Returns the image (rows*(ch+gap_y)-gap_y, cols*(cw+gap_x)-gap_x, 3) and the
+    (C, 2) top-left (y, x) of every cell.
+    """
+    c, ch, cw = cells.shape[:3]
+    rows = max(1, math.ceil(c / cols))
+    tiles = np.full((rows * cols, ch + gap_y, cw + gap_x, 3), background, np.uint8)
+    tiles[:c, :ch, :cw] = cells
+    image = (tiles.reshape(rows, cols, ch + gap_y, cw + gap_x, 3)
+             .transpose(0, 2, 1, 3, 4)
+             .reshape(rows * (ch + gap_y), cols * (cw + gap_x), 3))
+    idx = np.arange(c)
+    origins = np.stack([(idx // cols) * (ch + gap_y), (idx % cols) * (cw + gap_x)], axis=1)
+    return image[:image.shape[0] - gap_y, :image.shape[1] - gap_x], origins
+
+
+
+@dataclass(frozen=True)
+class Label:
+    x: float  # centre, pixels from the left
+    y: float  # centre, pixels from the top
+    text: str
+    size_px: float
+    weight: str = "normal"
+    color: str = "0.2"
+    style: str = "normal"
+
+
+def fit_px(text: str, size_px: float, width: float) -> float:
+    """Font size in px, shrunk so that one line of `text` roughly fits `width`."""
+    longest = max((len(line) for line in text.splitlines()), default=1)
+    return min(size_px, width / (0.6 * max(longest, 1)))
+
+
+def draw_labels(canvas: np.ndarray, labels: list[Label]) -> np.ndarray:
+    """Return canvas (H, W, 3) uint8 with the labels' text drawn on it.
+
+    Matplotlib renders the text alone on white at the canvas' exact pixel size; the
+    two layers are combined by keeping the darker pixel, so text must go on light
+    background (title band, label bands) and leaves the patches untouched.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.transforms import IdentityTransform
+
+    h, w = canvas.shape[:2]
+    fig = Figure(figsize=((w + 0.5) / DPI, (h + 0.5) / DPI), dpi=DPI, facecolor="white")
+    agg = FigureCanvasAgg(fig)
+    pt_per_px = 72 / DPI
+    for lab in labels:
+        fig.text(lab.x, h - lab.y, lab.text, transform=IdentityTransform(), ha="center",
+                 va="center", fontsize=lab.size_px * pt_per_px, weight=lab.weight,
+                 color=lab.color, style=lab.style, linespacing=1.3)
+    agg.draw()
+    text_layer = np.asarray(agg.buffer_rgba())[:h, :w, :3]
+    return np.minimum(canvas, text_layer)
+
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    # low zlib effort: sheets are mostly photo pixels, higher levels cost seconds for little
+    from PIL import Image
+
+    Image.fromarray(image).save(path, format="PNG", compress_level=1, dpi=(DPI, DPI))
+
+
+
+def save_figure(fig, path: Path, dpi: int) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, facecolor="white")
+    return path

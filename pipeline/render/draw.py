@@ -6,6 +6,7 @@ Maps arrive raw (as stored); they are normalised here, per map, only for display
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +19,8 @@ CMAP = "jet"
 BLANK_GREY = 0.85  # tiles of channels that carry nothing
 OUTSIDE_DIM = 0.45  # brightness of photo regions the model did not see
 DPI = 150
+CAM_TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM",
+              "guided_gradcam": "guided Grad-CAM"}
 
 
 def _axis_taps(n_in: int, n_out: int, start: float = 0.0, stop: float | None = None):
@@ -64,6 +67,22 @@ def colorize(values: np.ndarray, cmap: str = CMAP) -> np.ndarray:
     """Values in [0, 1] -> uint8 RGB through a matplotlib colour map."""
     rgba = matplotlib.colormaps[cmap](np.clip(values, 0.0, 1.0))
     return (rgba[..., :3] * 255 + 0.5).astype(np.uint8)
+
+
+def open_photo(path: str) -> np.ndarray | None:
+    """An image file as uint8 RGB, decoded as the model's stream decodes it
+    (`preprocess.photo_pixels`); None when it cannot be read (moved, not an image)."""
+    from PIL import Image
+
+    from pipeline.preprocess import photo_pixels
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(photo_pixels(im))
+    except Exception as err:  # noqa: BLE001 - an unreadable file just has no photo
+        logging.getLogger(__name__).debug("no photo for %s: %s", path, err)
+        return None
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -204,3 +223,13 @@ def panel_to_uint8(panel, panel_dims: int | None = None, centred: bool = True,
     unit = np.divide(v, scale, out=np.zeros_like(v), where=scale > 0)
     out = 128.0 + 128.0 * unit if centred else 256.0 * unit
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def cell_edges(centres: np.ndarray, side: int) -> np.ndarray:
+    """Edges of grid cells drawn around their centres: halfway between neighbours, as far
+    out at the ends (one cell: the whole side)."""
+    centres = np.asarray(centres, np.float64)
+    if len(centres) == 1:
+        return np.array([0.0, float(side)])
+    mids = (centres[1:] + centres[:-1]) / 2
+    return np.concatenate([[2 * centres[0] - mids[0]], mids, [2 * centres[-1] - mids[-1]]])

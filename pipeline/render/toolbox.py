@@ -33,8 +33,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.draw import panel_to_uint8
-from pipeline.montage import EMPTY_GREY, resize_patches
+from pipeline.render.canvas import EMPTY_GREY, resize_patches
+from pipeline.render.draw import panel_to_uint8
+from pipeline.render.results import as_str
 from pipeline.store import read_strings
 
 logger = logging.getLogger(__name__)
@@ -44,10 +45,6 @@ TRIM = 3  # what the UI cuts off each side of the quarter it shows
 SPRITE_MAX_PX = 4096  # whole_layer.jpg: tiles shrink so the sprite stays within this side
 BLOCK = 256  # channels read from results.h5 at a time: memory does not grow with the layer
 INFO_HEADER = "# is_conv val image_idx image_class i(if is_conv) j(if is_conv) filename"
-
-
-def _as_str(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def tile(images: np.ndarray, side: int) -> np.ndarray:
@@ -175,7 +172,7 @@ def write_regularized_opt(results_path: Path, out_dir: Path) -> list[Path]:
         for key, g in f["filters"].items():
             if not isinstance(g, h5py.Group) or "patterns" not in g:
                 continue
-            if _as_str(g.attrs.get("objective", "channel")) == "neg":
+            if as_str(g.attrs.get("objective", "channel")) == "neg":
                 logger.info("toolbox: %s holds negative patterns; regularized_opt is for positive ones, skipped", key)
                 continue
             computed, units = g["computed"][()], g["channels"][()]
@@ -221,7 +218,7 @@ def write_toolbox(results_path: Path, out_dir: Path) -> int:
         paths = read_strings(f["images/path"]) if "images" in f else []
         labels = f["images/label"][()] if "images" in f else np.zeros(0, np.int64)
         layers = sorted(f["layers"], key=lambda k: f[f"layers/{k}"].attrs["depth"]) if "layers" in f else []
-        names = {k: _as_str(f[f"layers/{k}"].attrs.get("name", k)) for k in layers}
+        names = {k: as_str(f[f"layers/{k}"].attrs.get("name", k)) for k in layers}
         for key in tqdm(layers, desc="toolbox", unit="layer"):
             written += write_layer(f, key, out_dir, paths, labels)
     written += len(write_regularized_opt(results_path, out_dir))

@@ -9,7 +9,8 @@
 Keys on a layer page: ArrowRight / ArrowLeft the next / previous unit (opens unit 0 when
 no card is open), Escape closes the card, '/' focuses the search box. The search box
 takes a layer name (or part of one) and/or a unit number: 'features_7 12',
-'features_7_conv_0_2/12', or '12' on a layer page; Enter goes to the first match.
+'features_7_conv_0_2/12', or '12' alone: unit 12 of every layer that has one (this
+page's layer first); Enter goes to the first match.
 
 Everything a page needs is in the page: styles and a small script inline, the layer list
 as JSON in a <script type="application/json"> element, images by relative URL.
@@ -144,7 +145,7 @@ _SCRIPT = r"""
 
   function norm(s) { return String(s).toLowerCase(); }
 
-  // 'features_7 12', 'features_7_conv_0_2/12', 'features_7#12', '12' (this layer), 'features_7'
+  // 'features_7 12', 'features_7_conv_0_2/12', 'features_7#12', '12' (every layer, this one first), 'features_7'
   function parse(q) {
     q = q.trim();
     var m = q.match(/^(.*?)[\s\/#:]+(\d+)$/);
@@ -154,9 +155,9 @@ _SCRIPT = r"""
   }
 
   function findLayers(text) {
-    if (!text) {
+    if (!text) {  // a unit number alone: this page's layer first, then every other layer
       var own = layers.filter(function (l) { return l.stored === here; });
-      return own.length ? own : layers.slice(0, 1);
+      return own.concat(layers.filter(function (l) { return l.stored !== here; }));
     }
     var t = norm(text), exact = [], prefix = [], part = [];
     layers.forEach(function (l) {

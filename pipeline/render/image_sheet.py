@@ -1,0 +1,277 @@
+"""Per-image sheets: the photo as the model saw it, the stored predictions, the CAM
+maps, the occlusion maps and activation grids of one image, as a matplotlib figure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+
+from pipeline.errors import PipelineError
+from pipeline.preprocess import Preprocessing, resize_plan
+from pipeline.render.draw import CAM_TITLES, cell_edges, open_photo
+from pipeline.render.results import as_str, label_name
+
+logger = logging.getLogger(__name__)
+
+
+ACTIVATION_GRID = 16  # channels per activation grid on a per-image sheet (4 x 4)
+
+
+def model_view(path: str, spec: dict) -> np.ndarray | None:
+    """The photo as the model saw it (resize, centre crop; before normalisation), uint8 RGB,
+    or None when the file cannot be opened (moved, an array dataset)."""
+    photo = open_photo(path)
+    if photo is None:
+        return None
+    im = Image.fromarray(photo)
+    w, h = im.size
+    try:
+        model_spec = Preprocessing(**spec)
+    except (TypeError, PipelineError):  # not stored, or by another version: the photo as it is
+        return np.asarray(im)
+    new_h, new_w, top, left = resize_plan(h, w, model_spec)
+    im = im.resize((new_w, new_h), Image.BILINEAR, reducing_gap=3.0)
+    return np.asarray(im)[top:top + model_spec.height, left:left + model_spec.width]
+
+
+@dataclass
+class PerImage:
+    """The per-image groups of a results file, indexed by image id."""
+
+    cam_rows: dict[int, np.ndarray]
+    cam_methods: list[str]
+    occlusion_row: dict[int, int]
+    activation_row: dict[int, int]
+    activation_layers: list[tuple[str, str]]  # (dataset key, layer name)
+
+    @classmethod
+    def read(cls, f: h5py.File) -> "PerImage":
+        cam_rows, methods = {}, []
+        if "cam" in f and "image" in f["cam"]:
+            g = f["cam"]
+            ids = g["image"][()]
+            order = np.argsort(ids, kind="stable")
+            uniq, start = np.unique(ids[order], return_index=True)
+            for i, s, e in zip(uniq, start, list(start[1:]) + [len(ids)]):
+                cam_rows[int(i)] = order[s:e]
+            listed = json.loads(as_str(g.attrs.get("methods", "[]")) or "[]")
+            methods = [m for m in listed if m in g and "map" in g[m]]
+        occ = {}
+        if "occlusion" in f and "image" in f["occlusion"]:
+            occ = {int(i): r for r, i in enumerate(f["occlusion/image"][()])}
+        act, layers = {}, []
+        if "activations" in f and "image" in f["activations"]:
+            g = f["activations"]
+            act = {int(i): r for r, i in enumerate(g["image"][()])}
+            found = [(key, as_str(d.attrs.get("name", key)), int(d.attrs.get("depth", 0)))
+                     for key, d in g.items() if isinstance(d, h5py.Dataset) and d.ndim == 4]
+            layers = [(key, name) for key, name, _ in sorted(found, key=lambda t: (t[2], t[0]))]
+        return cls(cam_rows, methods, occ, act, layers)
+
+    def ids(self) -> list[int]:
+        return sorted(set(self.cam_rows) | set(self.occlusion_row) | set(self.activation_row))
+
+
+
+def _blank(maps: np.ndarray) -> np.ndarray:
+    """(H, W, C) -> (C,) bool: channels constant over the map."""
+    return (maps.max(axis=(0, 1)) - maps.min(axis=(0, 1))) == 0
+
+
+def image_sheet(f: h5py.File, pi: PerImage, image_id: int, names, spec: dict, dpi: int) -> tuple[Figure, list[str]]:
+    """The per-image sheet of one image as a Figure, and what it lacks."""
+    from pipeline.render import draw
+
+    paths = f["images/path"].asstr()
+    path = as_str(paths[image_id])
+    size = (int(spec.get("height") or 224), int(spec.get("width") or 224))
+    photo = model_view(path, spec)
+    missing = []
+    if photo is None:
+        missing.append("the photo (file not readable; maps drawn without it)")
+    grey = photo if photo is not None else np.full(size + (3,), 200, np.uint8)
+    label = int(f["images/label"][image_id]) if "images/label" in f else -1
+
+    cam_rows = pi.cam_rows.get(image_id)
+    occ_row = pi.occlusion_row.get(image_id)
+    act_row = pi.activation_row.get(image_id)
+    act_layers = pi.activation_layers if act_row is not None else []
+    rows = ["top"]
+    if cam_rows is not None and pi.cam_methods:
+        rows.append("cam")
+    else:
+        missing.append("Grad-CAM maps (stages=[cam])")
+    if occ_row is not None:
+        rows.append("occlusion")
+    else:
+        missing.append("occlusion maps (occlusion.images)")
+    act_rows = math.ceil(len(act_layers) / 4)
+    rows += ["activations"] * act_rows
+    if act_row is None:
+        missing.append("activation grids (activations.images)")
+    heights = {"top": 2.5, "cam": 2.25, "occlusion": 2.35, "activations": 2.25}
+    width = 8.27
+    fig = Figure(figsize=(width, 0.55 + sum(heights[r] for r in rows) + (0.35 if missing else 0)), dpi=dpi,
+                 layout="constrained")
+    subs = fig.subfigures(len(rows), 1, height_ratios=[heights[r] for r in rows], squeeze=False)[:, 0]
+    title = f"image #{image_id}: {Path(path).name}"
+    if label >= 0:
+        title += f"  (label: {label_name(f, label)})"
+    fig.suptitle(title, fontsize=11, weight="bold")
+
+    # photo and predictions
+    ax_photo, ax_pred = subs[0].subplots(1, 2, width_ratios=[1, 1.6])
+    ax_photo.imshow(grey)
+    ax_photo.set_title("as the model sees it" if photo is not None else "photo not readable", fontsize=8)
+    ax_photo.set_axis_off()
+    _predictions(ax_pred, f, image_id, cam_rows, occ_row, pi, names)
+
+    r = 1
+    if "cam" in rows:
+        g = f["cam"]
+        methods = pi.cam_methods
+        axes = subs[r].subplots(1, len(methods), squeeze=False)[0]
+        first = int(cam_rows[0])
+        for ax, m in zip(axes, methods):
+            one = g[m]["map"][first]
+            cls, score = int(g[m]["class"][first]), float(g[m]["score"][first])
+            if m == "guided_gradcam":
+                ax.imshow(draw.guided_image(one))
+            else:
+                ax.imshow(draw.overlay(grey, one))
+            ax.set_title(f"{CAM_TITLES.get(m, m)}\n{names(cls)[:26]} (logit {score:.2f})", fontsize=7)
+            ax.set_axis_off()
+        subs[r].suptitle(f"class activation maps at {as_str(g.attrs.get('layer', '?'))}", fontsize=9)
+        r += 1
+    if "occlusion" in rows:
+        g = f["occlusion"]
+        osize, stride = int(g.attrs.get("size", 0)), int(g.attrs.get("stride", 0))
+        ye, xe = cell_edges(g["rows"][()] + osize / 2, size[0]), cell_edges(g["cols"][()] + osize / 2, size[1])
+        cls, channel = int(g["class"][occ_row]), int(g["channel"][occ_row])
+        axes = subs[r].subplots(1, 2)
+        for ax, values, what, cmap, lim in (
+                (axes[0], g["probability"][occ_row], f"p({names(cls)[:24]}) with the square there", "magma", (0, 1)),
+                (axes[1], g["activation"][occ_row],
+                 f"{as_str(g.attrs.get('layer', '?'))} channel {channel}: total activation", "viridis", None)):
+            ax.imshow(grey, alpha=0.3)
+            mesh = ax.pcolormesh(xe, ye, values, cmap=cmap, alpha=0.85, vmin=lim[0] if lim else None,
+                                 vmax=lim[1] if lim else None)
+            ax.set_xlim(0, size[1])
+            ax.set_ylim(size[0], 0)
+            ax.set_title(what, fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.colorbar(mesh, ax=ax, shrink=0.85).ax.tick_params(labelsize=6)
+        subs[r].suptitle(f"occlusion sensitivity: grey square {osize} px, stride {stride} px", fontsize=9)
+        r += 1
+    if act_layers:
+        g = f["activations"]
+        for row in range(act_rows):
+            chunk = act_layers[row * 4:(row + 1) * 4]
+            axes = subs[r].subplots(1, 4, squeeze=False)[0]
+            for ax, (key, lname) in zip(axes, chunk):
+                maps = np.asarray(g[key][act_row], np.float32)
+                h, w, c = maps.shape
+                n = min(c, ACTIVATION_GRID)
+                tiles = draw.channel_tiles(maps[..., :n], _blank(maps[..., :n]), max(32, h))
+                ax.imshow(draw.tile(tiles, math.isqrt(ACTIVATION_GRID)), interpolation="nearest")
+                ax.set_title(f"{lname}\nchannels 0-{n - 1} of {c} ({h}\u00d7{w})", fontsize=7)
+                ax.set_axis_off()
+            for ax in axes[len(chunk):]:
+                ax.set_axis_off()
+            if row == 0:
+                subs[r].suptitle("activations (each channel standardised; grey: constant)", fontsize=9)
+            r += 1
+    if missing:
+        fig.text(0.01, 0.004, "not in results.h5 for this image: " + "; ".join(missing), fontsize=6.5,
+                 color="0.4", va="bottom")
+    return fig, missing
+
+
+
+def _predictions(ax, f: h5py.File, image_id: int, cam_rows, occ_row, pi: PerImage, names) -> None:
+    """Bar chart of the stored predictions: the model's top-5 (predictions/, written by the
+    cam stage); in older files the cam stage's top-N classes (cam.target=top), else
+    its explained class, with the occlusion stage's base probability where there is one."""
+    ax.set_axis_off()
+    rows = np.flatnonzero(f["predictions/image"][()] == image_id) if "predictions" in f else []
+    if len(rows):
+        g = f["predictions"]
+        row = int(rows[0])
+        classes, probability = g["class"][row], g["probability"][row]
+        ax.set_axis_on()
+        y = np.arange(len(classes))[::-1]
+        ax.barh(y, probability, color="#4a6f9e", height=0.6)
+        ax.set_yticks(y, [names(int(c))[:30] for c in classes], fontsize=7)
+        ax.set_xlim(0, 1)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.set_xlabel("probability", fontsize=7)
+        ax.set_title(f"top-{len(classes)} predictions", fontsize=8)
+        return
+    if cam_rows is not None and pi.cam_methods:
+        g = f["cam"]
+        m = pi.cam_methods[0]
+        ranks = g["rank"][()][cam_rows] if "rank" in g else np.zeros(len(cam_rows), np.int32)
+        order = np.argsort(ranks, kind="stable")
+        rows = cam_rows[order][:5]
+        classes = g[m]["class"][()][rows]
+        scores = g[m]["score"][()][rows]
+        target = as_str(g.attrs.get("target", ""))
+        ax.set_axis_on()
+        y = np.arange(len(rows))[::-1]
+        ax.barh(y, scores, color="#4a6f9e", height=0.6)
+        ax.set_ylim(len(rows) - 5.5, len(rows) - 0.5)  # five slots, filled from the top
+        ax.set_yticks(y, [names(c)[:30] for c in classes], fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.axvline(0, color="0.5", lw=0.6)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.set_xlabel("logit", fontsize=7)
+        if target == "top" and len(rows) > 1:
+            what = f"top-{len(rows)} predictions"
+        else:
+            what = {"predicted": "the predicted class", "label": "the labelled class"}.get(
+                target, "explained class(es)")
+            what += " (top-5 not stored: run cam with cam.target=top cam.top_n=5)"
+        ax.set_title(what, fontsize=8)
+        if occ_row is not None and "base_probability" in f["occlusion"]:
+            p = float(f["occlusion/base_probability"][occ_row])
+            ax.text(1.0, -0.25, f"p({names(int(f['occlusion/class'][occ_row]))[:24]}) = {p:.3f} (occlusion stage)",
+                    transform=ax.transAxes, ha="right", fontsize=7, color="0.3")
+        return
+    if occ_row is not None:
+        g = f["occlusion"]
+        cls, p = int(g["class"][occ_row]), float(g["base_probability"][occ_row])
+        ax.text(0.0, 0.6, f"occlusion target: {names(cls)}\np = {p:.3f}", fontsize=9, va="center")
+        ax.text(0.0, 0.25, "no top-5 predictions stored (run cam with cam.target=top cam.top_n=5)", fontsize=7,
+                color="0.4")
+        return
+    ax.text(0.0, 0.5, "no predictions stored for this image\n(stages=[cam] with cam.target=top cam.top_n=5)",
+            fontsize=8, color="0.4", va="center")
+
+
+def choose_images(pi: PerImage, per_image, n_images: int) -> list[int]:
+    """Image ids with a per-image sheet: N (the first N ids that have maps, those with the
+    most kinds of maps first), or an explicit list."""
+    have = pi.ids()
+    if isinstance(per_image, (list, tuple)) or (hasattr(per_image, "__iter__") and not isinstance(per_image, str)):
+        wanted = [int(i) for i in per_image]
+        bad = [i for i in wanted if not 0 <= i < n_images]
+        if bad:
+            raise PipelineError(f"report.per_image has image id {bad[0]}: the run has ids 0 to {n_images - 1}")
+        return wanted
+    n = int(per_image or 0)
+    if n <= 0:
+        return []
+    kinds = {i: (i in pi.cam_rows) + (i in pi.occlusion_row) + (i in pi.activation_row) for i in have}
+    return sorted(sorted(have, key=lambda i: (-kinds[i], i))[:n])
+

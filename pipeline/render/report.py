@@ -1,0 +1,371 @@
+"""The report of a run, rendered from results.h5 only: layer sheets and their
+previews, the sparsity figure, unit cards and thumbnails, per-image sheets, the book
+(report.pdf) and the HTML pages. No model is loaded and TensorFlow is never imported.
+
+    sheets/<layer>.png            every unit of a layer: its top patches as a montage
+    sheets/run/sparsity.png, .pdf the share of zero activations by depth
+    sheets/images/image_<id>.png  per-image sheets: photo, stored predictions, Grad-CAM,
+                                  occlusion maps, activation grids
+    report/cards/<layer>/...      one card per unit (render.cards)
+    report/thumbs/<layer>/...     one small thumbnail per unit
+    report/<layer>.html           the units of a layer; a card on click (render.site)
+    report.pdf                    the book: sheets, chosen cards, per-image sheets (render.book)
+    index.html                    the run, its layers and everything above
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import h5py
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.render.canvas import resize_patches, save_figure, write_png
+from pipeline.render.image_sheet import PerImage, choose_images, image_sheet
+from pipeline.render.results import (
+    as_str,
+    class_namer,
+    fmt,
+    ints,
+    read_layers,
+    stored_preprocessing,
+    str_array,
+)
+from pipeline.render.sheets import MAX_SLOTS, compose_sheet, sparsity_figure
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------
+# other stages' sheets (linked from the index)
+# ----------------------------------------------------------------------------
+
+EXTRA_SHEETS = (  # (results.h5 group, section title, files relative to the run directory)
+    ("train", "Training", ("sheets/training_curve.png", "sheets/training_curve.pdf")),
+    ("evolution", "Feature evolution during training", ("sheets/evolution/*.png",)),
+    ("invariance", "Invariance", ("sheets/invariance.png", "sheets/invariance.pdf")),
+    ("correspondence", "Correspondence", ("sheets/correspondence.png", "sheets/correspondence.pdf")),
+    ("filters", "Filters: weights and patterns", ("sheets/filters/*.png", "sheets/filters/kernels.txt")),
+    ("cam", "Class activation maps (cam stage)", ("cam/*.png",)),
+    ("activations", "Activations (activations stage)", ("activations/blank_fraction.png", "activations/*_grid_*.png")),
+    ("occlusion", "Occlusion (occlusion stage)", ("occlusion/*.png",)),
+)
+
+
+def in_network_order(paths, stored: list[str]) -> list[Path]:
+    """Files named after layers, in the layers' network order (`stored`: stored names by
+    depth); other files after them, numbers in names compared as numbers
+    (features_2 before features_14)."""
+    def key(p: Path):
+        name = p.as_posix()
+        depth = max(((len(s), i) for i, s in enumerate(stored) if s in name), default=(0, len(stored)))[1]
+        return depth, [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+    return sorted(paths, key=key)
+
+
+def _extras(f: h5py.File, run_dir: Path, stored: list[str]) -> list[tuple[str, list[tuple[str, Path]]]]:
+    out = []
+    for group, title, patterns in EXTRA_SHEETS:
+        if group not in f:
+            continue
+        files = []
+        for pattern in patterns:
+            for p in in_network_order(run_dir.glob(pattern), stored):
+                if p.is_file() and p not in [q for _, q in files]:
+                    files.append((p.relative_to(run_dir).as_posix(), p))
+        if files:
+            out.append((title, files))
+    toolbox = run_dir / "toolbox"
+    if toolbox.is_dir():
+        files = [(p.relative_to(run_dir).as_posix(), p)
+                 for p in in_network_order(toolbox.glob("*/*/*_0000*.jpg"), stored)[:6]]
+        files += [(p.relative_to(run_dir).as_posix(), p)
+                  for p in in_network_order(toolbox.glob("regularized_opt/*/whole_layer.jpg"), stored)]
+        if files:
+            out.append(("Deep Visualization Toolbox export (toolbox/, examples)", files))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# stage entry point
+# ----------------------------------------------------------------------------
+
+PRINT_DPI = 300  # figures (sparsity, per-image sheets) as PNG
+PREVIEW_PX = 480  # sheet previews on the index
+
+
+def _preview(image: np.ndarray, path: Path) -> Path:
+    h, w = image.shape[:2]
+    f = max(1, math.ceil(max(h, w) / PREVIEW_PX))
+    if f > 1:  # whole-factor box average (integer sums of strided views)
+        h2, w2 = h // f, w // f
+        image = resize_patches(image[None, :h2 * f, :w2 * f], (h2, w2))[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, format="JPEG", quality=85)
+    return path
+
+
+
+def _chosen_units(units, channels: int) -> list[int]:
+    if isinstance(units, (list, tuple)) or (hasattr(units, "__iter__") and not isinstance(units, str)):
+        return sorted({int(u) for u in units if 0 <= int(u) < channels})
+    return list(range(min(int(units or 0), channels)))
+
+
+def _render_layers(f, infos, n_ok: int, make_sparsity, chosen: dict, cards: bool, sheet_dir: Path,
+                   report_dir: Path):
+    """Layer sheets and their previews, the sparsity figure, unit cards and thumbnails."""
+    from pipeline.render.cards import ImageIndex, render_layer_cards
+
+    sheets: dict[str, Path] = {}
+    previews: dict[str, Path] = {}
+    for info in tqdm(infos, desc="layer sheets", unit="layer"):
+        path = sheet_dir / f"{info.stored}.png"
+        image = compose_sheet(f["layers"][info.stored], info, n_ok)
+        write_png(path, image)
+        sheets[info.stored] = path
+        previews[info.stored] = _preview(image, report_dir / "previews" / f"{info.stored}.jpg")
+    sparsity_png = None
+    if make_sparsity is not None:
+        fig = make_sparsity()
+        sparsity_png = save_figure(fig, sheet_dir / "run" / "sparsity.png", PRINT_DPI)
+        save_figure(fig, sheet_dir / "run" / "sparsity.pdf", PRINT_DPI)
+    images = ImageIndex.read(f)
+    card_files = {}
+    total = sum((int(i.shape[-1]) if i.shape else 0) if cards else len(chosen.get(i.stored, [])) for i in infos)
+    with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=total, desc="unit cards", unit="card") as bar:
+        for info in infos:
+            wanted = None if cards else chosen.get(info.stored, [])
+            if wanted is not None and not wanted:
+                continue
+            card_files[info.stored] = render_layer_cards(
+                f, info, report_dir / "cards" / info.stored, report_dir / "thumbs" / info.stored if cards else None,
+                units=wanted, images=images, pool=pool, bar=bar)
+    return sheets, previews, sparsity_png, card_files
+
+
+class RenderCache:
+    """What the last render drew, per part of the report, from which inputs
+    (report/.rendered.json); written after each part is drawn."""
+
+    FILE = ".rendered.json"
+
+    def __init__(self, out_dir: Path, report_dir: Path, inputs: dict[str, str] | None):
+        self.out_dir, self.path, self.inputs = Path(out_dir), Path(report_dir) / self.FILE, inputs or {}
+        self.saved = {}
+        if self.inputs and self.path.exists():
+            try:
+                self.saved = json.loads(self.path.read_text())
+            except ValueError:
+                self.saved = {}
+
+    def kept(self, part: str):
+        """The files of `part` from the last render, if its inputs are the same and its files exist."""
+        entry = self.saved.get(part)
+        if not self.inputs or entry is None or entry["key"] != self.inputs.get(part):
+            return None
+        if not all((self.out_dir / rel).exists() for rel in entry["files"]):
+            return None
+        return getattr(self, f"_load_{part}")(entry["data"])
+
+    def record(self, part: str, value) -> None:
+        if not self.inputs:
+            return
+        data, files = getattr(self, f"_dump_{part}")(value)
+        self.saved[part] = dict(key=self.inputs.get(part), data=data, files=files)
+        from pipeline.store import atomic_file
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.path, "w") as fh:
+            json.dump(self.saved, fh)
+
+    def _rel(self, path: Path | None) -> str | None:
+        return None if path is None else Path(path).relative_to(self.out_dir).as_posix()
+
+    def _abs(self, rel: str | None) -> Path | None:
+        return None if rel is None else self.out_dir / rel
+
+    def _dump_layers(self, value):
+        sheets, previews, sparsity, card_files = value
+        cards = {k: dict(cards={u: self._rel(p) for u, p in c.cards.items()},
+                         thumbs={u: self._rel(p) for u, p in c.thumbs.items()}, size=list(c.size), thumb=c.thumb)
+                 for k, c in card_files.items()}
+        data = dict(sheets={k: self._rel(p) for k, p in sheets.items()},
+                    previews={k: self._rel(p) for k, p in previews.items()}, sparsity=self._rel(sparsity), cards=cards)
+        files = list(data["sheets"].values()) + list(data["previews"].values()) + \
+            [rel for c in cards.values() for rel in (*c["cards"].values(), *c["thumbs"].values())]
+        return data, files + ([data["sparsity"]] if sparsity else [])
+
+    def _load_layers(self, data):
+        from pipeline.render.cards import LayerCardFiles
+
+        cards = {k: LayerCardFiles(k, {int(u): self._abs(p) for u, p in c["cards"].items()},
+                                   {int(u): self._abs(p) for u, p in c["thumbs"].items()}, tuple(c["size"]), c["thumb"])
+                 for k, c in data["cards"].items()}
+        return ({k: self._abs(p) for k, p in data["sheets"].items()},
+                {k: self._abs(p) for k, p in data["previews"].items()}, self._abs(data["sparsity"]), cards)
+
+    def _dump_images(self, value):
+        data = [[int(i), self._rel(p), caption] for i, p, caption in value]
+        return data, [rel for _, rel, _ in data]
+
+    def _load_images(self, data):
+        return [(i, self._abs(rel), caption) for i, rel, caption in data]
+
+    def _dump_site(self, value):
+        book, pages = value
+        data = dict(book=self._rel(book), pages=[self._rel(p) for p in pages])
+        return data, data["pages"] + ([data["book"]] if book else [])
+
+    def _load_site(self, data):
+        return self._abs(data["book"]), [self._abs(p) for p in data["pages"]]
+
+
+def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, units=8, pdf: bool = True,
+                  per_image=8, inputs: dict[str, str] | None = None) -> list[Path]:
+    """Render everything from results.h5 into out_dir (the run directory); return the files.
+
+    sheets/<layer>.png (network order, first in the list), sheets/run/sparsity.png and .pdf,
+    report/previews/<layer>.jpg, report/cards/<layer>/unit_%04d.png and
+    report/thumbs/<layer>/unit_%04d.jpg (cards=True: every unit; else only the units the
+    book shows), sheets/images/image_<id>.png (per_image: N or a list of ids),
+    report.pdf (pdf=True; `units` per layer: N first units or a list), report/<layer>.html,
+    and index.html (last in the list).
+
+    `inputs`: a key per part of the report (layers, images, site) that changes whenever
+    what it is drawn from changes; a part whose key equals the last render's, with its
+    files still there, is kept instead of drawn again.
+    """
+    from pipeline.render.book import Book, BookLayer, write_book
+    from pipeline.render.site import REPORT_DIR, Site, SiteImage, SiteLayer, write_site
+
+    results_path, out_dir = Path(results_path), Path(out_dir)
+    sheet_dir = out_dir / "sheets"
+    report_dir = out_dir / REPORT_DIR
+    cache = RenderCache(out_dir, report_dir, inputs)
+    written: list[Path] = []
+    with h5py.File(results_path, "r") as f:
+        attrs = {key: f.attrs[key] for key in f.attrs}
+        if "images" in f:
+            paths = str_array(f["images/path"])
+            ok = f["images/ok"][()].astype(bool)
+            errors = str_array(f["images/error"]) if "images/error" in f else [""] * len(paths)
+        else:
+            paths, ok, errors = [], np.zeros(0, bool), []
+        n_ok = int(ok.sum())
+        infos = read_layers(f)
+        model = as_str(attrs.get("model", "model"))
+        pi = PerImage.read(f)
+        ids = choose_images(pi, per_image, len(paths))  # a bad list stops here, before any file is written
+        sheet_dir.mkdir(parents=True, exist_ok=True)
+
+        # layer sheets, previews, the sparsity figure, unit cards and thumbnails
+        zero = [(i.name, f["layers"][i.stored]["stats/zero_fraction"][()]) for i in infos
+                if "stats/zero_fraction" in f["layers"][i.stored]]
+        make_sparsity = partial(sparsity_figure, [n for n, _ in zero], [z for _, z in zero], model) if zero else None
+        chosen = {i.stored: _chosen_units(units, int(i.shape[-1]) if i.shape else 0) for i in infos} if pdf else {}
+        kept = cache.kept("layers")
+        if kept is not None:
+            sheets, previews, sparsity_png, card_files = kept
+            logger.info("report: layer sheets and %d unit cards kept, their inputs did not change",
+                        sum(len(c.cards) for c in card_files.values()))
+        else:
+            sheets, previews, sparsity_png, card_files = _render_layers(f, infos, n_ok, make_sparsity, chosen,
+                                                                         cards, sheet_dir, report_dir)
+            cache.record("layers", (sheets, previews, sparsity_png, card_files))
+        written += [sheets[i.stored] for i in infos]
+        if sparsity_png is not None:
+            written += [sparsity_png, sparsity_png.with_suffix(".pdf")]
+        for files in card_files.values():
+            written += list(files.cards.values()) + list(files.thumbs.values())
+
+        # per-image sheets
+        names = class_namer(f)
+        spec = stored_preprocessing(attrs)
+        image_sheets = cache.kept("images")
+        if image_sheets is None:
+            image_sheets = []
+            for image_id in tqdm(ids, desc="per-image sheets", unit="image"):
+                fig, _ = image_sheet(f, pi, image_id, names, spec, PRINT_DPI)
+                path = save_figure(fig, sheet_dir / "images" / f"image_{image_id}.png", PRINT_DPI)
+                image_sheets.append((image_id, path, f"image #{image_id}: {Path(paths[image_id]).name}"))
+            cache.record("images", image_sheets)
+        written += [path for _, path, _ in image_sheets]
+        extras = _extras(f, out_dir, [i.stored for i in infos])
+
+        # what the run lacks, said once on the index and in the book
+        notes = []
+        if infos and not any(i.has_patches for i in infos):
+            notes.append("receptive-field patches: run stages=[crop]")
+        if infos and not any("panels" in f["layers"][i.stored] for i in infos):
+            notes.append("deconv / backprop panels: run stages=[panels]")
+        if "filters" not in f:
+            notes.append("filter weights and patterns: run stages=[filters]")
+        if not pi.ids():
+            notes.append("per-image maps (activation grids, Grad-CAM, occlusion): "
+                         "run stages=[activations,cam,occlusion]")
+        elif not pi.cam_rows:
+            notes.append("predictions and Grad-CAM: run stages=[cam] (cam.target=top cam.top_n=5 for the top-5)")
+
+    facts = [("model", model), ("input", fmt(ints(attrs.get("input_size"), ()))),
+             ("preprocessing", as_str(attrs.get("preprocessing", "?"))),
+             ("images", f"{n_ok} scanned, {len(paths) - n_ok} skipped"),
+             ("layers", f"{len(infos)} ({sum(int(i.shape[-1]) for i in infos if i.shape)} units)"),
+             ("version", as_str(attrs.get("version", "?")))]
+    kept = cache.kept("site")
+    if kept is not None:
+        book_path, pages = kept
+        logger.info("report: nothing changed since the last render; open %s", pages[-1])
+        return written + ([book_path] if book_path else []) + pages
+    book_path = None
+    if pdf:
+        book = Book(title=model, facts=facts,
+                    layers=[BookLayer(i.name, sheets[i.stored],
+                                      [(u, card_files[i.stored].cards[u]) for u in chosen.get(i.stored, [])
+                                       if i.stored in card_files and u in card_files[i.stored].cards])
+                            for i in infos],
+                    images=[(caption, path) for _, path, caption in image_sheets],
+                    config=as_str(attrs.get("config", "")), sparsity=make_sparsity, notes=notes)
+        book_path = out_dir / "report.pdf"
+        write_book(book, book_path)
+        written.append(book_path)
+
+    site_layers = []
+    for i in infos:
+        files = card_files.get(i.stored) if cards else None
+        site_layers.append(SiteLayer(
+            name=i.name, stored=i.stored, depth=i.depth, shape=fmt(i.shape),
+            receptive_field=f"{fmt(i.rf_size)} / {fmt(i.rf_stride)}",
+            units=int(i.shape[-1]) if i.shape else 0, sparsity=i.sparsity,
+            note="" if i.mappable else i.geometry_message, sheet=sheets[i.stored], preview=previews.get(i.stored),
+            cards=dict(files.cards) if files else {}, thumbs=dict(files.thumbs) if files else {},
+            thumb_px=files.thumb if files else 64, card_hw=files.size if files else (0, 0)))
+    skipped = [(p, e) for p, good, e in zip(paths, ok, errors) if not good]
+    images_note = "" if image_sheets else (
+        "No per-image maps in results.h5: run stages=[activations,cam,occlusion] to draw per-image sheets."
+        if not pi.ids() else "Per-image sheets are off (report.per_image=0).")
+    kept = max((i.topk for i in infos), default=MAX_SLOTS)
+    lead = (f"Top-{min(kept, MAX_SLOTS)} receptive-field patches per channel"
+            + (f" (of the {kept} kept)" if kept > MAX_SLOTS else "") + ", unit cards and per-image maps.")
+    site = Site(title=model, lead=lead,
+                facts=facts, images_line=f"{n_ok} images scanned, {len(skipped)} skipped.", skipped=skipped,
+                layers=site_layers, sparsity=sparsity_png,
+                images=[SiteImage(i, caption, path) for i, path, caption in image_sheets], images_note=images_note,
+                extras=extras, book=book_path, config=as_str(attrs.get("config", "")), notes=notes)
+    pages = write_site(site, out_dir)
+    cache.record("site", (book_path, pages))
+    written += pages
+    logger.info("report: %d sheets, %d cards, %d per-image sheets%s; open %s", len(sheets),
+                sum(len(c.cards) for c in card_files.values()), len(image_sheets),
+                ", report.pdf" if book_path else "", pages[-1])
+    return written
+

@@ -1,0 +1,209 @@
+"""Layer sheets: every unit of a layer, its top patches as a montage, channel numbers
+under each cell; and the sparsity-by-depth figure.
+
+A sheet is composed in numpy at a reduced per-patch size; matplotlib only puts the
+title and channel numbers on top of the composed pixels (`canvas.draw_labels`), so
+the layout (`sheet_layout`) is a pure function that tests can check without files.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from dataclasses import dataclass, replace
+
+import h5py
+import numpy as np
+from matplotlib.figure import Figure
+
+from pipeline.render.canvas import (
+    BACKGROUND,
+    Label,
+    draw_labels,
+    fit_px,
+    grid,
+    montage,
+    resize_patches,
+)
+from pipeline.render.results import LayerInfo, fmt
+
+MAX_SLOTS = 9  # top-9 patches per channel
+TARGET_PATCH_PX = 32  # per-patch size on the sheet, before the size cap
+MIN_PATCH_PX = 4
+MAX_SIDE_PX = 6000  # neither side of a sheet grows beyond this
+MIN_WIDTH_PX = 800  # room for the title on layers with few channels
+CHUNK_BYTES = 16 * 2**20  # patches read from the file at a time (small reads stay cache-friendly)
+
+
+@dataclass(frozen=True)
+class SheetLayout:
+    cols: int
+    rows: int
+    side: int  # montage is side x side patches
+    patch_hw: tuple[int, int]  # patch size on the sheet
+    thin: int  # px between patches of one channel
+    gap_x: int  # px between channels, horizontally
+    label_h: int  # px band under each cell for the channel number
+    gap_y: int  # px below the label band
+    margin: int
+    title_h: int
+
+    @property
+    def cell_hw(self) -> tuple[int, int]:
+        ph, pw = self.patch_hw
+        return (self.side * ph + (self.side - 1) * self.thin,
+                self.side * pw + (self.side - 1) * self.thin)
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        ch, cw = self.cell_hw
+        return (self.rows * (ch + self.label_h + self.gap_y) - self.gap_y,
+                self.cols * (cw + self.gap_x) - self.gap_x)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the whole sheet in pixels."""
+        gh, gw = self.grid_hw
+        return (self.title_h + gh + 2 * self.margin,
+                max(MIN_WIDTH_PX, gw + 2 * self.margin))
+
+
+def sheet_layout(channels: int, k: int, patch_hw: tuple[int, int],
+                 target_px: int = TARGET_PATCH_PX, max_side: int = MAX_SIDE_PX) -> SheetLayout:
+    """Choose grid shape and per-patch size so the sheet stays within max_side.
+
+    Patches smaller than target_px are enlarged by a whole factor; larger ones are
+    shrunk (keeping their aspect) until both sheet sides fit.
+    """
+    cols = max(1, math.ceil(math.sqrt(channels)))
+    rows = max(1, math.ceil(channels / cols))
+    side = max(1, math.ceil(math.sqrt(min(max(k, 1), MAX_SLOTS))))
+    h, w = patch_hw
+    longest = max(h, w)
+    if longest <= target_px:
+        factor = max(1, target_px // longest)
+        sizes = [(h * f, w * f) for f in range(factor, 0, -1)]
+    else:
+        # sizes that divide the patch evenly shrink fastest (plain box average): try
+        # those first, down to 60 % of the target, then every size
+        sides = list(range(target_px, MIN_PATCH_PX - 1, -1))
+        even = [p for p in sides if longest % p == 0 and p >= 0.6 * target_px]
+        sizes = [(max(1, round(h * p / longest)), max(1, round(w * p / longest)))
+                 for p in even + sorted(set(sides) - set(even), reverse=True)]
+    for ph, pw in sizes:
+        p = max(ph, pw)
+        thin = 1 if p < 24 else 2
+        label_h = max(14, round(p * 0.5))
+        layout = SheetLayout(cols=cols, rows=rows, side=side, patch_hw=(ph, pw), thin=thin,
+                             gap_x=max(8, p // 2), label_h=label_h, gap_y=max(4, p // 8),
+                             margin=24, title_h=0)
+        layout = replace(layout, title_h=int(np.clip(layout.size[1] / 20, 84, 240)))
+        if max(layout.size) <= max_side:
+            break
+    return layout
+
+
+def _title_labels(info: LayerInfo, n_ok: int, k: int, width: int, top: float,
+                  title_h: float, kept: int | None = None) -> list[Label]:
+    shown = f"top {k} of the {kept} kept" if kept and kept > k else f"top-{k}"
+    details = (f"output {fmt(info.shape)} \u00b7 receptive field {fmt(info.rf_size)} px, "
+               f"stride {fmt(info.rf_stride)} \u00b7 {shown} patches per channel "
+               f"from {n_ok} images")
+    return [Label(width / 2, top + 0.32 * title_h, info.name,
+                  fit_px(info.name, 0.38 * title_h, 0.9 * width), weight="bold", color="black"),
+            Label(width / 2, top + 0.78 * title_h, details,
+                  fit_px(details, 0.2 * title_h, 0.9 * width), color="0.25")]
+
+
+
+def _placeholder_sheet(info: LayerInfo, n_ok: int, k: int) -> np.ndarray:
+    width, height = MIN_WIDTH_PX, 240
+    if not info.mappable and info.geometry_message:
+        message = f"Layer not mappable to input patches: {info.geometry_message}"
+    else:
+        message = "No patches stored for this layer (run the crop stage to fill them in)."
+    size = 16
+    message = textwrap.fill(message, width=int(0.9 * width / (0.6 * size)))
+    labels = _title_labels(info, n_ok, k, width, 16, 84)
+    labels.append(Label(width / 2, 160, message, size, color="0.3", style="italic"))
+    return draw_labels(np.full((height, width, 3), BACKGROUND, np.uint8), labels)
+
+
+def _read_cells(ds: h5py.Dataset, valid: np.ndarray, layout: SheetLayout, k: int) -> np.ndarray:
+    """Read, shrink and montage all channels' patches, a few channels at a time."""
+    c = ds.shape[0]
+    per_channel = max(1, k * int(np.prod(ds.shape[2:])))
+    step = max(1, CHUNK_BYTES // per_channel)
+    ch, cw = layout.cell_hw
+    cells = np.empty((c, ch, cw, 3), np.uint8)
+    for c0 in range(0, c, step):
+        c1 = min(c, c0 + step)
+        small = resize_patches(ds[c0:c1, :k], layout.patch_hw)
+        cells[c0:c1] = montage(small, valid[c0:c1, :k], layout.side, layout.thin)
+    return cells
+
+
+def compose_sheet(g: h5py.Group, info: LayerInfo, n_ok: int) -> np.ndarray:
+    """The finished sheet of one layer group, (H, W, 3) uint8."""
+    topk_img = g["topk/image"] if "topk/image" in g else None
+    if not info.has_patches or 0 in g["patches"].shape[:2]:
+        k = min(MAX_SLOTS, topk_img.shape[1]) if topk_img is not None else MAX_SLOTS
+        return _placeholder_sheet(info, n_ok, k)
+    ds = g["patches"]
+    channels, k = ds.shape[0], min(MAX_SLOTS, ds.shape[1])
+    valid = (topk_img[:, :k] >= 0) if topk_img is not None else np.ones((channels, k), bool)
+    layout = sheet_layout(channels, k, ds.shape[2:4])
+    cells = _read_cells(ds, valid, layout, k)
+
+    ch, cw = layout.cell_hw
+    gridded, origins = grid(cells, layout.cols, layout.gap_x, layout.label_h + layout.gap_y)
+    height, width = layout.size
+    canvas = np.full((height, width, 3), BACKGROUND, np.uint8)
+    top = layout.margin + layout.title_h
+    left = (width - gridded.shape[1]) // 2
+    canvas[top:top + gridded.shape[0], left:left + gridded.shape[1]] = gridded
+
+    labels = _title_labels(info, n_ok, k, width, layout.margin, layout.title_h, kept=ds.shape[1])
+    label_px = 0.72 * layout.label_h
+    labels += [Label(left + x + cw / 2, top + y + ch + layout.label_h / 2, str(c), label_px)
+               for c, (y, x) in enumerate(origins)]
+    return draw_labels(canvas, labels)
+
+
+
+# ----------------------------------------------------------------------------
+# sparsity by depth
+# ----------------------------------------------------------------------------
+
+def sparsity_figure(names: list[str], zero_fractions: list[np.ndarray], model: str = "") -> Figure:
+    """Per layer (network order) the distribution over channels of the share of zero
+    activations: box (quartiles), whiskers (5th-95th percentile), mean (line), and the
+    share of channels that were zero everywhere (dead on this data)."""
+    n = len(names)
+    fig = Figure(figsize=(max(5.5, 0.55 * n + 2.5), 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(n)
+    data = [np.asarray(z, np.float64) for z in zero_fractions]
+    if n:
+        ax.boxplot(data, positions=x, widths=0.5, whis=(5, 95), showfliers=False, patch_artist=True,
+                   boxprops=dict(facecolor="#c6d8ee", edgecolor="#4a6f9e"),
+                   medianprops=dict(color="#4a6f9e"), whiskerprops=dict(color="#4a6f9e"),
+                   capprops=dict(color="#4a6f9e"))
+        ax.plot(x, [d.mean() if d.size else np.nan for d in data], color="#c0392b", marker="o", ms=4, lw=1.5,
+                label="mean over channels")
+        ax.plot(x, [(d >= 1.0).mean() if d.size else np.nan for d in data], color="0.35", marker="s", ms=3.5,
+                lw=1, ls="--", label="channels zero everywhere")
+        ax.legend(fontsize=8, frameon=False, loc="upper left")
+    ax.set_xticks(x, names, rotation=35 if n > 3 else 0, ha="right" if n > 3 else "center", fontsize=8)
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("share of zero activations", fontsize=9)
+    ax.set_xlabel("layer (input \u2192 output)", fontsize=9)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.set_title("share of zero activations per channel (box: quartiles, whiskers: 5-95 %)", fontsize=8,
+                 color="0.3")
+    fig.suptitle(f"Sparsity by depth{': ' + model if model else ''}", fontsize=10)
+    return fig
+
