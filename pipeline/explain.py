@@ -55,9 +55,8 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.graph import (  # noqa: F401 (NoClassScores, output_names: used by the stages from here)
-    NoClassScores, ancestors, choose_output, feature_model, flat_layers, logits_head, output_names, replay,
-    resolve_layer_names)
+from pipeline.graph import (ancestors, choose_output, feature_model, flat_layers, logits_head, replay,
+                            resolve_layer_names)
 from pipeline.preprocess import Preprocessing, normalize, to_model_pixels
 
 logger = logging.getLogger(__name__)

@@ -137,7 +137,7 @@ def explainer_for(make, section, bundle, table: ImageTable):
     """(explainer, class names, ids -> target codes) for a stage that explains classes;
     a model without class scores skips the stage (StageSkipped says why)."""
     from pipeline.errors import StageSkipped
-    from pipeline.explain import NoClassScores
+    from pipeline.graph import NoClassScores
 
     try:
         explainer = make()

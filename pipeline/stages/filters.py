@@ -229,7 +229,7 @@ def _classes(values, n_classes: int, imagenet: bool) -> tuple[np.ndarray, tuple[
 def _jobs(cfg, bundle) -> list[Job]:
     from pipeline.graph import flat_layers
     from pipeline.layers import chosen_layers
-    from pipeline.patterns import logits_source, preactivation
+    from pipeline.patterns import preactivation
 
     model, fc = bundle.model, cfg.filters
     shapes = {n.name: n.output_shape for n in flat_layers(model)}
@@ -237,10 +237,10 @@ def _jobs(cfg, bundle) -> list[Job]:
         if not fc.classes:
             raise PipelineError("filters.objective=class needs classes: add filters.classes=[1,207] "
                                 "(indices or ImageNet class names)")
-        from pipeline.explain import choose_output, output_names
+        from pipeline.graph import choose_output, logits_head, output_names
 
         index = choose_output(model, cfg.model.output)
-        layer, head = logits_source(model, index)
+        layer, head = logits_head(model, index)
         n_classes = int(model.outputs[index].shape[-1])
         targets, labels = _classes(list(fc.classes), n_classes, bundle.imagenet_classes)
         return [Job(layer, targets, n_classes, head, labels, name=output_names(model)[index], read=layer)]

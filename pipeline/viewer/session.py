@@ -33,6 +33,7 @@ from PIL import Image
 from pipeline.errors import PipelineError
 from pipeline.render.canvas import EMPTY_GREY
 from pipeline.render.draw import channel_tiles, heat_image, panel_to_uint8, tile, to_rgb
+from pipeline.render.results import as_str
 from pipeline.render.toolbox import deconv_to_uint8, fit_squares, sprite, top9_montages
 from pipeline.store import Store, read_strings
 
@@ -54,10 +55,6 @@ def png_url(image: np.ndarray) -> str:
     Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image).save(
         buf, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _as_str(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass
@@ -93,11 +90,11 @@ class RunView:
             if "layers" not in f:
                 raise PipelineError(f"{self.run_dir} holds no scanned layer: run stages=[scan,crop] first")
             a = f.attrs
-            self.config = _as_str(a.get("config", ""))
-            self.model_name = _as_str(a.get("model", ""))
-            self.weights_sha256 = _as_str(a.get("weights_sha256", ""))
-            self.images_sha256 = _as_str(a.get("images_sha256", ""))
-            self.preprocessing = json.loads(_as_str(a.get("preprocessing", "{}")) or "{}")
+            self.config = as_str(a.get("config", ""))
+            self.model_name = as_str(a.get("model", ""))
+            self.weights_sha256 = as_str(a.get("weights_sha256", ""))
+            self.images_sha256 = as_str(a.get("images_sha256", ""))
+            self.preprocessing = json.loads(as_str(a.get("preprocessing", "{}")) or "{}")
             self.paths = read_strings(f["images/path"]) if "images" in f else []
             self.ok = f["images/ok"][()] if "images" in f and "ok" in f["images"] else np.ones(len(self.paths), bool)
             self.labels = f["images/label"][()] if "images" in f else np.zeros(0, np.int64)
@@ -109,7 +106,7 @@ class RunView:
     def _entry(self, key: str, g: h5py.Group, f: h5py.File) -> LayerEntry:
         panels = tuple(m for m in ("deconv", "guided", "gradient") if f"panels/{m}" in g)
         page = f"report/{key}.html"
-        return LayerEntry(key=key, name=_as_str(g.attrs.get("name", key)), depth=int(g.attrs.get("depth", 0)),
+        return LayerEntry(key=key, name=as_str(g.attrs.get("name", key)), depth=int(g.attrs.get("depth", 0)),
                           shape=tuple(int(s) for s in g.attrs["shape"]), patches="patches" in g, panels=panels,
                           pattern=f"filters/{key}/patterns" in f,
                           page=page if (self.run_dir / page).is_file() else None)
