@@ -81,6 +81,8 @@ def test_kernel_table_and_weights_are_the_models(small_run):
         np.testing.assert_array_equal(f["filters/conv1/bias"][()], model.get_layer("conv1").bias.numpy())
         np.testing.assert_array_equal(f["filters/dw/weights"][()], model.get_layer("dw").kernel.numpy())
         assert tuple(f["filters/conv1"].attrs["kernel_shape"]) == (3, 3, 3, 5)
+        # each pattern layer records the convolution that makes its units (cards read it)
+        assert [f[f"filters/{k}"].attrs["conv"] for k in ("relu1", "relu2")] == ["conv1", "dw"]
     text = (run_dir / "sheets/filters/kernels.txt").read_text().splitlines()
     assert text[0].split() == ["conv1", "(3,", "3,", "3,", "5)"]
 

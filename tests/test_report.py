@@ -559,3 +559,14 @@ def test_renders_a_run_without_a_scan(full_run, tmp_path):
     text = (tmp_path / "index.html").read_text()
     assert '<tr id="layer-' not in text and "run stages=[filters]" in text
     assert _pdf_pages(tmp_path / "report.pdf") == 1 + 1 + math.ceil(config_lines / 90)  # title, image, config
+
+
+def test_other_stages_sheets_are_listed_in_network_order():
+    from pipeline.render.report import in_network_order
+
+    stored = ["features_2", "features_4", "features_7", "features_14", "features_18"]
+    names = ["patterns_features_14.png", "patterns_features_2.png", "kernels.txt", "patterns_features_18.png",
+             "weights_features_7.png", "notes_10.png", "notes_9.png"]
+    got = [p.name for p in in_network_order([Path(n) for n in names], stored)]
+    assert got == ["patterns_features_2.png", "weights_features_7.png", "patterns_features_14.png",
+                   "patterns_features_18.png", "kernels.txt", "notes_9.png", "notes_10.png"]
