@@ -116,6 +116,14 @@ def test_cam_stage_stores_every_image_and_draws_sheets(tmp_path, tiny):
     assert ((page[..., 2] > 200) & (page[..., 0] < 80)).sum() > 500
 
 
+def test_per_class_means_are_drawn_only_for_classes_with_several_images():
+    from pipeline.render.maps import CLASS_MEANS_DRAWN, classes_with_means
+
+    assert classes_with_means(np.array([5, 3, 2, 1, 1])).tolist() == [0, 1, 2]
+    assert classes_with_means(np.array([1, 1])).tolist() == []
+    assert len(classes_with_means(np.full(CLASS_MEANS_DRAWN + 5, 4))) == CLASS_MEANS_DRAWN
+
+
 def test_cam_targets_label_class_list_and_top_n(tmp_path, tiny):
     model, base = tiny
     pixels = None

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 ROWS_PER_PAGE = 6
 CLASS_MEANS_DRAWN = 24
+MIN_CLASS_IMAGES = 2
 DISPLAY_SIDE = 448  # longest side of a photo on the sheets
 TILE_PX = 32  # small maps are enlarged by whole factors to about this size
 
@@ -86,6 +87,13 @@ def drawn_maps(part: Path, table: ImageTable, spec, methods: list[str], limit: i
 
 
 
+def classes_with_means(counts: np.ndarray) -> np.ndarray:
+    """Rows of class_mean worth drawing: the most frequent classes with at least
+    MIN_CLASS_IMAGES images (a mean of one map is that map, not a class's typical evidence)."""
+    rows = np.flatnonzero(np.asarray(counts) >= MIN_CLASS_IMAGES)
+    return rows[np.argsort(-np.asarray(counts)[rows], kind="stable")][:CLASS_MEANS_DRAWN]
+
+
 def cam_sheets(part: Path, out_dir: Path, table: ImageTable, spec, names: list[str], methods: list[str],
                 alpha: float, limit: int, batch_size: int) -> list[Path]:
     """Overlay pages (photo, then one panel per method; a row per image and target) and
@@ -136,9 +144,12 @@ def cam_sheets(part: Path, out_dir: Path, table: ImageTable, spec, names: list[s
             if "class_mean" not in f[f"cam/{m}"]:
                 continue
             cm = f[f"cam/{m}/class_mean"]
-            classes, counts, maps = cm["class"][()], cm["count"][()], cm["map"][:CLASS_MEANS_DRAWN]
-            if not len(classes):
+            keep = classes_with_means(cm["count"][()])
+            if not len(keep):
+                logger.info("cam: no class has %d or more explained images; no per-class mean sheet for %s",
+                            MIN_CLASS_IMAGES, m)
                 continue
+            classes, counts, maps = cm["class"][()][keep], cm["count"][()][keep], cm["map"][()][keep]
             n = len(maps)
             cols = min(6, n)
             grid_rows = math.ceil(n / cols)
