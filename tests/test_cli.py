@@ -54,12 +54,34 @@ def test_cfg_job_and_help_print_without_running(tmp_path):
     proc = run_py("--cfg", "job", "topk=5", "model=keras_app", "model.name=VGG16")
     assert proc.returncode == 0
     assert "topk: 5" in proc.stdout and "name: VGG16" in proc.stdout
+
+
+def test_help_is_one_page_naming_every_preset_stage_and_key():
+    import re
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from pipeline.stages import STAGES
+
     proc = run_py("--help")
     assert proc.returncode == 0
-    groups = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if line.startswith(("model: ", "dataset: ")))
-    assert {"file", "keras_app", "mobilenet_v2"} <= set(groups["model"].split(", "))
-    assert {"samples", "folder", "filelist", "idx"} <= set(groups["dataset"].split(", "))
-    assert "top-9" in proc.stdout
+    text = proc.stdout
+    assert len(text.splitlines()) <= 60 and "base_model" not in text and "top-9" in text
+    for group in ("model", "dataset"):  # every preset file, and nothing but them
+        presets = {p.stem for p in (Path(ROOT) / "conf" / group).glob("*.yaml")}
+        assert set(re.findall(rf"^{group}=(\w+)", text, re.M)) == presets
+    launchers = {p.stem for p in (Path(ROOT) / "conf/hydra/launcher").glob("*.yaml")}
+    assert set(re.search(r"hydra/launcher=(\S+)", text)[1].split("|")) == launchers
+    stages_part = text.split("== Stages")[1].split("==")[1]
+    named = re.findall(r"^(\w+(?:, \w+)*)\s", stages_part, re.M)
+    assert {s for line in named for s in line.split(", ")} == set(STAGES)
+    with initialize_config_dir(config_dir=f"{ROOT}/conf", version_base="1.3"):
+        cfg = compose(config_name="config")
+    keys_part = text.split("== Keys used most ==")[1].split("==")[0]
+    for key in re.findall(r"(?<![\w.$])([a-z_]+(?:\.[a-z_]+)*)=", keys_part):
+        if not key.startswith("hydra"):
+            assert OmegaConf.select(cfg, key, default="missing") != "missing", key
 
 
 def test_unknown_config_key_is_an_error():
