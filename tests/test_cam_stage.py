@@ -124,6 +124,16 @@ def test_per_class_means_are_drawn_only_for_classes_with_several_images():
     assert len(classes_with_means(np.full(CLASS_MEANS_DRAWN + 5, 4))) == CLASS_MEANS_DRAWN
 
 
+def test_occlusion_colours_span_each_image_and_its_unoccluded_value():
+    from pipeline.render.maps import occlusion_limits
+
+    confident = np.array([[0.999, 0.998], [0.97, 0.996]])
+    assert occlusion_limits(confident, 0.995) == (0.97, 0.999)  # not 0..1: the drop is visible
+    assert occlusion_limits(confident, 1.0) == (0.97, 1.0)  # the base is always on the scale
+    lo, hi = occlusion_limits(np.full((2, 2), 0.5), 0.5)
+    assert lo < 0.5 < hi
+
+
 def test_cam_targets_label_class_list_and_top_n(tmp_path, tiny):
     model, base = tiny
     pixels = None

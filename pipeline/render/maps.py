@@ -236,6 +236,17 @@ def blank_fraction_figure(names: list[str], fractions: np.ndarray, ids: np.ndarr
     ax.set_title("sparsity of activations by depth", fontsize=9)
     return fig
 
+def occlusion_limits(values: np.ndarray, base: float) -> tuple[float, float]:
+    """Colour limits of one image's occlusion map: its own range and the unoccluded value, so
+    that a confident prediction (p from 0.97 to 0.999) shows where the square hurts, not a
+    flat square on a fixed 0..1 scale."""
+    lo, hi = min(float(np.min(values)), base), max(float(np.max(values)), base)
+    if hi - lo < 1e-12:  # a flat map: a visible range around it
+        pad = max(abs(hi) * 1e-3, 1e-6)
+        lo, hi = lo - pad, hi + pad
+    return lo, hi
+
+
 def occlusion_sheets(part: Path, out_dir: Path, table, spec, names: list[str], batch_size: int) -> list[Path]:
     """Per image: the photo (as the model saw it) with the square's size marked, the target
     probability map and the followed feature map's activation map, on the photo's axes."""
@@ -268,17 +279,23 @@ def occlusion_sheets(part: Path, out_dir: Path, table, spec, names: list[str], b
             axes[0].add_patch(Rectangle((2, 2), size, size, facecolor=(0.5, 0.5, 0.5), edgecolor="white", lw=0.8))
             axes[0].set_title(f"#{image_id}: {names[cls][:30]} (p={g['base_probability'][i]:.2f})", fontsize=8)
             panels = (
-                (g["probability"][i], f"p({names[cls][:24]}) with the square there", "magma", (0, 1)),
-                (g["activation"][i], f"{layer} channel {channel}: total activation", "viridis", None),
+                (g["probability"][i], g["base_probability"][i], f"p({names[cls][:24]}) with the square there",
+                 "magma"),
+                (g["activation"][i], g["base_activation"][i], f"{layer} channel {channel}: total activation",
+                 "viridis"),
             )
-            for ax, (values, title, cmap, lim) in zip(axes[1:], panels):
+            for ax, (values, base, title, cmap) in zip(axes[1:], panels):
                 ax.imshow(photo, alpha=0.25)
-                im = ax.pcolormesh(x_edges, y_edges, values, cmap=cmap, alpha=0.9,
-                                   vmin=None if lim is None else lim[0], vmax=None if lim is None else lim[1])
+                lo, hi = occlusion_limits(values, float(base))
+                im = ax.pcolormesh(x_edges, y_edges, values, cmap=cmap, alpha=0.9, vmin=lo, vmax=hi)
                 ax.set_xlim(0, side_x)
                 ax.set_ylim(side_y, 0)
                 ax.set_title(title, fontsize=8)
-                fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
+                bar = fig.colorbar(im, ax=ax, shrink=0.8)
+                bar.ax.axhline(float(base), color="white", lw=1.5)
+                bar.ax.axhline(float(base), color="black", lw=0.6, ls="--")
+                bar.set_label(f"unoccluded: {float(base):.3g} (line)", fontsize=6)
+                bar.ax.tick_params(labelsize=6)
             for ax in axes:
                 ax.set_xticks([])
                 ax.set_yticks([])
