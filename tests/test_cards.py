@@ -258,20 +258,28 @@ def test_card_cells_show_each_units_patches_panels_and_pattern(rendered):
     files, lc = rendered
     ph, pw = lc.layout.patch_hw
     assert (ph, pw) == (48, 48)  # 6 px patches enlarged 8 times
+    top = _cell(lc, "top")
+    assert lc.layout.patch_in(top) == (96, 96)  # the top-k, the card's main picture, twice as large
+    assert lc.layout.px(top)[1] >= lc.layout.px(_cell(lc, "spectrum"))[1]  # as wide as the histogram
     side = 2  # 4 patches: a 2 x 2 montage
     m = side * ph + (side - 1) * cards.THIN
     for u in range(C):
         card = load(files.cards[u]).astype(int)
         for key, k_max, col in (("top", K, colour), ("bottom", 2, bottom_colour)):
             cell = _cell(lc, key)
-            y0 = cell.y + (lc.layout.cell - m) // 2
-            x0 = cell.x + (lc.layout.cell - m) // 2
+            ph, pw = lc.layout.patch_in(cell)
+            m = side * ph + (side - 1) * cards.THIN
+            frame_h, frame_w = lc.layout.px(cell)
+            y0 = cell.y + (frame_h - m) // 2
+            x0 = cell.x + (frame_w - m) // 2
             for r in range(side * side):
                 cy = y0 + (r // side) * (ph + cards.THIN) + ph // 2
                 cx = x0 + (r % side) * (pw + cards.THIN) + pw // 2
                 want = EMPTY_GREY if r >= k_max or (key == "top" and (u, r) == (2, 3)) else None
                 got = tuple(card[cy, cx])
                 assert got == ((want,) * 3 if want is not None else col(u, r)), (u, key, r)
+        ph, pw = lc.layout.patch_hw
+        m = side * ph + (side - 1) * cards.THIN
         deconv = _cell(lc, "panel:deconv")
         y0 = deconv.y + (lc.layout.cell - m) // 2 + ph // 2
         x0 = deconv.x + (lc.layout.cell - m) // 2

@@ -35,3 +35,22 @@ def test_shrink_is_an_area_average():
     small = shrink(patch, (2, 2))
     assert small[0, 0, 0, 0] == 200 and small[0, 1, 1, 0] == 0
     assert shrink(patch, (1, 1))[0, 0, 0, 0] == 50
+
+
+def test_outside_image_masks_match_the_cut_and_checker_replaces_only_that():
+    from pipeline.render.patches import CHECKER_GREYS, inside_masks, show_outside
+
+    images = np.full((1, 20, 20, 3), 255, np.uint8)
+    frame = (7, 5)
+    boxes = np.array([[4, 6, 11, 11], [0, 0, 4, 3], [16, 17, 20, 20]])
+    starts = np.array([[0, 0], [3, 2], [0, 0]])
+    cut = cut_patches(images, np.zeros(3, int), boxes, starts, frame)
+    inside = inside_masks(boxes, starts, frame, frame)
+    np.testing.assert_array_equal(inside, cut[..., 0] == 255)  # the cut's own zeros are the outside
+    # at half size (the stored or displayed patch), a pixel is inside when its centre is
+    big = (14, 10)
+    np.testing.assert_array_equal(inside_masks(boxes, starts, frame, big), inside.repeat(2, 1).repeat(2, 2))
+    shown = show_outside(cut, inside)
+    np.testing.assert_array_equal(shown[inside], cut[inside])
+    outside = shown[~inside]
+    assert set(np.unique(outside)) == set(CHECKER_GREYS)  # no black left: the checker, both greys

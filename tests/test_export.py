@@ -76,21 +76,30 @@ def load(path) -> np.ndarray:
 
 
 def test_max_im_cells_hold_the_top9_in_row_major_order(exported):
+    from pipeline.render.patches import FLAT_GREY, layer_patches
+
     with h5py.File(exported / "results.h5", "r") as f:
         c, k, h, w, _ = f["layers/relu2/patches"].shape
         valid = f["layers/relu2/topk/image"][()] >= 0
         real = f["layers/relu1/patches"][()]
+        # each slot's flat colour, the part of its frame outside the image grey
+        shown = layer_patches(f["layers/relu2"], "patches", 0, c, k, (h, w), flat=True)
+    assert (shown == FLAT_GREY).all(-1).any()  # some winners sit at the border
     files = sorted((exported / "toolbox" / "max_im" / "relu2").iterdir())
     assert [p.name for p in files] == [f"relu2_{i:04d}.jpg" for i in range(c)]
     for i, path in enumerate(files):
         montage = load(path)
         assert montage.shape == (3 * h, 3 * w, 3)
         colours = slot_colours(i, k)
+        wants = shown[i, :, 1:-1, 1:-1].reshape(k, -1, 3).mean(1)
         for slot in range(9):
             r, col = divmod(slot, 3)
             cell = montage[r * h + 1:(r + 1) * h - 1, col * w + 1:(col + 1) * w - 1].reshape(-1, 3).mean(0)
-            want = colours[slot] if slot < k and valid[i, slot] else (0, 0, 0)
-            np.testing.assert_allclose(cell, want, atol=8, err_msg=f"unit {i} slot {slot}")
+            if slot < k and valid[i, slot]:
+                assert (shown[i, slot] == colours[slot]).all(-1).any()  # the slot's own colour is there
+                np.testing.assert_allclose(cell, wants[slot], atol=8, err_msg=f"unit {i} slot {slot}")
+            else:
+                np.testing.assert_allclose(cell, (0, 0, 0), atol=8, err_msg=f"unit {i} slot {slot}")
     first = load(exported / "toolbox" / "max_im" / "relu1" / "relu1_0000.jpg")  # real patches too
     rh, rw = real.shape[2:4]
     assert np.abs(first[:rh, :rw] - real[0, 0]).mean() < np.abs(first[:rh, :rw] - real[0, 1]).mean()

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from pipeline.render.canvas import EMPTY_GREY, montage, resize_patches
 from pipeline.render.draw import panel_to_uint8
+from pipeline.render.patches import layer_patches
 from pipeline.render.results import LayerInfo, as_str, fmt
 from pipeline.spectrum import GAMMA, MIN_ABS
 from pipeline.store import stored_name
@@ -450,6 +451,7 @@ class Cell:
     key: str  # top | bottom | pattern | weights | spectrum | panel:<method>
     title: str
     slots: int = 1  # width in cell slots
+    rows: int = 1  # height in card rows
     y: int = 0
     x: int = 0
 
@@ -472,24 +474,46 @@ class CardLayout:
     def slot(self, key: str) -> Cell | None:
         return next((c for c in self.cells if c.key == key), None)
 
+    def px(self, c: Cell) -> tuple[int, int]:
+        """(height, width) of a cell's frame: spans include the gaps and captions between."""
+        return (c.rows * self.cell + (c.rows - 1) * (CAPTION_H + GAP), c.slots * self.cell + (c.slots - 1) * GAP)
+
+    def patch_in(self, c: Cell) -> tuple[int, int]:
+        """One patch's size in a montage cell: the layout's patch, enlarged in bigger cells."""
+        if c.slots == 1 and c.rows == 1:
+            return self.patch_hw
+        ph, pw = self.patch_hw
+        f = (min(self.px(c)) - 2 * THIN) / (3 * max(ph, pw, 1))
+        f = math.floor(f) if f >= 2 else f  # whole factors keep pixels crisp
+        return max(1, int(ph * f)), max(1, int(pw * f))
+
 
 def card_layout(cells: list[Cell], patch_hw: tuple[int, int], k: int, bottom_k: int, stats_lines: int,
                 footer_lines: int, side: int = 3) -> CardLayout:
-    """Flow the cells into rows of COLS slots (a cell that does not fit starts a new row)
-    and stack the statistics, the table(s) and the footer below them."""
+    """Pack the cells, in order, into the first free place of a grid COLS slots wide (a
+    cell spans `slots` columns and `rows` rows), and stack the statistics, the table(s)
+    and the footer below them."""
     ph, pw = patch_hw
     cell = max(side * max(ph, pw) + (side - 1) * THIN, 120)
     width = 2 * MARGIN + COLS * cell + (COLS - 1) * GAP
-    y, used = HEADER_H, 0
     row_h = CAPTION_H + cell + GAP
+    taken: list[list[bool]] = []
     placed = []
     for c in cells:
-        slots = min(c.slots, COLS)
-        if used + slots > COLS:
-            y, used = y + row_h, 0
-        placed.append(Cell(c.key, c.title, slots, y + CAPTION_H, MARGIN + used * (cell + GAP)))
-        used += slots
-    y = y + row_h if placed else y
+        w, h = min(c.slots, COLS), c.rows
+        r = col = 0
+        while True:
+            while len(taken) < r + h:
+                taken.append([False] * COLS)
+            col = next((x for x in range(COLS - w + 1)
+                        if not any(taken[rr][x + i] for rr in range(r, r + h) for i in range(w))), None)
+            if col is not None:
+                break
+            r += 1
+        for rr in range(r, r + h):
+            taken[rr][col:col + w] = [True] * w
+        placed.append(Cell(c.key, c.title, w, h, HEADER_H + r * row_h + CAPTION_H, MARGIN + col * (cell + GAP)))
+    y = HEADER_H + len(taken) * row_h
     stats_y = y
     y += stats_lines * LINE_H + 8
     table_y = y
@@ -585,7 +609,7 @@ class LayerCards:
         kk = min(k, 9)
         shown = f"top {kk} of {k}" if k > kk else f"top-{kk}"
         if has_patches:
-            cells.append(Cell("top", f"{shown} patches"))
+            cells.append(Cell("top", f"{shown} patches", slots=2, rows=2))  # the card's main picture
         elif info.mappable:
             absent.append("patches (stages=[crop])")
         else:
@@ -634,13 +658,13 @@ class LayerCards:
         lay = self.layout
         canvas = np.full((lay.height, lay.width, 3), CARD_BG, np.uint8)
         for c in lay.cells:
-            w = c.slots * lay.cell + (c.slots - 1) * GAP
+            h, w = lay.px(c)
             draw_text(canvas, c.title, c.x, c.y - CAPTION_H + 1, 12, MUTED, max_width=w)
             y0, x0 = c.y - 1, c.x - 1
             canvas[y0, x0:x0 + w + 2] = BORDER
-            canvas[y0 + lay.cell + 1, x0:x0 + w + 2] = BORDER
-            canvas[y0:y0 + lay.cell + 2, x0] = BORDER
-            canvas[y0:y0 + lay.cell + 2, x0 + w + 1] = BORDER
+            canvas[y0 + h + 1, x0:x0 + w + 2] = BORDER
+            canvas[y0:y0 + h + 2, x0] = BORDER
+            canvas[y0:y0 + h + 2, x0 + w + 1] = BORDER
         info = self.info
         sub = (f"output {fmt(info.shape)} \u00b7 receptive field {fmt(info.rf_size)} px, stride "
                f"{fmt(info.rf_stride)} \u00b7 depth {info.depth}")
@@ -661,16 +685,15 @@ class LayerCards:
         for x, text in zip(self._columns(), (what, "value", "image", "label", "file")):
             draw_text(canvas, text, x, y, 11, MUTED, bold=True)
 
-    def _montage_cell(self, ds: h5py.Dataset, c0: int, c1: int, valid: np.ndarray, kind: str) -> np.ndarray:
-        lay = self.layout
+    def _montage_cell(self, name: str, c0: int, c1: int, valid: np.ndarray, cell: Cell) -> np.ndarray:
+        ds = self.group[name]
         k = min(ds.shape[1], 9)
         side = max(1, math.ceil(math.sqrt(k)))
-        raw = ds[c0:c1, :k]
-        if kind == "panel":
-            raw = panel_view(raw)
-        elif raw.shape[-1] == 1:
-            raw = np.repeat(raw, 3, axis=-1)
-        small = resize_patches(raw[..., :3], lay.patch_hw)
+        size = self.layout.patch_in(cell)
+        if name.startswith("panels/"):
+            small = resize_patches(panel_view(ds[c0:c1, :k])[..., :3], size)
+        else:
+            small = layer_patches(self.group, name, c0, c1, k, size)
         return montage(small, valid[:, :k], side, THIN, EMPTY_GREY, CARD_BG)
 
     def compose(self, c0: int, c1: int, template: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -679,20 +702,19 @@ class LayerCards:
         lay = self.layout
         b = c1 - c0
         cards = np.broadcast_to(template, (b,) + template.shape).copy()
-        g = self.group
         valid = (self.image[c0:c1] >= 0) if self.image is not None else np.ones((b, 9), bool)
         top = None
         for cell in lay.cells:
             y, x, s = cell.y, cell.x, lay.cell
             if cell.key == "top":
-                top = self._montage_cell(g["patches"], c0, c1, valid, "patch")
-                _paste(cards, top, y, x, s)
+                top = self._montage_cell("patches", c0, c1, valid, cell)
+                _paste(cards, top, y, x, *lay.px(cell))
             elif cell.key == "bottom":
                 bvalid = self.bottom_image[c0:c1] >= 0
-                _paste(cards, self._montage_cell(g["bottom_patches"], c0, c1, bvalid, "patch"), y, x, s)
+                _paste(cards, self._montage_cell("bottom_patches", c0, c1, bvalid, cell), y, x, s)
             elif cell.key.startswith("panel:"):
                 m = cell.key.split(":", 1)[1]
-                _paste(cards, self._montage_cell(g["panels"][m], c0, c1, valid, "panel"), y, x, s)
+                _paste(cards, self._montage_cell(f"panels/{m}", c0, c1, valid, cell), y, x, s)
             elif cell.key == "pattern":
                 rows = self.pattern_rows[c0:c1]
                 have = np.flatnonzero(rows >= 0)
@@ -818,9 +840,10 @@ class LayerCards:
             draw_text(card, self.images.file(i), cols[4], yy, 11, MUTED, max_width=width - cols[4])
 
 
-def _paste(cards: np.ndarray, cells: np.ndarray, y: int, x: int, side: int) -> None:
+def _paste(cards: np.ndarray, cells: np.ndarray, y: int, x: int, side: int, width: int | None = None) -> None:
+    """Centre cells (B, h, w, 3) in the frame at (y, x), side high and width (default side) wide."""
     h, w = cells.shape[1:3]
-    oy, ox = y + (side - h) // 2, x + (side - w) // 2
+    oy, ox = y + (side - h) // 2, x + ((side if width is None else width) - w) // 2
     cards[:, oy:oy + h, ox:ox + w] = cells
 
 

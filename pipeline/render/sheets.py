@@ -23,8 +23,8 @@ from pipeline.render.canvas import (
     fit_px,
     grid,
     montage,
-    resize_patches,
 )
+from pipeline.render.patches import layer_patches
 from pipeline.render.results import LayerInfo, fmt
 
 MAX_SLOTS = 9  # top-9 patches per channel
@@ -129,8 +129,9 @@ def _placeholder_sheet(info: LayerInfo, n_ok: int, k: int) -> np.ndarray:
     return draw_labels(np.full((height, width, 3), BACKGROUND, np.uint8), labels)
 
 
-def _read_cells(ds: h5py.Dataset, valid: np.ndarray, layout: SheetLayout, k: int) -> np.ndarray:
+def _read_cells(g: h5py.Group, valid: np.ndarray, layout: SheetLayout, k: int) -> np.ndarray:
     """Read, shrink and montage all channels' patches, a few channels at a time."""
+    ds = g["patches"]
     c = ds.shape[0]
     per_channel = max(1, k * int(np.prod(ds.shape[2:])))
     step = max(1, CHUNK_BYTES // per_channel)
@@ -138,7 +139,7 @@ def _read_cells(ds: h5py.Dataset, valid: np.ndarray, layout: SheetLayout, k: int
     cells = np.empty((c, ch, cw, 3), np.uint8)
     for c0 in range(0, c, step):
         c1 = min(c, c0 + step)
-        small = resize_patches(ds[c0:c1, :k], layout.patch_hw)
+        small = layer_patches(g, "patches", c0, c1, k, layout.patch_hw)
         cells[c0:c1] = montage(small, valid[c0:c1, :k], layout.side, layout.thin)
     return cells
 
@@ -153,7 +154,7 @@ def compose_sheet(g: h5py.Group, info: LayerInfo, n_ok: int) -> np.ndarray:
     channels, k = ds.shape[0], min(MAX_SLOTS, ds.shape[1])
     valid = (topk_img[:, :k] >= 0) if topk_img is not None else np.ones((channels, k), bool)
     layout = sheet_layout(channels, k, ds.shape[2:4])
-    cells = _read_cells(ds, valid, layout, k)
+    cells = _read_cells(g, valid, layout, k)
 
     ch, cw = layout.cell_hw
     gridded, origins = grid(cells, layout.cols, layout.gap_x, layout.label_h + layout.gap_y)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from pipeline.render.canvas import EMPTY_GREY, resize_patches
 from pipeline.render.draw import panel_to_uint8
+from pipeline.render.patches import layer_patches
 from pipeline.render.results import as_str
 from pipeline.store import read_strings
 
@@ -114,28 +115,31 @@ def info_text(value, image, label, y, x, paths, is_conv: bool) -> str:
 
 
 def save_jpeg(path: Path, image: np.ndarray) -> None:
-    """A JPEG; one-channel images (grey models) as grey JPEGs."""
+    """A JPEG; one-channel images (grey models) as grey JPEGs. Colour at full resolution
+    (no 4:2:0 subsampling): the patches are a few dozen pixels a side."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, quality=JPEG_QUALITY)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, quality=JPEG_QUALITY,
+                                                                           subsampling=0)
 
 
-def top9_montages(dataset, valid: np.ndarray, c0: int, c1: int, convert=None) -> np.ndarray:
-    """Channels c0:c1 of a (C, K, h, w, ch) dataset as the toolbox's 3x3 montages."""
-    images = dataset[c0:c1, :9]
-    images = convert(images) if convert is not None else images
+def top9_montages(g: h5py.Group, name: str, valid: np.ndarray, c0: int, c1: int) -> np.ndarray:
+    """Channels c0:c1 of layers/<layer>/<name> (`patches` or `panels/<method>`) as the
+    toolbox's 3x3 montages; patches are drawn with their outside-image area in flat grey."""
+    ds = g[name]
+    c1 = min(c1, ds.shape[0])
+    if name.startswith("panels/"):
+        images = panel_to_uint8(ds[c0:c1, :9], panel_dims=3)
+    else:
+        images = layer_patches(g, name, c0, c1, 9, tuple(ds.shape[2:4]), flat=True)
     images = np.where(valid[c0:c1, :9, None, None, None], images, 0)
-    return tile(images, math.ceil(math.sqrt(min(dataset.shape[1], 9))))
+    return tile(images, math.ceil(math.sqrt(min(ds.shape[1], 9))))
 
 
-def _write_montages(out_dir: Path, kind: str, key: str, dataset, valid: np.ndarray, convert=None) -> int:
-    for c0 in range(0, dataset.shape[0], BLOCK):
-        for c, image in enumerate(top9_montages(dataset, valid, c0, c0 + BLOCK, convert), c0):
+def _write_montages(out_dir: Path, kind: str, key: str, g: h5py.Group, name: str, valid: np.ndarray) -> int:
+    for c0 in range(0, g[name].shape[0], BLOCK):
+        for c, image in enumerate(top9_montages(g, name, valid, c0, c0 + BLOCK), c0):
             save_jpeg(out_dir / kind / key / f"{key}_{c:04d}.jpg", image)
-    return dataset.shape[0]
-
-
-def deconv_to_uint8(block: np.ndarray) -> np.ndarray:
-    return panel_to_uint8(block, panel_dims=3)
+    return g[name].shape[0]
 
 
 def write_layer(f: h5py.File, key: str, out_dir: Path, paths: list[str], labels: np.ndarray) -> int:
@@ -146,11 +150,11 @@ def write_layer(f: h5py.File, key: str, out_dir: Path, paths: list[str], labels:
     valid = image >= 0
     written = 0
     if "patches" in g:
-        written += _write_montages(out_dir, "max_im", key, g["patches"], valid)
+        written += _write_montages(out_dir, "max_im", key, g, "patches", valid)
     else:
         logger.info("toolbox %s: no patches (run the crop stage): max_im skipped", key)
     if "panels/deconv" in g:
-        written += _write_montages(out_dir, "max_deconv", key, g["panels/deconv"], valid, deconv_to_uint8)
+        written += _write_montages(out_dir, "max_deconv", key, g, "panels/deconv", valid)
     else:
         logger.info("toolbox %s: no deconv panels (run the panels stage): max_deconv skipped", key)
     value, y, x = t["value"][()], t["y"][()], t["x"][()]

@@ -34,7 +34,7 @@ from pipeline.errors import PipelineError
 from pipeline.render.canvas import EMPTY_GREY
 from pipeline.render.draw import channel_tiles, heat_image, panel_to_uint8, tile, to_rgb
 from pipeline.render.results import as_str
-from pipeline.render.toolbox import deconv_to_uint8, fit_squares, sprite, top9_montages
+from pipeline.render.toolbox import fit_squares, sprite, top9_montages
 from pipeline.store import Store, read_strings
 
 logger = logging.getLogger(__name__)
@@ -144,10 +144,10 @@ class RunView:
                            if self.labels[i] >= 0 else ""}
                           for k, i in enumerate(image) if i >= 0]
             if e.patches:
-                out["max_im"] = png_url(top9_montages(g["patches"], valid, unit, unit + 1)[0])
+                out["max_im"] = png_url(top9_montages(g, "patches", valid, unit, unit + 1)[0])
             for method in e.panels:
                 out[f"max_{method}"] = png_url(
-                    top9_montages(g[f"panels/{method}"], valid, unit, unit + 1, deconv_to_uint8)[0])
+                    top9_montages(g, f"panels/{method}", valid, unit, unit + 1)[0])
             s = g["stats"] if "stats" in g else None
             if s is not None:
                 out["stats"] = {k: float(s[k][unit]) for k in ("mean", "max", "zero_fraction") if k in s}

@@ -1,0 +1,64 @@
+"""Stored top-k patches made ready to look at: resized, with the part of the frame that lies
+outside the image drawn as a grey checkerboard, so that it cannot be taken for dark image
+content (the crop stage stores zeros there, which look like a black sky)."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+from pipeline.render.canvas import resize_patches
+
+CHECKER_PX = 4
+CHECKER_GREYS = (150, 182)
+FLAT_GREY = 128  # for JPEG files (the toolbox export), which smear a checkerboard
+
+
+def inside_masks(boxes: np.ndarray, starts: np.ndarray, frame: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """(..., h, w) bool: which pixels of a patch drawn at `size` show the image.
+
+    boxes (..., 4): y0, x0, y1, x1 of the clipped receptive field in input pixels; starts
+    (..., 2): where that box begins inside the frame (the layer's row and column offsets at
+    the unit). A displayed pixel is inside when its centre, mapped back to the frame, is."""
+    fh, fw = frame
+    h, w = size
+    fy = (np.arange(h) + 0.5) * (fh / h)  # displayed pixel centres in frame pixels
+    fx = (np.arange(w) + 0.5) * (fw / w)
+    y0, x0 = starts[..., 0:1], starts[..., 1:2]
+    y1 = y0 + (boxes[..., 2:3] - boxes[..., 0:1])
+    x1 = x0 + (boxes[..., 3:4] - boxes[..., 1:2])
+    rows = (fy >= y0) & (fy < y1)  # (..., h)
+    cols = (fx >= x0) & (fx < x1)  # (..., w)
+    return rows[..., :, None] & cols[..., None, :]
+
+
+def checker(size: tuple[int, int]) -> np.ndarray:
+    """(h, w, 3) uint8 grey checkerboard."""
+    h, w = size
+    cells = ((np.arange(h)[:, None] // CHECKER_PX) + (np.arange(w)[None, :] // CHECKER_PX)) % 2
+    return np.repeat(np.asarray(CHECKER_GREYS, np.uint8)[cells][..., None], 3, axis=-1)
+
+
+def show_outside(patches: np.ndarray, inside: np.ndarray, flat: bool = False) -> np.ndarray:
+    """patches (..., h, w, 3) uint8 with the pixels outside the image replaced by the checker
+    (or by FLAT_GREY)."""
+    fill = np.uint8(FLAT_GREY) if flat else checker(patches.shape[-3:-1])
+    return np.where(inside[..., None], patches, fill)
+
+
+def layer_patches(g: h5py.Group, name: str, c0: int, c1: int, k: int, size: tuple[int, int],
+                  flat: bool = False) -> np.ndarray:
+    """Channels c0:c1, slots :k of layers/<layer>/<name> (patches or bottom_patches) at `size`,
+    (b, k, h, w, 3) uint8, outside-image area checkered where the layer's geometry is stored."""
+    raw = g[name][c0:c1, :k]
+    if raw.shape[-1] == 1:
+        raw = np.repeat(raw, 3, axis=-1)
+    small = resize_patches(raw[..., :3], size)
+    table = g["topk" if name == "patches" else "bottomk"]
+    if "geometry/row_offset" not in g or "box" not in table:
+        return small
+    frame = tuple(int(v) for v in g["geometry"].attrs["frame"])
+    boxes = table["box"][c0:c1, :k]
+    starts = np.stack([g["geometry/row_offset"][()][table["y"][c0:c1, :k]],
+                       g["geometry/col_offset"][()][table["x"][c0:c1, :k]]], axis=-1)
+    return show_outside(small, inside_masks(boxes, starts, frame, size), flat)
