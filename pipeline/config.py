@@ -87,6 +87,9 @@ class CheckpointConfig:
 class ScanConfig:
     # also keep the k lowest-activating images per channel (0: off)
     bottomk: int = 0
+    # leave the N outermost rows and columns of every feature map out of the top-k and
+    # bottom-k (their winners often answer the zero padding, not the image); 0 keeps all
+    border: int = 0
 
 
 @dataclass

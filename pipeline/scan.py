@@ -21,6 +21,16 @@ def as_maps(output: tf.Tensor) -> tf.Tensor:
     return output
 
 
+def interior_mask(h: int, w: int, border: int) -> tf.Tensor | None:
+    """(1, H, W, 1) bool, False on the `border` outermost rows and columns of an H x W map;
+    None where there is nothing to leave out (border 0, or a map too small to have an inside)."""
+    if border <= 0 or h <= 2 * border or w <= 2 * border:
+        return None
+    inside = np.zeros((1, h, w, 1), bool)
+    inside[:, border:h - border, border:w - border] = True
+    return tf.constant(inside)
+
+
 def channel_sums(maps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Per-channel sum and number of non-zero activations over (B, H, W).
 
@@ -58,7 +68,8 @@ class Scanner:
     dict per layer, which is what checkpoints and resumes use.
     """
 
-    def __init__(self, feature_model, names: list[str], spec: Preprocessing, k: int, bottomk: int = 0):
+    def __init__(self, feature_model, names: list[str], spec: Preprocessing, k: int, bottomk: int = 0,
+                 border: int = 0):
         self.model = feature_model
         self.names = list(names)
         self.spec = spec
@@ -68,6 +79,8 @@ class Scanner:
         self.map_shapes = [tuple(int(d) for d in as_maps(tf.zeros((1,) + tuple(t.shape[1:]))).shape[1:])
                            for t in outputs]
         self.bounds = [int(b) for b in np.cumsum([0] + [c for _, _, c in self.map_shapes])]  # layer i: bounds[i]:bounds[i+1]
+        self.border = border
+        self.interiors = [interior_mask(h, w, border) for h, w, _ in self.map_shapes]
         self._fields = dict(_STATE, **(_BOTTOM if bottomk else {}))
         self._vars = {name: tf.Variable(value) for name, value in self._initial().items()}
         self.images_seen = 0
@@ -89,7 +102,10 @@ class Scanner:
     def _update(self, pixels, ids):
         outputs = self.model(normalize(pixels, self.spec.normalize), training=False)
         maps = [as_maps(out) for out in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
-        firsts = [row_maxima(m) for m in maps]
+        # scan.border: the top-k and bottom-k rank only the positions inside the border ring
+        ranked = [m if inside is None else tf.where(inside, m, tf.constant(-np.inf, m.dtype))
+                  for m, inside in zip(maps, self.interiors)]
+        firsts = [row_maxima(m) for m in ranked]
         batch_max = tf.concat([m for m, _ in firsts], axis=1)  # (B, C) over every layer
         batch_y = tf.concat([y for _, y in firsts], axis=1)
         v = self._vars
@@ -102,7 +118,9 @@ class Scanner:
             v[value_key].assign(value)
             v[image_key].assign(image)
             v[pos_key].assign(tf.concat([locate_columns(m, pos[a:b], row[a:b], batch_max[:, a:b])
-                                         for m, a, b in zip(maps, self.bounds[:-1], self.bounds[1:])], axis=0))
+                                         for m, a, b in zip(ranked, self.bounds[:-1], self.bounds[1:])], axis=0))
+        if any(inside is not None for inside in self.interiors):  # the statistics see every position
+            batch_max = tf.concat([tf.reduce_max(m, axis=(1, 2)) for m in maps], axis=1)
         sums = [channel_sums(m) for m in maps]
         total = tf.concat([t for t, _ in sums], axis=0)
         zeros = tf.concat([tf.cast(tf.size(m) // tf.shape(m)[-1], tf.float64) - tf.cast(nz, tf.float64)

@@ -26,9 +26,9 @@ from pipeline.store import Pacer, atomic_h5, open_h5, write_strings
 logger = logging.getLogger(__name__)
 
 # the config keys whose values decide the scan's results
-SCAN_KEYS = ("model", "dataset", "layers", "geometry", "topk", "scan.bottomk", "shard")
+SCAN_KEYS = ("model", "dataset", "layers", "geometry", "topk", "scan.bottomk", "scan.border", "shard")
 # what the shards of one scan share: merge checks it
-SHARED_KEYS = ("model", "dataset", "layers", "geometry", "topk", "scan.bottomk")
+SHARED_KEYS = ("model", "dataset", "layers", "geometry", "topk", "scan.bottomk", "scan.border")
 SCAN_PART = "scan.h5"
 STATE = "state.h5"  # the checkpoint, inside the stage's work directory
 

@@ -16,6 +16,7 @@ RULES: dict[str, tuple] = {
     "topk": (1, None, True, False),
     "batch_size": (1, None, True, False),
     "scan.bottomk": (0, None, True, False),
+    "scan.border": (0, None, True, False),
     "checkpoint.seconds": ((0,), None, False, False),
     "checkpoint.batches": (1, None, True, True),
     "checkpoint.block_mb": ((0,), None, False, False),

@@ -12,6 +12,7 @@ from conftest import ROOT, save_image
 from pipeline.datasets import BatchStream, list_images
 from pipeline.errors import PipelineError
 from pipeline.graph import feature_model
+from pipeline.models.sources import load_model
 from pipeline.preprocess import normalize
 from pipeline.runner import run
 from pipeline.store import read_strings
@@ -233,3 +234,41 @@ def test_keras_application_with_random_weights(tmp_path, photo_folder):
         assert f["layers/out_relu"].attrs["shape"].tolist() == [7, 7, 1280]
         assert json.loads(f.attrs["preprocessing"])["normalize"] == "tf"  # MobileNetV2's own [-1, 1] scaling
         assert (f["layers/out_relu/topk/image"][()][:, 0] >= 0).all()
+
+
+def test_scan_border_leaves_the_outer_ring_out_of_the_ranking_not_the_statistics(tmp_path, photo_folder):
+    model = tiny_model(tmp_path / "tiny.keras")
+    cfg = compose_cfg(["model=file", f"model.path={tmp_path / 'tiny.keras'}", "model.preprocess=unit",
+                       "dataset=folder", f"dataset.path={photo_folder}", "layers=[relu1,relu2,gap]",
+                       "topk=4", "scan.bottomk=2", "scan.border=1", "batch_size=3", "stages=[scan]"])
+    run(cfg, tmp_path / "run")
+    table = list_images(cfg.dataset)
+    ids, maps = [], {n: [] for n in ("relu1", "relu2", "gap")}
+    for batch_ids, pixels in BatchStream(table, load_model(cfg.model).preprocessing, 5):
+        ids.append(batch_ids)
+        for name, out in zip(maps, feature_model(model, list(maps))(normalize(pixels, "unit"))):
+            out = out.numpy()
+            maps[name].append(out[:, None, None, :] if out.ndim == 2 else out)
+    ids = np.concatenate(ids)
+    ring_winners = 0
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        for name, parts in maps.items():
+            every = np.concatenate(parts)
+            ranked = every.copy()
+            if every.shape[1] > 2:  # the 1x1 map of gap has no inside: nothing is left out
+                ranked[:, 0], ranked[:, -1], ranked[:, :, 0], ranked[:, :, -1] = -np.inf, -np.inf, -np.inf, -np.inf
+            plain = topk_from_maps(every, ids, 4)
+            ring_winners += int(((plain.y == 0) | (plain.x == 0) | (plain.y == every.shape[1] - 1)
+                                 | (plain.x == every.shape[2] - 1)).sum()) if every.shape[1] > 2 else 0
+            expected = topk_from_maps(ranked, ids, 4)
+            got = f[f"layers/{name}/topk"]
+            np.testing.assert_array_equal(got["image"][()], expected.image, err_msg=name)
+            np.testing.assert_allclose(got["value"][()], expected.value, rtol=1e-5)
+            np.testing.assert_array_equal(got["y"][()], expected.y)
+            np.testing.assert_array_equal(got["x"][()], expected.x)
+            lowest = topk_from_maps(-ranked.max(axis=(1, 2))[:, None, None], ids, 2)  # smallest inside maxima
+            np.testing.assert_array_equal(f[f"layers/{name}/bottomk/image"][()], lowest.image, err_msg=name)
+            # the statistics still cover every position
+            np.testing.assert_allclose(f[f"layers/{name}/stats/max"][()], every.max(axis=(0, 1, 2)), rtol=1e-5)
+            np.testing.assert_allclose(f[f"layers/{name}/stats/mean"][()], every.mean(axis=(0, 1, 2)), rtol=1e-4)
+    assert ring_winners > 0  # without the option, some winners sat on the ring

@@ -22,7 +22,7 @@ from pipeline.topk import ChannelStats, TopK, merge_topk
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("model", "dataset", "layers", "topk", "scan.bottomk", "merge")
+KEYS = ("model", "dataset", "layers", "topk", "scan.bottomk", "scan.border", "merge")
 
 
 def shard_stores(patterns) -> list[Store]:
@@ -106,8 +106,8 @@ def _check_compatible(shards: list[Store], cfg) -> dict:
             raise PipelineError(f"shard {shard.run_dir} scanned another model or dataset than this merge's "
                                 f"config: merge with the model=... and dataset=... the shards ran with")
         if facts["scan"] != expected:
-            raise PipelineError(f"shard {shard.run_dir} scanned other layers, topk or scan.bottomk than this "
-                                f"merge's config: merge with the layers, topk and scan.bottomk of the shards")
+            raise PipelineError(f"shard {shard.run_dir} scanned other layers, topk, scan.bottomk or scan.border "
+                                f"than this merge's config: merge with the layers, topk and scan keys of the shards")
         if reference is None:
             reference = dict(facts, run_dir=shard.run_dir)
         for key, what in (("weights", "model weights (sha256)"), ("images", "image list"),

@@ -49,7 +49,11 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         if not geo.mappable:
             logger.warning("layer %s: %s", name, geo.message)
     scanner = Scanner(feature_model(bundle.model, list(names)), list(names), bundle.preprocessing, cfg.topk,
-                      bottomk=cfg.scan.bottomk)
+                      bottomk=cfg.scan.bottomk, border=cfg.scan.border)
+    for name, (h, w, _), inside in zip(names, scanner.map_shapes, scanner.interiors):
+        if cfg.scan.border and inside is None and h * w > 1:
+            logger.warning("layer %s: its %dx%d map has no inside %d positions from the border; scan.border "
+                           "leaves none of its positions out", name, h, w, cfg.scan.border)
     layers = list(zip(keys, names, geometries, scanner.map_shapes))
     store.ensure_run(cfg, bundle, table)
     if store.part_print(PART) == stage_print:
