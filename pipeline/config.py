@@ -90,6 +90,9 @@ class ScanConfig:
     # leave the N outermost rows and columns of every feature map out of the top-k and
     # bottom-k (their winners often answer the zero padding, not the image); 0 keeps all
     border: int = 0
+    # labelled images: per class, the mean of each unit's per-image max and mean, and the
+    # units' class selectivity (pipeline.selectivity)
+    classes: bool = True
 
 
 @dataclass

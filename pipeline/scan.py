@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.preprocess import Preprocessing, normalize
+from pipeline.selectivity import STATISTICS
 from pipeline.spectrum import BUCKETS, sketch_counts
 from pipeline.topk import ChannelStats, TopK, locate_columns, merge_candidates, row_maxima
 
@@ -69,7 +70,7 @@ class Scanner:
     """
 
     def __init__(self, feature_model, names: list[str], spec: Preprocessing, k: int, bottomk: int = 0,
-                 border: int = 0):
+                 border: int = 0, labels: np.ndarray | None = None, classes: int = 0):
         self.model = feature_model
         self.names = list(names)
         self.spec = spec
@@ -82,11 +83,17 @@ class Scanner:
         self.border = border
         self.interiors = [interior_mask(h, w, border) for h, w, _ in self.map_shapes]
         self._fields = dict(_STATE, **(_BOTTOM if bottomk else {}))
+        # class-conditional sums of each image's spatial max and mean (pipeline.selectivity)
+        self.classes = int(classes) if labels is not None else 0
+        self.labels = None if labels is None else np.asarray(labels, np.int32)
+        if self.classes:
+            self._fields.update({f"class_{s}": (tf.float64, lambda c, k: (c, self.classes), 0) for s in STATISTICS})
         self._vars = {name: tf.Variable(value) for name, value in self._initial().items()}
         self.images_seen = 0
         # one trace for every batch size (the last batch too), and no per-call retracing check
         self._step = tf.function(self._update, input_signature=[
-            tf.TensorSpec((None, *spec.size, spec.channels), tf.uint8), tf.TensorSpec((None,), tf.int64)])
+            tf.TensorSpec((None, *spec.size, spec.channels), tf.uint8), tf.TensorSpec((None,), tf.int64),
+            tf.TensorSpec((None,), tf.int32)])
 
     def _initial(self) -> dict[str, tf.Tensor]:
         c = int(self.bounds[-1])
@@ -99,7 +106,7 @@ class Scanner:
             self._vars[name].assign(value)
         self.images_seen = 0
 
-    def _update(self, pixels, ids):
+    def _update(self, pixels, ids, labels):
         outputs = self.model(normalize(pixels, self.spec.normalize), training=False)
         maps = [as_maps(out) for out in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
         # scan.border: the top-k and bottom-k rank only the positions inside the border ring
@@ -129,9 +136,15 @@ class Scanner:
         v["zeros"].assign_add(zeros)
         v["maximum"].assign(tf.maximum(v["maximum"], tf.reduce_max(batch_max, axis=0)))
         v["spectrum"].assign_add(sketch_counts(batch_max))
+        if self.classes:  # (C, B) @ (B, L): an image without a label has an all-zero one-hot row
+            onehot = tf.one_hot(labels, self.classes, dtype=batch_max.dtype)
+            per_image = {"max": batch_max, "mean": tf.concat([tf.reduce_mean(m, axis=(1, 2)) for m in maps], axis=1)}
+            for s in STATISTICS:
+                v[f"class_{s}"].assign_add(tf.cast(tf.matmul(per_image[s], onehot, transpose_a=True), tf.float64))
 
     def update(self, pixels, ids: np.ndarray) -> None:
-        self._step(tf.convert_to_tensor(pixels, tf.uint8), tf.constant(ids, tf.int64))
+        labels = self.labels[ids] if self.labels is not None else np.full(len(ids), -1, np.int32)
+        self._step(tf.convert_to_tensor(pixels, tf.uint8), tf.constant(ids, tf.int64), tf.constant(labels, tf.int32))
         self.images_seen += len(ids)
 
     def state(self) -> list[dict[str, np.ndarray]]:

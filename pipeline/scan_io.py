@@ -26,9 +26,11 @@ from pipeline.store import Pacer, atomic_h5, open_h5, write_strings
 logger = logging.getLogger(__name__)
 
 # the config keys whose values decide the scan's results
-SCAN_KEYS = ("model", "dataset", "layers", "geometry", "topk", "scan.bottomk", "scan.border", "shard")
+SCAN_KEYS = ("model", "dataset", "layers", "geometry", "topk", "scan.bottomk", "scan.border", "scan.classes",
+             "shard")
 # what the shards of one scan share: merge checks it
-SHARED_KEYS = ("model", "dataset", "layers", "geometry", "topk", "scan.bottomk", "scan.border")
+SHARED_KEYS = ("model", "dataset", "layers", "geometry", "topk", "scan.bottomk", "scan.border", "scan.classes")
+CLASS_STATE_BYTES = 2**30  # the most device memory the class-conditional sums may take
 SCAN_PART = "scan.h5"
 STATE = "state.h5"  # the checkpoint, inside the stage's work directory
 
@@ -95,9 +97,46 @@ def write_errors(f, errors: dict[int, str]) -> None:
 
 
 
-def write_layers(f, layers, results, bottoms, states) -> None:
-    """layers/<key>/: attrs, top-k (and bottom-k) tables with boxes, statistics, spectra
-    and geometry; `layers` is [(stored key, qualified name, geometry, map shape)]."""
+def class_count(table, channels: int, wanted: bool) -> int:
+    """Classes whose conditional sums the scan keeps: 0 when unwanted, unlabelled, with one
+    class only, or too large for the device (logged)."""
+    labelled = table.labels[table.labels >= 0]
+    n = max(len(table.class_names), int(labelled.max()) + 1 if labelled.size else 0)
+    if not wanted or len(np.unique(labelled)) < 2:
+        return 0
+    if channels * n * 16 > CLASS_STATE_BYTES:
+        logger.warning("class selectivity skipped: %d channels x %d classes would hold %.1f GiB of sums "
+                       "(choose fewer layers, or scan.classes=false to silence this)", channels, n,
+                       channels * n * 16 / 2**30)
+        return 0
+    return n
+
+
+def labelled_counts(labels: np.ndarray, ok: np.ndarray, classes: int) -> np.ndarray:
+    """(L,) images per class among the scanned, readable, labelled ones (ok: bool mask)."""
+    return np.bincount(labels[ok & (labels >= 0)], minlength=classes)[:classes].astype(np.int64)
+
+
+def write_classes(g, sums: dict[str, np.ndarray], counts: np.ndarray) -> None:
+    """classes/: per-class sums and counts of each unit's per-image max and mean, the units'
+    selectivity and preferred class for both (pipeline.selectivity)."""
+    from pipeline.selectivity import STATISTICS, class_selectivity
+
+    c = g.create_group("classes")
+    c["count"] = counts
+    for s in STATISTICS:
+        c.create_dataset(f"sum_{s}", data=sums[s], compression="gzip", chunks=True)
+        found = class_selectivity(sums[s], counts)
+        c[f"selectivity_{s}"] = found.index
+        c[f"preferred_{s}"] = found.preferred
+    c.attrs["definition"] = ("(mu_max - mu_rest) / (mu_max + mu_rest) over class-conditional means of the "
+                             "per-image spatial max (selectivity_max) or mean (selectivity_mean); Morcos et al. 2018")
+
+
+def write_layers(f, layers, results, bottoms, states, counts: np.ndarray | None = None) -> None:
+    """layers/<key>/: attrs, top-k (and bottom-k) tables with boxes, statistics, spectra,
+    geometry and, with `counts`, class selectivity; `layers` is [(stored key, qualified
+    name, geometry, map shape)]."""
     bottoms = bottoms or [None] * len(layers)
     for depth, ((key, name, geo, shape), (top, stats), bottom, state) in enumerate(
             zip(layers, results, bottoms, states)):
@@ -109,6 +148,8 @@ def write_layers(f, layers, results, bottoms, states) -> None:
         if bottom is not None:
             write_table(g, "bottomk", bottom, geo.rows, geo.cols)
         write_stats(g, stats, state["spectrum"])
+        if counts is not None and "class_max" in state:
+            write_classes(g, {s: state[f"class_{s}"] for s in ("max", "mean")}, counts)
         geo_group = g.create_group("geometry")
         for key, value in (("rows", geo.rows), ("cols", geo.cols),
                            ("row_offset", geo.row_offset), ("col_offset", geo.col_offset)):

@@ -133,6 +133,10 @@ def _accumulate(acc: dict, g) -> None:
     stats = ChannelStats(s["total"][()], s["zeros"][()], s["max"][()], int(s.attrs["positions"]))
     acc["stats"] = acc["stats"].merged(stats) if "stats" in acc else stats
     acc["spectrum"] = acc.get("spectrum", 0) + s["spectrum"][()]
+    if "classes" in g:  # class-conditional sums and counts add up across shards
+        c = g["classes"]
+        for key in ("count", "sum_max", "sum_mean"):
+            acc[key] = acc.get(key, 0) + c[key][()]
 
 
 def _write_layer(g, acc: dict) -> None:
@@ -143,3 +147,5 @@ def _write_layer(g, acc: dict) -> None:
         bottom.value = -bottom.value
         scan_io.write_table(g, "bottomk", bottom, rows, cols)
     scan_io.write_stats(g, acc["stats"], acc["spectrum"])
+    if "count" in acc:
+        scan_io.write_classes(g, {"max": acc["sum_max"], "mean": acc["sum_mean"]}, acc["count"])
