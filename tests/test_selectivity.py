@@ -93,6 +93,18 @@ def test_units_wired_to_a_class_are_selective_for_it(tmp_path, colour_folder):
     np.testing.assert_allclose(got["sum_max"], acts.max(axis=(1, 2)).T @ onehot, rtol=1e-5)
     np.testing.assert_allclose(got["sum_mean"], acts.mean(axis=(1, 2)).T @ onehot, rtol=1e-5)
     assert not np.allclose(got["sum_max"], got["sum_mean"])
+    # shown: each card's line, the figure by depth on the index and in the book
+    from pipeline.render.cards import ImageIndex, UnitClasses
+
+    cfg = config(tmp_path, colour_folder, "stages=[report]", "report.per_image=0")
+    run(cfg, tmp_path / "run")
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        unit = UnitClasses.read(f["layers/relu"])
+        index = ImageIndex.read(f)
+    assert unit.line(0, index).startswith("class selectivity 1.00 \u00b7 prefers red")
+    assert unit.line(1, index).startswith("class selectivity 0.00")
+    assert (tmp_path / "run" / "sheets" / "run" / "selectivity.png").stat().st_size > 10_000
+    assert "Class selectivity by depth" in (tmp_path / "run" / "index.html").read_text()
 
 
 def test_shards_merged_give_the_sums_of_one_scan(tmp_path, colour_folder):

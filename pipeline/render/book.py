@@ -46,13 +46,13 @@ class Book:
     layers: list[BookLayer]
     images: list[tuple[str, Path]]  # (caption, per-image sheet PNG)
     config: str
-    sparsity: object = None  # a function () -> matplotlib Figure, or None
+    figures: list = field(default_factory=list)  # run figures: (title, function () -> matplotlib Figure)
     notes: list[str] = field(default_factory=list)
 
 
 def page_count(book: Book) -> int:
     """Pages write_book produces for `book` (tests and the log use it)."""
-    n = 1 + (book.sparsity is not None)
+    n = 1 + len(book.figures)
     for layer in book.layers:
         n += 1 + math.ceil(len(layer.cards) / CARDS_PER_PAGE)
     n += len(book.images)
@@ -162,8 +162,8 @@ def write_book(book: Book, path: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     contents: list[tuple[str, int]] = []
     page = 2
-    if book.sparsity is not None:
-        contents.append(("Sparsity by depth", page))
+    for title, _ in book.figures:
+        contents.append((title, page))
         page += 1
     for layer in book.layers:
         contents.append((f"{layer.name}: sheet" + (f" and {len(layer.cards)} unit cards" if layer.cards else ""),
@@ -182,8 +182,8 @@ def write_book(book: Book, path: Path) -> int:
         _title_page(pdf, book, contents)
         n = 1
         bar.update(1)
-        if book.sparsity is not None:
-            fig = book.sparsity()
+        for _, make in book.figures:
+            fig = make()
             n += 1
             fig.text(0.5, 0.01, str(n), ha="center", va="bottom", fontsize=8, color="0.4")
             pdf.savefig(fig)

@@ -346,10 +346,12 @@ class ImageIndex:
     def label(self, image_id: int) -> str:
         if not 0 <= image_id < len(self.labels):
             return "\u2013"
-        lab = int(self.labels[image_id])
-        if lab < 0:
+        return self.class_name(int(self.labels[image_id]))
+
+    def class_name(self, label: int) -> str:
+        if label < 0:
             return "\u2013"
-        return self.class_names[lab] if lab < len(self.class_names) else str(lab)
+        return self.class_names[label] if label < len(self.class_names) else str(label)
 
     def file(self, image_id: int) -> str:
         if not 0 <= image_id < len(self.paths):
@@ -530,6 +532,35 @@ def card_layout(cells: list[Cell], patch_hw: tuple[int, int], k: int, bottom_k: 
 
 
 @dataclass
+class UnitClasses:
+    """Each unit's class selectivity (per-image max), preferred class and the two means."""
+
+    index: np.ndarray  # (C,)
+    preferred: np.ndarray  # (C,)
+    best: np.ndarray  # (C,) mean on the preferred class
+    rest: np.ndarray  # (C,) mean of the other classes' means
+
+    @classmethod
+    def read(cls, g: h5py.Group) -> "UnitClasses | None":
+        from pipeline.selectivity import class_selectivity
+
+        if "classes/sum_max" not in g:
+            return None
+        found = class_selectivity(g["classes/sum_max"][()], g["classes/count"][()])
+        seen = found.means[:, np.isfinite(found.means).all(axis=0)]
+        best = np.nanmax(seen, axis=1) if seen.shape[1] else np.full(len(found.index), np.nan)
+        rest = (seen.sum(axis=1) - best) / max(seen.shape[1] - 1, 1)
+        return cls(found.index, found.preferred, best, rest)
+
+    def line(self, c: int, images: "ImageIndex") -> str:
+        if not np.isfinite(self.index[c]):
+            return "class selectivity: fewer than two classes with images"
+        name = images.class_name(int(self.preferred[c]))
+        return (f"class selectivity {self.index[c]:.2f} \u00b7 prefers {name} (mean per-image max "
+                f"{_fmt_value(float(self.best[c]))} vs {_fmt_value(float(self.rest[c]))} on the other classes)")
+
+
+@dataclass
 class LayerCards:
     """Everything needed to draw the cards of one layer; arrays for all units, datasets
     (patches, panels, patterns) read a block of units at a time."""
@@ -555,6 +586,7 @@ class LayerCards:
     weights: Weights | None
     layout: CardLayout
     absent: list[str] = field(default_factory=list)
+    classes: "UnitClasses | None" = None
 
     @classmethod
     def read(cls, f: h5py.File, info: LayerInfo, images: ImageIndex) -> "LayerCards":
@@ -636,7 +668,8 @@ class LayerCards:
             cells.append(Cell("spectrum", "per-image maximum: log-bucket counts", slots=2))
         else:
             absent.append("activation spectrum")
-        stats_lines = 2 + (weights is not None) + (pattern_value is not None)
+        classes = UnitClasses.read(g)
+        stats_lines = 2 + (weights is not None) + (pattern_value is not None) + (classes is not None)
         ph, pw = patch_px(patch_hw)
         width = 2 * MARGIN + COLS * max(3 * max(ph, pw) + 2 * THIN, 120) + (COLS - 1) * GAP
         footer = wrap("not in results.h5: " + " \u00b7 ".join(absent), 11, width - 2 * MARGIN) if absent else []
@@ -649,7 +682,7 @@ class LayerCards:
                    bottom_value=bottom_value, bottom_image=bottom_image, stats=stats, quantile_levels=levels,
                    spectrum=spectrum, spectrum_x=spectrum_x, panel_methods=methods, pattern_rows=pattern_rows,
                    pattern_ds=pattern_ds, pattern_value=pattern_value, pattern_objective=objective,
-                   weights=weights, layout=layout, absent=absent)
+                   weights=weights, layout=layout, absent=absent, classes=classes)
 
     # ------------------------------------------------------------------ composing
 
@@ -813,6 +846,9 @@ class LayerCards:
             if w.inferred:
                 bits.append(f"matched by {w.inferred}")
             draw_text(card, "weights: " + " \u00b7 ".join(bits), MARGIN, y, 12, INK, max_width=lay.width - 2 * MARGIN)
+            y += LINE_H
+        if self.classes is not None:
+            draw_text(card, self.classes.line(c, self.images), MARGIN, y, 12, INK, max_width=lay.width - 2 * MARGIN)
             y += LINE_H
         if self.pattern_value is not None:
             v = float(self.pattern_value[c])

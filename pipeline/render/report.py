@@ -1,9 +1,10 @@
 """The report of a run, rendered from results.h5 only: layer sheets and their
-previews, the sparsity figure, unit cards and thumbnails, per-image sheets, the book
+previews, the run figures, unit cards and thumbnails, per-image sheets, the book
 (report.pdf) and the HTML pages. No model is loaded and TensorFlow is never imported.
 
     sheets/<layer>.png            every unit of a layer: its top patches as a montage
     sheets/run/sparsity.png, .pdf the share of zero activations by depth
+    sheets/run/selectivity.png    class selectivity by depth (labelled scans), and .pdf
     sheets/images/image_<id>.png  per-image sheets: photo, stored predictions, Grad-CAM,
                                   occlusion maps, activation grids
     report/cards/<layer>/...      one card per unit (render.cards)
@@ -39,7 +40,7 @@ from pipeline.render.results import (
     stored_preprocessing,
     str_array,
 )
-from pipeline.render.sheets import MAX_SLOTS, compose_sheet, sparsity_figure
+from pipeline.render.sheets import MAX_SLOTS, compose_sheet, selectivity_figure, sparsity_figure
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,23 @@ def _extras(f: h5py.File, run_dir: Path, stored: list[str]) -> list[tuple[str, l
 # ----------------------------------------------------------------------------
 
 PRINT_DPI = 300  # figures (sparsity, per-image sheets) as PNG
+
+
+def run_figures(f: h5py.File, infos, model: str) -> dict:
+    """The run's figures over layers, name -> (title, function -> Figure): sparsity by depth
+    (stats/zero_fraction) and class selectivity by depth (classes/, labelled scans)."""
+    out = {}
+    zero = [(i.name, f["layers"][i.stored]["stats/zero_fraction"][()]) for i in infos
+            if "stats/zero_fraction" in f["layers"][i.stored]]
+    if zero:
+        out["sparsity"] = ("Sparsity by depth",
+                           partial(sparsity_figure, [n for n, _ in zero], [z for _, z in zero], model))
+    chosen = [(i.name, f["layers"][i.stored]["classes/selectivity_max"][()]) for i in infos
+              if "classes/selectivity_max" in f["layers"][i.stored]]
+    if chosen:
+        out["selectivity"] = ("Class selectivity by depth",
+                              partial(selectivity_figure, [n for n, _ in chosen], [s for _, s in chosen], model))
+    return out
 PREVIEW_PX = 480  # sheet previews on the index
 
 
@@ -121,9 +139,10 @@ def _chosen_units(units, channels: int) -> list[int]:
     return list(range(min(int(units or 0), channels)))
 
 
-def _render_layers(f, infos, n_ok: int, make_sparsity, chosen: dict, cards: bool, sheet_dir: Path,
+def _render_layers(f, infos, n_ok: int, figures: dict, chosen: dict, cards: bool, sheet_dir: Path,
                    report_dir: Path):
-    """Layer sheets and their previews, the sparsity figure, unit cards and thumbnails."""
+    """Layer sheets and their previews, the run figures (sheets/run/<name>.png and .pdf;
+    figures: name -> (title, function -> Figure)), unit cards and thumbnails."""
     from pipeline.render.cards import ImageIndex, render_layer_cards
 
     sheets: dict[str, Path] = {}
@@ -134,11 +153,11 @@ def _render_layers(f, infos, n_ok: int, make_sparsity, chosen: dict, cards: bool
         write_png(path, image)
         sheets[info.stored] = path
         previews[info.stored] = _preview(image, report_dir / "previews" / f"{info.stored}.jpg")
-    sparsity_png = None
-    if make_sparsity is not None:
-        fig = make_sparsity()
-        sparsity_png = save_figure(fig, sheet_dir / "run" / "sparsity.png", PRINT_DPI)
-        save_figure(fig, sheet_dir / "run" / "sparsity.pdf", PRINT_DPI)
+    figure_pngs = {}
+    for name, (_, make) in figures.items():
+        fig = make()
+        figure_pngs[name] = save_figure(fig, sheet_dir / "run" / f"{name}.png", PRINT_DPI)
+        save_figure(fig, sheet_dir / "run" / f"{name}.pdf", PRINT_DPI)
     images = ImageIndex.read(f)
     card_files = {}
     total = sum((int(i.shape[-1]) if i.shape else 0) if cards else len(chosen.get(i.stored, [])) for i in infos)
@@ -150,7 +169,7 @@ def _render_layers(f, infos, n_ok: int, make_sparsity, chosen: dict, cards: bool
             card_files[info.stored] = render_layer_cards(
                 f, info, report_dir / "cards" / info.stored, report_dir / "thumbs" / info.stored if cards else None,
                 units=wanted, images=images, pool=pool, bar=bar)
-    return sheets, previews, sparsity_png, card_files
+    return sheets, previews, figure_pngs, card_files
 
 
 class RenderCache:
@@ -195,15 +214,16 @@ class RenderCache:
         return None if rel is None else self.out_dir / rel
 
     def _dump_layers(self, value):
-        sheets, previews, sparsity, card_files = value
+        sheets, previews, figures, card_files = value
         cards = {k: dict(cards={u: self._rel(p) for u, p in c.cards.items()},
                          thumbs={u: self._rel(p) for u, p in c.thumbs.items()}, size=list(c.size), thumb=c.thumb)
                  for k, c in card_files.items()}
         data = dict(sheets={k: self._rel(p) for k, p in sheets.items()},
-                    previews={k: self._rel(p) for k, p in previews.items()}, sparsity=self._rel(sparsity), cards=cards)
+                    previews={k: self._rel(p) for k, p in previews.items()},
+                    figures={k: self._rel(p) for k, p in figures.items()}, cards=cards)
         files = list(data["sheets"].values()) + list(data["previews"].values()) + \
             [rel for c in cards.values() for rel in (*c["cards"].values(), *c["thumbs"].values())]
-        return data, files + ([data["sparsity"]] if sparsity else [])
+        return data, files + list(data["figures"].values())
 
     def _load_layers(self, data):
         from pipeline.render.cards import LayerCardFiles
@@ -212,7 +232,8 @@ class RenderCache:
                                    {int(u): self._abs(p) for u, p in c["thumbs"].items()}, tuple(c["size"]), c["thumb"])
                  for k, c in data["cards"].items()}
         return ({k: self._abs(p) for k, p in data["sheets"].items()},
-                {k: self._abs(p) for k, p in data["previews"].items()}, self._abs(data["sparsity"]), cards)
+                {k: self._abs(p) for k, p in data["previews"].items()},
+                {k: self._abs(p) for k, p in data.get("figures", {}).items()}, cards)
 
     def _dump_images(self, value):
         data = [[int(i), self._rel(p), caption] for i, p, caption in value]
@@ -268,23 +289,21 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
         ids = choose_images(pi, per_image, len(paths))  # a bad list stops here, before any file is written
         sheet_dir.mkdir(parents=True, exist_ok=True)
 
-        # layer sheets, previews, the sparsity figure, unit cards and thumbnails
-        zero = [(i.name, f["layers"][i.stored]["stats/zero_fraction"][()]) for i in infos
-                if "stats/zero_fraction" in f["layers"][i.stored]]
-        make_sparsity = partial(sparsity_figure, [n for n, _ in zero], [z for _, z in zero], model) if zero else None
+        # layer sheets, previews, the run figures, unit cards and thumbnails
+        figures = run_figures(f, infos, model)
         chosen = {i.stored: _chosen_units(units, int(i.shape[-1]) if i.shape else 0) for i in infos} if pdf else {}
         kept = cache.kept("layers")
         if kept is not None:
-            sheets, previews, sparsity_png, card_files = kept
+            sheets, previews, figure_pngs, card_files = kept
             logger.info("report: layer sheets and %d unit cards kept, their inputs did not change",
                         sum(len(c.cards) for c in card_files.values()))
         else:
-            sheets, previews, sparsity_png, card_files = _render_layers(f, infos, n_ok, make_sparsity, chosen,
-                                                                         cards, sheet_dir, report_dir)
-            cache.record("layers", (sheets, previews, sparsity_png, card_files))
+            sheets, previews, figure_pngs, card_files = _render_layers(f, infos, n_ok, figures, chosen,
+                                                                        cards, sheet_dir, report_dir)
+            cache.record("layers", (sheets, previews, figure_pngs, card_files))
         written += [sheets[i.stored] for i in infos]
-        if sparsity_png is not None:
-            written += [sparsity_png, sparsity_png.with_suffix(".pdf")]
+        for png in figure_pngs.values():
+            written += [png, png.with_suffix(".pdf")]
         for files in card_files.values():
             written += list(files.cards.values()) + list(files.thumbs.values())
 
@@ -334,7 +353,7 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
                                        if i.stored in card_files and u in card_files[i.stored].cards])
                             for i in infos],
                     images=[(caption, path) for _, path, caption in image_sheets],
-                    config=as_str(attrs.get("config", "")), sparsity=make_sparsity, notes=notes)
+                    config=as_str(attrs.get("config", "")), figures=list(figures.values()), notes=notes)
         book_path = out_dir / "report.pdf"
         write_book(book, book_path)
         written.append(book_path)
@@ -358,7 +377,8 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
             + (f" (of the {kept} kept)" if kept > MAX_SLOTS else "") + ", unit cards and per-image maps.")
     site = Site(title=model, lead=lead,
                 facts=facts, images_line=f"{n_ok} images scanned, {len(skipped)} skipped.", skipped=skipped,
-                layers=site_layers, sparsity=sparsity_png,
+                layers=site_layers,
+                figures=[(figures[k][0], png) for k, png in figure_pngs.items() if k in figures],
                 images=[SiteImage(i, caption, path) for i, path, caption in image_sheets], images_note=images_note,
                 extras=extras, book=book_path, config=as_str(attrs.get("config", "")), notes=notes)
     pages = write_site(site, out_dir)

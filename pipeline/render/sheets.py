@@ -176,15 +176,14 @@ def compose_sheet(g: h5py.Group, info: LayerInfo, n_ok: int) -> np.ndarray:
 # sparsity by depth
 # ----------------------------------------------------------------------------
 
-def sparsity_figure(names: list[str], zero_fractions: list[np.ndarray], model: str = "") -> Figure:
-    """Per layer (network order) the distribution over channels of the share of zero
-    activations: box (quartiles), whiskers (5th-95th percentile), mean (line), and the
-    share of channels that were zero everywhere (dead on this data)."""
+def _layer_boxes(names: list[str], values: list[np.ndarray], figsize_y: float = 4.2):
+    """A figure with, per layer in network order, a box of `values` over channels (box:
+    quartiles, whiskers: 5th-95th percentile, NaN left out) and a line through the means."""
     n = len(names)
-    fig = Figure(figsize=(max(5.5, 0.55 * n + 2.5), 4.2), layout="constrained")
+    fig = Figure(figsize=(max(5.5, 0.55 * n + 2.5), figsize_y), layout="constrained")
     ax = fig.add_subplot()
     x = np.arange(n)
-    data = [np.asarray(z, np.float64) for z in zero_fractions]
+    data = [np.asarray(v, np.float64)[np.isfinite(v)] for v in values]
     if n:
         ax.boxplot(data, positions=x, widths=0.5, whis=(5, 95), showfliers=False, patch_artist=True,
                    boxprops=dict(facecolor="#c6d8ee", edgecolor="#4a6f9e"),
@@ -192,19 +191,43 @@ def sparsity_figure(names: list[str], zero_fractions: list[np.ndarray], model: s
                    capprops=dict(color="#4a6f9e"))
         ax.plot(x, [d.mean() if d.size else np.nan for d in data], color="#c0392b", marker="o", ms=4, lw=1.5,
                 label="mean over channels")
-        ax.plot(x, [(d >= 1.0).mean() if d.size else np.nan for d in data], color="0.35", marker="s", ms=3.5,
-                lw=1, ls="--", label="channels zero everywhere")
-        ax.legend(fontsize=8, frameon=False, loc="upper left")
     ax.set_xticks(x, names, rotation=35 if n > 3 else 0, ha="right" if n > 3 else "center", fontsize=8)
     ax.set_xlim(-0.6, n - 0.4)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel("share of zero activations", fontsize=9)
     ax.set_xlabel("layer (input \u2192 output)", fontsize=9)
     ax.tick_params(axis="y", labelsize=8)
     ax.grid(axis="y", alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
+    return fig, ax, x, data
+
+
+def sparsity_figure(names: list[str], zero_fractions: list[np.ndarray], model: str = "") -> Figure:
+    """Per layer (network order) the distribution over channels of the share of zero
+    activations: box (quartiles), whiskers (5th-95th percentile), mean (line), and the
+    share of channels that were zero everywhere (dead on this data)."""
+    fig, ax, x, data = _layer_boxes(names, zero_fractions)
+    if len(names):
+        ax.plot(x, [(d >= 1.0).mean() if d.size else np.nan for d in data], color="0.35", marker="s", ms=3.5,
+                lw=1, ls="--", label="channels zero everywhere")
+        ax.legend(fontsize=8, frameon=False, loc="upper left")
+    ax.set_ylabel("share of zero activations", fontsize=9)
     ax.set_title("share of zero activations per channel (box: quartiles, whiskers: 5-95 %)", fontsize=8,
                  color="0.3")
     fig.suptitle(f"Sparsity by depth{': ' + model if model else ''}", fontsize=10)
+    return fig
+
+
+def selectivity_figure(names: list[str], selectivity: list[np.ndarray], model: str = "") -> Figure:
+    """Per layer (network order) the distribution over channels of the class selectivity
+    index of the per-image maximum (Morcos et al. 2018), and the share of units above 0.5."""
+    fig, ax, x, data = _layer_boxes(names, selectivity)
+    if len(names):
+        ax.plot(x, [(d > 0.5).mean() if d.size else np.nan for d in data], color="0.35", marker="s", ms=3.5,
+                lw=1, ls="--", label="share of units with selectivity > 0.5")
+        ax.legend(fontsize=8, frameon=False, loc="upper left")
+    ax.set_ylabel("class selectivity index", fontsize=9)
+    ax.set_title("(\u03bc_max - \u03bc_rest) / (\u03bc_max + \u03bc_rest) over class means of the per-image max\n"
+                 "box: quartiles, whiskers: 5-95 % of units", fontsize=8, color="0.3")
+    fig.suptitle(f"Class selectivity by depth{': ' + model if model else ''}", fontsize=10)
     return fig
 

@@ -80,7 +80,7 @@ class Site:
     images_line: str  # "N images scanned, M skipped."
     skipped: list[tuple[str, str]]
     layers: list[SiteLayer]
-    sparsity: Path | None
+    figures: list[tuple[str, Path]]  # run figures: (title, PNG)
     images: list[SiteImage]
     images_note: str  # what is absent about per-image maps
     extras: list[tuple[str, list[tuple[str, Path]]]]  # (section, [(caption, file)])
@@ -364,10 +364,10 @@ def _index_body(site: Site, out_dir: Path) -> str:
               "<thead><tr><th>depth</th><th>layer</th><th>shape</th><th>receptive field / stride</th>"
               "<th>units</th><th title=\"mean over channels of the fraction of zero activations\">sparsity</th>"
               "<th>sheet</th></tr></thead>", "<tbody>", "\n".join(rows), "</tbody>", "</table>"]
-    if site.sparsity is not None:
-        parts.append(f'<h2>Sparsity by depth</h2><p><a href="{url(site.sparsity, out_dir)}"><img class="thumb" '
-                     f'style="max-width:640px;max-height:none" loading="lazy" src="{url(site.sparsity, out_dir)}" '
-                     f'alt="sparsity by depth"></a></p>')
+    for title, png in site.figures:
+        parts.append(f'<h2>{esc(title)}</h2><p><a href="{url(png, out_dir)}"><img class="thumb" '
+                     f'style="max-width:640px;max-height:none" loading="lazy" src="{url(png, out_dir)}" '
+                     f'alt="{esc(title.lower())}"></a></p>')
     parts.append('<h2 id="images">Per-image sheets</h2>')
     if site.images:
         figs = "".join(
