@@ -142,6 +142,29 @@ def test_glyph_text_matches_matplotlib_rendering_of_the_same_string():
     assert abs((ys.max() - ys.min()) - (ry.max() - ry.min())) <= 1
 
 
+def _blank_runs(ink_columns: np.ndarray) -> list[int]:
+    cols = np.flatnonzero(ink_columns)
+    filled = ink_columns[cols[0]:cols[-1] + 1]
+    edges = np.flatnonzero(np.diff(filled.astype(int)))  # ink -> blank and blank -> ink
+    return list(np.diff(edges)[::2])
+
+
+def test_glyphs_are_spaced_as_matplotlib_spaces_them():
+    # hinted glyphs on unhinted advances, or a bitmap offset rounded the wrong way, left
+    # gaps inside words ("motorcy cle") and glued letters together elsewhere
+    text = "motorcycle_left.png features_7 unit 17"
+    size = 12
+    ours = GlyphFont(size).mask(text).max(axis=0) > 0.5
+    fig = Figure(figsize=(6, 1), dpi=72)
+    fig.text(0.02, 0.5, text, fontsize=size, family="DejaVu Sans", va="center")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    reference = (255 - np.asarray(canvas.buffer_rgba())[..., 0].astype(int)).max(axis=0) > 127
+    ours_runs, reference_runs = _blank_runs(ours), _blank_runs(reference)
+    assert len(ours_runs) == len(reference_runs)  # every gap between glyphs is there, none extra
+    assert max(ours_runs) <= max(reference_runs)
+
+
 def test_draw_text_only_inks_its_line_box_and_ellipsises():
     canvas = np.full((40, 300, 3), 255, np.uint8)
     width = draw_text(canvas, "Hello 123", 20, 10, 12, (0, 0, 0))

@@ -105,12 +105,12 @@ class GlyphFont:
         ft.set_text(ch, 0.0, flags=LoadFlags.FORCE_AUTOHINT)
         ft.draw_glyphs_to_bitmap(antialiased=True)
         alpha = np.asarray(ft.get_image(), np.float32) / 255.0
-        left = int(round(ft.get_bitmap_offset()[0] / 64))
+        left = math.floor(ft.get_bitmap_offset()[0] / 64)  # the bitmap starts at the pixel holding xMin
         g = ft.load_char(ord(ch), flags=LoadFlags.FORCE_AUTOHINT)
         # the bitmap's first row lies floor(yMax) + 1 pixels above the baseline (yMax: top of
         # the glyph's outline box, 26.6 fixed point)
         top = self.ascent - (g.bbox[3] // 64 + 1)
-        got = (alpha, left, top, g.linearHoriAdvance / 65536)  # unhinted advance: even spacing
+        got = (alpha, left, top, g.horiAdvance / 64)  # the hinted advance, as the hinted bitmap was drawn
         self._glyphs[ch] = got
         return got
 
