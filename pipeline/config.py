@@ -269,6 +269,18 @@ class InvarianceConfig:  # stage: invariance
 
 
 @dataclass
+class AblationConfig:  # stage: ablation
+    # layers whose units are zeroed one at a time (null: the last of `layers`)
+    layers: Any = None
+    # N: the N most class-selective units of the scan (the first N without one); or a list
+    units: Any = 16
+    # labelled images used, in id order (null: all)
+    images: Optional[int] = None
+    # images per pass; a pass holds (units + 1) x batch_size rows
+    batch_size: int = 8
+
+
+@dataclass
 class ReportConfig:  # stage: report
     # a card (PNG) and a thumbnail for every unit, and one HTML page per layer
     cards: bool = True
@@ -307,6 +319,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
     invariance: InvarianceConfig = field(default_factory=InvarianceConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
     # where converted models are cached (null: $CNN_LENS_CACHE or ~/.cache/cnn-lens)
     cache_dir: Optional[str] = None
     # recompute stages whose results are already in the run directory

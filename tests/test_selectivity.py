@@ -135,3 +135,58 @@ def test_unlabelled_images_and_scan_classes_false_store_no_classes(tmp_path, col
     for name in ("off", "unlabelled"):
         with h5py.File(tmp_path / name / "results.h5", "r") as f:
             assert "classes" not in f["layers/relu"]
+
+
+def evidence_model(path):
+    """Units 0-2 read red, green, blue and are the only evidence for classes 0-2; unit 3 is a
+    constant that feeds nothing; class 3 ('none') wins when the evidence is gone."""
+    inp = keras.Input((8, 8, 3))
+    conv = keras.layers.Conv2D(4, 1, name="conv")
+    x = keras.layers.ReLU(name="relu")(conv(inp))
+    dense = keras.layers.Dense(4, name="logits")
+    out = dense(keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    model = keras.Model(inp, out)
+    kernel = np.zeros((1, 1, 3, 4), np.float32)
+    kernel[0, 0, [0, 1, 2], [0, 1, 2]] = 1.0
+    conv.set_weights([kernel, np.array([0, 0, 0, 0.5], np.float32)])
+    weights = np.zeros((4, 4), np.float32)
+    weights[[0, 1, 2], [0, 1, 2]] = 1.0
+    dense.set_weights([weights, np.array([0, 0, 0, 0.1], np.float32)])
+    model.save(path)
+    return model
+
+
+def test_ablating_the_only_evidence_for_a_class_costs_that_class_only(tmp_path, colour_folder):
+    model = evidence_model(tmp_path / "evidence.keras")
+    order = ["red", "green", "blue"]  # the model's classes 0-2
+    lines = [f"{p} {order.index(p.parent.name)}" for p in sorted(colour_folder.rglob("*.png"))]
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    cfg = compose_cfg(["model=file", f"model.path={tmp_path / 'evidence.keras'}", "model.preprocess=unit",
+                       "dataset=filelist", f"dataset.path={tmp_path / 'list.txt'}", "layers=[relu]", "topk=2",
+                       "stages=[scan,ablation]", "ablation.units=3", "ablation.batch_size=3"])
+    run(cfg, tmp_path / "run")
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        g = f["ablation/relu"]
+        assert g.attrs["selected"] == "selectivity"
+        assert g["units"][()].tolist() == [0, 1, 2]  # the constant unit 3 is not selective
+        assert g["classes"][()].tolist() == [0, 1, 2] and (g["base_accuracy"][()] == 1).all()
+        np.testing.assert_array_equal(g["accuracy_delta"][()], -np.eye(3))  # its class to 0, others kept
+        counts = g["count"][()]
+        np.testing.assert_allclose(g["overall_delta"][()], -counts / counts.sum(), rtol=1e-6)
+        image, label, logit = f["ablation/image"][()], f["ablation/label"][()], g["logit"][()]
+        paths = read_strings(f["images/path"])
+        from pipeline.render.cards import ImageIndex, UnitAblation
+
+        shown = UnitAblation.read(f, "relu")
+        assert shown.line(0, ImageIndex(paths, label, order)).endswith("most hurt: red -100")
+        assert shown.line(3, ImageIndex(paths, label, order)) is None  # not ablated
+    # the oracle: the same model with the unit's filter and bias set to zero
+    pixels = np.stack([np.asarray(Image.open(paths[i]).convert("RGB")) for i in image]).astype(np.float32) / 255
+    for u in range(3):
+        clone = keras.models.clone_model(model)
+        clone.set_weights(model.get_weights())
+        kernel, bias = clone.get_layer("conv").get_weights()
+        kernel[..., u], bias[u] = 0.0, 0.0
+        clone.get_layer("conv").set_weights([kernel, bias])
+        want = clone(pixels).numpy()[np.arange(len(image)), label]
+        np.testing.assert_allclose(logit[:, u], want, rtol=1e-5, atol=1e-6)

@@ -561,6 +561,34 @@ class UnitClasses:
 
 
 @dataclass
+class UnitAblation:
+    """What zeroing a unit did (the ablation stage): accuracy change overall and per class."""
+
+    units: dict[int, int]  # unit -> row
+    classes: np.ndarray
+    accuracy_delta: np.ndarray  # (U, L')
+    overall_delta: np.ndarray  # (U,)
+
+    @classmethod
+    def read(cls, f: h5py.File, stored: str) -> "UnitAblation | None":
+        g = f.get(f"ablation/{stored}")
+        if g is None:
+            return None
+        return cls({int(u): i for i, u in enumerate(g["units"][()])}, g["classes"][()], g["accuracy_delta"][()],
+                   g["overall_delta"][()])
+
+    def line(self, c: int, images: "ImageIndex") -> str | None:
+        row = self.units.get(c)
+        if row is None:
+            return None
+        delta = self.accuracy_delta[row]
+        worst = [i for i in np.argsort(delta, kind="stable")[:2] if delta[i] < 0]
+        hurt = ", ".join(f"{images.class_name(int(self.classes[i]))} {100 * delta[i]:+.0f}" for i in worst)
+        return (f"zeroed: accuracy {100 * self.overall_delta[row]:+.1f} points overall"
+                + (f"; most hurt: {hurt}" if hurt else "; no class loses accuracy"))
+
+
+@dataclass
 class LayerCards:
     """Everything needed to draw the cards of one layer; arrays for all units, datasets
     (patches, panels, patterns) read a block of units at a time."""
@@ -587,6 +615,7 @@ class LayerCards:
     layout: CardLayout
     absent: list[str] = field(default_factory=list)
     classes: "UnitClasses | None" = None
+    ablation: "UnitAblation | None" = None
 
     @classmethod
     def read(cls, f: h5py.File, info: LayerInfo, images: ImageIndex) -> "LayerCards":
@@ -669,7 +698,9 @@ class LayerCards:
         else:
             absent.append("activation spectrum")
         classes = UnitClasses.read(g)
-        stats_lines = 2 + (weights is not None) + (pattern_value is not None) + (classes is not None)
+        ablation = UnitAblation.read(f, info.stored)
+        stats_lines = 2 + (weights is not None) + (pattern_value is not None) + (classes is not None) + \
+            (ablation is not None)
         ph, pw = patch_px(patch_hw)
         width = 2 * MARGIN + COLS * max(3 * max(ph, pw) + 2 * THIN, 120) + (COLS - 1) * GAP
         footer = wrap("not in results.h5: " + " \u00b7 ".join(absent), 11, width - 2 * MARGIN) if absent else []
@@ -682,7 +713,7 @@ class LayerCards:
                    bottom_value=bottom_value, bottom_image=bottom_image, stats=stats, quantile_levels=levels,
                    spectrum=spectrum, spectrum_x=spectrum_x, panel_methods=methods, pattern_rows=pattern_rows,
                    pattern_ds=pattern_ds, pattern_value=pattern_value, pattern_objective=objective,
-                   weights=weights, layout=layout, absent=absent, classes=classes)
+                   weights=weights, layout=layout, absent=absent, classes=classes, ablation=ablation)
 
     # ------------------------------------------------------------------ composing
 
@@ -849,6 +880,11 @@ class LayerCards:
             y += LINE_H
         if self.classes is not None:
             draw_text(card, self.classes.line(c, self.images), MARGIN, y, 12, INK, max_width=lay.width - 2 * MARGIN)
+            y += LINE_H
+        if self.ablation is not None:
+            text = self.ablation.line(c, self.images)
+            draw_text(card, text or "zeroed: not among the ablated units", MARGIN, y, 12, INK if text else MUTED,
+                      max_width=lay.width - 2 * MARGIN)
             y += LINE_H
         if self.pattern_value is not None:
             v = float(self.pattern_value[c])

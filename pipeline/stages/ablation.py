@@ -1,0 +1,118 @@
+"""`ablation` stage: zero single units and measure what each costs every class.
+
+For each layer of `ablation.layers` (default: the run's last scanned layer) and each of its
+`ablation.units` (N: the N most class-selective units of the scan, else the first N; or a
+list), every labelled image of the dataset goes through the model once with the unit
+zeroed (pipeline.ablation). Labels are taken as the model's class indices: a model trained
+on this dataset (the train stage, IDX, a filelist of class numbers). Ablating a unit barely
+moves the overall accuracy but can hurt single classes, so the deltas are kept per class.
+
+results.h5:
+
+    ablation/image (n,) int64; ablation/label (n,) int64   the labelled images, in order
+    ablation/<layer>/   attrs: name, selected ("selectivity" | "first" | "list")
+      units (U,) int64
+      base_correct (n,) bool; base_logit (n,) float32   the true class, intact model
+      correct (n, U) bool; logit (n, U) float32         with unit u zeroed
+      classes (L',) int64; count (L',) int64; base_accuracy (L',) float32
+      accuracy_delta (U, L'), logit_delta (U, L') float32   per class, zeroed minus intact
+      overall_delta (U,) float32                            accuracy over every image
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.config import is_sequence
+from pipeline.datasets import list_images
+from pipeline.errors import PipelineError
+from pipeline.store import Store
+
+logger = logging.getLogger(__name__)
+
+KEYS = ("model", "dataset", "layers", "ablation")
+PART = "ablation.h5"
+
+
+def DEPENDS(cfg) -> tuple[str, ...]:  # noqa: N802 - the runner reads it like the constant it usually is
+    """The most selective units come from the scan."""
+    return ("scan",) if not is_sequence(cfg.ablation.units) else ()
+
+
+def chosen_units(value, channels: int, selectivity: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """ablation.units -> (units, how they were chosen)."""
+    if not is_sequence(value):
+        n = min(int(value), channels)
+        if n < 1:
+            raise PipelineError("ablation.units=0: give a number of units (the most selective) or a list")
+        if selectivity is None:
+            return np.arange(n, dtype=np.int64), "first"
+        order = np.argsort(-np.nan_to_num(selectivity, nan=-np.inf), kind="stable")
+        return np.sort(order[:n]).astype(np.int64), "selectivity"
+    units = sorted({int(u) for u in value})
+    bad = [u for u in units if not 0 <= u < channels]
+    if bad or not units:
+        raise PipelineError(f"ablation.units={list(value)}: list units from 0 to {channels - 1}")
+    return np.asarray(units, np.int64), "list"
+
+
+def run(cfg, run_dir: Path, stage_print: str) -> None:
+    from pipeline.ablation import Ablator, class_effects, per_image_rows
+    from pipeline.chunks import BOOKKEEPING, ChunkedStream
+    from pipeline.layers import chosen_layers
+    from pipeline.models.sources import load_model
+    from pipeline.preprocess import normalize
+
+    a = cfg.ablation
+    bundle = load_model(cfg.model, cfg.cache_dir)
+    table = list_images(cfg.dataset)
+    ids = np.flatnonzero(table.labels >= 0)
+    if not ids.size:
+        raise PipelineError("ablation needs labelled images: class folders, a 'path label' list or IDX labels")
+    ids = ids[:int(a.images)] if a.images is not None else ids
+    chosen = chosen_layers(bundle.model, a.layers) if a.layers else chosen_layers(bundle.model, cfg.layers)[-1:]
+    store = Store(run_dir)
+    store.ensure_run(cfg, bundle, table)
+    plans = []  # (stored key, ablator, units, how chosen)
+    with store.open() as f:
+        for key, name in chosen:
+            ablator = Ablator(bundle.model, name, cfg.model.output)
+            if table.labels.max() >= ablator.num_classes:
+                raise PipelineError(f"ablation: dataset label {int(table.labels.max())} is beyond the model's "
+                                    f"{ablator.num_classes} classes: labels must be the model's class indices")
+            classes = f.get(f"layers/{key}/classes")
+            selectivity = classes["selectivity_max"][()] if classes is not None else None
+            units, how = chosen_units(a.units, ablator.channels, selectivity)
+            plans.append((key, name, ablator, units, how))
+            logger.info("ablation: %d unit(s) of %s (%s), one pass per image and unit", len(units), name, how)
+    spec = bundle.preprocessing
+    work = store.work("ablation", stage_print, cfg.overwrite, batch_size=int(a.batch_size))
+    stream = ChunkedStream(work, table, spec, int(a.batch_size), ids, cfg.checkpoint)
+    with tqdm(total=len(ids), initial=len(ids) - stream.remaining, desc="ablation", unit="img") as bar:
+        for batch_ids, pixels in stream:
+            x, labels = normalize(pixels, spec.normalize), table.labels[batch_ids]
+            rows = {"ablation/image": batch_ids.astype(np.int64), "ablation/label": labels.astype(np.int64)}
+            for key, _, ablator, units, _ in plans:
+                found = per_image_rows(*ablator.logits(x, units), labels)
+                rows.update({f"ablation/{key}/{k}": v for k, v in found.items()})
+            stream.add(rows)
+            bar.update(len(batch_ids))
+        bar.update(len(ids) - bar.n)
+    store.write_images(len(table), stream.errors, replace=False)
+    with store.write(PART) as f:
+        work.assemble(f, skip=BOOKKEEPING)
+        if "ablation" not in f:
+            raise PipelineError("ablation: none of the labelled images could be read")
+        labels = f["ablation/label"][()]
+        for key, name, _, units, how in plans:
+            g = f[f"ablation/{key}"]
+            g.attrs.update(name=name, selected=how)
+            g["units"] = units
+            effects = class_effects(labels, g["base_correct"][()], g["correct"][()], g["base_logit"][()],
+                                    g["logit"][()])
+            for field in ("classes", "count", "base_accuracy", "accuracy_delta", "logit_delta", "overall_delta"):
+                g[field] = getattr(effects, field)
