@@ -146,6 +146,9 @@ class CamConfig:  # stage: cam
     top_n: int = 1
     # Score-CAM: masked images per forward pass (bounds its memory)
     scorecam_batch: int = 256
+    # Score-CAM over N channels per image, those of highest variance (Faster Score-CAM;
+    # null: every channel, the exact method)
+    scorecam_channels: Optional[int] = None
     # images drawn as overlays, in id order (null: all)
     draw: Optional[int] = 16
     # heatmap opacity over the photo

@@ -35,6 +35,7 @@ RULES: dict[str, tuple] = {
     "activations.per_row": (1, None, True, False),
     "cam.top_n": (1, None, True, False),
     "cam.scorecam_batch": (1, None, True, False),
+    "cam.scorecam_channels": (1, None, True, True),
     "cam.draw": (0, None, True, True),
     "cam.alpha": (0, 1, False, False),
     "occlusion.size": (1, None, True, True),

@@ -66,7 +66,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         for ids, pixels in stream:
             x = normalize(pixels, spec.normalize)
             rows = top_predictions(ids, explainer.logits(x, batch_size=len(ids)))
-            out = explainer.compute(x, codes_for(ids), methods, batch_size=len(ids), scorecam_batch=c.scorecam_batch)
+            out = explainer.compute(x, codes_for(ids), methods, batch_size=len(ids), scorecam_batch=c.scorecam_batch,
+                                    scorecam_channels=c.scorecam_channels)
             k = out[methods[0]].classes.shape[1]
             rows["cam/image"] = np.repeat(ids.astype(np.int64), k)
             rows["cam/rank"] = np.tile(np.arange(k, dtype=np.int32), len(ids))
@@ -89,6 +90,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                        map_shape=np.asarray(explainer.map_shape[:2], np.int64))
         for m in methods:
             g[m].attrs.update(layer=explainer.layer, method=m)
+            if m == "scorecam":  # 0: every channel (exact); N: the N of highest variance per image
+                g[m].attrs["channels"] = int(c.scorecam_channels or 0)
             if m != "guided_gradcam":
                 _write_class_means(g[m])
     logger.info("cam: %d images explained, %d unreadable", len(table) - len(stream.errors), len(stream.errors))
