@@ -14,7 +14,10 @@ from pipeline.topk import ChannelStats, TopK, locate_columns, merge_candidates, 
 
 
 def as_maps(output: tf.Tensor) -> tf.Tensor:
-    """Layer output as (B, H, W, C); a (B, C) vector becomes a 1x1 map."""
+    """Layer output as (B, H, W, C) float32 (float16 and float64 models too: the tables are
+    float32); a (B, C) vector becomes a 1x1 map."""
+    if output.dtype != tf.float32:
+        output = tf.cast(output, tf.float32)
     if output.shape.rank == 2:
         return output[:, None, None, :]
     if output.shape.rank != 4:

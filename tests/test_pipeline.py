@@ -6,6 +6,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, save_image
@@ -272,3 +273,24 @@ def test_scan_border_leaves_the_outer_ring_out_of_the_ranking_not_the_statistics
             np.testing.assert_allclose(f[f"layers/{name}/stats/max"][()], every.max(axis=(0, 1, 2)), rtol=1e-5)
             np.testing.assert_allclose(f[f"layers/{name}/stats/mean"][()], every.mean(axis=(0, 1, 2)), rtol=1e-4)
     assert ring_winners > 0  # without the option, some winners sat on the ring
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+def test_scan_of_a_model_computing_in_another_float_type(dtype):
+    from pipeline.preprocess import Preprocessing
+    from pipeline.scan import Scanner
+
+    rng = np.random.default_rng(3)
+    inp = keras.Input((12, 12, 3), dtype=dtype)
+    out = keras.layers.ReLU(name="relu", dtype=dtype)(keras.layers.Conv2D(4, 3, name="conv", dtype=dtype)(inp))
+    model = keras.Model(inp, out)
+    model.set_weights([rng.normal(size=w.shape) for w in model.get_weights()])
+    spec = Preprocessing(12, 12, normalize="unit")
+    scanner = Scanner(model, ["relu"], spec, k=3, labels=np.array([0, 1, 0, 1, 0]), classes=2)
+    images = rng.integers(0, 256, (5, 12, 12, 3), dtype=np.uint8)
+    scanner.update(images, np.arange(5))
+    (top, stats), = scanner.results()
+    maps = model(tf.cast(images, dtype) / 255).numpy().astype(np.float32)
+    expected = topk_from_maps(maps, np.arange(5), 3)
+    np.testing.assert_array_equal(top.image, expected.image)
+    np.testing.assert_allclose(top.value, expected.value, rtol=1e-2 if dtype == "float16" else 1e-5)
