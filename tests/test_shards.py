@@ -238,7 +238,7 @@ def test_a_preempted_submitit_shard_is_requeued_and_resumes_its_scan(tmp_path):
 
 @pytest.mark.slow
 def test_many_shard_merge_benchmark_at_a_small_size():
-    proc = subprocess.run([sys.executable, "benchmarks/merge_shards.py", "--images", "1000", "--shards", "3",
+    proc = subprocess.run([sys.executable, "benchmarks/merge_shards.py", "--images", "400", "--shards", "3",
                            "--batch", "256"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("store_runs")
     tiny_model(tmp / "tiny.keras")
     rng = np.random.default_rng(11)
-    for i in range(400):
+    for i in range(200):  # 50 chunks a stage at checkpoint.batches=1: a kill after two lands mid-way
         save_image(tmp / "data" / f"c{i % 3}" / f"{i:04d}.png", rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
     (tmp / "data" / "c0" / "9999_broken.png").write_bytes(b"\x89PNG broken")
     base = ["model=file", f"model.path={tmp / 'tiny.keras'}", "model.preprocess=unit", "dataset=folder",
@@ -191,7 +191,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_complete_state(setup):
     try:
         run_dir = disk / "run"
         proc = subprocess.run([sys.executable, "run.py", *base, "stages=[scan,activations]",
-                               "activations.images=400", "checkpoint.batches=null", "checkpoint.block_mb=1",
+                               "activations.images=200", "checkpoint.batches=null", "checkpoint.block_mb=1",
                                f"hydra.run.dir={run_dir}"], cwd=ROOT, env=ENV, capture_output=True, text=True)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2, proc.stderr[-3000:]

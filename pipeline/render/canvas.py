@@ -19,35 +19,21 @@ BACKGROUND = 255  # the lines between patches
 DPI = 150  # of composed sheets: text sizes are set in pixels through it
 
 
-def _area_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """Source indices and weights (n_out, taps) averaging each output pixel over its area."""
+def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32 weights averaging each output pixel over its source area."""
     scale = n_in / n_out
     lo = np.arange(n_out)[:, None] * scale
     src = np.arange(n_in)[None, :]
     overlap = np.clip(np.minimum(lo + scale, src + 1) - np.maximum(lo, src), 0.0, None) / scale
     overlap[overlap < 1e-6] = 0.0
-    taps = int((overlap > 0).sum(axis=1).max())
-    idx = np.argsort(overlap == 0, axis=1, kind="stable")[:, :taps]  # nonzero columns first
-    return idx, np.take_along_axis(overlap, idx, axis=1).astype(np.float32)
-
-
-def _resample_axis(x: np.ndarray, axis: int, n_out: int) -> np.ndarray:
-    """Area-average x along `axis` to n_out samples, one gather per tap (float32)."""
-    idx, weight = _area_taps(x.shape[axis], n_out)
-    shape = [1] * x.ndim
-    shape[axis] = n_out
-    out = np.zeros(x.shape[:axis] + (n_out,) + x.shape[axis + 1:], np.float32)
-    for t in range(idx.shape[1]):
-        out += np.take(x, idx[:, t], axis=axis) * weight[:, t].reshape(shape)
-    return out
+    return overlap.astype(np.float32)
 
 
 def resize_patches(patches: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     """Resize uint8 images (..., h, w, ch) to (..., out_h, out_w, ch).
 
     Shrinking averages each output pixel over its source area; growing by a whole
-    factor repeats pixels (crisp blocks). Work is vectorised over all images; the
-    only Python loops run over the few source pixels per output pixel.
+    factor repeats pixels (crisp blocks). Work is vectorised over all images.
     """
     h, w = patches.shape[-3:-1]
     oh, ow = out_hw
@@ -69,7 +55,13 @@ def resize_patches(patches: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
             np.add(acc, rows[:, :, t::fw], out=acc)
         out = (acc + (fh * fw) // 2) // (fh * fw)
     else:
-        out = np.rint(_resample_axis(_resample_axis(x, 1, oh), 2, ow))
+        # each axis as one large matrix product (BLAS): rows, then columns
+        n = x.shape[0]
+        cols = np.moveaxis(x, 1, 0).reshape(h, -1).astype(np.float32)  # (h, N * w * ch)
+        rows = (_area_matrix(h, oh) @ cols).reshape(oh, n, w, ch)
+        rows = np.moveaxis(rows, 2, -1).reshape(-1, w)  # (oh * N * ch, w)
+        out = (rows @ _area_matrix(w, ow).T).reshape(oh, n, ch, ow)
+        out = np.rint(np.moveaxis(out, (0, 2), (1, 3)))  # (N, oh, ow, ch)
     return np.clip(out, 0, 255).astype(np.uint8).reshape(lead + (oh, ow, ch))
 
 
