@@ -397,8 +397,10 @@ def test_pdf_book_page_count(full_run):
     _, run_dir = full_run[:2]
     with h5py.File(run_dir / "results.h5", "r") as f:
         config_lines = len(f.attrs["config"].rstrip("\n").splitlines())
-    # title, sparsity, per layer its sheet and min(8, C) cards two a page, 3 per-image sheets, config
-    expected = 1 + 1 + (1 + 2) + (1 + 3) + 3 + math.ceil(config_lines / 90)
+        assert all("classes" in f[f"layers/{k}"] for k in f["layers"])  # class folders: a selectivity page
+    # title, sparsity, selectivity, per layer its sheet and min(8, C) cards two a page, 3 per-image
+    # sheets, config
+    expected = 1 + 1 + 1 + (1 + 2) + (1 + 3) + 3 + math.ceil(config_lines / 90)
     assert _pdf_pages(run_dir / "report.pdf") == expected
 
 

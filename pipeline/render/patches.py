@@ -49,9 +49,10 @@ def show_outside(patches: np.ndarray, inside: np.ndarray, flat: bool = False) ->
 def layer_patches(g: h5py.Group, name: str, c0: int, c1: int, k: int, size: tuple[int, int],
                   flat: bool = False) -> np.ndarray:
     """Channels c0:c1, slots :k of layers/<layer>/<name> (patches or bottom_patches) at `size`,
-    (b, k, h, w, 3) uint8, outside-image area checkered where the layer's geometry is stored."""
+    (b, k, h, w, 3) uint8, outside-image area checkered where the layer's geometry is stored.
+    flat=True (the JPEG export): flat grey instead, and grey patches stay one channel."""
     raw = g[name][c0:c1, :k]
-    if raw.shape[-1] == 1:
+    if raw.shape[-1] == 1 and not flat:
         raw = np.repeat(raw, 3, axis=-1)
     small = resize_patches(raw[..., :3], size)
     table = g["topk" if name == "patches" else "bottomk"]
