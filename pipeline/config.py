@@ -149,6 +149,9 @@ class CamConfig:  # stage: cam
     # Score-CAM over N channels per image, those of highest variance (Faster Score-CAM;
     # null: every channel, the exact method)
     scorecam_channels: Optional[int] = None
+    # deletion and insertion curves (RISE) of the Grad-CAM-family maps with this many steps
+    # (2 x (steps + 1) forward passes per image and method); 0: off
+    faithfulness_steps: int = 0
     # images drawn as overlays, in id order (null: all)
     draw: Optional[int] = 16
     # heatmap opacity over the photo

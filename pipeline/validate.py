@@ -36,6 +36,7 @@ RULES: dict[str, tuple] = {
     "cam.top_n": (1, None, True, False),
     "cam.scorecam_batch": (1, None, True, False),
     "cam.scorecam_channels": (1, None, True, True),
+    "cam.faithfulness_steps": (0, None, True, False),
     "cam.draw": (0, None, True, True),
     "cam.alpha": (0, 1, False, False),
     "occlusion.size": (1, None, True, True),

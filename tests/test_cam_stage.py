@@ -116,6 +116,29 @@ def test_cam_stage_stores_every_image_and_draws_sheets(tmp_path, tiny):
     assert ((page[..., 2] > 200) & (page[..., 0] < 80)).sum() > 500
 
 
+def test_cam_faithfulness_curves_start_at_the_models_probability_and_reach_the_report(tmp_path, tiny):
+    model, base = tiny
+    cfg = compose_cfg(base + ["stages=[cam,report]", "cam.methods=[gradcam,guided_gradcam]",
+                              "cam.faithfulness_steps=4", "cam.draw=1", "report.cards=false", "report.pdf=false"])
+    run(cfg, tmp_path / "run")
+    pixels = model_pixels(cfg)
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        g = f["cam/gradcam"]
+        ids, classes = f["cam/image"][()], g["class"][()]
+        deletion, insertion = g["deletion"][()], g["insertion"][()]
+        assert deletion.shape == insertion.shape == (len(ids), 5) and g.attrs["faithfulness_steps"] == 4
+        assert "deletion" not in f["cam/guided_gradcam"]  # a colour image, not a map over positions
+        x = np.stack([pixels[int(i)] for i in ids])
+        probs = tf.nn.softmax(model(x), axis=-1).numpy()[np.arange(len(ids)), classes]
+        np.testing.assert_allclose(deletion[:, 0], probs, rtol=1e-5)  # nothing deleted: the model's own
+        np.testing.assert_allclose(insertion[:, -1], probs, rtol=1e-5)  # everything inserted
+        blank = tf.nn.softmax(model(np.zeros_like(x[:1])), axis=-1).numpy()[0, classes]
+        np.testing.assert_allclose(deletion[:, -1], blank, rtol=1e-5)
+        np.testing.assert_allclose(g["deletion_auc"][()], (deletion[:, :-1] + deletion[:, 1:]).sum(1) / 8, rtol=1e-5)
+    html = (tmp_path / "run" / "index.html").read_text()
+    assert "Faithfulness of the class activation maps" in html and "deletion AUC" in html
+
+
 def test_per_class_means_are_drawn_only_for_classes_with_several_images():
     from pipeline.render.maps import CLASS_MEANS_DRAWN, classes_with_means
 

@@ -40,6 +40,7 @@ from pipeline.render.results import (
     stored_preprocessing,
     str_array,
 )
+from pipeline.render.draw import CAM_TITLES
 from pipeline.render.sheets import MAX_SLOTS, compose_sheet, selectivity_figure, sparsity_figure
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,28 @@ def _extras(f: h5py.File, run_dir: Path, stored: list[str]) -> list[tuple[str, l
 # ----------------------------------------------------------------------------
 
 PRINT_DPI = 300  # figures (sparsity, per-image sheets) as PNG
+
+
+def faithfulness_table(f: h5py.File):
+    """(title, note, header, rows) of the CAM family's deletion and insertion areas, or None."""
+    if "cam" not in f:
+        return None
+    rows, steps = [], 0
+    for m in json.loads(as_str(f["cam"].attrs.get("methods", "[]"))):
+        g = f["cam"].get(m)
+        if g is None or "deletion_auc" not in g:
+            continue
+        steps = int(g.attrs.get("faithfulness_steps", 0))
+        d, i = g["deletion_auc"][()], g["insertion_auc"][()]
+        rows.append([CAM_TITLES.get(m, m), f"{d.mean():.3f} \u00b1 {d.std():.3f}", f"{i.mean():.3f} \u00b1 {i.std():.3f}",
+                     f"{(i - d).mean():.3f}", str(len(d))])
+    if not rows:
+        return None
+    return ("Faithfulness of the class activation maps",
+            f"Deletion and insertion (Petsiuk et al. 2018): the target probability as the most salient pixels are "
+            f"removed from the input (deletion, lower is better) or put back into a blank input (insertion, higher "
+            f"is better), in {steps} steps; areas under the curves, mean \u00b1 standard deviation over the maps.",
+            ["method", "deletion AUC", "insertion AUC", "insertion - deletion", "maps"], rows)
 
 
 def run_figures(f: h5py.File, infos, model: str) -> dict:
@@ -320,6 +343,7 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
             cache.record("images", image_sheets)
         written += [path for _, path, _ in image_sheets]
         extras = _extras(f, out_dir, [i.stored for i in infos])
+        tables = [t for t in (faithfulness_table(f),) if t is not None]
 
         # what the run lacks, said once on the index and in the book
         notes = []
@@ -380,7 +404,8 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
                 layers=site_layers,
                 figures=[(figures[k][0], png) for k, png in figure_pngs.items() if k in figures],
                 images=[SiteImage(i, caption, path) for i, path, caption in image_sheets], images_note=images_note,
-                extras=extras, book=book_path, config=as_str(attrs.get("config", "")), notes=notes)
+                extras=extras, book=book_path, config=as_str(attrs.get("config", "")), notes=notes,
+                tables=tables)
     pages = write_site(site, out_dir)
     cache.record("site", (book_path, pages))
     written += pages

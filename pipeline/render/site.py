@@ -87,6 +87,7 @@ class Site:
     book: Path | None
     config: str
     notes: list[str] = field(default_factory=list)  # things absent from results.h5
+    tables: list = field(default_factory=list)  # (title, note, header, rows) of run-level numbers
 
 
 # shared with the live viewer (pipeline.viewer.page)
@@ -364,6 +365,12 @@ def _index_body(site: Site, out_dir: Path) -> str:
               "<thead><tr><th>depth</th><th>layer</th><th>shape</th><th>receptive field / stride</th>"
               "<th>units</th><th title=\"mean over channels of the fraction of zero activations\">sparsity</th>"
               "<th>sheet</th></tr></thead>", "<tbody>", "\n".join(rows), "</tbody>", "</table>"]
+    for title, note, header, rows in site.tables:
+        parts.append(f"<h2>{esc(title)}</h2><p class=\"note\">{esc(note)}</p><table>"
+                     + "<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead><tbody>"
+                     + "".join("<tr>" + "".join(f'<td class="num">{esc(v)}</td>' if i else f"<td>{esc(v)}</td>"
+                                                for i, v in enumerate(row)) + "</tr>" for row in rows)
+                     + "</tbody></table>")
     for title, png in site.figures:
         parts.append(f'<h2>{esc(title)}</h2><p><a href="{url(png, out_dir)}"><img class="thumb" '
                      f'style="max-width:640px;max-height:none" loading="lazy" src="{url(png, out_dir)}" '

@@ -76,6 +76,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                 rows[f"cam/{m}/class"] = r.classes.reshape(-1)
                 rows[f"cam/{m}/score"] = r.scores.reshape(-1)
                 rows[f"cam/{m}/max"] = r.maxima.reshape(-1).astype(np.float32)
+                if c.faithfulness_steps and m in FAITHFULNESS_METHODS:
+                    rows.update(_faithfulness(explainer, x, r, m, int(c.faithfulness_steps)))
             stream.add(rows)
             bar.update(len(ids))
         bar.update(len(table) - bar.n)
@@ -92,6 +94,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
             g[m].attrs.update(layer=explainer.layer, method=m)
             if m == "scorecam":  # 0: every channel (exact); N: the N of highest variance per image
                 g[m].attrs["channels"] = int(c.scorecam_channels or 0)
+            if "deletion" in g[m]:
+                g[m].attrs["faithfulness_steps"] = int(c.faithfulness_steps)
             if m != "guided_gradcam":
                 _write_class_means(g[m])
     logger.info("cam: %d images explained, %d unreadable", len(table) - len(stream.errors), len(stream.errors))
@@ -118,6 +122,21 @@ def _write_class_means(g, block: int = 4096) -> None:
     cm["count"] = np.asarray([per_class[cls][1] for cls in order], np.int64)
     cm["map"] = np.asarray([per_class[cls][0] / per_class[cls][1] for cls in order], np.float32) \
         .reshape((len(order),) + maps.shape[1:])
+
+
+FAITHFULNESS_METHODS = ("gradcam", "gradcam++", "scorecam")  # maps over positions
+
+
+def _faithfulness(explainer, x, r, m: str, steps: int) -> dict[str, np.ndarray]:
+    """Deletion and insertion curves and their areas for every (image, target) row."""
+    from pipeline.faithfulness import area, curves
+
+    k = r.classes.shape[1]
+    deletion, insertion = curves(lambda batch: explainer.logits(batch, batch_size=len(batch)),
+                                 np.repeat(np.asarray(x), k, axis=0), r.maps.reshape((-1,) + r.maps.shape[2:]),
+                                 r.classes.reshape(-1), steps)
+    return {f"cam/{m}/deletion": deletion, f"cam/{m}/insertion": insertion,
+            f"cam/{m}/deletion_auc": area(deletion), f"cam/{m}/insertion_auc": area(insertion)}
 
 
 # ----------------------------------------------------------------------------
