@@ -287,6 +287,15 @@ class AblationConfig:  # stage: ablation
 
 
 @dataclass
+class RandomizationConfig:  # stage: randomization
+    # image ids (a list), N (the first N), or {layer, channels, k} from the scan's top-k
+    images: Any = 4
+    # cumulative re-initialisations from the top of the network to its first layer
+    steps: int = 6
+    seed: int = 0
+
+
+@dataclass
 class ReportConfig:  # stage: report
     # a card (PNG) and a thumbnail for every unit, and one HTML page per layer
     cards: bool = True
@@ -326,6 +335,7 @@ class Config:
     evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
     invariance: InvarianceConfig = field(default_factory=InvarianceConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
+    randomization: RandomizationConfig = field(default_factory=RandomizationConfig)
     # where converted models are cached (null: $CNN_LENS_CACHE or ~/.cache/cnn-lens)
     cache_dir: Optional[str] = None
     # recompute stages whose results are already in the run directory

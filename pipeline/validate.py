@@ -20,6 +20,7 @@ RULES: dict[str, tuple] = {
     "ablation.images": (1, None, True, True),
     "ablation.units": (0, None, True, False),
     "ablation.batch_size": (1, None, True, False),
+    "randomization.steps": (1, None, True, False),
     "checkpoint.seconds": ((0,), None, False, False),
     "checkpoint.batches": (1, None, True, True),
     "checkpoint.block_mb": ((0,), None, False, False),

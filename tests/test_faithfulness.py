@@ -37,3 +37,39 @@ def test_area_is_the_trapezoid_rule_over_the_unit_interval():
     np.testing.assert_allclose(area(np.array([1.0, 1.0, 1.0])), 1.0)
     np.testing.assert_allclose(area(np.array([1.0, 0.0])), 0.5)
     np.testing.assert_allclose(area(np.array([[0.0, 1.0, 0.0]])), [0.5])
+
+
+def test_model_randomization_decorrelates_gradcam_and_restores_the_weights(tmp_path):
+    import h5py
+    import keras
+
+    from conftest import save_image
+    from pipeline.randomization import spearman
+    from pipeline.runner import run
+    from test_explain import random_model
+    from test_pipeline import compose_cfg
+
+    a = np.random.default_rng(0).random((2, 12))
+    np.testing.assert_allclose(spearman(a, a ** 3), 1.0)  # ranks only
+    np.testing.assert_allclose(spearman(a, -a), -1.0)
+    np.testing.assert_allclose(spearman(a, np.ones_like(a)), 0.0)  # a constant map: no correlation
+
+    model = random_model(seed=3, batchnorm=True)
+    model.save(tmp_path / "m.keras")
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        save_image(tmp_path / "photos" / f"{i}.png", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    cfg = compose_cfg(["model=file", f"model.path={tmp_path / 'm.keras'}", "model.preprocess=unit", "dataset=folder",
+                       f"dataset.path={tmp_path / 'photos'}", "stages=[randomization,report]", "cam.layer=r2",
+                       "randomization.steps=3", "report.cards=false", "report.pdf=false"])
+    run(cfg, tmp_path / "run")
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        g = f["randomization"]
+        cam, guided = g["gradcam"][()], g["guided_backprop"][()]
+        assert cam.shape == guided.shape == (3, 4) and len(g["layers"]) == 3
+        assert cam[-1].mean() < 0.5 and cam[-1].mean() < cam[0].mean()  # every layer random: Grad-CAM decorrelates
+    assert "Model randomization" in (tmp_path / "run" / "index.html").read_text()
+    # the run restored the weights: the same file's model gives the same logits as before
+    again = keras.models.load_model(tmp_path / "m.keras")
+    x = rng.random((2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(again(x), model(x), rtol=1e-5)

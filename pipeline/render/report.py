@@ -126,6 +126,20 @@ def faithfulness_table(f: h5py.File):
             ["method", "deletion AUC", "insertion AUC", "insertion - deletion", "maps"], rows)
 
 
+def randomization_table(f: h5py.File):
+    """(title, note, header, rows) of the model-randomization check, or None."""
+    if "randomization" not in f:
+        return None
+    g = f["randomization"]
+    rows = [[f"top layers down to {name}", f"{a.mean():.3f}", f"{b.mean():.3f}"]
+            for name, a, b in zip(str_array(g["layers"]), g["gradcam"][()], g["guided_backprop"][()])]
+    return ("Model randomization", f"Adebayo et al. 2018: the weighted layers are re-initialised from the top down, "
+            f"cumulatively; each row is the mean Spearman correlation, over {len(g['image'])} images, of the maps "
+            f"with those of the trained model. A map that explains the model should fall towards 0 (Grad-CAM at "
+            f"{as_str(g.attrs['layer'])}); guided backpropagation is the known negative control.",
+            ["re-initialised", "Grad-CAM", "guided backprop"], rows)
+
+
 def run_figures(f: h5py.File, infos, model: str) -> dict:
     """The run's figures over layers, name -> (title, function -> Figure): sparsity by depth
     (stats/zero_fraction) and class selectivity by depth (classes/, labelled scans)."""
@@ -343,7 +357,7 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
             cache.record("images", image_sheets)
         written += [path for _, path, _ in image_sheets]
         extras = _extras(f, out_dir, [i.stored for i in infos])
-        tables = [t for t in (faithfulness_table(f),) if t is not None]
+        tables = [t for t in (faithfulness_table(f), randomization_table(f)) if t is not None]
 
         # what the run lacks, said once on the index and in the book
         notes = []
