@@ -199,6 +199,12 @@ def test_panel_view_and_spectrum_values_match_the_pipeline_helpers():
     assert (view[0, 0, 0, 0] == 255).all() and (view[0, 0, 1, 1] == 0).all() and (view[0, 0, 2, 2] == 192).all()
     assert (view[0, 0, 3, 3] == 128).all() and (view[0, 1] == 128).all()  # an all-zero panel is flat grey
     assert (view[1, 2, 4, 4] == 0).all() and (view[1, 2, 0, 0] == 128).all()
+    # contrast stretched per panel (robust percentile): one outlier does not grey out the structure
+    sparse = np.zeros((1, 1, 20, 20, 3), np.float32)
+    sparse[0, 0, 2:10, 2:10] = 1.0
+    sparse[0, 0, 15, 15] = 100.0
+    shown = panel_view(sparse)
+    assert (shown[0, 0, 2:10, 2:10] == 255).all() and (shown[0, 0, 15, 15] == 255).all()
     # the card reads the spectrum buckets back with the values the scan wrote them with
     np.testing.assert_allclose(spectrum_values(SPECTRUM, GAMMA, MIN_ABS), bucket_values(), rtol=1e-6)
 

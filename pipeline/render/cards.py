@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.render.canvas import EMPTY_GREY, montage, resize_patches
-from pipeline.render.draw import panel_to_uint8
+from pipeline.render.draw import PANEL_PERCENTILE, panel_to_uint8
 from pipeline.render.patches import layer_patches
 from pipeline.render.results import LayerInfo, as_str, fmt
 from pipeline.spectrum import GAMMA, MIN_ABS
@@ -203,9 +203,9 @@ def _fitted(f: GlyphFont, text: str, max_width: int | None) -> tuple[np.ndarray,
 # ---------------------------------------------------------------------------- pixel helpers
 
 def panel_view(panels: np.ndarray) -> np.ndarray:
-    """Raw backprop panels (..., h, w, ch) -> uint8 RGB (..., h, w, 3), each panel scaled by
-    its own largest |value|, 0 at 128 grey."""
-    out = panel_to_uint8(panels, panel_dims=3)
+    """Raw backprop panels (..., h, w, ch) -> uint8 RGB (..., h, w, 3), each panel stretched
+    to its own PANEL_PERCENTILE of |value|, 0 at 128 grey."""
+    out = panel_to_uint8(panels, panel_dims=3, percentile=PANEL_PERCENTILE)
     if out.shape[-1] == 1:
         out = np.repeat(out, 3, axis=-1)
     return out[..., :3]

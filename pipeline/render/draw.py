@@ -200,6 +200,11 @@ def save(fig: Figure, path: Path) -> Path:
     return path
 
 
+# stored and live backprop panels: |v| at this percentile of each panel is full contrast,
+# so the structure of sparse maps shows instead of a few bright specks on grey
+PANEL_PERCENTILE = 99.5
+
+
 def panel_to_uint8(panel, panel_dims: int | None = None, centred: bool = True,
                    percentile: float = 100.0) -> np.ndarray:
     """A panel as a viewable uint8 image (same shape).

@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.render.canvas import EMPTY_GREY, resize_patches
-from pipeline.render.draw import panel_to_uint8
+from pipeline.render.draw import PANEL_PERCENTILE, panel_to_uint8
 from pipeline.render.patches import layer_patches
 from pipeline.render.results import as_str
 from pipeline.store import read_strings
@@ -128,7 +128,7 @@ def top9_montages(g: h5py.Group, name: str, valid: np.ndarray, c0: int, c1: int)
     ds = g[name]
     c1 = min(c1, ds.shape[0])
     if name.startswith("panels/"):
-        images = panel_to_uint8(ds[c0:c1, :9], panel_dims=3)
+        images = panel_to_uint8(ds[c0:c1, :9], panel_dims=3, percentile=PANEL_PERCENTILE)
     else:
         images = layer_patches(g, name, c0, c1, 9, tuple(ds.shape[2:4]), flat=True)
     images = np.where(valid[c0:c1, :9, None, None, None], images, 0)

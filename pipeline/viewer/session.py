@@ -32,7 +32,7 @@ from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.render.canvas import EMPTY_GREY
-from pipeline.render.draw import channel_tiles, heat_image, panel_to_uint8, tile, to_rgb
+from pipeline.render.draw import PANEL_PERCENTILE, channel_tiles, heat_image, panel_to_uint8, tile, to_rgb
 from pipeline.render.results import as_str
 from pipeline.render.toolbox import fit_squares, sprite, top9_montages
 from pipeline.store import Store, read_strings
@@ -45,7 +45,6 @@ PATTERN_TILE_PX = 48  # pattern mode: each filter pattern shrunk to this side
 UPLOADS_KEPT = 16  # uploaded images held in memory, oldest dropped first
 DATASET_IMAGES_KEPT = 64  # decoded dataset images held in memory
 BACKPROP_METHODS = ("deconv", "guided")
-LIVE_PERCENTILE = 99.5  # live backprop: |v| at this percentile is full contrast (sparse maps stay visible)
 
 
 def png_url(image: np.ndarray) -> str:
@@ -380,7 +379,7 @@ class LiveModel:
             else:
                 seed[0, unit] = maps[0, 0, unit]
             grad = np.asarray(program(self._input(pixels), seed))[0]
-        return to_rgb(panel_to_uint8(grad, percentile=LIVE_PERCENTILE))
+        return to_rgb(panel_to_uint8(grad, percentile=PANEL_PERCENTILE))  # as the stored panels
 
     def warm(self) -> None:
         """Trace every (layer, method) backward program once, so the first click is fast."""
