@@ -183,6 +183,18 @@ def test_search_box_lands_on_a_unit(page, full_run, tmp_path):  # noqa: F811
     page.fill("#search", "1")
     page.press("#search", "Enter")
     _wait_card(page, 1)
+    # 'class:NAME' lists the units most selective for that class, from results.h5
+    with h5py.File(run_dir / "results.h5", "r") as f:
+        names = json.loads(f["images"].attrs["class_names"])
+        best = max(((layer, u, v) for layer in ("relu1", "relu2")
+                    for u, (c, v) in enumerate(zip(f[f"layers/{layer}/classes/preferred_max"][()],
+                                                   f[f"layers/{layer}/classes/selectivity_max"][()]))
+                    if names[c] == "b_cls"), key=lambda e: e[2])
+    page.fill("#search", "class:b_cls")
+    page.wait_for_selector("#search-results li")
+    found = page.eval_on_selector_all("#search-results li", "els => els.map(e => e.innerText)")
+    assert all("selective for b_cls" in text for text in found), found
+    assert found[0].startswith(f"{best[0]}") and f"unit {best[1]} " in found[0] and f"({best[2]:.2f})" in found[0]
     # a layer name alone opens the layer's page
     page.fill("#search", "RELU1")
     page.press("#search", "Enter")

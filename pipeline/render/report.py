@@ -126,6 +126,22 @@ def faithfulness_table(f: h5py.File):
             ["method", "deletion AUC", "insertion AUC", "insertion - deletion", "maps"], rows)
 
 
+def selective_units(f: h5py.File, infos, per_class: int = 8) -> dict[str, list[tuple[str, int, float]]]:
+    """Dataset class name -> the units (of every layer) that prefer it, most selective first
+    (classes/preferred_max and selectivity_max of labelled scans), for the search box."""
+    names = json.loads(as_str(f["images"].attrs.get("class_names", "[]"))) if "images" in f else []
+    found: dict[str, list] = {}
+    for info in infos:
+        g = f["layers"][info.stored].get("classes")
+        if g is None:
+            continue
+        for unit, (cls, value) in enumerate(zip(g["preferred_max"][()], g["selectivity_max"][()])):
+            if cls >= 0 and np.isfinite(value):
+                name = names[cls] if cls < len(names) else str(int(cls))
+                found.setdefault(name, []).append((info.stored, unit, float(value)))
+    return {name: sorted(units, key=lambda e: -e[2])[:per_class] for name, units in found.items()}
+
+
 def randomization_table(f: h5py.File):
     """(title, note, header, rows) of the model-randomization check, or None."""
     if "randomization" not in f:
@@ -358,6 +374,7 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
         written += [path for _, path, _ in image_sheets]
         extras = _extras(f, out_dir, [i.stored for i in infos])
         tables = [t for t in (faithfulness_table(f), randomization_table(f)) if t is not None]
+        class_units = selective_units(f, infos)
 
         # what the run lacks, said once on the index and in the book
         notes = []
@@ -419,7 +436,7 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
                 figures=[(figures[k][0], png) for k, png in figure_pngs.items() if k in figures],
                 images=[SiteImage(i, caption, path) for i, path, caption in image_sheets], images_note=images_note,
                 extras=extras, book=book_path, config=as_str(attrs.get("config", "")), notes=notes,
-                tables=tables)
+                tables=tables, class_units=class_units)
     pages = write_site(site, out_dir)
     cache.record("site", (book_path, pages))
     written += pages

@@ -88,6 +88,8 @@ class Site:
     config: str
     notes: list[str] = field(default_factory=list)  # things absent from results.h5
     tables: list = field(default_factory=list)  # (title, note, header, rows) of run-level numbers
+    # dataset class -> its most selective units [(stored layer, unit, selectivity)], best first
+    class_units: dict = field(default_factory=dict)
 
 
 # shared with the live viewer (pipeline.viewer.page)
@@ -170,7 +172,25 @@ _SCRIPT = r"""
     return exact.concat(prefix, part);
   }
 
+  // 'class:espresso' (or 'class espresso'): the units most selective for the classes named so
+  function classMatches(text) {
+    var t = norm(text), exact = [], part = [];
+    Object.keys(data.classes || {}).forEach(function (c) {
+      if (norm(c) === t) { exact.push(c); } else if (norm(c).indexOf(t) >= 0) { part.push(c); }
+    });
+    var out = [];
+    exact.concat(part).forEach(function (c) {
+      data.classes[c].forEach(function (e) {
+        var l = layers[e[0]];
+        if (l.page) { out.push({ layer: l, unit: e[1], note: "selective for " + c + " (" + e[2].toFixed(2) + ")" }); }
+      });
+    });
+    return out.slice(0, 12);
+  }
+
   function matches(q) {
+    var cls = q.trim().match(/^class[\s:]+(.+)$/i);
+    if (cls) { return classMatches(cls[1].trim()); }
     var p = parse(q);
     if (!p.layer && p.unit === null) { return []; }
     var out = [];
@@ -207,7 +227,8 @@ _SCRIPT = r"""
       if (i === 0) { li.className = "active"; }
       var a = document.createElement("a");
       a.href = target(m);
-      a.textContent = m.layer.name + (m.unit === null ? "  (" + m.layer.units + " units)" : "  \u00b7 unit " + m.unit);
+      a.textContent = m.layer.name + (m.unit === null ? "  (" + m.layer.units + " units)" : "  \u00b7 unit " + m.unit)
+        + (m.note ? "  \u00b7 " + m.note : "");
       a.addEventListener("click", function (ev) { ev.preventDefault(); list.innerHTML = ""; go(m); });
       li.appendChild(a);
       list.appendChild(li);
@@ -302,7 +323,10 @@ def _data_json(site: Site, out_dir: Path, page_dir: Path, here: str | None) -> s
             entry["cards"] = raw_url(folder, page_dir) + "/unit_"
         layers.append(entry)
     prefix = "" if page_dir == out_dir / REPORT_DIR else f"{REPORT_DIR}/"
-    text = json.dumps({"layers": layers, "here": here, "prefix": prefix}, ensure_ascii=True)
+    index = {layer.stored: i for i, layer in enumerate(site.layers)}
+    classes = {name: [[index[s], int(u), round(float(v), 3)] for s, u, v in units if s in index]
+               for name, units in site.class_units.items()}
+    text = json.dumps({"layers": layers, "here": here, "prefix": prefix, "classes": classes}, ensure_ascii=True)
     return text.replace("</", "<\\/")  # never closes the script element
 
 
@@ -318,7 +342,8 @@ def _page(title: str, body: str, data: str, bar: str, example: str) -> str:
 <body>
 <header class="bar">{bar}
 <div class="search"><input id="search" type="search" autocomplete="off" spellcheck="false"
- placeholder="layer and/or unit, e.g. {esc(example)}  (press /)" aria-label="search layer or unit">
+ placeholder="layer and/or unit, e.g. {esc(example)}, or class:NAME  (press /)"
+ aria-label="search layer, unit or class">
 <ul id="search-results"></ul></div>
 </header>
 <main>
