@@ -93,6 +93,10 @@ class ScanConfig:
     # labelled images: per class, the mean of each unit's per-image max and mean, and the
     # units' class selectivity (pipeline.selectivity)
     classes: bool = True
+    # per-class exemplars: for these classes (indices or names), each unit's top
+    # `exemplars_k` images among that class's images ([]: none)
+    exemplars: list = field(default_factory=list)
+    exemplars_k: int = 4
 
 
 @dataclass

@@ -73,7 +73,8 @@ class Scanner:
     """
 
     def __init__(self, feature_model, names: list[str], spec: Preprocessing, k: int, bottomk: int = 0,
-                 border: int = 0, labels: np.ndarray | None = None, classes: int = 0):
+                 border: int = 0, labels: np.ndarray | None = None, classes: int = 0,
+                 exemplar_classes: np.ndarray | None = None, exemplar_k: int = 0):
         self.model = feature_model
         self.names = list(names)
         self.spec = spec
@@ -91,6 +92,15 @@ class Scanner:
         self.labels = None if labels is None else np.asarray(labels, np.int32)
         if self.classes:
             self._fields.update({f"class_{s}": (tf.float64, lambda c, k: (c, self.classes), 0) for s in STATISTICS})
+        # per-class exemplars: a top-k table per (channel, class) of `exemplar_classes`, held
+        # as (C, S * K), class-major along the second axis
+        self.exemplar_classes = None
+        if labels is not None and exemplar_classes is not None and len(exemplar_classes) and exemplar_k > 0:
+            self.exemplar_classes = np.asarray(exemplar_classes, np.int32)
+            self.exemplar_k = int(exemplar_k)
+            width = len(self.exemplar_classes) * self.exemplar_k
+            self._fields.update({f"ex_{n}": (_STATE[n][0], lambda c, k: (c, width), _STATE[n][2])
+                                 for n in ("value", "image", "pos")})
         self._vars = {name: tf.Variable(value) for name, value in self._initial().items()}
         self.images_seen = 0
         # one trace for every batch size (the last batch too), and no per-call retracing check
@@ -129,6 +139,8 @@ class Scanner:
             v[image_key].assign(image)
             v[pos_key].assign(tf.concat([locate_columns(m, pos[a:b], row[a:b], batch_max[:, a:b])
                                          for m, a, b in zip(ranked, self.bounds[:-1], self.bounds[1:])], axis=0))
+        if self.exemplar_classes is not None:
+            self._merge_exemplars(ranked, batch_max, batch_y, ids, labels)
         if any(inside is not None for inside in self.interiors):  # the statistics see every position
             batch_max = tf.concat([tf.reduce_max(m, axis=(1, 2)) for m in maps], axis=1)
         sums = [channel_sums(m) for m in maps]
@@ -144,6 +156,24 @@ class Scanner:
             per_image = {"max": batch_max, "mean": tf.concat([tf.reduce_mean(m, axis=(1, 2)) for m in maps], axis=1)}
             for s in STATISTICS:
                 v[f"class_{s}"].assign_add(tf.cast(tf.matmul(per_image[s], onehot, transpose_a=True), tf.float64))
+
+    def _merge_exemplars(self, maps, batch_max, batch_y, ids, labels) -> None:
+        """Each image competes only in the tables of its own class: elsewhere its candidate is
+        -inf (an empty slot it fills stays marked by that value; see exemplar_results)."""
+        v = self._vars
+        c, s, k = int(self.bounds[-1]), len(self.exemplar_classes), self.exemplar_k
+        mine = tf.equal(labels[:, None], tf.constant(self.exemplar_classes)[None, :])  # (B, S)
+        cand = tf.where(mine[:, :, None], batch_max[:, None, :], tf.constant(-np.inf, batch_max.dtype))
+        cand = tf.reshape(cand, (-1, s * c))  # class-major, as the tables below
+        flat = lambda t: tf.reshape(tf.transpose(tf.reshape(t, (c, s, k)), (1, 0, 2)), (s * c, k))  # noqa: E731
+        value, image, pos, row = merge_candidates(flat(v["ex_value"]), flat(v["ex_image"]), flat(v["ex_pos"]), cand,
+                                                  ids, tf.tile(batch_y, [1, s]))
+        pos = tf.concat([locate_columns(m, pos[j * c + a:j * c + b], row[j * c + a:j * c + b], batch_max[:, a:b])
+                         for j in range(s) for m, a, b in zip(maps, self.bounds[:-1], self.bounds[1:])], axis=0)
+        back = lambda t: tf.reshape(tf.transpose(tf.reshape(t, (s, c, k)), (1, 0, 2)), (c, s * k))  # noqa: E731
+        v["ex_value"].assign(back(value))
+        v["ex_image"].assign(back(image))
+        v["ex_pos"].assign(back(pos))
 
     def update(self, pixels, ids: np.ndarray) -> None:
         labels = self.labels[ids] if self.labels is not None else np.full(len(ids), -1, np.int32)
@@ -169,6 +199,17 @@ class Scanner:
         """Bottom-k tables: the images whose maximum is smallest, ascending."""
         return [_table(-v["bottom_value"], v["bottom_image"], v["bottom_pos"], w)
                 for (h, w, c), v in zip(self.map_shapes, state or self.state())]
+
+
+    def exemplar_results(self, state: list[dict[str, np.ndarray]] | None = None) -> list[TopK]:
+        """Per layer, the (C, S * K) table of each channel's top-K images of each exemplar
+        class (class-major: slots s*K .. s*K+K-1 are class s); slots no image of the class
+        filled are empty (image -1)."""
+        out = []
+        for (h, w, c), v in zip(self.map_shapes, state or self.state()):
+            image = np.where(np.isfinite(v["ex_value"]), v["ex_image"], -1)
+            out.append(_table(v["ex_value"], image, v["ex_pos"], w))
+        return out
 
 
 def _table(value: np.ndarray, image: np.ndarray, pos: np.ndarray, w: int) -> TopK:

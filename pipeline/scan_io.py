@@ -26,10 +26,9 @@ from pipeline.store import Pacer, atomic_h5, open_h5, write_strings
 logger = logging.getLogger(__name__)
 
 # the config keys whose values decide the scan's results
-SCAN_KEYS = ("model", "dataset", "layers", "geometry", "topk", "scan.bottomk", "scan.border", "scan.classes",
-             "shard")
+SCAN_KEYS = ("model", "dataset", "layers", "geometry", "topk", "scan", "shard")
 # what the shards of one scan share: merge checks it
-SHARED_KEYS = ("model", "dataset", "layers", "geometry", "topk", "scan.bottomk", "scan.border", "scan.classes")
+SHARED_KEYS = ("model", "dataset", "layers", "geometry", "topk", "scan")
 CLASS_STATE_BYTES = 2**30  # the most device memory the class-conditional sums may take
 SCAN_PART = "scan.h5"
 STATE = "state.h5"  # the checkpoint, inside the stage's work directory
@@ -133,7 +132,28 @@ def write_classes(g, sums: dict[str, np.ndarray], counts: np.ndarray) -> None:
                              "per-image spatial max (selectivity_max) or mean (selectivity_mean); Morcos et al. 2018")
 
 
-def write_layers(f, layers, results, bottoms, states, counts: np.ndarray | None = None) -> None:
+def exemplar_classes(table, wanted) -> np.ndarray | None:
+    """scan.exemplars (class indices or names) -> class indices, or None when empty."""
+    from pipeline.errors import PipelineError
+
+    if not len(wanted):
+        return None
+    if not (table.labels >= 0).any():
+        raise PipelineError("scan.exemplars needs labelled images (class folders, a 'path label' list or IDX labels)")
+    out = []
+    for value in wanted:
+        if isinstance(value, int) or str(value).isdigit():
+            out.append(int(value))
+        elif str(value) in table.class_names:
+            out.append(table.class_names.index(str(value)))
+        else:
+            raise PipelineError(f"scan.exemplars has {value!r}, not a class of the dataset (classes: "
+                                f"{', '.join(table.class_names[:8])}{', ...' if len(table.class_names) > 8 else ''})")
+    return np.asarray(sorted(set(out)), np.int64)
+
+
+def write_layers(f, layers, results, bottoms, states, counts: np.ndarray | None = None,
+                 exemplars=None, classes: np.ndarray | None = None) -> None:
     """layers/<key>/: attrs, top-k (and bottom-k) tables with boxes, statistics, spectra,
     geometry and, with `counts`, class selectivity; `layers` is [(stored key, qualified
     name, geometry, map shape)]."""
@@ -150,6 +170,8 @@ def write_layers(f, layers, results, bottoms, states, counts: np.ndarray | None 
         write_stats(g, stats, state["spectrum"])
         if counts is not None and "class_max" in state:
             write_classes(g, {s: state[f"class_{s}"] for s in ("max", "mean")}, counts)
+        if exemplars is not None:
+            write_exemplars(g, exemplars[depth], classes, geo.rows, geo.cols)
         geo_group = g.create_group("geometry")
         for key, value in (("rows", geo.rows), ("cols", geo.cols),
                            ("row_offset", geo.row_offset), ("col_offset", geo.col_offset)):
@@ -168,6 +190,12 @@ def write_stats(g, stats, spectrum: np.ndarray) -> None:
     s.attrs.update(positions=stats.positions, quantiles=np.asarray(QUANTILES), spectrum_gamma=GAMMA,
                    spectrum_min_abs=MIN_ABS)
 
+
+
+def write_exemplars(g, table, classes: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> None:
+    """class_topk/: the top-k table of each (channel, class), (C, S * K), class-major."""
+    write_table(g, "class_topk", table, rows, cols)
+    g["class_topk"].attrs.update(classes=np.asarray(classes, np.int64), k=table.value.shape[1] // len(classes))
 
 
 def write_table(g, group: str, table, rows: np.ndarray, cols: np.ndarray) -> None:

@@ -17,6 +17,7 @@ RULES: dict[str, tuple] = {
     "batch_size": (1, None, True, False),
     "scan.bottomk": (0, None, True, False),
     "scan.border": (0, None, True, False),
+    "scan.exemplars_k": (1, None, True, False),
     "ablation.images": (1, None, True, True),
     "ablation.units": (0, None, True, False),
     "ablation.batch_size": (1, None, True, False),

@@ -190,3 +190,41 @@ def test_ablating_the_only_evidence_for_a_class_costs_that_class_only(tmp_path, 
         clone.get_layer("conv").set_weights([kernel, bias])
         want = clone(pixels).numpy()[np.arange(len(image)), label]
         np.testing.assert_allclose(logit[:, u], want, rtol=1e-5, atol=1e-6)
+
+
+def test_per_class_exemplars_are_each_classes_own_top_k_and_merge_across_shards(tmp_path, colour_folder):
+    from pipeline.topk import topk_from_maps
+
+    model = wired_model(tmp_path / "wired.keras")
+    extra = ["scan.exemplars=[red,blue]", "scan.exemplars_k=2"]
+    run(config(tmp_path, colour_folder, *extra, "stages=[scan,crop,report]", "report.per_image=0"),
+        tmp_path / "run")
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        t = f["layers/relu/class_topk"]
+        names = json.loads(f["images"].attrs["class_names"])
+        assert [names[c] for c in t.attrs["classes"]] == ["blue", "red"] and t.attrs["k"] == 2
+        image, value, y, x = t["image"][()], t["value"][()], t["y"][()], t["x"][()]
+        paths, labels = read_strings(f["images/path"]), f["images/label"][()]
+        assert f["layers/relu/class_patches"].shape[:2] == (3, 4)
+        whole = {k: v[()] for k, v in t.items()}
+    relu = keras.Model(model.inputs, model.get_layer("relu").output)
+    acts = relu(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]).astype(np.float32) / 255).numpy()
+    for block, cls in enumerate([names.index("blue"), names.index("red")]):
+        ids = np.flatnonzero(labels == cls)
+        want = topk_from_maps(acts[ids], ids, 2)  # the brute force over that class's images only
+        got = slice(2 * block, 2 * block + 2)
+        np.testing.assert_array_equal(image[:, got], want.image)
+        np.testing.assert_allclose(value[:, got], want.value, rtol=1e-5)
+        np.testing.assert_array_equal(y[:, got], want.y)
+        np.testing.assert_array_equal(x[:, got], want.x)
+    assert (tmp_path / "run" / "report" / "cards" / "relu" / "unit_0000.png").exists()
+    # two shards merged give the same tables
+    shards = []
+    for i in range(2):
+        shards.append(tmp_path / f"shard{i}")
+        run(config(tmp_path, colour_folder, *extra, "shard.count=2", f"shard.index={i}"), shards[-1])
+    run(config(tmp_path, colour_folder, *extra, "stages=[merge]", f"merge.inputs=[{shards[0]},{shards[1]}]"),
+        tmp_path / "merged")
+    with h5py.File(tmp_path / "merged" / "results.h5", "r") as f:
+        for key, want in whole.items():
+            np.testing.assert_array_equal(f[f"layers/relu/class_topk/{key}"][()], want, err_msg=key)

@@ -561,6 +561,29 @@ class UnitClasses:
 
 
 @dataclass
+class Exemplars:
+    """The scan's per-class top-k (scan.exemplars): classes (S,), k, images (C, S * K)."""
+
+    classes: np.ndarray
+    k: int
+    image: np.ndarray
+
+    @classmethod
+    def read(cls, g: h5py.Group, channels: int) -> "Exemplars | None":
+        t = g.get("class_topk")
+        if t is None or "class_patches" not in g or g["class_patches"].shape[0] != channels:
+            return None
+        return cls(t.attrs["classes"][()], int(t.attrs["k"]), t["image"][()])
+
+    def block_of(self, preferred: np.ndarray | None, n: int) -> np.ndarray:
+        """(n,) which class block each unit shows: its preferred class where listed, else 0."""
+        if preferred is None:
+            return np.zeros(n, np.int64)
+        where = {int(c): i for i, c in enumerate(self.classes)}
+        return np.asarray([where.get(int(p), 0) for p in preferred], np.int64)
+
+
+@dataclass
 class UnitAblation:
     """What zeroing a unit did (the ablation stage): accuracy change overall and per class."""
 
@@ -616,6 +639,7 @@ class LayerCards:
     absent: list[str] = field(default_factory=list)
     classes: "UnitClasses | None" = None
     ablation: "UnitAblation | None" = None
+    exemplars: "Exemplars | None" = None
 
     @classmethod
     def read(cls, f: h5py.File, info: LayerInfo, images: ImageIndex) -> "LayerCards":
@@ -671,6 +695,9 @@ class LayerCards:
         shown = f"top {kk} of {k}" if k > kk else f"top-{kk}"
         if has_patches:
             cells.append(Cell("top", f"{shown} patches", slots=2, rows=2))  # the card's main picture
+        exemplars = Exemplars.read(g, channels)
+        if exemplars is not None:
+            cells.append(Cell("class", f"top-{exemplars.k} within one class"))
         elif info.mappable:
             absent.append("patches (stages=[crop])")
         else:
@@ -713,7 +740,8 @@ class LayerCards:
                    bottom_value=bottom_value, bottom_image=bottom_image, stats=stats, quantile_levels=levels,
                    spectrum=spectrum, spectrum_x=spectrum_x, panel_methods=methods, pattern_rows=pattern_rows,
                    pattern_ds=pattern_ds, pattern_value=pattern_value, pattern_objective=objective,
-                   weights=weights, layout=layout, absent=absent, classes=classes, ablation=ablation)
+                   weights=weights, layout=layout, absent=absent, classes=classes, ablation=ablation,
+                   exemplars=exemplars)
 
     # ------------------------------------------------------------------ composing
 
@@ -760,6 +788,22 @@ class LayerCards:
             small = layer_patches(self.group, name, c0, c1, k, size)
         return montage(small, valid[:, :k], side, THIN, EMPTY_GREY, CARD_BG)
 
+    def _exemplar_cell(self, cards: np.ndarray, cell: Cell, c0: int, c1: int) -> None:
+        """Each unit's top images among one class: its preferred class when it is one of
+        scan.exemplars, else the first of them; the class named in the cell."""
+        ex, s = self.exemplars, self.layout.cell
+        block = ex.block_of(self.classes.preferred[c0:c1] if self.classes is not None else None, c1 - c0)
+        every = layer_patches(self.group, "class_patches", c0, c1, ex.k * len(ex.classes), self.layout.patch_hw)
+        slots = block[:, None] * ex.k + np.arange(ex.k)[None, :]
+        rows = np.arange(c1 - c0)[:, None]
+        small = every[rows, slots]
+        valid = ex.image[c0:c1][rows, slots] >= 0
+        side = max(1, math.ceil(math.sqrt(ex.k)))
+        _paste(cards, montage(small, valid, side, THIN, EMPTY_GREY, CARD_BG), cell.y, cell.x, s)
+        for i in range(c1 - c0):
+            name = self.images.class_name(int(ex.classes[block[i]]))
+            draw_text(cards[i], name, cell.x + 4, cell.y + s - 15, 10, MUTED, max_width=s - 8)
+
     def compose(self, c0: int, c1: int, template: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cards of units c0..c1-1: (B, H, W, 3) uint8, and their thumbnails' source,
         the top-k montage (B, cell, cell, 3) (None-like grey where there are no patches)."""
@@ -773,6 +817,8 @@ class LayerCards:
             if cell.key == "top":
                 top = self._montage_cell("patches", c0, c1, valid, cell)
                 _paste(cards, top, y, x, *lay.px(cell))
+            elif cell.key == "class":
+                self._exemplar_cell(cards, cell, c0, c1)
             elif cell.key == "bottom":
                 bvalid = self.bottom_image[c0:c1] >= 0
                 _paste(cards, self._montage_cell("bottom_patches", c0, c1, bvalid, cell), y, x, s)

@@ -47,19 +47,21 @@ def show_outside(patches: np.ndarray, inside: np.ndarray, flat: bool = False) ->
 
 
 def layer_patches(g: h5py.Group, name: str, c0: int, c1: int, k: int, size: tuple[int, int],
-                  flat: bool = False) -> np.ndarray:
+                  flat: bool = False, start: int = 0) -> np.ndarray:
     """Channels c0:c1, slots :k of layers/<layer>/<name> (patches or bottom_patches) at `size`,
     (b, k, h, w, 3) uint8, outside-image area checkered where the layer's geometry is stored.
-    flat=True (the JPEG export): flat grey instead, and grey patches stay one channel."""
-    raw = g[name][c0:c1, :k]
+    flat=True (the JPEG export): flat grey instead, and grey patches stay one channel.
+    start: the first slot (class_patches hold one block of slots per class)."""
+    slots = slice(start, start + k)
+    raw = g[name][c0:c1, slots]
     if raw.shape[-1] == 1 and not flat:
         raw = np.repeat(raw, 3, axis=-1)
     small = resize_patches(raw[..., :3], size)
-    table = g["topk" if name == "patches" else "bottomk"]
+    table = g[{"patches": "topk", "bottom_patches": "bottomk", "class_patches": "class_topk"}[name]]
     if "geometry/row_offset" not in g or "box" not in table:
         return small
     frame = tuple(int(v) for v in g["geometry"].attrs["frame"])
-    boxes = table["box"][c0:c1, :k]
-    starts = np.stack([g["geometry/row_offset"][()][table["y"][c0:c1, :k]],
-                       g["geometry/col_offset"][()][table["x"][c0:c1, :k]]], axis=-1)
+    boxes = table["box"][c0:c1, slots]
+    starts = np.stack([g["geometry/row_offset"][()][table["y"][c0:c1, slots]],
+                       g["geometry/col_offset"][()][table["x"][c0:c1, slots]]], axis=-1)
     return show_outside(small, inside_masks(boxes, starts, frame, size), flat)

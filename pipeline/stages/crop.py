@@ -1,5 +1,5 @@
 """`crop` stage: the receptive-field patch of every top-k (and bottom-k) entry,
-from results.h5 and the data: layers/<layer>/patches and bottom_patches.
+from results.h5 and the data: layers/<layer>/patches, bottom_patches and class_patches.
 
 Channels are cut in blocks of at most `checkpoint.block_mb` of patches (peak memory does not
 grow with the channel count); each block is one chunk file, committed as soon as it
@@ -55,7 +55,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         digest = str(f.attrs["images_sha256"])
         for key, g in sorted(f["layers"].items(), key=lambda item: int(item[1].attrs["depth"])):
             frame = tuple(int(v) for v in g["geometry"].attrs["frame"])
-            for group, name in (("topk", "patches"), ("bottomk", "bottom_patches")):
+            for group, name in (("topk", "patches"), ("bottomk", "bottom_patches"), ("class_topk", "class_patches")):
                 if group in g:
                     tables[key, name] = _Table(
                         key, name, g[f"{group}/image"][()], g[f"{group}/box"][()], g[f"{group}/y"][()],

@@ -22,7 +22,7 @@ from pipeline.topk import ChannelStats, TopK, merge_topk
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("model", "dataset", "layers", "topk", "scan.bottomk", "scan.border", "merge")
+KEYS = ("model", "dataset", "layers", "topk", "scan", "merge")
 
 
 def shard_stores(patterns) -> list[Store]:
@@ -133,6 +133,12 @@ def _accumulate(acc: dict, g) -> None:
     stats = ChannelStats(s["total"][()], s["zeros"][()], s["max"][()], int(s.attrs["positions"]))
     acc["stats"] = acc["stats"].merged(stats) if "stats" in acc else stats
     acc["spectrum"] = acc.get("spectrum", 0) + s["spectrum"][()]
+    if "class_topk" in g:  # one top-k table per class block of the second axis
+        t, k = _read_table(g["class_topk"]), int(g["class_topk"].attrs["k"])
+        acc["exemplar_classes"] = g["class_topk"].attrs["classes"][()]
+        blocks = [TopK(*(a[:, i:i + k] for a in (t.value, t.image, t.y, t.x))) for i in range(0, t.value.shape[1], k)]
+        acc["class_topk"] = [merge_topk(a, b) for a, b in zip(acc["class_topk"], blocks)] \
+            if "class_topk" in acc else blocks
     if "classes" in g:  # class-conditional sums and counts add up across shards
         c = g["classes"]
         for key in ("count", "sum_max", "sum_mean"):
@@ -149,3 +155,7 @@ def _write_layer(g, acc: dict) -> None:
     scan_io.write_stats(g, acc["stats"], acc["spectrum"])
     if "count" in acc:
         scan_io.write_classes(g, {"max": acc["sum_max"], "mean": acc["sum_mean"]}, acc["count"])
+    if "class_topk" in acc:
+        blocks = acc["class_topk"]
+        table = TopK(*(np.concatenate([getattr(b, n) for b in blocks], axis=1) for n in ("value", "image", "y", "x")))
+        scan_io.write_exemplars(g, table, acc["exemplar_classes"], rows, cols)

@@ -17,8 +17,8 @@ import numpy as np
 
 from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
-from pipeline.scan_io import (SCAN_KEYS, SCAN_PART, SHARED_KEYS, STATE, class_count, labelled_counts, scan_images,
-                              write_errors, write_layers)
+from pipeline.scan_io import (SCAN_KEYS, SCAN_PART, SHARED_KEYS, STATE, class_count, exemplar_classes,
+                              labelled_counts, scan_images, write_errors, write_layers)
 from pipeline.store import Store, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -52,8 +52,10 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     model = feature_model(bundle.model, list(names))
     channels = sum(int(t.shape[-1]) for t in (model.outputs if isinstance(model.outputs, list) else [model.outputs]))
     classes = class_count(table, channels, cfg.scan.classes)
+    exemplars = exemplar_classes(table, cfg.scan.exemplars)
     scanner = Scanner(model, list(names), bundle.preprocessing, cfg.topk, bottomk=cfg.scan.bottomk,
-                      border=cfg.scan.border, labels=table.labels if classes else None, classes=classes)
+                      border=cfg.scan.border, labels=table.labels if classes or exemplars is not None else None,
+                      classes=classes, exemplar_classes=exemplars, exemplar_k=cfg.scan.exemplars_k)
     for name, (h, w, _), inside in zip(names, scanner.map_shapes, scanner.interiors):
         if cfg.scan.border and inside is None and h * w > 1:
             logger.warning("layer %s: its %dx%d map has no inside %d positions from the border; scan.border "
@@ -87,7 +89,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         ok[ids] = True
         ok[list(errors)] = False
         write_layers(f, layers, scanner.results(states), scanner.bottom_results(states) if scanner.bottomk else None,
-                     states, labelled_counts(table.labels, ok, classes) if classes else None)
+                     states, labelled_counts(table.labels, ok, classes) if classes else None,
+                     scanner.exemplar_results(states) if exemplars is not None else None, exemplars)
         original = {new: old for old, new in getattr(bundle.model, "renamed_layers", {}).items()}
         for key, name, _, _ in layers:
             if name in original:  # renamed for TensorFlow: the model's own name, for the record
