@@ -84,7 +84,6 @@ class Scanner:
         self.map_shapes = [tuple(int(d) for d in as_maps(tf.zeros((1,) + tuple(t.shape[1:]))).shape[1:])
                            for t in outputs]
         self.bounds = [int(b) for b in np.cumsum([0] + [c for _, _, c in self.map_shapes])]  # layer i: bounds[i]:bounds[i+1]
-        self.border = border
         self.interiors = [interior_mask(h, w, border) for h, w, _ in self.map_shapes]
         self._fields = dict(_STATE, **(_BOTTOM if bottomk else {}))
         # class-conditional sums of each image's spatial max and mean (pipeline.selectivity)

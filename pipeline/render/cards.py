@@ -450,7 +450,7 @@ def find_weights(f: h5py.File, info: LayerInfo, channels: int) -> Weights | None
 
 @dataclass
 class Cell:
-    key: str  # top | bottom | pattern | weights | spectrum | panel:<method>
+    key: str  # top | class | bottom | pattern | weights | spectrum | panel:<method>
     title: str
     slots: int = 1  # width in cell slots
     rows: int = 1  # height in card rows
