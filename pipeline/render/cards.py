@@ -695,13 +695,13 @@ class LayerCards:
         shown = f"top {kk} of {k}" if k > kk else f"top-{kk}"
         if has_patches:
             cells.append(Cell("top", f"{shown} patches", slots=2, rows=2))  # the card's main picture
-        exemplars = Exemplars.read(g, channels)
-        if exemplars is not None:
-            cells.append(Cell("class", f"top-{exemplars.k} within one class"))
         elif info.mappable:
             absent.append("patches (stages=[crop])")
         else:
             absent.append(f"patches: {info.geometry_message or 'layer not mappable to the input'}")
+        exemplars = Exemplars.read(g, channels)
+        if exemplars is not None:
+            cells.append(Cell("class", f"top-{exemplars.k} within one class"))
         for m in methods:
             cells.append(Cell(f"panel:{m}", PANEL_TITLES.get(m, m)))
         if not methods and has_patches:
