@@ -579,8 +579,8 @@ class Exemplars:
         """(n,) which class block each unit shows: its preferred class where listed, else 0."""
         if preferred is None:
             return np.zeros(n, np.int64)
-        where = {int(c): i for i, c in enumerate(self.classes)}
-        return np.asarray([where.get(int(p), 0) for p in preferred], np.int64)
+        at = np.clip(np.searchsorted(self.classes, preferred), 0, len(self.classes) - 1)  # classes are sorted
+        return np.where(self.classes[at] == preferred, at, 0).astype(np.int64)
 
 
 @dataclass
