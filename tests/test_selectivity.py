@@ -86,7 +86,7 @@ def test_units_wired_to_a_class_are_selective_for_it(tmp_path, colour_folder):
     assert got["preferred_max"][0] == red
     assert got["count"].tolist() == [3, 4, 4]  # blue, green, red images
     # the sums equal numpy over the model's own activations, image by image
-    relu = keras.Model(model.inputs, model.get_layer("relu").output)
+    relu = keras.Model(model.input, model.get_layer("relu").output)
     pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]).astype(np.float32) / 255
     acts = relu(pixels).numpy()
     onehot = np.eye(3)[labels]
@@ -207,7 +207,7 @@ def test_per_class_exemplars_are_each_classes_own_top_k_and_merge_across_shards(
         paths, labels = read_strings(f["images/path"]), f["images/label"][()]
         assert f["layers/relu/class_patches"].shape[:2] == (3, 4)
         whole = {k: v[()] for k, v in t.items()}
-    relu = keras.Model(model.inputs, model.get_layer("relu").output)
+    relu = keras.Model(model.input, model.get_layer("relu").output)
     acts = relu(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]).astype(np.float32) / 255).numpy()
     for block, cls in enumerate([names.index("blue"), names.index("red")]):
         ids = np.flatnonzero(labels == cls)
