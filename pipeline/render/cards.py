@@ -771,7 +771,7 @@ class LayerCards:
         return canvas
 
     def _columns(self) -> list[int]:
-        return [MARGIN, MARGIN + 62, MARGIN + 126, MARGIN + 182, MARGIN + 336]
+        return [MARGIN, MARGIN + 72, MARGIN + 136, MARGIN + 192, MARGIN + 346]
 
     def _table_header(self, canvas, y: int, what: str) -> None:
         for x, text in zip(self._columns(), (what, "value", "image", "label", "file")):
