@@ -77,7 +77,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     chosen = chosen_layers(bundle.model, a.layers) if a.layers else chosen_layers(bundle.model, cfg.layers)[-1:]
     store = Store(run_dir)
     store.ensure_run(cfg, bundle, table)
-    plans = []  # (stored key, ablator, units, how chosen)
+    plans = []  # (stored key, layer name, ablator, units, how they were chosen)
     with store.open() as f:
         for key, name in chosen:
             ablator = Ablator(bundle.model, name, cfg.model.output)
