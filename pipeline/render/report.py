@@ -130,16 +130,25 @@ def selective_units(f: h5py.File, infos, per_class: int = 8) -> dict[str, list[t
     """Dataset class name -> the units (of every layer) that prefer it, most selective first
     (classes/preferred_max and selectivity_max of labelled scans), for the search box."""
     names = json.loads(as_str(f["images"].attrs.get("class_names", "[]"))) if "images" in f else []
-    found: dict[str, list] = {}
-    for info in infos:
+    layer, unit, cls, value = [], [], [], []
+    for i, info in enumerate(infos):
         g = f["layers"][info.stored].get("classes")
-        if g is None:
-            continue
-        for unit, (cls, value) in enumerate(zip(g["preferred_max"][()], g["selectivity_max"][()])):
-            if cls >= 0 and np.isfinite(value):
-                name = names[cls] if cls < len(names) else str(int(cls))
-                found.setdefault(name, []).append((info.stored, unit, float(value)))
-    return {name: sorted(units, key=lambda e: -e[2])[:per_class] for name, units in found.items()}
+        if g is not None:
+            c, v = g["preferred_max"][()], g["selectivity_max"][()]
+            keep = np.flatnonzero((c >= 0) & np.isfinite(v))
+            layer.append(np.full(len(keep), i))
+            unit.append(keep)
+            cls.append(c[keep])
+            value.append(v[keep])
+    if not layer:
+        return {}
+    layer, unit, cls, value = (np.concatenate(a) for a in (layer, unit, cls, value))
+    order = np.lexsort((-value, cls))  # by class, most selective first; ties keep network order
+    layer, unit, cls, value = layer[order], unit[order], cls[order], value[order]
+    starts = np.flatnonzero(np.r_[True, cls[1:] != cls[:-1]])
+    return {(names[c] if c < len(names) else str(int(c))):
+            [(infos[layer[j]].stored, int(unit[j]), float(value[j])) for j in range(s, min(s + per_class, e))]
+            for s, e, c in zip(starts, np.r_[starts[1:], len(cls)], cls[starts])}
 
 
 def randomization_table(f: h5py.File):

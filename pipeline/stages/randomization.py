@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.datasets import BatchStream, list_images
-from pipeline.errors import PipelineError
-from pipeline.selection import choose_images, explainer_for, images_from_topk
+from pipeline.errors import PipelineError, StageSkipped
+from pipeline.selection import choose_images, images_from_topk
 from pipeline.store import Store, write_strings
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ def DEPENDS(cfg) -> tuple[str, ...]:  # noqa: N802 - the runner reads it like th
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline.explain import CamExplainer
+    from pipeline.graph import NoClassScores
     from pipeline.models.sources import load_model
     from pipeline.preprocess import normalize
     from pipeline.randomization import cascade
@@ -50,8 +51,10 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     store = Store(run_dir)
     ids = choose_images(r.images, table, store, "randomization")
     spec = bundle.preprocessing
-    explainer, _, _ = explainer_for(lambda: CamExplainer(bundle.model, cfg.cam.layer, spec, output=cfg.model.output),
-                                    cfg.cam, bundle, table)
+    try:  # only the map layer and the class scores matter here, not cam's target settings
+        explainer = CamExplainer(bundle.model, cfg.cam.layer, spec, output=cfg.model.output)
+    except NoClassScores as err:
+        raise StageSkipped(str(err)) from None
     store.ensure_run(cfg, bundle, table)
     stream = BatchStream(table, spec, max(len(ids), 1), ids=ids)
     read = [(i, p) for i, p in stream]
