@@ -84,10 +84,13 @@ class Backprop:
     `Backprop(model, layer, method)(x, seed)` equals `backprop(...)`;
     `.outputs(x)` gives the layer's output through the rebuilt graph (equal to
     the model's), `.output_shape` its shape without the batch axis, `.layer`
-    the qualified layer name.
+    the qualified layer name. `input_size=(h, w)` traces the graph for inputs of
+    that size instead of the model's (receptive-field crops, pipeline.field_crop);
+    `.maps_and_values(x, seed)` also gives sum(layer_output * seed) of every row,
+    the seeded unit's value when the seed is one-hot.
     """
 
-    def __init__(self, model, layer: str, method: str):
+    def __init__(self, model, layer: str, method: str, input_size: tuple[int, int] | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown backprop method {method!r}: use one of {', '.join(METHODS)}")
         self.method = method
@@ -111,13 +114,22 @@ class Backprop:
         if opaque and method != "gradient":
             logger.warning("%s: nested model(s) %s are called as a whole; the %s rules do not "
                            "reach inside them", model.name, ", ".join(opaque), method)
-        x_spec = tf.TensorSpec((None,) + tuple(inputs[0].output_shape), tf.float32)
+        input_shape = tuple(inputs[0].output_shape)
+        if input_size is not None:
+            input_shape = tuple(int(v) for v in input_size) + input_shape[2:]
+        x_spec = tf.TensorSpec((None,) + input_shape, tf.float32)
+        self._forward_fn = tf.function(self._forward, input_signature=[x_spec])
+        if input_size is not None:  # the layer's output on inputs of that size
+            self.output_shape = tuple(int(v) for v in
+                                      self._forward_fn.get_concrete_function().structured_outputs.shape[1:])
         seed_spec = tf.TensorSpec((None,) + self.output_shape, tf.float32)
         # one trace per object, whatever the batch size
         self._fn = tf.function(self._gradient, input_signature=[x_spec, seed_spec])
-        self._forward_fn = tf.function(self._forward, input_signature=[x_spec])
 
     def __call__(self, x, seed) -> tf.Tensor:
+        return self.maps_and_values(x, seed)[0]
+
+    def maps_and_values(self, x, seed) -> tuple[tf.Tensor, tf.Tensor]:
         x = tf.convert_to_tensor(x, tf.float32)
         seed = tf.convert_to_tensor(seed, tf.float32)
         expected = (x.shape[0],) + self.output_shape
@@ -133,8 +145,10 @@ class Backprop:
         with tf.GradientTape() as tape:
             tape.watch(x)
             out = self._forward(x)
-        grad = tape.gradient(out, x, output_gradients=tf.cast(seed, out.dtype))
-        return tf.zeros_like(x) if grad is None else tf.cast(grad, tf.float32)
+        seed = tf.cast(seed, out.dtype)
+        grad = tape.gradient(out, x, output_gradients=seed)
+        values = tf.reduce_sum(tf.reshape(tf.cast(out * seed, tf.float32), (tf.shape(out)[0], -1)), axis=1)
+        return (tf.zeros_like(x) if grad is None else tf.cast(grad, tf.float32)), values
 
     def _forward(self, x):
         def call(node, args, kwargs):

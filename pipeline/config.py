@@ -119,8 +119,10 @@ class MergeConfig:
 class PanelsConfig:  # stage: panels (deconv / guided backprop / gradient of top-k patches)
     # any of deconv | guided | gradient (pipeline.backprop); one panels/<method> dataset each
     methods: list = field(default_factory=lambda: ["deconv", "guided", "gradient"])
-    # seeds (top-k entries) per backward pass
+    # seeds (top-k entries) per backward pass on whole images; receptive-field crops take more
     batch_size: int = 32
+    # cropped: the scanned layers whose units run on receptive-field crops (fast); all; or [name, ...]
+    layers: Any = "cropped"
 
 
 @dataclass

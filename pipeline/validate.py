@@ -85,6 +85,10 @@ def check_config(cfg, schema=None) -> None:
     if cfg.shard.index >= cfg.shard.count:
         raise PipelineError(f"shard.index={cfg.shard.index} is not in 0..{cfg.shard.count - 1}: "
                             f"use 0 <= shard.index < shard.count")
+    panel_layers = OmegaConf.select(cfg, "panels.layers", default="cropped")
+    if not (panel_layers in ("cropped", "all") or isinstance(panel_layers, ListConfig)):
+        raise PipelineError(f"panels.layers={panel_layers}: use cropped, all or a list of scanned layers, "
+                            f"e.g. panels.layers=[features_7_conv_0_2]")
     if not list(cfg.stages):
         raise PipelineError("stages=[] runs nothing: list the stages to run, e.g. stages=[scan,crop,report]")
 

@@ -57,7 +57,7 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def full_run(setup):
     root, model, base = setup
-    cfg = compose_cfg(base + ["stages=[scan,crop,panels]", "crop.max_size=0", "panels.batch_size=5"])
+    cfg = compose_cfg(base + ["stages=[scan,crop,panels]", "crop.max_size=0", "panels.batch_size=5", "panels.layers=all"])
     run(cfg, root / "run")
     return model, cfg, root / "run" / "results.h5"
 
@@ -206,7 +206,7 @@ def test_a_new_scan_invalidates_the_panels(setup, full_run, tmp_path):
     _, _, done = full_run
     results = tmp_path / "copy" / "results.h5"
     shutil.copytree(done.parent, results.parent)  # a run directory moves as a whole: results.h5 and parts/
-    cfg = compose_cfg(base + ["stages=[scan,crop,panels]", "crop.max_size=0", "panels.batch_size=5"])
+    cfg = compose_cfg(base + ["stages=[scan,crop,panels]", "crop.max_size=0", "panels.batch_size=5", "panels.layers=all"])
     before = results.read_bytes()
     run(cfg, results.parent)  # the same config: every stage is skipped
     assert results.read_bytes() == before

@@ -7,6 +7,14 @@ map is cut into the layer's frame where the crop stage puts the patch's pixels
 and shrunk the same way, so `panels/<method>[c, k]` lies pixel for pixel on
 `patches[c, k]`. These are the Deep Visualization Toolbox's precomputed
 "deconv" and "backprop" views of the top-9 patches.
+
+A unit depends on nothing outside its receptive field, so where the layer's
+geometry allows (pipeline.field_crop) the passes run on receptive-field crops,
+batched across units, through the layers up to the scanned one: the maps are
+the whole image's, at the cost of the crop. Every pass also gives the unit's
+value, which is checked against the scan's; a layer where the crop does not
+reproduce it (a gate or normalisation over the whole map) is computed on whole
+images instead, and the log says so.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from tqdm import tqdm
 from pipeline.crop import channel_blocks, cut_patches, patch_size
 from pipeline.datasets import BatchStream, list_images
 from pipeline.errors import PipelineError
+from pipeline.field_crop import crop_index, crop_plan, crop_positions
 from pipeline.preprocess import Preprocessing, normalize
 from pipeline.store import Store, block_bytes, table_digest
 
@@ -35,6 +44,7 @@ PART = "panels.h5"
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 FLOAT16_TINY = float(np.finfo(np.float16).tiny)  # smallest normal float16
+MAX_BATCH_GROWTH = 32  # crops this many times smaller than the image batch this many more seeds
 
 
 @dataclass
@@ -42,6 +52,8 @@ class _Layer:
     key: str  # stored name
     name: str  # qualified layer name
     image: np.ndarray  # (C, K)
+    value: np.ndarray  # (C, K) the scan's values: a crop must reproduce them
+    scale: float  # the largest of them, for the tolerance
     y: np.ndarray
     x: np.ndarray
     box: np.ndarray  # (C, K, 4)
@@ -52,7 +64,7 @@ class _Layer:
 
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
-    from pipeline.backprop import METHODS, Backprop
+    from pipeline.backprop import METHODS
     from pipeline.models.sources import load_model
 
     store = Store(run_dir)
@@ -75,6 +87,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         raise PipelineError(f"the dataset changed since the scan of {run_dir}: compute panels with "
                             f"the same dataset, or scan again in a new hydra.run.dir")
     bundle = load_model(cfg.model, cfg.cache_dir)
+    plans = {layer.key: crop_plan_of(bundle.model, layer.name) for layer in layers}
+    layers = _chosen(cfg.panels.layers, layers, plans)
     budget = block_bytes(cfg.checkpoint)  # in-memory panels of one block of channels, all methods
     work = store.work("panels", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size),
                       panels_batch_size=int(cfg.panels.batch_size), block_bytes=budget)
@@ -90,14 +104,20 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     logger.info("panels: %d top-k entries in %d layers, methods %s%s", total, len(layers), ", ".join(methods),
                 f" (resuming: {len(blocks) - len(todo)} of {len(blocks)} blocks done)" if len(todo) < len(blocks)
                 else "")
-    coords = _coordinate_image(spec.size)
-    programs, stats = {}, {}
+    projector, stats = None, {}
     with tqdm(total=total, desc="panels", unit="patch") as bar:
         for number, layer, c0, c1 in todo:
-            if layer.key not in programs:
-                programs = {layer.key: {m: Backprop(bundle.model, layer.name, m) for m in methods}}
+            if projector is None or projector.layer is not layer:
+                projector = Projector(bundle.model, layer, methods, int(cfg.panels.batch_size), *plans[layer.key])
                 bar.set_postfix_str(layer.name)
-            out, counts = _block_panels(layer, c0, c1, programs[layer.key], table, spec, cfg, coords, bar)
+            before = bar.n
+            try:
+                out, counts = _block_panels(layer, c0, c1, projector, table, spec, cfg, bar)
+            except CropInexact as err:  # earlier blocks passed the check: only this one is redone
+                logger.warning("panels of layer %s: %s; computing it on whole images", layer.name, err)
+                projector.use_whole_images()
+                bar.update(before - bar.n)
+                out, counts = _block_panels(layer, c0, c1, projector, table, spec, cfg, bar)
             with work.write(work.chunk_name(number)) as f:
                 group = f.create_group(f"layers/{layer.key}/panels")
                 group.attrs.update(methods=json.dumps(methods), frame=np.asarray(layer.frame, np.int64),
@@ -114,23 +134,53 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         work.assemble(f)
 
 
+def crop_plan_of(model, name: str):
+    """(the crop plan of a layer's units, or None and why they need whole images)."""
+    from pipeline.geometry import layer_geometry
+
+    geometry = layer_geometry(model, name)
+    if not geometry.mappable or geometry.message:
+        return None, geometry.message or "it has no spatial receptive field"
+    return crop_plan(geometry.rows, geometry.cols, geometry.rf_stride, geometry.input_size)
+
+
+def _chosen(choice, layers: list[_Layer], plans: dict) -> list[_Layer]:
+    if choice == "all":
+        return layers
+    if choice == "cropped":
+        left = [layer.name for layer in layers if plans[layer.key][0] is None]
+        if left:
+            logger.info("panels: none for %s: their receptive fields span the image, so every panel is a "
+                        "whole-image pass; panels.layers=all computes them", ", ".join(left))
+        return [layer for layer in layers if plans[layer.key][0] is not None]
+    wanted = [str(n) for n in choice]
+    known = {name for layer in layers for name in (layer.key, layer.name)}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise PipelineError(f"panels.layers: {', '.join(unknown)} not scanned in this run: pick among "
+                            f"{', '.join(layer.key for layer in layers)}, or cropped, or all")
+    return [layer for layer in layers if layer.key in wanted or layer.name in wanted]
+
+
 def _read_layer(key: str, g, max_size: int) -> _Layer:
     frame = tuple(int(v) for v in g["geometry"].attrs["frame"])
-    return _Layer(key=key, name=str(g.attrs["name"]), image=g["topk/image"][()], y=g["topk/y"][()],
+    value = g["topk/value"][()]
+    return _Layer(key=key, name=str(g.attrs["name"]), image=g["topk/image"][()], value=value,
+                  scale=float(np.abs(value[np.isfinite(value)]).max(initial=0)), y=g["topk/y"][()],
                   x=g["topk/x"][()], box=g["topk/box"][()], row_offset=g["geometry/row_offset"][()],
                   col_offset=g["geometry/col_offset"][()], frame=frame, size=patch_size(frame, max_size))
 
 
-def _block_panels(layer: _Layer, c0: int, c1: int, programs: dict, table, spec: Preprocessing, cfg,
-                  coords: np.ndarray, bar: tqdm) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def _block_panels(layer: _Layer, c0: int, c1: int, projector: "Projector", table, spec: Preprocessing, cfg,
+                  bar: tqdm) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Every panel of channels c0:c1 of one layer; zero where a slot is empty or its
     image cannot be read again."""
     k = layer.image.shape[1]
     h, w = layer.size
-    out = {m: np.zeros((c1 - c0, k, h, w, spec.channels), np.float16) for m in programs}
-    out.update({m + "_norm": np.zeros((c1 - c0, k, h, w), np.float16) for m in programs})
+    out = {m: np.zeros((c1 - c0, k, h, w, spec.channels), np.float16) for m in projector.methods}
+    out.update({m + "_norm": np.zeros((c1 - c0, k, h, w), np.float16) for m in projector.methods})
     counts = dict.fromkeys(("tiny", "huge", "missing"), 0)
-    counts.update({f"empty {m}": 0 for m in programs})
+    counts.update({f"empty {m}": 0 for m in projector.methods})
     c_idx, k_idx = np.nonzero(layer.image[c0:c1] >= 0)
     c_idx += c0
     images = layer.image[c_idx, k_idx]
@@ -139,11 +189,11 @@ def _block_panels(layer: _Layer, c0: int, c1: int, programs: dict, table, spec: 
     if len(images) == 0:
         return out, counts
     stream = BatchStream(table, spec, cfg.batch_size, ids=np.unique(images))
-    pending = _Pending(int(cfg.panels.batch_size))
+    pending = _Pending(projector.batch_size)
     done = np.zeros(len(c_idx), bool)
 
-    def compute(entries, rows):
-        _compute(layer, programs, c_idx[entries], k_idx[entries], rows, coords, out, c0, counts)
+    def compute(entries, rows, starts):
+        _compute(layer, projector, c_idx[entries], k_idx[entries], rows, starts, out, c0, counts)
         done[entries] = True
         bar.update(len(entries))
 
@@ -154,14 +204,71 @@ def _block_panels(layer: _Layer, c0: int, c1: int, programs: dict, table, spec: 
         hit = np.nonzero(ids[pos] == images)[0]
         if len(hit) == 0:
             continue
-        pending.add(hit, tf.gather(x, pos[hit]))
-        for entries, rows in pending.full():
-            compute(entries, rows)
-    for entries, rows in pending.rest():
-        compute(entries, rows)
+        rows, starts = projector.cut(x, pos[hit], layer.y[c_idx[hit], k_idx[hit]], layer.x[c_idx[hit], k_idx[hit]])
+        pending.add(hit, rows, starts)
+        for batch in pending.full():
+            compute(*batch)
+    for batch in pending.rest():
+        compute(*batch)
     counts["missing"] = int((~done).sum())  # images that could not be decoded again: their panels stay zero
     bar.update(counts["missing"])
     return out, counts
+
+
+class CropInexact(Exception):
+    """Receptive-field crops do not reproduce a layer's values."""
+
+
+class Projector:
+    """The backward maps of one layer's units, on receptive-field crops where
+    pipeline.field_crop finds them exact, else on whole images.
+
+    `cut(x, which, y, x)` gives the model inputs of the units at (y, x) of images
+    x[which] (their crops, or the images) and where each starts in the image;
+    `maps(method, rows, c, y, x)` their backward maps and values.
+    """
+
+    def __init__(self, model, layer: _Layer, methods: list[str], batch_size: int, plan, why: str):
+        self.model, self.layer, self.methods, self.whole_batch = model, layer, methods, batch_size
+        self.input_size = tuple(int(v) for v in model.inputs[0].shape[1:3])
+        if plan is not None:
+            try:
+                self._use(plan, {m: self._program(m, plan.size) for m in methods})
+            except (ValueError, TypeError, tf.errors.InvalidArgumentError) as err:
+                plan, why = None, f"its layers do not run on {plan.size[0]}x{plan.size[1]} crops ({err})"
+        if plan is None:
+            logger.info("panels of layer %s on whole images: %s", layer.name, why)
+            self.use_whole_images()
+        else:
+            logger.info("panels of layer %s on %dx%d receptive-field crops (%.1f%% of the image), %d seeds a pass",
+                        layer.name, *plan.size, 100 * plan.area_fraction(self.input_size), self.batch_size)
+
+    def _program(self, method: str, size=None):
+        from pipeline.backprop import Backprop
+
+        return Backprop(self.model, self.layer.name, method, input_size=size)
+
+    def _use(self, plan, programs: dict) -> None:
+        self.plan, self.programs = plan, programs
+        growth = 1 if plan is None else min(MAX_BATCH_GROWTH, int(1 / plan.area_fraction(self.input_size)))
+        self.batch_size = self.whole_batch * max(1, growth)  # about the same memory per pass
+
+    def use_whole_images(self) -> None:
+        self._use(None, {m: self._program(m) for m in self.methods})
+
+    def cut(self, x: tf.Tensor, which: np.ndarray, y: np.ndarray, xs: np.ndarray) -> tuple[tf.Tensor, np.ndarray]:
+        if self.plan is None:
+            return tf.gather(x, which), np.zeros((len(which), 2), np.int64)
+        starts, _ = crop_positions(self.plan, y, xs)
+        return tf.gather_nd(x, crop_index(which, starts, self.plan.size)), starts
+
+    def maps(self, method: str, rows: tf.Tensor, c: np.ndarray, y: np.ndarray, x: np.ndarray):
+        program = self.programs[method]
+        if self.plan is not None:
+            _, inside = crop_positions(self.plan, y, x)
+            y, x = inside[:, 0], inside[:, 1]
+        maps, values = program.maps_and_values(rows, seed_for(program.output_shape, c, y, x))
+        return maps.numpy(), values.numpy()
 
 
 def _log_counts(stats: dict[str, dict[str, int]]) -> None:
@@ -188,39 +295,42 @@ class _Pending:
         self.batch_size = batch_size
         self.entries: list[np.ndarray] = []
         self.rows: list[tf.Tensor] = []
+        self.starts: list[np.ndarray] = []
         self.count = 0
 
-    def add(self, entries: np.ndarray, rows: tf.Tensor) -> None:
+    def add(self, entries: np.ndarray, rows: tf.Tensor, starts: np.ndarray) -> None:
         self.entries.append(entries)
         self.rows.append(rows)
+        self.starts.append(starts)
         self.count += len(entries)
 
     def full(self):
         if self.count < self.batch_size:
             return
-        entries, rows = np.concatenate(self.entries), tf.concat(self.rows, 0)
+        entries, rows, starts = np.concatenate(self.entries), tf.concat(self.rows, 0), np.concatenate(self.starts)
         n = (self.count // self.batch_size) * self.batch_size
         for i in range(0, n, self.batch_size):
-            yield entries[i:i + self.batch_size], rows[i:i + self.batch_size]
-        self.entries, self.rows, self.count = [entries[n:]], [rows[n:]], self.count - n
+            yield entries[i:i + self.batch_size], rows[i:i + self.batch_size], starts[i:i + self.batch_size]
+        self.entries, self.rows, self.starts, self.count = [entries[n:]], [rows[n:]], [starts[n:]], self.count - n
 
     def rest(self):
         if self.count:
-            yield np.concatenate(self.entries), tf.concat(self.rows, 0)
-        self.entries, self.rows, self.count = [], [], 0
+            yield np.concatenate(self.entries), tf.concat(self.rows, 0), np.concatenate(self.starts)
+        self.entries, self.rows, self.starts, self.count = [], [], [], 0
 
 
-def _compute(layer: _Layer, programs: dict, c: np.ndarray, k: np.ndarray, rows: tf.Tensor,
-             coords: np.ndarray, out: dict, c0: int, counts: dict) -> None:
-    """Panels of the entries (c, k) whose model inputs are `rows`, into `out`."""
-    any_program = next(iter(programs.values()))
+def _compute(layer: _Layer, projector: Projector, c: np.ndarray, k: np.ndarray, rows: tf.Tensor,
+             starts: np.ndarray, out: dict, c0: int, counts: dict) -> None:
+    """Panels of the entries (c, k) whose model inputs (crops starting at `starts`
+    in their images, or the images) are `rows`, into `out`."""
     y, x = layer.y[c, k], layer.x[c, k]
-    seeds = seed_for(any_program.output_shape, c, y, x)
-    boxes = layer.box[c, k]
+    boxes = layer.box[c, k] - np.tile(starts, 2)  # in the crop's pixels
     offsets = np.stack([layer.row_offset[y], layer.col_offset[x]], axis=1)
-    for method, program in programs.items():
-        maps = program(rows, seeds).numpy()
-        raw = place_in_frame(maps, boxes, offsets, layer.frame, coords)
+    for method in projector.methods:
+        maps, values = projector.maps(method, rows, c, y, x)
+        if projector.plan is not None:
+            _check_values(values, layer.value[c, k], layer.scale)
+        raw = place_in_frame(maps, boxes, offsets, layer.frame)
         norm = np.sqrt(np.square(raw).sum(axis=-1))
         raw, norm = shrink_float(raw, layer.size), shrink_float(norm[..., None], layer.size)[..., 0]
         peak = np.abs(raw).reshape(len(raw), -1).max(axis=1)
@@ -229,6 +339,16 @@ def _compute(layer: _Layer, programs: dict, c: np.ndarray, k: np.ndarray, rows: 
         counts[f"empty {method}"] += int((peak == 0).sum())
         out[method][c - c0, k] = np.clip(raw, -FLOAT16_MAX, FLOAT16_MAX)
         out[method + "_norm"][c - c0, k] = np.clip(norm, 0, FLOAT16_MAX)
+
+
+def _check_values(got: np.ndarray, expected: np.ndarray, scale: float) -> None:
+    """The units' values on their crops must be the scan's (float tolerance)."""
+    error = np.abs(got - expected)
+    bad = error > 1e-3 * np.abs(expected) + 1e-4 * scale + 1e-6
+    if bad.any():
+        worst = int(np.argmax(error))
+        raise CropInexact(f"{int(bad.sum())} of {len(got)} units differ on their receptive-field crop "
+                          f"(e.g. {got[worst]:.6g} instead of the scan's {expected[worst]:.6g})")
 
 
 def seed_for(output_shape: tuple, c: np.ndarray, y: np.ndarray, x: np.ndarray) -> tf.Tensor:
