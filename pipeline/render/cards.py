@@ -705,7 +705,7 @@ class LayerCards:
         for m in methods:
             cells.append(Cell(f"panel:{m}", PANEL_TITLES.get(m, m)))
         if not methods and has_patches:
-            absent.append("deconv/backprop panels (stages=[panels])")
+            absent.append("deconv/backprop panels (stages=[panels], panels.layers=all)")
         if pattern_rows is not None:
             cells.append(Cell("pattern", "filter pattern" + (" (minimised)" if objective == "neg" else "")))
         else:

@@ -156,7 +156,7 @@ def write_layer(f: h5py.File, key: str, out_dir: Path, paths: list[str], labels:
     if "panels/deconv" in g:
         written += _write_montages(out_dir, "max_deconv", key, g, "panels/deconv", valid)
     else:
-        logger.info("toolbox %s: no deconv panels (run the panels stage): max_deconv skipped", key)
+        logger.info("toolbox %s: no deconv panels (stages=[panels], panels.layers=all): max_deconv skipped", key)
     value, y, x = t["value"][()], t["y"][()], t["x"][()]
     h, w = (int(s) for s in g.attrs["shape"][:2])
     for c in range(image.shape[0]):
