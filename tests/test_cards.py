@@ -14,10 +14,11 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from pipeline.render import cards
-from pipeline.render.cards import (GlyphFont, ImageIndex, LayerCards, draw_text, find_weights, panel_view,
+from pipeline.render.cards import (GlyphFont, ImageIndex, LayerCards, draw_text, find_weights,
                             png_bytes, render_layer_cards, spectrum_bars, spectrum_values, weight_tiles, wrap)
 from pipeline.spectrum import BUCKETS as SPECTRUM, GAMMA, MIN_ABS  # the sketch's layout
 from pipeline.render.canvas import EMPTY_GREY
+from pipeline.render.patches import panel_image
 from pipeline.render.results import read_layers
 
 C, K, S = 5, 4, 6  # channels, top-k, stored patch side
@@ -186,7 +187,7 @@ def test_png_writer_round_trips_exactly_with_dpi():
     assert back.info["dpi"] == pytest.approx((300, 300), abs=0.1)
 
 
-def test_panel_view_and_spectrum_values_match_the_pipeline_helpers():
+def test_panel_image_and_spectrum_values_match_the_pipeline_helpers():
     from pipeline.spectrum import bucket_values
 
     panels = np.zeros((2, 3, 5, 5, 3), np.float16)
@@ -194,7 +195,7 @@ def test_panel_view_and_spectrum_values_match_the_pipeline_helpers():
     panels[0, 0, 1, 1] = -2.0
     panels[0, 0, 2, 2] = 1.0
     panels[1, 2, 4, 4] = -0.5  # a panel of one negative value: that value is black
-    view = panel_view(panels)
+    view = panel_image(panels)
     assert view.dtype == np.uint8 and view.shape == panels.shape
     assert (view[0, 0, 0, 0] == 255).all() and (view[0, 0, 1, 1] == 0).all() and (view[0, 0, 2, 2] == 192).all()
     assert (view[0, 0, 3, 3] == 128).all() and (view[0, 1] == 128).all()  # an all-zero panel is flat grey
@@ -203,7 +204,7 @@ def test_panel_view_and_spectrum_values_match_the_pipeline_helpers():
     sparse = np.zeros((1, 1, 20, 20, 3), np.float32)
     sparse[0, 0, 2:10, 2:10] = 1.0
     sparse[0, 0, 15, 15] = 100.0
-    shown = panel_view(sparse)
+    shown = panel_image(sparse)
     assert (shown[0, 0, 2:10, 2:10] == 255).all() and (shown[0, 0, 15, 15] == 255).all()
     # the card reads the spectrum buckets back with the values the scan wrote them with
     np.testing.assert_allclose(spectrum_values(SPECTRUM, GAMMA, MIN_ABS), bucket_values(), rtol=1e-6)

@@ -106,14 +106,38 @@ def test_max_im_cells_hold_the_top9_in_row_major_order(exported):
 
 
 def test_max_deconv_only_where_panels_exist_in_slot_order(exported):
+    from pipeline.render.patches import layer_patches
+
     assert not (exported / "toolbox" / "max_deconv" / "relu1").exists()
     with h5py.File(exported / "results.h5", "r") as f:
         c, k, h, w, _ = f["layers/relu2/panels/deconv"].shape
+        valid = f["layers/relu2/topk/image"][()] >= 0
+        shown = layer_patches(f["layers/relu2"], "panels/deconv", 0, c, k, (h, w), flat=True).astype(float)
     files = sorted((exported / "toolbox" / "max_deconv" / "relu2").iterdir())
     assert [p.name for p in files] == [f"relu2_{i:04d}.jpg" for i in range(c)]
-    montage = load(files[0]).mean(-1)
-    brightness = [montage[r * h:(r + 1) * h, col * w:(col + 1) * w].mean() for r in range(3) for col in range(3)]
-    assert np.all(np.diff(brightness[:k]) > 0), brightness  # slot j's panel in cell j, row-major
+    for i in range(c):
+        montage = load(files[i]).mean(-1)
+        for slot in range(min(k, 9)):  # slot j's panel in cell j, row-major
+            r, col = divmod(slot, 3)
+            cell = montage[r * h:(r + 1) * h, col * w:(col + 1) * w].mean()
+            want = shown[i, slot].mean() if valid[i, slot] else 0.0
+            assert abs(cell - want) < 6, (i, slot, cell, want)
+
+
+def test_panels_mark_the_outside_image_area_as_the_patches_do(exported):
+    from pipeline.render.patches import CHECKER_GREYS, FLAT_GREY, checker, layer_patches
+
+    with h5py.File(exported / "results.h5", "r") as f:
+        g = f["layers/relu2"]
+        c, k, h, w, _ = g["patches"].shape
+        patches = layer_patches(g, "patches", 0, c, k, (h, w))
+        panels = layer_patches(g, "panels/deconv", 0, c, k, (h, w))
+        flat = layer_patches(g, "panels/deconv", 0, c, k, (h, w), flat=True)
+    outside = (patches == checker((h, w))).all(-1)  # the slot colours are never grey
+    assert outside.any() and not outside.all()  # border winners, clipped boxes
+    np.testing.assert_array_equal(panels[outside], patches[outside])  # the same checker
+    assert (flat[outside] == FLAT_GREY).all()
+    assert not np.isin(panels[~outside], CHECKER_GREYS).all(-1).any()  # inside: the stretched map
 
 
 @pytest.mark.parametrize("key,size", [("relu1", 24), ("conv2", 61)])

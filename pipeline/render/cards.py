@@ -37,7 +37,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.render.canvas import EMPTY_GREY, montage, resize_patches
-from pipeline.render.draw import PANEL_PERCENTILE, panel_to_uint8
 from pipeline.render.patches import layer_patches
 from pipeline.render.results import LayerInfo, as_str, fmt
 from pipeline.spectrum import GAMMA, MIN_ABS
@@ -201,15 +200,6 @@ def _fitted(f: GlyphFont, text: str, max_width: int | None) -> tuple[np.ndarray,
 
 
 # ---------------------------------------------------------------------------- pixel helpers
-
-def panel_view(panels: np.ndarray) -> np.ndarray:
-    """Raw backprop panels (..., h, w, ch) -> uint8 RGB (..., h, w, 3), each panel stretched
-    to its own PANEL_PERCENTILE of |value|, 0 at 128 grey."""
-    out = panel_to_uint8(panels, panel_dims=3, percentile=PANEL_PERCENTILE)
-    if out.shape[-1] == 1:
-        out = np.repeat(out, 3, axis=-1)
-    return out[..., :3]
-
 
 def patch_px(hw: tuple[int, int]) -> tuple[int, int]:
     """Size of one patch on a card: small patches enlarged by a whole factor, large ones shrunk."""
@@ -782,10 +772,7 @@ class LayerCards:
         k = min(ds.shape[1], 9)
         side = max(1, math.ceil(math.sqrt(k)))
         size = self.layout.patch_in(cell)
-        if name.startswith("panels/"):
-            small = resize_patches(panel_view(ds[c0:c1, :k])[..., :3], size)
-        else:
-            small = layer_patches(self.group, name, c0, c1, k, size)
+        small = layer_patches(self.group, name, c0, c1, k, size)
         return montage(small, valid[:, :k], side, THIN, EMPTY_GREY, CARD_BG)
 
     def _exemplar_cell(self, cards: np.ndarray, cell: Cell, c0: int, c1: int) -> None:

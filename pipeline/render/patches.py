@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 
 from pipeline.render.canvas import resize_patches
+from pipeline.render.draw import PANEL_PERCENTILE, panel_to_uint8
 
 CHECKER_PX = 4
 CHECKER_GREYS = (150, 182)
@@ -46,18 +47,30 @@ def show_outside(patches: np.ndarray, inside: np.ndarray, flat: bool = False) ->
     return np.where(inside[..., None], patches, fill)
 
 
+def panel_image(panels: np.ndarray) -> np.ndarray:
+    """Raw backprop panels (..., h, w, ch) -> uint8, each panel stretched to its own
+    PANEL_PERCENTILE of |value| (a robust maximum), 0 at mid grey."""
+    return panel_to_uint8(panels, panel_dims=3, percentile=PANEL_PERCENTILE)
+
+
+TABLES = {"patches": "topk", "bottom_patches": "bottomk", "class_patches": "class_topk"}  # panels/*: topk
+
+
 def layer_patches(g: h5py.Group, name: str, c0: int, c1: int, k: int, size: tuple[int, int],
                   flat: bool = False, start: int = 0) -> np.ndarray:
-    """Channels c0:c1, slots :k of layers/<layer>/<name> (patches or bottom_patches) at `size`,
-    (b, k, h, w, 3) uint8, outside-image area checkered where the layer's geometry is stored.
-    flat=True (the JPEG export): flat grey instead, and grey patches stay one channel.
-    start: the first slot (class_patches hold one block of slots per class)."""
+    """Channels c0:c1, slots :k of layers/<layer>/<name> (patches, bottom_patches,
+    class_patches or panels/<method>) at `size`, (b, k, h, w, 3) uint8, outside-image area
+    checkered where the layer's geometry is stored (panels: see panel_image). flat=True (the JPEG export): flat grey
+    instead of the checker, and grey images stay one channel. start: the first slot
+    (class_patches hold one block of slots per class)."""
     slots = slice(start, start + k)
     raw = g[name][c0:c1, slots]
+    if name.startswith("panels/"):
+        raw = panel_image(raw)
     if raw.shape[-1] == 1 and not flat:
         raw = np.repeat(raw, 3, axis=-1)
     small = resize_patches(raw[..., :3], size)
-    table = g[{"patches": "topk", "bottom_patches": "bottomk", "class_patches": "class_topk"}[name]]
+    table = g[TABLES.get(name, "topk")]
     if "geometry/row_offset" not in g or "box" not in table:
         return small
     frame = tuple(int(v) for v in g["geometry"].attrs["frame"])

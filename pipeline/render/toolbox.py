@@ -34,7 +34,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.render.canvas import EMPTY_GREY, resize_patches
-from pipeline.render.draw import PANEL_PERCENTILE, panel_to_uint8
 from pipeline.render.patches import layer_patches
 from pipeline.render.results import as_str
 from pipeline.store import read_strings
@@ -124,13 +123,10 @@ def save_jpeg(path: Path, image: np.ndarray) -> None:
 
 def top9_montages(g: h5py.Group, name: str, valid: np.ndarray, c0: int, c1: int) -> np.ndarray:
     """Channels c0:c1 of layers/<layer>/<name> (`patches` or `panels/<method>`) as the
-    toolbox's 3x3 montages; patches are drawn with their outside-image area in flat grey."""
+    toolbox's 3x3 montages, drawn with their outside-image area in flat grey."""
     ds = g[name]
     c1 = min(c1, ds.shape[0])
-    if name.startswith("panels/"):
-        images = panel_to_uint8(ds[c0:c1, :9], panel_dims=3, percentile=PANEL_PERCENTILE)
-    else:
-        images = layer_patches(g, name, c0, c1, 9, tuple(ds.shape[2:4]), flat=True)
+    images = layer_patches(g, name, c0, c1, 9, tuple(ds.shape[2:4]), flat=True)
     images = np.where(valid[c0:c1, :9, None, None, None], images, 0)
     return tile(images, math.ceil(math.sqrt(min(ds.shape[1], 9))))
 
