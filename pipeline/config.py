@@ -210,6 +210,9 @@ class FiltersConfig:  # stage: filters
     upscale: str = "auto"
     # kernels stored: selected (first convolution + those feeding the layers) | all | none
     weights: str = "selected"
+    # objective=channel: where another channel's pattern excites a channel more than its
+    # own, climb again from that pattern (plain ascent at the input size) and keep the better
+    rivals: bool = True
     # write toolbox/regularized_opt/<layer>/ (Deep Visualization Toolbox layout)
     toolbox: bool = True
 

@@ -248,14 +248,16 @@ def _spatial_mean(act: tf.Tensor) -> tf.Tensor:
     return tf.reduce_mean(act, axis=list(range(1, act.shape.rank - 1))) if act.shape.rank > 2 else act
 
 
-def channel(layer: str, channels, pre: str | None = None) -> Objective:
+def channel(layer: str, channels, pre: str | None = None, capped: bool = False) -> Objective:
     """Mean activation of channel channels[i] of `layer` over all positions, for image i.
     `channels`: ints, or an int32 tf.Variable (B,) to retarget a compiled step.
 
-    pre: the layer feeding `layer` when `layer` is a ReLU-like activation. Where an
-    image's channel is off everywhere (no gradient through the ReLU), the gradient of
-    the pre-activation mean is used instead; the score's value is unchanged (after
-    lucid's redirected ReLU gradient)."""
+    pre: the layer feeding `layer` when `layer` is a ReLU-like activation. The score's
+    value is always the layer's; its gradient is redirected, after lucid's redirected
+    ReLU: where an image's channel is off everywhere (no gradient through the ReLU), the
+    gradient of the pre-activation mean is used instead; capped (ReLU6): the gradient
+    ignores the cap, as if the layer were a ReLU, so that saturated positions keep
+    pulling the image their way."""
     index = _targets(channels)
 
     def fn(outputs):
@@ -263,6 +265,9 @@ def channel(layer: str, channels, pre: str | None = None) -> Objective:
         if pre is None:
             return score
         z = outputs[pre]
+        if capped:
+            uncapped = _pick(_spatial_mean(tf.nn.relu(z)), index)
+            score = uncapped - tf.stop_gradient(uncapped) + tf.stop_gradient(score)
         lead = _pick(_spatial_mean(z), index)
         peak = _pick(tf.reduce_max(z, axis=list(range(1, z.shape.rank - 1))) if z.shape.rank > 2 else z, index)
         redirected = lead - tf.stop_gradient(lead) + tf.stop_gradient(score)
@@ -475,12 +480,12 @@ class Patterns:
 
 
 def make_objective(kind: str, layer: str, targets, head: Callable | None = None,
-                   pre: str | None = None) -> Objective:
+                   pre: str | None = None, capped: bool = False) -> Objective:
     """'channel', 'neg' or 'class' objective on `layer` for per-image `targets`. With
     `pre` (the input of a ReLU-like `layer`): 'channel' redirects the gradient of dead
     channels to it, and 'neg' minimises it (a ReLU output has no negative direction)."""
     if kind == "channel":
-        return channel(layer, targets, pre)
+        return channel(layer, targets, pre, capped)
     if kind == "neg":
         return negative(channel(pre or layer, targets))
     if kind == "class":
@@ -490,19 +495,30 @@ def make_objective(kind: str, layer: str, targets, head: Callable | None = None,
 
 def preactivation(model: keras.Model, layer: str) -> str | None:
     """The layer feeding `layer` when `layer` is a separate ReLU-like activation, else None."""
+    return _activation(model, layer)[0]
+
+
+def is_capped(model: keras.Model, layer: str) -> bool:
+    """Whether `layer` is a ReLU with a ceiling (ReLU6: MobileNet's activation)."""
+    return _activation(model, layer)[1]
+
+
+def _activation(model: keras.Model, layer: str) -> tuple[str | None, bool]:
     from pipeline.graph import flat_layers
 
     node = next((n for n in flat_layers(model) if n.name == layer), None)
     if node is None or len(node.inputs) != 1:
-        return None
+        return None, False
     op = node.layer
-    if isinstance(op, (keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU)):
-        return node.inputs[0]
+    if isinstance(op, keras.layers.ReLU):
+        return node.inputs[0], op.max_value is not None
+    if isinstance(op, (keras.layers.LeakyReLU, keras.layers.ELU)):
+        return node.inputs[0], False
     activation = getattr(getattr(op, "activation", None), "__name__", "")
     if isinstance(op, keras.layers.Activation) and activation in ("relu", "relu6", "elu", "selu", "gelu",
                                                                   "silu", "swish", "leaky_relu"):
-        return node.inputs[0]
-    return None
+        return node.inputs[0], activation == "relu6"
+    return None, False
 
 
 def extend(images: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
@@ -559,7 +575,7 @@ def filter_patterns(model: keras.Model, spec: Preprocessing, layer: str, targets
         param = PixelImage(np.zeros((b, size, size, channels_in), np.float32))
     optimizer = Optimizer(param.variable, recipe.learning_rate, method)
     target_var = tf.Variable(np.zeros(b, np.int32), trainable=False)
-    obj = make_objective(objective, layer, target_var, head, pre)
+    obj = make_objective(objective, layer, target_var, head, pre, pre is not None and is_capped(model, layer))
     step = make_step(features, obj, param, optimizer, spec.normalize, use_transforms)
 
     images = np.zeros((len(items), *size_in, 3), np.uint8)
@@ -603,3 +619,100 @@ def filter_patterns(model: keras.Model, spec: Preprocessing, layer: str, targets
     shape = (len(targets), repeats)
     return Patterns(targets, images.reshape(shape + images.shape[1:]), values.reshape(shape), size,
                     finals.reshape(shape))
+
+
+# --------------------------------------------------------------------------- rivals
+
+
+REFINE_STEPS = 64
+REFINE_LR = 0.01
+RIVAL_ROUNDS = 12  # each round restarts the channels that a pattern changed in the last one beats
+RIVAL_MARGIN = 1e-3  # a rival must beat a channel's own pattern by this fraction (no endless leapfrog)
+
+
+def strongest_rivals(scores: np.ndarray) -> np.ndarray:
+    """scores (N, N): scores[i, k] is target k's objective on pattern i, made for target i.
+    Per target, the other pattern that scores it higher than its own does by more than
+    RIVAL_MARGIN of its own (the highest such), or -1."""
+    n = len(scores)
+    own = np.diag(scores)
+    best = np.argmax(scores, axis=0)
+    beaten = scores[best, np.arange(n)] > own + RIVAL_MARGIN * np.abs(own)
+    return np.where(beaten, best, -1)
+
+
+def channel_scores(model: keras.Model, spec: Preprocessing, layer: str, images: np.ndarray,
+                   channels: np.ndarray, batch: int = 16) -> np.ndarray:
+    """(N, len(channels)): the mean of each channel of `layer` over positions, for each
+    uint8 image (N, H, W, 3) at the model's input size (the value a pattern reaches)."""
+    evaluate, _ = objective_model(model, [layer], None)
+    out = []
+    for start in range(0, len(images), batch):
+        pixels = tf.constant(images[start:start + batch, ..., :spec.channels])
+        out.append(_spatial_mean(evaluate(normalize(pixels, spec.normalize))[layer]).numpy()[:, channels])
+    return np.concatenate(out).astype(np.float32)
+
+
+def refine(model: keras.Model, spec: Preprocessing, layer: str, channels: np.ndarray, starts: np.ndarray,
+           steps: int = REFINE_STEPS, lr: float = REFINE_LR, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Plain gradient ascent at the input size, no transformations, on channel
+    channels[i] of `layer` from the uint8 image starts[i]. Returns per image the best
+    it passed through (uint8, RGB; the start where no step beat it) and its value."""
+    pre = preactivation(model, layer)
+    features, _ = objective_model(model, [layer] if pre is None else [layer, pre], None)
+    b = max(1, min(batch, len(starts)))
+    param = PixelImage(np.zeros((b, *spec.size, spec.channels), np.float32))
+    optimizer = Optimizer(param.variable, lr, "plain")
+    target_var = tf.Variable(np.zeros(b, np.int32), trainable=False)
+    obj = channel(layer, target_var, pre, pre is not None and is_capped(model, layer))
+    step = make_step(features, obj, param, optimizer, spec.normalize, False)
+    images = np.array(starts, np.uint8, copy=True)
+    values = np.zeros(len(starts), np.float32)
+    for start in range(0, len(starts), b):
+        rows = np.arange(start, min(start + b, len(starts)))
+        padded = np.concatenate([rows, np.full(b - len(rows), rows[-1])])
+        best = starts[padded, ..., :spec.channels].astype(np.float32) / 255.0
+        param.assign(best)
+        optimizer.reset()
+        target_var.assign(np.asarray(channels[padded], np.int32))
+        best_score = np.full(b, -np.inf, np.float32)
+        for _ in range(steps + 1):
+            before = param.variable.numpy()
+            score = step(tf.zeros((b, 8), tf.float32)).numpy()  # the score of `before`
+            up = score > best_score
+            best[up], best_score[up] = before[up], score[up]
+        pixels = to_uint8(best)
+        value = obj(features(normalize(tf.constant(pixels), spec.normalize))).numpy()
+        if spec.channels == 1:
+            pixels = np.repeat(pixels, 3, axis=-1)
+        images[rows] = pixels[:len(rows)]
+        values[rows] = value[:len(rows)]
+    return images, values
+
+
+def outdo_rivals(model: keras.Model, spec: Preprocessing, layer: str, channels: np.ndarray, images: np.ndarray,
+                 values: np.ndarray, rounds: int = RIVAL_ROUNDS, batch: int = 16) -> np.ndarray:
+    """Where another pattern of the layer excites a channel more than the channel's own
+    does (gradient ascent stopped at a local maximum), climb again from that pattern.
+    Changes images and values in place; returns per channel the channel whose pattern
+    it climbed from last (-1: its own). A channel that cannot climb above its rival's
+    pattern keeps a copy of it: the two share a pattern."""
+    n = len(channels)
+    diagonal = (np.arange(n), np.arange(n))
+    started_from = np.full(n, -1, np.int64)
+    scores = channel_scores(model, spec, layer, images, channels, batch)
+    for _ in range(rounds):
+        scores[diagonal] = values  # the stored values decide
+        rivals = strongest_rivals(scores)
+        todo = np.flatnonzero(rivals >= 0)
+        if not todo.size:
+            break
+        new_images, new_values = refine(model, spec, layer, channels[todo], images[rivals[todo]], batch=batch)
+        better = new_values > values[todo]
+        changed = todo[better]
+        if not changed.size:
+            break
+        started_from[changed] = channels[rivals[changed]]
+        images[changed], values[changed] = new_images[better], new_values[better]
+        scores[changed] = channel_scores(model, spec, layer, images[changed], channels, batch)
+    return started_from

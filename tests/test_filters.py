@@ -107,6 +107,10 @@ def test_patterns_are_stored_at_input_size_with_the_value_they_reach(small_run):
             # every pattern excites its own channel more than a grey image does
             grey = feature_model(model, [name])(normalize(tf.fill((1, 20, 20, 3), 128), "torch")).numpy()
             assert (np.diag(acts) > grey.mean(axis=(0, 1, 2)) + 1e-3).all()
+            # and at least as much as any other channel's pattern does (rivals outdone)
+            for k in range(channels):
+                assert acts[k, k] >= (1 - 2e-3) * np.delete(acts[:, k], k).max(), (name, k, acts[:, k])
+            assert set(g["started_from"][()].tolist()) <= set(range(-1, channels))
 
 
 def test_sheets_and_toolbox_files_follow_results(small_run):

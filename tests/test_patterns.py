@@ -136,6 +136,36 @@ def test_dead_relu_channel_gets_the_preactivation_gradient():
     np.testing.assert_allclose(grad[1, ..., 1], 1 / 9)
 
 
+def test_relu6_gradient_ignores_the_cap_but_the_value_keeps_it():
+    z = tf.Variable(np.array([[[[7.0], [1.0]], [[-1.0], [9.0]]]], np.float32))  # (1, 2, 2, 1)
+    with tf.GradientTape() as tape:
+        outputs = {"relu6": tf.nn.relu6(z), "bn": z}
+        score = P.channel("relu6", [0], pre="bn", capped=True)(outputs)
+    np.testing.assert_allclose(score.numpy(), [(6 + 1 + 0 + 6) / 4])
+    np.testing.assert_allclose(tape.gradient(score, z).numpy().ravel(), [0.25, 0.25, 0, 0.25])
+
+
+def test_capped_relus_are_recognised():
+    inp = keras.Input((8, 8, 3))
+    z = L.Conv2D(2, 3, name="conv")(inp)
+    model = keras.Model(inp, [L.ReLU(6.0, name="r6")(z), L.Activation("relu6", name="a6")(z),
+                              L.ReLU(name="r")(z)])
+    assert [P.preactivation(model, n) for n in ("r6", "a6", "r", "conv")] == ["conv", "conv", "conv", None]
+    assert [P.is_capped(model, n) for n in ("r6", "a6", "r", "conv")] == [True, True, False, False]
+
+
+def test_strongest_rivals_are_the_other_patterns_that_beat_a_channels_own():
+    scores = np.array([[1.0, 5.0, 0.0],
+                       [2.0, 4.0, 3.0],
+                       [1.5, 4.0, 2.0]])  # scores[i, k]: channel k on pattern i
+    # channel 0: pattern 1 (2.0) beats its own 1.0, more than pattern 2 does; channel 1:
+    # pattern 0 beats 4.0; channel 2: pattern 1 beats 2.0
+    np.testing.assert_array_equal(P.strongest_rivals(scores), [1, 0, 1])
+    np.testing.assert_array_equal(P.strongest_rivals(np.diag([1.0, 1.0]) + 0.5), [-1, -1])
+    # a rival within RIVAL_MARGIN does not count: no endless leapfrog over rounding
+    np.testing.assert_array_equal(P.strongest_rivals(np.array([[1.0, 0.0], [1.0 + 1e-5, 1.0]])), [-1, -1])
+
+
 def test_class_logit_is_the_input_of_the_softmax():
     inp = keras.Input((6,))
     out = L.Dense(4, activation="softmax", name="probs")(L.Dense(5, name="hidden")(inp))
@@ -371,8 +401,11 @@ def test_seeds_give_several_patterns_and_the_best_is_picked(edge_patterns):
     assert result.best_values[0] == result.values[0].max()
 
 
-@pytest.mark.skipif(not FASHION.exists(), reason="Fashion-MNIST (Debian package dataset-fashion-mnist) not installed")
-def test_trained_from_scratch_model_patterns_beat_real_and_random_images():
+@pytest.fixture(scope="module")
+def fashion_model():
+    """A small convnet trained for two epochs on 3000 Fashion-MNIST images."""
+    if not FASHION.exists():
+        pytest.skip("Fashion-MNIST (Debian package dataset-fashion-mnist) not installed")
     from pipeline.datasets import read_idx
 
     keras.utils.set_random_seed(0)
@@ -389,6 +422,11 @@ def test_trained_from_scratch_model_patterns_beat_real_and_random_images():
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     history = model.fit(images / 255.0, labels, epochs=2, batch_size=64, verbose=0)
     assert history.history["accuracy"][-1] > 0.65  # it learned something
+    return model, images
+
+
+def test_trained_from_scratch_model_patterns_beat_real_and_random_images(fashion_model):
+    model, images = fashion_model
     spec = Preprocessing(height=28, width=28, channels=1, resize="exact", normalize="unit")
     result = P.filter_patterns(model, spec, "conv2", range(16), recipe=P.Recipe(), batch=16, progress=False)
     assert result.images.shape == (16, 1, 28, 28, 3) and result.optimised_size == 28
@@ -409,3 +447,19 @@ def test_trained_from_scratch_model_patterns_beat_real_and_random_images():
         for j in range(16):
             if j != k:
                 assert acts[k, k] > (0.95 if twins[j, k] else 1.0) * acts[j, k], (k, j, acts[:, k])
+
+
+@pytest.mark.parametrize("layer", ["relu1", "relu2"])
+def test_first_and_middle_layer_patterns_excite_their_own_channel_most(fashion_model, layer):
+    model, _ = fashion_model
+    spec = Preprocessing(height=28, width=28, channels=1, resize="exact", normalize="unit")
+    channels = np.arange(16)
+    result = P.filter_patterns(model, spec, layer, channels, recipe=P.Recipe(), batch=16, progress=False)
+    images, values = result.best_images.copy(), result.best_values.copy()
+    started_from = P.outdo_rivals(model, spec, layer, channels, images, values)
+    acts = channel_means(model, layer, spec, images[..., :1])  # (pattern, channel)
+    np.testing.assert_allclose(np.diag(acts), values, rtol=1e-4)  # the values are the stored images'
+    assert (values >= result.best_values).all()  # climbing again only ever raises a value
+    for k in channels:  # at least as much as any other channel's pattern (equal where they share one)
+        assert acts[k, k] >= (1 - P.RIVAL_MARGIN) * np.delete(acts[:, k], k).max(), (layer, k, acts[:, k])
+    assert started_from.min() >= -1 and started_from.max() < 16

@@ -290,8 +290,18 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
             with work.write(work.chunk_name(number)) as f:
                 _write_block(f, job, rows, result, fc.objective)
 
+    outdone = _outdo_rivals(work, blocks, bundle) if fc.rivals and fc.objective == "channel" else {}
+
     with store.write(PART) as f:
         work.assemble(f)
+        for key, (images, values, started_from) in outdone.items():
+            g = f[f"filters/{key}"]
+            for name, data in (("patterns", images), ("value", values)):
+                del g[name]  # a virtual dataset over the chunks, which stay as they were
+            g.create_dataset("patterns", data=images, chunks=(1,) + images.shape[1:], compression="gzip",
+                             shuffle=True)
+            g["value"] = values
+            g["started_from"] = started_from
         root = f.require_group("filters")
         root.attrs.update(objective=fc.objective, method=recipe.method, steps=recipe.steps,
                           size=recipe.size or min(spec.size), lr=recipe.learning_rate, seed=recipe.seed,
@@ -304,6 +314,34 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     render_filter_sheets(part, run_dir.joinpath(*SHEETS_DIR), bgr=spec.normalize == "caffe")
     if fc.toolbox:
         write_regularized_opt(part, run_dir / TOOLBOX_DIR)
+
+
+def _outdo_rivals(work, blocks, bundle) -> dict:
+    """Per layer key: its patterns, values and started_from after `outdo_rivals` (the
+    whole layer at once: a channel's rival may sit in any block). Read from the chunks,
+    which keep the patterns as first optimised."""
+    from pipeline.patterns import outdo_rivals
+
+    by_key: dict[str, tuple[Job, list[int]]] = {}
+    for n, (job, _) in enumerate(blocks):
+        by_key.setdefault(job.key, (job, []))[1].append(n)
+    outdone = {}
+    for key, (job, numbers) in by_key.items():
+        images, values, channels = [], [], []
+        for n in numbers:
+            with work.open(work.chunk_name(n)) as f:
+                g = f[f"filters/{key}"]
+                images.append(g["patterns"][()])
+                values.append(g["value"][()])
+                channels.append(g["channels"][()])
+        images, values, channels = np.concatenate(images), np.concatenate(values), np.concatenate(channels)
+        if len(channels) < 2:
+            continue
+        started_from = outdo_rivals(bundle.model, bundle.preprocessing, job.layer, channels, images, values)
+        logger.info("filters %s: %d of %d pattern(s) climbed again from another channel's pattern", job.layer,
+                    int((started_from >= 0).sum()), len(channels))
+        outdone[key] = (images, values, started_from)
+    return outdone
 
 
 def _write_kernel_table(root: h5py.Group, kernels: list[Kernel]) -> None:
