@@ -641,11 +641,11 @@ def strongest_rivals(scores: np.ndarray) -> np.ndarray:
     return np.where(beaten, best, -1)
 
 
-def channel_scores(model: keras.Model, spec: Preprocessing, layer: str, images: np.ndarray,
+def channel_scores(evaluate: Callable, spec: Preprocessing, layer: str, images: np.ndarray,
                    channels: np.ndarray, batch: int = 16) -> np.ndarray:
     """(N, len(channels)): the mean of each channel of `layer` over positions, for each
-    uint8 image (N, H, W, 3) at the model's input size (the value a pattern reaches)."""
-    evaluate, _ = objective_model(model, [layer], None)
+    uint8 image (N, H, W, 3) at the model's input size (the value a pattern reaches);
+    `evaluate` from objective_model(model, [layer, ...], None)."""
     out = []
     for start in range(0, len(images), batch):
         pixels = tf.constant(images[start:start + batch, ..., :spec.channels])
@@ -653,41 +653,50 @@ def channel_scores(model: keras.Model, spec: Preprocessing, layer: str, images: 
     return np.concatenate(out).astype(np.float32)
 
 
-def refine(model: keras.Model, spec: Preprocessing, layer: str, channels: np.ndarray, starts: np.ndarray,
-           steps: int = REFINE_STEPS, lr: float = REFINE_LR, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Plain gradient ascent at the input size, no transformations, on channel
-    channels[i] of `layer` from the uint8 image starts[i]. Returns per image the best
-    it passed through (uint8, RGB; the start where no step beat it) and its value."""
-    pre = preactivation(model, layer)
-    features, _ = objective_model(model, [layer] if pre is None else [layer, pre], None)
-    b = max(1, min(batch, len(starts)))
-    param = PixelImage(np.zeros((b, *spec.size, spec.channels), np.float32))
-    optimizer = Optimizer(param.variable, lr, "plain")
-    target_var = tf.Variable(np.zeros(b, np.int32), trainable=False)
-    obj = channel(layer, target_var, pre, pre is not None and is_capped(model, layer))
-    step = make_step(features, obj, param, optimizer, spec.normalize, False)
-    images = np.array(starts, np.uint8, copy=True)
-    values = np.zeros(len(starts), np.float32)
-    for start in range(0, len(starts), b):
-        rows = np.arange(start, min(start + b, len(starts)))
-        padded = np.concatenate([rows, np.full(b - len(rows), rows[-1])])
-        best = starts[padded, ..., :spec.channels].astype(np.float32) / 255.0
-        param.assign(best)
-        optimizer.reset()
-        target_var.assign(np.asarray(channels[padded], np.int32))
-        best_score = np.full(b, -np.inf, np.float32)
-        for _ in range(steps + 1):
-            before = param.variable.numpy()
-            score = step(tf.zeros((b, 8), tf.float32)).numpy()  # the score of `before`
-            up = score > best_score
-            best[up], best_score[up] = before[up], score[up]
-        pixels = to_uint8(best)
-        value = obj(features(normalize(tf.constant(pixels), spec.normalize))).numpy()
-        if spec.channels == 1:
-            pixels = np.repeat(pixels, 3, axis=-1)
-        images[rows] = pixels[:len(rows)]
-        values[rows] = value[:len(rows)]
-    return images, values
+class Climber:
+    """Plain gradient ascent at the input size, no transformations, from given images:
+    one compiled step for every call."""
+
+    def __init__(self, model: keras.Model, spec: Preprocessing, layer: str, batch: int = 16,
+                 steps: int = REFINE_STEPS, lr: float = REFINE_LR):
+        pre = preactivation(model, layer)
+        self.spec, self.layer, self.batch, self.steps = spec, layer, batch, steps
+        self.features, _ = objective_model(model, [layer] if pre is None else [layer, pre], None)
+        self.param = PixelImage(np.zeros((batch, *spec.size, spec.channels), np.float32))
+        self.optimizer = Optimizer(self.param.variable, lr, "plain")
+        self.targets = tf.Variable(np.zeros(batch, np.int32), trainable=False)
+        self.objective = channel(layer, self.targets, pre, pre is not None and is_capped(model, layer))
+        self.step = make_step(self.features, self.objective, self.param, self.optimizer, spec.normalize, False)
+
+    def scores(self, images: np.ndarray, channels: np.ndarray) -> np.ndarray:
+        return channel_scores(self.features, self.spec, self.layer, images, channels, self.batch)
+
+    def climb(self, channels: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """On channel channels[i] from the uint8 image starts[i]: per image the best it
+        passed through (uint8, RGB; the start where no step beat it) and its value."""
+        b, spec = self.batch, self.spec
+        images = np.array(starts, np.uint8, copy=True)
+        values = np.zeros(len(starts), np.float32)
+        for start in range(0, len(starts), b):
+            rows = np.arange(start, min(start + b, len(starts)))
+            padded = np.concatenate([rows, np.full(b - len(rows), rows[-1])])
+            best = starts[padded, ..., :spec.channels].astype(np.float32) / 255.0
+            self.param.assign(best)
+            self.optimizer.reset()
+            self.targets.assign(np.asarray(channels[padded], np.int32))
+            best_score = np.full(b, -np.inf, np.float32)
+            for _ in range(self.steps + 1):
+                before = self.param.variable.numpy()
+                score = self.step(tf.zeros((b, 8), tf.float32)).numpy()  # the score of `before`
+                up = score > best_score
+                best[up], best_score[up] = before[up], score[up]
+            pixels = to_uint8(best)
+            value = self.objective(self.features(normalize(tf.constant(pixels), spec.normalize))).numpy()
+            if spec.channels == 1:
+                pixels = np.repeat(pixels, 3, axis=-1)
+            images[rows] = pixels[:len(rows)]
+            values[rows] = value[:len(rows)]
+        return images, values
 
 
 def outdo_rivals(model: keras.Model, spec: Preprocessing, layer: str, channels: np.ndarray, images: np.ndarray,
@@ -698,21 +707,22 @@ def outdo_rivals(model: keras.Model, spec: Preprocessing, layer: str, channels: 
     it climbed from last (-1: its own). A channel that cannot climb above its rival's
     pattern keeps a copy of it: the two share a pattern."""
     n = len(channels)
+    climber = Climber(model, spec, layer, max(1, min(batch, n)))
     diagonal = (np.arange(n), np.arange(n))
     started_from = np.full(n, -1, np.int64)
-    scores = channel_scores(model, spec, layer, images, channels, batch)
+    scores = climber.scores(images, channels)
     for _ in range(rounds):
         scores[diagonal] = values  # the stored values decide
         rivals = strongest_rivals(scores)
         todo = np.flatnonzero(rivals >= 0)
         if not todo.size:
             break
-        new_images, new_values = refine(model, spec, layer, channels[todo], images[rivals[todo]], batch=batch)
+        new_images, new_values = climber.climb(channels[todo], images[rivals[todo]])
         better = new_values > values[todo]
         changed = todo[better]
         if not changed.size:
             break
         started_from[changed] = channels[rivals[changed]]
         images[changed], values[changed] = new_images[better], new_values[better]
-        scores[changed] = channel_scores(model, spec, layer, images[changed], channels, batch)
+        scores[changed] = climber.scores(images[changed], channels)
     return started_from

@@ -59,10 +59,10 @@ TABLES = {"patches": "topk", "bottom_patches": "bottomk", "class_patches": "clas
 def layer_patches(g: h5py.Group, name: str, c0: int, c1: int, k: int, size: tuple[int, int],
                   flat: bool = False, start: int = 0) -> np.ndarray:
     """Channels c0:c1, slots :k of layers/<layer>/<name> (patches, bottom_patches,
-    class_patches or panels/<method>) at `size`, (b, k, h, w, 3) uint8, outside-image area
-    checkered where the layer's geometry is stored (panels: see panel_image). flat=True (the JPEG export): flat grey
-    instead of the checker, and grey images stay one channel. start: the first slot
-    (class_patches hold one block of slots per class)."""
+    class_patches or panels/<method>, drawn by panel_image) at `size`, (b, k, h, w, 3)
+    uint8, outside-image area checkered where the layer's geometry is stored. flat=True
+    (the JPEG export): flat grey instead of the checker, and grey images stay one
+    channel. start: the first slot (class_patches hold one block of slots per class)."""
     slots = slice(start, start + k)
     raw = g[name][c0:c1, slots]
     if name.startswith("panels/"):
