@@ -38,7 +38,7 @@ def test_shrink_is_an_area_average():
 
 
 def test_outside_image_masks_match_the_cut_and_checker_replaces_only_that():
-    from pipeline.render.patches import CHECKER_GREYS, inside_masks, show_outside
+    from pipeline.render.patches import CHECKER_GREYS, CLIP_EDGE, clip_edge, inside_masks, show_outside
 
     images = np.full((1, 20, 20, 3), 255, np.uint8)
     frame = (7, 5)
@@ -52,5 +52,12 @@ def test_outside_image_masks_match_the_cut_and_checker_replaces_only_that():
     np.testing.assert_array_equal(inside_masks(boxes, starts, frame, big), inside.repeat(2, 1).repeat(2, 2))
     shown = show_outside(cut, inside)
     np.testing.assert_array_equal(shown[inside], cut[inside])
-    outside = shown[~inside]
+    edge = clip_edge(inside)
+    assert (shown[edge] == CLIP_EDGE).all()  # the clipped side outlined, just outside the box
+    outside = shown[~inside & ~edge]
     assert set(np.unique(outside)) == set(CHECKER_GREYS)  # no black left: the checker, both greys
+    # the outline: outside pixels with an inside 4-neighbour, known for each box
+    want = np.zeros((3, 7, 5), bool)  # box 0 fills its frame: nothing clipped
+    want[1, 2, 2:5] = want[1, 3:7, 1] = True  # box 1 covers rows 3-6, columns 2-4
+    want[2, 4, 0:3] = want[2, 0:4, 3] = True  # box 2 covers rows 0-3, columns 0-2
+    np.testing.assert_array_equal(edge, want)

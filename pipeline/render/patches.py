@@ -1,6 +1,7 @@
 """Stored top-k patches made ready to look at: resized, with the part of the frame that lies
 outside the image drawn as a grey checkerboard, so that it cannot be taken for dark image
-content (the crop stage stores zeros there, which look like a black sky)."""
+content (the crop stage stores zeros there, which look like a black sky), and an orange
+line where the box is clipped."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pipeline.render.draw import PANEL_PERCENTILE, panel_to_uint8
 CHECKER_PX = 4
 CHECKER_GREYS = (150, 182)
 FLAT_GREY = 128  # for JPEG files (the toolbox export), which smear a checkerboard
+CLIP_EDGE = (230, 120, 20)  # the outline drawn just outside a clipped box, on the checker
 
 
 def inside_masks(boxes: np.ndarray, starts: np.ndarray, frame: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
@@ -40,11 +42,25 @@ def checker(size: tuple[int, int]) -> np.ndarray:
     return np.repeat(np.asarray(CHECKER_GREYS, np.uint8)[cells][..., None], 3, axis=-1)
 
 
+def clip_edge(inside: np.ndarray) -> np.ndarray:
+    """(..., h, w) bool: the outside pixels next to an inside one (4-neighbours), where a
+    clipped box ends at the image border."""
+    near = np.zeros_like(inside)
+    near[..., 1:, :] |= inside[..., :-1, :]
+    near[..., :-1, :] |= inside[..., 1:, :]
+    near[..., :, 1:] |= inside[..., :, :-1]
+    near[..., :, :-1] |= inside[..., :, 1:]
+    return near & ~inside
+
+
 def show_outside(patches: np.ndarray, inside: np.ndarray, flat: bool = False) -> np.ndarray:
-    """patches (..., h, w, 3) uint8 with the pixels outside the image replaced by the checker
-    (or by FLAT_GREY)."""
-    fill = np.uint8(FLAT_GREY) if flat else checker(patches.shape[-3:-1])
-    return np.where(inside[..., None], patches, fill)
+    """patches (..., h, w, 3) uint8 with the pixels outside the image replaced by the checker,
+    outlined along the box's clipped edge in CLIP_EDGE (flat: FLAT_GREY, no outline: JPEG
+    smears both)."""
+    if flat:
+        return np.where(inside[..., None], patches, np.uint8(FLAT_GREY))
+    shown = np.where(inside[..., None], patches, checker(patches.shape[-3:-1]))
+    return np.where(clip_edge(inside)[..., None], np.asarray(CLIP_EDGE, np.uint8), shown)
 
 
 def panel_image(panels: np.ndarray) -> np.ndarray:
