@@ -27,12 +27,17 @@ FEW_STAGES = ["stages=[scan,crop]"]
 L = keras.layers
 
 
+def commands_in(block: str, prefix: str = "python") -> list[str]:
+    """The command lines of a code block that start with `prefix`: continuation lines
+    joined, comments dropped."""
+    lines = (line.strip() for line in re.sub(r"\\\n\s*", " ", block).splitlines())
+    return [line.split("  #")[0].strip() for line in lines if line.startswith(prefix)]
+
+
 def usage_commands() -> list[str]:
-    """The README's Usage block, one entry per command (continuation lines joined)."""
+    """The README's Usage block, one entry per command."""
     text = (ROOT / "README.md").read_text()
-    block = text.split("## Usage", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
-    block = re.sub(r"\\\n\s*", " ", block)
-    return [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("python")]
+    return commands_in(text.split("## Usage", 1)[1].split("```bash", 1)[1].split("```", 1)[0])
 
 
 def tiny_model(path: Path, shape: tuple[int, int, int], classes: int) -> None:
@@ -141,10 +146,7 @@ def documented_commands() -> list[str]:
         text = path.read_text()
         blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.S) + re.findall(r"\n((?: {4}.*\n)+)", text)
         for block in blocks:
-            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
-                line = line.strip()
-                if line.startswith("python run.py"):
-                    found.append(line.split("  #")[0].strip())
+            found += commands_in(block, "python run.py")
     return list(dict.fromkeys(found))
 
 
