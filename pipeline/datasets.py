@@ -287,7 +287,7 @@ def image_stream(table: ImageTable, spec: Preprocessing, batch_size: int,
         for i in ids:
             path = table.paths[i]
             if not file_problem(path, table):
-                yield i, path
+                yield i, os.fsencode(path)  # bytes: a name that is not UTF-8 reaches TensorFlow as it is
 
     def load(i, path):
         data = tf.io.read_file(path)

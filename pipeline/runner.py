@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pipeline import devices, lock
 from pipeline.errors import PipelineError, StageSkipped
+from pipeline.render.fonts import figure_fonts
 from pipeline.stages import STAGES
 from pipeline.store import IDENTITY_KEYS, RESULTS_FILE, RUN_PART, Store, fingerprint, open_h5
 from pipeline.validate import check_config
@@ -49,7 +50,8 @@ def run(cfg, run_dir: Path) -> Path:
                 store.begin(stage, recompute=done is not None)
             started = time.perf_counter()
             try:
-                module.run(cfg, run_dir, stage_print)
+                with figure_fonts():  # names in any script, in every stage's figures
+                    module.run(cfg, run_dir, stage_print)
             except StageSkipped as why:
                 logger.warning("stage %s skipped: %s", stage, why)
                 continue

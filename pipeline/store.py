@@ -37,6 +37,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.names import exact_bytes, from_bytes, readable
 
 logger = logging.getLogger(__name__)
 
@@ -355,7 +356,7 @@ class Store:
             f.attrs["images_sha256"] = "" if table is None else table_digest(table)
             if table is not None:
                 g = f.create_group("images")
-                write_strings(g, "path", table.paths)
+                write_paths(g, "path", table.paths)
                 g["label"] = table.labels.astype(np.int64)
                 g.attrs["class_names"] = json.dumps(list(table.class_names))
         self.rebuild()  # results.h5 opens from the first moment of a run
@@ -535,18 +536,42 @@ def write_run_attrs(f: h5py.File, cfg, model_name: str, spec, weights_sha256: st
     import pipeline
 
     f.attrs.update(
-        config=OmegaConf.to_yaml(cfg, resolve=True), identity=fingerprint(cfg, IDENTITY_KEYS), model=model_name,
+        config=readable(OmegaConf.to_yaml(cfg, resolve=True)), identity=fingerprint(cfg, IDENTITY_KEYS), model=model_name,
         input_size=np.asarray(spec.size, np.int64),
         preprocessing=json.dumps(dataclasses.asdict(spec), sort_keys=True), version=pipeline.__version__,
         weights_sha256=weights_sha256, imagenet_classes=imagenet_classes, **extra)
 
 
 def write_strings(group: h5py.Group, name: str, values) -> None:
-    group.create_dataset(name, data=np.asarray(list(values), dtype=object), dtype=STR)
+    """UTF-8 text; bytes of a name that are not UTF-8 are written as a visible `\\xNN`."""
+    group.create_dataset(name, data=np.asarray([readable(str(v)) for v in values], dtype=object), dtype=STR)
 
 
 def read_strings(dataset: h5py.Dataset) -> list[str]:
     return list(dataset.asstr()[()])
+
+
+def write_paths(group: h5py.Group, name: str, paths) -> None:
+    """`name`: the paths as readable UTF-8 text. `name`_bytes (uint8) and `name`_offsets
+    (int64, N + 1): every path's exact bytes, path i at bytes[offsets[i]:offsets[i + 1]],
+    so a name that is not UTF-8 still finds its file."""
+    paths = list(paths)
+    write_strings(group, name, paths)
+    raw = [exact_bytes(p) for p in paths]
+    offsets = np.zeros(len(raw) + 1, np.int64)
+    np.cumsum([len(r) for r in raw], out=offsets[1:])
+    group[f"{name}_bytes"] = np.frombuffer(b"".join(raw), np.uint8)
+    group[f"{name}_offsets"] = offsets
+
+
+def read_paths(group: h5py.Group, name: str = "path") -> list[str]:
+    """The paths `write_paths` stored, exactly as the file system knows them
+    (surrogate-escaped str); a run written before `_bytes` existed gives its text."""
+    if f"{name}_bytes" not in group:
+        return read_strings(group[name]) if name in group else []
+    raw = group[f"{name}_bytes"][()].tobytes()
+    offsets = group[f"{name}_offsets"][()].tolist()
+    return [from_bytes(raw[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def walk(f: h5py.Group, prefix: str = ""):

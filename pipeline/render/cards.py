@@ -13,7 +13,8 @@ A card gathers what the run knows about one unit (channel) of a scanned layer:
 
 Image work is vectorised over a block of units: montages, panel scaling, weight tiles
 and spectrum bars are built for all units of the block at once. Text is drawn from a
-glyph atlas rendered once per size by matplotlib's FreeType wrapper (`FT2Font`) and
+glyph atlas rendered once per size by matplotlib's FreeType wrapper (`FT2Font`; CJK from the
+system's fallback fonts, a boxed '?' where none has the character) and
 pasted with numpy, so a card costs a few milliseconds and no figure.
 
 Nothing here touches the model or TensorFlow.
@@ -37,10 +38,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.render.canvas import EMPTY_GREY, montage, resize_patches
+from pipeline.render.fonts import PRIMARY, fallback_files
 from pipeline.render.patches import layer_patches
 from pipeline.render.results import LayerInfo, as_str, fmt
 from pipeline.spectrum import GAMMA, MIN_ABS
-from pipeline.store import stored_name
+from pipeline.names import shown
+from pipeline.store import read_paths, stored_name
 
 logger = logging.getLogger(__name__)
 
@@ -74,24 +77,49 @@ PANEL_TITLES = {"deconv": "deconv", "guided": "guided backprop", "gradient": "gr
 class GlyphFont:
     """DejaVu Sans at one pixel size: glyphs rendered once by FreeType, strings pasted in numpy.
 
+    A character DejaVu Sans lacks comes from the first fallback font that has it (CJK fonts,
+    fonts.fallback_files; `fallbacks=()` uses none), one that no font has is a boxed '?'.
     Kerning is not applied (labels and numbers only). `mask(text)` gives an alpha image
     (height, width) float32 in [0, 1]; the baseline lies `ascent` rows below its top.
     """
 
-    def __init__(self, size_px: int, bold: bool = False):
+    def __init__(self, size_px: int, bold: bool = False, fallbacks: tuple[str, ...] | None = None):
         from matplotlib import font_manager
         from matplotlib.font_manager import FontProperties
-        from matplotlib.ft2font import FT2Font
 
-        path = font_manager.findfont(FontProperties(family="DejaVu Sans", weight="bold" if bold else "normal"))
-        self._ft = FT2Font(path)
-        self._ft.set_size(float(size_px), 72.0)  # 72 dpi: one point is one pixel
+        path = font_manager.findfont(FontProperties(family=PRIMARY, weight="bold" if bold else "normal"))
+        self._ft = self._open(path, size_px)
         upem = self._ft.units_per_EM
         self.size = size_px
+        self.bold = bold
         self.ascent = int(math.ceil(self._ft.ascender / upem * size_px))
         self.descent = int(math.ceil(-self._ft.descender / upem * size_px))
         self.height = self.ascent + self.descent
         self._glyphs: dict[str, tuple[np.ndarray, int, int, int]] = {}
+        self._fallback_paths = fallbacks
+        self._fallbacks: list | None = None  # opened on the first character DejaVu Sans lacks
+
+    @staticmethod
+    def _open(path: str, size_px: int):
+        from matplotlib.ft2font import FT2Font
+
+        ft = FT2Font(path)
+        ft.set_size(float(size_px), 72.0)  # 72 dpi: one point is one pixel
+        return ft
+
+    def _face(self, ch: str):
+        """The first font that has `ch`, or None."""
+        if self._ft.get_char_index(ord(ch)):
+            return self._ft
+        if self._fallbacks is None:
+            paths = fallback_files(self.bold) if self._fallback_paths is None else self._fallback_paths
+            self._fallbacks = []
+            for p in paths:
+                try:
+                    self._fallbacks.append(self._open(p, self.size))
+                except (OSError, RuntimeError) as e:
+                    logger.warning("font %s not usable (%s): left out", p, e)
+        return next((ft for ft in self._fallbacks if ft.get_char_index(ord(ch))), None)
 
     def _glyph(self, ch: str) -> tuple[np.ndarray, int, int, int]:
         """(alpha, left offset, row of the bitmap's top relative to the top of the line, advance)."""
@@ -100,18 +128,33 @@ class GlyphFont:
             return got
         from matplotlib.ft2font import LoadFlags
 
-        ft = self._ft
-        ft.set_text(ch, 0.0, flags=LoadFlags.FORCE_AUTOHINT)
-        ft.draw_glyphs_to_bitmap(antialiased=True)
-        alpha = np.asarray(ft.get_image(), np.float32) / 255.0
-        left = math.floor(ft.get_bitmap_offset()[0] / 64)  # the bitmap starts at the pixel holding xMin
-        g = ft.load_char(ord(ch), flags=LoadFlags.FORCE_AUTOHINT)
-        # the bitmap's first row lies floor(yMax) + 1 pixels above the baseline (yMax: top of
-        # the glyph's outline box, 26.6 fixed point)
-        top = self.ascent - (g.bbox[3] // 64 + 1)
-        got = (alpha, left, top, g.horiAdvance / 64)  # the hinted advance, as the hinted bitmap was drawn
+        ft = self._face(ch)
+        if ft is None:
+            got = self._placeholder()
+        else:
+            ft.set_text(ch, 0.0, flags=LoadFlags.FORCE_AUTOHINT)
+            ft.draw_glyphs_to_bitmap(antialiased=True)
+            alpha = np.asarray(ft.get_image(), np.float32) / 255.0
+            left = math.floor(ft.get_bitmap_offset()[0] / 64)  # the bitmap starts at the pixel holding xMin
+            g = ft.load_char(ord(ch), flags=LoadFlags.FORCE_AUTOHINT)
+            # the bitmap's first row lies floor(yMax) + 1 pixels above the baseline (yMax: top of
+            # the glyph's outline box, 26.6 fixed point)
+            top = self.ascent - (g.bbox[3] // 64 + 1)
+            got = (alpha, left, top, g.horiAdvance / 64)  # the hinted advance, as the hinted bitmap was drawn
         self._glyphs[ch] = got
         return got
+
+    def _placeholder(self) -> tuple[np.ndarray, int, int, int]:
+        """A '?' in a box: a character no font here has, visibly not dropped."""
+        mark, _, mark_top, mark_adv = self._glyph("?")
+        mh, mw = mark.shape
+        h, w = self.ascent + 1, mw + 4
+        box = np.zeros((h, w), np.float32)
+        box[[0, -1], :] = 1.0
+        box[:, [0, -1]] = 1.0
+        y0 = max(0, min(h - mh, mark_top))
+        box[y0:y0 + mh, 2:2 + mw] = np.maximum(box[y0:y0 + mh, 2:2 + mw], mark[:h - y0])
+        return box, 1, 0, float(w + 2)
 
     def width(self, text: str) -> int:
         return int(math.ceil(sum(self._glyph(ch)[3] for ch in text)))
@@ -161,7 +204,7 @@ def wrap(text: str, size: int, width: int, bold: bool = False) -> list[str]:
     """Greedy word wrap of `text` into lines no wider than `width` pixels."""
     f = font(int(size), bold)
     lines, line = [], ""
-    for word in text.split(" "):
+    for word in shown(text).split(" "):
         trial = f"{line} {word}" if line else word
         if line and f.width(trial) > width:
             lines.append(line)
@@ -178,7 +221,7 @@ def draw_text(canvas: np.ndarray, text: str, x: float, y: float, size: int = 12,
     """Draw one line of text on canvas (..., H, W, 3) uint8 in place; (x, y) is the
     left/centre/right end (align) of the line box's top. Leading axes (a block of
     cards) all get the same text. Returns the drawn width in pixels."""
-    alpha, weight = _fitted(font(int(size), bold), str(text), max_width)
+    alpha, weight = _fitted(font(int(size), bold), shown(text), max_width)  # control characters escaped
     h, w = alpha.shape
     x0 = int(round(x - (w if align == "right" else w / 2 if align == "center" else 0)))
     y0 = int(round(y))
@@ -328,10 +371,10 @@ class ImageIndex:
         if "images" not in f:
             return cls([], np.zeros(0, np.int64), [])
         g = f["images"]
-        paths = [as_str(p) for p in g["path"].asstr()[()]]
+        paths = read_paths(g)
         labels = g["label"][()].astype(np.int64) if "label" in g else np.full(len(paths), -1, np.int64)
         names = json.loads(as_str(g.attrs.get("class_names", "[]")) or "[]")
-        return cls(paths, labels, [str(n) for n in names])
+        return cls(paths, labels, [shown(n) for n in names])
 
     def label(self, image_id: int) -> str:
         if not 0 <= image_id < len(self.labels):
@@ -346,7 +389,7 @@ class ImageIndex:
     def file(self, image_id: int) -> str:
         if not 0 <= image_id < len(self.paths):
             return "?"
-        return Path(self.paths[image_id]).name or self.paths[image_id]
+        return shown(Path(self.paths[image_id]).name or self.paths[image_id])
 
 
 @dataclass

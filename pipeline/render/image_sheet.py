@@ -19,6 +19,8 @@ from pipeline.errors import PipelineError
 from pipeline.preprocess import Preprocessing, resize_plan
 from pipeline.render.draw import CAM_TITLES, cell_edges, open_photo
 from pipeline.render.results import as_str, label_name
+from pipeline.names import shown
+from pipeline.store import read_paths
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +93,7 @@ def image_sheet(f: h5py.File, pi: PerImage, image_id: int, names, spec: dict, dp
     """The per-image sheet of one image as a Figure, and what it lacks."""
     from pipeline.render import draw
 
-    paths = f["images/path"].asstr()
-    path = as_str(paths[image_id])
+    path = read_paths(f["images"])[image_id]
     size = (int(spec.get("height") or 224), int(spec.get("width") or 224))
     photo = model_view(path, spec)
     missing = []
@@ -123,7 +124,7 @@ def image_sheet(f: h5py.File, pi: PerImage, image_id: int, names, spec: dict, dp
     fig = Figure(figsize=(width, 0.55 + sum(heights[r] for r in rows) + (0.35 if missing else 0)), dpi=dpi,
                  layout="constrained")
     subs = fig.subfigures(len(rows), 1, height_ratios=[heights[r] for r in rows], squeeze=False)[:, 0]
-    title = f"image #{image_id}: {Path(path).name}"
+    title = f"image #{image_id}: {shown(Path(path).name)}"
     if label >= 0:
         title += f"  (label: {label_name(f, label)})"
     fig.suptitle(title, fontsize=11, weight="bold")

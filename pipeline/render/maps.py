@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.names import shown
 from pipeline.preprocess import input_box
 from pipeline.render.draw import CAM_TITLES, cell_edges, open_photo, to_rgb
 
@@ -123,7 +124,7 @@ def cam_sheets(part: Path, out_dir: Path, table: ImageTable, spec, names: list[s
             cls = int(item["maps"][methods[0]][1][k])
             score = float(item["maps"][methods[0]][2][k])
             axes[r, 0].imshow(draw.to_rgb(photo))
-            axes[r, 0].set_title(f"#{image_id} {Path(table.paths[image_id]).name}", fontsize=6)
+            axes[r, 0].set_title(f"#{image_id} {shown(Path(table.paths[image_id]).name)}", fontsize=6)
             axes[r, 0].set_ylabel(f"{names[cls][:28]}\nlogit {score:.2f}", fontsize=7)
             for col, m in enumerate(methods, 1):
                 one = item["maps"][m][0][k]

@@ -41,6 +41,8 @@ from pipeline.render.results import (
     str_array,
 )
 from pipeline.render.draw import CAM_TITLES
+from pipeline.names import shown
+from pipeline.store import read_paths
 from pipeline.render.sheets import MAX_SLOTS, compose_sheet, selectivity_figure, sparsity_figure
 
 logger = logging.getLogger(__name__)
@@ -339,7 +341,7 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
     with h5py.File(results_path, "r") as f:
         attrs = {key: f.attrs[key] for key in f.attrs}
         if "images" in f:
-            paths = str_array(f["images/path"])
+            paths = read_paths(f["images"])
             ok = f["images/ok"][()].astype(bool)
             errors = str_array(f["images/error"]) if "images/error" in f else [""] * len(paths)
         else:
@@ -378,7 +380,7 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
             for image_id in tqdm(ids, desc="per-image sheets", unit="image"):
                 fig, _ = image_sheet(f, pi, image_id, names, spec, PRINT_DPI)
                 path = save_figure(fig, sheet_dir / "images" / f"image_{image_id}.png", PRINT_DPI)
-                image_sheets.append((image_id, path, f"image #{image_id}: {Path(paths[image_id]).name}"))
+                image_sheets.append((image_id, path, f"image #{image_id}: {shown(Path(paths[image_id]).name)}"))
             cache.record("images", image_sheets)
         written += [path for _, path, _ in image_sheets]
         extras = _extras(f, out_dir, [i.stored for i in infos])

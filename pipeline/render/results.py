@@ -11,6 +11,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline.names import shown
+
 
 def as_str(value) -> str:
     if isinstance(value, bytes):
@@ -97,7 +99,7 @@ def class_namer(f: h5py.File):
 
     def name(i: int) -> str:
         i = int(i)
-        return names[i] if 0 <= i < len(names) else f"class {i}"
+        return shown(names[i]) if 0 <= i < len(names) else f"class {i}"
 
     return name
 
@@ -105,7 +107,7 @@ def class_namer(f: h5py.File):
 
 def label_name(f: h5py.File, label: int) -> str:
     folders = json.loads(as_str(f["images"].attrs.get("class_names", "[]")) or "[]") if "images" in f else []
-    return str(folders[label]) if 0 <= label < len(folders) else str(label)
+    return shown(folders[label]) if 0 <= label < len(folders) else str(label)
 
 
 

@@ -25,11 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from pipeline.names import readable, shown
+
 REPORT_DIR = "report"
 
 
 def esc(value) -> str:
-    return html.escape(str(value), quote=True)
+    """HTML text of one line: names shown readably (control characters escaped)."""
+    return html.escape(shown(value), quote=True)
+
+
+def script_json(value) -> str:
+    """JSON to embed in a <script> element: `<`, `>` and `&` as \\u escapes, so no string
+    (a label `<!--<script>`, `</script>`) can end or re-open the element."""
+    text = json.dumps(value, ensure_ascii=True)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def raw_url(path: Path | str, base: Path) -> str:
@@ -326,8 +336,7 @@ def _data_json(site: Site, out_dir: Path, page_dir: Path, here: str | None) -> s
     index = {layer.stored: i for i, layer in enumerate(site.layers)}
     classes = {name: [[index[s], int(u), round(float(v), 3)] for s, u, v in units if s in index]
                for name, units in site.class_units.items()}
-    text = json.dumps({"layers": layers, "here": here, "prefix": prefix, "classes": classes}, ensure_ascii=True)
-    return text.replace("</", "<\\/")  # never closes the script element
+    return script_json({"layers": layers, "here": here, "prefix": prefix, "classes": classes})
 
 
 def _page(title: str, body: str, data: str, bar: str, example: str) -> str:
@@ -421,7 +430,7 @@ def _index_body(site: Site, out_dir: Path) -> str:
     if site.notes:
         items = "".join(f"<li>{esc(n)}</li>" for n in site.notes)
         parts.append(f'<h2>Not in this run</h2><ul class="note" id="absent">{items}</ul>')
-    parts.append(f"<h2>Configuration</h2><pre>{esc(site.config)}</pre>")
+    parts.append(f"<h2>Configuration</h2><pre>{html.escape(readable(site.config))}</pre>")
     return "\n".join(p for p in parts if p)
 
 

@@ -36,7 +36,8 @@ from tqdm import tqdm
 from pipeline.render.canvas import EMPTY_GREY, resize_patches
 from pipeline.render.patches import layer_patches
 from pipeline.render.results import as_str
-from pipeline.store import read_strings
+from pipeline.names import shown
+from pipeline.store import read_paths
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def info_text(value, image, label, y, x, paths, is_conv: bool) -> str:
         if i < 0:
             continue
         where = f" {yy:d} {xx:d}" if is_conv else ""
-        rows.append(f"{1 if is_conv else 0} {v:.6f} {i:d} {label[i]:d}{where} {paths[i]}")
+        rows.append(f"{1 if is_conv else 0} {v:.6f} {i:d} {label[i]:d}{where} {shown(paths[i])}")  # one line per row
     return "\n".join(rows) + "\n"
 
 
@@ -215,7 +216,7 @@ def write_toolbox(results_path: Path, out_dir: Path) -> int:
     out_dir = Path(out_dir)
     written = 0
     with h5py.File(results_path, "r") as f:
-        paths = read_strings(f["images/path"]) if "images" in f else []
+        paths = read_paths(f["images"]) if "images" in f else []
         labels = f["images/label"][()] if "images" in f else np.zeros(0, np.int64)
         layers = sorted(f["layers"], key=lambda k: f[f"layers/{k}"].attrs["depth"]) if "layers" in f else []
         names = {k: as_str(f[f"layers/{k}"].attrs.get("name", k)) for k in layers}

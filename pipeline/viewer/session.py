@@ -35,7 +35,8 @@ from pipeline.render.canvas import EMPTY_GREY
 from pipeline.render.draw import PANEL_PERCENTILE, channel_tiles, heat_image, panel_to_uint8, tile, to_rgb
 from pipeline.render.results import as_str
 from pipeline.render.toolbox import fit_squares, sprite, top9_montages
-from pipeline.store import Store, read_strings
+from pipeline.names import shown
+from pipeline.store import Store, read_paths
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class RunView:
             self.weights_sha256 = as_str(a.get("weights_sha256", ""))
             self.images_sha256 = as_str(a.get("images_sha256", ""))
             self.preprocessing = json.loads(as_str(a.get("preprocessing", "{}")) or "{}")
-            self.paths = read_strings(f["images/path"]) if "images" in f else []
+            self.paths = read_paths(f["images"]) if "images" in f else []
             self.ok = f["images/ok"][()] if "images" in f and "ok" in f["images"] else np.ones(len(self.paths), bool)
             self.labels = f["images/label"][()] if "images" in f else np.zeros(0, np.int64)
             self.class_name = class_namer(f)
@@ -116,7 +117,7 @@ class RunView:
         return self.by_key[key]
 
     def summary(self) -> dict:
-        images = [{"id": i, "name": os.path.basename(p) or p, "ok": bool(self.ok[i])}
+        images = [{"id": i, "name": shown(os.path.basename(p) or p), "ok": bool(self.ok[i])}
                   for i, p in enumerate(self.paths)]
         return {"run": self.run_dir.name, "model": self.model_name, "input": list(self._input_size()),
                 "layers": [e.as_json() for e in self.layers], "images": images,
@@ -139,7 +140,7 @@ class RunView:
             valid = t["image"][()] >= 0
             image = t["image"][unit]
             out["top"] = [{"rank": k, "value": float(t["value"][unit, k]), "image": int(i),
-                           "name": os.path.basename(self.paths[i]), "label": self.class_name(int(self.labels[i]))
+                           "name": shown(os.path.basename(self.paths[i])), "label": self.class_name(int(self.labels[i]))
                            if self.labels[i] >= 0 else ""}
                           for k, i in enumerate(image) if i >= 0]
             if e.patches:
