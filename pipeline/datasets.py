@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.errors import PipelineError
+from pipeline.names import shown
 from pipeline.preprocess import Preprocessing, photo_pixels, to_model_pixels
 
 logger = logging.getLogger(__name__)
@@ -372,7 +373,7 @@ class BatchStream:
             pixels, error = decode_with_pillow(self.table.paths[image_id], self.spec, self.table)
             if pixels is None:
                 self.errors[int(image_id)] = error
-                logger.warning("skipped image %d (%s): %s", image_id, self.table.paths[image_id], error)
+                logger.warning("skipped image %d (%s): %s", image_id, shown(self.table.paths[image_id]), error)
                 continue
             done_ids.append(image_id)
             done_pixels.append(pixels)

@@ -148,7 +148,7 @@ def selective_units(f: h5py.File, infos, per_class: int = 8) -> dict[str, list[t
     order = np.lexsort((-value, cls))  # by class, most selective first; ties keep network order
     layer, unit, cls, value = layer[order], unit[order], cls[order], value[order]
     starts = np.flatnonzero(np.r_[True, cls[1:] != cls[:-1]])
-    return {(names[c] if c < len(names) else str(int(c))):
+    return {(shown(names[c]) if c < len(names) else str(int(c))):
             [(infos[layer[j]].stored, int(unit[j]), float(value[j])) for j in range(s, min(s + per_class, e))]
             for s, e, c in zip(starts, np.r_[starts[1:], len(cls)], cls[starts])}
 
