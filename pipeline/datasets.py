@@ -137,10 +137,11 @@ def _filelist(list_file: Path) -> ImageTable:
     """'path label' lines (label optional; '#' starts a comment line). A path with spaces
     works when the whole line names an existing file, or when a label follows it. Labels
     are integers, or words that become class names (sorted); relative paths are relative
-    to the list file."""
+    to the list file. Bytes that are not UTF-8 stay the bytes they are (surrogateescape),
+    so such a line names its file as the file system does."""
     try:
-        lines = list_file.read_text(encoding="utf-8").splitlines()
-    except (UnicodeDecodeError, OSError) as err:
+        lines = list_file.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    except OSError as err:
         raise PipelineError(f"dataset.path={list_file} is not a readable text list ({err}): give a file of "
                             f"'path label' lines") from None
     paths, raw = [], []

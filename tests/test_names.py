@@ -69,6 +69,16 @@ def test_cjk_is_drawn_from_a_fallback_font_and_a_placeholder_without_one():
     assert np.array_equal(full.mask("abc"), bare.mask("abc"))  # Latin still comes from DejaVu Sans
 
 
+def test_a_filelist_names_files_by_their_bytes_and_keeps_markup_labels(tmp_path):
+    from pipeline.datasets import list_images
+
+    (tmp_path / "list.txt").write_bytes(b"\xff\xfe.png " + SCRIPT.encode() + b"\n\xe7\x8c\xab.png cat\n")
+    table = list_images(OmegaConf.create(dict(kind="filelist", path=str(tmp_path / "list.txt"), limit=None)))
+    assert [os.fsencode(p) for p in table.paths] == [os.fsencode(tmp_path) + b"/\xff\xfe.png",
+                                                     os.fsencode(tmp_path) + "/猫.png".encode()]
+    assert table.class_names == [SCRIPT, "cat"] and table.labels.tolist() == [0, 1]
+
+
 @pytest.fixture(scope="module")
 def names_run(tmp_path_factory):
     """A real run.py over the folder (scan, crop, report, export), started as a process."""

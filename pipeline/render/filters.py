@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.render.results import as_str
+from pipeline.names import shown
 from pipeline.store import read_strings, stored_name
 
 logger = logging.getLogger(__name__)
@@ -268,7 +269,7 @@ def pattern_sheet(g: h5py.Group, attrs) -> np.ndarray:
     text = [Label(width / 2, margin + 28, head, min(26, 0.9 * width / (0.62 * len(head))), weight="bold",
                   color="black"),
             Label(width / 2, margin + 66, details, min(15, 0.9 * width / (0.55 * len(details))), color="0.25")]
-    tags = [f"{labels[rows[i]] if labels else channels[i]} \u00b7 {values[i]:.3g}" for i in range(n)]
+    tags = [f"{shown(labels[rows[i]]) if labels else channels[i]} \u00b7 {values[i]:.3g}" for i in range(n)]
     longest = max((len(t) for t in tags), default=1)
     label_px = min(0.7 * label_h, (tile + 0.8 * gap) / (0.6 * longest))  # one size for every label
     for tag, (y, x) in zip(tags, origins):

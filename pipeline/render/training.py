@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.names import shown
 from pipeline.render.canvas import (
     BACKGROUND,
     Label,
@@ -186,7 +187,7 @@ def draw_invariance(curves, grids, names, ids, targets, target_is_label, class_n
         for i in range(len(ids)):
             line, = ax.plot(values, probability[i], "-", color=colors[i], lw=1.2)
             if r == 0:
-                name = class_names[targets[i]] if targets[i] < len(class_names) else f"class {targets[i]}"
+                name = shown(class_names[targets[i]]) if targets[i] < len(class_names) else f"class {targets[i]}"
                 handles.append((line, f"image {ids[i]}: {name}{'' if target_is_label[i] else ' (predicted)'}"))
         ax.set_ylim(-0.03, 1.03)
         if r == 0:
