@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.datasets import BatchStream
+from pipeline.names import shown
 from pipeline.spectrum import GAMMA, MIN_ABS, QUANTILES, sketch_quantiles
 from pipeline.store import Pacer, atomic_h5, open_h5, write_strings
 
@@ -147,8 +148,9 @@ def exemplar_classes(table, wanted) -> np.ndarray | None:
         elif str(value) in table.class_names:
             out.append(table.class_names.index(str(value)))
         else:
+            more = ", ..." if len(table.class_names) > 8 else ""
             raise PipelineError(f"scan.exemplars has {value!r}, not a class of the dataset (classes: "
-                                f"{', '.join(table.class_names[:8])}{', ...' if len(table.class_names) > 8 else ''})")
+                                f"{', '.join(map(shown, table.class_names[:8]))}{more})")
     return np.asarray(sorted(set(out)), np.int64)
 
 

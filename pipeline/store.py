@@ -536,7 +536,8 @@ def write_run_attrs(f: h5py.File, cfg, model_name: str, spec, weights_sha256: st
     import pipeline
 
     f.attrs.update(
-        config=readable(OmegaConf.to_yaml(cfg, resolve=True)), identity=fingerprint(cfg, IDENTITY_KEYS), model=model_name,
+        config=readable(OmegaConf.to_yaml(cfg, resolve=True)), identity=fingerprint(cfg, IDENTITY_KEYS),
+        model=model_name,
         input_size=np.asarray(spec.size, np.int64),
         preprocessing=json.dumps(dataclasses.asdict(spec), sort_keys=True), version=pipeline.__version__,
         weights_sha256=weights_sha256, imagenet_classes=imagenet_classes, **extra)

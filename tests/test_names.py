@@ -79,6 +79,25 @@ def test_a_filelist_names_files_by_their_bytes_and_keeps_markup_labels(tmp_path)
     assert table.class_names == [SCRIPT, "cat"] and table.labels.tolist() == [0, 1]
 
 
+def test_figures_get_the_fallback_fonts_only_inside_figure_fonts(tmp_path):
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from pipeline.render.fonts import family_list, figure_fonts
+
+    before = list(matplotlib.rcParams["font.family"])
+    assert "Noto Sans CJK JP" not in before  # importing the project changed nothing global
+    if not fallback_files():
+        pytest.skip("no CJK font on this system (apt-get install fonts-noto-cjk)")
+    with figure_fonts():
+        assert matplotlib.rcParams["font.family"] == list(family_list())
+        fig = Figure(figsize=(3, 1))
+        fig.text(0.05, 0.5, shown("写真.png 한 line\nbreak"))
+        fig.savefig(tmp_path / "names.pdf")
+    assert list(matplotlib.rcParams["font.family"]) == before
+    assert b"CJK" in (tmp_path / "names.pdf").read_bytes()  # the PDF embeds the CJK font it drew with
+
+
 @pytest.fixture(scope="module")
 def names_run(tmp_path_factory):
     """A real run.py over the folder (scan, crop, report, export), started as a process."""
@@ -129,7 +148,8 @@ def test_every_name_is_scanned_stored_exactly_and_shown_readably(names_run):
     assert sorted(os.path.relpath(p, root) for p in stored) == sorted([*FILES, BROKEN])
     assert [os.fsencode(p) for p in paths] == stored
     # the text column: valid UTF-8, bytes that are not as \xNN
-    assert text[ids[b"c/\xff\xfe.png"]].endswith("/c/\\xff\\xfe.png") and text[ids["猫/写真.png".encode()]].endswith("猫/写真.png")
+    assert text[ids[b"c/\xff\xfe.png"]].endswith("/c/\\xff\\xfe.png")
+    assert text[ids["猫/写真.png".encode()]].endswith("猫/写真.png")
     assert classes == sorted(["c", os.fsdecode(b"d\xe9"), "猫", SCRIPT])  # JSON: \udce9 stands for byte 0xe9
     # every image but the broken one was read, by TensorFlow or Pillow, and cut into patches
     assert [rel for rel, i in ids.items() if not ok[i]] == [BROKEN] and "not an image" in errors[ids[BROKEN]]

@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
+from pipeline.names import shown
 from pipeline.scan_io import (SCAN_KEYS, SCAN_PART, SHARED_KEYS, STATE, class_count, exemplar_classes,
                               labelled_counts, scan_images, write_errors, write_layers)
 from pipeline.store import Store, fingerprint
@@ -77,7 +78,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     if len(ids) and len(errors) == len(ids):  # nothing to show: say so, and keep the reasons
         store.rebuild()
         first = min(errors)
-        raise PipelineError(f"none of the {len(ids)} images could be read (e.g. {table.paths[first]}: "
+        raise PipelineError(f"none of the {len(ids)} images could be read (e.g. {shown(table.paths[first])}: "
                             f"{errors[first]}): check dataset.path; images/error in {store.index} lists each reason")
     with store.write(PART) as f:
         f.attrs.update(_stage_print=stage_print, shard_count=cfg.shard.count, shard_index=cfg.shard.index,
