@@ -575,6 +575,14 @@ def read_paths(group: h5py.Group, name: str = "path") -> list[str]:
     return [from_bytes(raw[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
 
 
+def read_path(group: h5py.Group, image_id: int, name: str = "path") -> str:
+    """One path of `read_paths`, reading only its own bytes."""
+    if f"{name}_bytes" not in group:
+        return read_strings(group[name][image_id:image_id + 1])[0]
+    a, b = (int(v) for v in group[f"{name}_offsets"][image_id:image_id + 2])
+    return from_bytes(group[f"{name}_bytes"][a:b].tobytes())
+
+
 def walk(f: h5py.Group, prefix: str = ""):
     """(path, dataset) of every dataset under `f`, following the external links of
     results.h5 (h5py's visititems does not follow them)."""

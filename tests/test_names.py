@@ -24,7 +24,7 @@ from test_viewer import Server
 from pipeline.names import readable, shown
 from pipeline.render import cards
 from pipeline.render.fonts import fallback_files
-from pipeline.store import read_paths, read_strings
+from pipeline.store import read_path, read_paths, read_strings
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
 SCRIPT = "<!--<script>"
@@ -139,6 +139,7 @@ def test_every_name_is_scanned_stored_exactly_and_shown_readably(names_run):
         stored = [raw[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
         text = read_strings(g["path"])
         paths = read_paths(g)
+        one = read_path(g, ids[b"c/\xff\xfe.png"])
         ok, errors = g["ok"][()], read_strings(g["error"])
         classes = json.loads(g.attrs["class_names"])
         patches = f["layers/relu1/patches"][()]
@@ -146,7 +147,7 @@ def test_every_name_is_scanned_stored_exactly_and_shown_readably(names_run):
     # the exact bytes of every file the folder holds, in the order of the image ids
     assert stored == [os.path.join(root, rel) for rel in sorted(ids, key=ids.get)]
     assert sorted(os.path.relpath(p, root) for p in stored) == sorted([*FILES, BROKEN])
-    assert [os.fsencode(p) for p in paths] == stored
+    assert [os.fsencode(p) for p in paths] == stored and os.fsencode(one) == os.path.join(root, b"c/\xff\xfe.png")
     # the text column: valid UTF-8, bytes that are not as \xNN
     assert text[ids[b"c/\xff\xfe.png"]].endswith("/c/\\xff\\xfe.png")
     assert text[ids["猫/写真.png".encode()]].endswith("猫/写真.png")

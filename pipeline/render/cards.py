@@ -146,7 +146,7 @@ class GlyphFont:
 
     def _placeholder(self) -> tuple[np.ndarray, int, int, int]:
         """A '?' in a box: a character no font here has, visibly not dropped."""
-        mark, _, mark_top, mark_adv = self._glyph("?")
+        mark, _, mark_top, _ = self._glyph("?")
         mh, mw = mark.shape
         h, w = self.ascent + 1, mw + 4
         box = np.zeros((h, w), np.float32)

@@ -33,7 +33,7 @@ def _rank(path: str, bold: bool) -> tuple:
 @lru_cache(maxsize=2)
 def fallback_files(bold: bool = False) -> tuple[str, ...]:
     """Font files that cover CJK, best first; () where the system has none."""
-    files: set[str] = set()
+    per_lang: list[list[str]] = []
     if shutil.which("fc-list"):
         for lang in LANGS:
             try:
@@ -41,13 +41,15 @@ def fallback_files(bold: bool = False) -> tuple[str, ...]:
                                      timeout=20).stdout
             except (OSError, subprocess.SubprocessError):
                 continue
-            files.update(line.split(":")[0].strip() for line in out.splitlines() if line.strip())
+            per_lang.append([line.split(":")[0].strip() for line in out.splitlines() if line.strip()])
     else:
-        for pattern in GLOBS:
-            files.update(glob.glob(pattern, recursive=True))
-    files = {f for f in files if f.lower().endswith((".ttf", ".otf", ".ttc"))}
-    # one file per family is enough: CJK families share their coverage
-    return tuple(sorted(files, key=lambda p: _rank(p, bold))[:2])
+        per_lang.append([f for pattern in GLOBS for f in glob.glob(pattern, recursive=True)])
+    chosen: list[str] = []
+    for files in per_lang:  # the best file of each language (often one file covers all three)
+        fonts = sorted((f for f in files if f.lower().endswith((".ttf", ".otf", ".ttc"))), key=lambda p: _rank(p, bold))
+        if fonts and fonts[0] not in chosen:
+            chosen.append(fonts[0])
+    return tuple(chosen)
 
 
 @lru_cache(maxsize=1)

@@ -20,7 +20,7 @@ from pipeline.preprocess import Preprocessing, resize_plan
 from pipeline.render.draw import CAM_TITLES, cell_edges, open_photo
 from pipeline.render.results import as_str, label_name
 from pipeline.names import shown
-from pipeline.store import read_paths
+from pipeline.store import read_path
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def image_sheet(f: h5py.File, pi: PerImage, image_id: int, names, spec: dict, dp
     """The per-image sheet of one image as a Figure, and what it lacks."""
     from pipeline.render import draw
 
-    path = read_paths(f["images"])[image_id]
+    path = read_path(f["images"], image_id)
     size = (int(spec.get("height") or 224), int(spec.get("width") or 224))
     photo = model_view(path, spec)
     missing = []
