@@ -186,6 +186,8 @@ def make_handler(viewer: Viewer, allowed_names: tuple[str, ...] = LOCAL_NAMES, t
                 self._error(404, str(err.args[0]) if err.args else str(err))
             except ValueError as err:
                 self._error(400, str(err))
+            except (ConnectionError, TimeoutError):  # the client went away or stalled: nobody to answer
+                self.close_connection = True
             except Exception as err:  # noqa: BLE001 - one bad request never stops the server
                 logger.exception("viewer: %s failed", self.path)
                 self._error(500, f"{type(err).__name__}: {err}")
@@ -200,12 +202,14 @@ def make_handler(viewer: Viewer, allowed_names: tuple[str, ...] = LOCAL_NAMES, t
                 self.close_connection = True  # the body is not read
                 return self._error(413, f"upload of {int(length)} bytes is above the limit of "
                                         f"{viewer.inputs.max_upload_bytes} (viewer --max-upload-mb)")
-            data = self.rfile.read(int(length))
             try:
+                data = self.rfile.read(int(length))
                 ref = viewer.inputs.upload(data)
                 self._json(viewer.image(ref))
             except ValueError as err:
                 self._error(400, str(err))
+            except (ConnectionError, TimeoutError):
+                self.close_connection = True
             except Exception as err:  # noqa: BLE001
                 logger.exception("viewer: upload failed")
                 self._error(500, f"{type(err).__name__}: {err}")
@@ -241,6 +245,9 @@ def make_handler(viewer: Viewer, allowed_names: tuple[str, ...] = LOCAL_NAMES, t
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a stalled connection never keeps the process alive
     request_queue_size = 128  # connections waiting for accept(): a burst of them is not refused
+
+    def handle_error(self, request, client_address):  # through logging, not a traceback on stderr
+        logger.debug("viewer: a connection from %s ended with an error", client_address[0], exc_info=True)
 
 
 def make_server(viewer: Viewer, host: str = "127.0.0.1", port: int = 0, timeout: float = 30) -> ThreadingHTTPServer:
