@@ -255,6 +255,9 @@ def _inflate_into(path: Path, f, out: np.ndarray, itemsize: int) -> None:
 def _idx(path: Path, split: str, max_bytes: int) -> ImageTable:
     if path.is_file():
         images_file = path
+    elif not path.is_dir():
+        raise PipelineError(f"dataset.path={path} is neither an IDX file nor a folder of them (a device or "
+                            f"pipe is never read): point it at a *-images-idx3-ubyte[.gz] file or its folder")
     else:
         found = sorted(p for p in path.iterdir()
                        if p.name.startswith(split) and "images" in p.name and "idx" in p.name)

@@ -260,6 +260,8 @@ def test_gzip_idx_is_read_within_its_header_and_the_limit(tmp_path):
     (tmp_path / "damaged.gz").write_bytes(bytes(damaged))
     with pytest.raises(PipelineError, match="cannot be read as an IDX file|truncated|trailing"):
         read_idx(tmp_path / "damaged.gz")
+    with pytest.raises(PipelineError, match="neither an IDX file nor a folder"):
+        list_images(OmegaConf.create(dict(kind="idx", path="/dev/zero", split=None, limit=None)))
 
 
 def keras_with_member(source, target, name: str, size: int) -> None:
