@@ -205,13 +205,14 @@ def test_layer_names_never_leave_the_run_directory(tmp_path):
 def gzip_idx_bomb(path, images: int) -> None:
     """A gzipped IDX file of `images` 28x28 zero images, a thousand times smaller than what
     it inflates to: one 16 MiB member of zeros, compressed once, repeated."""
-    member = gzip.compress(bytes(16 * 2**20), compresslevel=9)
+    block = 16 * 2**20
+    member = gzip.compress(bytes(block), compresslevel=9)
     total = images * 784
-    with open(path, "wb") as f:
+    with open(path, "wb") as f:  # gzip readers read concatenated members as one stream
         f.write(gzip.compress(struct.pack(">BBBBIII", 0, 0, 0x08, 3, images, 28, 28)))
-        for _ in range(total // len(bytes(16 * 2**20))):
+        for _ in range(total // block):
             f.write(member)
-        f.write(gzip.compress(bytes(total % (16 * 2**20))))
+        f.write(gzip.compress(bytes(total % block)))
 
 
 @pytest.mark.slow
