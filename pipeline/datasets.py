@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 import stat
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -63,19 +65,23 @@ def list_images(cfg) -> ImageTable:
     elif kind == "filelist":
         table = _filelist(_existing(cfg.path, "dataset.path"))
     elif kind == "idx":
-        table = _idx(_existing(cfg.path, "dataset.path"), cfg.split or "train")
+        table = _idx(_existing(cfg.path, "dataset.path"), cfg.split or "train", _max_bytes(cfg))
     else:
         raise PipelineError(f"unknown dataset kind {kind!r}: use dataset=samples|folder|filelist|idx")
     if cfg.limit is not None:
         n = int(cfg.limit)
         table = ImageTable(table.paths[:n], table.labels[:n], table.class_names,
                            None if table.arrays is None else table.arrays[:n])
-    table.max_bytes = int(float(cfg.get("max_mb", 512)) * 2**20)
+    table.max_bytes = _max_bytes(cfg)
     table.max_pixels = int(cfg.get("max_pixels", 50_000_000))
     if len(table) == 0:
         raise PipelineError(f"dataset {kind!r} at {cfg.path} holds no images: "
                             f"point dataset.path at a folder of {'/'.join(sorted(IMAGE_SUFFIXES))} files")
     return table
+
+
+def _max_bytes(cfg) -> int:
+    return int(float(cfg.get("max_mb", 512)) * 2**20)  # MiB
 
 
 def _existing(path, key: str) -> Path:
@@ -178,34 +184,82 @@ def _is_int(text: str) -> bool:
         return False
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (MNIST format), gzipped or not, as a numpy array."""
+IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_INFLATE_BLOCK = 4 * 2**20
+_DEFLATE_RATIO = 1032  # deflate's largest expansion: more promised than that is a truncated file
+
+
+def read_idx(path: Path, max_bytes: int = 512 * 2**20) -> np.ndarray:
+    """An IDX file (MNIST format), gzipped or not, as a numpy array.
+
+    A plain file is mapped, not read. A gzipped one is inflated in blocks into an array
+    of the size its header promises, and only when that size is within `max_bytes`
+    (dataset.max_mb): a small .gz can promise gigabytes."""
     gz = path.suffix == ".gz"
-    with (gzip.open if gz else open)(path, "rb") as f:
-        data = f.read() if gz else f.read(4 + 4 * 255)
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise PipelineError(f"{path} is not an IDX file (bad magic number)")
-    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if data[2] not in dtypes:
-        raise PipelineError(f"{path}: unknown IDX data type 0x{data[2]:02x}")
-    ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    dtype, offset, count = np.dtype(dtypes[data[2]]), 4 + 4 * ndim, int(np.prod(shape))
-    available = (len(data) if gz else path.stat().st_size) - offset
-    if available // dtype.itemsize != count:
-        raise PipelineError(f"{path} is truncated or has trailing bytes: expected {count} values, "
-                            f"found {max(available, 0) // dtype.itemsize}")
-    if gz:
-        array = np.frombuffer(data, dtype, count=count, offset=offset)
-    else:  # mapped, not read: a 1.28M-image file costs no memory until its images are used
-        array = np.memmap(path, dtype, mode="r", offset=offset, shape=(count,))
+    try:
+        with (gzip.open if gz else open)(path, "rb") as f:
+            dtype, shape, offset = _idx_header(path, f)
+            count = math.prod(shape)
+            size = count * dtype.itemsize
+            if not gz:
+                available = path.stat().st_size - offset
+                if available != size:
+                    raise PipelineError(f"{path} is truncated or has trailing bytes: its header promises {count} "
+                                        f"values, the file holds {max(available, 0) // dtype.itemsize}: "
+                                        f"replace it with an intact copy")
+                # mapped, not read: a 1.28M-image file costs no memory until its images are used
+                array = np.memmap(path, dtype, mode="r", offset=offset, shape=(count,))
+            else:
+                if size > max_bytes:
+                    raise PipelineError(f"{path} inflates to {size / 2**20:.0f} MiB (its header promises shape "
+                                        f"{shape}), above dataset.max_mb={max_bytes / 2**20:g}: not inflated "
+                                        f"(gunzip it once: a plain IDX file is mapped, not read)")
+                if size > _DEFLATE_RATIO * path.stat().st_size + 2**16:
+                    raise PipelineError(f"{path} is truncated: its header promises {size / 2**20:.0f} MiB, more "
+                                        f"than {path.stat().st_size} gzip bytes can hold: "
+                                        f"replace it with a complete copy")
+                array = np.empty(count, dtype)
+                _inflate_into(path, f, array.view(np.uint8), dtype.itemsize)
+    except (OSError, EOFError, zlib.error) as err:  # a damaged gzip stream, an unreadable file
+        raise PipelineError(f"{path} cannot be read as an IDX file ({err}): replace it with an intact copy") from err
     array = array.reshape(shape)
     return array if dtype.itemsize == 1 else array.astype(dtype.newbyteorder("="))
 
 
-def _idx(path: Path, split: str) -> ImageTable:
+def _idx_header(path: Path, f) -> tuple[np.dtype, tuple[int, ...], int]:
+    head = f.read(4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
+        raise PipelineError(f"{path} is not an IDX file (bad magic number)")
+    if head[2] not in IDX_TYPES:
+        raise PipelineError(f"{path}: unknown IDX data type 0x{head[2]:02x}")
+    ndim = head[3]
+    dims = f.read(4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise PipelineError(f"{path} is truncated: its header names {ndim} dimensions but ends after "
+                            f"{4 + len(dims)} bytes: replace it with a complete copy")
+    return np.dtype(IDX_TYPES[head[2]]), struct.unpack(f">{ndim}I", dims), 4 + 4 * ndim
+
+
+def _inflate_into(path: Path, f, out: np.ndarray, itemsize: int) -> None:
+    """Fill the bytes `out` from the gzip stream block by block; exactly len(out) must come."""
+    done = 0
+    while done < len(out):
+        got = f.readinto(memoryview(out[done:done + _INFLATE_BLOCK]))
+        if not got:
+            raise PipelineError(f"{path} is truncated: its header promises {len(out) // itemsize} values, "
+                                f"the file holds {done // itemsize}: replace it with a complete copy")
+        done += got
+    if f.read(1):
+        raise PipelineError(f"{path} has trailing bytes after the {len(out) // itemsize} values its header "
+                            f"promises: replace it with an intact copy")
+
+
+def _idx(path: Path, split: str, max_bytes: int) -> ImageTable:
     if path.is_file():
         images_file = path
+    elif not path.is_dir():
+        raise PipelineError(f"dataset.path={path} is neither an IDX file nor a folder of them (a device or "
+                            f"pipe is never read): point it at a *-images-idx3-ubyte[.gz] file or its folder")
     else:
         found = sorted(p for p in path.iterdir()
                        if p.name.startswith(split) and "images" in p.name and "idx" in p.name)
@@ -213,14 +267,14 @@ def _idx(path: Path, split: str) -> ImageTable:
             raise PipelineError(f"no '{split}-images-idx*' file in {path}: set dataset.split "
                                 f"to the prefix of the IDX files there")
         images_file = found[0]
-    images = read_idx(images_file)
+    images = read_idx(images_file, max_bytes)
     if images.ndim not in (3, 4) or images.dtype != np.uint8:
         raise PipelineError(f"{images_file} holds {images.dtype} of shape {images.shape}: "
                             f"expected uint8 images (N, H, W[, C])")
     labels_file = images_file.with_name(images_file.name.replace("images-idx3", "labels-idx1"))
     labels = np.full(len(images), -1, np.int64)
     if labels_file != images_file and labels_file.exists():
-        labels = read_idx(labels_file).astype(np.int64)
+        labels = read_idx(labels_file, max_bytes).astype(np.int64)
     names = [f"{images_file.name}#{i}" for i in range(len(images))]
     return ImageTable(names, labels, arrays=images)
 

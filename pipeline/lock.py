@@ -26,13 +26,36 @@ class RunDirBusy(PipelineError):
     pass
 
 
+def check_writable(run_dir: Path) -> None:
+    """One line, before anything is created, when the run directory cannot be written:
+    an existing file in its place (or above it), or a read-only folder or file system."""
+    run_dir = Path(run_dir)
+    nearest = next(p for p in (run_dir, *run_dir.parents) if p.exists() or p.is_symlink())
+    if not nearest.is_dir():
+        where = "is" if nearest == run_dir else f"lies below {nearest}, which is"
+        raise PipelineError(f"run directory {run_dir} {where} not a folder (an existing file): "
+                            f"choose another hydra.run.dir")
+    # access(2) also refuses root on a read-only mount or an immutable folder
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        if nearest == run_dir:
+            raise PipelineError(f"run directory {run_dir} is read-only for this user: choose a writable "
+                                f"hydra.run.dir (copy a finished run somewhere writable to add stages to it)")
+        raise PipelineError(f"run directory {run_dir} cannot be created: {nearest} is read-only for this user: "
+                            f"choose a writable hydra.run.dir")
+
+
 def acquire(run_dir: Path) -> None:
     key = Path(run_dir).resolve()
     if key in _held:
         _held[key][1] += 1
         return
-    key.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    check_writable(key)
+    try:
+        key.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:  # what access(2) could not foresee (a full disk, a race)
+        raise PipelineError(f"cannot write into run directory {key} ({err.strerror or err}): "
+                            f"choose another hydra.run.dir") from err
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -72,11 +95,11 @@ except ImportError:  # pragma: no cover - hydra is a dependency
 
 
 class LockRunDir(Callback):
-    """Hydra callback: lock hydra.run.dir before the run writes into it."""
+    """Hydra callback: check and lock hydra.run.dir before the run writes into it."""
 
     def on_run_start(self, config, **kwargs) -> None:
         try:
             acquire(Path(str(config.hydra.run.dir)))
-        except RunDirBusy as err:
+        except PipelineError as err:  # Hydra has not set up logging yet: the one line goes to stderr
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -143,9 +144,17 @@ class Server:
             m = re.search(r"viewer at (http://127\.0\.0\.1:(\d+)/)", line)
             if m:
                 self.url, self.port = m[1], int(m[2])
+                # keep reading its log: a full pipe would block the server's next log line
+                threading.Thread(target=self._drain, daemon=True).start()
                 return
         self.proc.kill()
         raise AssertionError("viewer did not start:\n" + "".join(self.log))
+
+    def _drain(self) -> None:
+        try:
+            self.log.extend(self.proc.stdout)
+        except (ValueError, OSError):  # closed by stop()
+            pass
 
     def get(self, raw_path: str) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
@@ -225,6 +234,128 @@ def test_server_listens_on_localhost_only(server):
             if state == "0A" and int(port, 16) == s.port:  # 0A: LISTEN
                 listening.append(address)
     assert listening == ["0100007F"]  # 127.0.0.1, little-endian hex; nothing on 0.0.0.0 or ::
+
+
+def request(port: int, method: str, path: str, headers: dict, body: bytes = b"") -> tuple[int, bytes]:
+    """One request with exactly these headers (Host included: http.client adds none)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    for key, value in {**headers, "Content-Length": str(len(body))}.items():
+        conn.putheader(key, value)
+    conn.endheaders(body)
+    r = conn.getresponse()
+    out = r.read()
+    conn.close()
+    return r.status, out
+
+
+def test_server_answers_only_its_own_host_and_its_own_page_writes(server):
+    """A DNS-rebound page names its own Host; a cross-site page posts a text/plain 'simple
+    request' that no preflight stops: both are refused before anything is read or decoded."""
+    s, run_dir = server
+    own = f"127.0.0.1:{s.port}"
+    for host in ("evil.example", f"evil.example:{s.port}", "127.0.0.1", f"127.0.0.1:{s.port + 1}", ""):
+        for path in ("/api/run", "/run/results.h5"):
+            status, body = request(s.port, "GET", path, {"Host": host} if host else {})
+            assert status == 421 and b"not this viewer's address" in body and b"HDF" not in body, (host, path)
+    for host in (own, f"localhost:{s.port}", f"LocalHost:{s.port}", f"[::1]:{s.port}"):
+        status, body = request(s.port, "GET", "/run/results.h5", {"Host": host})
+        assert status == 200 and body == (run_dir / "results.h5").read_bytes(), host
+    image = png_bytes(np.full((20, 20, 3), 90, np.uint8))
+    plain = {"Host": own, "Content-Type": "text/plain"}
+    for foreign in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Origin": f"http://localhost:{s.port + 1}"},
+                    {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}, {"Sec-Fetch-Site": "same-site"}):
+        status, body = request(s.port, "POST", "/api/upload", {**plain, **foreign}, image)
+        assert status == 403 and b"only the viewer's own page" in body, foreign
+    # a script on another site may not read a file either, even where CORS would hide the answer
+    status, _ = request(s.port, "GET", "/run/results.h5", {"Host": own, "Sec-Fetch-Site": "cross-site",
+                                                           "Sec-Fetch-Mode": "cors", "Origin": "http://evil.example"})
+    assert status == 403
+    same = {**plain, "Origin": f"http://{own}", "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}
+    status, body = request(s.port, "POST", "/api/upload", same, image)
+    assert status == 200 and json.loads(body)["image"].startswith("u")
+
+
+def test_server_stays_responsive_under_stalled_connections(server):
+    import socket
+
+    s, _ = server
+    stalled = []
+    try:
+        for i in range(50):  # half send nothing, half stop in the middle of their headers
+            sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+            if i % 2:
+                sock.sendall(f"GET /api/run HTTP/1.1\r\nHost: 127.0.0.1:{s.port}\r\nX-Slow: ".encode())
+            stalled.append(sock)
+        started = time.perf_counter()
+        status, body = s.get("/api/run")
+        assert status == 200 and b"layers" in body
+        assert time.perf_counter() - started < 2
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_a_silent_client_is_dropped_after_the_timeout(viewer_run):
+    import socket
+    import threading
+
+    from pipeline.viewer.server import make_server
+
+    _, run_dir, _ = viewer_run
+    server = make_server(Viewer(run_dir, live=False), "127.0.0.1", 0, timeout=0.5)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as sock:
+            started = time.perf_counter()
+            assert sock.recv(100) == b""  # the server closed it: nothing sent, nothing answered
+            assert 0.4 < time.perf_counter() - started < 5
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def vm_kib(pid: int) -> dict:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in lines) if k in ("VmRSS", "VmHWM")}
+
+
+def test_run_files_are_streamed_in_blocks(server):
+    """Three readers of a 1 GiB file (sparse: no disk used) cost the server a few blocks,
+    not three copies of the file; each gets every byte."""
+    import threading
+
+    s, run_dir = server
+    big = run_dir / "big.bin"
+    with open(big, "wb") as f:
+        f.seek(2**30 - 3)
+        f.write(b"END")
+    try:
+        before = vm_kib(s.proc.pid)
+        got = []
+
+        def fetch():
+            conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
+            conn.request("GET", "/run/big.bin")
+            r = conn.getresponse()
+            size, last = 0, b""
+            while block := r.read(2**20):
+                size, last = size + len(block), (last + block)[-3:]
+            got.append((r.status, size, last))
+            conn.close()
+
+        readers = [threading.Thread(target=fetch) for _ in range(3)]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join()
+        after = vm_kib(s.proc.pid)
+    finally:
+        big.unlink()
+    assert got == [(200, 2**30, b"END")] * 3
+    grown = (after["VmHWM"] - before["VmRSS"]) / 2**10  # MiB; reading the file whole: +1024 per reader
+    assert grown < 128, f"peak RSS grew by {grown:.0f} MiB"
 
 
 # ---------------------------------------------------------------- the page, in Chromium

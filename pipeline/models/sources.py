@@ -17,6 +17,7 @@ from pathlib import Path
 import keras
 
 from pipeline.errors import PipelineError
+from pipeline.models.archive import check_keras_archive
 from pipeline.models.mobilenet_v2 import sha256_file
 from pipeline.preprocess import NORMALIZE_MODES, Preprocessing
 
@@ -127,6 +128,8 @@ def _model_file(cfg) -> ModelBundle:
     if not path.exists():
         raise PipelineError(f"model.path={cfg.path} does not exist: pass an existing .keras or .h5 file")
     _check_preprocess(cfg.preprocess)
+    if path.suffix == ".keras":
+        check_keras_archive(path)
     try:
         model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as err:
@@ -336,6 +339,7 @@ def load_snapshot(run_dir, epoch: int | None = None):
         raise PipelineError(f"no snapshot of epoch {epoch} in {run_dir / SNAPSHOT_DIR}: "
                             f"set model.epoch to one of {', '.join(map(str, found))}")
     path = found[int(epoch)]
+    check_keras_archive(path)
     model = keras.models.load_model(path, compile=False, safe_mode=True)
     spec_file = run_dir / SNAPSHOT_DIR / SPEC_FILE
     if spec_file.exists():

@@ -11,7 +11,14 @@
     GET  /run/PATH                  a file of the run directory (the report, sheets, toolbox)
 
 REF is a dataset image id or an upload's 'uK'. Nothing is ever written into the run
-directory; /run/ serves regular files below it only (no '..', no link that leads out).
+directory; /run/ serves regular files below it only (no '..', no link that leads out),
+streamed in blocks.
+
+Any web page the user visits can send requests to 127.0.0.1, so every request must name
+this server in its Host (a DNS-rebound page names its own: 421), and a POST or a script's
+request from another site is refused (Origin / Sec-Fetch-Site: 403). A client that sends
+nothing for `timeout` seconds is dropped; each connection has its own thread, so stalled
+ones never block the others.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import mimetypes
+import os
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -75,11 +84,56 @@ def _arg(query: dict, name: str, default=None) -> str:
     return values[0]
 
 
-def make_handler(viewer: Viewer):
+LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
+FILE_BLOCK = 2**20  # /run/ files go out in blocks of this size, never whole
+
+
+def split_host(value: str) -> tuple[str, int]:
+    """A Host header 'name:port', '[v6]:port' or 'name' -> (lower-case name, port; 80 if
+    none is written, -1 if it is not a number)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        name, _, port = value.partition(":")
+    return name, int(port) if port.isdigit() else (80 if not port else -1)
+
+
+def make_handler(viewer: Viewer, allowed_names: tuple[str, ...] = LOCAL_NAMES, timeout: float = 30):
     run_root = viewer.view.run_dir
+    names = {n.strip("[]").lower() for n in allowed_names}
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "cnn-lens-viewer"
+
+        def _refusal(self) -> tuple[int, str] | None:
+            """Why this request may not be answered (status, reason), or None."""
+            port = self.server.server_address[1]
+            name, host_port = split_host(self.headers.get("Host", ""))
+            local = self.connection.getsockname()[0].lower()  # the address the client reached
+            if host_port != port or (name not in names and name != local):
+                return 421, (f"Host {self.headers.get('Host')!r} is not this viewer's address: open it as "
+                             f"http://127.0.0.1:{port}/ (or localhost, [::1], the --host given)")
+            site = self.headers.get("Sec-Fetch-Site", "")
+            origin = self.headers.get("Origin")
+            if self.command != "GET" or self.headers.get("Sec-Fetch-Mode", "navigate") != "navigate":
+                # a write, or a script's request: only from this viewer's own page (or no browser at all)
+                if site not in ("", "same-origin", "none"):
+                    return 403, f"a {site} request: only the viewer's own page may send it"
+                if origin is not None and origin.lower() != f"http://{self.headers.get('Host', '').lower()}":
+                    return 403, f"a request from {origin!r}: only the viewer's own page may send it"
+            return None
+
+        def parse_request(self) -> bool:
+            if not super().parse_request():
+                return False
+            refused = self._refusal()
+            if refused is not None:
+                self.close_connection = True
+                self._error(*refused)
+                return False
+            return True
 
         def log_message(self, fmt, *args):  # through logging, not stderr
             logger.debug("%s %s", self.address_string(), fmt % args)
@@ -132,6 +186,8 @@ def make_handler(viewer: Viewer):
                 self._error(404, str(err.args[0]) if err.args else str(err))
             except ValueError as err:
                 self._error(400, str(err))
+            except (ConnectionError, TimeoutError):  # the client went away or stalled: nobody to answer
+                self.close_connection = True
             except Exception as err:  # noqa: BLE001 - one bad request never stops the server
                 logger.exception("viewer: %s failed", self.path)
                 self._error(500, f"{type(err).__name__}: {err}")
@@ -146,12 +202,14 @@ def make_handler(viewer: Viewer):
                 self.close_connection = True  # the body is not read
                 return self._error(413, f"upload of {int(length)} bytes is above the limit of "
                                         f"{viewer.inputs.max_upload_bytes} (viewer --max-upload-mb)")
-            data = self.rfile.read(int(length))
             try:
+                data = self.rfile.read(int(length))
                 ref = viewer.inputs.upload(data)
                 self._json(viewer.image(ref))
             except ValueError as err:
                 self._error(400, str(err))
+            except (ConnectionError, TimeoutError):
+                self.close_connection = True
             except Exception as err:  # noqa: BLE001
                 logger.exception("viewer: upload failed")
                 self._error(500, f"{type(err).__name__}: {err}")
@@ -161,16 +219,52 @@ def make_handler(viewer: Viewer):
             if not path.is_relative_to(run_root) or not path.is_file():
                 return self._error(404, "not a file of this run directory")
             kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-            self._send(200, path.read_bytes(), kind)
+            with open(path, "rb") as f:  # streamed: a 1 GiB file costs one block of memory, not a GiB
+                left = os.fstat(f.fileno()).st_size
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(left))
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("X-Content-Type-Options", "nosniff")
+                self.end_headers()
+                try:
+                    while left > 0:
+                        block = f.read(min(FILE_BLOCK, left))
+                        if not block:  # the file shrank while it was sent: the length promised cannot be kept
+                            break
+                        self.wfile.write(block)
+                        left -= len(block)
+                except OSError:  # the client went away or stalled past the timeout
+                    logger.debug("viewer: %s not sent to the end", rel)
+                self.close_connection = True
 
+    Handler.timeout = timeout  # the socket timeout of every connection (StreamRequestHandler.setup)
     return Handler
 
 
-def serve(viewer: Viewer, host: str = "127.0.0.1", port: int = 0, ready=None) -> None:
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a stalled connection never keeps the process alive
+    request_queue_size = 128  # connections waiting for accept(): a burst of them is not refused
+
+    def handle_error(self, request, client_address):  # through logging, not a traceback on stderr
+        logger.debug("viewer: a connection from %s ended with an error", client_address[0], exc_info=True)
+
+
+def make_server(viewer: Viewer, host: str = "127.0.0.1", port: int = 0, timeout: float = 30) -> ThreadingHTTPServer:
+    """A listening server (not yet serving): Host must name `host` or a local address."""
+    v6 = ":" in host
+
+    class Server(_Server):
+        address_family = socket.AF_INET6 if v6 else socket.AF_INET
+
+    return Server((host.strip("[]"), port), make_handler(viewer, (*LOCAL_NAMES, host), timeout))
+
+
+def serve(viewer: Viewer, host: str = "127.0.0.1", port: int = 0, ready=None, timeout: float = 30) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM); `ready(url)` is called once listening."""
-    server = ThreadingHTTPServer((host, port), make_handler(viewer))
-    server.daemon_threads = True
-    url = f"http://{host}:{server.server_address[1]}/"
+    server = make_server(viewer, host, port, timeout)
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    url = f"http://{shown}:{server.server_address[1]}/"
     if viewer.model is not None:  # trace the backward programs while the user looks around
         threading.Thread(target=viewer.model.warm, name="warm", daemon=True).start()
     if ready is not None:
