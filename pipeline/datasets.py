@@ -21,7 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.errors import PipelineError
-from pipeline.preprocess import Preprocessing, photo_pixels, to_model_pixels
+from pipeline.preprocess import (EXIF_HEADER_BYTES, Preprocessing, TooManyPixels, dct_ratio, exif_orientation, orient,
+                                 read_photo, to_model_pixels)
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class ImageTable:
     # reads are bounded before decoding (dataset.max_mb, dataset.max_pixels)
     max_bytes: int = 512 * 2**20
     max_pixels: int = 50_000_000
+    exif: bool = True  # dataset.exif: turn photos upright by their EXIF orientation
+    dct_scale: bool = True  # decode JPEGs at 1/2, 1/4, 1/8 when the resize needs no more (benchmarks turn it off)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -71,6 +74,7 @@ def list_images(cfg) -> ImageTable:
                            None if table.arrays is None else table.arrays[:n])
     table.max_bytes = int(float(cfg.get("max_mb", 512)) * 2**20)
     table.max_pixels = int(cfg.get("max_pixels", 50_000_000))
+    table.exif = bool(cfg.get("exif", True))
     if len(table) == 0:
         raise PipelineError(f"dataset {kind!r} at {cfg.path} holds no images: "
                             f"point dataset.path at a folder of {'/'.join(sorted(IMAGE_SUFFIXES))} files")
@@ -245,13 +249,6 @@ def file_problem(path: str, table: ImageTable) -> str:
     return ""
 
 
-def too_many_pixels(h: int, w: int, table: ImageTable) -> str:
-    if h * w > table.max_pixels:
-        return (f"image of {w}x{h} pixels is above dataset.max_pixels={table.max_pixels}: not decoded "
-                f"(raise dataset.max_pixels to read it)")
-    return ""
-
-
 def _header_pixels(data: tf.Tensor) -> tf.Tensor:
     """Width times height from the header of a JPEG, PNG, GIF or BMP file (0 for other
     formats, which TensorFlow does not decode), read before anything is decoded."""
@@ -270,6 +267,32 @@ def _header_pixels(data: tf.Tensor) -> tf.Tensor:
         (magic == b"GIF8", lambda: le(6, tf.uint16, 2) * le(8, tf.uint16, 2)),
         (tf.strings.substr(data, 0, 2) == b"BM", lambda: le(18, tf.int32, 4) * le(22, tf.int32, 4)),
     ], default=lambda: tf.constant(0, tf.int64))
+
+
+def decode_file(data: tf.Tensor, spec: Preprocessing, exif: bool = True, dct_scale: bool = True) -> tf.Tensor:
+    """A file's bytes -> uint8 (H, W, C), upright (EXIF orientation, when `exif`), a JPEG
+    decoded at the DCT scale `preprocess.dct_ratio` picks (when `dct_scale`): the pixels
+    every stage gets again for the same file and model. The orientation and the scale are
+    read from the header (`extract_jpeg_shape` and the first 64 KiB), nothing decoded."""
+    def any_image():
+        return tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
+
+    if not exif and not dct_scale:
+        return any_image()
+    is_jpeg = tf.strings.substr(data, 0, 2) == b"\xff\xd8"
+    shape = tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(data)[:2], lambda: tf.zeros(2, tf.int32))
+
+    def plan(head, hw):  # the same Python functions the Pillow path uses
+        orientation = exif_orientation(head) if exif else 1
+        ratio = dct_ratio(int(hw[0]), int(hw[1]), orientation, spec) if dct_scale and hw[0] > 0 else 1
+        return np.int32(orientation), np.int32(ratio.bit_length() - 1)
+
+    orientation, step = tf.numpy_function(plan, [tf.strings.substr(data, 0, EXIF_HEADER_BYTES), shape],
+                                          [tf.int32, tf.int32], stateful=False)
+    jpeg = lambda: tf.switch_case(step, [  # noqa: E731 - ratio is a static attribute: one branch each
+        lambda r=r: tf.io.decode_jpeg(data, channels=0, ratio=r) for r in (1, 2, 4, 8)])
+    image = tf.cond(is_jpeg & (step > 0), jpeg, any_image)
+    return orient(image, orientation) if exif else image
 
 
 def image_stream(table: ImageTable, spec: Preprocessing, batch_size: int,
@@ -292,8 +315,7 @@ def image_stream(table: ImageTable, spec: Preprocessing, batch_size: int,
     def load(i, path):
         data = tf.io.read_file(path)
         tf.debugging.assert_less_equal(_header_pixels(data), tf.constant(table.max_pixels, tf.int64))
-        img = tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
-        return i, to_model_pixels(img, spec)
+        return i, to_model_pixels(decode_file(data, spec, table.exif, table.dct_scale), spec)
 
     ds = tf.data.Dataset.from_generator(readable, output_signature=(
         tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string)))
@@ -385,7 +407,8 @@ class BatchStream:
 
 def decode_with_pillow(path: str, spec: Preprocessing, table: ImageTable) -> tuple[tf.Tensor | None, str]:
     """Second chance for files TensorFlow cannot decode; returns (pixels, '') or (None, reason).
-    The same bounds hold: the file's metadata first, then the pixel count of its header."""
+    The same bounds hold: the file's metadata first, then the pixel count of its header;
+    the same pixels: upright, and a JPEG at the stream's DCT scale."""
     from PIL import Image, UnidentifiedImageError
 
     problem = file_problem(path, table)
@@ -393,14 +416,11 @@ def decode_with_pillow(path: str, spec: Preprocessing, table: ImageTable) -> tup
         return None, problem
     pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # ours is the limit, with its message
     try:
-        with Image.open(path) as im:  # reads the header only
-            problem = too_many_pixels(im.height, im.width, table)
-            if problem:
-                return None, problem
-            im.load()
-            array = photo_pixels(im)
+        array = read_photo(path, table.exif, spec if table.dct_scale else None, table.max_pixels)
     except UnidentifiedImageError:
         return None, "not an image file (format not recognised)"
+    except TooManyPixels as err:
+        return None, str(err)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return None, f"cannot decode: {err}"
     finally:

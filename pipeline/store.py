@@ -358,6 +358,7 @@ class Store:
                 write_strings(g, "path", table.paths)
                 g["label"] = table.labels.astype(np.int64)
                 g.attrs["class_names"] = json.dumps(list(table.class_names))
+                g["orientation"] = applied_orientations(table)
         self.rebuild()  # results.h5 opens from the first moment of a run
 
     def ensure_run(self, cfg, bundle, table=None) -> None:
@@ -516,6 +517,20 @@ def block_bytes(checkpoint) -> int:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def applied_orientations(table) -> np.ndarray:
+    """int8 (N,): the EXIF orientation (1..8) each image is turned upright by; 1 for images
+    without one, for in-memory arrays and with dataset.exif=false. Only file headers are
+    read (4 KiB each, a few threads: the files' reads overlap)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.preprocess import file_orientation
+
+    if table.arrays is not None or not getattr(table, "exif", True) or not table.paths:
+        return np.ones(len(table.paths), np.int8)
+    with ThreadPoolExecutor(8) as pool:
+        return np.fromiter(pool.map(file_orientation, table.paths), np.int8, len(table.paths))
 
 
 def table_digest(table) -> str:
