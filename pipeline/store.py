@@ -4,7 +4,7 @@
       results.h5            the index: root attrs, groups and external links into parts/
                             (rebuilt from parts/ after every commit; it holds no data)
       parts/
-        run.h5              root attrs, images/path, images/label (once per run directory)
+        run.h5              root attrs, images/path, images/label, images/orientation (once per run directory)
         images.h5           images/scanned, images/ok, images/error
         <stage>.h5          a finished stage's results (long stages: virtual datasets
                             over their chunk files)
