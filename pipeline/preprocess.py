@@ -143,15 +143,23 @@ def _orientation(head: bytes) -> int | None:
 
 def file_orientation(path: str) -> int:
     """`exif_orientation` of a file, reading only its first bytes: 4 KiB, which hold the
-    answer for nearly every photo, else up to 64 KiB (1 when it cannot be read)."""
+    answer for nearly every photo, else up to 64 KiB; other formats than JPEG and PNG
+    (TIFF, WebP: decoded by Pillow only) through Pillow's reading of their header.
+    1 when it cannot be read."""
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
+            if head[:2] != b"\xff\xd8" and head[:8] != b"\x89PNG\r\n\x1a\n":
+                from PIL import Image
+
+                with Image.open(f) as im:
+                    value = int(im.getexif().get(0x0112, 1) or 1)
+                    return value if 1 <= value <= 8 else 1
             found = _orientation(head)
             if found is None and len(head) == 4096:
                 found = _orientation(head + f.read(EXIF_HEADER_BYTES - 4096))
             return found or 1
-    except OSError:
+    except Exception:  # noqa: BLE001 - unreadable or not an image: its decoder reports it
         return 1
 
 
@@ -212,16 +220,17 @@ def read_photo(path: str, exif: bool = True, spec: Preprocessing | None = None,
         if max_pixels is not None and im.width * im.height > max_pixels:
             raise TooManyPixels(f"image of {im.width}x{im.height} pixels is above dataset.max_pixels={max_pixels}: "
                              f"not decoded (raise dataset.max_pixels to read it)")
-        orientation = 1
-        if exif:  # the stream's reader for the formats it decodes, so both agree
-            orientation = (file_orientation(path) if im.format in ("JPEG", "MPO", "PNG")
-                           else int(im.getexif().get(0x0112, 1) or 1))
+        tiff = im.format == "TIFF"
+        stored = file_orientation(path) if exif or tiff else 1  # the stream's reader: both agree
+        orientation = stored if exif else 1
         if spec is not None and im.format in ("JPEG", "MPO"):
             r = dct_ratio(im.height, im.width, orientation, spec)
             if r > 1:
                 im.draft(im.mode, (im.width // r, im.height // r))
         im.load()
-        if orientation in _PIL_TURNS:
+        if tiff and not exif and stored in _PIL_TURNS:  # Pillow turns a TIFF upright as it loads: undo
+            im = im.transpose(Image.Transpose(_PIL_TURNS[{6: 8, 8: 6}.get(stored, stored)]))
+        elif not tiff and orientation in _PIL_TURNS:
             im = im.transpose(Image.Transpose(_PIL_TURNS[orientation]))
         return photo_pixels(im)
 

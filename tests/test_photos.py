@@ -17,7 +17,7 @@ from conftest import ROOT, save_image
 from test_pipeline import compose_cfg, tiny_model
 from pipeline.datasets import BatchStream, decode_with_pillow, list_images
 from pipeline.preprocess import (Preprocessing, _match_channels, dct_ratio, exif_orientation, file_orientation,
-                                 normalize, orient, to_model_pixels)
+                                 normalize, orient, read_photo, to_model_pixels)
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
@@ -77,6 +77,13 @@ def test_exif_orientations_are_read_from_the_header_and_turned_as_pillow_turns_t
         with Image.open(tmp_path / f"o{o}.png") as im:
             expected = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
         np.testing.assert_array_equal(orient(tf.constant(stored), o).numpy(), expected)
+    # formats only Pillow decodes: their orientation through Pillow, turned the same way
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "o6.tif", exif=exif.tobytes())
+    assert file_orientation(str(tmp_path / "o6.tif")) == 6
+    np.testing.assert_array_equal(read_photo(str(tmp_path / "o6.tif")), np.rot90(stored, -1))
+    np.testing.assert_array_equal(read_photo(str(tmp_path / "o6.tif"), exif=False), stored)
     assert exif_orientation(b"\xff\xd8\xff\xe1\x00\x10Exif\x00\x00MM\x00*") == 1  # cut short: as stored
     assert exif_orientation(b"not an image") == 1
 
