@@ -21,8 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.errors import PipelineError
-from pipeline.preprocess import (EXIF_HEADER_BYTES, Preprocessing, TooManyPixels, dct_ratio, exif_orientation, orient,
-                                 read_photo, to_model_pixels)
+from pipeline.preprocess import Preprocessing, TooManyPixels, decode_plan, orient, read_photo, to_model_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -269,30 +268,19 @@ def _header_pixels(data: tf.Tensor) -> tf.Tensor:
     ], default=lambda: tf.constant(0, tf.int64))
 
 
-def decode_file(data: tf.Tensor, spec: Preprocessing, exif: bool = True, dct_scale: bool = True) -> tf.Tensor:
-    """A file's bytes -> uint8 (H, W, C), upright (EXIF orientation, when `exif`), a JPEG
-    decoded at the DCT scale `preprocess.dct_ratio` picks (when `dct_scale`): the pixels
-    every stage gets again for the same file and model. The orientation and the scale are
-    read from the header (`extract_jpeg_shape` and the first 64 KiB), nothing decoded."""
+def decode_file(data: tf.Tensor, orientation, ratio) -> tf.Tensor:
+    """A file's bytes -> uint8 (H, W, C): a JPEG decoded at DCT scale 1/ratio (1, 2, 4 or
+    8), then turned upright by its EXIF orientation (1..8). Both come from the file's
+    header (`preprocess.decode_plan`), read by the stream's Python generator, so the
+    parallel decoders run no Python."""
     def any_image():
         return tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
 
-    if not exif and not dct_scale:
-        return any_image()
-    is_jpeg = tf.strings.substr(data, 0, 2) == b"\xff\xd8"
-    shape = tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(data)[:2], lambda: tf.zeros(2, tf.int32))
-
-    def plan(head, hw):  # the same Python functions the Pillow path uses
-        orientation = exif_orientation(head) if exif else 1
-        ratio = dct_ratio(int(hw[0]), int(hw[1]), orientation, spec) if dct_scale and hw[0] > 0 else 1
-        return np.int32(orientation), np.int32(ratio.bit_length() - 1)
-
-    orientation, step = tf.numpy_function(plan, [tf.strings.substr(data, 0, EXIF_HEADER_BYTES), shape],
-                                          [tf.int32, tf.int32], stateful=False)
+    step = tf.add_n([tf.cast(ratio >= r, tf.int32) for r in (2, 4, 8)])  # 1, 2, 4, 8 -> 0..3
     jpeg = lambda: tf.switch_case(step, [  # noqa: E731 - ratio is a static attribute: one branch each
         lambda r=r: tf.io.decode_jpeg(data, channels=0, ratio=r) for r in (1, 2, 4, 8)])
-    image = tf.cond(is_jpeg & (step > 0), jpeg, any_image)
-    return orient(image, orientation) if exif else image
+    image = tf.cond((step > 0) & (tf.strings.substr(data, 0, 2) == b"\xff\xd8"), jpeg, any_image)
+    return tf.cond(orientation > 1, lambda: orient(image, orientation), lambda: image)
 
 
 def image_stream(table: ImageTable, spec: Preprocessing, batch_size: int,
@@ -310,15 +298,16 @@ def image_stream(table: ImageTable, spec: Preprocessing, batch_size: int,
         for i in ids:
             path = table.paths[i]
             if not file_problem(path, table):
-                yield i, path
+                yield (i, path, *decode_plan(path, spec, table.exif, table.dct_scale))
 
-    def load(i, path):
+    def load(i, path, orientation, ratio):
         data = tf.io.read_file(path)
         tf.debugging.assert_less_equal(_header_pixels(data), tf.constant(table.max_pixels, tf.int64))
-        return i, to_model_pixels(decode_file(data, spec, table.exif, table.dct_scale), spec)
+        return i, to_model_pixels(decode_file(data, orientation, ratio), spec)
 
     ds = tf.data.Dataset.from_generator(readable, output_signature=(
-        tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string)))
+        tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.int32),
+        tf.TensorSpec((), tf.int32)))
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors()
     return ds.batch(batch_size).prefetch(2)

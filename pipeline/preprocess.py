@@ -141,26 +141,56 @@ def _orientation(head: bytes) -> int | None:
     return 1
 
 
-def file_orientation(path: str) -> int:
-    """`exif_orientation` of a file, reading only its first bytes: 4 KiB, which hold the
-    answer for nearly every photo, else up to 64 KiB; other formats than JPEG and PNG
-    (TIFF, WebP: decoded by Pillow only) through Pillow's reading of their header.
-    1 when it cannot be read."""
+def _jpeg_size(head: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's frame header (SOFn), None when `head` ends first."""
+    pos = 2
+    while pos + 9 <= len(head) and head[pos] == 0xFF:
+        marker, length = head[pos + 1], int.from_bytes(head[pos + 2:pos + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            return int.from_bytes(head[pos + 5:pos + 7], "big"), int.from_bytes(head[pos + 7:pos + 9], "big")
+        if marker == 0xDA or length < 2:
+            return None
+        pos += 2 + length
+    return None
+
+
+def file_header(path: str) -> tuple[int, tuple[int, int] | None]:
+    """(EXIF orientation, (height, width) of a JPEG or None) of a file, reading only its
+    first bytes: 4 KiB, which hold both for nearly every photo, else up to 64 KiB; other
+    formats than JPEG and PNG (TIFF, WebP: decoded by Pillow only) through Pillow's
+    reading of their header. (1, None) when it cannot be read."""
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
-            if head[:2] != b"\xff\xd8" and head[:8] != b"\x89PNG\r\n\x1a\n":
+            jpeg = head[:2] == b"\xff\xd8"
+            if not jpeg and head[:8] != b"\x89PNG\r\n\x1a\n":
                 from PIL import Image
 
                 with Image.open(f) as im:
                     value = int(im.getexif().get(0x0112, 1) or 1)
-                    return value if 1 <= value <= 8 else 1
-            found = _orientation(head)
-            if found is None and len(head) == 4096:
-                found = _orientation(head + f.read(EXIF_HEADER_BYTES - 4096))
-            return found or 1
+                    return (value if 1 <= value <= 8 else 1), None
+            found, size = _orientation(head), _jpeg_size(head) if jpeg else None
+            if (found is None or (jpeg and size is None)) and len(head) == 4096:
+                head += f.read(EXIF_HEADER_BYTES - 4096)
+                found, size = _orientation(head), _jpeg_size(head) if jpeg else None
+            return found or 1, size
     except Exception:  # noqa: BLE001 - unreadable or not an image: its decoder reports it
-        return 1
+        return 1, None
+
+
+def file_orientation(path: str) -> int:
+    """The EXIF orientation of a file (`file_header`)."""
+    return file_header(path)[0]
+
+
+def decode_plan(path: str, spec: Preprocessing, exif: bool = True, dct_scale: bool = True) -> tuple[int, int]:
+    """(orientation to apply, DCT ratio) of a file, from its header: what every decoder of
+    it (TensorFlow's stream, Pillow) does, so they agree."""
+    if not exif and not dct_scale:
+        return 1, 1
+    orientation, size = file_header(path)
+    orientation = orientation if exif else 1
+    return orientation, dct_ratio(*size, orientation, spec) if dct_scale and size else 1
 
 
 def upright_size(h: int, w: int, orientation: int) -> tuple[int, int]:
@@ -300,8 +330,9 @@ def _window(start, size: int, scale, n):
 def _resample(batch, size, scale, translation):
     """Antialiased bilinear resampling of a batch (B, h, w, C) to `size`: output pixel x of
     an axis samples the input at (x + 0.5 - translation) / scale. TensorFlow's kernel
-    resamples the rows first, through an (B, size[0], w, C) float buffer; when the columns
-    first would need a smaller one (a wide strip), they go first, in a call of their own."""
+    resamples the rows first, through an (B, size[0], w, C) float buffer; when that is
+    larger than the image and the columns first would need a smaller one (a wide strip
+    stretched), they go first, in a call of their own."""
     import tensorflow as tf
 
     def call(x, out, scales, shifts):
@@ -309,7 +340,9 @@ def _resample(batch, size, scale, translation):
                                             translation=tf.stack(shifts), kernel_type="triangle", antialias=True)
 
     h, w = tf.shape(batch)[1], tf.shape(batch)[2]
-    rows_first = tf.cast(size[0], tf.int64) * tf.cast(w, tf.int64) <= tf.cast(h, tf.int64) * size[1]
+    # rows first costs no more than the image itself unless it stretches the rows
+    rows_first = (size[0] <= h) | (tf.cast(size[0], tf.int64) * tf.cast(w, tf.int64)
+                                   <= tf.cast(h, tf.int64) * size[1])
     both = lambda: call(batch, size, scale, translation)  # noqa: E731
     cols = lambda: call(call(batch, (h, size[1]), (1.0, scale[1]), (0.0, translation[1])),  # noqa: E731
                         size, (scale[0], 1.0), (translation[0], 0.0))
