@@ -16,7 +16,7 @@ process (steadier than images/s on a shared machine) and the ratios. Targets: ph
 scanned >= 2x as fast as the plain loop; ImageNet-like photos no slower than the full
 decode (within 5 %).
 
-    python benchmarks/jpeg_folder.py [--imagenet 160] [--phone 16] [--batch 16] [--rounds 3]
+    python benchmarks/jpeg_folder.py [--imagenet 160] [--phone 40] [--batch 16] [--rounds 3]
 
 Run it with an older checkout on PYTHONPATH to time that checkout's stream the same way
 (its "scan" then decodes as it did; the toggles of the third side are ignored there).
@@ -155,7 +155,7 @@ def measure(name: str, table: ImageTable, args, model) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--imagenet", type=int, default=160, help="ImageNet-like files (0: none)")
-    parser.add_argument("--phone", type=int, default=16, help="12-megapixel files (0: none)")
+    parser.add_argument("--phone", type=int, default=40, help="12-megapixel files (0: none)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
