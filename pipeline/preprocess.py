@@ -249,7 +249,7 @@ def read_photo(path: str, exif: bool = True, spec: Preprocessing | None = None,
     with Image.open(path) as im:  # reads the header only
         if max_pixels is not None and im.width * im.height > max_pixels:
             raise TooManyPixels(f"image of {im.width}x{im.height} pixels is above dataset.max_pixels={max_pixels}: "
-                             f"not decoded (raise dataset.max_pixels to read it)")
+                                f"not decoded (raise dataset.max_pixels to read it)")
         tiff = im.format == "TIFF"
         stored = file_orientation(path) if exif or tiff else 1  # the stream's reader: both agree
         orientation = stored if exif else 1
