@@ -56,6 +56,9 @@ class DatasetConfig:
     # this are not decoded (a 6000x4000 photo is 24M): recorded in images/error instead
     max_mb: float = 512.0
     max_pixels: int = 50_000_000
+    # turn photos upright by their EXIF orientation (tag 0x0112, set by phones and cameras),
+    # wherever pixels come from a file; false: pixels as stored
+    exif: bool = True
 
 
 @dataclass

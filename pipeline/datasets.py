@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from pipeline.errors import PipelineError
 from pipeline.names import shown
-from pipeline.preprocess import Preprocessing, photo_pixels, to_model_pixels
+from pipeline.preprocess import Preprocessing, TooManyPixels, decode_plan, orient, read_photo, to_model_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class ImageTable:
     # reads are bounded before decoding (dataset.max_mb, dataset.max_pixels)
     max_bytes: int = 512 * 2**20
     max_pixels: int = 50_000_000
+    exif: bool = True  # dataset.exif: turn photos upright by their EXIF orientation
+    dct_scale: bool = True  # decode JPEGs at 1/2, 1/4, 1/8 when the resize needs no more (benchmarks turn it off)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -74,6 +76,7 @@ def list_images(cfg) -> ImageTable:
                            None if table.arrays is None else table.arrays[:n])
     table.max_bytes = _max_bytes(cfg)
     table.max_pixels = int(cfg.get("max_pixels", 50_000_000))
+    table.exif = bool(cfg.get("exif", True))
     if len(table) == 0:
         raise PipelineError(f"dataset {kind!r} at {cfg.path} holds no images: "
                             f"point dataset.path at a folder of {'/'.join(sorted(IMAGE_SUFFIXES))} files")
@@ -301,13 +304,6 @@ def file_problem(path: str, table: ImageTable) -> str:
     return ""
 
 
-def too_many_pixels(h: int, w: int, table: ImageTable) -> str:
-    if h * w > table.max_pixels:
-        return (f"image of {w}x{h} pixels is above dataset.max_pixels={table.max_pixels}: not decoded "
-                f"(raise dataset.max_pixels to read it)")
-    return ""
-
-
 def _header_pixels(data: tf.Tensor) -> tf.Tensor:
     """Width times height from the header of a JPEG, PNG, GIF or BMP file (0 for other
     formats, which TensorFlow does not decode), read before anything is decoded."""
@@ -328,6 +324,21 @@ def _header_pixels(data: tf.Tensor) -> tf.Tensor:
     ], default=lambda: tf.constant(0, tf.int64))
 
 
+def decode_file(data: tf.Tensor, orientation, ratio) -> tf.Tensor:
+    """A file's bytes -> uint8 (H, W, C): a JPEG decoded at DCT scale 1/ratio (1, 2, 4 or
+    8), then turned upright by its EXIF orientation (1..8). Both come from the file's
+    header (`preprocess.decode_plan`), read by the stream's Python generator, so the
+    parallel decoders run no Python."""
+    def any_image():
+        return tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
+
+    step = tf.add_n([tf.cast(ratio >= r, tf.int32) for r in (2, 4, 8)])  # 1, 2, 4, 8 -> 0..3
+    jpeg = lambda: tf.switch_case(step, [  # noqa: E731 - ratio is a static attribute: one branch each
+        lambda r=r: tf.io.decode_jpeg(data, channels=0, ratio=r) for r in (1, 2, 4, 8)])
+    image = tf.cond((step > 0) & (tf.strings.substr(data, 0, 2) == b"\xff\xd8"), jpeg, any_image)
+    return tf.cond(orientation > 1, lambda: orient(image, orientation), lambda: image)
+
+
 def image_stream(table: ImageTable, spec: Preprocessing, batch_size: int,
                  ids: np.ndarray | None = None) -> tf.data.Dataset:
     """tf.data stream of (ids int64 (B,), pixels uint8 (B, S, S, C)) over the image files
@@ -343,16 +354,17 @@ def image_stream(table: ImageTable, spec: Preprocessing, batch_size: int,
         for i in ids:
             path = table.paths[i]
             if not file_problem(path, table):
-                yield i, os.fsencode(path)  # bytes: a name that is not UTF-8 reaches TensorFlow as it is
+                # bytes: a name that is not UTF-8 reaches TensorFlow as it is
+                yield (i, os.fsencode(path), *decode_plan(path, spec, table.exif, table.dct_scale))
 
-    def load(i, path):
+    def load(i, path, orientation, ratio):
         data = tf.io.read_file(path)
         tf.debugging.assert_less_equal(_header_pixels(data), tf.constant(table.max_pixels, tf.int64))
-        img = tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
-        return i, to_model_pixels(img, spec)
+        return i, to_model_pixels(decode_file(data, orientation, ratio), spec)
 
     ds = tf.data.Dataset.from_generator(readable, output_signature=(
-        tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string)))
+        tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.int32),
+        tf.TensorSpec((), tf.int32)))
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors()
     return ds.batch(batch_size).prefetch(2)
@@ -441,7 +453,8 @@ class BatchStream:
 
 def decode_with_pillow(path: str, spec: Preprocessing, table: ImageTable) -> tuple[tf.Tensor | None, str]:
     """Second chance for files TensorFlow cannot decode; returns (pixels, '') or (None, reason).
-    The same bounds hold: the file's metadata first, then the pixel count of its header."""
+    The same bounds hold: the file's metadata first, then the pixel count of its header;
+    the same pixels: upright, and a JPEG at the stream's DCT scale."""
     from PIL import Image, UnidentifiedImageError
 
     problem = file_problem(path, table)
@@ -449,14 +462,11 @@ def decode_with_pillow(path: str, spec: Preprocessing, table: ImageTable) -> tup
         return None, problem
     pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # ours is the limit, with its message
     try:
-        with Image.open(path) as im:  # reads the header only
-            problem = too_many_pixels(im.height, im.width, table)
-            if problem:
-                return None, problem
-            im.load()
-            array = photo_pixels(im)
+        array = read_photo(path, table.exif, spec if table.dct_scale else None, table.max_pixels)
     except UnidentifiedImageError:
         return None, "not an image file (format not recognised)"
+    except TooManyPixels as err:
+        return None, str(err)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return None, f"cannot decode: {err}"
     finally:

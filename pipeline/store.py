@@ -4,7 +4,7 @@
       results.h5            the index: root attrs, groups and external links into parts/
                             (rebuilt from parts/ after every commit; it holds no data)
       parts/
-        run.h5              root attrs, images/path, images/label (once per run directory)
+        run.h5              root attrs, images/path, images/label, images/orientation (once per run directory)
         images.h5           images/scanned, images/ok, images/error
         <stage>.h5          a finished stage's results (long stages: virtual datasets
                             over their chunk files)
@@ -359,6 +359,7 @@ class Store:
                 write_paths(g, "path", table.paths)
                 g["label"] = table.labels.astype(np.int64)
                 g.attrs["class_names"] = json.dumps(list(table.class_names))
+                g["orientation"] = applied_orientations(table)
         self.rebuild()  # results.h5 opens from the first moment of a run
 
     def ensure_run(self, cfg, bundle, table=None) -> None:
@@ -517,6 +518,20 @@ def block_bytes(checkpoint) -> int:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def applied_orientations(table) -> np.ndarray:
+    """int8 (N,): the EXIF orientation (1..8) each image is turned upright by; 1 for images
+    without one, for in-memory arrays and with dataset.exif=false. Only file headers are
+    read (4 KiB each, a few threads: the files' reads overlap)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.preprocess import file_orientation
+
+    if table.arrays is not None or not getattr(table, "exif", True) or not table.paths:
+        return np.ones(len(table.paths), np.int8)
+    with ThreadPoolExecutor(8) as pool:
+        return np.fromiter(pool.map(file_orientation, table.paths), np.int8, len(table.paths))
 
 
 def table_digest(table) -> str:

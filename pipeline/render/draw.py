@@ -69,17 +69,14 @@ def colorize(values: np.ndarray, cmap: str = CMAP) -> np.ndarray:
     return (rgba[..., :3] * 255 + 0.5).astype(np.uint8)
 
 
-def open_photo(path: str) -> np.ndarray | None:
+def open_photo(path: str, exif: bool = True, spec=None) -> np.ndarray | None:
     """An image file as uint8 RGB, decoded as the model's stream decodes it
-    (`preprocess.photo_pixels`); None when it cannot be read (moved, not an image)."""
-    from PIL import Image
-
-    from pipeline.preprocess import photo_pixels
+    (`preprocess.read_photo`: upright when `exif`, a JPEG at the stream's DCT scale for
+    `spec`); None when it cannot be read (moved, not an image)."""
+    from pipeline.preprocess import read_photo
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(photo_pixels(im))
+        return to_rgb(read_photo(path, exif, spec))
     except Exception as err:  # noqa: BLE001 - an unreadable file just has no photo
         logging.getLogger(__name__).debug("no photo for %s: %s", path, err)
         return None

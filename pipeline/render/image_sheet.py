@@ -16,10 +16,10 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.preprocess import Preprocessing, resize_plan
+from pipeline.preprocess import Preprocessing, input_box
 from pipeline.render.draw import CAM_TITLES, cell_edges, open_photo
-from pipeline.render.results import as_str, label_name
 from pipeline.names import shown
+from pipeline.render.results import as_str, label_name, stored_exif
 from pipeline.store import read_path
 
 logger = logging.getLogger(__name__)
@@ -28,21 +28,25 @@ logger = logging.getLogger(__name__)
 ACTIVATION_GRID = 16  # channels per activation grid on a per-image sheet (4 x 4)
 
 
-def model_view(path: str, spec: dict) -> np.ndarray | None:
-    """The photo as the model saw it (resize, centre crop; before normalisation), uint8 RGB,
-    or None when the file cannot be opened (moved, an array dataset)."""
-    photo = open_photo(path)
-    if photo is None:
-        return None
-    im = Image.fromarray(photo)
-    w, h = im.size
+def model_view(path: str, spec: dict, exif: bool = True) -> np.ndarray | None:
+    """The photo as the model saw it (upright, resize, centre crop; before normalisation),
+    uint8 RGB, or None when the file cannot be opened (moved, an array dataset). Only the
+    window under the crop is resampled (Pillow's `box`): bounded for any aspect ratio."""
     try:
         model_spec = Preprocessing(**spec)
     except (TypeError, PipelineError):  # not stored, or by another version: the photo as it is
-        return np.asarray(im)
-    new_h, new_w, top, left = resize_plan(h, w, model_spec)
-    im = im.resize((new_w, new_h), Image.BILINEAR, reducing_gap=3.0)
-    return np.asarray(im)[top:top + model_spec.height, left:left + model_spec.width]
+        return open_photo(path, exif)
+    photo = open_photo(path, exif, model_spec)
+    if photo is None:
+        return None
+    h, w = photo.shape[:2]
+    if model_spec.resize == "exact":
+        box = (0.0, 0.0, float(h), float(w))
+    else:
+        box = input_box(h, w, model_spec)
+    size = (model_spec.width, model_spec.height)
+    return np.asarray(Image.fromarray(photo).resize(size, Image.BILINEAR, box=(box[1], box[0], box[3], box[2]),
+                                                     reducing_gap=3.0))
 
 
 @dataclass
@@ -95,7 +99,7 @@ def image_sheet(f: h5py.File, pi: PerImage, image_id: int, names, spec: dict, dp
 
     path = read_path(f["images"], image_id)
     size = (int(spec.get("height") or 224), int(spec.get("width") or 224))
-    photo = model_view(path, spec)
+    photo = model_view(path, spec, stored_exif(f.attrs))
     missing = []
     if photo is None:
         missing.append("the photo (file not readable; maps drawn without it)")

@@ -30,11 +30,12 @@ DISPLAY_SIDE = 448  # longest side of a photo on the sheets
 TILE_PX = 32  # small maps are enlarged by whole factors to about this size
 
 
-def original_photo(table: ImageTable, image_id: int) -> np.ndarray | None:
-    """The image as stored (full size), uint8 RGB, or None when it cannot be read."""
+def original_photo(table: ImageTable, image_id: int, spec=None) -> np.ndarray | None:
+    """The image as the stream decodes it (upright; a JPEG at the DCT scale the model's
+    resize allows for `spec`), uint8 RGB, or None when it cannot be read."""
     if table.arrays is not None:
         return to_rgb(table.arrays[image_id])
-    return open_photo(table.paths[image_id])
+    return open_photo(table.paths[image_id], getattr(table, "exif", True), spec)
 
 
 def display_photo(table: ImageTable, image_id: int, spec, pixels: np.ndarray):
@@ -43,7 +44,7 @@ def display_photo(table: ImageTable, image_id: int, spec, pixels: np.ndarray):
     from PIL import Image
 
 
-    photo = original_photo(table, image_id)
+    photo = original_photo(table, image_id, spec)
     if photo is None:
         return to_rgb(pixels), (0.0, 0.0, float(pixels.shape[0]), float(pixels.shape[1]))
     h, w = photo.shape[:2]

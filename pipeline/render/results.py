@@ -118,3 +118,14 @@ def stored_preprocessing(attrs) -> dict:
     except ValueError:
         return {}
     return spec if isinstance(spec, dict) else {}
+
+
+def stored_exif(attrs) -> bool:
+    """dataset.exif of the run's stored config (true when absent: the default)."""
+    from omegaconf import OmegaConf
+
+    try:
+        config = OmegaConf.create(as_str(attrs.get("config", "")) or "{}")
+        return bool(OmegaConf.select(config, "dataset.exif", default=True))
+    except Exception:  # noqa: BLE001 - a config by another version: the default
+        return True

@@ -197,8 +197,10 @@ class Inputs:
         self.spec = Preprocessing(**view.preprocessing)
         self.max_upload_bytes = max_upload_bytes
         self.table, self.problem = None, ""
+        self.exif = True  # the run's dataset.exif: uploads are turned upright like its images
         try:
             cfg = OmegaConf.create(view.config)
+            self.exif = bool(OmegaConf.select(cfg, "dataset.exif", default=True))
             table = list_images(cfg.dataset)
             if view.images_sha256 and table_digest(table) != view.images_sha256:
                 self.problem = "the dataset changed since the scan: its images are not shown"
@@ -253,7 +255,7 @@ class Inputs:
 
         if len(data) > self.max_upload_bytes:
             raise ValueError(f"upload of {len(data)} bytes is above the limit of {self.max_upload_bytes}")
-        bounds = ImageTable(paths=[], labels=np.zeros(0, np.int64), max_bytes=self.max_upload_bytes)
+        bounds = ImageTable(paths=[], labels=np.zeros(0, np.int64), max_bytes=self.max_upload_bytes, exif=self.exif)
         if self.table is not None:
             bounds.max_pixels = self.table.max_pixels
         with tempfile.NamedTemporaryFile(suffix=".upload") as tmp:
