@@ -160,15 +160,15 @@ def draw_invariance(curves, grids, names, ids, targets, target_is_label, class_n
     colors = matplotlib.colormaps["tab10"](np.arange(len(ids)) % 10)
     handles = []
     for r, kind in enumerate(kinds):
-        distance, _, probability, _, shown = curves[kind]
+        distance, _, probability, _, frames = curves[kind]
         values, identity = grids[kind]
         ax = axes[r, 0]
         picks = np.unique(np.round(np.linspace(0, len(values) - 1, 5)).astype(int))
-        strip = np.concatenate([np.pad(shown[0, p], ((1, 1), (1, 1), (0, 0)), constant_values=255)
+        strip = np.concatenate([np.pad(frames[0, p], ((1, 1), (1, 1), (0, 0)), constant_values=255)
                                 for p in picks], axis=1)
         ax.imshow(strip[..., 0] if strip.shape[-1] == 1 else strip, cmap="gray", vmin=0, vmax=255,
                   interpolation="nearest")
-        width = shown.shape[3] + 2
+        width = frames.shape[3] + 2
         ax.set_xticks((np.arange(len(picks)) + 0.5) * width - 0.5, [f"{values[p]:.3g}" for p in picks],
                       fontsize=7)
         ax.set_yticks([])
