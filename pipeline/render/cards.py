@@ -40,7 +40,7 @@ from pipeline.render.canvas import EMPTY_GREY, montage, resize_patches
 from pipeline.render.patches import layer_patches
 from pipeline.render.results import LayerInfo, as_str, fmt
 from pipeline.spectrum import GAMMA, MIN_ABS
-from pipeline.store import stored_name
+from pipeline.store import replacing, stored_name
 
 logger = logging.getLogger(__name__)
 
@@ -1001,7 +1001,8 @@ def png_bytes(image: np.ndarray, dpi: float | None = None, level: int = 1) -> by
 
 
 def write_png(path: Path, image: np.ndarray, dpi: float | None = None) -> Path:
-    Path(path).write_bytes(png_bytes(image, dpi))
+    with replacing(path) as tmp:
+        tmp.write_bytes(png_bytes(image, dpi))
     return Path(path)
 
 
@@ -1010,7 +1011,8 @@ def _save_png(path: Path, image: np.ndarray) -> Path:
 
 
 def _save_jpg(path: Path, image: np.ndarray) -> Path:
-    Image.fromarray(image).save(path, format="JPEG", quality=THUMB_QUALITY)
+    with replacing(path) as tmp:
+        Image.fromarray(image).save(tmp, format="JPEG", quality=THUMB_QUALITY)
     return path
 
 
