@@ -765,8 +765,21 @@ def _compressed(d: h5py.Dataset) -> bool:
     return d.compression is not None
 
 
+def verify_all(run_dir: Path) -> list[str]:
+    """'<file>: <why>' for every file under the run directory's parts/ whose checksum does
+    not hold (or whose checksum outlived it); reads every byte once."""
+    found = []
+    for side in sorted(Path(run_dir, PARTS_DIR).rglob(f".*{SUM_SUFFIX}")):
+        path = side.with_name(side.name[1:-len(SUM_SUFFIX)])
+        why = damage(path)
+        if why:
+            found.append(f"{path}: {why}")
+    return found
+
+
 def main(argv=None) -> None:
-    """python -m pipeline.store pack RUN_DIR OUT.h5: one self-contained copy of a run's results."""
+    """python -m pipeline.store pack RUN_DIR OUT.h5: one self-contained copy of a run's results.
+    python -m pipeline.store verify RUN_DIR: read every part, chunk and checkpoint and check its checksum."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.store", description=main.__doc__)
@@ -774,10 +787,21 @@ def main(argv=None) -> None:
     p = sub.add_parser("pack", help="write every dataset results.h5 shows into one file")
     p.add_argument("run_dir", type=Path)
     p.add_argument("out", type=Path)
+    v = sub.add_parser("verify", help="read every part, chunk and checkpoint and check its checksum")
+    v.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
     try:
         store = Store(args.run_dir)
         store.open().close()  # a missing or foreign run directory is one line
+        if args.command == "verify":
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+            damaged = verify_all(store.run_dir)
+            for line in damaged:
+                logger.error("damaged: %s", line)
+            if damaged:
+                raise SystemExit(2)
+            logger.info("%s: every checksum holds", store.run_dir)
+            return
         pack(store.index, args.out)
     except PipelineError as err:
         raise SystemExit(f"error: {err}") from None

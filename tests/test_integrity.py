@@ -19,7 +19,7 @@ from conftest import ROOT, save_image
 from test_pipeline import compose_cfg, tiny_model
 from pipeline.errors import PipelineError
 from pipeline.runner import run
-from pipeline.store import PARTS_DIR, atomic_file, damage, replacing, sum_path, walk, write_checked
+from pipeline.store import PARTS_DIR, damage, replacing, sum_path, verify_all, walk, write_checked
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 STAGES = "stages=[scan,crop,cam]"
@@ -212,6 +212,8 @@ def test_a_damaged_part_is_one_line_with_the_command_that_rebuilds_it(setup):
     run_dir = _copy(tmp, "damaged_part")
     part = run_dir / PARTS_DIR / "crop.h5"
     _flip(part, part.stat().st_size // 2)
+    (_work(run_dir, "cam") / "000003.h5").unlink()  # a finished stage's chunk: `verify` reads them all
+    assert [line.split(": ")[0] for line in verify_all(run_dir)] == [str(part), str(_work(run_dir, "cam") / "000003.h5")]
     with pytest.raises(PipelineError, match=r"crop\.h5 is damaged .*: run stages=\[crop\] overwrite=true"):
         run(compose_cfg(base + ["stages=[report]"]), run_dir)
     run(compose_cfg(base + ["stages=[crop]", "overwrite=true"]), run_dir)
@@ -230,3 +232,29 @@ def test_report_temporaries_of_a_killed_run_are_removed_by_the_next(setup):
     run(compose_cfg(base + ["stages=[report]"]), run_dir)
     assert (run_dir / "index.html").stat().st_size > 0
     assert not [p for p in run_dir.rglob(".*.tmp-*")]
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_the_report_is_one_line_and_leaves_no_partial_file(setup):
+    from pipeline.store import StorageError
+
+    tmp, base, _ = setup
+    disk = tmp / "small_disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a disk-full test needs root to mount a small tmpfs")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        run_dir = disk / "run"
+        shutil.copytree(tmp / "reference", run_dir)
+        stat = os.statvfs(disk)
+        (disk / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 48 * 1024))
+        with pytest.raises(StorageError, match=r"^disk full while writing .*: free space on that disk"):
+            run(compose_cfg(base + ["stages=[report]"]), run_dir)
+        assert not [p for p in run_dir.rglob("*") if p.is_file() and p.stat().st_size == 0 and p.name != "filler"]
+        assert not list(run_dir.rglob(".*.tmp-*"))
+        with h5py.File(run_dir / "results.h5", "r") as f:
+            assert f["layers/relu2/topk/value"].shape == (6, 5)
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
