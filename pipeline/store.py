@@ -354,29 +354,31 @@ class Store:
                 if tmp.is_file():
                     tmp.unlink(missing_ok=True)
 
-    def check(self, recomputed=()) -> None:
+    def check(self, recomputed=(), repair: bool = True) -> None:
         """Before a run reuses anything: every finished stage's part file (and the run's
         images record) holds the bytes that were written. A finished stage whose part is
-        gone is no longer done (it runs again when listed); a damaged part is a one-line
-        error naming the file and the command that rebuilds it. Stages in `recomputed`
-        (overwrite=true) are not checked. Cost: one read of the part files, which hold
-        tables and links (the bulk lives in chunk files, checked when they are assembled)."""
-        markers = self.markers()
-        for stage, marker in markers.items():
+        gone is no longer done (with `repair`, the lock holder's: it runs again when
+        listed); a damaged part is a one-line error naming the file and the command that
+        rebuilds it. Stages in `recomputed` (overwrite=true) are not checked. Cost: one
+        read of the part files, which hold tables and links (the bulk lives in chunk
+        files, checked when their stage resumes or assembles)."""
+        for stage, marker in self.markers().items():
             part = marker.get("part")  # markers of older versions name none: nothing to check against
             if not part or stage in recomputed:
                 continue
-            why = damage(self.parts / part)
-            if why == "missing":
+            path = self.parts / part
+            why = damage(path)
+            if why == "missing" and repair:
                 logger.warning("%s is missing: stage %s is not done any more, it runs again when listed in stages",
-                               self.parts / part, stage)
+                               path, stage)
                 (self.parts / f"{stage}.done").unlink()
-                sum_path(self.parts / part).unlink(missing_ok=True)
+                sum_path(path).unlink(missing_ok=True)
             elif why:
-                raise StorageError(f"{self.parts / part} is damaged ({why}): run stages=[{stage}] overwrite=true "
-                                   f"to rebuild it (and the stages built on it)")
-        for name, hint in ((RUN_PART, "run the stages again in a new hydra.run.dir"),
-                           (IMAGES_PART, "run stages=[scan] overwrite=true to rebuild it")):
+                raise StorageError(f"{path} is {'missing' if why == 'missing' else f'damaged ({why})'}: run "
+                                   f"stages=[{stage}] overwrite=true hydra.run.dir={self.run_dir} to rebuild it "
+                                   f"(and the stages built on it)")
+        rebuild_images = f"run stages=[scan] overwrite=true hydra.run.dir={self.run_dir} to rebuild it"
+        for name, hint in ((RUN_PART, "run the stages again in a new hydra.run.dir"), (IMAGES_PART, rebuild_images)):
             path = self.parts / name
             if path.exists() and sum_path(path).exists() and (why := damage(path)):
                 raise StorageError(f"{path} is damaged ({why}): {hint}")

@@ -212,9 +212,11 @@ def test_a_damaged_part_is_one_line_with_the_command_that_rebuilds_it(setup):
     run_dir = _copy(tmp, "damaged_part")
     part = run_dir / PARTS_DIR / "crop.h5"
     _flip(part, part.stat().st_size // 2)
-    (_work(run_dir, "cam") / "000003.h5").unlink()  # a finished stage's chunk: `verify` reads them all
-    assert [line.split(": ")[0] for line in verify_all(run_dir)] == [str(part), str(_work(run_dir, "cam") / "000003.h5")]
-    with pytest.raises(PipelineError, match=r"crop\.h5 is damaged .*: run stages=\[crop\] overwrite=true"):
+    chunk = _work(run_dir, "cam") / "000003.h5"
+    chunk.unlink()  # a finished stage's chunk: runs do not read them again, `verify` does
+    assert [line.split(": ")[0] for line in verify_all(run_dir)] == [str(part), str(chunk)]
+    rebuild = r"crop\.h5 is damaged .*: run stages=\[crop\] overwrite=true hydra\.run\.dir="
+    with pytest.raises(PipelineError, match=rebuild):
         run(compose_cfg(base + ["stages=[report]"]), run_dir)
     run(compose_cfg(base + ["stages=[crop]", "overwrite=true"]), run_dir)
     _same(_arrays(run_dir / "results.h5"), reference, ("layers/",))
