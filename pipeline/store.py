@@ -10,6 +10,8 @@
                             over their chunk files)
         <stage>.done        JSON: the stage's config fingerprint, the stages it read, a token
         <stage>.<print>/    work of a long stage: chunk files, scan checkpoints
+        .<file>.sum         beside every part, chunk and checkpoint: its size and CRC-32,
+                            verified before a resume or an assembly reuses the file
       .lock                 one writer per run directory (pipeline.lock)
 
 Every file is written under a temporary name, fsynced and renamed, so a process killed
@@ -202,13 +204,13 @@ def damage(path: Path) -> str | None:
     if _trusted.get(str(path)) == _stamp(path):
         return None
     try:
-        accepted = [line.strip() for line in sum_path(path).read_text().splitlines() if line.strip()]
+        accepted = {line.split()[0]: line for line in sum_path(path).read_text().splitlines() if line.strip()}
     except (OSError, ValueError):
         return f"no checksum recorded ({sum_path(path).name} is missing)"
     size = path.stat().st_size
-    if not any(int(line.split()[0]) == size for line in accepted):
-        return f"{size} bytes where {accepted[0].split()[0]} were written (truncated or grown)"
-    if _file_checksum(path) not in accepted:
+    if str(size) not in accepted:  # a cheap first test: no read
+        return f"{size} bytes where {' or '.join(accepted) or 'others'} were written (truncated or grown)"
+    if _file_checksum(path) not in accepted.values():
         return "its bytes changed since they were written (checksum mismatch)"
     _trusted[str(path)] = _stamp(path)
     return None
