@@ -77,8 +77,8 @@ def _checkpoint(path: Path, scanner, position: int, dropped: list[int]) -> None:
             g = f.create_group(f"layer_{i:04d}")
             for key, array in state.items():
                 g[key] = array
-    logger.info("checkpoint: %d images scanned, stream position %d (%.2f s)", scanner.images_seen, position,
-                time.perf_counter() - started)
+    logger.info("checkpoint: %d images scanned, stream position %d, %.1f MiB (%.3f s)", scanner.images_seen, position,
+                path.stat().st_size / 2**20, time.perf_counter() - started)
 
 
 

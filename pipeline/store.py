@@ -175,6 +175,7 @@ def write_checked(path: Path, data) -> None:
     sidecar; then renamed to `path`."""
     path = Path(path)
     side, tmp = sum_path(path), path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    side_tmp = side.with_name(f"{side.name}.tmp-{os.getpid()}")
     lines = [checksum(data)]
     with contextlib.suppress(OSError, ValueError):  # the version in place stays valid until the rename
         lines += [line for line in side.read_text().splitlines()[:1] if line and line != lines[0]]
@@ -183,14 +184,17 @@ def write_checked(path: Path, data) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        with atomic_file(side, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
+        # the sidecar is not fsynced: after a power loss a stale one only makes the file
+        # be computed again; one directory fsync then covers both renames
+        side_tmp.write_text("\n".join(lines) + "\n")
+        os.replace(side_tmp, side)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as err:
         raise storage_error(err, path) from err
     finally:
         tmp.unlink(missing_ok=True)
+        side_tmp.unlink(missing_ok=True)
     _trusted[str(path)] = _stamp(path)
 
 
