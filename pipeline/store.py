@@ -208,13 +208,14 @@ def damage(path: Path) -> str | None:
     if _trusted.get(str(path)) == _stamp(path):
         return None
     try:
-        accepted = {line.split()[0]: line for line in sum_path(path).read_text().splitlines() if line.strip()}
+        accepted = [line.strip() for line in sum_path(path).read_text().splitlines() if line.strip()]
     except (OSError, ValueError):
         return f"no checksum recorded ({sum_path(path).name} is missing)"
+    sizes = [line.split()[0] for line in accepted]  # versions of one file often have one size
     size = path.stat().st_size
-    if str(size) not in accepted:  # a cheap first test: no read
-        return f"{size} bytes where {' or '.join(accepted) or 'others'} were written (truncated or grown)"
-    if _file_checksum(path) not in accepted.values():
+    if str(size) not in sizes:  # a cheap first test: no read
+        return f"{size} bytes where {' or '.join(sizes) or 'others'} were written (truncated or grown)"
+    if _file_checksum(path) not in accepted:
         return "its bytes changed since they were written (checksum mismatch)"
     _trusted[str(path)] = _stamp(path)
     return None

@@ -103,6 +103,36 @@ def test_the_version_in_place_verifies_until_its_successor_is_renamed(tmp_path):
     assert damage(path) is None
 
 
+def test_a_checkpoint_killed_at_any_moment_of_its_rewrites_still_verifies(tmp_path):
+    """A child rewrites one checkpoint (every version the same size, as a scan's are) in a
+    loop and is SIGKILLed at three moments; a later process must find a version that
+    verifies each time."""
+    from pipeline import store
+
+    child = textwrap.dedent("""
+        import sys
+        import numpy as np
+        from pipeline.store import atomic_h5
+        rng = np.random.default_rng()
+        print("writing", flush=True)
+        while True:
+            with atomic_h5(sys.argv[1], checked=True) as f:
+                f["state"] = rng.random(20000)
+    """)
+    for delay in (0.05, 0.2, 0.4):
+        path = tmp_path / f"state_{delay}.h5"
+        proc = subprocess.Popen([sys.executable, "-c", child, str(path)], cwd=ROOT,
+                                env=dict(ENV, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "writing"
+            time.sleep(delay)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        store._trusted.clear()  # as the resumed process: it wrote nothing itself
+        assert path.exists() and damage(path) is None, damage(path)
+
+
 # --------------------------------------------------------------------------- real runs
 
 
