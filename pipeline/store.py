@@ -139,7 +139,7 @@ def replacing(path: Path):
 #
 # Every part, chunk and scan checkpoint has a sidecar `.<name>.sum` beside it: one line
 # "<size> <crc32>" per version of the file it accepts. CRC-32 (zlib): it detects damage
-# (flipped bytes, truncation), which is all a resume needs, at ~3x the speed of sha256 here.
+# (flipped bytes, truncation), which is all a resume needs, at twice the speed of sha256 here.
 # The sidecar is written before the file is renamed into place and keeps the previous
 # version's line, so a kill between the two renames leaves a pair that still verifies.
 
