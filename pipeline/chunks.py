@@ -11,12 +11,30 @@ that also lists the images neither could read.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from pipeline.datasets import BatchStream
 from pipeline.store import Pacer, WorkDir, block_bytes, read_strings, write_strings
 
+logger = logging.getLogger(__name__)
+
 BOOKKEEPING = ("_dropped", "_errors")
+
+
+def _unbroken(work: WorkDir) -> list[str]:
+    """The verified chunks 0..n-1 before the first missing or damaged one. Only the last
+    chunk says where the stream stood, so the chunks after a gap are removed and computed
+    again with it: the rows of a lost chunk come back, never a hole."""
+    chunks = work.chunks()
+    n = next((i for i, name in enumerate(chunks) if name != work.chunk_name(i)), len(chunks))
+    if n < len(chunks):
+        logger.warning("%s: chunk %s is missing; it and the %d chunk(s) after it are computed again", work.path,
+                       work.chunk_name(n), len(chunks) - n)
+        for name in chunks[n:]:
+            work.remove(name)
+    return chunks[:n]
 
 
 class ChunkedStream:
@@ -30,7 +48,7 @@ class ChunkedStream:
         self.bytes = 0
         self.errors: dict[int, str] = {}
         position, dropped, self.finished = 0, [], False
-        chunks = work.chunks()
+        chunks = _unbroken(work)
         self.next_chunk = len(chunks)
         if chunks:  # where the last commit left the stream (the Pillow pass, if any, is always last)
             with work.open(chunks[-1]) as f:

@@ -11,7 +11,8 @@ from pipeline import devices, lock
 from pipeline.errors import PipelineError, StageSkipped
 from pipeline.render.fonts import figure_fonts
 from pipeline.stages import STAGES
-from pipeline.store import IDENTITY_KEYS, RESULTS_FILE, RUN_PART, Store, fingerprint, open_h5
+from pipeline.store import (IDENTITY_KEYS, RESULTS_FILE, RUN_PART, Store, disk_full, fingerprint, open_h5,
+                            storage_error)
 from pipeline.validate import check_config
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ def run(cfg, run_dir: Path) -> Path:
     with lock.holding(run_dir):
         store = Store(run_dir)
         store.clean_temporaries()
+        store.check(recomputed=set(cfg.stages) if cfg.overwrite else ())
         _check_identity(store, fingerprint(cfg, IDENTITY_KEYS), cfg.overwrite)
         store.mend()
         for stage in cfg.stages:
@@ -55,6 +57,10 @@ def run(cfg, run_dir: Path) -> Path:
             except StageSkipped as why:
                 logger.warning("stage %s skipped: %s", stage, why)
                 continue
+            except OSError as err:  # a write outside the store's own (report files, sheets)
+                if not disk_full(err):
+                    raise
+                raise storage_error(err, Path(getattr(err, "filename", None) or run_dir)) from err
             if module.KEYS:
                 store.finish(stage, stage_print, depends_on(module, cfg))
             logger.info("stage %s done in %.1f s", stage, time.perf_counter() - started)

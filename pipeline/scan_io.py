@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pipeline.datasets import BatchStream
 from pipeline.names import shown
 from pipeline.spectrum import GAMMA, MIN_ABS, QUANTILES, sketch_quantiles
-from pipeline.store import Pacer, atomic_h5, open_h5, write_strings
+from pipeline.store import Pacer, atomic_h5, damage, open_h5, remove_checked, write_strings
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,12 @@ def scan_images(scanner, table, spec, batch_size: int, ids: np.ndarray, state_pa
     """Stream `ids` through `scanner`, checkpointing its state into `state_path` (and
     resuming from it when it exists); returns the unreadable images (id -> reason)."""
     position, dropped = 0, []
-    if state_path.exists():
+    why = damage(state_path) if state_path.exists() else "missing"
+    if why != "missing" and why is not None:  # never resumed from: its sums would be wrong without a sign
+        logger.warning("the %s checkpoint %s is damaged (%s): the %s starts again from the first image", desc,
+                       state_path, why, desc)
+        remove_checked(state_path)
+    elif why is None:
         position, dropped = _load_checkpoint(state_path, scanner)
         logger.info("resuming the %s at image %d of %d (%d images already scanned)", desc, position, len(ids),
                     scanner.images_seen)
@@ -66,15 +71,15 @@ def scan_images(scanner, table, spec, batch_size: int, ids: np.ndarray, state_pa
 def _checkpoint(path: Path, scanner, position: int, dropped: list[int]) -> None:
     """The device state and the stream position, into their own small file."""
     started = time.perf_counter()
-    with atomic_h5(path) as f:
+    with atomic_h5(path, checked=True) as f:
         f.attrs.update(position=position, images_seen=scanner.images_seen)
         f["dropped"] = np.asarray(sorted(dropped), np.int64)
         for i, state in enumerate(scanner.state()):  # by position: a layer may be scanned twice (evolution)
             g = f.create_group(f"layer_{i:04d}")
             for key, array in state.items():
                 g[key] = array
-    logger.info("checkpoint: %d images scanned, stream position %d (%.2f s)", scanner.images_seen, position,
-                time.perf_counter() - started)
+    logger.info("checkpoint: %d images scanned, stream position %d, %.1f MiB (%.3f s)", scanner.images_seen, position,
+                path.stat().st_size / 2**20, time.perf_counter() - started)
 
 
 

@@ -10,6 +10,8 @@
                             over their chunk files)
         <stage>.done        JSON: the stage's config fingerprint, the stages it read, a token
         <stage>.<print>/    work of a long stage: chunk files, scan checkpoints
+        .<file>.sum         beside every part, chunk and checkpoint: its size and CRC-32,
+                            verified before a resume or an assembly reuses the file
       .lock                 one writer per run directory (pipeline.lock)
 
 Every file is written under a temporary name, fsynced and renamed, so a process killed
@@ -31,6 +33,7 @@ import re
 import shutil
 import time
 import uuid
+import zlib
 from pathlib import Path
 
 import h5py
@@ -86,12 +89,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _disk_full(err: BaseException) -> bool:
+def disk_full(err: BaseException) -> bool:
     return getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
 
 
 def storage_error(err: OSError, path: Path) -> StorageError:
-    if _disk_full(err):
+    if disk_full(err):
         return StorageError(f"disk full while writing {path}: free space on that disk and run the same "
                             f"command again (the last complete results are kept)")
     return StorageError(f"cannot write {path}: {err}")
@@ -116,9 +119,121 @@ def atomic_file(path: Path, mode: str = "wb"):
 
 
 @contextlib.contextmanager
-def atomic_h5(path: Path):
+def replacing(path: Path):
+    """A temporary path (same suffix, so writers that go by it still do) renamed to `path`
+    once the block succeeds: a kill leaves the old file or the new one, never a part of
+    one. Not fsynced: for files redrawn from results.h5 (the report); a left temporary is
+    removed by the next run (Store.clean_temporaries)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        raise storage_error(err, path) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- checksums
+#
+# Every part, chunk and scan checkpoint has a sidecar `.<name>.sum` beside it: one line
+# "<size> <crc32>" per version of the file it accepts. CRC-32 (zlib): it detects damage
+# (flipped bytes, truncation), which is all a resume needs, at twice the speed of sha256 here.
+# The sidecar is written before the file is renamed into place and keeps the previous
+# version's line, so a kill between the two renames leaves a pair that still verifies.
+
+SUM_SUFFIX = ".sum"
+_BLOCK = 8 * 2**20
+_trusted: dict[str, tuple] = {}  # path -> (inode, size, mtime) of files this process wrote or verified
+
+
+def sum_path(path: Path) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}{SUM_SUFFIX}")
+
+
+def checksum(data) -> str:
+    return f"{len(data)} {zlib.crc32(data):08x}"
+
+
+def _file_checksum(path: Path) -> str:
+    crc, size = 0, 0
+    with open(path, "rb") as fh:
+        while block := fh.read(_BLOCK):
+            crc, size = zlib.crc32(block, crc), size + len(block)
+    return f"{size} {crc:08x}"
+
+
+def _stamp(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def write_checked(path: Path, data) -> None:
+    """`data` (bytes) written under a temporary name and fsynced; its checksum into the
+    sidecar; then renamed to `path`."""
+    path = Path(path)
+    side, tmp = sum_path(path), path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    side_tmp = side.with_name(f"{side.name}.tmp-{os.getpid()}")
+    lines = [checksum(data)]
+    with contextlib.suppress(OSError, ValueError):  # the version in place stays valid until the rename
+        lines += [line for line in side.read_text().splitlines()[:1] if line and line != lines[0]]
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        # the sidecar is not fsynced: after a power loss a stale one only makes the file
+        # be computed again; one directory fsync then covers both renames
+        side_tmp.write_text("\n".join(lines) + "\n")
+        os.replace(side_tmp, side)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        raise storage_error(err, path) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+        side_tmp.unlink(missing_ok=True)
+    _trusted[str(path)] = _stamp(path)
+
+
+def damage(path: Path) -> str | None:
+    """Why `path` cannot be trusted (missing, no checksum, truncated, bytes changed), or None
+    when its bytes are those written. Reads the whole file once per process (files this
+    process wrote, unchanged since, are not read again)."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    if _trusted.get(str(path)) == _stamp(path):
+        return None
+    try:
+        accepted = [line.strip() for line in sum_path(path).read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return f"no checksum recorded ({sum_path(path).name} is missing)"
+    sizes = [line.split()[0] for line in accepted]  # versions of one file often have one size
+    size = path.stat().st_size
+    if str(size) not in sizes:  # a cheap first test: no read
+        return f"{size} bytes where {' or '.join(sizes) or 'others'} were written (truncated or grown)"
+    if _file_checksum(path) not in accepted:
+        return "its bytes changed since they were written (checksum mismatch)"
+    _trusted[str(path)] = _stamp(path)
+    return None
+
+
+def remove_checked(path: Path) -> None:
+    """A file and its checksum."""
+    Path(path).unlink(missing_ok=True)
+    sum_path(path).unlink(missing_ok=True)
+    _trusted.pop(str(path), None)
+
+
+@contextlib.contextmanager
+def atomic_h5(path: Path, checked: bool = False):
     """A new HDF5 file, built in memory, then written under a temporary name, fsynced and
-    renamed to `path`. An exception inside the block leaves `path` as it was.
+    renamed to `path`. An exception inside the block leaves `path` as it was. `checked`:
+    the checksum of the bytes written goes into the sidecar (hashed from memory).
 
     HDF5 never writes to the disk itself: a full disk fails our plain write with one
     clear error, instead of failing inside HDF5, whose state is not to be trusted after
@@ -133,6 +248,9 @@ def atomic_h5(path: Path):
         image = f.id.get_file_image()
     finally:
         f.close()
+    if checked:
+        write_checked(path, image)
+        return
     with atomic_file(path) as fh:
         fh.write(image)
 
@@ -213,7 +331,7 @@ class Store:
 
     def _remove_stage(self, stage: str) -> None:
         (self.parts / f"{stage}.done").unlink(missing_ok=True)
-        (self.parts / f"{stage}.h5").unlink(missing_ok=True)
+        remove_checked(self.parts / f"{stage}.h5")
         for work in self.parts.glob(f"{stage}.*"):
             if work.is_dir():
                 shutil.rmtree(work)
@@ -221,7 +339,8 @@ class Store:
     def finish(self, stage: str, stage_print: str, depends_on=()) -> None:
         """Record `stage` as done with config fingerprint `stage_print`; results.h5 then shows it."""
         self.parts.mkdir(parents=True, exist_ok=True)
-        marker = dict(fingerprint=stage_print, depends_on=sorted(set(depends_on)), token=uuid.uuid4().hex)
+        marker = dict(fingerprint=stage_print, depends_on=sorted(set(depends_on)), token=uuid.uuid4().hex,
+                      part=f"{stage}.h5" if self.has(f"{stage}.h5") else None)  # checked before it is reused
         with atomic_file(self.parts / f"{stage}.done", "w") as fh:
             json.dump(marker, fh, sort_keys=True)
         for work in self.parts.glob(f"{stage}.*"):  # work of other configs is of no use now
@@ -236,17 +355,47 @@ class Store:
         self.index.unlink(missing_ok=True)
 
     def clean_temporaries(self) -> None:
-        """Temporary files of killed writers; only the lock holder calls this."""
-        for folder in (self.run_dir, self.parts, *(p for p in self.parts.glob("*") if p.is_dir())):
-            if folder.is_dir():
-                for tmp in folder.glob(".*.tmp-*"):
+        """Temporary files of killed writers, anywhere in the run directory (parts, chunks,
+        report files); only the lock holder calls this."""
+        if self.run_dir.is_dir():
+            for tmp in self.run_dir.rglob(".*.tmp-*"):
+                if tmp.is_file():
                     tmp.unlink(missing_ok=True)
+
+    def check(self, recomputed=(), repair: bool = True) -> None:
+        """Before a run reuses anything: every finished stage's part file (and the run's
+        images record) holds the bytes that were written. A finished stage whose part is
+        gone is no longer done (with `repair`, the lock holder's: it runs again when
+        listed); a damaged part is a one-line error naming the file and the command that
+        rebuilds it. Stages in `recomputed` (overwrite=true) are not checked. Cost: one
+        read of the part files, which hold tables and links (the bulk lives in chunk
+        files, checked when their stage resumes or assembles)."""
+        for stage, marker in self.markers().items():
+            part = marker.get("part")  # markers of older versions name none: nothing to check against
+            if not part or stage in recomputed:
+                continue
+            path = self.parts / part
+            why = damage(path)
+            if why == "missing" and repair:
+                logger.warning("%s is missing: stage %s is not done any more, it runs again when listed in stages",
+                               path, stage)
+                (self.parts / f"{stage}.done").unlink()
+                sum_path(path).unlink(missing_ok=True)
+            elif why:
+                raise StorageError(f"{path} is {'missing' if why == 'missing' else f'damaged ({why})'}: run "
+                                   f"stages=[{stage}] overwrite=true hydra.run.dir={self.run_dir} to rebuild it "
+                                   f"(and the stages built on it)")
+        rebuild_images = f"run stages=[scan] overwrite=true hydra.run.dir={self.run_dir} to rebuild it"
+        for name, hint in ((RUN_PART, "run the stages again in a new hydra.run.dir"), (IMAGES_PART, rebuild_images)):
+            path = self.parts / name
+            if path.exists() and sum_path(path).exists() and (why := damage(path)):
+                raise StorageError(f"{path} is damaged ({why}): {hint}")
 
     # ---------------------------------------------------------------- writing
 
     def write(self, name: str):
         """A new part file parts/<name> (context manager yielding the h5py.File)."""
-        return atomic_h5(self.parts / name)
+        return atomic_h5(self.parts / name, checked=True)
 
     def copy_part(self, source: Path, name: str, **attrs) -> None:
         """parts/<name> as a copy of another run's part file, with root attrs changed
@@ -258,15 +407,14 @@ class Store:
         except OSError as err:
             raise StorageError(f"{source} is not a readable part file ({err})") from None
         self.parts.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self.parts / name) as fh:
-            fh.write(buffer.getvalue())
+        write_checked(self.parts / name, buffer.getbuffer())
 
     def has(self, name: str) -> bool:
         return (self.parts / name).exists()
 
     def part_print(self, name: str) -> str | None:
         """The config fingerprint a part was written for (attr `_stage_print`), if any."""
-        if not self.has(name):
+        if not self.has(name) or damage(self.parts / name):
             return None
         with open_h5(self.parts / name, "part file") as f:
             value = f.attrs.get("_stage_print")
@@ -446,11 +594,26 @@ class WorkDir:
         return f"{number:06d}.h5"
 
     def chunks(self) -> list[str]:
-        """Committed chunk files, in order."""
+        """Committed chunk files whose bytes verify, in order. A damaged one (or one without
+        its checksum) is removed with a warning, so the stage computes it again."""
+        good = []
+        for name in self._files():
+            why = damage(self.path / name)
+            if why:
+                logger.warning("%s: %s; it is computed again", self.path / name, why)
+                remove_checked(self.path / name)
+            else:
+                good.append(name)
+        return good
+
+    def _files(self) -> list[str]:
         return sorted(p.name for p in self.path.glob("[0-9]*.h5"))
 
+    def remove(self, name: str) -> None:
+        remove_checked(self.path / name)
+
     def write(self, name: str):
-        return atomic_h5(self.path / name)
+        return atomic_h5(self.path / name, checked=True)
 
     def open(self, name: str) -> h5py.File:
         return open_h5(self.path / name, "chunk file")
@@ -460,7 +623,13 @@ class WorkDir:
         each path's pieces concatenated along axis 0 in chunk order; attrs from the first
         piece, group attrs from the first chunk that has the group. Top-level names in
         `skip` (per-chunk bookkeeping) are left out."""
-        names = self.chunks() if names is None else names
+        names = self._files() if names is None else names
+        for name in names:  # never a virtual dataset over bytes that changed since they were written
+            why = damage(self.path / name)
+            if why:
+                remove_checked(self.path / name)
+                raise StorageError(f"{self.path / name} changed after it was written ({why}): it is removed; "
+                                   f"run the same command again to compute it again")
         pieces: dict[str, list] = {}
         attrs: dict[str, dict] = {}
         for name in names:
@@ -654,8 +823,21 @@ def _compressed(d: h5py.Dataset) -> bool:
     return d.compression is not None
 
 
+def verify_all(run_dir: Path) -> list[str]:
+    """'<file>: <why>' for every file under the run directory's parts/ whose checksum does
+    not hold (or whose checksum outlived it); reads every byte once."""
+    found = []
+    for side in sorted(Path(run_dir, PARTS_DIR).rglob(f".*{SUM_SUFFIX}")):
+        path = side.with_name(side.name[1:-len(SUM_SUFFIX)])
+        why = damage(path)
+        if why:
+            found.append(f"{path}: {why}")
+    return found
+
+
 def main(argv=None) -> None:
-    """python -m pipeline.store pack RUN_DIR OUT.h5: one self-contained copy of a run's results."""
+    """python -m pipeline.store pack RUN_DIR OUT.h5: one self-contained copy of a run's results.
+    python -m pipeline.store verify RUN_DIR: read every part, chunk and checkpoint and check its checksum."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.store", description=main.__doc__)
@@ -663,10 +845,21 @@ def main(argv=None) -> None:
     p = sub.add_parser("pack", help="write every dataset results.h5 shows into one file")
     p.add_argument("run_dir", type=Path)
     p.add_argument("out", type=Path)
+    v = sub.add_parser("verify", help="read every part, chunk and checkpoint and check its checksum")
+    v.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
     try:
         store = Store(args.run_dir)
         store.open().close()  # a missing or foreign run directory is one line
+        if args.command == "verify":
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+            damaged = verify_all(store.run_dir)
+            for line in damaged:
+                logger.error("damaged: %s", line)
+            if damaged:
+                raise SystemExit(2)
+            logger.info("%s: every checksum holds", store.run_dir)
+            return
         pack(store.index, args.out)
     except PipelineError as err:
         raise SystemExit(f"error: {err}") from None

@@ -24,6 +24,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.store import replacing
+
 logger = logging.getLogger(__name__)
 
 A4 = (8.27, 11.69)  # inches, portrait
@@ -175,7 +177,7 @@ def write_book(book: Book, path: Path) -> int:
     if _config_pages(book.config):
         contents.append(("Configuration", page))
     total = page_count(book)
-    with PdfPages(path) as pdf, tqdm(total=total, desc="pdf book", unit="page") as bar:
+    with replacing(path) as tmp, PdfPages(tmp) as pdf, tqdm(total=total, desc="pdf book", unit="page") as bar:
         info = pdf.infodict()
         info["Title"] = f"{book.title}: channel report"
         info["Creator"] = "cnn-lens"

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.store import replacing
+
 EMPTY_GREY = 128  # an empty slot
 BACKGROUND = 255  # the lines between patches
 DPI = 150  # of composed sheets: text sizes are set in pixels through it
@@ -154,7 +156,8 @@ def write_png(path: Path, image: np.ndarray) -> None:
     # low zlib effort: sheets are mostly photo pixels, higher levels cost seconds for little
     from PIL import Image
 
-    Image.fromarray(image).save(path, format="PNG", compress_level=1, dpi=(DPI, DPI))
+    with replacing(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", compress_level=1, dpi=(DPI, DPI))
 
 
 
@@ -162,6 +165,6 @@ def save_figure(fig, path: Path, dpi: int) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, facecolor="white")
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, facecolor="white")
     return path

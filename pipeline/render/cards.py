@@ -43,7 +43,7 @@ from pipeline.render.patches import layer_patches
 from pipeline.render.results import LayerInfo, as_str, fmt
 from pipeline.spectrum import GAMMA, MIN_ABS
 from pipeline.names import shown
-from pipeline.store import read_paths, stored_name
+from pipeline.store import read_paths, replacing, stored_name
 
 logger = logging.getLogger(__name__)
 
@@ -1044,7 +1044,8 @@ def png_bytes(image: np.ndarray, dpi: float | None = None, level: int = 1) -> by
 
 
 def write_png(path: Path, image: np.ndarray, dpi: float | None = None) -> Path:
-    Path(path).write_bytes(png_bytes(image, dpi))
+    with replacing(path) as tmp:
+        tmp.write_bytes(png_bytes(image, dpi))
     return Path(path)
 
 
@@ -1053,7 +1054,8 @@ def _save_png(path: Path, image: np.ndarray) -> Path:
 
 
 def _save_jpg(path: Path, image: np.ndarray) -> Path:
-    Image.fromarray(image).save(path, format="JPEG", quality=THUMB_QUALITY)
+    with replacing(path) as tmp:
+        Image.fromarray(image).save(tmp, format="JPEG", quality=THUMB_QUALITY)
     return path
 
 

@@ -14,6 +14,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pipeline.store import replacing
+
 ALPHA = 0.4  # heatmap opacity over the photo
 CMAP = "jet"
 BLANK_GREY = 0.85  # tiles of channels that carry nothing
@@ -191,9 +193,9 @@ def image_figure(image: np.ndarray, title: str, note: str = "", min_width: int =
 def save(fig: Figure, path: Path) -> Path:
     """Render a figure to PNG with the Agg canvas."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=DPI, facecolor="white")
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, facecolor="white")
     return path
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline.render.results import as_str
 from pipeline.names import shown
-from pipeline.store import read_strings, stored_name
+from pipeline.store import read_strings, replacing, stored_name
 
 logger = logging.getLogger(__name__)
 
@@ -185,8 +185,8 @@ def _save(fig, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=fig.dpi, facecolor="white")
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=fig.dpi, facecolor="white")
     return path
 
 
@@ -295,7 +295,8 @@ def render_filter_sheets(results_path: Path, out_dir: Path, bgr: bool | None = N
                        for l, k, v, s in zip(read_strings(t["layer"]), read_strings(t["kind"]),
                                              read_strings(t["variable"]), t["shape"][()])]
             path = out_dir / "kernels.txt"
-            path.write_text(kernel_table_text(kernels) + "\n")
+            with replacing(path) as tmp:
+                tmp.write_text(kernel_table_text(kernels) + "\n")
             written.append(path)
             first = kernels[0].layer if kernels else None
         else:
@@ -308,7 +309,8 @@ def render_filter_sheets(results_path: Path, out_dir: Path, bgr: bool | None = N
                 written += weight_sheets(g, out_dir, as_str(g.attrs.get("name", "")) == first, bgr)
             if "patterns" in g and g["computed"][()].any():
                 path = out_dir / f"patterns_{key}.png"
-                Image.fromarray(pattern_sheet(g, root.attrs)).save(path, compress_level=1)
+                with replacing(path) as tmp:
+                    Image.fromarray(pattern_sheet(g, root.attrs)).save(tmp, compress_level=1)
                 written.append(path)
     logger.info("filter sheets: %d file(s) in %s", len(written), out_dir)
     return written

@@ -44,6 +44,7 @@ from pipeline.render.draw import CAM_TITLES
 from pipeline.names import shown
 from pipeline.store import read_paths
 from pipeline.render.sheets import MAX_SLOTS, compose_sheet, selectivity_figure, sparsity_figure
+from pipeline.store import replacing
 
 logger = logging.getLogger(__name__)
 
@@ -191,8 +192,8 @@ def _preview(image: np.ndarray, path: Path) -> Path:
     if f > 1:  # whole-factor box average (integer sums of strided views)
         h2, w2 = h // f, w // f
         image = resize_patches(image[None, :h2 * f, :w2 * f], (h2, w2))[0]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, format="JPEG", quality=85)
+    with replacing(path) as tmp:
+        Image.fromarray(image).save(tmp, format="JPEG", quality=85)
     return path
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from pipeline.names import readable, shown
+from pipeline.store import replacing
 
 REPORT_DIR = "report"
 
@@ -494,11 +495,13 @@ def write_site(site: Site, out_dir: Path) -> list[Path]:
         page = _page(f"{esc(layer.name)} &ndash; {esc(site.title)}", _layer_body(site, layer, i, out_dir),
                      _data_json(site, out_dir, page_dir, layer.stored), bar, example)
         path = page_dir / layer.page_name
-        path.write_text(page, encoding="utf-8")
+        with replacing(path) as tmp:
+            tmp.write_text(page, encoding="utf-8")
         written.append(path)
     bar = f"<strong>{esc(site.title)}</strong>"
     index = out_dir / "index.html"
-    index.write_text(_page(f"{esc(site.title)} &ndash; channel report", _index_body(site, out_dir),
-                           _data_json(site, out_dir, out_dir, None), bar, example), encoding="utf-8")
+    with replacing(index) as tmp:
+        tmp.write_text(_page(f"{esc(site.title)} &ndash; channel report", _index_body(site, out_dir),
+                             _data_json(site, out_dir, out_dir, None), bar, example), encoding="utf-8")
     written.append(index)
     return written

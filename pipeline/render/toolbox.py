@@ -37,7 +37,7 @@ from pipeline.render.canvas import EMPTY_GREY, resize_patches
 from pipeline.render.patches import layer_patches
 from pipeline.render.results import as_str
 from pipeline.names import shown
-from pipeline.store import read_paths
+from pipeline.store import read_paths, replacing
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +117,9 @@ def info_text(value, image, label, y, x, paths, is_conv: bool) -> str:
 def save_jpeg(path: Path, image: np.ndarray) -> None:
     """A JPEG; one-channel images (grey models) as grey JPEGs. Colour at full resolution
     (no 4:2:0 subsampling): the patches are a few dozen pixels a side."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, quality=JPEG_QUALITY,
-                                                                           subsampling=0)
+    with replacing(path) as tmp:
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, quality=JPEG_QUALITY,
+                                                                              subsampling=0)
 
 
 def top9_montages(g: h5py.Group, name: str, valid: np.ndarray, c0: int, c1: int) -> np.ndarray:
@@ -159,7 +159,8 @@ def write_layer(f: h5py.File, key: str, out_dir: Path, paths: list[str], labels:
     for c in range(image.shape[0]):
         unit = out_dir / key / f"unit_{c:04d}"
         unit.mkdir(parents=True, exist_ok=True)
-        (unit / "info.txt").write_text(info_text(value[c], image[c], labels, y[c], x[c], paths, h * w > 1))
+        with replacing(unit / "info.txt") as tmp:
+            tmp.write_text(info_text(value[c], image[c], labels, y[c], x[c], paths, h * w > 1))
     return written + image.shape[0]
 
 
@@ -224,5 +225,6 @@ def write_toolbox(results_path: Path, out_dir: Path) -> int:
             written += write_layer(f, key, out_dir, paths, labels)
     written += len(write_regularized_opt(results_path, out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "settings_local.py").write_text(settings_text(out_dir, layers, names))
+    with replacing(out_dir / "settings_local.py") as tmp:
+        tmp.write_text(settings_text(out_dir, layers, names))
     return written + 1

@@ -19,6 +19,7 @@ from pipeline.render.canvas import (
     montage,
     resize_patches,
 )
+from pipeline.store import replacing
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,7 @@ def draw_training_curve(history: dict, snapshots: list[int], path: Path, title: 
     if title:
         fig.suptitle(title, fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=200)
-    fig.savefig(path.with_suffix(".pdf"))
+    save_png_pdf(fig, path)
 
 
 def display_size(hw: tuple[int, int], target: int) -> tuple[int, int]:
@@ -139,8 +139,7 @@ def draw_change(epochs, changes: dict[str, np.ndarray], path: Path, images: int,
     ax.spines[["top", "right"]].set_visible(False)
     ax.legend(frameon=False, fontsize=8, loc="upper right", title="layer (mean, IQR)", title_fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=200)
-    fig.savefig(path.with_suffix(".pdf"))
+    save_png_pdf(fig, path)
 
 
 def draw_invariance(curves, grids, names, ids, targets, target_is_label, class_names, path: Path,
@@ -203,8 +202,7 @@ def draw_invariance(curves, grids, names, ids, targets, target_is_label, class_n
     if model_name:
         fig.suptitle(f"Invariance of {model_name}", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=200)
-    fig.savefig(path.with_suffix(".pdf"))
+    save_png_pdf(fig, path)
 
 
 def draw_correspondence(parts, layers, scores, random_scores, path: Path, images: int) -> None:
@@ -233,5 +231,11 @@ def draw_correspondence(parts, layers, scores, random_scores, path: Path, images
     ax.grid(axis="y", alpha=0.25, lw=0.6)
     ax.legend(frameon=False, fontsize=7, ncol=2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=200)
-    fig.savefig(path.with_suffix(".pdf"))
+    save_png_pdf(fig, path)
+
+
+def save_png_pdf(fig, path: Path) -> None:
+    """The figure as `path` (PNG) and beside it as PDF, each renamed into place when complete."""
+    for target, options in ((path, dict(dpi=200)), (path.with_suffix(".pdf"), {})):
+        with replacing(target) as tmp:
+            fig.savefig(tmp, **options)

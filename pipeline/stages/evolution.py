@@ -32,7 +32,7 @@ from pipeline.models.sources import (
 )
 from pipeline.models.sources import own_snapshots as DEPENDS  # noqa: F401,N812 (read by the runner)
 from pipeline.render.training import compose_evolution_sheet, draw_change
-from pipeline.store import Store
+from pipeline.store import Store, remove_checked, replacing
 
 logger = logging.getLogger(__name__)
 
@@ -187,11 +187,11 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
             layer.patches[:, rows, :p], layer.image[:, rows, :p] >= 0, epochs, rows, layer.name,
             f"top-{p} patch{'es' if p > 1 else ''} of {len(rows)} channels over {count} images, per snapshot")
         path = run_dir / SHEET_DIR / f"{key_of[layer.name]}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(sheet).save(path, format="PNG", compress_level=1, dpi=(150, 150))
+        with replacing(path) as tmp:
+            Image.fromarray(sheet).save(tmp, format="PNG", compress_level=1, dpi=(150, 150))
     if len(epochs) > 1:
         draw_change(epochs, changes, run_dir / SHEET_DIR / CHANGE_FIGURE, count, int(cfg.topk))
-    state.unlink(missing_ok=True)
+    remove_checked(state)
     logger.info("evolution sheets in %s", run_dir / SHEET_DIR)
 
 

@@ -39,6 +39,7 @@ def shard_stores(patterns) -> list[Store]:
     for shard in found:
         if "scan" not in shard.stages_done():
             raise PipelineError(f"{shard.run_dir} holds no finished scan: run or resume that shard first")
+        shard.check(repair=False)  # the parts a merge reads hold the bytes their shard wrote
     return found
 
 

@@ -20,7 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.names import shown
 from pipeline.scan_io import (SCAN_KEYS, SCAN_PART, SHARED_KEYS, STATE, class_count, exemplar_classes,
                               labelled_counts, scan_images, write_errors, write_layers)
-from pipeline.store import Store, fingerprint
+from pipeline.store import Store, fingerprint, remove_checked
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         for key, name, _, _ in layers:
             if name in original:  # renamed for TensorFlow: the model's own name, for the record
                 f[f"layers/{key}"].attrs["keras_name"] = original[name]
-    (work.path / STATE).unlink(missing_ok=True)
+    remove_checked(work.path / STATE)
     elapsed = time.perf_counter() - started
     scanned_now = scanner.images_seen - seen_before
     logger.info("scan finished: %d images scanned, %d skipped as unreadable, %.1f s (%.1f images/s)",
