@@ -16,7 +16,7 @@ process (steadier than images/s on a shared machine) and the ratios. Targets: ph
 scanned >= 2x as fast as the plain loop; ImageNet-like photos no slower than the full
 decode (within 5 %).
 
-    python benchmarks/jpeg_folder.py [--imagenet 160] [--phone 40] [--batch 16] [--rounds 3]
+    python benchmarks/jpeg_folder.py [--imagenet 160] [--phone 40] [--noise 3] [--batch 16] [--rounds 3]
 
 Run it with an older checkout on PYTHONPATH to time that checkout's stream the same way
 (its "scan" then decodes as it did; the toggles of the third side are ignored there).
@@ -72,7 +72,7 @@ def write_imagenet_like(folder: Path, count: int, photos) -> ImageTable:
     return ImageTable(paths, np.full(count, -1, np.int64))
 
 
-def write_phone_photos(folder: Path, count: int, photos) -> ImageTable:
+def write_phone_photos(folder: Path, count: int, photos, noise: float = 3.0) -> ImageTable:
     """4000x3000 photos: a sample photo enlarged, with sensor-like noise so the files
     have a phone photo's detail (2-4 MB each); every third one stored turned a quarter,
     EXIF orientation 6."""
@@ -82,7 +82,7 @@ def write_phone_photos(folder: Path, count: int, photos) -> ImageTable:
     paths = []
     for i in range(count):
         photo = Image.fromarray(photos[i % len(photos)]).resize((4000, 3000), Image.BICUBIC)
-        noisy = np.asarray(photo, np.int16) + rng.normal(0, 3, (3000, 4000, 1)).astype(np.int16)
+        noisy = np.asarray(photo, np.int16) + rng.normal(0, noise, (3000, 4000, 1)).astype(np.int16)
         photo = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
         path = folder / f"{i:05d}.jpg"
         if i % 3 == 2:
@@ -158,6 +158,9 @@ def main() -> None:
     parser.add_argument("--phone", type=int, default=40, help="12-megapixel files (0: none)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    # the entropy decoding that no DCT scale skips grows with the noise: 0 gives about 1 MB
+    # files (an enlarged photo, smooth), 3 about 2-4 MB (a phone's sensor noise)
+    parser.add_argument("--noise", type=float, default=3.0, help="sensor noise of the phone photos (grey levels)")
     args = parser.parse_args()
     model = tiny_model()
     photos = sample_photos()
@@ -167,7 +170,8 @@ def main() -> None:
             if count:
                 folder = Path(tmp) / name.split()[0]
                 folder.mkdir()
-                measure(name, write(folder, count, photos), args, model)
+                extra = {"noise": args.noise} if write is write_phone_photos else {}
+                measure(name, write(folder, count, photos, **extra), args, model)
 
 
 if __name__ == "__main__":
