@@ -387,3 +387,21 @@ def test_table_rows_show_every_filled_entry(rendered, results):
         index = ImageIndex.read(f)
     assert [index.label(i) for i in range(6)] == ["cat", "dog", "cat", "dog", "cat", "\u2013"]
     assert index.file(1) == "img1.png"
+
+
+def test_table_values_are_each_units_own(rendered):
+    # each row's value cell must hold exactly the text of that unit's own top-k value: drawn
+    # here on a blank card and compared pixel for pixel (a card showing unit c-1's values fails)
+    files, lc = rendered
+    cols = lc._columns()
+    for u in range(C):
+        card = load(files.cards[u])
+        for r in range(K):
+            if lc.image[u, r] < 0:
+                continue
+            y = lc.layout.table_y + (r + 1) * cards.ROW_H
+            expected = np.full_like(card, cards.CARD_BG)
+            draw_text(expected, cards._fmt_value(float(lc.value[u, r])), cols[1], y, 11)
+            band = np.s_[y:y + cards.ROW_H, cols[1]:cols[2]]
+            assert (expected[band] < 128).any()
+            np.testing.assert_array_equal(card[band], expected[band], err_msg=f"unit {u} rank {r + 1}")
