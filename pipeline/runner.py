@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ logger = logging.getLogger(__name__)
 def run(cfg, run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     check_config(cfg)
+    absolute_paths(cfg)
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise PipelineError(f"unknown stage(s) {', '.join(map(str, unknown))}: "
@@ -65,6 +67,24 @@ def run(cfg, run_dir: Path) -> Path:
                 store.finish(stage, stage_print, depends_on(module, cfg))
             logger.info("stage %s done in %.1f s", stage, time.perf_counter() - started)
     return run_dir / RESULTS_FILE
+
+
+# the users' files a run records: stored absolute, so a viewer or report started from
+# another folder still finds them
+PATH_KEYS = ("model.path", "model.weights_path", "model.run_dir", "dataset.path")
+
+
+def absolute_paths(cfg) -> None:
+    """Make the recorded file paths of `cfg` absolute (and '~' expanded), in place."""
+    from omegaconf import OmegaConf
+
+    keys = PATH_KEYS
+    if OmegaConf.select(cfg, "model.weights") not in (None, "", "imagenet"):  # keras_app: a local weights file
+        keys += ("model.weights",)
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and value:
+            OmegaConf.update(cfg, key, os.path.abspath(os.path.expanduser(value)))
 
 
 def depends_on(module, cfg) -> tuple[str, ...]:

@@ -141,3 +141,34 @@ def test_multirun_sweep_writes_one_directory_per_job(tmp_path, tiny_file, photo_
     with h5py.File(sweep / "0" / "results.h5", "r") as f0, h5py.File(sweep / "1" / "results.h5", "r") as f1:
         assert list(f0["layers"]) == ["relu1"] and list(f1["layers"]) == ["relu2"]
         assert np.array_equal(f0["images/ok"][()], f1["images/ok"][()])
+
+
+@pytest.mark.slow
+def test_relative_paths_are_recorded_absolute(tmp_path, photo_folder, monkeypatch):
+    # the README's `model.path=fmnist.keras`, given relative in one folder: a viewer started
+    # from another folder must still find the model and the images
+    from omegaconf import OmegaConf
+
+    from pipeline.models.sources import load_model
+    from pipeline.store import read_paths
+    from pipeline.viewer.session import RunView
+
+    work = tmp_path / "work"
+    work.mkdir()
+    tiny_model(work / "tiny.keras")
+    os.rename(photo_folder, work / "photos")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), "model=file", "model.path=tiny.keras",
+                           "dataset=folder", "dataset.path=photos", "layers=[relu2]", "stages=[scan,crop]",
+                           "hydra.run.dir=run"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    view = RunView(work / "run")
+    cfg = OmegaConf.create(view.config)
+    assert cfg.model.path == str(work / "tiny.keras") and cfg.dataset.path == str(work / "photos")
+    assert load_model(cfg.model).model.name == "tiny"
+    with h5py.File(work / "run" / "results.h5", "r") as f:
+        paths = read_paths(f["images"])
+    assert paths and all(os.path.isabs(p) and os.path.exists(p) for p in paths)
