@@ -503,6 +503,19 @@ def is_capped(model: keras.Model, layer: str) -> bool:
     return _activation(model, layer)[1]
 
 
+def has_capped_relu(model: keras.Model) -> bool:
+    """Whether any activation of `model` is a ReLU with a ceiling (ReLU(max_value), relu6)."""
+    from pipeline.graph import flat_layers
+
+    for node in flat_layers(model):
+        op = node.layer
+        if isinstance(op, keras.layers.ReLU) and op.max_value is not None:
+            return True
+        if getattr(getattr(op, "activation", None), "__name__", "") == "relu6":  # Activation or a conv's own
+            return True
+    return False
+
+
 def _activation(model: keras.Model, layer: str) -> tuple[str | None, bool]:
     from pipeline.graph import flat_layers
 

@@ -405,3 +405,36 @@ def test_table_values_are_each_units_own(rendered):
             band = np.s_[y:y + cards.ROW_H, cols[1]:cols[2]]
             assert (expected[band] < 128).any()
             np.testing.assert_array_equal(card[band], expected[band], err_msg=f"unit {u} rank {r + 1}")
+
+
+def _drawn_lines(card, lines, y0, size, color=cards.INK, x=cards.MARGIN, step=cards.LINE_H):
+    """The card's rows y0.. next to the same lines drawn on a blank card."""
+    expected = np.full_like(card, cards.CARD_BG)
+    for i, line in enumerate(lines):
+        draw_text(expected, line, x, y0 + i * step, size, color)
+    band = np.s_[y0:y0 + len(lines) * step]
+    return card[band], expected[band]
+
+
+def test_quantile_line_shows_every_quantile(rendered):
+    files, lc = rendered
+    levels = np.array([0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99])
+    wide = np.array([-2.45e4, 0.664, 0.764, 0.879, 1.02, 12345.6, 98765.4])
+    lines = cards.quantile_lines(levels, wide, 520)  # the narrowest card: 4 cells of 120 px
+    assert len(lines) == 2 and all(cards.font(12).width(line) <= 520 for line in lines)
+    assert lines[1].split(" / ")[-1] == "9.88e+04" and "99 %" in lines[0]  # the 90 and 99 % values kept
+    width = lc.layout.width - 2 * cards.MARGIN
+    for u in (0, 4):
+        card = load(files.cards[u])
+        want = cards.quantile_lines(levels, lc.stats["quantiles"][u], width)
+        assert want[-1].endswith(cards._fmt_value(2.0))
+        got, expected = _drawn_lines(card, want, lc.layout.stats_y + cards.LINE_H, 12)
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_card_header_says_which_scanned_layer_it_is(rendered):
+    files, lc = rendered
+    card = load(files.cards[0])
+    sub = "output 8\u00d78\u00d75 \u00b7 receptive field 6\u00d76 px, stride 2\u00d72 \u00b7 scanned layer 1 of 1"
+    got, expected = _drawn_lines(card, [sub], 32, 12, cards.MUTED, step=16)
+    np.testing.assert_array_equal(got, expected)

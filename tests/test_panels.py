@@ -215,3 +215,30 @@ def test_a_new_scan_invalidates_the_panels(setup, full_run, tmp_path):
     run(rescan, results.parent)
     done = Store(results.parent).stages_done()
     assert "panels" not in done and "scan" in done and not (results.parent / "parts" / "panels.h5").exists()
+
+
+def test_zero_panel_log_names_relu6_only_where_the_model_has_one(caplog):
+    import logging
+
+    from pipeline.patterns import has_capped_relu
+    from pipeline.stages.panels import _log_counts
+
+    def net(*activations):
+        inp = keras.Input((8, 8, 3))
+        x = inp
+        for i, act in enumerate(activations):
+            x = keras.layers.Conv2D(2, 3, name=f"c{i}", activation=act if isinstance(act, str) else None)(x)
+            if not isinstance(act, str):
+                x = act(x)
+        return keras.Model(inp, x)
+
+    assert not has_capped_relu(net(keras.layers.ReLU(), "relu"))
+    assert has_capped_relu(net(keras.layers.ReLU(), keras.layers.ReLU(max_value=6.0)))
+    assert has_capped_relu(net("relu", "relu6"))
+    counts = {"missing": 0, "tiny": 0, "huge": 0, "empty guided": 3}
+    with caplog.at_level(logging.INFO, logger="pipeline.stages.panels"):
+        _log_counts({"relu2": counts}, capped=False)
+        _log_counts({"relu2": counts}, capped=True)
+    plain, capped = [r.getMessage() for r in caplog.records]
+    assert "3 guided panel(s) are all zero" in plain and "ReLU6" not in plain
+    assert "clipped by a ReLU6" in capped

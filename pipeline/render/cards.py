@@ -345,6 +345,17 @@ def spectrum_bars(counts: np.ndarray, height: int, width: int) -> tuple[np.ndarr
     return mask, lo, hi
 
 
+def quantile_lines(levels: np.ndarray, values: np.ndarray, width: int) -> list[str]:
+    """The quantiles of a unit's per-image maxima in one line of 12 px text, or in two
+    (levels, then values) where one would be wider than `width`: no value is cut off."""
+    pct = "/".join(f"{100 * lv:g}" for lv in levels)
+    text = " / ".join(_fmt_value(float(v)) for v in values)
+    line = f"per-image max, quantiles {pct} %: {text}"
+    if font(12).width(line) <= width:
+        return [line]
+    return [f"per-image max, quantiles {pct} %:", "    " + text]
+
+
 def _fmt_value(v: float) -> str:
     if not np.isfinite(v):
         return "\u2013"
@@ -673,6 +684,7 @@ class LayerCards:
     classes: "UnitClasses | None" = None
     ablation: "UnitAblation | None" = None
     exemplars: "Exemplars | None" = None
+    scanned: int = 1  # how many layers the run scanned (info.depth counts these, in network order)
 
     @classmethod
     def read(cls, f: h5py.File, info: LayerInfo, images: ImageIndex) -> "LayerCards":
@@ -759,7 +771,7 @@ class LayerCards:
             absent.append("activation spectrum")
         classes = UnitClasses.read(g)
         ablation = UnitAblation.read(f, info.stored)
-        stats_lines = 2 + (weights is not None) + (pattern_value is not None) + (classes is not None) + \
+        stats_lines = 3 + (weights is not None) + (pattern_value is not None) + (classes is not None) + \
             (ablation is not None)
         ph, pw = patch_px(patch_hw)
         width = 2 * MARGIN + COLS * max(3 * max(ph, pw) + 2 * THIN, 120) + (COLS - 1) * GAP
@@ -774,7 +786,7 @@ class LayerCards:
                    spectrum=spectrum, spectrum_x=spectrum_x, panel_methods=methods, pattern_rows=pattern_rows,
                    pattern_ds=pattern_ds, pattern_value=pattern_value, pattern_objective=objective,
                    weights=weights, layout=layout, absent=absent, classes=classes, ablation=ablation,
-                   exemplars=exemplars)
+                   exemplars=exemplars, scanned=len(f["layers"]))
 
     # ------------------------------------------------------------------ composing
 
@@ -792,7 +804,7 @@ class LayerCards:
             canvas[y0:y0 + h + 2, x0 + w + 1] = BORDER
         info = self.info
         sub = (f"output {fmt(info.shape)} \u00b7 receptive field {fmt(info.rf_size)} px, stride "
-               f"{fmt(info.rf_stride)} \u00b7 depth {info.depth}")
+               f"{fmt(info.rf_stride)} \u00b7 scanned layer {info.depth + 1} of {self.scanned}")
         draw_text(canvas, sub, MARGIN, 32, 12, MUTED, max_width=lay.width - 2 * MARGIN)
         if lay.k:
             self._table_header(canvas, lay.table_y, f"top {min(self.k, 9)} of {self.k}" if self.k > 9
@@ -933,13 +945,12 @@ class LayerCards:
         y += LINE_H
         q, levels = st.get("quantiles"), self.quantile_levels
         if q is not None and levels is not None:
-            pct = "/".join(f"{100 * lv:g}" for lv in levels)
-            text = " / ".join(_fmt_value(float(v)) for v in q[c])
-            draw_text(card, f"per-image max, quantiles {pct} %: {text}", MARGIN, y, 12, INK,
-                      max_width=lay.width - 2 * MARGIN)
+            for line in quantile_lines(levels, q[c], lay.width - 2 * MARGIN):
+                draw_text(card, line, MARGIN, y, 12, INK, max_width=lay.width - 2 * MARGIN)
+                y += LINE_H
         else:
             draw_text(card, "per-image maximum: no quantiles stored", MARGIN, y, 12, MUTED)
-        y += LINE_H
+            y += LINE_H
         w = self.weights
         if w is not None:
             raw = w.kernel[..., c]

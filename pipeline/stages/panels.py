@@ -66,6 +66,7 @@ class _Layer:
 def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline.backprop import METHODS
     from pipeline.models.sources import load_model
+    from pipeline.patterns import has_capped_relu
 
     store = Store(run_dir)
     if "scan" not in store.stages_done():
@@ -129,7 +130,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
             for key, value in counts.items():
                 stats.setdefault(layer.name, {}).setdefault(key, 0)
                 stats[layer.name][key] += value
-    _log_counts(stats)
+    _log_counts(stats, has_capped_relu(bundle.model))
     with store.write(PART) as f:
         work.assemble(f)
 
@@ -271,15 +272,17 @@ class Projector:
         return maps.numpy(), values.numpy()
 
 
-def _log_counts(stats: dict[str, dict[str, int]]) -> None:
+def _log_counts(stats: dict[str, dict[str, int]], capped: bool) -> None:
+    """Log the stage's panel counts; `capped`: the model has a ReLU with a ceiling (ReLU6)."""
+    why = "the unit is inactive, or clipped by a ReLU6" if capped else "the unit is inactive there"
     for name, counts in stats.items():
         if counts["missing"]:
             logger.warning("layer %s: %d panel(s) left zero, their images could not be read again",
                            name, counts["missing"])
         for key, count in counts.items():
             if key.startswith("empty ") and count:
-                logger.info("layer %s: %d %s panel(s) are all zero (the unit is inactive, or clipped by a "
-                            "ReLU6, where only deconv passes a signal)", name, count, key[6:])
+                logger.info("layer %s: %d %s panel(s) are all zero (%s, where only deconv passes a signal)",
+                            name, count, key[6:], why)
         if counts["tiny"]:
             logger.warning("layer %s: %d panel(s) peak below %.1e and lose precision as float16",
                            name, counts["tiny"], FLOAT16_TINY)
