@@ -102,6 +102,7 @@ class Scanner:
                                  for n in ("value", "image", "pos")})
         self._vars = {name: tf.Variable(value) for name, value in self._initial().items()}
         self.images_seen = 0
+        self.images_resumed = 0  # of images_seen, those a checkpoint brought (scanned by an earlier process)
         # one trace for every batch size (the last batch too), and no per-call retracing check
         self._step = tf.function(self._update, input_signature=[
             tf.TensorSpec((None, *spec.size, spec.channels), tf.uint8), tf.TensorSpec((None,), tf.int64),
@@ -116,7 +117,7 @@ class Scanner:
         """Back to the empty state (keeps the traced update function)."""
         for name, value in self._initial().items():
             self._vars[name].assign(value)
-        self.images_seen = 0
+        self.images_seen = self.images_resumed = 0
 
     def _update(self, pixels, ids, labels):
         outputs = self.model(normalize(pixels, self.spec.normalize), training=False)
@@ -187,7 +188,7 @@ class Scanner:
     def load_state(self, state: list[dict[str, np.ndarray]], images_seen: int) -> None:
         for name, var in self._vars.items():
             var.assign(np.concatenate([layer[name] for layer in state], axis=0))
-        self.images_seen = images_seen
+        self.images_seen = self.images_resumed = images_seen
 
     def results(self, state: list[dict[str, np.ndarray]] | None = None) -> list[tuple[TopK, ChannelStats]]:
         """Top-k tables and statistics per layer (from `state` when already read)."""

@@ -1,6 +1,7 @@
 """A killed scan resumes to results identical bit for bit; a finished one is not redone."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -88,6 +89,11 @@ def test_killed_scan_resumes_to_identical_results(setup):
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming the scan at image" in done.stdout  # Hydra logs to stdout
+    # the rate counts the images this process scanned, not those the checkpoint brought
+    already = int(re.search(r"resuming the scan at image \d+ of \d+ \((\d+) images already", done.stdout)[1])
+    finished = re.search(r"scan finished: (\d+) images scanned \((\d+) by this process", done.stdout)
+    total, now = int(finished[1]), int(finished[2])
+    assert already > 0 and now == total - already
 
     reference, resumed = _arrays(tmp / "reference" / "results.h5"), _arrays(run_dir / "results.h5")
     assert set(reference) == set(resumed)

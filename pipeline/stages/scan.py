@@ -69,7 +69,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     work = store.work("scan", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
     logger.info("scanning %d images through %d layers of %s (%d channels)", len(ids), len(names),
                 bundle.name, sum(shape[-1] for shape in scanner.map_shapes))
-    started, seen_before = time.perf_counter(), scanner.images_seen
+    started = time.perf_counter()
     errors = scan_images(scanner, table, bundle.preprocessing, cfg.batch_size, ids, work.path / STATE,
                          cfg.checkpoint, "scan")
     scanned = np.zeros(len(table), bool)
@@ -98,8 +98,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                 f[f"layers/{key}"].attrs["keras_name"] = original[name]
     remove_checked(work.path / STATE)
     elapsed = time.perf_counter() - started
-    scanned_now = scanner.images_seen - seen_before
-    logger.info("scan finished: %d images scanned, %d skipped as unreadable, %.1f s (%.1f images/s)",
-                scanner.images_seen, len(errors), elapsed, scanned_now / max(elapsed, 1e-9))
+    scanned_now = scanner.images_seen - scanner.images_resumed  # a resumed scan's rate: this process's images
+    logger.info("scan finished: %d images scanned (%d by this process, %.1f s, %.1f images/s), %d skipped as "
+                "unreadable", scanner.images_seen, scanned_now, elapsed, scanned_now / max(elapsed, 1e-9), len(errors))
 
 
