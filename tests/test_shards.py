@@ -256,3 +256,19 @@ def test_gpus_are_checked_and_never_changed_under_a_running_tensorflow(tmp_path)
     with pytest.raises(PipelineError, match="TensorFlow already runs in this process.*hydra/launcher=shards_gpus"):
         run(compose_cfg(["gpus=[7]", "shard.count=2", "shard.index=1", "stages=[scan]"]), tmp_path / "late")
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == before
+
+
+def test_sweep_summary_names_the_swept_keys_once(tmp_path):
+    from pipeline.sweep import write_summary
+
+    shared = ["model=file", "model.path=/m.keras", "stages=[scan]"]
+    for job, swept in enumerate(["layers=[relu1]", "layers=[relu2]"]):
+        (tmp_path / str(job) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(
+            "\n".join(f"- {item}" for item in [shared[0], swept, *shared[1:]]) + "\n")
+    write_summary(tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert [r["overrides"] for r in rows] == ["layers=[relu1]", "layers=[relu2]"]
+    html = (tmp_path / "summary.html").read_text()
+    assert "<h1>Sweep over layers</h1>" in html and "Sweep sweep" not in html
+    assert html.count("model.path=/m.keras") == 1  # named once, above the table
