@@ -275,7 +275,7 @@ def _window_map(k: int, s: int, d: int, padding: str, n_in: int, n_out: int, nod
     return _AxisMap(k, s, d, pb)
 
 
-def _edges(node, by_name: dict, notes: list[str]) -> list[tuple[str, _AxisMap, _AxisMap, tuple]]:
+def _edges(node, by_name: dict, notes: list[tuple[str, str]]) -> list[tuple[str, _AxisMap, _AxisMap, tuple]]:
     """(source name, row map, col map, source spatial size) for each input that counts."""
     layer = node.layer
     cls = type(layer).__name__
@@ -341,7 +341,8 @@ def _edges(node, by_name: dict, notes: list[str]) -> list[tuple[str, _AxisMap, _
         axes = getattr(layer, "axis", -1)
         axes = axes if isinstance(axes, (list, tuple)) else [axes]
         if isinstance(layer, _WHOLE_MAP_NORM) or any(a is None or int(a) % 4 != _channel_axis(fmt) for a in axes):
-            notes.append(f"{node.name} ({cls}) normalises with statistics of the whole map; they are left out")
+            notes.append((WHOLE_MAP_NOTE, f"{node.name} ({cls}) normalises with statistics of the whole map; "
+                                          f"they are left out"))
         return [(src, _IDENTITY, _IDENTITY, in_hw)]
     if isinstance(layer, _WINDOWED):
         src, in_hw = single()
@@ -391,7 +392,7 @@ def _edges(node, by_name: dict, notes: list[str]) -> list[tuple[str, _AxisMap, _
         if in_hw == out_hw:
             edges.append((src, _IDENTITY, _IDENTITY, in_hw))
         elif merge and out_hw != (1, 1) and (in_hw is None or in_hw == (1, 1)):
-            notes.append(f"{node.name} ignores the input {src!r} broadcast from a 1x1 map")
+            notes.append((BROADCAST_NOTE, f"{node.name} ignores the input {src!r} broadcast from a 1x1 map"))
         else:
             raise _Unmappable(node, f"combines maps of size {in_hw} into {out_hw}")
     if not edges:
@@ -444,7 +445,7 @@ def _propagate(nodes, by_name, target, out_hw, image, in_hw) -> Geometry:
         state[target.name] = (_start(out_hw[0]), _start(out_hw[1]))
     edges_of: dict[str, list] = {}
     bad: list[_Unmappable] = []
-    notes: list[str] = []
+    notes: list[tuple[str, str]] = []  # (kind, text)
 
     for node in reversed(nodes[: index[target.name] + 1]):
         live = node.name in state
@@ -496,10 +497,13 @@ def _propagate(nodes, by_name, target, out_hw, image, in_hw) -> Geometry:
     # a border box mostly out of the frame; keep the whole box inside, on the far side.
     row_off = np.clip(row_off, 0, np.maximum(frame[0] - (rows[:, 1] - rows[:, 0]), 0)).astype(np.int32)
     col_off = np.clip(col_off, 0, np.maximum(frame[1] - (cols[:, 1] - cols[:, 0]), 0)).astype(np.int32)
-    message = "; ".join(dict.fromkeys(notes))
+    details = list(dict.fromkeys(text for _, text in notes))
+    message = "; ".join(details)
     if message:
         message += "; boxes show the local receptive field"
-        log.info("layer %s: %s", target.name, message)
+        log.info("layer %s: %s", target.name, notes_summary(notes))
+        for text in details:
+            log.debug("layer %s: %s", target.name, text)
     return Geometry(rows=rows, cols=cols, row_offset=row_off, col_offset=col_off, frame=frame,
                     rf_size=frame, rf_stride=rf_stride,
                     input_size=in_hw, mappable=True, message=message)
@@ -528,6 +532,27 @@ def _image_input(model, nodes) -> tuple[graph.FlatNode, tuple[int, int]]:
                 "set model.input_size so receptive fields can be computed")
         return node, (int(hw[0]), int(hw[1]))
     raise PipelineError(f"model {model.name!r} has no image input (no input with shape H, W, C)")
+
+
+# what a note left out of a receptive field, said once per kind in the log's summary line
+WHOLE_MAP_NOTE = "normalise with statistics of the whole map (left out)"
+BROADCAST_NOTE = "ignore an input broadcast from a 1x1 map (e.g. a squeeze-and-excitation gate)"
+
+
+def notes_summary(notes: list[tuple[str, str]]) -> str:
+    """One short line for the notes of a layer's receptive field: a count per kind (the first
+    layer named), the note itself where it is the only one of its kind."""
+    by_kind: dict[str, list[str]] = {}
+    for kind, text in dict.fromkeys(notes):
+        by_kind.setdefault(kind, []).append(text)
+    parts = []
+    for kind, texts in by_kind.items():
+        if len(texts) == 1:
+            parts.append(texts[0])
+        else:
+            parts.append(f"{len(texts)} layers {kind}, such as {texts[0].split(' ', 1)[0]}")
+    extra = " (each at debug level)" if any(len(t) > 1 for t in by_kind.values()) else ""
+    return "; ".join(parts) + "; boxes show the local receptive field" + extra
 
 
 def _whole_image(out_hw: tuple[int, int], in_hw: tuple[int, int], message: str) -> Geometry:

@@ -8,6 +8,8 @@ geometry's box. The copy runs in float64 so that pixels reached by very few path
 in deep networks do not underflow.
 """
 
+import logging
+
 import keras
 import numpy as np
 import pytest
@@ -479,3 +481,22 @@ def test_nested_application_backbone():
     prefix = backbone.name + "/"
     check_against_oracle(model, [prefix + "block_2_add", prefix + "block_13_pad", "head"],
                          full=False)
+
+
+def test_many_gates_log_one_short_line_and_details_at_debug(caplog):
+    # EfficientNetB0's 16 squeeze-and-excitation gates made a 1,423-character info line
+    x = keras.Input((16, 16, 3))
+    y = x
+    for i in range(12):
+        y = L.Conv2D(4, 3, padding="same", name=f"block{i}_conv")(y)
+        s = L.GlobalAveragePooling2D(keepdims=True, name=f"block{i}_squeeze")(y)
+        s = L.Conv2D(4, 1, activation="sigmoid", name=f"block{i}_excite")(s)
+        y = L.Multiply(name=f"block{i}_gate")([y, s])
+    with caplog.at_level(logging.DEBUG, logger="pipeline.geometry"):
+        geo = layer_geometry(keras.Model(x, y), "block11_gate")
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert len(info) == 1 and len(info[0]) < 250, info
+    assert "12 layers ignore an input broadcast from a 1x1 map" in info[0] and "such as block" in info[0]
+    assert all(any(f"block{i}_gate ignores" in d for d in debug) for i in range(12))
+    assert geo.mappable and geo.message.count("broadcast") == 12  # results.h5 keeps every note
