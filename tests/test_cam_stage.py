@@ -319,3 +319,40 @@ def test_per_image_stages_from_the_command_line(tmp_path, tiny):
         assert set(json.loads(f.attrs["stages_done"])) == {"activations", "cam", "occlusion"}
     proc = run_py(*base, "stages=[cam]", "cam.methods=[gradcam,nope]", f"hydra.run.dir={tmp_path / 'bad'}")
     assert proc.returncode != 0 and "nope" in proc.stderr and not (tmp_path / "bad" / "results.h5").exists()
+
+
+def test_all_zero_gradcam_is_logged_and_marked_on_every_sheet(tmp_path, tiny, caplog):
+    # negative logit weights: every channel weight of Grad-CAM at relu2 is negative, its maps
+    # are exactly zero; the log counts them and each sheet says why instead of a dark overlay
+    import logging
+
+    from matplotlib.text import Text
+
+    from pipeline.render.image_sheet import PerImage, image_sheet
+    from pipeline.render.maps import class_mean_figure
+    from pipeline.render.results import class_namer
+
+    model, base = tiny
+    dense = model.get_layer("logits")
+    kernel, bias = dense.get_weights()
+    dense.set_weights([-np.abs(kernel) - 0.1, bias])
+    model.save(tmp_path / "negative.keras")
+    cfg = compose_cfg(base + [f"model.path={tmp_path / 'negative.keras'}", "stages=[cam]",
+                              "cam.methods=[gradcam,guided_gradcam]", "cam.draw=2"])
+    with caplog.at_level(logging.WARNING, logger="pipeline.stages.cam"):
+        run(cfg, tmp_path / "run")
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        n = len(f["cam/image"])
+        assert not f["cam/gradcam/map"][()].any()
+        lines = [r.getMessage() for r in caplog.records]
+        assert any(line.startswith(f"cam: {n} of {n} Grad-CAM maps are all zero") for line in lines), lines
+        fig, _ = image_sheet(f, PerImage.read(f), int(f["cam/image"][0]), class_namer(f), {"input_size": 24}, 50)
+        notes = [t.get_text() for t in fig.findobj(Text)]
+        assert any(t.startswith("Grad-CAM is zero here") and "see Grad-CAM++" in t for t in notes)
+        assert any(t.startswith("guided Grad-CAM is zero here") for t in notes)
+        cm = f["cam/gradcam/class_mean"]
+        mean = class_mean_figure("gradcam", cm["class"][()], cm["count"][()], cm["map"][()], (24, 24),
+                                 ["a", "b", "c"], "relu2")
+        texts = [t.get_text() for t in mean.findobj(Text)]
+        assert sum("maps\nare zero" in t for t in texts) == len(cm["class"])
+    assert (tmp_path / "run" / "cam" / "class_mean_gradcam.png").exists()

@@ -23,6 +23,29 @@ OUTSIDE_DIM = 0.45  # brightness of photo regions the model did not see
 DPI = 150
 CAM_TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM",
               "guided_gradcam": "guided Grad-CAM"}
+# what an all-zero map means, written on it (else it is a solid dark overlay with no word of why)
+ZERO_CAM_NOTES = {
+    "gradcam": "Grad-CAM is zero here: the channel\nweights make every position negative\n(e.g. every weight is "
+               "negative);\nsee Grad-CAM++",
+    "guided_gradcam": "guided Grad-CAM is zero here:\nGrad-CAM is zero; see Grad-CAM++",
+}
+
+
+def zero_cam_note(method: str, cam: np.ndarray) -> str | None:
+    """The note an all-zero class activation map gets on a sheet, None for a map with signal."""
+    if np.any(cam):
+        return None
+    return ZERO_CAM_NOTES.get(method, f"{CAM_TITLES.get(method, method)} is zero here:\nno position has positive "
+                                      f"evidence")
+
+
+def mark_zero(ax, method: str, cam: np.ndarray, fontsize: float = 5.5) -> bool:
+    """Write zero_cam_note on `ax` when `cam` is all zero; whether it did."""
+    note = zero_cam_note(method, cam)
+    if note is not None:
+        ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", fontsize=fontsize,
+                color="black", bbox=dict(boxstyle="round", facecolor="white", alpha=0.85, linewidth=0))
+    return note is not None
 
 
 def _axis_taps(n_in: int, n_out: int, start: float = 0.0, stop: float | None = None):

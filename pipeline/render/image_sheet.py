@@ -153,6 +153,7 @@ def image_sheet(f: h5py.File, pi: PerImage, image_id: int, names, spec: dict, dp
                 ax.imshow(draw.guided_image(one))
             else:
                 ax.imshow(draw.overlay(grey, one))
+            draw.mark_zero(ax, m, one)
             ax.set_title(f"{CAM_TITLES.get(m, m)}\n{names(cls)[:26]} (logit {score:.2f})", fontsize=7)
             ax.set_axis_off()
         subs[r].suptitle(f"class activation maps at {as_str(g.attrs.get('layer', '?'))}", fontsize=9)

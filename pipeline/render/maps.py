@@ -104,6 +104,7 @@ def cam_sheets(part: Path, out_dir: Path, table: ImageTable, spec, names: list[s
     from matplotlib.figure import Figure
 
     from pipeline.render import draw
+    from pipeline.render.results import as_str
 
     drawn = drawn_maps(part, table, spec, methods, limit, batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,6 +134,7 @@ def cam_sheets(part: Path, out_dir: Path, table: ImageTable, spec, names: list[s
                     axes[r, col].imshow(draw.paste_in_box(photo, draw.guided_image(one), box))
                 else:
                     axes[r, col].imshow(draw.overlay(photo, one, alpha=alpha, box=box))
+                draw.mark_zero(axes[r, col], m, one)
                 if r == 0:
                     axes[r, col].set_title(CAM_TITLES[m], fontsize=8)
         for ax in axes.flat:
@@ -152,25 +154,44 @@ def cam_sheets(part: Path, out_dir: Path, table: ImageTable, spec, names: list[s
                             MIN_CLASS_IMAGES, m)
                 continue
             classes, counts, maps = cm["class"][()][keep], cm["count"][()][keep], cm["map"][()][keep]
-            n = len(maps)
-            cols = min(6, n)
-            grid_rows = math.ceil(n / cols)
-            fig = Figure(figsize=(1.9 * cols, 2.0 * grid_rows + 0.4), dpi=draw.DPI, layout="constrained")
-            axes = fig.subplots(grid_rows, cols, squeeze=False)
-            up, _ = draw.resample(maps, size)
-            image = None
-            for i, ax in enumerate(axes.flat):
-                ax.set_axis_off()
-                if i < n:
-                    image = ax.imshow(up[i], cmap=draw.CMAP, vmin=0.0, vmax=1.0)
-                    ax.set_title(f"{names[int(classes[i])][:24]} (n={int(counts[i])})", fontsize=7)
-            bar = fig.colorbar(image, ax=axes, shrink=0.6)
-            bar.set_label("mean of max-normalised maps", fontsize=7)
-            bar.ax.tick_params(labelsize=6)
-            fig.suptitle(f"{CAM_TITLES[m]}: mean map per class ({f['cam'].attrs['layer']})", fontsize=9)
+            fig = class_mean_figure(m, classes, counts, maps, size, names, as_str(f["cam"].attrs["layer"]))
             written.append(draw.save(fig, out_dir / f"class_mean_{file_slug(m)}.png"))
     logger.info("cam: %d sheet(s) in %s", len(written), out_dir)
     return written
+
+def class_mean_figure(method: str, classes: np.ndarray, counts: np.ndarray, maps: np.ndarray, size, names,
+                      layer: str):
+    """The mean map of each class as a grid; a class whose maps are all zero (its mean is
+    zero: the maps are never negative) is marked as such, not drawn as a blank panel."""
+    from matplotlib.figure import Figure
+
+    from pipeline.render import draw
+
+    n = len(maps)
+    cols = min(6, n)
+    grid_rows = math.ceil(n / cols)
+    fig = Figure(figsize=(1.9 * cols, 2.0 * grid_rows + 0.4), dpi=draw.DPI, layout="constrained")
+    axes = fig.subplots(grid_rows, cols, squeeze=False)
+    up, _ = draw.resample(maps, size)
+    image = None
+    empty = 0
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i < n:
+            image = ax.imshow(up[i], cmap=draw.CMAP, vmin=0.0, vmax=1.0)
+            ax.set_title(f"{names[int(classes[i])][:24]} (n={int(counts[i])})", fontsize=7)
+            if not np.any(maps[i]):
+                empty += 1
+                ax.text(0.5, 0.5, f"all {int(counts[i])} maps\nare zero", transform=ax.transAxes, ha="center",
+                        va="center", fontsize=7, bbox=dict(boxstyle="round", facecolor="white", alpha=0.85,
+                                                           linewidth=0))
+    bar = fig.colorbar(image, ax=axes, shrink=0.6)
+    bar.set_label("mean of max-normalised maps", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    note = f"; {empty} class(es) with every map zero" if empty else ""
+    fig.suptitle(f"{CAM_TITLES[method]}: mean map per class ({layer}){note}", fontsize=9)
+    return fig
+
 
 def activation_sheets(part: Path, out_dir: Path, grid: int, per_row: int) -> list[Path]:
     import h5py

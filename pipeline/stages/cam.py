@@ -12,7 +12,8 @@ results.h5:
       <method>/map      (n, h, w) float32 raw map at the target layer's resolution
                         (guided_gradcam: (n, S, S, C) at the input resolution)
       <method>/class    (n,) int64 explained class; <method>/score (n,) float32 its logit
-      <method>/max      (n,) float32 the map's maximum (0: the map is all zero)
+      <method>/max      (n,) float32 the map's maximum (0: the map is all zero; counted in the
+                        log, marked on the sheets)
       <method>/class_mean/{class, count, map}  per explained class: the mean of the maps,
                         each divided by its own maximum first (not for guided_gradcam)
 """
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
+from pipeline.render.draw import CAM_TITLES
 from pipeline.render.maps import cam_sheets
 from pipeline.selection import explainer_for
 from pipeline.store import Store
@@ -98,9 +100,24 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                 g[m].attrs["faithfulness_steps"] = int(c.faithfulness_steps)
             if m != "guided_gradcam":
                 _write_class_means(g[m])
+        zero = {m: int((g[m]["max"][()] <= 0).sum()) for m in methods}
+        rows = len(g["image"])
     logger.info("cam: %d images explained, %d unreadable", len(table) - len(stream.errors), len(stream.errors))
+    _log_zero_maps(zero, rows)
     cam_sheets(store.parts / PART, run_dir / "cam", table, spec, names, methods, float(c.alpha), draw_limit,
                 cfg.batch_size)
+
+
+def _log_zero_maps(zero: dict[str, int], rows: int) -> None:
+    """One line per method with all-zero maps: the sheets mark each, the log gives the count."""
+    for m, count in zero.items():
+        if not count:
+            continue
+        why = {"gradcam": "the channel weights make every position negative, e.g. every weight is negative: common "
+                          "for a confident small model; Grad-CAM++ weighs only positive gradients",
+               "guided_gradcam": "their Grad-CAM is zero"}.get(m, "no position has positive evidence")
+        logger.warning("cam: %d of %d %s maps are all zero (%s); the sheets mark them", count, rows,
+                       CAM_TITLES.get(m, m), why)
 
 
 def _write_class_means(g, block: int = 4096) -> None:
