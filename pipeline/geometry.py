@@ -540,7 +540,7 @@ BROADCAST_NOTE = "ignore an input broadcast from a 1x1 map (e.g. a squeeze-and-e
 
 
 def notes_summary(notes: list[tuple[str, str]]) -> str:
-    """One short line for the notes of a layer's receptive field: a count per kind (the first
+    """One short line for the notes of a layer's receptive field: a count per kind (one
     layer named), the note itself where it is the only one of its kind."""
     by_kind: dict[str, list[str]] = {}
     for kind, text in dict.fromkeys(notes):

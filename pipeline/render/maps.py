@@ -159,6 +159,7 @@ def cam_sheets(part: Path, out_dir: Path, table: ImageTable, spec, names: list[s
     logger.info("cam: %d sheet(s) in %s", len(written), out_dir)
     return written
 
+
 def class_mean_figure(method: str, classes: np.ndarray, counts: np.ndarray, maps: np.ndarray, size, names,
                       layer: str):
     """The mean map of each class as a grid; a class whose maps are all zero (its mean is
