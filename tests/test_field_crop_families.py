@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.backprop import Backprop, backprop, seed_at
-from pipeline.field_crop import crop_index, crop_positions
+from test_field_crop import crop_maps_in_image
+from pipeline.backprop import backprop, seed_at
 from pipeline.stages.panels import _chosen, _Layer, crop_plan_of
 
 pytestmark = pytest.mark.slow  # each builds a keras.applications model (2-10 s on 2 CPU cores)
@@ -45,9 +45,6 @@ def _model(family: str, size: int):
 @pytest.mark.parametrize("family,size,name,method", CROPPED, ids=[c[0] for c in CROPPED])
 def test_crop_panels_equal_whole_image_panels(family, size, name, method):
     model = _model(family, size)
-    plan, why = crop_plan_of(model, name)
-    assert plan is not None, why
-    assert plan.size[0] < size and plan.size[1] < size
     x = tf.constant(np.random.default_rng(2).normal(0, 50, (1, size, size, 3)).astype(np.float32))
     h, w = model.get_layer(name).output.shape[1:3]
     activation = keras.Model(model.input, model.get_layer(name).output)(x).numpy()[0]
@@ -55,16 +52,11 @@ def test_crop_panels_equal_whole_image_panels(family, size, name, method):
     y = np.array([0, 0, h - 1, h - 1, h // 2, 0, h // 2, h - 1, h // 2])
     xs = np.array([0, w - 1, 0, w - 1, w // 2, w // 2, 0, w // 2, w - 1])
     c = np.argmax(activation[y, xs], axis=-1)
-    program = Backprop(model, name, method, input_size=plan.size)
-    starts, inside = crop_positions(plan, y, xs)
-    rows = tf.gather_nd(x, crop_index(np.zeros(len(y), np.int64), starts, plan.size))
-    maps, values = program.maps_and_values(rows, seed_at(program.output_shape, c, inside[:, 0], inside[:, 1]))
-    got = np.zeros((len(y), size, size, 3), np.float32)
-    for e, (r0, c0) in enumerate(starts):
-        got[e, r0:r0 + plan.size[0], c0:c0 + plan.size[1]] = maps.numpy()[e]
+    got, values, plan = crop_maps_in_image(model, name, method, x, c, y, xs)
+    assert plan.size[0] < size and plan.size[1] < size
     whole = backprop(model, tf.repeat(x, len(y), 0), name, seed_at(activation.shape, c, y, xs), method).numpy()
     scale = np.abs(activation[y, xs, c]).max()
-    np.testing.assert_allclose(values.numpy(), activation[y, xs, c], rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(values, activation[y, xs, c], rtol=1e-4, atol=1e-5 * scale)
     np.testing.assert_allclose(got, whole, rtol=1e-4, atol=1e-5 * np.abs(whole).max())
     assert (np.abs(whole).reshape(len(y), -1).max(axis=1) > 0).sum() >= 6  # not a comparison of zeros
 

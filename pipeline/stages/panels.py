@@ -14,13 +14,16 @@ batched across units, through the layers up to the scanned one: the maps are
 the whole image's, at the cost of the crop. Every pass also gives the unit's
 value, which is checked against the scan's; a layer where the crop does not
 reproduce it (a gate or normalisation over the whole map) is computed on whole
-images instead, and the log says so.
+images instead, and the log says so. panels.layers=cropped leaves out the layers
+no crop serves (or whose crops are over half the image), each with one line that
+says why and what panels.layers=all would cost, timed on this machine.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,10 +155,9 @@ def _chosen(choice, layers: list[_Layer], plans: dict, model, methods: list[str]
     if choice == "all":
         return layers
     if choice == "cropped":
-        kept = []
+        kept, input_size = [], tuple(int(v) for v in model.inputs[0].shape[1:3])
         for layer in layers:
             plan, why = plans[layer.key]
-            input_size = tuple(int(v) for v in model.inputs[0].shape[1:3])
             if plan is not None and plan.area_fraction(input_size) <= MAX_CROPPED_AREA:
                 kept.append(layer)
                 continue
@@ -182,8 +184,6 @@ def _chosen(choice, layers: list[_Layer], plans: dict, model, methods: list[str]
 def panel_seconds(model, name: str, method: str, rows: int, size: tuple[int, int] | None = None) -> float:
     """Measured seconds of one seed's backward map on a whole image, or on a crop of
     `size` (a pass of `rows` seeds after the trace), to say what a layer left out costs."""
-    import time
-
     from pipeline.backprop import Backprop
 
     program = Backprop(model, name, method, input_size=size)
