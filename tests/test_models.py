@@ -209,6 +209,21 @@ def test_random_keras_application_weights_are_marked(tmp_path, photo_folder):
         assert not f.attrs["imagenet_classes"] and f["cam/gradcam/map"].shape[1:] == (2, 3)
 
 
+def test_random_keras_application_weights_are_the_same_network_in_every_stage():
+    """Each stage loads the model again: unseeded random weights made the panels stage of a
+    VGG16 run see another network than its scan (every crop 'differed', hours on whole images)."""
+    import random
+
+    cfg = compose_cfg(["model=keras_app", "model.name=MobileNet", "model.weights=null", "model.input_size=[32,32]"])
+    random.seed(7)
+    before = random.random()
+    random.seed(7)
+    first, second = (load_model(cfg.model).model.get_weights() for _ in range(2))
+    assert random.random() == before  # the caller's random state is untouched
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert np.std(first[0]) > 0
+
+
 def test_keras_app_normalisation_equals_each_familys_preprocess_input():
     """The family table against Keras' own preprocess_input, module by module (caffe's BGR
     and mean, torch's mean and std, tf's [-1, 1], and 'none' for models that scale inside)."""

@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import logging
+import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,9 +102,26 @@ def _keras_app(cfg) -> ModelBundle:
                        imagenet_classes=not random and model.output_shape[-1] == 1000 and len(model.output_shape) == 2)
 
 
+RANDOM_WEIGHTS_SEED = 0  # model.weights=null: the same network in every stage, resume and viewer
+
+
 def _build_app(constructor, name: str, weights, wanted, weights_setting):
     """The application, at `wanted` (h, w) when given: with its classifier where the
-    architecture allows it, else without (and the stages that need class scores say so)."""
+    architecture allows it, else without (and the stages that need class scores say so).
+
+    Random weights are seeded: Keras draws each initializer's seed from Python's
+    `random`, so unseeded every stage would build a different network and the
+    panels of a run would not belong to its scan. The caller's random state is kept.
+    """
+    state = random.getstate()
+    random.seed(RANDOM_WEIGHTS_SEED)
+    try:
+        return _build_app_unseeded(constructor, name, weights, wanted, weights_setting)
+    finally:
+        random.setstate(state)
+
+
+def _build_app_unseeded(constructor, name: str, weights, wanted, weights_setting):
     try:
         if wanted is None:
             return constructor(weights=weights)

@@ -14,13 +14,16 @@ batched across units, through the layers up to the scanned one: the maps are
 the whole image's, at the cost of the crop. Every pass also gives the unit's
 value, which is checked against the scan's; a layer where the crop does not
 reproduce it (a gate or normalisation over the whole map) is computed on whole
-images instead, and the log says so.
+images instead, and the log says so. panels.layers=cropped leaves out the layers
+no crop serves (or whose crops are over half the image), each with one line that
+says why and what panels.layers=all would cost, timed on this machine.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +47,9 @@ PART = "panels.h5"
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 FLOAT16_TINY = float(np.finfo(np.float16).tiny)  # smallest normal float16
+# panels.layers=cropped leaves out layers whose crops exceed this share of the image: they
+# cost about a whole-image pass each (VGG16's block5_conv3 at 224: 208x208, 86 %)
+MAX_CROPPED_AREA = 0.5
 MAX_BATCH_GROWTH = 32  # crops this many times smaller than the image batch this many more seeds
 
 
@@ -89,7 +95,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                             f"the same dataset, or scan again in a new hydra.run.dir")
     bundle = load_model(cfg.model, cfg.cache_dir)
     plans = {layer.key: crop_plan_of(bundle.model, layer.name) for layer in layers}
-    layers = _chosen(cfg.panels.layers, layers, plans)
+    layers = _chosen(cfg.panels.layers, layers, plans, bundle.model, methods, int(cfg.panels.batch_size))
     budget = block_bytes(cfg.checkpoint)  # in-memory panels of one block of channels, all methods
     work = store.work("panels", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size),
                       panels_batch_size=int(cfg.panels.batch_size), block_bytes=budget)
@@ -145,15 +151,28 @@ def crop_plan_of(model, name: str):
     return crop_plan(geometry.rows, geometry.cols, geometry.rf_stride, geometry.input_size)
 
 
-def _chosen(choice, layers: list[_Layer], plans: dict) -> list[_Layer]:
+def _chosen(choice, layers: list[_Layer], plans: dict, model, methods: list[str], batch_size: int
+            ) -> list[_Layer]:
     if choice == "all":
         return layers
     if choice == "cropped":
-        left = [layer.name for layer in layers if plans[layer.key][0] is None]
-        if left:
-            logger.info("panels: none for %s: their receptive fields span the image, so every panel is a "
-                        "whole-image pass; panels.layers=all computes them", ", ".join(left))
-        return [layer for layer in layers if plans[layer.key][0] is not None]
+        kept, input_size = [], tuple(int(v) for v in model.inputs[0].shape[1:3])
+        for layer in layers:
+            plan, why = plans[layer.key]
+            if plan is not None and plan.area_fraction(input_size) <= MAX_CROPPED_AREA:
+                kept.append(layer)
+                continue
+            if plan is not None:
+                why = (f"its {plan.size[0]}x{plan.size[1]} receptive-field crops are "
+                       f"{100 * plan.area_fraction(input_size):.0f}% of the image")
+            count = int((layer.image >= 0).sum()) * len(methods)
+            seconds = count * panel_seconds(model, layer.name, methods[0], min(batch_size, 8),
+                                            None if plan is None else plan.size)
+            logger.info("panels: none for %s: %s; panels.layers=all computes its %d panels %s, about %.0f min "
+                        "here (%.2f s a panel, measured)", layer.name, why, count,
+                        "on whole images" if plan is None else "on those crops", seconds / 60,
+                        seconds / max(count, 1))
+        return kept
     wanted = [str(n) for n in choice]
     known = {name for layer in layers for name in (layer.key, layer.name)}
     unknown = [n for n in wanted if n not in known]
@@ -161,6 +180,21 @@ def _chosen(choice, layers: list[_Layer], plans: dict) -> list[_Layer]:
         raise PipelineError(f"panels.layers: {', '.join(unknown)} not scanned in this run: pick among "
                             f"{', '.join(layer.key for layer in layers)}, or cropped, or all")
     return [layer for layer in layers if layer.key in wanted or layer.name in wanted]
+
+
+def panel_seconds(model, name: str, method: str, rows: int, size: tuple[int, int] | None = None) -> float:
+    """Measured seconds of one seed's backward map on a whole image, or on a crop of
+    `size` (a pass of `rows` seeds after the trace), to say what a layer left out costs."""
+    from pipeline.backprop import Backprop
+
+    program = Backprop(model, name, method, input_size=size)
+    shape = tuple(int(v) for v in model.inputs[0].shape[1:])
+    x = tf.zeros((rows,) + (shape if size is None else tuple(size) + shape[2:]), tf.float32)
+    seed = tf.zeros((rows,) + program.output_shape, tf.float32)
+    program.maps_and_values(x[:1], seed[:1])  # the trace is not part of the cost
+    start = time.perf_counter()
+    program.maps_and_values(x, seed)[0].numpy()
+    return (time.perf_counter() - start) / rows
 
 
 def _read_layer(key: str, g, max_size: int) -> _Layer:
