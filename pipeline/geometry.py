@@ -103,8 +103,11 @@ def interval_boxes(rows: np.ndarray, cols: np.ndarray, y, x) -> np.ndarray:
     return out
 
 
-def layer_geometry(model, name: str) -> Geometry:
-    """Receptive-field geometry of the output of layer `name` (qualified as in graph.py)."""
+def layer_geometry(model, name: str, pointwise=()) -> Geometry:
+    """Receptive-field geometry of the output of layer `name` (qualified as in graph.py).
+    `pointwise`: custom layer class names declared pointwise (same spatial size, each output
+    position reading only the same input position), as in geometry.pointwise."""
+    pointwise = KNOWN_POINTWISE | {str(c) for c in pointwise}
     flat = graph._flatten(model)
     [qname] = graph._resolve(model, flat, [name])
     nodes = flat.nodes
@@ -113,7 +116,7 @@ def layer_geometry(model, name: str) -> Geometry:
     target = by_name[qname]
     out_hw = _hw(target.output_shape, _fmt(target.layer))
     try:
-        return _propagate(nodes, by_name, target, out_hw, image, in_hw)
+        return _propagate(nodes, by_name, target, out_hw, image, in_hw, pointwise)
     except _Unmappable as err:
         culprit = err.node
         if culprit is target:
@@ -231,14 +234,9 @@ _ELEMENTWISE_OPS = frozenset({
 _GLOBAL = {"GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D",
            "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
            "AdaptiveAveragePooling2D", "AdaptiveMaxPooling2D"}
-# extra layer class names known to be pointwise (see register_pointwise)
-_EXTRA_POINTWISE: set[str] = {"LayerScale", "StochasticDepth"}
-
-
-def register_pointwise(*class_names: str) -> None:
-    """Declare custom layer classes (by class name) as pointwise: same spatial size,
-    each output position reading only the same input position."""
-    _EXTRA_POINTWISE.update(class_names)
+# layer class names known to be pointwise beyond the isinstance checks; a run adds its own
+# (geometry.pointwise, part of the fingerprint of every stage that maps fields)
+KNOWN_POINTWISE = frozenset({"LayerScale", "StochasticDepth"})
 
 
 def _fmt(layer) -> str:
@@ -275,7 +273,7 @@ def _window_map(k: int, s: int, d: int, padding: str, n_in: int, n_out: int, nod
     return _AxisMap(k, s, d, pb)
 
 
-def _edges(node, by_name: dict, notes: list[tuple[str, str]]) -> list[tuple[str, _AxisMap, _AxisMap, tuple]]:
+def _edges(node, by_name: dict, notes: list[tuple[str, str]], pointwise: frozenset) -> list[tuple[str, _AxisMap, _AxisMap, tuple]]:
     """(source name, row map, col map, source spatial size) for each input that counts."""
     layer = node.layer
     cls = type(layer).__name__
@@ -373,7 +371,7 @@ def _edges(node, by_name: dict, notes: list[tuple[str, str]]) -> list[tuple[str,
     if isinstance(layer, _L.Concatenate) and layer.axis % 4 != _channel_axis(fmt):
         raise _Unmappable(node, "concatenates along a spatial axis")
     if not merge:
-        pointwise = isinstance(layer, _POINTWISE) or cls in _EXTRA_POINTWISE
+        pointwise = isinstance(layer, _POINTWISE) or cls in pointwise
         if isinstance(layer, _L.Activation):
             act = getattr(layer.activation, "__name__", "")
             pointwise = fmt == "channels_last" or act not in ("softmax", "log_softmax")
@@ -435,7 +433,7 @@ def _union(a: _Axis | None, b: _Axis) -> _Axis:
     return _Axis(a.mask | b.mask, np.minimum(a.lo, b.lo), np.maximum(a.hi, b.hi))
 
 
-def _propagate(nodes, by_name, target, out_hw, image, in_hw) -> Geometry:
+def _propagate(nodes, by_name, target, out_hw, image, in_hw, pointwise: frozenset) -> Geometry:
     index = {n.name: i for i, n in enumerate(nodes)}
     state: dict[str, tuple[_Axis, _Axis]] = {}
     reached_only: set[str] = set()  # ancestors of an unmappable node, to find the first one
@@ -456,7 +454,7 @@ def _propagate(nodes, by_name, target, out_hw, image, in_hw) -> Geometry:
                 bad.append(_Unmappable(node, "is a model input other than the image"))
             continue
         try:
-            edges = _edges(node, by_name, notes)
+            edges = _edges(node, by_name, notes, pointwise)
         except _Unmappable as err:
             bad.append(err)
             reached_only.update(src for src, _ in node.sources)

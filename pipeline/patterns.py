@@ -312,7 +312,7 @@ def objective_model(model: keras.Model, layers: Sequence[str], size: int | None 
     try:
         fm = _resizable_feature_model(model, layers)
         fm(tf.zeros((1, size, size, model.input_shape[-1])), training=False)
-    except Exception as err:  # noqa: BLE001 - any layer that rejects another size
+    except (ValueError, TypeError, tf.errors.OpError) as err:  # a layer that rejects another size
         if native[0] != native[1]:
             raise PipelineError(f"the model runs only at its own {native[0]}x{native[1]} input "
                                 f"({str(err).splitlines()[0][:120]}), and patterns are optimised on squares: "

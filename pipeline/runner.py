@@ -28,10 +28,6 @@ def run(cfg, run_dir: Path) -> Path:
         raise PipelineError(f"unknown stage(s) {', '.join(map(str, unknown))}: "
                             f"stages are {', '.join(STAGES)}")
     devices.assign(cfg.gpus, cfg.shard)
-    if cfg.geometry.pointwise:
-        from pipeline.geometry import register_pointwise
-
-        register_pointwise(*(str(name) for name in cfg.geometry.pointwise))
     with lock.holding(run_dir):
         store = Store(run_dir)
         store.clean_temporaries()

@@ -15,7 +15,6 @@ from test_pipeline import compose_cfg
 from test_panels import model_inputs
 from pipeline.backprop import Backprop, backprop, seed_at
 from pipeline.field_crop import axis_crop, crop_index, crop_positions
-from pipeline.geometry import register_pointwise
 from pipeline.runner import run
 from pipeline.stages.panels import crop_plan_of
 
@@ -136,7 +135,6 @@ class CentreMaps(keras.layers.Layer):
 
 
 def test_the_stage_checks_crop_values_and_falls_back_to_whole_images(tmp_path, caplog):
-    register_pointwise("CentreMaps")
     rng = np.random.default_rng(3)
     inp = keras.Input((20, 20, 3))
     x = keras.layers.Conv2D(3, 3, padding="same", name="conv")(inp)
@@ -149,7 +147,8 @@ def test_the_stage_checks_crop_values_and_falls_back_to_whole_images(tmp_path, c
         save_image(tmp_path / "photos" / f"img{i}.png", (rng.random((24, 24, 3)) * 255).astype(np.uint8))
     cfg = compose_cfg(["model=file", f"model.path={tmp_path / 'centred.keras'}", "model.preprocess=unit",
                        "dataset=folder", f"dataset.path={tmp_path / 'photos'}", "layers=[relu,gap]", "topk=2",
-                       "stages=[scan,crop,panels]", "crop.max_size=0", "panels.methods=[gradient]"])
+                       "stages=[scan,crop,panels]", "crop.max_size=0", "panels.methods=[gradient]",
+                       "geometry.pointwise=[CentreMaps]"])
     with caplog.at_level(logging.INFO, logger="pipeline.stages.panels"):
         run(cfg, tmp_path / "run")
     assert "differ on their receptive-field crop" in caplog.text and "computing it on whole images" in caplog.text

@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import geometry
 from pipeline.errors import PipelineError
-from pipeline.geometry import layer_geometry, register_pointwise
+from pipeline.geometry import layer_geometry
 from pipeline.graph import feature_model, flat_layers
 
 L = keras.layers
@@ -393,11 +392,7 @@ def test_custom_layers_unmappable_until_declared_pointwise():
     model = keras.Model(x, L.Conv2D(1, 3, padding="same", name="after")(y))
     geo = layer_geometry(model, "after")
     assert not geo.mappable and "'scale'" in geo.message and "geometry.pointwise=[Scale]" in geo.message
-    register_pointwise("Scale")
-    try:
-        geo = layer_geometry(model, "after")
-    finally:
-        geometry._EXTRA_POINTWISE.discard("Scale")
+    geo = layer_geometry(model, "after", pointwise=["Scale"])
     assert geo.mappable and geo.frame == (5, 5)
 
 

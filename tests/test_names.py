@@ -85,8 +85,18 @@ def test_figures_get_the_fallback_fonts_only_inside_figure_fonts(tmp_path):
 
     from pipeline.render.fonts import family_list, figure_fonts
 
+    import pipeline.runner  # noqa: F401  (every stage's imports)
+    import pipeline.stages.report  # noqa: F401
+
     before = list(matplotlib.rcParams["font.family"])
     assert "Noto Sans CJK JP" not in before  # importing the project changed nothing global
+    assert matplotlib.rcParams["text.parse_math"]
+    with figure_fonts():  # names are drawn literally, never as math, inside the block only
+        assert not matplotlib.rcParams["text.parse_math"]
+        fig = Figure(figsize=(3, 1))
+        fig.text(0.05, 0.5, "$\\undefinedmacro$ a^b_{c}")
+        fig.savefig(tmp_path / "literal.png")
+    assert matplotlib.rcParams["text.parse_math"]
     if not fallback_files():
         pytest.skip("no CJK font on this system (apt-get install fonts-noto-cjk)")
     with figure_fonts():

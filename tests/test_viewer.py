@@ -27,7 +27,7 @@ from conftest import watched_page
 from pipeline.backprop import backprop
 from pipeline.preprocess import normalize
 from pipeline.runner import run
-from pipeline.viewer.server import Viewer
+from pipeline.viewer.server import Viewer, make_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,6 +209,26 @@ def test_server_serves_run_files_and_refuses_everything_else(server):
     assert s.get("/api/unit?image=0&layer=nope&unit=0")[0] == 404
     assert s.get("/api/unit?image=0&layer=relu2&unit=99")[0] == 404
     assert s.get("/api/unit?image=0&layer=relu2&unit=x")[0] == 400
+
+
+def test_a_fault_of_ours_is_a_500_with_its_trace_not_a_404(viewer_run, caplog):
+    _, run_dir, _ = viewer_run
+    viewer = Viewer(run_dir, live=False)
+    httpd = make_server(viewer)
+    port = httpd.server_address[1]
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        host = {"Host": f"127.0.0.1:{port}"}
+        assert request(port, "GET", "/api/patterns?layer=nope", host)[0] == 404  # asked for what is not there
+        assert request(port, "GET", "/api/patterns", host)[0] == 400  # a parameter missing
+        viewer.view.patterns = lambda layer: {}["cols"]  # a KeyError inside our own code
+        with caplog.at_level("ERROR", logger="pipeline.viewer.server"):
+            status, body = request(port, "GET", "/api/patterns?layer=relu1", host)
+        assert status == 500 and b"KeyError" in body
+        assert "Traceback" in caplog.text and "cols" in caplog.text
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def test_server_bounds_uploads(server):

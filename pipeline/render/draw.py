@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pipeline.names import shown
 from pipeline.store import replacing
 
 ALPHA = 0.4  # heatmap opacity over the photo
@@ -98,12 +99,14 @@ def open_photo(path: str, exif: bool = True, spec=None) -> np.ndarray | None:
     """An image file as uint8 RGB, decoded as the model's stream decodes it
     (`preprocess.read_photo`: upright when `exif`, a JPEG at the stream's DCT scale for
     `spec`); None when it cannot be read (moved, not an image)."""
+    from PIL import Image
+
     from pipeline.preprocess import read_photo
 
     try:
         return to_rgb(read_photo(path, exif, spec))
-    except Exception as err:  # noqa: BLE001 - an unreadable file just has no photo
-        logging.getLogger(__name__).debug("no photo for %s: %s", path, err)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # moved, changed or damaged since the scan
+        logging.getLogger(__name__).warning("no photo for %s: %s", shown(path), err)
         return None
 
 

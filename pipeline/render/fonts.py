@@ -74,8 +74,10 @@ def family_list() -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def figure_fonts():
-    """matplotlib figures made inside draw names in any script the system has a font for."""
+    """matplotlib figures made inside draw names in any script the system has a font for,
+    literally: file, class and layer names reach titles, and '$x$', '^' or '_{' in one must
+    neither crash a sheet nor change its text (no math). Nothing changes outside the block."""
     import matplotlib
 
-    with matplotlib.rc_context({"font.family": list(family_list())}):
+    with matplotlib.rc_context({"font.family": list(family_list()), "text.parse_math": False}):
         yield

@@ -36,7 +36,7 @@ from pipeline.store import Store, remove_checked, replacing
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("model", "dataset", "layers", "topk", "crop", "train", "evolution")
+KEYS = ("model", "dataset", "layers", "geometry", "topk", "crop", "train", "evolution")
 PART = "evolution.h5"
 
 SHEET_DIR = Path("sheets") / "evolution"
@@ -133,7 +133,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     keys, names = (list(t) for t in zip(*chosen_layers(first.model, ec.layers if ec.layers is not None
                                                          else cfg.layers)))
     key_of = dict(zip(names, keys))
-    geometries = [layer_geometry(first.model, n) for n in names]
+    geometries = [layer_geometry(first.model, n, cfg.geometry.pointwise) for n in names]
     table = list_images(cfg.dataset)
     count = len(table) if ec.images is None else min(int(ec.images), len(table))
     if count < 1:

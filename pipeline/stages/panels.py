@@ -41,7 +41,7 @@ from pipeline.store import Store, block_bytes, table_digest
 logger = logging.getLogger(__name__)
 
 # crop: the panels are shrunk to crop.max_size exactly like the patches
-KEYS = ("model", "dataset", "layers", "topk", "crop", "panels")
+KEYS = ("model", "dataset", "layers", "geometry", "topk", "crop", "panels")
 DEPENDS = ("scan",)
 PART = "panels.h5"
 
@@ -94,7 +94,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         raise PipelineError(f"the dataset changed since the scan of {run_dir}: compute panels with "
                             f"the same dataset, or scan again in a new hydra.run.dir")
     bundle = load_model(cfg.model, cfg.cache_dir)
-    plans = {layer.key: crop_plan_of(bundle.model, layer.name) for layer in layers}
+    plans = {layer.key: crop_plan_of(bundle.model, layer.name, cfg.geometry.pointwise) for layer in layers}
     layers = _chosen(cfg.panels.layers, layers, plans, bundle.model, methods, int(cfg.panels.batch_size))
     budget = block_bytes(cfg.checkpoint)  # in-memory panels of one block of channels, all methods
     work = store.work("panels", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size),
@@ -141,11 +141,11 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         work.assemble(f)
 
 
-def crop_plan_of(model, name: str):
+def crop_plan_of(model, name: str, pointwise=()):
     """(the crop plan of a layer's units, or None and why they need whole images)."""
     from pipeline.geometry import layer_geometry
 
-    geometry = layer_geometry(model, name)
+    geometry = layer_geometry(model, name, pointwise)
     if not geometry.mappable or geometry.message:
         return None, geometry.message or "it has no spatial receptive field"
     return crop_plan(geometry.rows, geometry.cols, geometry.rf_stride, geometry.input_size)

@@ -46,7 +46,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     table = list_images(cfg.dataset)
     keys, names = zip(*chosen_layers(bundle.model, cfg.layers))
     ids = shard_ids(len(table), cfg.shard.count, cfg.shard.index)
-    geometries = [layer_geometry(bundle.model, n) for n in names]
+    geometries = [layer_geometry(bundle.model, n, cfg.geometry.pointwise) for n in names]
     for name, geo in zip(names, geometries):
         if not geo.mappable:
             logger.warning("layer %s: %s", name, geo.message)

@@ -32,8 +32,6 @@ PART = "train.h5"
 def run(cfg, run_dir: Path, stage_print: str) -> None:
     import json
 
-    import keras
-
     from pipeline import train as T
     from pipeline.datasets import list_images
 
@@ -65,7 +63,6 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         shutil.rmtree(folder)
     save_spec(run_dir, spec, class_names)
 
-    keras.utils.set_random_seed(int(tc.seed))
     model = T.build_convnet(spec.size, spec.channels, classes, tc.filters, int(tc.dense),
                             float(tc.dropout), int(tc.seed))
     logger.info("training %s (%d parameters, input %dx%dx%d, %d classes) on %d images, validating on %d, "

@@ -34,7 +34,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pipeline.viewer.page import page_html
-from pipeline.viewer.session import Inputs, LiveModel, RunView, png_url
+from pipeline.viewer.session import Inputs, LiveModel, NotFound, RunView, png_url
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Viewer:
 
     def live(self) -> LiveModel:
         if self.model is None:
-            raise LookupError(self.banner or "no model")
+            raise NotFound(self.banner or "no model")
         return self.model
 
 
@@ -79,7 +79,7 @@ def _arg(query: dict, name: str, default=None) -> str:
     values = query.get(name)
     if not values:
         if default is None:
-            raise KeyError(f"missing parameter {name!r}")
+            raise ValueError(f"missing parameter {name!r}")
         return default
     return values[0]
 
@@ -182,7 +182,7 @@ def make_handler(viewer: Viewer, allowed_names: tuple[str, ...] = LOCAL_NAMES, t
                     self._send(204, b"", "image/x-icon")
                 else:
                     self._error(404, f"no such page: {route}")
-            except LookupError as err:  # KeyError included: an unknown layer, unit, image or no model
+            except NotFound as err:  # an unknown layer, unit, image or no model; other KeyErrors are bugs: 500
                 self._error(404, str(err.args[0]) if err.args else str(err))
             except ValueError as err:
                 self._error(400, str(err))

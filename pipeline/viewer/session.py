@@ -40,6 +40,11 @@ from pipeline.store import Store, read_paths
 
 logger = logging.getLogger(__name__)
 
+
+class NotFound(KeyError):
+    """What a request asked for is not in this run (a layer, unit, image, upload or model): 404.
+    Any other KeyError is a fault of ours, answered 500 with its trace in the log."""
+
 TILE_PX = 32  # activation tiles are enlarged by whole factors up to about this size
 GAP = 2  # pixels between activation tiles
 PATTERN_TILE_PX = 48  # pattern mode: each filter pattern shrunk to this side
@@ -113,7 +118,7 @@ class RunView:
 
     def layer(self, key: str) -> LayerEntry:
         if key not in self.by_key:
-            raise KeyError(f"no layer {key!r} in this run")
+            raise NotFound(f"no layer {key!r} in this run")
         return self.by_key[key]
 
     def summary(self) -> dict:
@@ -132,7 +137,7 @@ class RunView:
         and links into the static report."""
         e = self.layer(key)
         if not 0 <= unit < e.shape[2]:
-            raise KeyError(f"layer {key} has units 0 to {e.shape[2] - 1}")
+            raise NotFound(f"layer {key} has units 0 to {e.shape[2] - 1}")
         out: dict = {"layer": key, "unit": unit}
         with self.store.open() as f:
             g = f[f"layers/{key}"]
@@ -221,12 +226,12 @@ class Inputs:
             if ref in self._cache:
                 return self._cache[ref]
         if ref.startswith("u"):
-            raise KeyError(f"no upload {ref!r} (uploads are kept for this session only)")
+            raise NotFound(f"no upload {ref!r} (uploads are kept for this session only)")
         if self.table is None:
-            raise KeyError(self.problem)
+            raise NotFound(self.problem)
         i = int(ref)
         if not 0 <= i < len(self.table):
-            raise KeyError(f"no image {i}: the dataset has {len(self.table)}")
+            raise NotFound(f"no image {i}: the dataset has {len(self.table)}")
         pixels = self._dataset_pixels(i)
         with self._lock:
             self._cache[ref] = pixels
@@ -355,7 +360,7 @@ class LiveModel:
         the toolbox seeds it."""
         maps = self.forward(pixels)["maps"][key]
         if not 0 <= unit < maps.shape[2]:
-            raise KeyError(f"layer {key} has units 0 to {maps.shape[2] - 1}")
+            raise NotFound(f"layer {key} has units 0 to {maps.shape[2] - 1}")
         channel = maps[..., unit]
         y, x = np.unravel_index(int(np.argmax(channel)), channel.shape)
         out = {"layer": key, "unit": unit, "max": float(channel.max()), "at": [int(y), int(x)],
@@ -369,7 +374,7 @@ class LiveModel:
         from pipeline.backprop import Backprop
 
         if method not in BACKPROP_METHODS:
-            raise KeyError(f"unknown method {method!r}: use one of {', '.join(BACKPROP_METHODS)}")
+            raise NotFound(f"unknown method {method!r}: use one of {', '.join(BACKPROP_METHODS)}")
         e = self.view.layer(key)
         maps = self.forward(pixels)["maps"][key]
         with self._lock:
