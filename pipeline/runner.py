@@ -34,8 +34,10 @@ def run(cfg, run_dir: Path) -> Path:
         store.check(recomputed=set(cfg.stages) if cfg.overwrite else ())
         _check_identity(store, fingerprint(cfg, IDENTITY_KEYS), cfg.overwrite)
         store.mend()
-        for stage in cfg.stages:
-            module = importlib.import_module(f"pipeline.stages.{stage}")
+        modules = [(stage, importlib.import_module(f"pipeline.stages.{stage}")) for stage in cfg.stages]
+        check_order(cfg, modules, store.stages_done())
+        for stage, module in modules:
+            check_order(cfg, [(stage, module)], store.stages_done())  # an earlier stage may have been skipped
             stage_print = ""
             if module.KEYS:
                 stage_print = fingerprint(cfg, module.KEYS)
@@ -83,14 +85,33 @@ def absolute_paths(cfg) -> None:
             OmegaConf.update(cfg, key, os.path.abspath(os.path.expanduser(value)))
 
 
-def depends_on(module, cfg) -> tuple[str, ...]:
-    """The stages whose results `module` read with this config: recomputing one of them
-    makes this stage's results stale."""
-    declared = getattr(module, "DEPENDS", ())
-    found = set(declared(cfg) if callable(declared) else declared)
+def needs(module, cfg) -> tuple[str, ...]:
+    """The stages whose results `module` must find before it runs with this config: its
+    `needs(cfg)`, and train when the model is this run's own snapshot."""
+    found = set(module.needs(cfg)) if hasattr(module, "needs") else set()
     if "model" in module.KEYS and cfg.model.kind == "snapshot" and cfg.model.run_dir is None:
         found.add("train")  # the network trained in this very run
     return tuple(sorted(found))
+
+
+def depends_on(module, cfg) -> tuple[str, ...]:
+    """The stages whose results `module` read with this config: recomputing one of them
+    makes this stage's results stale (what it needs, and what it `reads(cfg)` when there)."""
+    optional = set(module.reads(cfg)) if hasattr(module, "reads") else set()
+    return tuple(sorted(set(needs(module, cfg)) | optional))
+
+
+def check_order(cfg, modules: list, done) -> None:
+    """Refuse, before anything runs, a stage listed before the stages whose results it needs
+    (`modules`: (stage, module) in the order they run; `done`: the stages the store holds)."""
+    done = set(done)
+    for stage, module in modules:
+        missing = [m for m in needs(module, cfg) if m not in done]
+        if missing:
+            first = ",".join(missing)
+            raise PipelineError(f"stage {stage} reads the results of {first}, which this run directory does not "
+                                f"hold: list {first} before {stage} in stages (e.g. stages=[{first},{stage}])")
+        done.add(stage)
 
 
 def _check_identity(store: Store, identity: str, overwrite: bool) -> None:

@@ -50,9 +50,6 @@ def choose_images(value, table: ImageTable, store, section: str) -> np.ndarray:
 
 
 def _top_images(store, layer: str, channels, k: int, section: str) -> np.ndarray:
-    if "scan" not in store.stages_done():
-        raise PipelineError(f"{section}.images names top images of {layer} but no scan results exist: "
-                            f"run the scan first (stages=[scan,{section}])")
     with store.open() as f:
         group = f.get(f"layers/{stored_name(layer)}")
         if group is None or "topk" not in group:

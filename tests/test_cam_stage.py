@@ -233,7 +233,7 @@ def test_activations_stage_stores_maps_and_draws_sheets(tmp_path, tiny):
     run(cfg, tmp_path / "list")
     with h5py.File(tmp_path / "list" / "results.h5", "r") as f:
         np.testing.assert_array_equal(f["activations/image"][()], [5, 1])
-    for images, message in (("[0,99]", "ids 0 to"), ("{layer: relu2, channels: [0]}", "run the scan first"),
+    for images, message in (("[0,99]", "ids 0 to"), ("{layer: relu2, channels: [0]}", "list scan before activations"),
                             ("-3", "the first N")):
         cfg = compose_cfg(base + ["stages=[activations]", f"activations.images={images}"])
         with pytest.raises(PipelineError, match=message):

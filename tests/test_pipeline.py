@@ -180,6 +180,23 @@ def test_a_different_config_never_overwrites_silently(tiny_run):
         assert f["layers/relu1/topk/value"].shape[1] == 2
 
 
+def test_a_stage_listed_before_what_it_reads_is_refused_before_anything_runs(tmp_path, photo_folder):
+    tiny_model(tmp_path / "tiny.keras")
+    base = ["model=file", f"model.path={tmp_path / 'tiny.keras'}", "dataset=folder", f"dataset.path={photo_folder}",
+            "layers=[relu1]"]
+    for stages, message in (("[crop]", "list scan before crop"), ("[panels,scan]", "list scan before panels"),
+                            ("[scan,evolution]", "list train before evolution"), ("[scan,activations]", None), ("[occlusion,scan]", "list scan before occlusion")):
+        cfg = compose_cfg(base + [f"stages={stages}", "occlusion.images={layer: relu1, channels: [0]}",
+                                  "activations.images={layer: relu1, channels: [0]}"])
+        run_dir = tmp_path / stages.strip("[]").replace(",", "_")
+        if message is None:  # in order: the top images of the scan just made
+            run(cfg, run_dir)
+            continue
+        with pytest.raises(PipelineError, match=message):
+            run(cfg, run_dir)
+        assert not (run_dir / "results.h5").exists()  # refused before the scan listed after it ran
+
+
 def test_sheet_shrinks_large_frames(tmp_path, photo_folder):
     tiny_model(tmp_path / "tiny.keras")
     cfg = compose_cfg(["model=file", f"model.path={tmp_path / 'tiny.keras'}", "dataset=folder",

@@ -2,7 +2,10 @@
 
 `KEYS` in a stage module names the config keys its results depend on (its
 fingerprint); an empty `KEYS` means the stage always runs. Stages talk to each
-other only through results.h5.
+other only through results.h5. A stage that reads another's results says so with
+`needs(cfg)` (the runner refuses, before anything runs, a list that does not make
+them first) or `reads(cfg)` (used when there); both are recorded, so recomputing one
+of them marks this stage's results stale.
 """
 
 import pkgutil

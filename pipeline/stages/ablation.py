@@ -38,7 +38,7 @@ KEYS = ("model", "dataset", "layers", "ablation")
 PART = "ablation.h5"
 
 
-def DEPENDS(cfg) -> tuple[str, ...]:  # noqa: N802 - the runner reads it like the constant it usually is
+def needs(cfg) -> tuple[str, ...]:
     """The most selective units come from the scan."""
     return ("scan",) if not is_sequence(cfg.ablation.units) else ()
 

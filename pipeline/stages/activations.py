@@ -105,7 +105,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     activation_sheets(store.parts / PART, run_dir / "activations", int(a.grid), int(a.per_row))
 
 
-def DEPENDS(cfg) -> tuple[str, ...]:  # noqa: N802 - the runner reads it like the constant it usually is
+def needs(cfg) -> tuple[str, ...]:
     """Images chosen from the scan's top-k make the maps depend on the scan."""
     return ("scan",) if images_from_topk(cfg.activations.images) else ()
 

@@ -24,8 +24,7 @@ from tqdm import tqdm
 from pipeline.config import is_sequence
 from pipeline.errors import PipelineError
 from pipeline.layers import default_layers
-from pipeline.models.sources import analysed_model
-from pipeline.models.sources import own_snapshots as DEPENDS  # noqa: F401,N812 (read by the runner)
+from pipeline.models.sources import analysed_model, own_snapshots
 from pipeline.render.training import draw_correspondence
 from pipeline.store import Store, stored_name
 
@@ -35,6 +34,12 @@ KEYS = ("model", "dataset", "layers", "train", "invariance.layers", "invariance.
         "invariance.correspondence_class", "invariance.correspondence_parts", "invariance.correspondence_names",
         "invariance.correspondence_random", "invariance.correspondence_fill")
 PART = "correspondence.h5"
+
+
+def reads(cfg) -> tuple[str, ...]:
+    """This run's snapshots when it trained some (else the configured model)."""
+    return own_snapshots(cfg)
+
 
 FIGURE = Path("sheets") / "correspondence.png"
 

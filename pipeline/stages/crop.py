@@ -25,8 +25,12 @@ from pipeline.store import Store, block_bytes, table_digest
 logger = logging.getLogger(__name__)
 
 KEYS = ("model", "dataset", "layers", "topk", "crop")
-DEPENDS = ("scan",)
 PART = "crop.h5"
+
+
+def needs(cfg) -> tuple[str, ...]:
+    """The stages whose results this one reads: the runner checks they are there."""
+    return ("scan",)
 
 
 @dataclass
@@ -47,8 +51,6 @@ class _Table:
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
     store = Store(run_dir)
-    if "scan" not in store.stages_done():
-        raise PipelineError(f"no scan results in {run_dir}: run stages=[scan,crop] first")
     tables: dict[tuple[str, str], _Table] = {}
     with store.open() as f:
         spec = Preprocessing(**json.loads(f.attrs["preprocessing"]))

@@ -28,9 +28,9 @@ from pipeline.models.sources import (
     SNAPSHOT_DIR,
     list_snapshots,
     load_snapshot,
+    own_snapshots,
     snapshot_run_dir,
 )
-from pipeline.models.sources import own_snapshots as DEPENDS  # noqa: F401,N812 (read by the runner)
 from pipeline.render.training import compose_evolution_sheet, draw_change
 from pipeline.store import Store, remove_checked, replacing
 
@@ -38,6 +38,12 @@ logger = logging.getLogger(__name__)
 
 KEYS = ("model", "dataset", "layers", "geometry", "topk", "crop", "train", "evolution")
 PART = "evolution.h5"
+
+
+def needs(cfg) -> tuple[str, ...]:
+    """This run's snapshots, unless model.run_dir names another run."""
+    return own_snapshots(cfg)
+
 
 SHEET_DIR = Path("sheets") / "evolution"
 CHANGE_FIGURE = "topk_change.png"

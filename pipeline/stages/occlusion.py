@@ -37,7 +37,7 @@ KEYS = ("model", "dataset", "layers", "occlusion")
 PART = "occlusion.h5"
 
 
-def DEPENDS(cfg) -> tuple[str, ...]:  # noqa: N802 - the runner reads it like the constant it usually is
+def needs(cfg) -> tuple[str, ...]:
     """Images chosen from the scan's top-k make the maps depend on the scan."""
     return ("scan",) if images_from_topk(cfg.occlusion.images) else ()
 

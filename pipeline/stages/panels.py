@@ -42,8 +42,12 @@ logger = logging.getLogger(__name__)
 
 # crop: the panels are shrunk to crop.max_size exactly like the patches
 KEYS = ("model", "dataset", "layers", "geometry", "topk", "crop", "panels")
-DEPENDS = ("scan",)
 PART = "panels.h5"
+
+
+def needs(cfg) -> tuple[str, ...]:
+    """The stages whose results this one reads: the runner checks they are there."""
+    return ("scan",)
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 FLOAT16_TINY = float(np.finfo(np.float16).tiny)  # smallest normal float16
@@ -75,8 +79,6 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline.patterns import has_capped_relu
 
     store = Store(run_dir)
-    if "scan" not in store.stages_done():
-        raise PipelineError(f"no scan results in {run_dir}: run stages=[scan,panels] first")
     methods = [str(m) for m in cfg.panels.methods]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods or len(set(methods)) != len(methods):

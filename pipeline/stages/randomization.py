@@ -34,7 +34,7 @@ KEYS = ("model", "dataset", "cam.layer", "randomization")
 PART = "randomization.h5"
 
 
-def DEPENDS(cfg) -> tuple[str, ...]:  # noqa: N802 - the runner reads it like the constant it usually is
+def needs(cfg) -> tuple[str, ...]:
     return ("scan",) if images_from_topk(cfg.randomization.images) else ()
 
 
