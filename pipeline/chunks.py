@@ -56,6 +56,7 @@ class ChunkedStream:
                 dropped = f["_dropped"][()].tolist()
                 if "_errors" in f:
                     self.errors.update(zip(f["_errors/image"][()].tolist(), read_strings(f["_errors/reason"])))
+        work.resuming(len(self.ids) if self.finished else position, len(self.ids), "images")
         self.stream = BatchStream(table, spec, batch_size, ids=self.ids[position:], dropped=dropped)
         self.offset = position
         self.in_fallback = False

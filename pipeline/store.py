@@ -606,6 +606,11 @@ class WorkDir:
                 good.append(name)
         return good
 
+    def resuming(self, done: int, total: int, unit: str) -> None:
+        """Say, once, how much of the work a killed run had committed (nothing when none)."""
+        if done:
+            logger.info("%s: resuming, %d of %d %s already done", self.stage, done, total, unit)
+
     def _files(self) -> list[str]:
         return sorted(p.name for p in self.path.glob("[0-9]*.h5"))
 

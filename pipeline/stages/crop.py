@@ -76,8 +76,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                             budget)
     done = set(work.chunks())
     todo = [(n, pieces) for n, pieces in enumerate(blocks) if work.chunk_name(n) not in done]
-    if len(todo) < len(blocks):
-        logger.info("crop: resuming, %d of %d blocks already cut", len(blocks) - len(todo), len(blocks))
+    work.resuming(len(blocks) - len(todo), len(blocks), "blocks of channels")
     needed = {n: _needed([tables[order[i]].image[c0:c1] for i, c0, c1 in pieces]) for n, pieces in todo}
     with tqdm(total=sum(len(v) for v in needed.values()), desc="crop", unit="img") as bar:
         for n, pieces in todo:

@@ -277,10 +277,9 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     done = set(work.chunks())
     todo = [(n, job, rows) for n, (job, rows) in enumerate(blocks) if work.chunk_name(n) not in done]
     total = sum(len(rows) for _, _, rows in todo) * int(fc.seeds)
-    logger.info("filter patterns: %d image(s) over %d layer(s), %s, %d steps%s", total, len(jobs),
-                recipe.method, recipe.steps,
-                f" (resuming: {len(blocks) - len(todo)} of {len(blocks)} blocks done)" if len(todo) < len(blocks)
-                else "")
+    work.resuming(len(blocks) - len(todo), len(blocks), "blocks of channels")
+    logger.info("filter patterns: %d image(s) over %d layer(s), %s, %d steps", total, len(jobs),
+                recipe.method, recipe.steps)
     with tqdm(total=total // int(fc.seeds), desc="patterns", unit="ch") as bar:
         for number, job, rows in todo:
             bar.set_postfix_str(job.layer)

@@ -109,10 +109,9 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         for [(_, c0, c1)] in channel_blocks([(layer.key, layer.image.shape[0], per_channel)], budget):
             blocks.append((len(blocks), layer, c0, c1))
     todo = [b for b in blocks if work.chunk_name(b[0]) not in done]
+    work.resuming(len(blocks) - len(todo), len(blocks), "blocks of channels")
     total = sum(int((layer.image[c0:c1] >= 0).sum()) for _, layer, c0, c1 in todo)
-    logger.info("panels: %d top-k entries in %d layers, methods %s%s", total, len(layers), ", ".join(methods),
-                f" (resuming: {len(blocks) - len(todo)} of {len(blocks)} blocks done)" if len(todo) < len(blocks)
-                else "")
+    logger.info("panels: %d top-k entries in %d layers, methods %s", total, len(layers), ", ".join(methods))
     projector, stats = None, {}
     with tqdm(total=total, desc="panels", unit="patch") as bar:
         for number, layer, c0, c1 in todo:
