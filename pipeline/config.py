@@ -325,8 +325,8 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     # a preset (default | activations | conv | last | all) or a list of layer names
     layers: Any = "default"
-    stages: list = field(default_factory=lambda: ["scan", "crop", "activations", "cam", "occlusion", "report",
-                                                  "export"])
+    stages: list = field(default_factory=lambda: ["scan", "crop", "panels", "activations", "cam", "occlusion",
+                                                  "report", "export"])
     topk: int = 9
     batch_size: int = 32
     crop: CropConfig = field(default_factory=CropConfig)

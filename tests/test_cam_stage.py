@@ -283,8 +283,9 @@ def test_activations_sheet_shows_blank_channels_grey(tmp_path):
 
 def test_occlusion_stage_stores_maps_equal_to_masking_by_hand(tmp_path, tiny):
     model, base = tiny
-    cfg = compose_cfg(base + ["stages=[occlusion]", "occlusion.images=[0,2]", "occlusion.size=8",
-                              "occlusion.stride=8", "occlusion.fill=0", "occlusion.batch_size=5"])
+    cfg_overrides = base + ["stages=[occlusion]", "occlusion.images=[0,2]", "occlusion.size=8",
+                            "occlusion.stride=8", "occlusion.fill=0", "occlusion.batch_size=5"]
+    cfg = compose_cfg(cfg_overrides)
     run(cfg, tmp_path / "run")
     pixels = model_pixels(cfg)
     feats = keras.Model(model.input, [model.get_layer("relu2").output, model.output])
@@ -307,6 +308,10 @@ def test_occlusion_stage_stores_maps_equal_to_masking_by_hand(tmp_path, tiny):
                     assert np.isclose(g["activation"][row, gy, gx], m[..., channel].sum(), rtol=1e-4, atol=1e-5)
     for i in (0, 2):
         assert (tmp_path / "run" / "occlusion" / f"image_{i}.png").stat().st_size > 10_000
+    # occlusion never reads `layers`: changing them neither recomputes nor refuses its results
+    stamp = (tmp_path / "run" / "results.h5").stat().st_mtime_ns
+    run(compose_cfg(list(cfg_overrides) + ["layers=[relu1]"]), tmp_path / "run")
+    assert (tmp_path / "run" / "results.h5").stat().st_mtime_ns == stamp
 
 
 def test_per_image_stages_from_the_command_line(tmp_path, tiny):

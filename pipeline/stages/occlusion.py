@@ -33,7 +33,7 @@ from pipeline.store import Store
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("model", "dataset", "layers", "occlusion")
+KEYS = ("model", "dataset", "occlusion")
 PART = "occlusion.h5"
 
 
