@@ -1,0 +1,167 @@
+"""Network dissection: known labels on a hand-wired model, thresholds against numpy, mask
+geometry, bad masks, shards and resume."""
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import save_image
+from test_pipeline import compose_cfg, tiny_model
+from pipeline.dissect import SKETCH_BUCKETS, MANTISSA_BITS, EXPONENTS, sketch_counts, thresholds
+from pipeline.errors import PipelineError
+from pipeline.preprocess import Preprocessing, to_model_pixels
+from pipeline.runner import run
+from pipeline.segmentation import mask_geometry, read_concepts
+
+H, W = 24, 32  # a non-square input
+RED, GREEN = 1, 2
+CONCEPTS = "# index name category\n1 red colour\n2 green colour\n3 sky scene\n"
+
+
+def colour_model(path):
+    """1x1 convolution, unit 0 = ReLU(r - g - b), unit 1 = 1 everywhere, unit 2 = ReLU(g - r - b);
+    then a 2x2 max pooling (a coarser map that must be upsampled)."""
+    inp = keras.Input((H, W, 3))
+    x = keras.layers.Conv2D(3, 1, name="colour")(inp)
+    x = keras.layers.ReLU(name="relu")(x)
+    pooled = keras.layers.MaxPooling2D(2, name="pool")(x)
+    model = keras.Model(inp, keras.layers.GlobalAveragePooling2D()(pooled))
+    kernel = np.array([[1, 0, -1], [-1, 0, 1], [-1, 0, -1]], np.float32)[None, None]
+    model.get_layer("colour").set_weights([kernel, np.array([0, 1, 0], np.float32)])
+    model.save(path)
+    return model
+
+
+def colour_dataset(root, n=12, seed=0):
+    """Grey images with a red and a green rectangle (graded intensities), label PNGs of
+    them; returns the red share of all pixels."""
+    rng = np.random.default_rng(seed)
+    red_pixels = 0
+    for i in range(n):
+        image = np.full((H, W, 3), 128, np.uint8)
+        mask = np.zeros((H, W), np.uint8)
+        for value, channel in ((RED, 0), (GREEN, 1)):
+            y, x = rng.integers(0, H - 6), rng.integers(0, W - 6)
+            h, w = rng.integers(3, 6), rng.integers(3, 6)
+            free = mask[y:y + h, x:x + w] == 0
+            patch = image[y:y + h, x:x + w]
+            colour = np.zeros((h, w, 3), np.uint8)
+            colour[..., channel] = rng.integers(120, 256, (h, w))
+            patch[free] = colour[free]
+            mask[y:y + h, x:x + w][free] = value
+        red_pixels += int((mask == RED).sum())
+        save_image(root / "images" / f"img{i:02d}.png", image)
+        save_image(root / "masks" / f"img{i:02d}.png", mask)
+    (root / "concepts.txt").write_text(CONCEPTS)
+    return red_pixels / (n * H * W)
+
+
+def seg_overrides(root, model_path, *extra):
+    return ["model=file", f"model.path={model_path}", "model.preprocess=unit", "model.resize=exact",
+            "dataset=segmentation", f"dataset.path={root / 'images'}", f"dataset.masks={root / 'masks'}",
+            f"dataset.concepts={root / 'concepts.txt'}", "layers=[relu,pool]", "batch_size=5",
+            "stages=[dissect]", *extra]
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colours")
+    colour_model(root / "colour.keras")
+    share = colour_dataset(root)
+    return root, share
+
+
+def read_layer(run_dir, layer):
+    with h5py.File(run_dir / "results.h5", "r") as f:
+        g = f[f"layers/{layer}/dissection"]
+        out = {k: g[k][()] for k in ("threshold", "iou", "label", "label_iou", "intersection", "unit_area")}
+        out["category"] = list(g["category"].asstr()[()])
+        out["skipped"] = f["dissection/skipped/image"][()]
+        out["reasons"] = list(f["dissection/skipped/reason"].asstr()[()])
+        return out
+
+
+def test_red_unit_labels_red_the_constant_and_green_units_do_not(colours, tmp_path):
+    root, share = colours
+    # T_k at the red share: the red unit's mask is then where it fires (every red pixel)
+    run(compose_cfg(seg_overrides(root, root / "colour.keras", f"dissect.quantile={share}")), tmp_path / "run")
+    t = read_layer(tmp_path / "run", "relu")
+    assert t["label"][0] == RED and t["label_iou"][0] > 0.99, (t["label"], t["label_iou"])
+    assert t["category"][0] == "colour"
+    assert t["iou"][0, GREEN - 1] < 0.05 and t["iou"][0, 2] == 0
+    assert t["label_iou"][1] < 0.04 and t["category"][1] == ""  # constant: never above its own level
+    assert t["label"][2] != RED and t["iou"][2, RED - 1] < 0.05
+    coarse = read_layer(tmp_path / "run", "pool")  # a 2x2-pooled map, upsampled: red still, blurred edges
+    assert coarse["label"][0] == RED and coarse["label_iou"][0] > 0.3
+
+
+def test_thresholds_match_numpy_quantile_within_the_stated_error(tmp_path):
+    rng = np.random.default_rng(3)
+    model = tiny_model(tmp_path / "tiny.keras")
+    feats = keras.Model(model.inputs, [model.get_layer("conv1").output, model.get_layer("relu2").output])
+    x = rng.random((40, 24, 24, 3)).astype(np.float32) * 2 - 1
+    for maps in feats(x):
+        maps = maps.numpy()
+        for q in (0.005, 0.1):
+            t, rank_error = thresholds(sketch_counts(tf.constant(maps)).numpy(), q)
+            flat = maps.reshape(-1, maps.shape[-1])
+            exact = np.quantile(flat, 1 - q, axis=0)
+            ordered = np.sort(flat, axis=0)  # the two order statistics numpy interpolates between
+            rank = (1 - q) * (len(flat) - 1)
+            pair = np.abs(ordered[[int(np.floor(rank)), min(int(np.floor(rank)) + 1, len(flat) - 1)]]).max(axis=0)
+            bound = 2.0 ** -MANTISSA_BITS * np.maximum(pair, 2.0 ** -EXPONENTS) + 1e-6
+            assert np.all(np.abs(t - exact) <= bound), (t, exact)
+            above = (flat > t).mean(axis=0)
+            assert np.all(np.abs(above - q) <= rank_error + 1.0 / len(flat))
+    # counts add: the sketch of two halves is the sketch of the whole
+    whole = sketch_counts(tf.constant(x)).numpy()
+    halves = sketch_counts(tf.constant(x[:20])).numpy() + sketch_counts(tf.constant(x[20:])).numpy()
+    assert whole.shape == (3, SKETCH_BUCKETS) and np.array_equal(whole, halves)
+
+
+@pytest.mark.parametrize("size,resize,resize_size", [((20, 30), "shorter", 26), ((30, 20), "shorter", None),
+                                                     ((24, 24), "exact", None)])
+def test_mask_geometry_lines_up_with_model_input_pixels(size, resize, resize_size):
+    spec = Preprocessing(*size, resize=resize, resize_size=resize_size, normalize="unit")
+    rng = np.random.default_rng(1)
+    labels = np.kron(rng.integers(0, 6, (5, 7)), np.ones((16, 14), np.int64))  # 80x98 in blocks of 16x14
+    palette = np.array([[0, 0, 0], [250, 30, 90], [20, 240, 60], [200, 200, 10], [60, 90, 250], [130, 5, 170]],
+                       np.uint8)  # no colour a blend of two others
+    pixels = to_model_pixels(tf.constant(palette[labels]), spec).numpy().astype(int)
+    mapped = mask_geometry(labels, spec)
+    assert mapped.shape == size
+    exact = (np.abs(pixels[:, :, None, :] - palette[None, None].astype(int)).max(axis=-1) == 0)  # pure block colour
+    pure = exact.any(axis=-1)
+    assert pure.mean() > 0.3
+    assert np.array_equal(exact.argmax(axis=-1)[pure], mapped[pure])
+
+
+def test_bad_masks_are_recorded_per_image_with_a_reason(colours, tmp_path):
+    root, _ = colours
+    data = tmp_path / "data"
+    colour_dataset(data, n=6, seed=1)
+    (data / "masks" / "img00.png").unlink()
+    save_image(data / "masks" / "img01.png", np.zeros((H + 1, W), np.uint8))
+    save_image(data / "masks" / "img02.png", np.full((H, W), 9, np.uint8))
+    (data / "masks" / "img03.png").write_bytes(b"GIF89a not a png")
+    run(compose_cfg(seg_overrides(data, root / "colour.keras")), tmp_path / "run")
+    t = read_layer(tmp_path / "run", "relu")
+    assert list(t["skipped"]) == [0, 1, 2, 3]
+    for reason, words in zip(t["reasons"], ("not found", "is 32x25, its image 32x24", "index 9", "not a PNG")):
+        assert words in reason, reason
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        assert f["dissection"].attrs["images"] == 2
+
+
+def test_a_concept_list_that_does_not_parse_is_one_line(colours, tmp_path):
+    root, _ = colours
+    bad = tmp_path / "concepts.txt"
+    bad.write_text("1 red colour\ntwo green\n")
+    with pytest.raises(PipelineError, match="line 2"):
+        read_concepts(bad)
+    cfg = compose_cfg(seg_overrides(root, root / "colour.keras", f"dataset.concepts={bad}"))
+    with pytest.raises(PipelineError, match=r"dataset.concepts=.* line 2 \('two green'\)"):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
