@@ -165,3 +165,75 @@ def test_a_concept_list_that_does_not_parse_is_one_line(colours, tmp_path):
     with pytest.raises(PipelineError, match=r"dataset.concepts=.* line 2 \('two green'\)"):
         run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def single(colours, tmp_path_factory):
+    root, _ = colours
+    out = tmp_path_factory.mktemp("single") / "run"
+    run(compose_cfg(seg_overrides(root, root / "colour.keras", "stages=[scan,dissect]")), out)
+    return out
+
+
+def tables(run_dir):
+    with h5py.File(run_dir / "results.h5", "r") as f:
+        return {f"{layer}/{key}": f[f"layers/{layer}/dissection/{key}"][()] for layer in ("relu", "pool")
+                for key in ("threshold", "intersection", "unit_area", "iou", "label", "label_iou")}
+
+
+def test_shards_merge_to_the_unsharded_tables(colours, single, tmp_path):
+    root, _ = colours
+    whole = tables(single)
+    for own in (False, True):  # shards with one set of thresholds; shards that sketch their own
+        shards = []
+        for i in range(2):
+            shards.append(tmp_path / f"shard{own}{i}")
+            extra = [] if own else [f"dissect.thresholds={single}"]
+            run(compose_cfg(seg_overrides(root, root / "colour.keras", "stages=[scan,dissect]", "shard.count=2",
+                                          f"shard.index={i}", *extra)), shards[-1])
+        merged = tmp_path / f"merged{own}"
+        run(compose_cfg(seg_overrides(root, root / "colour.keras", "stages=[merge]",
+                                      f"merge.inputs=[{shards[0]},{shards[1]}]")), merged)
+        with h5py.File(merged / "results.h5", "r") as f:
+            if own:  # the merged sketch is the whole sketch: the same thresholds, no IoU yet
+                for layer in ("relu", "pool"):
+                    assert np.array_equal(f[f"layers/{layer}/dissection/threshold"][()], whole[f"{layer}/threshold"])
+                    assert "iou" not in f[f"layers/{layer}/dissection"]
+                continue
+            assert f["dissection"].attrs["images"] == 12
+        got = tables(merged)
+        for key, value in whole.items():
+            assert np.array_equal(got[key], value), key
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_killed_dissection_resumes_from_its_checkpoint_to_identical_tables(colours, single, tmp_path, monkeypatch):
+    import pipeline.stages.dissect as stage
+
+    root, _ = colours
+    calls, fail_at = [], [3 + 2]  # 3 batches of the threshold pass, then the second of the IoU pass
+
+    class Failing(stage.MaskReader):  # the process dies in the IoU pass, one batch committed
+        def __call__(self, ids):
+            calls.append(len(ids))
+            if len(calls) == fail_at[0]:
+                raise Interrupted
+            return super().__call__(ids)
+
+    overrides = seg_overrides(root, root / "colour.keras", "stages=[scan,dissect]", "checkpoint.batches=1")
+    monkeypatch.setattr(stage, "MaskReader", Failing)
+    with pytest.raises(Interrupted):
+        run(compose_cfg(overrides), tmp_path / "run")
+    state = next((tmp_path / "run" / "parts").glob("dissect.*/tally.h5"))
+    with h5py.File(state, "r") as f:
+        assert f.attrs["position"] == 5 and not f.attrs["finished"]  # one batch of 5 committed
+    calls.clear()
+    fail_at[0] = None
+    run(compose_cfg(overrides), tmp_path / "run")
+    assert calls == [5, 2]  # the thresholds kept, the IoU pass resumed at its committed batch
+    whole, got = tables(single), tables(tmp_path / "run")
+    for key, value in whole.items():
+        assert np.array_equal(got[key], value), key

@@ -80,6 +80,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     skipped, errors = stream_pass(tally, masks, table, spec, cfg, ids, work.path / "tally.h5", "dissect: IoU")
     state = tally.state()
     store.write_images(len(table), errors, replace=False)
+    skipped.update({i: f"image unreadable: {why}" for i, why in errors.items()})
     with store.write(PART) as f:
         f.attrs["_stage_print"] = stage_print
         write_concepts(f, concepts, state["label_area"][:-1], skipped, tally.images_seen, cfg)
@@ -225,3 +226,53 @@ def write_layer(f, key: str, limit, rank_error, sketch, inter, unit_area, label_
 def _count_detectors(part: Path, keys) -> list[int]:
     with open_h5(part, "part file") as f:
         return [int(f[f"layers/{k}/dissection"].attrs["detectors"]) for k in keys]
+
+
+def merge_shards(shards, store: Store, cfg) -> None:
+    """The merge stage's part for dissections: the shards' sums added. Shards that used one
+    set of thresholds (dissect.thresholds) merge to the unsharded tables; shards that found
+    their own merge their sketches only, into thresholds for a second sharded pass."""
+    from pipeline.dissect import thresholds
+    from pipeline.segmentation import check_segmentation
+    from pipeline.store import fingerprint
+
+    concepts = check_segmentation(cfg.dataset)
+    parts = [open_h5(s.parts / PART, "part file") for s in shards]
+    try:
+        keys = [k for k in parts[0]["layers"] if "dissection" in parts[0][f"layers/{k}"]]
+        limits = [[p[f"layers/{k}/dissection/threshold"][()] for p in parts] for k in keys]
+        shared = all(np.array_equal(t[0], other, equal_nan=True) for t in limits for other in t[1:])
+        if not shared and not all("sketch" in p[f"layers/{k}/dissection"] for p in parts for k in keys):
+            raise PipelineError("the dissect shards used different thresholds and keep no sketch to merge: run them "
+                                "again with one dissect.thresholds=DIR")
+        skipped, images = {}, 0
+        for p in parts:
+            g = p["dissection"]
+            skipped.update(zip(g["skipped/image"][()].tolist(), read_strings(g["skipped/reason"])))
+            images += int(g.attrs["images"])
+        total = lambda path: sum(p[path][()] for p in parts)  # noqa: E731 - the sums of every shard
+        label_area = total("dissection/label_area")
+        with store.write(PART) as f:
+            f.attrs["_stage_print"] = fingerprint(cfg, KEYS)
+            write_concepts(f, concepts, label_area, skipped, images, cfg)
+            f["dissection"].attrs["merged_from"] = json.dumps([str(s.run_dir) for s in shards])
+            for i, key in enumerate(keys):
+                base = f"layers/{key}/dissection"
+                sketch = total(f"{base}/sketch") if f"{base}/sketch" in parts[0] else None
+                if shared:
+                    errors = parts[0][f"{base}/threshold_rank_error"][()]
+                    if sketch is not None:
+                        errors = thresholds(sketch, float(cfg.dissect.quantile))[1]
+                    write_layer(f, key, limits[i][0], errors, sketch, total(f"{base}/intersection"),
+                                total(f"{base}/unit_area"), label_area, concepts, cfg)
+                else:  # thresholds only: the IoU needs a pass with them
+                    g = f.create_group(base)
+                    g["threshold"], g["threshold_rank_error"] = thresholds(sketch, float(cfg.dissect.quantile))
+                    g.create_dataset("sketch", data=sketch, compression="gzip", shuffle=True)
+    finally:
+        for p in parts:
+            p.close()
+    if not shared:
+        logger.warning("merge: the dissect shards each found their own thresholds: their sketches are merged into "
+                       "thresholds here, without IoU; run the shards again with dissect.thresholds=%s", store.run_dir)
+    store.finish("dissect", fingerprint(cfg, KEYS))
