@@ -319,6 +319,8 @@ class DissectConfig:  # stage: dissect (network dissection, Bau et al. 2017)
     min_iou: float = 0.04
     # a run directory whose dissection thresholds to use instead of computing them (shards)
     thresholds: Optional[str] = None
+    # masks and upsampled maps at the input size / downsample (2: the paper's 112 for 224)
+    downsample: int = 1
 
 
 @dataclass

@@ -62,7 +62,11 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     ids = shard_ids(len(table), cfg.shard.count, cfg.shard.index)
     spec = bundle.preprocessing
     model = feature_model(bundle.model, list(names))
-    masks = MaskReader(table, cfg.dataset, spec, concepts)
+    step = int(cfg.dissect.downsample)
+    if spec.height % step or spec.width % step:
+        raise PipelineError(f"dissect.downsample={step} does not divide the {spec.height}x{spec.width} model input: "
+                            f"use a divisor of both sides (1 keeps the input's resolution)")
+    masks = MaskReader(table, cfg.dataset, spec, concepts, step)
     store.ensure_run(cfg, bundle, table)
     work = store.work("dissect", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
     started = time.perf_counter()
@@ -72,11 +76,12 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         sketches, rank_errors = None, [np.full(len(t), np.nan, np.float32) for t in limits]
         logger.info("dissect: thresholds of %s", cfg.dissect.thresholds)
     else:
-        sketch = Tally(model, list(names), spec, len(concepts), batch_size=int(cfg.batch_size))
+        sketch = Tally(model, list(names), spec, len(concepts), batch_size=int(cfg.batch_size), downsample=step)
         stream_pass(sketch, masks, table, spec, cfg, ids, work.path / "sketch.h5", "dissect: thresholds")
         sketches = [sketch.state()[f"sketch_{i}"] for i in range(len(names))]
         limits, rank_errors = zip(*(thresholds(s, q) for s in sketches))
-    tally = Tally(model, list(names), spec, len(concepts), limits=limits, batch_size=int(cfg.batch_size))
+    tally = Tally(model, list(names), spec, len(concepts), limits=limits, batch_size=int(cfg.batch_size),
+                  downsample=step)
     skipped, errors = stream_pass(tally, masks, table, spec, cfg, ids, work.path / "tally.h5", "dissect: IoU")
     state = tally.state()
     store.write_images(len(table), errors, replace=False)
@@ -97,9 +102,10 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
 class MaskReader:
     """The model-geometry label columns of a batch of image ids, read on a few threads."""
 
-    def __init__(self, table, dataset_cfg, spec, concepts):
+    def __init__(self, table, dataset_cfg, spec, concepts, downsample: int = 1):
         import os
 
+        self.step = downsample
         self.table, self.spec = table, spec
         self.root = os.path.abspath(os.path.expanduser(str(dataset_cfg.path)))
         self.mask_root = os.path.abspath(os.path.expanduser(str(dataset_cfg.masks)))
@@ -113,12 +119,15 @@ class MaskReader:
 
         def one(i):
             path = self.table.paths[i]
-            return read_mask(mask_path(path, self.root, self.mask_root), path, self.spec, self.lookup, self.exif)
+            labels, why = read_mask(mask_path(path, self.root, self.mask_root), path, self.spec, self.lookup, self.exif)
+            # the centre pixel of each downsample x downsample block
+            return (labels if labels is None or self.step == 1 else
+                    labels[self.step // 2::self.step, self.step // 2::self.step]), why
 
         found = list(self.pool.map(one, [int(i) for i in ids]))
         keep = np.asarray([k for k, (m, _) in enumerate(found) if m is not None], np.int64)
         bad = {int(ids[k]): why for k, (m, why) in enumerate(found) if m is None}
-        labels = np.stack([found[k][0] for k in keep]) if len(keep) else np.zeros((0, *self.spec.size), np.int32)
+        labels = np.stack([found[k][0] for k in keep]) if len(keep) else np.zeros((0, self.spec.height // self.step, self.spec.width // self.step), np.int32)
         return labels, keep, bad
 
 
