@@ -12,6 +12,7 @@ from test_pipeline import compose_cfg, tiny_model
 from pipeline.dissect import SKETCH_BUCKETS, MANTISSA_BITS, EXPONENTS, sketch_counts, thresholds
 from pipeline.errors import PipelineError
 from pipeline.preprocess import Preprocessing, to_model_pixels
+from pipeline.render.dissection import detectors_per_category, unit_title
 from pipeline.runner import run
 from pipeline.segmentation import mask_geometry, read_concepts
 
@@ -95,6 +96,13 @@ def test_red_unit_labels_red_the_constant_and_green_units_do_not(colours, tmp_pa
     assert t["label"][2] != RED and t["iou"][2, RED - 1] < 0.05
     coarse = read_layer(tmp_path / "run", "pool")  # a 2x2-pooled map, upsampled: red still, blurred edges
     assert coarse["label"][0] == RED and coarse["label_iou"][0] > 0.3
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:  # the unit card's title words
+        assert unit_title(f["layers/relu"], 0) == "  \u00b7  red (IoU 1.00)"
+        assert unit_title(f["layers/relu"], 1) == "  \u00b7  no concept (best IoU 0.00)"
+        assert detectors_per_category(f["layers/relu"]) == {"colour": 2}  # red and green
+    rows = (tmp_path / "run" / "dissection" / "detectors.csv").read_text().splitlines()
+    assert rows[:3] == ["layer,category,unique_concepts,detector_units", "relu,colour,2,2", "relu,scene,0,0"]
+    assert (tmp_path / "run" / "dissection" / "detectors.png").stat().st_size > 1000
 
 
 def test_thresholds_match_numpy_quantile_within_the_stated_error(tmp_path):
@@ -237,3 +245,4 @@ def test_a_killed_dissection_resumes_from_its_checkpoint_to_identical_tables(col
     whole, got = tables(single), tables(tmp_path / "run")
     for key, value in whole.items():
         assert np.array_equal(got[key], value), key
+

@@ -8,6 +8,8 @@ thresholded, upsampled maps with every concept. Each pass checkpoints its sums a
 stream position into parts/dissect.<print>/<pass>.h5 every `checkpoint.seconds`; a killed
 run resumes there (the sums are integer counts: identical to an uninterrupted run).
 Shards (shard.count) add up in the merge stage when they share their thresholds.
+Also written: run_dir/dissection/detectors.png and detectors.csv, the unique detectors per
+category of each layer.
 
 results.h5:
 
@@ -19,6 +21,7 @@ results.h5:
       threshold (C,) float32, threshold_rank_error (C,) float32, sketch (C, B) int64
       intersection (C, L) int64, unit_area (C,) int64
       iou (C, L) float32, label (C,) int64 concept index (-1: none), label_iou (C,) float32,
+      label_name (C,) utf-8 the best concept's name ('' where every IoU is 0),
       category (C,) utf-8 ('' where the unit is no detector), detector (C,) bool
 """
 
@@ -35,6 +38,7 @@ from tqdm import tqdm
 
 from pipeline.datasets import BatchStream, list_images
 from pipeline.errors import PipelineError
+from pipeline.render.dissection import write_summary
 from pipeline.store import Pacer, Store, atomic_h5, damage, open_h5, read_strings, remove_checked, write_strings
 
 logger = logging.getLogger(__name__)
@@ -91,9 +95,10 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         write_concepts(f, concepts, state["label_area"][:-1], skipped, tally.images_seen, cfg)
         for i, key in enumerate(keys):
             write_layer(f, key, limits[i], rank_errors[i], None if sketches is None else sketches[i],
-                        state[f"inter_{i}"][:, :-1], state[f"area_{i}"], state["label_area"][:-1], concepts, cfg)
+                        state[f"inter_{i}"][:, :-1], state[f"area_{i}"], state["label_area"][:-1], concepts, cfg, i)
     for name in ("sketch.h5", "tally.h5"):
         remove_checked(work.path / name)
+    write_summary(store.parts / PART, run_dir / "dissection")
     detectors = _count_detectors(store.parts / PART, keys)
     logger.info("dissect: %d images (%d skipped), %s, %.1f s", tally.images_seen, len(skipped),
                 ", ".join(f"{k}: {n} detectors" for k, n in zip(keys, detectors)), time.perf_counter() - started)
@@ -209,7 +214,8 @@ def write_concepts(f, concepts, label_area: np.ndarray, skipped: dict, images: i
                    thresholds_from=str(cfg.dissect.thresholds or ""))
 
 
-def write_layer(f, key: str, limit, rank_error, sketch, inter, unit_area, label_area, concepts, cfg) -> None:
+def write_layer(f, key: str, limit, rank_error, sketch, inter, unit_area, label_area, concepts, cfg,
+                depth: int = 0) -> None:
     """layers/<key>/dissection/: the sums (they merge) and the table and labels read from them."""
     from pipeline.dissect import best_labels, iou_table
 
@@ -228,7 +234,8 @@ def write_layer(f, key: str, limit, rank_error, sketch, inter, unit_area, label_
     g["label_iou"] = best
     g["detector"] = detector
     write_strings(g, "category", [concepts.categories[c] if d else "" for c, d in zip(column, detector)])
-    g.attrs.update(concepts=json.dumps(concepts.names), quantile=float(cfg.dissect.quantile),
+    write_strings(g, "label_name", [concepts.names[c] if c >= 0 else "" for c in column])
+    g.attrs.update(depth=depth, concepts=json.dumps(concepts.names), quantile=float(cfg.dissect.quantile),
                    min_iou=float(cfg.dissect.min_iou), detectors=int(detector.sum()))
 
 
@@ -273,7 +280,7 @@ def merge_shards(shards, store: Store, cfg) -> None:
                     if sketch is not None:
                         errors = thresholds(sketch, float(cfg.dissect.quantile))[1]
                     write_layer(f, key, limits[i][0], errors, sketch, total(f"{base}/intersection"),
-                                total(f"{base}/unit_area"), label_area, concepts, cfg)
+                                total(f"{base}/unit_area"), label_area, concepts, cfg, i)
                 else:  # thresholds only: the IoU needs a pass with them
                     g = f.create_group(base)
                     g["threshold"], g["threshold_rank_error"] = thresholds(sketch, float(cfg.dissect.quantile))
