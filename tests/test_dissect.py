@@ -246,3 +246,32 @@ def test_a_killed_dissection_resumes_from_its_checkpoint_to_identical_tables(col
     for key, value in whole.items():
         assert np.array_equal(got[key], value), key
 
+
+
+def test_tally_sums_match_numpy_with_either_product(colours, monkeypatch):
+    """Intersections and areas of the device pass against numpy's count of the definition,
+    for the one-hot product and the segment sum (many concepts), on an upsampled map."""
+    import pipeline.dissect as dissect
+    from pipeline.graph import feature_model
+
+    root, _ = colours
+    model = feature_model(keras.models.load_model(root / "colour.keras"), ["pool"])
+    spec = Preprocessing(H, W, normalize="unit")
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, (6, H, W, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, (6, H, W)).astype(np.int32)  # slot 3: unlabelled
+    limits = [np.array([0.2037, 0.5013, 0.1071], np.float32)]  # off the grid of k / (255 * 16): no ties
+    maps = np.concatenate([model(tf.cast(b, tf.float32) / 255.0) for b in (pixels[:4], pixels[4:])])  # as batched
+    up = tf.image.resize(maps, (H, W), method="bilinear").numpy()
+    hit = up > limits[0]
+    expected = np.stack([[(hit[..., k] & (labels == c)).sum() for c in range(4)] for k in range(3)])
+    for budget in (dissect.ONEHOT_BUDGET, 0):
+        monkeypatch.setattr(dissect, "ONEHOT_BUDGET", budget)
+        tally = dissect.Tally(model, ["pool"], spec, 3, limits=limits)
+        assert tally.onehot == (budget > 0)
+        tally.update(tf.constant(pixels[:4]), labels[:4])
+        tally.update(tf.constant(pixels[4:]), labels[4:])
+        state = tally.state()
+        assert np.array_equal(state["inter_0"], expected)
+        assert np.array_equal(state["area_0"], hit.sum(axis=(0, 1, 2)))
+        assert np.array_equal(state["label_area"], np.bincount(labels.ravel(), minlength=4))

@@ -80,12 +80,11 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         sketches, rank_errors = None, [np.full(len(t), np.nan, np.float32) for t in limits]
         logger.info("dissect: thresholds of %s", cfg.dissect.thresholds)
     else:
-        sketch = Tally(model, list(names), spec, len(concepts), batch_size=int(cfg.batch_size), downsample=step)
+        sketch = Tally(model, list(names), spec, len(concepts), downsample=step)
         stream_pass(sketch, masks, table, spec, cfg, ids, work.path / "sketch.h5", "dissect: thresholds")
         sketches = [sketch.state()[f"sketch_{i}"] for i in range(len(names))]
         limits, rank_errors = zip(*(thresholds(s, q) for s in sketches))
-    tally = Tally(model, list(names), spec, len(concepts), limits=limits, batch_size=int(cfg.batch_size),
-                  downsample=step)
+    tally = Tally(model, list(names), spec, len(concepts), limits=limits, downsample=step)
     skipped, errors = stream_pass(tally, masks, table, spec, cfg, ids, work.path / "tally.h5", "dissect: IoU")
     state = tally.state()
     store.write_images(len(table), errors, replace=False)
