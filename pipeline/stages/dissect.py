@@ -43,7 +43,7 @@ from pipeline.store import Pacer, Store, atomic_h5, damage, open_h5, read_string
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("model", "dataset", "layers", "geometry", "dissect", "shard")
+KEYS = ("model", "dataset", "layers", "dissect", "shard")
 PART = "dissect.h5"
 
 
@@ -70,13 +70,21 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     if spec.height % step or spec.width % step:
         raise PipelineError(f"dissect.downsample={step} does not divide the {spec.height}x{spec.width} model input: "
                             f"use a divisor of both sides (1 keeps the input's resolution)")
-    masks = MaskReader(table, cfg.dataset, spec, concepts, step)
     store.ensure_run(cfg, bundle, table)
+    if store.part_print(PART) == stage_print:  # killed between writing the part and recording it
+        logger.info("dissect: its tables are already written, kept")
+        return
+    masks = MaskReader(table, cfg.dataset, spec, concepts, step)
     work = store.work("dissect", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
     started = time.perf_counter()
     q = float(cfg.dissect.quantile)
     if cfg.dissect.thresholds:
         limits = read_thresholds(Path(str(cfg.dissect.thresholds)), keys)
+        channels = [int(t.shape[-1]) for t in model.outputs] if isinstance(model.outputs, (list, tuple)) else []
+        if channels and [len(t) for t in limits] != channels:
+            raise PipelineError(f"dissect.thresholds={cfg.dissect.thresholds} holds thresholds of "
+                                f"{[len(t) for t in limits]} units, the layers here have {channels}: name a run "
+                                f"directory that dissected these layers of this model")
         sketches, rank_errors = None, [np.full(len(t), np.nan, np.float32) for t in limits]
         logger.info("dissect: thresholds of %s", cfg.dissect.thresholds)
     else:
@@ -86,6 +94,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         limits, rank_errors = zip(*(thresholds(s, q) for s in sketches))
     tally = Tally(model, list(names), spec, len(concepts), limits=limits, downsample=step)
     skipped, errors = stream_pass(tally, masks, table, spec, cfg, ids, work.path / "tally.h5", "dissect: IoU")
+    masks.pool.shutdown()
     state = tally.state()
     store.write_images(len(table), errors, replace=False)
     skipped.update({i: f"image unreadable: {why}" for i, why in errors.items()})
