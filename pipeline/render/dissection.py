@@ -40,6 +40,7 @@ def write_summary(index, out_dir) -> list:
 
     import h5py
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -69,6 +70,7 @@ def write_summary(index, out_dir) -> list:
         ax.bar(np.arange(len(names)) + j * width, [r[2] for r in rows if r[1] == c], width, label=c)
     ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("unique detectors")
+    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_title("unique detectors per category (IoU above dissect.min_iou)", fontsize=9)
     ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
