@@ -275,3 +275,31 @@ def test_tally_sums_match_numpy_with_either_product(colours, monkeypatch):
         assert np.array_equal(state["inter_0"], expected)
         assert np.array_equal(state["area_0"], hit.sum(axis=(0, 1, 2)))
         assert np.array_equal(state["label_area"], np.bincount(labels.ravel(), minlength=4))
+    # dissect.downsample=2: masks sampled at each 2x2 block's centre pixel, maps upsampled to them
+    tally = dissect.Tally(model, ["pool"], spec, 3, limits=limits, downsample=2)
+    small = labels[:, 1::2, 1::2]
+    tally.update(tf.constant(pixels[:4]), small[:4])
+    tally.update(tf.constant(pixels[4:]), small[4:])
+    hit = tf.image.resize(maps, (H // 2, W // 2), method="bilinear").numpy() > limits[0]
+    expected = np.stack([[(hit[..., k] & (small == c)).sum() for c in range(4)] for k in range(3)])
+    assert np.array_equal(tally.state()["inter_0"], expected)
+
+
+def test_mask_reader_samples_block_centres_and_keeps_order(colours):
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from pipeline.datasets import list_images
+    from pipeline.stages.dissect import MaskReader
+
+    root, _ = colours
+    cfg = OmegaConf.create(dict(kind="segmentation", path=str(root / "images"), masks=str(root / "masks"),
+                                concepts=str(root / "concepts.txt"), limit=None, split=None))
+    table, spec = list_images(cfg), Preprocessing(H, W, resize="exact", normalize="unit")
+    concepts = read_concepts(root / "concepts.txt")
+    full, keep, bad = MaskReader(table, cfg, spec, concepts)(np.array([3, 1]))
+    half, _, _ = MaskReader(table, cfg, spec, concepts, 2)(np.array([3, 1]))
+    stored = np.asarray(Image.open(root / "masks" / "img03.png"))
+    assert list(keep) == [0, 1] and not bad
+    assert np.array_equal(full[0], np.where(stored == 0, 3, stored - 1))  # columns; unlabelled: the last slot
+    assert np.array_equal(half, full[:, 1::2, 1::2])
