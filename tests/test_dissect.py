@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from conftest import save_image
 from test_pipeline import compose_cfg, tiny_model
-from pipeline.dissect import SKETCH_BUCKETS, MANTISSA_BITS, EXPONENTS, sketch_counts, thresholds
+from pipeline.dissect import EXPONENTS, MANTISSA_BITS, SKETCH_BUCKETS, sketch_counts, thresholds
 from pipeline.errors import PipelineError
 from pipeline.preprocess import Preprocessing, to_model_pixels
 from pipeline.render.dissection import detectors_per_category, unit_title
@@ -251,7 +251,7 @@ def test_a_killed_dissection_resumes_from_its_checkpoint_to_identical_tables(col
 def test_tally_sums_match_numpy_with_either_product(colours, monkeypatch):
     """Intersections and areas of the device pass against numpy's count of the definition,
     for the one-hot product and the segment sum (many concepts), on an upsampled map."""
-    import pipeline.dissect as dissect
+    from pipeline import dissect
     from pipeline.graph import feature_model
 
     root, _ = colours
@@ -293,8 +293,8 @@ def test_mask_reader_samples_block_centres_and_keeps_order(colours):
     from pipeline.stages.dissect import MaskReader
 
     root, _ = colours
-    cfg = OmegaConf.create(dict(kind="segmentation", path=str(root / "images"), masks=str(root / "masks"),
-                                concepts=str(root / "concepts.txt"), limit=None, split=None))
+    cfg = OmegaConf.create({"kind": "segmentation", "path": str(root / "images"), "masks": str(root / "masks"),
+                            "concepts": str(root / "concepts.txt"), "limit": None, "split": None})
     table, spec = list_images(cfg), Preprocessing(H, W, resize="exact", normalize="unit")
     concepts = read_concepts(root / "concepts.txt")
     full, keep, bad = MaskReader(table, cfg, spec, concepts)(np.array([3, 1]))
