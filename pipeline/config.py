@@ -59,6 +59,10 @@ class DatasetConfig:
     # turn photos upright by their EXIF orientation (tag 0x0112, set by phones and cameras),
     # wherever pixels come from a file; false: pixels as stored
     exif: bool = True
+    # segmentation: the folder of label PNGs (same relative path and stem as each image; each
+    # pixel a concept index, 0 unlabelled) and the concept list ('index name [category]' lines)
+    masks: Optional[str] = None
+    concepts: Optional[str] = None
 
 
 @dataclass
@@ -308,6 +312,18 @@ class RandomizationConfig:  # stage: randomization
 
 
 @dataclass
+class DissectConfig:  # stage: dissect (network dissection, Bau et al. 2017)
+    # T_k: the level each unit exceeds at this share of all positions of all images
+    quantile: float = 0.005
+    # a unit is a detector of its best concept when that IoU is above this
+    min_iou: float = 0.04
+    # a run directory whose dissection thresholds to use instead of computing them (shards)
+    thresholds: Optional[str] = None
+    # masks and upsampled maps at the input size / downsample (2: the paper's 112 for 224)
+    downsample: int = 1
+
+
+@dataclass
 class ReportConfig:  # stage: report
     # a card (PNG) and a thumbnail for every unit, and one HTML page per layer
     cards: bool = True
@@ -348,6 +364,7 @@ class Config:
     invariance: InvarianceConfig = field(default_factory=InvarianceConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     randomization: RandomizationConfig = field(default_factory=RandomizationConfig)
+    dissect: DissectConfig = field(default_factory=DissectConfig)
     # where converted models are cached (null: $CNN_LENS_CACHE or ~/.cache/cnn-lens)
     cache_dir: Optional[str] = None
     # recompute stages whose results are already in the run directory

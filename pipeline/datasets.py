@@ -62,14 +62,14 @@ def list_images(cfg) -> ImageTable:
     kind = cfg.kind
     if kind == "samples":
         table = _samples()
-    elif kind == "folder":
+    elif kind in ("folder", "segmentation"):  # segmentation: its masks are read by the dissect stage
         table = _folder(_existing(cfg.path, "dataset.path"))
     elif kind == "filelist":
         table = _filelist(_existing(cfg.path, "dataset.path"))
     elif kind == "idx":
         table = _idx(_existing(cfg.path, "dataset.path"), cfg.split or "train", _max_bytes(cfg))
     else:
-        raise PipelineError(f"unknown dataset kind {kind!r}: use dataset=samples|folder|filelist|idx")
+        raise PipelineError(f"unknown dataset kind {kind!r}: use dataset=samples|folder|filelist|idx|segmentation")
     if cfg.limit is not None:
         n = int(cfg.limit)
         table = ImageTable(table.paths[:n], table.labels[:n], table.class_names,

@@ -69,7 +69,8 @@ def run(cfg, run_dir: Path) -> Path:
 
 # the users' files a run records: stored absolute, so a viewer or report started from
 # another folder still finds them
-PATH_KEYS = ("model.path", "model.weights_path", "model.run_dir", "dataset.path")
+PATH_KEYS = ("model.path", "model.weights_path", "model.run_dir", "dataset.path", "dataset.masks", "dataset.concepts",
+             "dissect.thresholds")
 
 
 def absolute_paths(cfg) -> None:

@@ -61,6 +61,9 @@ RULES: dict[str, tuple] = {
     "invariance.steps": (1, None, True, False),
     "report.units": (0, None, True, False),
     "report.per_image": (0, None, True, False),
+    "dissect.quantile": ((0,), (1,), False, False),
+    "dissect.min_iou": (0, 1, False, False),
+    "dissect.downsample": (1, None, True, False),
 }
 
 
@@ -89,6 +92,10 @@ def check_config(cfg, schema=None) -> None:
     if not (panel_layers in ("cropped", "all") or isinstance(panel_layers, ListConfig)):
         raise PipelineError(f"panels.layers={panel_layers}: use cropped, all or a list of scanned layers, "
                             f"e.g. panels.layers=[features_7_conv_0_2]")
+    if OmegaConf.select(cfg, "dataset.kind") == "segmentation":  # the concept list parses before anything runs
+        from pipeline.segmentation import check_segmentation
+
+        check_segmentation(cfg.dataset)
     if not list(cfg.stages):
         raise PipelineError("stages=[] runs nothing: list the stages to run, e.g. stages=[scan,crop,report]")
 

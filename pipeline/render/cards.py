@@ -927,10 +927,12 @@ class LayerCards:
             draw_text(cards[i], note, x0 + cw / 2, y0 + ch + 15, 10, MUTED, align="center", max_width=cw)
 
     def _unit_text(self, card: np.ndarray, c: int) -> None:
+        from pipeline.render.dissection import unit_title
+
         lay = self.layout
         info = self.info
-        draw_text(card, f"{info.name}  \u00b7  unit {c}", MARGIN, 8, 18, (0, 0, 0), bold=True,
-                  max_width=lay.width - 2 * MARGIN)
+        draw_text(card, f"{info.name}  \u00b7  unit {c}{unit_title(self.group, c)}", MARGIN, 8, 18, (0, 0, 0),
+                  bold=True, max_width=lay.width - 2 * MARGIN)
         y = lay.stats_y
         st = self.stats
         parts = []

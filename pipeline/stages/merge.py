@@ -87,6 +87,10 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
             first.copy(first[f"layers/{key}/geometry"], g, "geometry")
             _write_layer(g, merged[key])
     store.finish("scan", scan_print)
+    if all("dissect" in s.stages_done() for s in shards):  # dissections' sums add up as well
+        from pipeline.stages.dissect import merge_shards
+
+        merge_shards(shards, store, cfg)
     logger.info("merged %d shard scans: %d images scanned, %d unreadable", len(shards), int(scanned.sum()),
                 len(errors))
 

@@ -1,0 +1,114 @@
+"""Network dissection throughput against a scan of the same images and layers.
+
+Generates --images photos (--size pixels, JPEG) with label PNGs of --concepts concepts, a
+tiny convolutional network at a 224x224 input (ImageNet-like sizes), and runs, each in a
+fresh run directory and in this process, `stages=[scan]` and then `stages=[dissect]` over
+the same images and layers (the dissect stage's two passes: thresholds, then IoU). Prints
+images/s of each and the ratio dissect time / scan time (target: at most 2).
+
+    python benchmarks/dissect_throughput.py [--images 256] [--batch 32] [--model tiny|default] [--downsample 2]
+
+--model default dissects the embedded MobileNetV2 (its default layers) instead; its
+weights must be in the cache (a first run of run.py fetches them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+
+def make_data(root: Path, n: int, size: tuple[int, int], concepts: int) -> None:
+    """Photos of coloured rectangles on noise, with their label maps."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    palette = rng.integers(0, 256, (concepts + 1, 3))
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        mask = np.zeros(size, np.uint8)
+        for _ in range(6):
+            y, x = rng.integers(0, size[0] - 32), rng.integers(0, size[1] - 32)
+            h, w = rng.integers(16, size[0] // 2), rng.integers(16, size[1] // 2)
+            mask[y:y + h, x:x + w] = rng.integers(1, concepts + 1)
+        image = np.clip(palette[mask] + rng.normal(0, 20, size + (3,)), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"{i:05d}.jpg", quality=90)
+        Image.fromarray(mask).save(root / "masks" / f"{i:05d}.png")
+    (root / "concepts.txt").write_text("".join(f"{c} concept{c} {'object' if c % 2 else 'part'}\n"
+                                               for c in range(1, concepts + 1)))
+
+
+def tiny_model(path: Path) -> None:
+    import keras
+
+    inp = keras.Input((224, 224, 3))
+    x = inp
+    for i, channels in enumerate((16, 32, 64)):
+        x = keras.layers.Conv2D(channels, 3, strides=2, padding="same", name=f"conv{i}")(x)
+        x = keras.layers.ReLU(name=f"relu{i}")(x)
+    out = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(x))
+    keras.Model(inp, out).save(path)
+
+
+def timed_run(overrides: list[str], run_dir: Path) -> float:
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.runner import run
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    start = time.perf_counter()
+    run(cfg, run_dir)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, nargs=2, default=(256, 320), help="photo height and width")
+    parser.add_argument("--concepts", type=int, default=20)
+    parser.add_argument("--model", choices=("tiny", "default"), default="tiny")
+    parser.add_argument("--downsample", type=int, default=1, help="dissect.downsample (2: masks at 112 for 224)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    import pipeline.config  # noqa: F401  (registers the structured configs)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_data(tmp / "data", args.images, tuple(args.size), args.concepts)
+        if args.model == "tiny":
+            tiny_model(tmp / "tiny.keras")
+            model = ["model=file", f"model.path={tmp / 'tiny.keras'}", "model.preprocess=unit",
+                     "layers=[relu0,relu1,relu2]"]
+        else:
+            model = []
+        common = model + ["dataset=segmentation", f"dataset.path={tmp / 'data' / 'images'}",
+                          f"dataset.masks={tmp / 'data' / 'masks'}", f"dataset.concepts={tmp / 'data' / 'concepts.txt'}",
+                          f"batch_size={args.batch}", "checkpoint.seconds=3600"]
+        # a warm-up of both on a few images: TensorFlow's first traces are not the stages' cost
+        timed_run(common + ["stages=[scan,dissect]", "dataset.limit=" + str(args.batch)], tmp / "warm")
+        scan = timed_run(common + ["stages=[scan]"], tmp / "scan")
+        dissect = timed_run(common + ["stages=[dissect]", f"dissect.downsample={args.downsample}"], tmp / "dissect")
+    n = args.images
+    print(f"model {args.model}, {n} images of {args.size[0]}x{args.size[1]} at a 224x224 input, batch {args.batch}, "
+          f"dissect.downsample={args.downsample}")
+    print(f"scan     {n / scan:8.1f} images/s  ({scan:.1f} s)")
+    print(f"dissect  {n / dissect:8.1f} images/s  ({dissect:.1f} s: thresholds pass + IoU pass)")
+    print(f"dissect / scan time: {dissect / scan:.2f}x (target <= 2)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+"""`dissect` stage: network dissection (Bau et al. 2017) of the chosen layers on a
+segmentation dataset (dataset=segmentation): every unit's concept label and its IoU.
+
+Two streamed passes over the images whose mask is usable (pipeline.dissect): the first
+sketches each unit's activations to find T_k (skipped when `dissect.thresholds` names a
+run directory whose thresholds to use), the second sums intersections and unions of the
+thresholded, upsampled maps with every concept. Each pass checkpoints its sums and the
+stream position into parts/dissect.<print>/<pass>.h5 every `checkpoint.seconds`; a killed
+run resumes there (the sums are integer counts: identical to an uninterrupted run).
+Shards (shard.count) add up in the merge stage when they share their thresholds.
+Also written: run_dir/dissection/detectors.png and detectors.csv, the unique detectors per
+category of each layer.
+
+results.h5:
+
+    dissection/                    attrs: quantile, min_iou, images (dissected), thresholds_from
+      concept_index (L,) int64, concept_name (L,) utf-8, concept_category (L,) utf-8
+      label_area (L,) int64        pixels of each concept over the dissected images
+      skipped/image (n,) int64, skipped/reason (n,) utf-8: images left out (mask or image unusable)
+    layers/<layer>/dissection/     attrs: concepts (JSON names), quantile, min_iou, detectors
+      threshold (C,) float32, threshold_rank_error (C,) float32, sketch (C, B) int64
+      intersection (C, L) int64, unit_area (C,) int64
+      iou (C, L) float32, label (C,) int64 concept index (-1: none), label_iou (C,) float32,
+      label_name (C,) utf-8 the best concept's name ('' where every IoU is 0),
+      category (C,) utf-8 ('' where the unit is no detector), detector (C,) bool
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.datasets import BatchStream, list_images
+from pipeline.errors import PipelineError
+from pipeline.render.dissection import write_summary
+from pipeline.store import Pacer, Store, atomic_h5, damage, open_h5, read_strings, remove_checked, write_strings
+
+logger = logging.getLogger(__name__)
+
+KEYS = ("model", "dataset", "layers", "dissect", "shard")
+PART = "dissect.h5"
+
+
+def run(cfg, run_dir: Path, stage_print: str) -> None:
+    from pipeline.dissect import Tally, thresholds
+    from pipeline.graph import feature_model
+    from pipeline.layers import chosen_layers
+    from pipeline.models.sources import load_model
+    from pipeline.segmentation import check_segmentation
+    from pipeline.stages.scan import shard_ids
+
+    if cfg.dataset.kind != "segmentation":
+        raise PipelineError(f"stage dissect needs label masks: use dataset=segmentation dataset.path=IMAGES "
+                            f"dataset.masks=MASKS dataset.concepts=FILE (dataset={cfg.dataset.kind} has none)")
+    concepts = check_segmentation(cfg.dataset)
+    store = Store(run_dir)
+    bundle = load_model(cfg.model, cfg.cache_dir)
+    table = list_images(cfg.dataset)
+    keys, names = zip(*chosen_layers(bundle.model, cfg.layers))
+    ids = shard_ids(len(table), cfg.shard.count, cfg.shard.index)
+    spec = bundle.preprocessing
+    model = feature_model(bundle.model, list(names))
+    step = int(cfg.dissect.downsample)
+    if spec.height % step or spec.width % step:
+        raise PipelineError(f"dissect.downsample={step} does not divide the {spec.height}x{spec.width} model input: "
+                            f"use a divisor of both sides (1 keeps the input's resolution)")
+    store.ensure_run(cfg, bundle, table)
+    if store.part_print(PART) == stage_print:  # killed between writing the part and recording it
+        logger.info("dissect: its tables are already written, kept")
+        return
+    masks = MaskReader(table, cfg.dataset, spec, concepts, step)
+    work = store.work("dissect", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
+    started = time.perf_counter()
+    q = float(cfg.dissect.quantile)
+    if cfg.dissect.thresholds:
+        limits = read_thresholds(Path(str(cfg.dissect.thresholds)), keys)
+        channels = [int(t.shape[-1]) for t in model.outputs] if isinstance(model.outputs, (list, tuple)) else []
+        if channels and [len(t) for t in limits] != channels:
+            raise PipelineError(f"dissect.thresholds={cfg.dissect.thresholds} holds thresholds of "
+                                f"{[len(t) for t in limits]} units, the layers here have {channels}: name a run "
+                                f"directory that dissected these layers of this model")
+        sketches, rank_errors = None, [np.full(len(t), np.nan, np.float32) for t in limits]
+        logger.info("dissect: thresholds of %s", cfg.dissect.thresholds)
+    else:
+        sketch = Tally(model, list(names), spec, len(concepts), downsample=step)
+        stream_pass(sketch, masks, table, spec, cfg, ids, work.path / "sketch.h5", "dissect: thresholds")
+        sketches = [sketch.state()[f"sketch_{i}"] for i in range(len(names))]
+        limits, rank_errors = zip(*(thresholds(s, q) for s in sketches))
+    tally = Tally(model, list(names), spec, len(concepts), limits=limits, downsample=step)
+    skipped, errors = stream_pass(tally, masks, table, spec, cfg, ids, work.path / "tally.h5", "dissect: IoU")
+    masks.pool.shutdown()
+    state = tally.state()
+    store.write_images(len(table), errors, replace=False)
+    skipped.update({i: f"image unreadable: {why}" for i, why in errors.items()})
+    with store.write(PART) as f:
+        f.attrs["_stage_print"] = stage_print
+        write_concepts(f, concepts, state["label_area"][:-1], skipped, tally.images_seen, cfg)
+        for i, key in enumerate(keys):
+            write_layer(f, key, limits[i], rank_errors[i], None if sketches is None else sketches[i],
+                        state[f"inter_{i}"][:, :-1], state[f"area_{i}"], state["label_area"][:-1], concepts, cfg, i)
+    for name in ("sketch.h5", "tally.h5"):
+        remove_checked(work.path / name)
+    write_summary(store.parts / PART, run_dir / "dissection")
+    detectors = _count_detectors(store.parts / PART, keys)
+    logger.info("dissect: %d images (%d skipped), %s, %.1f s", tally.images_seen, len(skipped),
+                ", ".join(f"{k}: {n} detectors" for k, n in zip(keys, detectors)), time.perf_counter() - started)
+
+
+class MaskReader:
+    """The model-geometry label columns of a batch of image ids, read on a few threads."""
+
+    def __init__(self, table, dataset_cfg, spec, concepts, downsample: int = 1):
+        import os
+
+        self.step = downsample
+        self.table, self.spec = table, spec
+        self.root = os.path.abspath(os.path.expanduser(str(dataset_cfg.path)))
+        self.mask_root = os.path.abspath(os.path.expanduser(str(dataset_cfg.masks)))
+        self.lookup = concepts.column_of()
+        self.exif = bool(dataset_cfg.get("exif", True))
+        self.pool = ThreadPoolExecutor(4)  # PNG decoding releases the GIL
+
+    def __call__(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+        """(labels (n, H, W) int32 of the usable ones, their positions in ids, {id: reason})."""
+        from pipeline.segmentation import mask_path, read_mask
+
+        def one(i):
+            path = self.table.paths[i]
+            labels, why = read_mask(mask_path(path, self.root, self.mask_root), path, self.spec, self.lookup, self.exif)
+            # the centre pixel of each downsample x downsample block
+            return (labels if labels is None or self.step == 1 else
+                    labels[self.step // 2::self.step, self.step // 2::self.step]), why
+
+        found = list(self.pool.map(one, [int(i) for i in ids]))
+        keep = np.asarray([k for k, (m, _) in enumerate(found) if m is not None], np.int64)
+        bad = {int(ids[k]): why for k, (m, why) in enumerate(found) if m is None}
+        labels = np.stack([found[k][0] for k in keep]) if len(keep) else np.zeros((0, self.spec.height // self.step, self.spec.width // self.step), np.int32)
+        return labels, keep, bad
+
+
+def stream_pass(tally, masks: MaskReader, table, spec, cfg, ids: np.ndarray, state_path: Path, desc: str):
+    """Stream `ids` through `tally` (the images whose mask is usable), checkpointing into
+    `state_path` and resuming from it; returns ({id: mask reason}, {id: unreadable image})."""
+    import tensorflow as tf
+
+    position, dropped, skipped, finished = 0, [], {}, False
+    why = damage(state_path) if state_path.exists() else "missing"
+    if why not in ("missing", None):
+        logger.warning("%s: checkpoint %s is damaged (%s): the pass starts again", desc, state_path, why)
+        remove_checked(state_path)
+    elif why is None:
+        with open_h5(state_path, "dissect checkpoint") as f:
+            position, finished = int(f.attrs["position"]), bool(f.attrs["finished"])
+            dropped = f["dropped"][()].tolist()
+            skipped = dict(zip(f["skipped/image"][()].tolist(), read_strings(f["skipped/reason"])))
+            tally.load_state({k: f[f"state/{k}"][()] for k in f["state"]}, int(f.attrs["images_seen"]))
+        logger.info("%s: resuming at image %d of %d", desc, position, len(ids))
+    stream = BatchStream(table, spec, int(cfg.batch_size), ids=ids[position:], dropped=dropped)
+    if finished:
+        stream.dropped = []  # the pass (its Pillow retries too) is in the checkpoint
+    pacer = Pacer(cfg.checkpoint)
+
+    def feed(batch_ids, pixels):
+        labels, keep, bad = masks(batch_ids)
+        skipped.update(bad)
+        if len(keep):
+            tally.update(tf.gather(pixels, keep) if len(keep) < len(batch_ids) else pixels, labels)
+
+    if not finished:
+        with tqdm(total=len(ids), initial=position, desc=desc, unit="img") as bar:
+            for batch_ids, pixels in stream.main():
+                feed(batch_ids, pixels)
+                bar.update(stream.position + position - bar.n)
+                if pacer.due():
+                    _checkpoint(state_path, tally, position + stream.position, stream.dropped, skipped, False)
+        for batch_ids, pixels in stream.fallback():
+            feed(batch_ids, pixels)
+        _checkpoint(state_path, tally, len(ids), [], skipped, True, stream.errors)
+    with open_h5(state_path, "dissect checkpoint") as f:
+        errors = dict(zip(f["errors/image"][()].tolist(), read_strings(f["errors/reason"])))
+    return skipped, errors
+
+
+def _checkpoint(path: Path, tally, position: int, dropped, skipped: dict, finished: bool, errors=None) -> None:
+    with atomic_h5(path, checked=True) as f:
+        f.attrs.update(position=position, finished=finished, images_seen=tally.images_seen)
+        f["dropped"] = np.asarray(sorted(dropped), np.int64)
+        for group, table in (("skipped", skipped), ("errors", errors or {})):
+            g = f.create_group(group)
+            g["image"] = np.asarray(sorted(table), np.int64)
+            write_strings(g, "reason", [table[i] for i in sorted(table)])
+        for key, array in tally.state().items():
+            f.create_dataset(f"state/{key}", data=array, compression="gzip" if array.ndim > 1 else None)
+
+
+def read_thresholds(run_dir: Path, keys) -> list[np.ndarray]:
+    """Per layer key, the thresholds a finished dissection in `run_dir` found."""
+    with Store(run_dir).open() as f:
+        missing = [k for k in keys if f"layers/{k}/dissection/threshold" not in f]
+        if missing:
+            raise PipelineError(f"dissect.thresholds={run_dir} holds no dissection of layer(s) {', '.join(missing)}: "
+                                f"name a run directory that dissected the same layers")
+        return [f[f"layers/{k}/dissection/threshold"][()] for k in keys]
+
+
+def write_concepts(f, concepts, label_area: np.ndarray, skipped: dict, images: int, cfg) -> None:
+    g = f.create_group("dissection")
+    g["concept_index"] = concepts.index
+    write_strings(g, "concept_name", concepts.names)
+    write_strings(g, "concept_category", concepts.categories)
+    g["label_area"] = np.asarray(label_area, np.int64)
+    s = g.create_group("skipped")
+    s["image"] = np.asarray(sorted(skipped), np.int64)
+    write_strings(s, "reason", [skipped[i] for i in sorted(skipped)])
+    g.attrs.update(quantile=float(cfg.dissect.quantile), min_iou=float(cfg.dissect.min_iou), images=int(images),
+                   thresholds_from=str(cfg.dissect.thresholds or ""))
+
+
+def write_layer(f, key: str, limit, rank_error, sketch, inter, unit_area, label_area, concepts, cfg,
+                depth: int = 0) -> None:
+    """layers/<key>/dissection/: the sums (they merge) and the table and labels read from them."""
+    from pipeline.dissect import best_labels, iou_table
+
+    g = f.create_group(f"layers/{key}/dissection")
+    g["threshold"] = np.asarray(limit, np.float32)
+    g["threshold_rank_error"] = np.asarray(rank_error, np.float32)
+    if sketch is not None:
+        g.create_dataset("sketch", data=sketch, compression="gzip", shuffle=True)
+    g["intersection"] = np.asarray(inter, np.int64)
+    g["unit_area"] = np.asarray(unit_area, np.int64)
+    iou = iou_table(inter, unit_area, label_area)
+    column, best = best_labels(iou)
+    detector = best > float(cfg.dissect.min_iou)
+    g.create_dataset("iou", data=iou, compression="gzip")
+    g["label"] = np.where(column >= 0, concepts.index[np.maximum(column, 0)], -1).astype(np.int64)
+    g["label_iou"] = best
+    g["detector"] = detector
+    write_strings(g, "category", [concepts.categories[c] if d else "" for c, d in zip(column, detector)])
+    write_strings(g, "label_name", [concepts.names[c] if c >= 0 else "" for c in column])
+    g.attrs.update(depth=depth, concepts=json.dumps(concepts.names), quantile=float(cfg.dissect.quantile),
+                   min_iou=float(cfg.dissect.min_iou), detectors=int(detector.sum()))
+
+
+def _count_detectors(part: Path, keys) -> list[int]:
+    with open_h5(part, "part file") as f:
+        return [int(f[f"layers/{k}/dissection"].attrs["detectors"]) for k in keys]
+
+
+def merge_shards(shards, store: Store, cfg) -> None:
+    """The merge stage's part for dissections: the shards' sums added. Shards that used one
+    set of thresholds (dissect.thresholds) merge to the unsharded tables; shards that found
+    their own merge their sketches only, into thresholds for a second sharded pass."""
+    from pipeline.dissect import thresholds
+    from pipeline.segmentation import check_segmentation
+    from pipeline.store import fingerprint
+
+    concepts = check_segmentation(cfg.dataset)
+    parts = [open_h5(s.parts / PART, "part file") for s in shards]
+    try:
+        keys = [k for k in parts[0]["layers"] if "dissection" in parts[0][f"layers/{k}"]]
+        limits = [[p[f"layers/{k}/dissection/threshold"][()] for p in parts] for k in keys]
+        shared = all(np.array_equal(t[0], other, equal_nan=True) for t in limits for other in t[1:])
+        if not shared and not all("sketch" in p[f"layers/{k}/dissection"] for p in parts for k in keys):
+            raise PipelineError("the dissect shards used different thresholds and keep no sketch to merge: run them "
+                                "again with one dissect.thresholds=DIR")
+        skipped, images = {}, 0
+        for p in parts:
+            g = p["dissection"]
+            skipped.update(zip(g["skipped/image"][()].tolist(), read_strings(g["skipped/reason"])))
+            images += int(g.attrs["images"])
+        total = lambda path: sum(p[path][()] for p in parts)  # noqa: E731 - the sums of every shard
+        label_area = total("dissection/label_area")
+        with store.write(PART) as f:
+            f.attrs["_stage_print"] = fingerprint(cfg, KEYS)
+            write_concepts(f, concepts, label_area, skipped, images, cfg)
+            f["dissection"].attrs["merged_from"] = json.dumps([str(s.run_dir) for s in shards])
+            for i, key in enumerate(keys):
+                base = f"layers/{key}/dissection"
+                sketch = total(f"{base}/sketch") if f"{base}/sketch" in parts[0] else None
+                if shared:
+                    errors = parts[0][f"{base}/threshold_rank_error"][()]
+                    if sketch is not None:
+                        errors = thresholds(sketch, float(cfg.dissect.quantile))[1]
+                    write_layer(f, key, limits[i][0], errors, sketch, total(f"{base}/intersection"),
+                                total(f"{base}/unit_area"), label_area, concepts, cfg, i)
+                else:  # thresholds only: the IoU needs a pass with them
+                    g = f.create_group(base)
+                    g["threshold"], g["threshold_rank_error"] = thresholds(sketch, float(cfg.dissect.quantile))
+                    g.create_dataset("sketch", data=sketch, compression="gzip", shuffle=True)
+    finally:
+        for p in parts:
+            p.close()
+    if not shared:
+        logger.warning("merge: the dissect shards each found their own thresholds: their sketches are merged into "
+                       "thresholds here, without IoU; run the shards again with dissect.thresholds=%s", store.run_dir)
+    store.finish("dissect", fingerprint(cfg, KEYS))

@@ -1,0 +1,305 @@
+"""Network dissection: known labels on a hand-wired model, thresholds against numpy, mask
+geometry, bad masks, shards and resume."""
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import save_image
+from test_pipeline import compose_cfg, tiny_model
+from pipeline.dissect import EXPONENTS, MANTISSA_BITS, SKETCH_BUCKETS, sketch_counts, thresholds
+from pipeline.errors import PipelineError
+from pipeline.preprocess import Preprocessing, to_model_pixels
+from pipeline.render.dissection import detectors_per_category, unit_title
+from pipeline.runner import run
+from pipeline.segmentation import mask_geometry, read_concepts
+
+H, W = 24, 32  # a non-square input
+RED, GREEN = 1, 2
+CONCEPTS = "# index name category\n1 red colour\n2 green colour\n3 sky scene\n"
+
+
+def colour_model(path):
+    """1x1 convolution, unit 0 = ReLU(r - g - b), unit 1 = 1 everywhere, unit 2 = ReLU(g - r - b);
+    then a 2x2 max pooling (a coarser map that must be upsampled)."""
+    inp = keras.Input((H, W, 3))
+    x = keras.layers.Conv2D(3, 1, name="colour")(inp)
+    x = keras.layers.ReLU(name="relu")(x)
+    pooled = keras.layers.MaxPooling2D(2, name="pool")(x)
+    model = keras.Model(inp, keras.layers.GlobalAveragePooling2D()(pooled))
+    kernel = np.array([[1, 0, -1], [-1, 0, 1], [-1, 0, -1]], np.float32)[None, None]
+    model.get_layer("colour").set_weights([kernel, np.array([0, 1, 0], np.float32)])
+    model.save(path)
+    return model
+
+
+def colour_dataset(root, n=12, seed=0):
+    """Grey images with a red and a green rectangle (graded intensities), label PNGs of
+    them; returns the red share of all pixels."""
+    rng = np.random.default_rng(seed)
+    red_pixels = 0
+    for i in range(n):
+        image = np.full((H, W, 3), 128, np.uint8)
+        mask = np.zeros((H, W), np.uint8)
+        for value, channel in ((RED, 0), (GREEN, 1)):
+            y, x = rng.integers(0, H - 6), rng.integers(0, W - 6)
+            h, w = rng.integers(3, 6), rng.integers(3, 6)
+            free = mask[y:y + h, x:x + w] == 0
+            patch = image[y:y + h, x:x + w]
+            colour = np.zeros((h, w, 3), np.uint8)
+            colour[..., channel] = rng.integers(120, 256, (h, w))
+            patch[free] = colour[free]
+            mask[y:y + h, x:x + w][free] = value
+        red_pixels += int((mask == RED).sum())
+        save_image(root / "images" / f"img{i:02d}.png", image)
+        save_image(root / "masks" / f"img{i:02d}.png", mask)
+    (root / "concepts.txt").write_text(CONCEPTS)
+    return red_pixels / (n * H * W)
+
+
+def seg_overrides(root, model_path, *extra):
+    return ["model=file", f"model.path={model_path}", "model.preprocess=unit", "model.resize=exact",
+            "dataset=segmentation", f"dataset.path={root / 'images'}", f"dataset.masks={root / 'masks'}",
+            f"dataset.concepts={root / 'concepts.txt'}", "layers=[relu,pool]", "batch_size=5",
+            "stages=[dissect]", *extra]
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colours")
+    colour_model(root / "colour.keras")
+    share = colour_dataset(root)
+    return root, share
+
+
+def read_layer(run_dir, layer):
+    with h5py.File(run_dir / "results.h5", "r") as f:
+        g = f[f"layers/{layer}/dissection"]
+        out = {k: g[k][()] for k in ("threshold", "iou", "label", "label_iou", "intersection", "unit_area")}
+        out["category"] = list(g["category"].asstr()[()])
+        out["skipped"] = f["dissection/skipped/image"][()]
+        out["reasons"] = list(f["dissection/skipped/reason"].asstr()[()])
+        return out
+
+
+def test_red_unit_labels_red_the_constant_and_green_units_do_not(colours, tmp_path):
+    root, share = colours
+    # T_k at the red share: the red unit's mask is then where it fires (every red pixel)
+    run(compose_cfg(seg_overrides(root, root / "colour.keras", f"dissect.quantile={share}")), tmp_path / "run")
+    t = read_layer(tmp_path / "run", "relu")
+    assert t["label"][0] == RED and t["label_iou"][0] > 0.99, (t["label"], t["label_iou"])
+    assert t["category"][0] == "colour"
+    assert t["iou"][0, GREEN - 1] < 0.05 and t["iou"][0, 2] == 0
+    assert t["label_iou"][1] < 0.04 and t["category"][1] == ""  # constant: never above its own level
+    assert t["label"][2] != RED and t["iou"][2, RED - 1] < 0.05
+    coarse = read_layer(tmp_path / "run", "pool")  # a 2x2-pooled map, upsampled: red still, blurred edges
+    assert coarse["label"][0] == RED and coarse["label_iou"][0] > 0.3
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:  # the unit card's title words
+        assert unit_title(f["layers/relu"], 0) == "  \u00b7  red (IoU 1.00)"
+        assert unit_title(f["layers/relu"], 1) == "  \u00b7  no concept (best IoU 0.00)"
+        assert detectors_per_category(f["layers/relu"]) == {"colour": 2}  # red and green
+    rows = (tmp_path / "run" / "dissection" / "detectors.csv").read_text().splitlines()
+    assert rows[:3] == ["layer,category,unique_concepts,detector_units", "relu,colour,2,2", "relu,scene,0,0"]
+    assert (tmp_path / "run" / "dissection" / "detectors.png").stat().st_size > 1000
+
+
+def test_thresholds_match_numpy_quantile_within_the_stated_error(tmp_path):
+    rng = np.random.default_rng(3)
+    model = tiny_model(tmp_path / "tiny.keras")
+    feats = keras.Model(model.inputs, [model.get_layer("conv1").output, model.get_layer("relu2").output])
+    x = rng.random((40, 24, 24, 3)).astype(np.float32) * 2 - 1
+    for maps in feats(x):
+        maps = maps.numpy()
+        for q in (0.005, 0.1):
+            t, rank_error = thresholds(sketch_counts(tf.constant(maps)).numpy(), q)
+            flat = maps.reshape(-1, maps.shape[-1])
+            exact = np.quantile(flat, 1 - q, axis=0)
+            ordered = np.sort(flat, axis=0)  # the two order statistics numpy interpolates between
+            rank = (1 - q) * (len(flat) - 1)
+            pair = np.abs(ordered[[int(np.floor(rank)), min(int(np.floor(rank)) + 1, len(flat) - 1)]]).max(axis=0)
+            bound = 2.0 ** -MANTISSA_BITS * np.maximum(pair, 2.0 ** -EXPONENTS) + 1e-6
+            assert np.all(np.abs(t - exact) <= bound), (t, exact)
+            above = (flat > t).mean(axis=0)
+            assert np.all(np.abs(above - q) <= rank_error + 1.0 / len(flat))
+    # counts add: the sketch of two halves is the sketch of the whole
+    whole = sketch_counts(tf.constant(x)).numpy()
+    halves = sketch_counts(tf.constant(x[:20])).numpy() + sketch_counts(tf.constant(x[20:])).numpy()
+    assert whole.shape == (3, SKETCH_BUCKETS) and np.array_equal(whole, halves)
+
+
+@pytest.mark.parametrize("size,resize,resize_size", [((20, 30), "shorter", 26), ((30, 20), "shorter", None),
+                                                     ((24, 24), "exact", None)])
+def test_mask_geometry_lines_up_with_model_input_pixels(size, resize, resize_size):
+    spec = Preprocessing(*size, resize=resize, resize_size=resize_size, normalize="unit")
+    rng = np.random.default_rng(1)
+    labels = np.kron(rng.integers(0, 6, (5, 7)), np.ones((16, 14), np.int64))  # 80x98 in blocks of 16x14
+    palette = np.array([[0, 0, 0], [250, 30, 90], [20, 240, 60], [200, 200, 10], [60, 90, 250], [130, 5, 170]],
+                       np.uint8)  # no colour a blend of two others
+    pixels = to_model_pixels(tf.constant(palette[labels]), spec).numpy().astype(int)
+    mapped = mask_geometry(labels, spec)
+    assert mapped.shape == size
+    exact = (np.abs(pixels[:, :, None, :] - palette[None, None].astype(int)).max(axis=-1) == 0)  # pure block colour
+    pure = exact.any(axis=-1)
+    assert pure.mean() > 0.3
+    assert np.array_equal(exact.argmax(axis=-1)[pure], mapped[pure])
+
+
+def test_bad_masks_are_recorded_per_image_with_a_reason(colours, tmp_path):
+    root, _ = colours
+    data = tmp_path / "data"
+    colour_dataset(data, n=6, seed=1)
+    (data / "masks" / "img00.png").unlink()
+    save_image(data / "masks" / "img01.png", np.zeros((H + 1, W), np.uint8))
+    save_image(data / "masks" / "img02.png", np.full((H, W), 9, np.uint8))
+    (data / "masks" / "img03.png").write_bytes(b"GIF89a not a png")
+    run(compose_cfg(seg_overrides(data, root / "colour.keras")), tmp_path / "run")
+    t = read_layer(tmp_path / "run", "relu")
+    assert list(t["skipped"]) == [0, 1, 2, 3]
+    for reason, words in zip(t["reasons"], ("not found", "is 32x25, its image 32x24", "index 9", "not a PNG")):
+        assert words in reason, reason
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        assert f["dissection"].attrs["images"] == 2
+
+
+def test_a_concept_list_that_does_not_parse_is_one_line(colours, tmp_path):
+    root, _ = colours
+    bad = tmp_path / "concepts.txt"
+    bad.write_text("1 red colour\ntwo green\n")
+    with pytest.raises(PipelineError, match="line 2"):
+        read_concepts(bad)
+    cfg = compose_cfg(seg_overrides(root, root / "colour.keras", f"dataset.concepts={bad}"))
+    with pytest.raises(PipelineError, match=r"dataset.concepts=.* line 2 \('two green'\)"):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def single(colours, tmp_path_factory):
+    root, _ = colours
+    out = tmp_path_factory.mktemp("single") / "run"
+    run(compose_cfg(seg_overrides(root, root / "colour.keras", "stages=[scan,dissect]")), out)
+    return out
+
+
+def tables(run_dir):
+    with h5py.File(run_dir / "results.h5", "r") as f:
+        return {f"{layer}/{key}": f[f"layers/{layer}/dissection/{key}"][()] for layer in ("relu", "pool")
+                for key in ("threshold", "intersection", "unit_area", "iou", "label", "label_iou")}
+
+
+def test_shards_merge_to_the_unsharded_tables(colours, single, tmp_path):
+    root, _ = colours
+    whole = tables(single)
+    for own in (False, True):  # shards with one set of thresholds; shards that sketch their own
+        shards = []
+        for i in range(2):
+            shards.append(tmp_path / f"shard{own}{i}")
+            extra = [] if own else [f"dissect.thresholds={single}"]
+            run(compose_cfg(seg_overrides(root, root / "colour.keras", "stages=[scan,dissect]", "shard.count=2",
+                                          f"shard.index={i}", *extra)), shards[-1])
+        merged = tmp_path / f"merged{own}"
+        run(compose_cfg(seg_overrides(root, root / "colour.keras", "stages=[merge]",
+                                      f"merge.inputs=[{shards[0]},{shards[1]}]")), merged)
+        with h5py.File(merged / "results.h5", "r") as f:
+            if own:  # the merged sketch is the whole sketch: the same thresholds, no IoU yet
+                for layer in ("relu", "pool"):
+                    assert np.array_equal(f[f"layers/{layer}/dissection/threshold"][()], whole[f"{layer}/threshold"])
+                    assert "iou" not in f[f"layers/{layer}/dissection"]
+                continue
+            assert f["dissection"].attrs["images"] == 12
+        got = tables(merged)
+        for key, value in whole.items():
+            assert np.array_equal(got[key], value), key
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_killed_dissection_resumes_from_its_checkpoint_to_identical_tables(colours, single, tmp_path, monkeypatch):
+    import pipeline.stages.dissect as stage
+
+    root, _ = colours
+    calls, fail_at = [], [3 + 2]  # 3 batches of the threshold pass, then the second of the IoU pass
+
+    class Failing(stage.MaskReader):  # the process dies in the IoU pass, one batch committed
+        def __call__(self, ids):
+            calls.append(len(ids))
+            if len(calls) == fail_at[0]:
+                raise Interrupted
+            return super().__call__(ids)
+
+    overrides = seg_overrides(root, root / "colour.keras", "stages=[scan,dissect]", "checkpoint.batches=1")
+    monkeypatch.setattr(stage, "MaskReader", Failing)
+    with pytest.raises(Interrupted):
+        run(compose_cfg(overrides), tmp_path / "run")
+    state = next((tmp_path / "run" / "parts").glob("dissect.*/tally.h5"))
+    with h5py.File(state, "r") as f:
+        assert f.attrs["position"] == 5 and not f.attrs["finished"]  # one batch of 5 committed
+    calls.clear()
+    fail_at[0] = None
+    run(compose_cfg(overrides), tmp_path / "run")
+    assert calls == [5, 2]  # the thresholds kept, the IoU pass resumed at its committed batch
+    whole, got = tables(single), tables(tmp_path / "run")
+    for key, value in whole.items():
+        assert np.array_equal(got[key], value), key
+
+
+
+def test_tally_sums_match_numpy_with_either_product(colours, monkeypatch):
+    """Intersections and areas of the device pass against numpy's count of the definition,
+    for the one-hot product and the segment sum (many concepts), on an upsampled map."""
+    from pipeline import dissect
+    from pipeline.graph import feature_model
+
+    root, _ = colours
+    model = feature_model(keras.models.load_model(root / "colour.keras"), ["pool"])
+    spec = Preprocessing(H, W, normalize="unit")
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, (6, H, W, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, (6, H, W)).astype(np.int32)  # slot 3: unlabelled
+    limits = [np.array([0.2037, 0.5013, 0.1071], np.float32)]  # off the grid of k / (255 * 16): no ties
+    maps = np.concatenate([model(tf.cast(b, tf.float32) / 255.0) for b in (pixels[:4], pixels[4:])])  # as batched
+    up = tf.image.resize(maps, (H, W), method="bilinear").numpy()
+    hit = up > limits[0]
+    expected = np.stack([[(hit[..., k] & (labels == c)).sum() for c in range(4)] for k in range(3)])
+    for budget in (dissect.ONEHOT_BUDGET, 0):
+        monkeypatch.setattr(dissect, "ONEHOT_BUDGET", budget)
+        tally = dissect.Tally(model, ["pool"], spec, 3, limits=limits)
+        assert tally.onehot == (budget > 0)
+        tally.update(tf.constant(pixels[:4]), labels[:4])
+        tally.update(tf.constant(pixels[4:]), labels[4:])
+        state = tally.state()
+        assert np.array_equal(state["inter_0"], expected)
+        assert np.array_equal(state["area_0"], hit.sum(axis=(0, 1, 2)))
+        assert np.array_equal(state["label_area"], np.bincount(labels.ravel(), minlength=4))
+    # dissect.downsample=2: masks sampled at each 2x2 block's centre pixel, maps upsampled to them
+    tally = dissect.Tally(model, ["pool"], spec, 3, limits=limits, downsample=2)
+    small = labels[:, 1::2, 1::2]
+    tally.update(tf.constant(pixels[:4]), small[:4])
+    tally.update(tf.constant(pixels[4:]), small[4:])
+    hit = tf.image.resize(maps, (H // 2, W // 2), method="bilinear").numpy() > limits[0]
+    expected = np.stack([[(hit[..., k] & (small == c)).sum() for c in range(4)] for k in range(3)])
+    assert np.array_equal(tally.state()["inter_0"], expected)
+
+
+def test_mask_reader_samples_block_centres_and_keeps_order(colours):
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from pipeline.datasets import list_images
+    from pipeline.stages.dissect import MaskReader
+
+    root, _ = colours
+    cfg = OmegaConf.create({"kind": "segmentation", "path": str(root / "images"), "masks": str(root / "masks"),
+                            "concepts": str(root / "concepts.txt"), "limit": None, "split": None})
+    table, spec = list_images(cfg), Preprocessing(H, W, resize="exact", normalize="unit")
+    concepts = read_concepts(root / "concepts.txt")
+    full, keep, bad = MaskReader(table, cfg, spec, concepts)(np.array([3, 1]))
+    half, _, _ = MaskReader(table, cfg, spec, concepts, 2)(np.array([3, 1]))
+    stored = np.asarray(Image.open(root / "masks" / "img03.png"))
+    assert list(keep) == [0, 1] and not bad
+    assert np.array_equal(full[0], np.where(stored == 0, 3, stored - 1))  # columns; unlabelled: the last slot
+    assert np.array_equal(half, full[:, 1::2, 1::2])
