@@ -24,10 +24,14 @@ L = keras.layers
 
 @pytest.fixture(scope="module", autouse=True)
 def float64():
-    before = keras.config.floatx()
+    # the dtype policy too: Keras caches one made from floatx on first use, and a float64
+    # policy left behind makes every later module's models float64 (pytest-xdist mixes modules)
+    before, policy = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
     yield
     keras.config.set_floatx(before)
+    keras.config.set_dtype_policy(policy)
 
 
 # ---------------------------------------------------------------- oracle
