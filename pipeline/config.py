@@ -161,8 +161,10 @@ class CamConfig:  # stage: cam
     # deletion and insertion curves (RISE) of the Grad-CAM-family maps with this many steps
     # (2 x (steps + 1) forward passes per image and method); 0: off
     faithfulness_steps: int = 0
-    # images drawn as overlays, in id order (null: all)
-    draw: Optional[int] = 16
+    # images drawn as overlays and given input-resolution maps (guided Grad-CAM): N (the
+    # first N), a list of ids, {layer: NAME, channels: [..], k: 1} (top images of those
+    # channels in the scan), 0 (none) or null (every image: large and slow)
+    draw: Any = 16
     # heatmap opacity over the photo
     alpha: float = 0.4
 
