@@ -28,6 +28,7 @@ CLASS_MEANS_DRAWN = 24
 MIN_CLASS_IMAGES = 2
 DISPLAY_SIDE = 448  # longest side of a photo on the sheets
 TILE_PX = 32  # small maps are enlarged by whole factors to about this size
+FAST_PNG = 1  # zlib level of the per-image sheets: a fixed cost of every run, encoded fast
 
 
 def original_photo(table: ImageTable, image_id: int, spec=None) -> np.ndarray | None:
@@ -169,7 +170,7 @@ def cam_sheets(part: Path, out_dir: Path, table: ImageTable, spec, names: list[s
             ax.set_xticks([])
             ax.set_yticks([])
         fig.suptitle(f"class activation maps, page {page + 1} of {pages}", fontsize=9)
-        written.append(draw.save(fig, out_dir / f"overlays_{page:03d}.png"))
+        written.append(draw.save(fig, out_dir / f"overlays_{page:03d}.png", FAST_PNG))
     with h5py.File(part, "r") as f:
         size = tuple(int(v) for v in f["cam"].attrs["input_size"])  # (H, W)
         for m in methods:
@@ -183,7 +184,7 @@ def cam_sheets(part: Path, out_dir: Path, table: ImageTable, spec, names: list[s
                 continue
             classes, counts, maps = cm["class"][()][keep], cm["count"][()][keep], cm["map"][()][keep]
             fig = class_mean_figure(m, classes, counts, maps, size, names, as_str(f["cam"].attrs["layer"]))
-            written.append(draw.save(fig, out_dir / f"class_mean_{file_slug(m)}.png"))
+            written.append(draw.save(fig, out_dir / f"class_mean_{file_slug(m)}.png", FAST_PNG))
     logger.info("cam: %d sheet(s) in %s", len(written), out_dir)
     return written
 
@@ -246,13 +247,14 @@ def activation_sheets(part: Path, out_dir: Path, grid: int, per_row: int) -> lis
             image = draw.tile(tiles[:first], side)
             title = f"{name}: channels 0-{first - 1} of {c}, image #{ids[row]}"
             written.append(draw.save(draw.image_figure(image, title, _legend(blank[:first])),
-                                     out_dir / f"{key}_grid_{ids[row]}.png"))
+                                     out_dir / f"{key}_grid_{ids[row]}.png", FAST_PNG))
             image = draw.tile(tiles, per_row)
             title = f"{name}: all {c} channels ({h}x{w}), image #{ids[row]}"
             written.append(draw.save(draw.image_figure(image, title, _legend(blank)),
-                                     out_dir / f"{key}_{ids[row]}.png"))
+                                     out_dir / f"{key}_{ids[row]}.png", FAST_PNG))
         fractions = g["blank_fraction"][()]
-    written.append(draw.save(blank_fraction_figure(names, fractions, ids), out_dir / "blank_fraction.png"))
+    written.append(draw.save(blank_fraction_figure(names, fractions, ids), out_dir / "blank_fraction.png",
+                             FAST_PNG))
     logger.info("activations: %d sheet(s) in %s", len(written), out_dir)
     return written
 
@@ -350,7 +352,7 @@ def occlusion_sheets(part: Path, out_dir: Path, table, spec, names: list[str], b
             if int(image_id) not in pixels_of:
                 continue  # unreadable now, though it was read for the maps
             fig = occlusion_figure(pixels_of[int(image_id)], g, i, names[int(g["class"][i])])
-            written.append(draw.save(fig, out_dir / f"image_{int(image_id)}.png"))
+            written.append(draw.save(fig, out_dir / f"image_{int(image_id)}.png", FAST_PNG))
     logger.info("occlusion: %d sheet(s) in %s", len(written), out_dir)
     return written
 
