@@ -4,9 +4,10 @@ Writes N ImageNet-like photos (500x375 and 375x500, cut from the bundled sample 
 as benchmarks/jpeg_folder.py does), then runs the scan and each per-image stage of the
 default job (activations, cam, occlusion) with their default settings, each as its own
 `run.py` process on one run directory. For every stage it prints the stage's own time
-(the runner's "stage X done in Y s" line, so model loading and TensorFlow's start are
-left out), the bytes the stage added to the run directory (its part in parts/ and its
-sheets), and the peak resident memory of the process (os.wait4's rusage of that child).
+(the runner's "stage X done in Y s" line, so TensorFlow's start is left out), the CPU time
+of the whole process (steadier than seconds on a shared machine), the bytes the stage
+added to the run directory (its part in parts/ and its sheets), and the peak resident
+memory of the process (os.wait4's rusage of that child).
 
 Targets (issue 26): the per-image stages together at most 1.5x the scan's time, at most
 20 KB per image in results (parts/), each process under 3 GB peak.
@@ -64,8 +65,9 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def run_stage(checkout: Path, overrides: list[str], stage: str, run_dir: Path) -> tuple[float, float, float]:
-    """(stage seconds, process seconds, peak RSS GiB) of one `run.py stages=[stage]` process."""
+def run_stage(checkout: Path, overrides: list[str], stage: str, run_dir: Path) -> tuple[float, float, float, float]:
+    """(stage seconds, process seconds, process CPU seconds, peak RSS GiB) of one
+    `run.py stages=[stage]` process."""
     env = dict(os.environ, PYTHONPATH=str(checkout), TF_CPP_MIN_LOG_LEVEL="2")
     started = time.perf_counter()
     with tempfile.TemporaryFile() as log:
@@ -81,7 +83,7 @@ def run_stage(checkout: Path, overrides: list[str], stage: str, run_dir: Path) -
         raise SystemExit(f"stage {stage} failed ({proc.returncode}):\n{text[-3000:]}")
     found = re.findall(rf"stage {stage} done in ([0-9.]+) s", text)
     seconds = float(found[-1]) if found else float("nan")
-    return seconds, wall, usage.ru_maxrss / 2**20  # ru_maxrss: KiB on Linux
+    return seconds, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20  # ru_maxrss: KiB on Linux
 
 
 def main(argv=None) -> int:
@@ -105,24 +107,25 @@ def main(argv=None) -> int:
         print(f"{args.images} ImageNet-like JPEGs, model {args.model}, batch {args.batch}, checkout {checkout.name}, "
               f"{os.cpu_count()} CPU cores")
         print(f"  {'stage':<12} {'seconds':>8} {'x scan':>7} {'parts MB':>9} {'KB/image':>9} {'sheets MB':>10} "
-              f"{'peak RSS GB':>12} {'process s':>10}")
+              f"{'peak RSS GB':>12} {'process s':>10} {'CPU s':>7} {'x scan':>7}")
         rows = {}
         for stage in STAGES:
             parts_before, total_before = du(run_dir / "parts"), du(run_dir)
-            seconds, wall, rss = run_stage(checkout, overrides, stage, run_dir)
+            seconds, wall, cpu, rss = run_stage(checkout, overrides, stage, run_dir)
             parts = du(run_dir / "parts") - parts_before
             sheets = du(run_dir) - total_before - parts
-            rows[stage] = (seconds, parts, rss)
+            rows[stage] = (seconds, parts, rss, cpu)
             ratio = seconds / rows["scan"][0]
             print(f"  {stage:<12} {seconds:8.1f} {ratio:7.2f} {parts / 1e6:9.2f} {parts / 1e3 / args.images:9.2f} "
-                  f"{sheets / 1e6:10.2f} {rss:12.2f} {wall:10.1f}", flush=True)
+                  f"{sheets / 1e6:10.2f} {rss:12.2f} {wall:10.1f} {cpu:7.1f} {cpu / rows['scan'][3]:7.2f}", flush=True)
         per_image = [s for s in STAGES if s != "scan"]
         seconds = sum(rows[s][0] for s in per_image)
         parts = sum(rows[s][1] for s in per_image)
         rss = max(rows[s][2] for s in per_image)
+        cpu = sum(rows[s][3] for s in per_image)
         print(f"  per-image stages together: {seconds:.1f} s = {seconds / rows['scan'][0]:.2f}x the scan "
-              f"(target <= 1.5x), {parts / 1e3 / args.images:.1f} KB/image in parts/ (target <= 20), "
-              f"peak RSS {rss:.2f} GB (target < 3)")
+              f"(target <= 1.5x; CPU time of the processes, start-up included: {cpu / rows['scan'][3]:.2f}x), "
+              f"{parts / 1e3 / args.images:.1f} KB/image in parts/ (target <= 20), peak RSS {rss:.2f} GB (target < 3)")
     return 0
 
 

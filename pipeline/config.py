@@ -174,7 +174,7 @@ class OcclusionConfig:  # stage: occlusion
     # N for the first N images, a list of image ids, or {layer: NAME, channels: [..], k: 1}
     images: Any = 4
     # side of the grey square and its step, in model-input pixels (null: a seventh of the
-    # input's shorter side, 32 for 224; the step: half the square)
+    # input's shorter side, 32 for 224; the step: the square, a 7x7 grid)
     size: Optional[int] = None
     stride: Optional[int] = None
     # grey level (0-255) of the square, before normalisation
