@@ -101,6 +101,8 @@ def drawn_maps(part: Path, table: ImageTable, spec, methods: list[str], ids, bat
             image, rank = method_rows(g, m)
             rows = np.flatnonzero(np.isin(image, wanted))
             rows = rows[np.lexsort((rank[rows], image[rows]))]  # by image, then target rank
+            if not len(rows):
+                continue
             maps = stored_maps(g[m], np.sort(rows))[np.argsort(np.argsort(rows))]
             classes, scores = g[m]["class"][()][rows], g[m]["score"][()][rows]
             starts = np.flatnonzero(np.r_[True, np.diff(image[rows]) != 0])
