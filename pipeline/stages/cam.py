@@ -7,9 +7,9 @@ at the end: overlays on the original photos and the mean map per explained class
 
 What every image gets is small: the maps at the target layer's resolution (7x7 floats
 for MobileNetV2), the explained classes and their logits, the model's top-5. Maps at the
-input resolution (guided Grad-CAM, (S, S, 3): about 600 times larger, and a backward pass
-to the input each) are computed and stored only for the images `cam.draw` chooses: the
-first N, a list of ids, or the top images of chosen channels in the scan.
+input resolution (guided Grad-CAM, (S, S, 3): 3,072 times the values of a 7x7 map, and
+a backward pass to the input each) are computed and stored only for the images
+`cam.draw` chooses: the first N, a list of ids, or the top images of chosen channels.
 
 results.h5:
 
