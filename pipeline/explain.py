@@ -62,7 +62,7 @@ from pipeline.preprocess import Preprocessing, normalize, to_model_pixels
 logger = logging.getLogger(__name__)
 
 METHODS = ("gradcam", "gradcam++", "scorecam", "guided_gradcam")
-# methods whose maps are at the input resolution, (S, S, C): hundreds of times the size of a
+# methods whose maps are at the input resolution, (S, S, C): thousands of times the values of a
 # map at the target layer, and a backward pass to the input each
 INPUT_RESOLUTION = ("guided_gradcam",)
 
