@@ -165,8 +165,10 @@ class CamConfig:  # stage: cam
     # deletion and insertion curves (RISE) of the Grad-CAM-family maps with this many steps
     # (2 x (steps + 1) forward passes per image and method); 0: off
     faithfulness_steps: int = 0
-    # images drawn as overlays, in id order (null: all)
-    draw: Optional[int] = 16
+    # images drawn as overlays and given input-resolution maps (guided Grad-CAM): N (the
+    # first N), a list of ids, {layer: NAME, channels: [..], k: 1} (top images of those
+    # channels in the scan), 0 (none) or null (every image: large and slow)
+    draw: Any = 16
     # heatmap opacity over the photo
     alpha: float = 0.4
 
@@ -176,7 +178,7 @@ class OcclusionConfig:  # stage: occlusion
     # N for the first N images, a list of image ids, or {layer: NAME, channels: [..], k: 1}
     images: Any = 4
     # side of the grey square and its step, in model-input pixels (null: a seventh of the
-    # input's shorter side, 32 for 224; the step: half the square)
+    # input's shorter side, 32 for 224; the step: the square, a 7x7 grid)
     size: Optional[int] = None
     stride: Optional[int] = None
     # grey level (0-255) of the square, before normalisation

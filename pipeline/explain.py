@@ -62,6 +62,9 @@ from pipeline.preprocess import Preprocessing, normalize, to_model_pixels
 logger = logging.getLogger(__name__)
 
 METHODS = ("gradcam", "gradcam++", "scorecam", "guided_gradcam")
+# methods whose maps are at the input resolution, (S, S, C): thousands of times the values of a
+# map at the target layer, and a backward pass to the input each
+INPUT_RESOLUTION = ("guided_gradcam",)
 
 
 # ----------------------------------------------------------------------------
@@ -390,6 +393,13 @@ class CamExplainer:
         `scorecam_channels`: None for exact Score-CAM; N masks only each image's N channels
         of highest variance (Faster Score-CAM), about C / N times fewer forward passes.
         """
+        return self.compute_with_logits(images, targets, methods, batch_size, scorecam_batch, progress,
+                                        scorecam_channels)[0]
+
+    def compute_with_logits(self, images, targets=None, methods: Iterable[str] = ("gradcam",), batch_size: int = 32,
+                            scorecam_batch: int = 256, progress: bool = False,
+                            scorecam_channels: int | None = None) -> tuple[dict[str, CamResult], np.ndarray]:
+        """`compute`, and the class logits (B, N) of the same forward passes (no pass of its own)."""
         methods = tuple(methods)
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
@@ -397,13 +407,14 @@ class CamExplainer:
         x = model_inputs(images, self.preprocessing)
         codes, keep_k = encode_targets(targets, len(x), self.num_classes)
         parts: dict[str, list] = {m: [] for m in methods}
-        classes_parts, score_parts = [], []
+        classes_parts, score_parts, logit_parts = [], [], []
         bar = tqdm(total=len(x), desc="cam", unit="img", disable=not progress)
         for s in _batches(len(x), batch_size):
             batch = self._compute_batch(x[s], tf.constant(codes[s]), methods, scorecam_batch, scorecam_channels)
             classes, scores = batch.pop("_classes"), batch.pop("_scores")
             classes_parts.append(classes)
             score_parts.append(scores)
+            logit_parts.append(batch.pop("_logits"))
             for m, maps in batch.items():
                 parts[m].append(maps)
             bar.update(s.stop - s.start)
@@ -417,7 +428,7 @@ class CamExplainer:
                 out[m] = CamResult(m, self.layer, maps, classes, scores)
             else:
                 out[m] = CamResult(m, self.layer, maps[:, 0], classes[:, 0], scores[:, 0])
-        return out
+        return out, np.concatenate(logit_parts).astype(np.float32)
 
     def _compute_batch(self, x, codes, methods, scorecam_batch: int,
                        scorecam_channels: int | None = None) -> dict[str, np.ndarray]:
@@ -426,7 +437,8 @@ class CamExplainer:
             maps, grads, classes, logits = self._gradients(x, codes, int(codes.shape[1]))
         else:
             maps, classes, logits = self._forward_classes(x, codes)
-        out = {"_classes": classes.numpy(), "_scores": tf.gather(logits, classes, batch_dims=1).numpy()}
+        out = {"_classes": classes.numpy(), "_scores": tf.gather(logits, classes, batch_dims=1).numpy(),
+               "_logits": logits.numpy()}
         gradcam = None
         if "gradcam" in methods or "guided_gradcam" in methods:
             gradcam = self._gradcam_maps(maps, grads)

@@ -24,43 +24,53 @@ def images_from_topk(value) -> bool:
 
 
 
-def choose_images(value, table: ImageTable, store, section: str) -> np.ndarray:
-    """Image ids from a stage's `images` setting: N (the first N), a list of ids, or
+def choose_images(value, table: ImageTable, store, section: str, key: str = "images") -> np.ndarray:
+    """Image ids from a stage's `images` setting (`key`): N (the first N), a list of ids, or
     {layer, channels, k} (the k top images of each channel in the scan's results)."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
     n = len(table)
+    name = f"{section}.{key}"
     if images_from_topk(value):
         spec = OmegaConf.to_container(value) if isinstance(value, DictConfig) else dict(value)
         unknown = set(spec) - {"layer", "channels", "k"}
         if unknown or "layer" not in spec:
-            raise PipelineError(f"{section}.images={spec}: use {{layer: NAME, channels: [..], k: 1}}")
-        return _top_images(store, str(spec["layer"]), spec.get("channels"), int(spec.get("k", 1)), section)
+            raise PipelineError(f"{name}={spec}: use {{layer: NAME, channels: [..], k: 1}}")
+        return _top_images(store, str(spec["layer"]), spec.get("channels"), int(spec.get("k", 1)), section, name)
     if isinstance(value, (ListConfig, list, tuple)):
         ids = np.asarray(list(value), dtype=np.int64)
         bad = ids[(ids < 0) | (ids >= n)]
         if len(bad):
-            raise PipelineError(f"{section}.images has id {int(bad[0])}: the dataset has ids 0 to {n - 1}")
+            raise PipelineError(f"{name} has id {int(bad[0])}: the dataset has ids 0 to {n - 1}")
         return ids
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return np.arange(min(value, n), dtype=np.int64)
-    raise PipelineError(f"{section}.images={value}: use N (the first N images), a list of ids, "
+    raise PipelineError(f"{name}={value}: use N (the first N images), a list of ids, "
                         "or {layer: NAME, channels: [..], k: 1}")
 
 
+def drawn_images(value, table: ImageTable, store, section: str, key: str = "draw") -> np.ndarray:
+    """Ids of the images a stage draws and keeps input-resolution maps for: like
+    `choose_images`, plus 0 (none) and null (every image)."""
+    if value is None:
+        return np.arange(len(table), dtype=np.int64)
+    if isinstance(value, int) and not isinstance(value, bool) and value == 0:
+        return np.zeros(0, np.int64)
+    return choose_images(value, table, store, section, key)
 
-def _top_images(store, layer: str, channels, k: int, section: str) -> np.ndarray:
+
+def _top_images(store, layer: str, channels, k: int, section: str, name: str) -> np.ndarray:
     with store.open() as f:
         group = f.get(f"layers/{stored_name(layer)}")
         if group is None or "topk" not in group:
             have = ", ".join(str(f[f"layers/{key}"].attrs.get("name", key)) for key in f.get("layers", {}))
-            raise PipelineError(f"{section}.images: layer {layer} was not scanned (scanned: {have or 'none'}); "
+            raise PipelineError(f"{name}: layer {layer} was not scanned (scanned: {have or 'none'}); "
                                 f"add it to layers=[...] and run the scan")
         image = group["topk/image"][()]
     c = image.shape[0]
     chosen = list(range(c)) if channels is None else [int(i) for i in channels]
     if any(not 0 <= i < c for i in chosen):
-        raise PipelineError(f"{section}.images: layer {layer} has channels 0 to {c - 1}")
+        raise PipelineError(f"{name}: layer {layer} has channels 0 to {c - 1}")
     ids = image[chosen, :max(1, k)].reshape(-1)
     ids = ids[ids >= 0]
     _, first = np.unique(ids, return_index=True)

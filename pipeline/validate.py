@@ -76,6 +76,8 @@ def check_config(cfg, schema=None) -> None:
         if OmegaConf.select(cfg, key, default="absent") == "absent":
             continue
         value = OmegaConf.select(cfg, key)
+        if isinstance(value, DictConfig):  # {layer, channels, k}: checked by the stage that reads it
+            continue
         if value is None:
             if not nullable:
                 raise PipelineError(f"{key}=null: give {_rule(low, high, whole)}")

@@ -53,8 +53,9 @@ def tutorial_gradcam(model, x, cls):
 
 def test_cam_stage_stores_every_image_and_draws_sheets(tmp_path, tiny):
     model, base = tiny
+    drawn = [9, 2, 7, 0, 4, 5, 6, 10]  # 10 is the broken file: listed, never drawn
     cfg = compose_cfg(base + ["stages=[cam]", "cam.methods=[gradcam,gradcam++,scorecam,guided_gradcam]",
-                              "cam.scorecam_batch=5", "cam.draw=7"])
+                              "cam.scorecam_batch=5", f"cam.draw=[{','.join(map(str, drawn))}]"])
     run(cfg, tmp_path / "run")
     pixels = model_pixels(cfg)
     with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
@@ -69,7 +70,6 @@ def test_cam_stage_stores_every_image_and_draws_sheets(tmp_path, tiny):
             assert g["map"].shape == (len(ids), 6, 6) and g["map"].dtype == np.float32
             np.testing.assert_allclose(g["max"][()], g["map"][()].max(axis=(1, 2)))
             assert np.isfinite(g["map"][()]).all() and (g["map"][()] >= 0).all()
-        assert f["cam/guided_gradcam/map"].shape == (len(ids), 24, 24, 3)
         # the model's top classes of every image, with softmax probabilities of the logits
         p = f["predictions"]
         for row, i in enumerate(p["image"][()]):
@@ -92,10 +92,27 @@ def test_cam_stage_stores_every_image_and_draws_sheets(tmp_path, tiny):
         from pipeline.explain import grad_cam_pp, guided_grad_cam, score_cam
 
         x = np.stack([pixels[int(i)] for i in ids])
-        for name, method in (("gradcam++", grad_cam_pp), ("scorecam", score_cam), ("guided_gradcam", guided_grad_cam)):
+        for name, method in (("gradcam++", grad_cam_pp), ("scorecam", score_cam)):
             want = method(model, x, targets=classes, layer="relu2")
             np.testing.assert_array_equal(f[f"cam/{name}/class"][()], classes)
             np.testing.assert_allclose(f[f"cam/{name}/map"][()], want.maps, rtol=1e-4, atol=1e-6, err_msg=name)
+        # guided Grad-CAM (input resolution) only for the drawn images that could be read, as
+        # float16 over a per-map scale: equal to the method computed directly on those images
+        g = f["cam/guided_gradcam"]
+        got = g["image"][()]
+        assert sorted(got) == sorted(set(drawn) - {10}) and (g["rank"][()] == 0).all()
+        assert g["map"].dtype == np.float16 and g["map"].shape == (len(got), 24, 24, 3)
+        for src in g["map"].virtual_sources():  # the chunk files under the virtual dataset
+            with h5py.File(tmp_path / "run" / "parts" / src.file_name, "r") as part:
+                assert part[src.dset_name].compression == "gzip" and part[src.dset_name].chunks is not None
+        row_of = {int(i): r for r, i in enumerate(ids)}
+        want = guided_grad_cam(model, np.stack([pixels[int(i)] for i in got]),
+                               targets=classes[[row_of[int(i)] for i in got]], layer="relu2")
+        np.testing.assert_array_equal(g["class"][()], want.classes)
+        raw = g["map"][()].astype(np.float32) * g["scale"][()][:, None, None, None]
+        np.testing.assert_allclose(g["scale"][()], np.abs(want.maps).max(axis=(1, 2, 3)), rtol=1e-4)
+        assert (np.abs(raw - want.maps) <= 1e-3 * g["scale"][()][:, None, None, None]).all()
+        np.testing.assert_allclose(g["max"][()], want.maps.max(axis=(1, 2, 3)), rtol=1e-4, atol=1e-9)
         for name in ("gradcam++", "scorecam"):  # and they differ from Grad-CAM on this model
             assert not np.allclose(unit_scale(f[f"cam/{name}/map"][()]), unit_scale(maps), atol=1e-3), name
         # the per-class mean of the max-normalised maps
@@ -114,6 +131,31 @@ def test_cam_stage_stores_every_image_and_draws_sheets(tmp_path, tiny):
     # jet's saturated colours are there: the heatmaps were drawn
     assert ((page[..., 0] > 200) & (page[..., 2] < 80)).sum() > 500
     assert ((page[..., 2] > 200) & (page[..., 0] < 80)).sum() > 500
+
+
+def test_cam_draws_the_top_images_of_chosen_units_and_only_those_get_guided_maps(tmp_path, tiny):
+    from matplotlib.text import Text
+
+    from pipeline.render.image_sheet import PerImage, image_sheet
+    from pipeline.render.results import class_namer
+
+    _, base = tiny
+    cfg = compose_cfg(base + ["stages=[scan,cam]", "layers=[relu2]", "cam.methods=[gradcam,guided_gradcam]",
+                              "cam.draw={layer: relu2, channels: [1, 3], k: 2}"])
+    run(cfg, tmp_path / "run")
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        top = f["layers/relu2/topk/image"][()][[1, 3], :2].reshape(-1)
+        ids = f["cam/image"][()]
+        assert len(ids) == 10 and len(f["cam/gradcam/map"]) == 10  # the small maps: every image
+        assert sorted(f["cam/guided_gradcam/image"][()]) == sorted(set(top.tolist()))
+        other = int(next(i for i in ids if i not in top))
+        fig, _ = image_sheet(f, PerImage.read(f), other, class_namer(f), {"height": 24, "width": 24}, 50)
+        assert any("drawn\nimages only (cam.draw)" in t.get_text() for t in fig.findobj(Text))
+    pages = sorted((tmp_path / "run" / "cam").glob("overlays_*.png"))
+    assert len(pages) == 1
+    from pipeline.store import Store
+
+    assert Store(tmp_path / "run").markers()["cam"]["depends_on"] == ["scan"]  # a new scan makes them stale
 
 
 def test_cam_faithfulness_curves_start_at_the_models_probability_and_reach_the_report(tmp_path, tiny):
@@ -147,14 +189,14 @@ def test_per_class_means_are_drawn_only_for_classes_with_several_images():
     assert len(classes_with_means(np.full(CLASS_MEANS_DRAWN + 5, 4))) == CLASS_MEANS_DRAWN
 
 
-def test_occlusion_colours_span_each_image_and_its_unoccluded_value():
-    from pipeline.render.maps import occlusion_limits
+def test_occlusion_colours_show_the_drop_on_one_scale():
+    from pipeline.render.maps import drop_scale
 
-    confident = np.array([[0.999, 0.998], [0.97, 0.996]])
-    assert occlusion_limits(confident, 0.995) == (0.97, 0.999)  # not 0..1: the drop is visible
-    assert occlusion_limits(confident, 1.0) == (0.97, 1.0)  # the base is always on the scale
-    lo, hi = occlusion_limits(np.full((2, 2), 0.5), 0.5)
-    assert lo < 0.5 < hi
+    assert drop_scale(np.array([[0.0, 0.02], [0.1, 0.05]])) == (0.0, 0.1, "magma")  # data range, not 0..1
+    lo, hi, cmap = drop_scale(np.array([[-0.03, 0.01], [0.2, 0.0]]))  # the square raises p somewhere
+    assert (lo, hi, cmap) == (-0.2, 0.2, "RdBu_r")
+    lo, hi, _ = drop_scale(np.zeros((2, 2)))
+    assert lo == 0.0 < hi
 
 
 def test_cam_targets_label_class_list_and_top_n(tmp_path, tiny):
@@ -308,6 +350,30 @@ def test_occlusion_stage_stores_maps_equal_to_masking_by_hand(tmp_path, tiny):
                     assert np.isclose(g["activation"][row, gy, gx], m[..., channel].sum(), rtol=1e-4, atol=1e-5)
     for i in (0, 2):
         assert (tmp_path / "run" / "occlusion" / f"image_{i}.png").stat().st_size > 10_000
+    # the occlusion sheet and the per-image sheet draw each map kind on one scale: the drop
+    # from the unoccluded value, over its data range, said on the colour bar
+    from matplotlib.collections import QuadMesh
+
+    from pipeline.render.image_sheet import PerImage, image_sheet
+    from pipeline.render.maps import drop_scale, occlusion_figure
+    from pipeline.render.results import class_namer
+
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        g = f["occlusion"]
+        want = [g["base_probability"][1] - g["probability"][1], g["base_activation"][1] - g["activation"][1]]
+        names = class_namer(f)
+        sheets = (occlusion_figure(pixels[2], g, 1, names(int(g["class"][1]))),
+                  image_sheet(f, PerImage.read(f), 2, names, {"height": 24, "width": 24}, 50)[0])
+        for fig in sheets:
+            meshes = [m for m in fig.findobj(QuadMesh) if m.axes.get_label() != "<colorbar>"]
+            assert len(meshes) == 2
+            for mesh, drop in zip(meshes, want):
+                np.testing.assert_allclose(mesh.get_array(), drop, rtol=1e-6)
+                lo, hi, cmap = drop_scale(drop)
+                assert np.allclose(mesh.get_clim(), (lo, hi)) and mesh.get_cmap().name == cmap
+            labels = [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"]
+            assert len(labels) == 2 and "minus with the square" in labels[0] and labels[0].startswith("p(")
+            assert f"{g['base_probability'][1]:.3g}" in labels[0] and "total" in labels[1]
     # occlusion never reads `layers`: changing them neither recomputes nor refuses its results
     stamp = (tmp_path / "run" / "results.h5").stat().st_mtime_ns
     run(compose_cfg(list(cfg_overrides) + ["layers=[relu1]"]), tmp_path / "run")

@@ -216,12 +216,14 @@ def image_figure(image: np.ndarray, title: str, note: str = "", min_width: int =
     return fig
 
 
-def save(fig: Figure, path: Path) -> Path:
-    """Render a figure to PNG with the Agg canvas."""
+def save(fig: Figure, path: Path, compress_level: int | None = None) -> Path:
+    """Render a figure to PNG with the Agg canvas; `compress_level` 1 encodes large sheets
+    about twice as fast as the default 6, for about a tenth more bytes."""
     path = Path(path)
     FigureCanvasAgg(fig)
+    options = {} if compress_level is None else {"pil_kwargs": {"compress_level": int(compress_level)}}
     with replacing(path) as tmp:
-        fig.savefig(tmp, dpi=DPI, facecolor="white")
+        fig.savefig(tmp, dpi=DPI, facecolor="white", **options)
     return path
 
 

@@ -17,7 +17,8 @@ from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.preprocess import Preprocessing, input_box
-from pipeline.render.draw import CAM_TITLES, cell_edges, open_photo
+from pipeline.render.draw import CAM_TITLES, open_photo
+from pipeline.render.maps import occlusion_panels, stored_maps
 from pipeline.names import shown
 from pipeline.render.results import as_str, label_name, stored_exif
 from pipeline.store import read_path
@@ -58,10 +59,13 @@ class PerImage:
     occlusion_row: dict[int, int]
     activation_row: dict[int, int]
     activation_layers: list[tuple[str, str]]  # (dataset key, layer name)
+    # methods that keep rows for the drawn images only (input-resolution maps):
+    # method -> image id -> its row of the first target
+    cam_drawn: dict[str, dict[int, int]] = None
 
     @classmethod
     def read(cls, f: h5py.File) -> "PerImage":
-        cam_rows, methods = {}, []
+        cam_rows, methods, drawn = {}, [], {}
         if "cam" in f and "image" in f["cam"]:
             g = f["cam"]
             ids = g["image"][()]
@@ -71,6 +75,12 @@ class PerImage:
                 cam_rows[int(i)] = order[s:e]
             listed = json.loads(as_str(g.attrs.get("methods", "[]")) or "[]")
             methods = [m for m in listed if m in g and "map" in g[m]]
+            for m in methods:
+                if "image" in g[m]:
+                    image, rank = g[m]["image"][()], g[m]["rank"][()]
+                    drawn[m] = {}
+                    for row in np.lexsort((-rank, image)):  # the last write per image is its rank 0
+                        drawn[m][int(image[row])] = int(row)
         occ = {}
         if "occlusion" in f and "image" in f["occlusion"]:
             occ = {int(i): r for r, i in enumerate(f["occlusion/image"][()])}
@@ -81,10 +91,22 @@ class PerImage:
             found = [(key, as_str(d.attrs.get("name", key)), int(d.attrs.get("depth", 0)))
                      for key, d in g.items() if isinstance(d, h5py.Dataset) and d.ndim == 4]
             layers = [(key, name) for key, name, _ in sorted(found, key=lambda t: (t[2], t[0]))]
-        return cls(cam_rows, methods, occ, act, layers)
+        return cls(cam_rows, methods, occ, act, layers, drawn)
 
     def ids(self) -> list[int]:
         return sorted(set(self.cam_rows) | set(self.occlusion_row) | set(self.activation_row))
+
+    def cam_row(self, method: str, image_id: int) -> int | None:
+        """The row of cam/<method> with the image's first target, or None when not stored."""
+        own = (self.cam_drawn or {}).get(method)
+        if own is not None:
+            return own.get(image_id)
+        rows = self.cam_rows.get(image_id)
+        return None if rows is None else int(rows[0])
+
+    def aligned_methods(self) -> list[str]:
+        """Methods with a row for every cam/image row (maps at the target layer)."""
+        return [m for m in self.cam_methods if m not in (self.cam_drawn or {})]
 
 
 
@@ -145,38 +167,29 @@ def image_sheet(f: h5py.File, pi: PerImage, image_id: int, names, spec: dict, dp
         g = f["cam"]
         methods = pi.cam_methods
         axes = subs[r].subplots(1, len(methods), squeeze=False)[0]
-        first = int(cam_rows[0])
         for ax, m in zip(axes, methods):
-            one = g[m]["map"][first]
-            cls, score = int(g[m]["class"][first]), float(g[m]["score"][first])
+            row = pi.cam_row(m, image_id)
+            ax.set_axis_off()
+            if row is None:
+                ax.set_title(CAM_TITLES.get(m, m), fontsize=7)
+                ax.text(0.5, 0.5, "stored for the drawn\nimages only (cam.draw)", ha="center", va="center",
+                        fontsize=7, color="0.35", transform=ax.transAxes)
+                continue
+            one = stored_maps(g[m], [row])[0]
+            cls, score = int(g[m]["class"][row]), float(g[m]["score"][row])
             if m == "guided_gradcam":
                 ax.imshow(draw.guided_image(one))
             else:
                 ax.imshow(draw.overlay(grey, one))
             draw.mark_zero(ax, m, one)
             ax.set_title(f"{CAM_TITLES.get(m, m)}\n{names(cls)[:26]} (logit {score:.2f})", fontsize=7)
-            ax.set_axis_off()
         subs[r].suptitle(f"class activation maps at {as_str(g.attrs.get('layer', '?'))}", fontsize=9)
         r += 1
     if "occlusion" in rows:
         g = f["occlusion"]
         osize, stride = int(g.attrs.get("size", 0)), int(g.attrs.get("stride", 0))
-        ye, xe = cell_edges(g["rows"][()] + osize / 2, size[0]), cell_edges(g["cols"][()] + osize / 2, size[1])
-        cls, channel = int(g["class"][occ_row]), int(g["channel"][occ_row])
-        axes = subs[r].subplots(1, 2)
-        for ax, values, what, cmap, lim in (
-                (axes[0], g["probability"][occ_row], f"p({names(cls)[:24]}) with the square there", "magma", (0, 1)),
-                (axes[1], g["activation"][occ_row],
-                 f"{as_str(g.attrs.get('layer', '?'))} channel {channel}: total activation", "viridis", None)):
-            ax.imshow(grey, alpha=0.3)
-            mesh = ax.pcolormesh(xe, ye, values, cmap=cmap, alpha=0.85, vmin=lim[0] if lim else None,
-                                 vmax=lim[1] if lim else None)
-            ax.set_xlim(0, size[1])
-            ax.set_ylim(size[0], 0)
-            ax.set_title(what, fontsize=7)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            fig.colorbar(mesh, ax=ax, shrink=0.85).ax.tick_params(labelsize=6)
+        backdrop = grey if grey.shape[:2] == size else np.asarray(Image.fromarray(grey).resize(size[::-1]))
+        occlusion_panels(fig, subs[r].subplots(1, 2), backdrop, g, occ_row, names(int(g["class"][occ_row])))
         subs[r].suptitle(f"occlusion sensitivity: grey square {osize} px, stride {stride} px", fontsize=9)
         r += 1
     if act_layers:
@@ -224,9 +237,9 @@ def _predictions(ax, f: h5py.File, image_id: int, cam_rows, occ_row, pi: PerImag
         ax.set_xlabel("probability", fontsize=7)
         ax.set_title(f"top-{len(classes)} predictions", fontsize=8)
         return
-    if cam_rows is not None and pi.cam_methods:
+    if cam_rows is not None and pi.aligned_methods():
         g = f["cam"]
-        m = pi.cam_methods[0]
+        m = pi.aligned_methods()[0]
         ranks = g["rank"][()][cam_rows] if "rank" in g else np.zeros(len(cam_rows), np.int32)
         order = np.argsort(ranks, kind="stable")
         rows = cam_rows[order][:5]
@@ -278,6 +291,7 @@ def choose_images(pi: PerImage, per_image, n_images: int) -> list[int]:
     n = int(per_image or 0)
     if n <= 0:
         return []
-    kinds = {i: (i in pi.cam_rows) + (i in pi.occlusion_row) + (i in pi.activation_row) for i in have}
+    drawn = set().union(*(set(rows) for rows in (pi.cam_drawn or {}).values()))
+    kinds = {i: (i in pi.cam_rows) + (i in drawn) + (i in pi.occlusion_row) + (i in pi.activation_row) for i in have}
     return sorted(sorted(have, key=lambda i: (-kinds[i], i))[:n])
 

@@ -28,6 +28,7 @@ CLASS_MEANS_DRAWN = 24
 MIN_CLASS_IMAGES = 2
 DISPLAY_SIDE = 448  # longest side of a photo on the sheets
 TILE_PX = 32  # small maps are enlarged by whole factors to about this size
+FAST_PNG = 1  # zlib level of the per-image sheets: a fixed cost of every run, encoded fast
 
 
 def original_photo(table: ImageTable, image_id: int, spec=None) -> np.ndarray | None:
@@ -64,29 +65,55 @@ def file_slug(method: str) -> str:
 
 
 
-def drawn_maps(part: Path, table: ImageTable, spec, methods: list[str], limit: int, batch_size: int) -> dict:
-    """image id -> its pixels and, per method, (maps, classes, scores) of its targets, for
-    the images below `limit`, read back from the stage's part (a resumed run has them too)."""
+def method_rows(g, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """(image id, target rank) of each row of cam/<method>: the method's own tables where it
+    keeps rows for the drawn images only (input-resolution maps), else cam/image, cam/rank."""
+    own = g[method]
+    if "image" in own:
+        return own["image"][()], own["rank"][()]
+    image = g["image"][()]
+    return image, g["rank"][()] if "rank" in g else np.zeros(len(image), np.int32)
+
+
+def stored_maps(d, rows) -> np.ndarray:
+    """Raw float32 maps of the given rows (increasing) of one cam/<method> group; maps kept
+    as float16 over a per-map `scale` are scaled back."""
+    rows = np.asarray(rows, np.int64)
+    maps = d["map"][rows] if len(rows) else np.zeros((0,) + d["map"].shape[1:], d["map"].dtype)
+    maps = maps.astype(np.float32)
+    if "scale" in d:
+        maps *= d["scale"][()][rows].reshape((-1,) + (1,) * (maps.ndim - 1))
+    return maps
+
+
+def drawn_maps(part: Path, table: ImageTable, spec, methods: list[str], ids, batch_size: int) -> dict:
+    """image id -> its pixels and, per method, (maps, classes, scores) of its targets in rank
+    order, for the images `ids`, read back from the stage's part (a resumed run has them too)."""
     import h5py
 
     from pipeline.datasets import BatchStream
 
+    wanted = np.asarray(ids, np.int64)
+    drawn: dict[int, dict] = {}
     with h5py.File(part, "r") as f:
-        image = f["cam/image"][()]
-        rows = np.flatnonzero(image < limit)
-        drawn = {int(i): {"maps": {}} for i in np.unique(image[rows])}
+        g = f["cam"]
         for m in methods:
-            g = f[f"cam/{m}"]
-            maps = g["map"][rows] if len(rows) else np.zeros((0,) + g["map"].shape[1:], np.float32)
-            classes, scores = g["class"][()][rows], g["score"][()][rows]
-            for image_id in drawn:
-                sel = image[rows] == image_id
-                drawn[image_id]["maps"][m] = (maps[sel], classes[sel], scores[sel])
-    for ids, pixels in BatchStream(table, spec, batch_size, ids=np.asarray(sorted(drawn), np.int64)):
-        for image_id, p in zip(ids, pixels.numpy()):
+            image, rank = method_rows(g, m)
+            rows = np.flatnonzero(np.isin(image, wanted))
+            rows = rows[np.lexsort((rank[rows], image[rows]))]  # by image, then target rank
+            if not len(rows):
+                continue
+            maps = stored_maps(g[m], np.sort(rows))[np.argsort(np.argsort(rows))]
+            classes, scores = g[m]["class"][()][rows], g[m]["score"][()][rows]
+            starts = np.flatnonzero(np.r_[True, np.diff(image[rows]) != 0])
+            for a, b in zip(starts, list(starts[1:]) + [len(rows)]):
+                item = drawn.setdefault(int(image[rows[a]]), {"maps": {}})
+                item["maps"][m] = (maps[a:b], classes[a:b], scores[a:b])
+    order = [int(i) for i in dict.fromkeys(wanted.tolist()) if int(i) in drawn]
+    for batch_ids, pixels in BatchStream(table, spec, batch_size, ids=np.asarray(sorted(order), np.int64)):
+        for image_id, p in zip(batch_ids, pixels.numpy()):
             drawn[int(image_id)]["pixels"] = p
-    return {i: item for i, item in drawn.items() if "pixels" in item}
-
+    return {i: drawn[i] for i in order if "pixels" in drawn[i]}
 
 
 def classes_with_means(counts: np.ndarray) -> np.ndarray:
@@ -97,23 +124,23 @@ def classes_with_means(counts: np.ndarray) -> np.ndarray:
 
 
 def cam_sheets(part: Path, out_dir: Path, table: ImageTable, spec, names: list[str], methods: list[str],
-                alpha: float, limit: int, batch_size: int) -> list[Path]:
-    """Overlay pages (photo, then one panel per method; a row per image and target) and
-    the per-class mean maps, as PNG files in out_dir."""
+               alpha: float, ids, batch_size: int) -> list[Path]:
+    """Overlay pages of the images `ids` (photo, then one panel per method; a row per image
+    and target) and the per-class mean maps, as PNG files in out_dir."""
     import h5py
     from matplotlib.figure import Figure
 
     from pipeline.render import draw
     from pipeline.render.results import as_str
 
-    drawn = drawn_maps(part, table, spec, methods, limit, batch_size)
+    drawn = drawn_maps(part, table, spec, methods, ids, batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     rows = []
-    for image_id in sorted(drawn):
-        item = drawn[image_id]
+    for image_id, item in drawn.items():  # in the order cam.draw chose them
         photo, box = display_photo(table, image_id, spec, item["pixels"])
-        for k in range(len(item["maps"][methods[0]][1])):  # one row per target
+        first = next(iter(item["maps"].values()))
+        for k in range(len(first[1])):  # one row per target
             rows.append((image_id, k, photo, box, item))
     pages = math.ceil(len(rows) / ROWS_PER_PAGE)
     for page in tqdm(range(pages), desc="cam sheets", unit="page"):
@@ -123,25 +150,29 @@ def cam_sheets(part: Path, out_dir: Path, table: ImageTable, spec, names: list[s
                      layout="constrained")
         axes = fig.subplots(len(chunk), len(methods) + 1, squeeze=False)
         for r, (image_id, k, photo, box, item) in enumerate(chunk):
-            cls = int(item["maps"][methods[0]][1][k])
-            score = float(item["maps"][methods[0]][2][k])
+            _, classes, scores = next(iter(item["maps"].values()))
+            cls, score = int(classes[k]), float(scores[k])
             axes[r, 0].imshow(draw.to_rgb(photo))
             axes[r, 0].set_title(f"#{image_id} {shown(Path(table.paths[image_id]).name)}", fontsize=6)
             axes[r, 0].set_ylabel(f"{names[cls][:28]}\nlogit {score:.2f}", fontsize=7)
             for col, m in enumerate(methods, 1):
+                if r == 0:
+                    axes[r, col].set_title(CAM_TITLES[m], fontsize=8)
+                if m not in item["maps"] or k >= len(item["maps"][m][0]):
+                    axes[r, col].text(0.5, 0.5, "not stored", ha="center", va="center", fontsize=7,
+                                      transform=axes[r, col].transAxes)
+                    continue
                 one = item["maps"][m][0][k]
                 if m == "guided_gradcam":
                     axes[r, col].imshow(draw.paste_in_box(photo, draw.guided_image(one), box))
                 else:
                     axes[r, col].imshow(draw.overlay(photo, one, alpha=alpha, box=box))
                 draw.mark_zero(axes[r, col], m, one)
-                if r == 0:
-                    axes[r, col].set_title(CAM_TITLES[m], fontsize=8)
         for ax in axes.flat:
             ax.set_xticks([])
             ax.set_yticks([])
         fig.suptitle(f"class activation maps, page {page + 1} of {pages}", fontsize=9)
-        written.append(draw.save(fig, out_dir / f"overlays_{page:03d}.png"))
+        written.append(draw.save(fig, out_dir / f"overlays_{page:03d}.png", FAST_PNG))
     with h5py.File(part, "r") as f:
         size = tuple(int(v) for v in f["cam"].attrs["input_size"])  # (H, W)
         for m in methods:
@@ -155,7 +186,7 @@ def cam_sheets(part: Path, out_dir: Path, table: ImageTable, spec, names: list[s
                 continue
             classes, counts, maps = cm["class"][()][keep], cm["count"][()][keep], cm["map"][()][keep]
             fig = class_mean_figure(m, classes, counts, maps, size, names, as_str(f["cam"].attrs["layer"]))
-            written.append(draw.save(fig, out_dir / f"class_mean_{file_slug(m)}.png"))
+            written.append(draw.save(fig, out_dir / f"class_mean_{file_slug(m)}.png", FAST_PNG))
     logger.info("cam: %d sheet(s) in %s", len(written), out_dir)
     return written
 
@@ -218,13 +249,14 @@ def activation_sheets(part: Path, out_dir: Path, grid: int, per_row: int) -> lis
             image = draw.tile(tiles[:first], side)
             title = f"{name}: channels 0-{first - 1} of {c}, image #{ids[row]}"
             written.append(draw.save(draw.image_figure(image, title, _legend(blank[:first])),
-                                     out_dir / f"{key}_grid_{ids[row]}.png"))
+                                     out_dir / f"{key}_grid_{ids[row]}.png", FAST_PNG))
             image = draw.tile(tiles, per_row)
             title = f"{name}: all {c} channels ({h}x{w}), image #{ids[row]}"
             written.append(draw.save(draw.image_figure(image, title, _legend(blank)),
-                                     out_dir / f"{key}_{ids[row]}.png"))
+                                     out_dir / f"{key}_{ids[row]}.png", FAST_PNG))
         fractions = g["blank_fraction"][()]
-    written.append(draw.save(blank_fraction_figure(names, fractions, ids), out_dir / "blank_fraction.png"))
+    written.append(draw.save(blank_fraction_figure(names, fractions, ids), out_dir / "blank_fraction.png",
+                             FAST_PNG))
     logger.info("activations: %d sheet(s) in %s", len(written), out_dir)
     return written
 
@@ -260,23 +292,54 @@ def blank_fraction_figure(names: list[str], fractions: np.ndarray, ids: np.ndarr
     ax.set_title("sparsity of activations by depth", fontsize=9)
     return fig
 
-def occlusion_limits(values: np.ndarray, base: float) -> tuple[float, float]:
-    """Colour limits of one image's occlusion map: its own range and the unoccluded value, so
-    that a confident prediction (p from 0.97 to 0.999) shows where the square hurts, not a
-    flat square on a fixed 0..1 scale."""
-    lo, hi = min(float(np.min(values)), base), max(float(np.max(values)), base)
-    if hi - lo < 1e-12:  # a flat map: a visible range around it
-        pad = max(abs(hi) * 1e-3, 1e-6)
-        lo, hi = lo - pad, hi + pad
-    return lo, hi
+def drop_scale(drop: np.ndarray) -> tuple[float, float, str]:
+    """(vmin, vmax, colour map) of an occlusion map drawn as the drop from the unoccluded
+    value: the data range, from 0; symmetric about 0 on a diverging map when the square
+    also raises the value somewhere (a signed drop), so 0 is the same colour on both sides."""
+    lo, hi = min(float(np.min(drop)), 0.0), max(float(np.max(drop)), 0.0)
+    if lo < 0:
+        top = max(-lo, hi)
+        return -top, top, "RdBu_r"
+    return 0.0, hi if hi > 0 else 1e-6, "magma"
+
+
+def occlusion_panels(fig, axes, backdrop: np.ndarray, g, row: int, class_name: str) -> None:
+    """The two occlusion maps of one stored row on `axes`, over the photo the model saw: the
+    drop of the target's probability and of the followed channel's total activation when
+    the square covers each cell; one colour scale per map kind (drop_scale), said on the bar.
+    The per-image sheet and the occlusion stage's sheet both draw with this."""
+    from pipeline.render.results import as_str
+
+    size = int(g.attrs.get("size", 0))
+    side_y, side_x = backdrop.shape[:2]
+    # each cell drawn around the square's centre, halfway to its neighbours
+    y_edges, x_edges = cell_edges(g["rows"][()] + size / 2, side_y), cell_edges(g["cols"][()] + size / 2, side_x)
+    channel = int(g["channel"][row])
+    layer = as_str(g.attrs.get("layer", "?"))
+    panels = ((g["probability"][row], float(g["base_probability"][row]), f"p({class_name[:24]})",
+               f"drop of p({class_name[:24]}) with the square there"),
+              (g["activation"][row], float(g["base_activation"][row]), f"{layer} ch {channel} total",
+               f"drop of {layer} channel {channel}'s total activation"))
+    for ax, (values, base, short, title) in zip(axes, panels):
+        drop = base - np.asarray(values, np.float64)
+        lo, hi, cmap = drop_scale(drop)
+        ax.imshow(backdrop, alpha=0.25)
+        mesh = ax.pcolormesh(x_edges, y_edges, drop, cmap=cmap, alpha=0.9, vmin=lo, vmax=hi)
+        ax.set_xlim(0, side_x)
+        ax.set_ylim(side_y, 0)
+        ax.set_title(title, fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        bar = fig.colorbar(mesh, ax=ax, shrink=0.85)
+        bar.set_label(f"{short}: unoccluded {base:.3g} minus with the square"
+                      f"{' (< 0: the square raises it)' if lo < 0 else ''}", fontsize=6)
+        bar.ax.tick_params(labelsize=6)
 
 
 def occlusion_sheets(part: Path, out_dir: Path, table, spec, names: list[str], batch_size: int) -> list[Path]:
-    """Per image: the photo (as the model saw it) with the square's size marked, the target
-    probability map and the followed feature map's activation map, on the photo's axes."""
+    """Per image: the photo (as the model saw it) with the square's size marked, and the
+    drops of the target probability and of the followed feature map (occlusion_panels)."""
     import h5py
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
 
     from pipeline.datasets import BatchStream
     from pipeline.render import draw
@@ -287,43 +350,32 @@ def occlusion_sheets(part: Path, out_dir: Path, table, spec, names: list[str], b
         g = f["occlusion"]
         pixels_of = {int(i): p for ids, batch in BatchStream(table, spec, batch_size, ids=g["image"][()])
                      for i, p in zip(ids, batch.numpy())}
-        size, stride, layer = int(g.attrs["size"]), int(g.attrs["stride"]), str(g.attrs["layer"])
-        rows, cols = g["rows"][()], g["cols"][()]
         for i, image_id in enumerate(tqdm(g["image"][()], desc="occlusion sheets", unit="sheet")):
             if int(image_id) not in pixels_of:
                 continue  # unreadable now, though it was read for the maps
-            photo = draw.to_rgb(pixels_of[int(image_id)])
-            side_y, side_x = photo.shape[:2]
-            cls, channel = int(g["class"][i]), int(g["channel"][i])
-            # each cell drawn around the square's centre, halfway to its neighbours
-            y_edges, x_edges = cell_edges(rows + size / 2, side_y), cell_edges(cols + size / 2, side_x)
-            fig = Figure(figsize=(9.0, 3.3), dpi=draw.DPI, layout="constrained")
-            axes = fig.subplots(1, 3)
-            axes[0].imshow(photo)
-            axes[0].add_patch(Rectangle((2, 2), size, size, facecolor=(0.5, 0.5, 0.5), edgecolor="white", lw=0.8))
-            axes[0].set_title(f"#{image_id}: {names[cls][:30]} (p={g['base_probability'][i]:.2f})", fontsize=8)
-            panels = (
-                (g["probability"][i], g["base_probability"][i], f"p({names[cls][:24]}) with the square there",
-                 "magma"),
-                (g["activation"][i], g["base_activation"][i], f"{layer} channel {channel}: total activation",
-                 "viridis"),
-            )
-            for ax, (values, base, title, cmap) in zip(axes[1:], panels):
-                ax.imshow(photo, alpha=0.25)
-                lo, hi = occlusion_limits(values, float(base))
-                im = ax.pcolormesh(x_edges, y_edges, values, cmap=cmap, alpha=0.9, vmin=lo, vmax=hi)
-                ax.set_xlim(0, side_x)
-                ax.set_ylim(side_y, 0)
-                ax.set_title(title, fontsize=8)
-                bar = fig.colorbar(im, ax=ax, shrink=0.8)
-                bar.ax.axhline(float(base), color="white", lw=1.5)
-                bar.ax.axhline(float(base), color="black", lw=0.6, ls="--")
-                bar.set_label(f"unoccluded: {float(base):.3g} (line)", fontsize=6)
-                bar.ax.tick_params(labelsize=6)
-            for ax in axes:
-                ax.set_xticks([])
-                ax.set_yticks([])
-            fig.suptitle(f"occlusion sensitivity: grey square {size} px, stride {stride} px", fontsize=9)
-            written.append(draw.save(fig, out_dir / f"image_{int(image_id)}.png"))
+            fig = occlusion_figure(pixels_of[int(image_id)], g, i, names[int(g["class"][i])])
+            written.append(draw.save(fig, out_dir / f"image_{int(image_id)}.png", FAST_PNG))
     logger.info("occlusion: %d sheet(s) in %s", len(written), out_dir)
     return written
+
+
+def occlusion_figure(pixels: np.ndarray, g, row: int, class_name: str):
+    """The occlusion stage's sheet of one stored row: the photo with the square's size in
+    the corner, then occlusion_panels."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from pipeline.render import draw
+
+    size, stride = int(g.attrs["size"]), int(g.attrs["stride"])
+    photo = draw.to_rgb(pixels)
+    fig = Figure(figsize=(9.0, 3.3), dpi=draw.DPI, layout="constrained")
+    axes = fig.subplots(1, 3)
+    axes[0].imshow(photo)
+    axes[0].add_patch(Rectangle((2, 2), size, size, facecolor=(0.5, 0.5, 0.5), edgecolor="white", lw=0.8))
+    axes[0].set_title(f"#{int(g['image'][row])}: {class_name[:30]} (p={g['base_probability'][row]:.2f})", fontsize=8)
+    axes[0].set_xticks([])
+    axes[0].set_yticks([])
+    occlusion_panels(fig, axes[1:], photo, g, row, class_name)
+    fig.suptitle(f"occlusion sensitivity: grey square {size} px, stride {stride} px", fontsize=9)
+    return fig

@@ -1,21 +1,31 @@
-"""`cam` stage: Grad-CAM, Grad-CAM++, Score-CAM and guided Grad-CAM over every image.
+"""`cam` stage: Grad-CAM, Grad-CAM++, Score-CAM over every image; guided Grad-CAM for the drawn ones.
 
 A thin wrapper over `pipeline.explain.CamExplainer`: the dataset is streamed in batches
 of `batch_size`, the maps are committed in chunks as they come (memory flat in dataset
 size; a killed run resumes after the last chunk, pipeline.chunks), and sheets are drawn
 at the end: overlays on the original photos and the mean map per explained class.
 
+What every image gets is small: the maps at the target layer's resolution (7x7 floats
+for MobileNetV2), the explained classes and their logits, the model's top-5. Maps at the
+input resolution (guided Grad-CAM, (S, S, 3): 3,072 times the values of a 7x7 map, and
+a backward pass to the input each) are computed and stored only for the images
+`cam.draw` chooses: the first N, a list of ids, or the top images of chosen channels.
+
 results.h5:
 
     cam/                attrs: layer, logits_layer, methods (JSON), target, input_size, map_shape
       image  (n,) int64 image id of each row; rank (n,) int32 target rank within the image
       <method>/map      (n, h, w) float32 raw map at the target layer's resolution
-                        (guided_gradcam: (n, S, S, C) at the input resolution)
       <method>/class    (n,) int64 explained class; <method>/score (n,) float32 its logit
       <method>/max      (n,) float32 the map's maximum (0: the map is all zero; counted in the
                         log, marked on the sheets)
       <method>/class_mean/{class, count, map}  per explained class: the mean of the maps,
-                        each divided by its own maximum first (not for guided_gradcam)
+                        each divided by its own maximum first
+      guided_gradcam/   attrs rows='drawn': rows only for the drawn images (cam.draw)
+        image, rank     (m,) the image id and target rank of each row
+        map             (m, S, S, C) float16: the raw map divided by `scale`, in [-1, 1]
+        scale           (m,) float32 the map's largest absolute value (raw = map * scale)
+        class, score, max  (m,) as above
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
 from pipeline.render.draw import CAM_TITLES
 from pipeline.render.maps import cam_sheets
-from pipeline.selection import explainer_for
+from pipeline.selection import drawn_images, explainer_for, images_from_topk
 from pipeline.store import Store
 
 logger = logging.getLogger(__name__)
@@ -40,9 +50,14 @@ KEYS = ("model", "dataset", "cam")
 PART = "cam.h5"
 
 
+def needs(cfg) -> tuple[str, ...]:
+    """Images drawn from the scan's top-k make the stored input-resolution maps depend on the scan."""
+    return ("scan",) if images_from_topk(cfg.cam.draw) else ()
+
+
 def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline.chunks import BOOKKEEPING, ChunkedStream
-    from pipeline.explain import METHODS, CamExplainer
+    from pipeline.explain import INPUT_RESOLUTION, METHODS, CamExplainer
     from pipeline.models.sources import load_model
     from pipeline.preprocess import normalize
 
@@ -53,33 +68,46 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         raise PipelineError(f"cam.methods has {', '.join(unknown) or 'nothing'}: choose from {', '.join(METHODS)}")
     bundle = load_model(cfg.model, cfg.cache_dir)
     table = list_images(cfg.dataset)
+    store = Store(run_dir)
+    drawn = drawn_images(c.draw, table, store, "cam")
     spec = bundle.preprocessing
     explainer, names, codes_for = explainer_for(
         lambda: CamExplainer(bundle.model, c.layer, spec, output=cfg.model.output), c, bundle, table)
-    draw_limit = len(table) if c.draw is None else int(c.draw)
-    logger.info("cam: %s on layer %s (logits from %s) over %d images, target %s", ", ".join(methods),
-                explainer.layer, explainer.logits_layer, len(table), c.target)
+    small = [m for m in methods if m not in INPUT_RESOLUTION]
+    large = [m for m in methods if m in INPUT_RESOLUTION]
+    logger.info("cam: %s on layer %s (logits from %s) over %d images, target %s%s", ", ".join(small or large),
+                explainer.layer, explainer.logits_layer, len(table), c.target,
+                f"; {', '.join(large)} for the {len(drawn)} drawn image(s) (cam.draw)" if small and large else "")
+    wanted = np.zeros(len(table), bool)
+    wanted[drawn] = True
 
-    store = Store(run_dir)
     store.ensure_run(cfg, bundle, table)
     work = store.work("cam", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
     stream = ChunkedStream(work, table, spec, cfg.batch_size, np.arange(len(table), dtype=np.int64), cfg.checkpoint)
     with tqdm(total=len(table), initial=len(table) - stream.remaining, desc="cam", unit="img") as bar:
         for ids, pixels in stream:
             x = normalize(pixels, spec.normalize)
-            rows = top_predictions(ids, explainer.logits(x, batch_size=len(ids)))
-            out = explainer.compute(x, codes_for(ids), methods, batch_size=len(ids), scorecam_batch=c.scorecam_batch,
-                                    scorecam_channels=c.scorecam_channels)
-            k = out[methods[0]].classes.shape[1]
+            # the classes and logits come with the layer-resolution maps (Grad-CAM when only
+            # input-resolution methods are asked for: their class of every image is stored)
+            out, logits = explainer.compute_with_logits(
+                x, codes_for(ids), small or ["gradcam"], batch_size=len(ids), scorecam_batch=c.scorecam_batch,
+                scorecam_channels=c.scorecam_channels)
+            rows = top_predictions(ids, logits)
+            classes = next(iter(out.values())).classes
+            k = classes.shape[1]
             rows["cam/image"] = np.repeat(ids.astype(np.int64), k)
             rows["cam/rank"] = np.tile(np.arange(k, dtype=np.int32), len(ids))
-            for m, r in out.items():
+            for m in small:
+                r = out[m]
                 rows[f"cam/{m}/map"] = r.maps.reshape((-1,) + r.maps.shape[2:])
                 rows[f"cam/{m}/class"] = r.classes.reshape(-1)
                 rows[f"cam/{m}/score"] = r.scores.reshape(-1)
                 rows[f"cam/{m}/max"] = r.maxima.reshape(-1).astype(np.float32)
                 if c.faithfulness_steps and m in FAITHFULNESS_METHODS:
                     rows.update(_faithfulness(explainer, x, r, m, int(c.faithfulness_steps)))
+            chosen = np.flatnonzero(wanted[ids])
+            if large and len(chosen):
+                rows.update(input_resolution_rows(explainer, x, ids, chosen, classes, large))
             stream.add(rows)
             bar.update(len(ids))
         bar.update(len(table) - bar.n)
@@ -93,24 +121,64 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                        target=str(c.target), input_size=np.asarray(spec.size, np.int64),
                        map_shape=np.asarray(explainer.map_shape[:2], np.int64))
         for m in methods:
+            if m in large and m not in g:  # no drawn image was readable: empty tables
+                _empty_input_resolution(g.create_group(m), (*spec.size, spec.channels))
             g[m].attrs.update(layer=explainer.layer, method=m)
+            if m in large:
+                g[m].attrs["rows"] = "drawn"
             if m == "scorecam":  # 0: every channel (exact); N: the N of highest variance per image
                 g[m].attrs["channels"] = int(c.scorecam_channels or 0)
             if "deletion" in g[m]:
                 g[m].attrs["faithfulness_steps"] = int(c.faithfulness_steps)
-            if m != "guided_gradcam":
+            if m in small:
                 _write_class_means(g[m])
-        zero = {m: int((g[m]["max"][()] <= 0).sum()) for m in methods}
-        rows = len(g["image"])
+        zero = {m: (int((g[m]["max"][()] <= 0).sum()), len(g[m]["max"])) for m in methods}
     logger.info("cam: %d images explained, %d unreadable", len(table) - len(stream.errors), len(stream.errors))
-    _log_zero_maps(zero, rows)
-    cam_sheets(store.parts / PART, run_dir / "cam", table, spec, names, methods, float(c.alpha), draw_limit,
-                cfg.batch_size)
+    _log_zero_maps(zero)
+    cam_sheets(store.parts / PART, run_dir / "cam", table, spec, names, methods, float(c.alpha), drawn,
+               cfg.batch_size)
 
 
-def _log_zero_maps(zero: dict[str, int], rows: int) -> None:
+def input_resolution_rows(explainer, x, ids: np.ndarray, chosen: np.ndarray, classes: np.ndarray,
+                          methods: list[str]) -> dict[str, np.ndarray]:
+    """cam/<method>/... rows of the input-resolution methods for the images `chosen` (positions
+    in the batch), explained for the same `classes` (B, K) as the layer-resolution maps."""
+    import tensorflow as tf
+
+    out = explainer.compute(tf.gather(x, chosen), classes[chosen], methods, batch_size=len(chosen))
+    k = classes.shape[1]
+    rows = {}
+    for m, r in out.items():
+        rows[f"cam/{m}/map"], rows[f"cam/{m}/scale"] = scaled_float16(r.maps.reshape((-1,) + r.maps.shape[2:]))
+        rows[f"cam/{m}/image"] = np.repeat(ids[chosen].astype(np.int64), k)
+        rows[f"cam/{m}/rank"] = np.tile(np.arange(k, dtype=np.int32), len(chosen))
+        rows[f"cam/{m}/class"] = r.classes.reshape(-1)
+        rows[f"cam/{m}/score"] = r.scores.reshape(-1)
+        rows[f"cam/{m}/max"] = r.maxima.reshape(-1).astype(np.float32)
+    return rows
+
+
+def scaled_float16(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(maps / scale as float16, scale (n,) float32), scale = each map's largest absolute
+    value: float16 keeps 11 bits of every map whatever its magnitude (raw gradients of 1e-6
+    would fall below float16's normal range), in half of float32's bytes."""
+    maps = np.asarray(maps, np.float32)
+    scale = np.abs(maps).reshape(len(maps), -1).max(axis=1, initial=0.0).astype(np.float32)
+    per_map = scale.reshape((-1,) + (1,) * (maps.ndim - 1))
+    unit = np.divide(maps, per_map, out=np.zeros_like(maps), where=per_map > 0)
+    return unit.astype(np.float16), scale
+
+
+def _empty_input_resolution(g, shape: tuple[int, ...]) -> None:
+    for key, dtype in (("image", np.int64), ("rank", np.int32), ("scale", np.float32), ("class", np.int64),
+                       ("score", np.float32), ("max", np.float32)):
+        g[key] = np.zeros(0, dtype)
+    g["map"] = np.zeros((0,) + shape, np.float16)
+
+
+def _log_zero_maps(zero: dict[str, tuple[int, int]]) -> None:
     """One line per method with all-zero maps: the sheets mark each, the log gives the count."""
-    for m, count in zero.items():
+    for m, (count, rows) in zero.items():
         if not count:
             continue
         why = {"gradcam": "the channel weights make every position negative, e.g. every weight is negative: common "
