@@ -368,9 +368,9 @@ def test_real_run_renders_every_sheet_card_and_page(full_run):
     channels = {"relu1": 4, "relu2": 6}
     for layer, c in channels.items():
         assert (run_dir / "sheets" / f"{layer}.png").read_bytes()[:8] == PNG_MAGIC
-        cards = sorted((run_dir / "report" / "cards" / layer).glob("*.png"))
+        cards = sorted((run_dir / "report" / "cards" / layer).glob("*.jpg"))
         thumbs = sorted((run_dir / "report" / "thumbs" / layer).glob("*.jpg"))
-        assert [p.name for p in cards] == [f"unit_{u:04d}.png" for u in range(c)]
+        assert [p.name for p in cards] == [f"unit_{u:04d}.jpg" for u in range(c)]
         assert [p.name for p in thumbs] == [f"unit_{u:04d}.jpg" for u in range(c)]
         sizes = {_png_size(p) for p in cards}
         assert len(sizes) == 1  # one card size per layer
@@ -422,7 +422,7 @@ def test_report_and_export_rerender_without_the_model(full_run, tmp_path):
         run(compose_cfg(overrides + ["stages=[report,export]"]), copy)
         assert (copy / "results.h5").read_bytes() == before
         assert (copy / "index.html").is_file() and (copy / "report" / "relu2.html").is_file()
-        assert len(list((copy / "report" / "cards" / "relu2").glob("*.png"))) == 6
+        assert len(list((copy / "report" / "cards" / "relu2").glob("*.jpg"))) == 6
         assert (copy / "toolbox" / "max_im" / "relu2" / "relu2_0000.jpg").is_file()
     finally:
         hidden.rename(model_file)
@@ -440,7 +440,7 @@ def test_report_redraws_only_what_changed(full_run, tmp_path):
     def stamps(*patterns):
         return {p: p.stat().st_mtime_ns for pattern in patterns for p in copy.glob(pattern)}
 
-    card, sheet, image, book = "report/cards/*/*.png", "sheets/*.png", "sheets/images/*.png", "report.pdf"
+    card, sheet, image, book = "report/cards/*/*.jpg", "sheets/*.png", "sheets/images/*.png", "report.pdf"
     run(compose_cfg(overrides + ["stages=[report]"]), copy)  # the first render with input keys
     before = stamps(card, sheet, image, book, "index.html")
     assert len([p for p in before if p.parent.parent.name == "cards"]) == 10  # relu1 4 + relu2 6 units
@@ -465,11 +465,11 @@ def test_report_options_cards_pdf_and_per_image(full_run, tmp_path):
     _, run_dir = full_run[:2]
     results = run_dir / "results.h5"
     out = tmp_path / "few"
-    render_report(results, out, cards=False, units=[1, 5, 99], pdf=True, per_image=[4])
+    render_report(results, out, cards="chosen", units=[1, 5, 99], pdf=True, per_image=[4])
     assert not (out / "report" / "relu1.html").exists() and not (out / "report" / "thumbs").exists()
     # cards only for the book's units (that exist), book pages: 1 + 1 + (1 + 1) + (1 + 1) + 1 + config
-    assert sorted(p.name for p in (out / "report" / "cards" / "relu2").iterdir()) == ["unit_0001.png", "unit_0005.png"]
-    assert sorted(p.name for p in (out / "report" / "cards" / "relu1").iterdir()) == ["unit_0001.png"]
+    assert sorted(p.name for p in (out / "report" / "cards" / "relu2").iterdir()) == ["unit_0001.jpg", "unit_0005.jpg"]
+    assert sorted(p.name for p in (out / "report" / "cards" / "relu1").iterdir()) == ["unit_0001.jpg"]
     assert [p.name for p in (out / "sheets" / "images").iterdir()] == ["image_4.png"]
     pages = _pdf_pages(out / "report.pdf")
     assert pages == _pdf_pages(run_dir / "report.pdf") - (3 + 4 + 3) + (2 + 2 + 1)
@@ -479,6 +479,10 @@ def test_report_options_cards_pdf_and_per_image(full_run, tmp_path):
     render_report(results, none, cards=False, pdf=False, per_image=0)
     assert not (none / "report.pdf").exists() and not (none / "sheets" / "images").exists()
     assert not (none / "report" / "cards").exists()
+    sweep = tmp_path / "sweep"  # report.cards=none: the book without cards, no card files at all
+    render_report(results, sweep, cards="none", units=[1, 5], pdf=True, per_image=0)
+    assert (sweep / "report.pdf").is_file() and not (sweep / "report" / "cards").exists()
+    assert _pdf_pages(sweep / "report.pdf") == pages - (2 + 1)
     assert "report.per_image=0" in (none / "index.html").read_text()
 
 

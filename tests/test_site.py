@@ -132,7 +132,7 @@ def test_click_opens_the_card_and_arrows_step_through_units(page, full_run, tmp_
     state = _wait_card(page, 2)
     from PIL import Image
 
-    with Image.open(run_dir / "report" / "cards" / "relu2" / "unit_0002.png") as im:
+    with Image.open(run_dir / "report" / "cards" / "relu2" / "unit_0002.jpg") as im:
         assert state["width"] == im.size[0]
     assert state["hash"] == "#u2" and "unit 2 of 6" in state["title"]
     page.keyboard.press("ArrowRight")

@@ -204,10 +204,11 @@ def _chosen_units(units, channels: int) -> list[int]:
     return list(range(min(int(units or 0), channels)))
 
 
-def _render_layers(f, infos, n_ok: int, figures: dict, chosen: dict, cards: bool, sheet_dir: Path,
+def _render_layers(f, infos, n_ok: int, figures: dict, chosen: dict, cards: str, sheet_dir: Path,
                    report_dir: Path):
     """Layer sheets and their previews, the run figures (sheets/run/<name>.png and .pdf;
-    figures: name -> (title, function -> Figure)), unit cards and thumbnails."""
+    figures: name -> (title, function -> Figure)), unit cards and thumbnails (cards: all,
+    chosen: the units in `chosen`, none)."""
     from pipeline.render.cards import ImageIndex, render_layer_cards
 
     sheets: dict[str, Path] = {}
@@ -225,14 +226,16 @@ def _render_layers(f, infos, n_ok: int, figures: dict, chosen: dict, cards: bool
         save_figure(fig, sheet_dir / "run" / f"{name}.pdf", PRINT_DPI)
     images = ImageIndex.read(f)
     card_files = {}
-    total = sum((int(i.shape[-1]) if i.shape else 0) if cards else len(chosen.get(i.stored, [])) for i in infos)
+    every = cards == "all"
+    total = 0 if cards == "none" else sum((int(i.shape[-1]) if i.shape else 0) if every
+                                          else len(chosen.get(i.stored, [])) for i in infos)
     with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=total, desc="unit cards", unit="card") as bar:
-        for info in infos:
-            wanted = None if cards else chosen.get(info.stored, [])
+        for info in infos if total else []:
+            wanted = None if every else chosen.get(info.stored, [])
             if wanted is not None and not wanted:
                 continue
             card_files[info.stored] = render_layer_cards(
-                f, info, report_dir / "cards" / info.stored, report_dir / "thumbs" / info.stored if cards else None,
+                f, info, report_dir / "cards" / info.stored, report_dir / "thumbs" / info.stored if every else None,
                 units=wanted, images=images, pool=pool, bar=bar)
     return sheets, previews, figure_pngs, card_files
 
@@ -316,14 +319,15 @@ class RenderCache:
         return self._abs(data["book"]), [self._abs(p) for p in data["pages"]]
 
 
-def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, units=8, pdf: bool = True,
+def render_report(results_path: Path, out_dir: Path, *, cards: str | bool = "all", units=8, pdf: bool = True,
                   per_image=8, inputs: dict[str, str] | None = None) -> list[Path]:
     """Render everything from results.h5 into out_dir (the run directory); return the files.
 
     sheets/<layer>.png (network order, first in the list), sheets/run/sparsity.png and .pdf,
-    report/previews/<layer>.jpg, report/cards/<layer>/unit_%04d.png and
-    report/thumbs/<layer>/unit_%04d.jpg (cards=True: every unit; else only the units the
-    book shows), sheets/images/image_<id>.png (per_image: N or a list of ids),
+    report/previews/<layer>.jpg, report/cards/<layer>/unit_%04d.jpg and
+    report/thumbs/<layer>/unit_%04d.jpg (cards="all": every unit; "chosen": only the units
+    the book shows; "none": no cards; True and False mean all and chosen),
+    sheets/images/image_<id>.png (per_image: N or a list of ids),
     report.pdf (pdf=True; `units` per layer: N first units or a list), report/<layer>.html,
     and index.html (last in the list).
 
@@ -334,6 +338,10 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
     from pipeline.render.book import Book, BookLayer, write_book
     from pipeline.render.site import REPORT_DIR, Site, SiteImage, SiteLayer, write_site
 
+    if isinstance(cards, bool):
+        cards = "all" if cards else "chosen"
+    if cards not in ("all", "chosen", "none"):
+        raise ValueError(f"cards={cards!r}: use all, chosen or none")
     results_path, out_dir = Path(results_path), Path(out_dir)
     sheet_dir = out_dir / "sheets"
     report_dir = out_dir / REPORT_DIR
@@ -427,7 +435,7 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
 
     site_layers = []
     for i in infos:
-        files = card_files.get(i.stored) if cards else None
+        files = card_files.get(i.stored) if cards == "all" else None
         site_layers.append(SiteLayer(
             name=i.name, stored=i.stored, depth=i.depth, shape=fmt(i.shape),
             receptive_field=f"{fmt(i.rf_size)} / {fmt(i.rf_stride)}",

@@ -274,7 +274,7 @@ _SCRIPT = r"""
     if (!link) { return; }
     current = unit;
     var img = document.getElementById("card");
-    img.src = me.cards + pad(unit) + ".png";
+    img.src = me.cards + pad(unit) + ".jpg";
     img.alt = "card of " + me.name + " unit " + unit;
     document.getElementById("card-title").textContent = me.name + " \u00b7 unit " + unit + " of " + me.units;
     viewer.hidden = false;
@@ -329,7 +329,7 @@ def _data_json(site: Site, out_dir: Path, page_dir: Path, here: str | None) -> s
         entry = {"name": layer.name, "stored": layer.stored, "units": layer.units,
                  "page": layer.page_name if layer.cards else None, "sheet": raw_url(layer.sheet, page_dir)}
         if layer.stored == here and layer.cards:
-            # cards are <folder>/unit_%04d.png: the page builds each URL from the unit number
+            # cards are <folder>/unit_%04d.jpg: the page builds each URL from the unit number
             folder = next(iter(layer.cards.values())).parent
             entry["cards"] = raw_url(folder, page_dir) + "/unit_"
         layers.append(entry)
