@@ -402,6 +402,7 @@ def test_pdf_book_page_count(full_run):
     # sheets, config
     expected = 1 + 1 + 1 + (1 + 2) + (1 + 3) + 3 + math.ceil(config_lines / 90)
     assert _pdf_pages(run_dir / "report.pdf") == expected
+    assert _media_boxes(run_dir / "report.pdf") == {(595, 842)}  # one page size: A4 portrait, figures too
 
 
 def test_report_and_export_rerender_without_the_model(full_run, tmp_path):
@@ -576,3 +577,46 @@ def test_other_stages_sheets_are_listed_in_network_order():
     got = [p.name for p in in_network_order([Path(n) for n in names], stored)]
     assert got == ["patterns_features_2.png", "weights_features_7.png", "patterns_features_14.png",
                    "patterns_features_18.png", "kernels.txt", "notes_9.png", "notes_10.png"]
+
+
+def _media_boxes(path: Path) -> set[tuple[float, float]]:
+    return {(round(float(w)), round(float(h)))
+            for w, h in re.findall(rb"/MediaBox\s*\[\s*0\s+0\s+([\d.]+)\s+([\d.]+)\s*\]", path.read_bytes())}
+
+
+def test_large_sheet_continues_over_a4_pages_with_readable_montages(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from pipeline.render import book as bk
+    from pipeline.render.sheets import sheet_grid
+
+    with h5py.File(tmp_path / "r.h5", "w") as f:  # shapes only: 1,280 units of 64 px patches
+        f.create_dataset("layers/big/patches", shape=(1280, 9, 64, 64, 3), dtype=np.uint8)
+        grid_ = sheet_grid(f["layers/big"], SimpleNamespace(has_patches=True))
+    layout = sheet_layout(1280, 9, (64, 64))
+    assert (grid_.height, grid_.width) == layout.size and grid_.rows * grid_.cols >= 1280
+    tiles = bk.sheet_tiles(grid_)
+    assert len(tiles) > 1
+    box_w, box_h = bk.A4[0] - 2 * bk.MARGIN_SIDE, bk.A4[1] - bk.MARGIN_TOP - bk.MARGIN_BOTTOM
+    covered = np.zeros((grid_.rows, grid_.cols), int)
+    for y0, y1, x0, x1 in tiles:
+        scale = min(box_w / (x1 - x0), box_h / (y1 - y0))  # inches per sheet pixel on its page
+        assert grid_.montage_w * scale * bk.BOOK_DPI >= bk.MIN_MONTAGE_PX
+        assert (y0 - grid_.top) % grid_.pitch_y == 0 and (x0 - grid_.left) % grid_.pitch_x == 0  # whole montages
+        covered[(y0 - grid_.top) // grid_.pitch_y:(y1 - grid_.top) // grid_.pitch_y,
+                (x0 - grid_.left) // grid_.pitch_x:(x1 - grid_.left) // grid_.pitch_x] += 1
+    assert (covered == 1).all()  # every montage on exactly one page
+    # on one page they would be too small to read
+    assert grid_.montage_w * min(box_w / grid_.width, box_h / grid_.height) * bk.BOOK_DPI < bk.MIN_MONTAGE_PX
+    sheet = tmp_path / "big.png"
+    Image.fromarray(np.full(layout.size + (3,), 200, np.uint8)).save(sheet)
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((300, 900, 3), 90, np.uint8)).save(small)  # wide: once a landscape page
+    book = bk.Book("m", [("model", "m")], [bk.BookLayer("big", sheet, [], grid_), bk.BookLayer("small", small)],
+                   images=[("wide", small)], config="a: 1\n")
+    out = tmp_path / "book.pdf"
+    assert bk.write_book(book, out) == bk.page_count(book) == 1 + len(tiles) + 1 + 1 + 1
+    assert _pdf_pages(out) == bk.page_count(book)
+    assert _media_boxes(out) == {(595, 842)}  # A4 portrait, every page

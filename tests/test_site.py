@@ -59,7 +59,7 @@ def _card_state(page) -> dict:
 def _wait_card(page, unit: int) -> dict:
     page.wait_for_function(f"""() => {{ const c = document.getElementById('card');
         return !document.getElementById('viewer').hidden
-               && (c.getAttribute('src') || '').endsWith('unit_{unit:04d}.png')
+               && (c.getAttribute('src') || '').endsWith('unit_{unit:04d}.jpg')
                && c.complete && c.naturalWidth > 0; }}""", timeout=20_000)
     return _card_state(page)
 

@@ -685,6 +685,7 @@ class LayerCards:
     ablation: "UnitAblation | None" = None
     exemplars: "Exemplars | None" = None
     scanned: int = 1  # how many layers the run scanned (info.depth counts these, in network order)
+    opened: dict = field(default_factory=dict)  # datasets read a block at a time, opened once
 
     @classmethod
     def read(cls, f: h5py.File, info: LayerInfo, images: ImageIndex) -> "LayerCards":
@@ -815,6 +816,12 @@ class LayerCards:
             draw_text(canvas, line, MARGIN, lay.footer_y + i * (LINE_H - 2), 11, MUTED)
         return canvas
 
+    def dataset(self, name: str) -> h5py.Dataset:
+        """layers/<layer>/<name>, opened once for all blocks."""
+        if name not in self.opened:
+            self.opened[name] = self.group[name]
+        return self.opened[name]
+
     def _columns(self) -> list[int]:
         return [MARGIN, MARGIN + 72, MARGIN + 136, MARGIN + 192, MARGIN + 346]
 
@@ -823,11 +830,11 @@ class LayerCards:
             draw_text(canvas, text, x, y, 11, MUTED, bold=True)
 
     def _montage_cell(self, name: str, c0: int, c1: int, valid: np.ndarray, cell: Cell) -> np.ndarray:
-        ds = self.group[name]
+        ds = self.dataset(name)
         k = min(ds.shape[1], 9)
         side = max(1, math.ceil(math.sqrt(k)))
         size = self.layout.patch_in(cell)
-        small = layer_patches(self.group, name, c0, c1, k, size)
+        small = layer_patches(self.group, name, c0, c1, k, size, ds=ds)
         return montage(small, valid[:, :k], side, THIN, EMPTY_GREY, CARD_BG)
 
     def _exemplar_cell(self, cards: np.ndarray, cell: Cell, c0: int, c1: int) -> None:
@@ -835,7 +842,8 @@ class LayerCards:
         scan.exemplars, else the first of them; the class named in the cell."""
         ex, s = self.exemplars, self.layout.cell
         block = ex.block_of(self.classes.preferred[c0:c1] if self.classes is not None else None, c1 - c0)
-        every = layer_patches(self.group, "class_patches", c0, c1, ex.k * len(ex.classes), self.layout.patch_hw)
+        every = layer_patches(self.group, "class_patches", c0, c1, ex.k * len(ex.classes), self.layout.patch_hw,
+                              ds=self.dataset("class_patches"))
         slots = block[:, None] * ex.k + np.arange(ex.k)[None, :]
         rows = np.arange(c1 - c0)[:, None]
         small = every[rows, slots]

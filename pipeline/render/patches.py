@@ -83,14 +83,16 @@ TABLES = {"patches": "topk", "bottom_patches": "bottomk", "class_patches": "clas
 
 
 def layer_patches(g: h5py.Group, name: str, c0: int, c1: int, k: int, size: tuple[int, int],
-                  flat: bool = False, start: int = 0) -> np.ndarray:
+                  flat: bool = False, start: int = 0, ds: h5py.Dataset | None = None) -> np.ndarray:
     """Channels c0:c1, slots :k of layers/<layer>/<name> (patches, bottom_patches,
     class_patches or panels/<method>, drawn by panel_image) at `size`, (b, k, h, w, 3)
     uint8, outside-image area checkered where the layer's geometry is stored. flat=True
     (the JPEG export): flat grey instead of the checker, and grey images stay one
-    channel. start: the first slot (class_patches hold one block of slots per class)."""
+    channel. start: the first slot (class_patches hold one block of slots per class).
+    ds: g[name] opened once by a caller that reads many blocks (a virtual dataset parses
+    its mapping each time it is opened)."""
     slots = slice(start, start + k)
-    raw = g[name][c0:c1, slots]
+    raw = (g[name] if ds is None else ds)[c0:c1, slots]
     table = g[TABLES.get(name, "topk")]
     keys = None
     if not name.startswith("panels/") and all(n in table for n in ("image", "y", "x")):

@@ -43,7 +43,7 @@ from pipeline.render.results import (
 from pipeline.render.draw import CAM_TITLES
 from pipeline.names import shown
 from pipeline.store import read_paths
-from pipeline.render.sheets import MAX_SLOTS, compose_sheet, selectivity_figure, sparsity_figure
+from pipeline.render.sheets import MAX_SLOTS, compose_sheet, selectivity_figure, sheet_grid, sparsity_figure
 from pipeline.store import replacing
 
 logger = logging.getLogger(__name__)
@@ -364,6 +364,7 @@ def render_report(results_path: Path, out_dir: Path, *, cards: str | bool = "all
 
         # layer sheets, previews, the run figures, unit cards and thumbnails
         figures = run_figures(f, infos, model)
+        grids = {i.stored: sheet_grid(f["layers"][i.stored], i) for i in infos} if pdf else {}
         chosen = {i.stored: _chosen_units(units, int(i.shape[-1]) if i.shape else 0) for i in infos} if pdf else {}
         kept = cache.kept("layers")
         if kept is not None:
@@ -425,7 +426,8 @@ def render_report(results_path: Path, out_dir: Path, *, cards: str | bool = "all
         book = Book(title=model, facts=facts,
                     layers=[BookLayer(i.name, sheets[i.stored],
                                       [(u, card_files[i.stored].cards[u]) for u in chosen.get(i.stored, [])
-                                       if i.stored in card_files and u in card_files[i.stored].cards])
+                                       if i.stored in card_files and u in card_files[i.stored].cards],
+                                      grids.get(i.stored))
                             for i in infos],
                     images=[(caption, path) for _, path, caption in image_sheets],
                     config=as_str(attrs.get("config", "")), figures=list(figures.values()), notes=notes)

@@ -139,9 +139,39 @@ def _read_cells(g: h5py.Group, valid: np.ndarray, layout: SheetLayout, k: int) -
     cells = np.empty((c, ch, cw, 3), np.uint8)
     for c0 in range(0, c, step):
         c1 = min(c, c0 + step)
-        small = layer_patches(g, "patches", c0, c1, k, layout.patch_hw)
+        small = layer_patches(g, "patches", c0, c1, k, layout.patch_hw, ds=ds)
         cells[c0:c1] = montage(small, valid[c0:c1, :k], layout.side, layout.thin)
     return cells
+
+
+@dataclass(frozen=True)
+class SheetGrid:
+    """Where compose_sheet put the units' montages on a sheet, in sheet pixels: what the book
+    needs to cut a large sheet into pages between whole montages."""
+
+    rows: int
+    cols: int
+    top: int  # first row of the grid (below the title)
+    left: int
+    pitch_y: int  # from one grid row to the next (montage, its label, the gap)
+    pitch_x: int
+    montage_w: int
+    height: int  # of the whole sheet
+    width: int
+
+
+def sheet_grid(g: h5py.Group, info: LayerInfo) -> SheetGrid | None:
+    """The grid of the sheet compose_sheet draws for this layer group (None: a placeholder)."""
+    if not info.has_patches or 0 in g["patches"].shape[:2]:
+        return None
+    ds = g["patches"]
+    layout = sheet_layout(ds.shape[0], min(MAX_SLOTS, ds.shape[1]), ds.shape[2:4])
+    ch, cw = layout.cell_hw
+    height, width = layout.size
+    grid_w = layout.cols * (cw + layout.gap_x) - layout.gap_x
+    return SheetGrid(rows=math.ceil(ds.shape[0] / layout.cols), cols=layout.cols, top=layout.margin + layout.title_h,
+                     left=(width - grid_w) // 2, pitch_y=ch + layout.label_h + layout.gap_y,
+                     pitch_x=cw + layout.gap_x, montage_w=cw, height=height, width=width)
 
 
 def compose_sheet(g: h5py.Group, info: LayerInfo, n_ok: int) -> np.ndarray:
