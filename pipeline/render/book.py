@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 A4 = (8.27, 11.69)  # inches, portrait
 CARDS_PER_PAGE = 2
-MAX_IMAGE_PX = 2400  # a sheet in the book: about 290 dpi across an A4 page
+MAX_IMAGE_PX = 1800  # a sheet in the book: about 240 dpi across an A4 page
 CONFIG_LINES_PER_PAGE = 90
 BOOK_DPI = 150  # the resolution the book is read at (screen or print)
 MIN_MONTAGE_PX = 48  # a unit's montage on a sheet page is at least this wide at BOOK_DPI

@@ -229,11 +229,31 @@ def draw_text(canvas: np.ndarray, text: str, x: float, y: float, size: int = 12,
     cy0, cx0, cy1, cx1 = max(0, y0), max(0, x0), min(H, y0 + h), min(W, x0 + w)
     if cy1 <= cy0 or cx1 <= cx0:
         return 0
-    a = weight[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0, None]  # uint16, 0..256
     region = canvas[..., cy0:cy1, cx0:cx1, :]
+    if canvas.ndim == 3 and max(color) <= 160 and region.min() == CARD_BG:
+        # dark text on the card's white (most of a card's text): the blend over white, cached
+        np.minimum(region, _inked(alpha, weight, tuple(color))[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0], out=region)
+        return w
+    a = weight[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0, None]  # uint16, 0..256
     mixed = region * (256 - a) + np.asarray(color, np.uint16) * a + 128
     region[...] = (mixed >> 8).astype(np.uint8)
     return w
+
+
+_INKED: dict = {}
+
+
+def _inked(alpha: np.ndarray, weight: np.ndarray, color: tuple) -> np.ndarray:
+    """(h, w, 3) uint8: the text of `weight` blended over CARD_BG exactly as draw_text blends."""
+    key = (id(alpha), color)
+    got = _INKED.get(key)
+    if got is None or got[0] is not alpha:
+        if len(_INKED) > 16384:
+            _INKED.clear()
+        a = weight[..., None]
+        ink = ((CARD_BG * (256 - a) + np.asarray(color, np.uint16) * a + 128) >> 8).astype(np.uint8)
+        got = _INKED[key] = (alpha, ink)
+    return got[1]
 
 
 @lru_cache(maxsize=16384)

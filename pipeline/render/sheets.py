@@ -24,6 +24,7 @@ from pipeline.render.canvas import (
     grid,
     montage,
 )
+from pipeline.render.cards import draw_text, font
 from pipeline.render.patches import layer_patches
 from pipeline.render.results import LayerInfo, fmt
 
@@ -32,6 +33,7 @@ TARGET_PATCH_PX = 32  # per-patch size on the sheet, before the size cap
 MIN_PATCH_PX = 4
 MAX_SIDE_PX = 6000  # neither side of a sheet grows beyond this
 MIN_WIDTH_PX = 800  # room for the title on layers with few channels
+LABEL_INK = (51, 51, 51)  # unit numbers under the montages
 CHUNK_BYTES = 16 * 2**20  # patches read from the file at a time (small reads stay cache-friendly)
 
 
@@ -194,11 +196,16 @@ def compose_sheet(g: h5py.Group, info: LayerInfo, n_ok: int) -> np.ndarray:
     left = (width - gridded.shape[1]) // 2
     canvas[top:top + gridded.shape[0], left:left + gridded.shape[1]] = gridded
 
-    labels = _title_labels(info, n_ok, k, width, layout.margin, layout.title_h, kept=ds.shape[1])
-    label_px = 0.72 * layout.label_h
-    labels += [Label(left + x + cw / 2, top + y + ch + layout.label_h / 2, str(c), label_px)
-               for c, (y, x) in enumerate(origins)]
-    return draw_labels(canvas, labels)
+    # the title through matplotlib on its band only; the many unit numbers from the cards'
+    # glyph atlas (matplotlib over a whole 4000 px sheet cost seconds a layer)
+    canvas[:top] = draw_labels(canvas[:top], _title_labels(info, n_ok, k, width, layout.margin, layout.title_h,
+                                                            kept=ds.shape[1]))
+    size = max(6, round(0.72 * layout.label_h))
+    line_h = font(size).height + 2
+    for c, (y, x) in enumerate(origins):
+        draw_text(canvas, str(c), left + x + cw / 2, top + y + ch + (layout.label_h - line_h) / 2, size, LABEL_INK,
+                  align="center")
+    return canvas
 
 
 
