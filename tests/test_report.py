@@ -620,3 +620,23 @@ def test_large_sheet_continues_over_a4_pages_with_readable_montages(tmp_path):
     assert bk.write_book(book, out) == bk.page_count(book) == 1 + len(tiles) + 1 + 1 + 1
     assert _pdf_pages(out) == bk.page_count(book)
     assert _media_boxes(out) == {(595, 842)}  # A4 portrait, every page
+
+
+def test_layer_page_counts_the_winners_on_the_map_border(full_run):
+    from pipeline.render.report import border_line
+
+    _, run_dir = full_run[:2]
+    with h5py.File(run_dir / "results.h5", "r") as f:
+        g = f["layers/relu2"]
+        h, w = (int(v) for v in g.attrs["shape"][:2])
+        image, y, x = g["topk/image"][()], g["topk/y"][()], g["topk/x"][()]
+        won = image >= 0
+        n = int((won & ((y == 0) | (y == h - 1) | (x == 0) | (x == w - 1))).sum())
+        line = border_line(g, g.attrs["shape"], 0)
+        assert line.startswith(f"{n:,} of {int(won.sum()):,} top-k winners") and "scan.border=1" in line
+        # with scan.border=1 the ring one in is where the padding still reaches
+        inner = int((won & ((y <= 1) | (y >= h - 2) | (x <= 1) | (x >= w - 2))).sum())
+        assert border_line(g, g.attrs["shape"], 1).startswith(f"{inner:,} of ")
+        assert border_line(g, np.array([2, 2, 6]), 0) == ""  # a map with no inside: nothing to say
+    page = (run_dir / "report" / "relu2.html").read_text()
+    assert f"{n:,} of {int(won.sum()):,} top-k winners" in page

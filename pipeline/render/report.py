@@ -198,6 +198,40 @@ def _preview(image: np.ndarray, path: Path) -> Path:
 
 
 
+def scan_border(config: str) -> int:
+    """scan.border of the run's recorded config (0 when it is not there)."""
+    from omegaconf import OmegaConf
+
+    try:
+        return int(OmegaConf.select(OmegaConf.create(config or "{}"), "scan.border", default=0) or 0)
+    except Exception:  # an older or foreign record: say nothing of a border it may not have had
+        return 0
+
+
+def border_line(g: h5py.Group, shape, border: int) -> str:
+    """How many of a layer's top-k winners sit on the outermost rows or columns of its map,
+    and what scan.border does about them ('' for maps with no inside)."""
+    h, w = (int(v) for v in shape[:2]) if shape is not None and len(shape) >= 3 else (0, 0)
+    t = g.get("topk")
+    if t is None or "y" not in t or h <= 2 * max(border, 1) or w <= 2 * max(border, 1):
+        return ""
+    image, y, x = t["image"][()], t["y"][()], t["x"][()]
+    ring = max(border, 0)  # with scan.border=b the winners' outermost possible place is b in
+    edge = (image >= 0) & ((y <= ring) | (y >= h - 1 - ring) | (x <= ring) | (x >= w - 1 - ring))
+    total = int((image >= 0).sum())
+    if not total:
+        return ""
+    n = int(edge.sum())
+    where = "outermost rows or columns of the map" if not border else \
+        f"first rows or columns inside the {border} left out (scan.border={border})"
+    said = (f"{n:,} of {total:,} top-k winners ({100 * n / total:.0f} %) sit on the {where}, where the "
+            f"convolutions see zero padding as well as the image. ")
+    if border:
+        return said + f"scan.border={border} kept the {border} outermost rows and columns out of the top-k and bottom-k."
+    return said + ("scan.border=1 leaves the outermost ring out of the top-k and bottom-k (the statistics still "
+                   "cover every position).")
+
+
 def _chosen_units(units, channels: int) -> list[int]:
     if isinstance(units, (list, tuple)) or (hasattr(units, "__iter__") and not isinstance(units, str)):
         return sorted({int(u) for u in units if 0 <= int(u) < channels})
@@ -365,6 +399,8 @@ def render_report(results_path: Path, out_dir: Path, *, cards: str | bool = "all
         # layer sheets, previews, the run figures, unit cards and thumbnails
         figures = run_figures(f, infos, model)
         grids = {i.stored: sheet_grid(f["layers"][i.stored], i) for i in infos} if pdf else {}
+        border = scan_border(as_str(attrs.get("config", "")))
+        borders = {i.stored: border_line(f["layers"][i.stored], i.shape, border) for i in infos}
         chosen = {i.stored: _chosen_units(units, int(i.shape[-1]) if i.shape else 0) for i in infos} if pdf else {}
         kept = cache.kept("layers")
         if kept is not None:
@@ -444,7 +480,8 @@ def render_report(results_path: Path, out_dir: Path, *, cards: str | bool = "all
             units=int(i.shape[-1]) if i.shape else 0, sparsity=i.sparsity,
             note="" if i.mappable else i.geometry_message, sheet=sheets[i.stored], preview=previews.get(i.stored),
             cards=dict(files.cards) if files else {}, thumbs=dict(files.thumbs) if files else {},
-            thumb_px=files.thumb if files else 64, card_hw=files.size if files else (0, 0)))
+            thumb_px=files.thumb if files else 64, card_hw=files.size if files else (0, 0),
+            border=borders.get(i.stored, "")))
     skipped = [(p, e) for p, good, e in zip(paths, ok, errors) if not good]
     images_note = "" if image_sheets else (
         "No per-image maps in results.h5: run stages=[activations,cam,occlusion] to draw per-image sheets."

@@ -70,6 +70,7 @@ class SiteLayer:
     thumbs: dict[int, Path] = field(default_factory=dict)
     thumb_px: int = 64
     card_hw: tuple[int, int] = (0, 0)
+    border: str = ""  # how many winners sit on the map's border, and what scan.border does
 
     @property
     def page_name(self) -> str:
@@ -457,6 +458,8 @@ def _layer_body(site: Site, layer: SiteLayer, index: int, out_dir: Path) -> str:
         cells.append(f'<a id="t{unit}" href="#u{unit}">{img}<span>{unit}</span></a>')
     sparsity = "" if layer.sparsity is None else f" &middot; sparsity {layer.sparsity:.3f}"
     note = f'<p class="note">{esc(layer.note)}</p>' if layer.note else ""
+    if layer.border:
+        note += f'<p class="note" id="border">{esc(layer.border)}</p>'
     h, w = layer.card_hw
     return f"""<p class="note">{link(prev_l, "&larr;")} {link(next_l, "&rarr;")}</p>
 <h1>{esc(layer.name)}</h1>
