@@ -55,8 +55,8 @@ class BookLayer:
 def sheet_tiles(grid) -> list[tuple[int, int, int, int]]:
     """A sheet's pages, (y0, y1, x0, x1) in sheet pixels each; (0, 0, 0, 0) is the whole sheet,
     one page, where its montages are drawn at least MIN_MONTAGE_PX wide at BOOK_DPI on A4.
-    Otherwise the grid is cut between whole montages into blocks of rows and columns that
-    are (the page title then names the layer)."""
+    Otherwise the grid is cut between whole montages into even blocks of rows and columns
+    that keep them that large (the page title then names the layer and the part)."""
     if grid is None:
         return [(0, 0, 0, 0)]
     box_w, box_h = A4[0] - 2 * MARGIN_SIDE, A4[1] - MARGIN_TOP - MARGIN_BOTTOM
