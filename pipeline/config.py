@@ -327,8 +327,9 @@ class DissectConfig:  # stage: dissect (network dissection, Bau et al. 2017)
 
 @dataclass
 class ReportConfig:  # stage: report
-    # a card (PNG) and a thumbnail for every unit, and one HTML page per layer
-    cards: bool = True
+    # all: a card (JPEG) and a thumbnail for every unit, and one HTML page per layer;
+    # chosen: cards only for the units the book shows (report.units); none: no cards (sweeps)
+    cards: Any = "all"
     # units with a card in the PDF book: N (the first N of each layer) or a list of unit indices
     units: Any = 8
     # write report.pdf (layer sheets, the chosen units' cards, per-image sheets)

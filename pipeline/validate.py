@@ -94,12 +94,24 @@ def check_config(cfg, schema=None) -> None:
     if not (panel_layers in ("cropped", "all") or isinstance(panel_layers, ListConfig)):
         raise PipelineError(f"panels.layers={panel_layers}: use cropped, all or a list of scanned layers, "
                             f"e.g. panels.layers=[features_7_conv_0_2]")
+    cards = OmegaConf.select(cfg, "report.cards", default="all")
+    if card_mode(cards) is None:
+        raise PipelineError(f"report.cards={cards}: use all (a card for every unit), chosen (only the book's "
+                            f"units, report.units) or none (no cards: sweeps)")
     if OmegaConf.select(cfg, "dataset.kind") == "segmentation":  # the concept list parses before anything runs
         from pipeline.segmentation import check_segmentation
 
         check_segmentation(cfg.dataset)
     if not list(cfg.stages):
         raise PipelineError("stages=[] runs nothing: list the stages to run, e.g. stages=[scan,crop,report]")
+
+
+def card_mode(value) -> str | None:
+    """report.cards as all | chosen | none (true and false, its older values, are all and chosen);
+    None when it is none of them."""
+    if isinstance(value, bool):
+        return "all" if value else "chosen"
+    return value if value in ("all", "chosen", "none") else None
 
 
 def _within(value, low, high, whole: bool) -> bool:

@@ -172,3 +172,16 @@ def test_relative_paths_are_recorded_absolute(tmp_path, photo_folder, monkeypatc
     with h5py.File(work / "run" / "results.h5", "r") as f:
         paths = read_paths(f["images"])
     assert paths and all(os.path.isabs(p) and os.path.exists(p) for p in paths)
+
+
+def test_report_cards_is_all_chosen_or_none():
+    from pipeline.errors import PipelineError
+    from pipeline.validate import card_mode, check_config
+
+    assert [card_mode(v) for v in ("all", "chosen", "none", True, False)] == ["all", "chosen", "none", "all", "chosen"]
+    with initialize_config_dir(config_dir=f"{ROOT}/conf", version_base="1.3"):
+        assert compose(config_name="config").report.cards == "all"
+        check_config(compose(config_name="config", overrides=["report.cards=none"]))
+        with pytest.raises(PipelineError) as err:
+            check_config(compose(config_name="config", overrides=["report.cards=some"]))
+    assert "\n" not in str(err.value) and "report.cards=some" in str(err.value) and "chosen" in str(err.value)

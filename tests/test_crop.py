@@ -61,3 +61,32 @@ def test_outside_image_masks_match_the_cut_and_checker_replaces_only_that():
     want[1, 2, 2:5] = want[1, 3:7, 1] = True  # box 1 covers rows 3-6, columns 2-4
     want[2, 4, 0:3] = want[2, 0:4, 3] = True  # box 2 covers rows 0-3, columns 0-2
     np.testing.assert_array_equal(edge, want)
+
+
+def test_shared_patches_are_stored_once_and_read_back_as_every_slot(tmp_path):
+    import h5py
+
+    from pipeline.stages.crop import FRAMES, write_patches
+    from pipeline.store import WorkDir
+
+    rng = np.random.default_rng(1)
+    distinct = rng.integers(0, 256, (5, 6, 4, 3), dtype=np.uint8)
+    which = rng.integers(0, 5, (7, 3))  # 21 slots, 5 distinct (image, location, box)
+    keys = np.concatenate([which[..., None], np.zeros((7, 3, 6), np.int64)], axis=-1)
+    out = distinct[which]
+    work = WorkDir(tmp_path / "crop.work", "crop", {})
+    with work.write(work.chunk_name(0)) as f:
+        write_patches(f, "conv", "patches", out, keys)
+        plain = out.copy()
+        plain[0, 0, 0, 0, 0] ^= 1  # a slot that disagrees with its twins: nothing is shared
+        write_patches(f, "other", "patches", plain, keys)
+    with h5py.File(tmp_path / "crop.h5", "w") as f:  # the stage's part over its chunks, as run() builds it
+        work.assemble(f, skip=(FRAMES,))
+    with h5py.File(tmp_path / "crop.h5", "r") as f:
+        assert FRAMES not in f
+        np.testing.assert_array_equal(f["layers/conv/patches"][()], out)
+        np.testing.assert_array_equal(f["layers/conv/patches"][2:4, 1], out[2:4, 1])
+        np.testing.assert_array_equal(f["layers/other/patches"][()], plain)
+    with h5py.File(work.path / work.chunk_name(0), "r") as f:
+        assert f[f"{FRAMES}/conv/patches"].shape[0] == len(np.unique(which))
+        assert f["layers/conv/patches"].is_virtual and not f["layers/other/patches"].is_virtual

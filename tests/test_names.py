@@ -172,7 +172,7 @@ def test_every_name_is_scanned_stored_exactly_and_shown_readably(names_run):
     for shown_name in ("写真.png", "line\\nbreak\\ttab\\x07.png", "c/\\xfdbroken.png"):
         assert shown_name in html, shown_name
     assert len(list((run_dir / "sheets" / "images").glob("image_*.png"))) == 2
-    assert len(list((run_dir / "report" / "cards" / "relu1").glob("unit_*.png"))) == 4
+    assert len(list((run_dir / "report" / "cards" / "relu1").glob("unit_*.jpg"))) == 4
     # the toolbox's info.txt: one row per line, the crop script's 7 fields each
     for info in (run_dir / "toolbox").rglob("info.txt"):
         rows = info.read_text(encoding="utf-8").splitlines()[1:]

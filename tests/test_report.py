@@ -368,9 +368,9 @@ def test_real_run_renders_every_sheet_card_and_page(full_run):
     channels = {"relu1": 4, "relu2": 6}
     for layer, c in channels.items():
         assert (run_dir / "sheets" / f"{layer}.png").read_bytes()[:8] == PNG_MAGIC
-        cards = sorted((run_dir / "report" / "cards" / layer).glob("*.png"))
+        cards = sorted((run_dir / "report" / "cards" / layer).glob("*.jpg"))
         thumbs = sorted((run_dir / "report" / "thumbs" / layer).glob("*.jpg"))
-        assert [p.name for p in cards] == [f"unit_{u:04d}.png" for u in range(c)]
+        assert [p.name for p in cards] == [f"unit_{u:04d}.jpg" for u in range(c)]
         assert [p.name for p in thumbs] == [f"unit_{u:04d}.jpg" for u in range(c)]
         sizes = {_png_size(p) for p in cards}
         assert len(sizes) == 1  # one card size per layer
@@ -402,6 +402,7 @@ def test_pdf_book_page_count(full_run):
     # sheets, config
     expected = 1 + 1 + 1 + (1 + 2) + (1 + 3) + 3 + math.ceil(config_lines / 90)
     assert _pdf_pages(run_dir / "report.pdf") == expected
+    assert _media_boxes(run_dir / "report.pdf") == {(595, 842)}  # one page size: A4 portrait, figures too
 
 
 def test_report_and_export_rerender_without_the_model(full_run, tmp_path):
@@ -422,7 +423,7 @@ def test_report_and_export_rerender_without_the_model(full_run, tmp_path):
         run(compose_cfg(overrides + ["stages=[report,export]"]), copy)
         assert (copy / "results.h5").read_bytes() == before
         assert (copy / "index.html").is_file() and (copy / "report" / "relu2.html").is_file()
-        assert len(list((copy / "report" / "cards" / "relu2").glob("*.png"))) == 6
+        assert len(list((copy / "report" / "cards" / "relu2").glob("*.jpg"))) == 6
         assert (copy / "toolbox" / "max_im" / "relu2" / "relu2_0000.jpg").is_file()
     finally:
         hidden.rename(model_file)
@@ -440,7 +441,7 @@ def test_report_redraws_only_what_changed(full_run, tmp_path):
     def stamps(*patterns):
         return {p: p.stat().st_mtime_ns for pattern in patterns for p in copy.glob(pattern)}
 
-    card, sheet, image, book = "report/cards/*/*.png", "sheets/*.png", "sheets/images/*.png", "report.pdf"
+    card, sheet, image, book = "report/cards/*/*.jpg", "sheets/*.png", "sheets/images/*.png", "report.pdf"
     run(compose_cfg(overrides + ["stages=[report]"]), copy)  # the first render with input keys
     before = stamps(card, sheet, image, book, "index.html")
     assert len([p for p in before if p.parent.parent.name == "cards"]) == 10  # relu1 4 + relu2 6 units
@@ -465,11 +466,11 @@ def test_report_options_cards_pdf_and_per_image(full_run, tmp_path):
     _, run_dir = full_run[:2]
     results = run_dir / "results.h5"
     out = tmp_path / "few"
-    render_report(results, out, cards=False, units=[1, 5, 99], pdf=True, per_image=[4])
+    render_report(results, out, cards="chosen", units=[1, 5, 99], pdf=True, per_image=[4])
     assert not (out / "report" / "relu1.html").exists() and not (out / "report" / "thumbs").exists()
     # cards only for the book's units (that exist), book pages: 1 + 1 + (1 + 1) + (1 + 1) + 1 + config
-    assert sorted(p.name for p in (out / "report" / "cards" / "relu2").iterdir()) == ["unit_0001.png", "unit_0005.png"]
-    assert sorted(p.name for p in (out / "report" / "cards" / "relu1").iterdir()) == ["unit_0001.png"]
+    assert sorted(p.name for p in (out / "report" / "cards" / "relu2").iterdir()) == ["unit_0001.jpg", "unit_0005.jpg"]
+    assert sorted(p.name for p in (out / "report" / "cards" / "relu1").iterdir()) == ["unit_0001.jpg"]
     assert [p.name for p in (out / "sheets" / "images").iterdir()] == ["image_4.png"]
     pages = _pdf_pages(out / "report.pdf")
     assert pages == _pdf_pages(run_dir / "report.pdf") - (3 + 4 + 3) + (2 + 2 + 1)
@@ -479,6 +480,10 @@ def test_report_options_cards_pdf_and_per_image(full_run, tmp_path):
     render_report(results, none, cards=False, pdf=False, per_image=0)
     assert not (none / "report.pdf").exists() and not (none / "sheets" / "images").exists()
     assert not (none / "report" / "cards").exists()
+    sweep = tmp_path / "sweep"  # report.cards=none: the book without cards, no card files at all
+    render_report(results, sweep, cards="none", units=[1, 5], pdf=True, per_image=0)
+    assert (sweep / "report.pdf").is_file() and not (sweep / "report" / "cards").exists()
+    assert _pdf_pages(sweep / "report.pdf") == pages - (2 + 1)
     assert "report.per_image=0" in (none / "index.html").read_text()
 
 
@@ -572,3 +577,66 @@ def test_other_stages_sheets_are_listed_in_network_order():
     got = [p.name for p in in_network_order([Path(n) for n in names], stored)]
     assert got == ["patterns_features_2.png", "weights_features_7.png", "patterns_features_14.png",
                    "patterns_features_18.png", "kernels.txt", "notes_9.png", "notes_10.png"]
+
+
+def _media_boxes(path: Path) -> set[tuple[float, float]]:
+    return {(round(float(w)), round(float(h)))
+            for w, h in re.findall(rb"/MediaBox\s*\[\s*0\s+0\s+([\d.]+)\s+([\d.]+)\s*\]", path.read_bytes())}
+
+
+def test_large_sheet_continues_over_a4_pages_with_readable_montages(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from pipeline.render import book as bk
+    from pipeline.render.sheets import sheet_grid
+
+    with h5py.File(tmp_path / "r.h5", "w") as f:  # shapes only: 1,280 units of 64 px patches
+        f.create_dataset("layers/big/patches", shape=(1280, 9, 64, 64, 3), dtype=np.uint8)
+        grid_ = sheet_grid(f["layers/big"], SimpleNamespace(has_patches=True))
+    layout = sheet_layout(1280, 9, (64, 64))
+    assert (grid_.height, grid_.width) == layout.size and grid_.rows * grid_.cols >= 1280
+    tiles = bk.sheet_tiles(grid_)
+    assert len(tiles) > 1
+    box_w, box_h = bk.A4[0] - 2 * bk.MARGIN_SIDE, bk.A4[1] - bk.MARGIN_TOP - bk.MARGIN_BOTTOM
+    covered = np.zeros((grid_.rows, grid_.cols), int)
+    for y0, y1, x0, x1 in tiles:
+        scale = min(box_w / (x1 - x0), box_h / (y1 - y0))  # inches per sheet pixel on its page
+        assert grid_.montage_w * scale * bk.BOOK_DPI >= bk.MIN_MONTAGE_PX
+        assert (y0 - grid_.top) % grid_.pitch_y == 0 and (x0 - grid_.left) % grid_.pitch_x == 0  # whole montages
+        covered[(y0 - grid_.top) // grid_.pitch_y:(y1 - grid_.top) // grid_.pitch_y,
+                (x0 - grid_.left) // grid_.pitch_x:(x1 - grid_.left) // grid_.pitch_x] += 1
+    assert (covered == 1).all()  # every montage on exactly one page
+    # on one page they would be too small to read
+    assert grid_.montage_w * min(box_w / grid_.width, box_h / grid_.height) * bk.BOOK_DPI < bk.MIN_MONTAGE_PX
+    sheet = tmp_path / "big.png"
+    Image.fromarray(np.full(layout.size + (3,), 200, np.uint8)).save(sheet)
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((300, 900, 3), 90, np.uint8)).save(small)  # wide: once a landscape page
+    book = bk.Book("m", [("model", "m")], [bk.BookLayer("big", sheet, [], grid_), bk.BookLayer("small", small)],
+                   images=[("wide", small)], config="a: 1\n")
+    out = tmp_path / "book.pdf"
+    assert bk.write_book(book, out) == bk.page_count(book) == 1 + len(tiles) + 1 + 1 + 1
+    assert _pdf_pages(out) == bk.page_count(book)
+    assert _media_boxes(out) == {(595, 842)}  # A4 portrait, every page
+
+
+def test_layer_page_counts_the_winners_on_the_map_border(full_run):
+    from pipeline.render.report import border_line
+
+    _, run_dir = full_run[:2]
+    with h5py.File(run_dir / "results.h5", "r") as f:
+        g = f["layers/relu2"]
+        h, w = (int(v) for v in g.attrs["shape"][:2])
+        image, y, x = g["topk/image"][()], g["topk/y"][()], g["topk/x"][()]
+        won = image >= 0
+        n = int((won & ((y == 0) | (y == h - 1) | (x == 0) | (x == w - 1))).sum())
+        line = border_line(g, g.attrs["shape"], 0)
+        assert line.startswith(f"{n:,} of {int(won.sum()):,} top-k winners") and "scan.border=1" in line
+        # with scan.border=1 the ring one in is where the padding still reaches
+        inner = int((won & ((y <= 1) | (y >= h - 2) | (x <= 1) | (x >= w - 2))).sum())
+        assert border_line(g, g.attrs["shape"], 1).startswith(f"{inner:,} of ")
+        assert border_line(g, np.array([2, 2, 6]), 0) == ""  # a map with no inside: nothing to say
+    page = (run_dir / "report" / "relu2.html").read_text()
+    assert f"{n:,} of {int(won.sum()):,} top-k winners" in page

@@ -217,7 +217,7 @@ def test_per_class_exemplars_are_each_classes_own_top_k_and_merge_across_shards(
         np.testing.assert_allclose(value[:, got], want.value, rtol=1e-5)
         np.testing.assert_array_equal(y[:, got], want.y)
         np.testing.assert_array_equal(x[:, got], want.x)
-    assert (tmp_path / "run" / "report" / "cards" / "relu" / "unit_0000.png").exists()
+    assert (tmp_path / "run" / "report" / "cards" / "relu" / "unit_0000.jpg").exists()
     from pipeline.render.cards import Exemplars  # a card shows its preferred class's block, else the first
 
     shown = Exemplars(np.array([0, 2]), 2, image)

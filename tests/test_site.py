@@ -59,7 +59,7 @@ def _card_state(page) -> dict:
 def _wait_card(page, unit: int) -> dict:
     page.wait_for_function(f"""() => {{ const c = document.getElementById('card');
         return !document.getElementById('viewer').hidden
-               && (c.getAttribute('src') || '').endsWith('unit_{unit:04d}.png')
+               && (c.getAttribute('src') || '').endsWith('unit_{unit:04d}.jpg')
                && c.complete && c.naturalWidth > 0; }}""", timeout=20_000)
     return _card_state(page)
 
@@ -132,7 +132,7 @@ def test_click_opens_the_card_and_arrows_step_through_units(page, full_run, tmp_
     state = _wait_card(page, 2)
     from PIL import Image
 
-    with Image.open(run_dir / "report" / "cards" / "relu2" / "unit_0002.png") as im:
+    with Image.open(run_dir / "report" / "cards" / "relu2" / "unit_0002.jpg") as im:
         assert state["width"] == im.size[0]
     assert state["hash"] == "#u2" and "unit 2 of 6" in state["title"]
     page.keyboard.press("ArrowRight")

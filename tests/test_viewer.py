@@ -119,7 +119,7 @@ def test_stored_unit_pictures_come_from_results(viewer_run):
     np.testing.assert_allclose([e["value"] for e in unit["top"]], value[image >= 0], rtol=1e-6)
     for key in ("max_im", "max_deconv", "max_guided", "pattern"):
         assert unit[key].startswith("data:image/png;base64,"), key
-    assert unit["card"] == "report/cards/relu2/unit_0003.png" and (run_dir / unit["card"]).is_file()
+    assert unit["card"] == "report/cards/relu2/unit_0003.jpg" and (run_dir / unit["card"]).is_file()
     assert unit["page"] == "report/relu2.html#u3"
     with pytest.raises(KeyError):
         view.unit("relu2", 6)
@@ -445,7 +445,7 @@ def test_page_images_uploads_clicks_and_keys(server, page, tmp_path):
     for stored in ("#max-im", "#max-deconv", "#max-guided", "#pattern"):
         assert page.locator(stored).is_visible(), stored
     assert page.locator("#top-table tr").count() >= 1
-    assert page.get_attribute("#card-link", "href") == f"/run/report/cards/relu2/unit_{active[0]:04d}.png"
+    assert page.get_attribute("#card-link", "href") == f"/run/report/cards/relu2/unit_{active[0]:04d}.jpg"
     page.keyboard.press("s")  # pattern mode: the layer's filter patterns as tiles
     page.wait_for_selector("#tiles-wrap[data-mode=patterns]")
     settle(page)

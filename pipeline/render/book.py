@@ -1,8 +1,11 @@
-"""One PDF book of a run, written with matplotlib's PdfPages (A4 pages).
+"""One PDF book of a run, written with matplotlib's PdfPages: every page A4 portrait.
 
     page 1              title, run facts, contents with page numbers
-    page 2              sparsity by depth (vector figure), when the run has statistics
-    per layer           its sheet (one page), then its chosen units' cards, CARDS_PER_PAGE a page
+    then                the run figures (sparsity, selectivity by depth), one page each
+    per layer           its sheet: one page, or, where the units' montages would be drawn
+                        smaller than MIN_MONTAGE_PX at BOOK_DPI, cut between whole montages
+                        into as many pages as keep them that large; then its chosen units'
+                        cards, CARDS_PER_PAGE a page
     per image           its per-image sheet (one page each)
     last                the resolved config (as many pages as it needs)
 
@@ -30,15 +33,43 @@ logger = logging.getLogger(__name__)
 
 A4 = (8.27, 11.69)  # inches, portrait
 CARDS_PER_PAGE = 2
-MAX_IMAGE_PX = 2400  # a sheet in the book: about 290 dpi across an A4 page
+MAX_IMAGE_PX = 1800  # a sheet in the book: about 240 dpi across an A4 page
 CONFIG_LINES_PER_PAGE = 90
+BOOK_DPI = 150  # the resolution the book is read at (screen or print)
+MIN_MONTAGE_PX = 48  # a unit's montage on a sheet page is at least this wide at BOOK_DPI
+FIGURE_DPI = 200  # run figures are drawn at this resolution onto an A4 page
+MARGIN_TOP, MARGIN_BOTTOM, MARGIN_SIDE = 0.55, 0.4, 0.4  # inches
 
 
 @dataclass
 class BookLayer:
     name: str
     sheet: Path
-    cards: list[tuple[int, Path]] = field(default_factory=list)  # (unit, card PNG)
+    cards: list[tuple[int, Path]] = field(default_factory=list)  # (unit, card image)
+    grid: object = None  # sheets.SheetGrid of the sheet: where it may be cut (None: one page)
+
+    def tiles(self) -> list[tuple[int, int, int, int]]:
+        return sheet_tiles(self.grid)
+
+
+def sheet_tiles(grid) -> list[tuple[int, int, int, int]]:
+    """A sheet's pages, (y0, y1, x0, x1) in sheet pixels each; (0, 0, 0, 0) is the whole sheet,
+    one page, where its montages are drawn at least MIN_MONTAGE_PX wide at BOOK_DPI on A4.
+    Otherwise the grid is cut between whole montages into even blocks of rows and columns
+    that keep them that large (the page title then names the layer and the part)."""
+    if grid is None:
+        return [(0, 0, 0, 0)]
+    box_w, box_h = A4[0] - 2 * MARGIN_SIDE, A4[1] - MARGIN_TOP - MARGIN_BOTTOM
+    need = MIN_MONTAGE_PX / BOOK_DPI / grid.montage_w  # inches per sheet pixel that keep montages readable
+    if min(box_w / grid.width, box_h / grid.height) >= need:
+        return [(0, 0, 0, 0)]
+    cols = max(1, min(grid.cols, int(box_w / need) // grid.pitch_x))
+    rows = max(1, min(grid.rows, int(box_h / need) // grid.pitch_y))
+    cols = math.ceil(grid.cols / math.ceil(grid.cols / cols))  # pages of even size
+    rows = math.ceil(grid.rows / math.ceil(grid.rows / rows))
+    return [(grid.top + r0 * grid.pitch_y, grid.top + min(grid.rows, r0 + rows) * grid.pitch_y,
+             grid.left + c0 * grid.pitch_x, grid.left + min(grid.cols, c0 + cols) * grid.pitch_x)
+            for r0 in range(0, grid.rows, rows) for c0 in range(0, grid.cols, cols)]
 
 
 @dataclass
@@ -56,7 +87,7 @@ def page_count(book: Book) -> int:
     """Pages write_book produces for `book` (tests and the log use it)."""
     n = 1 + len(book.figures)
     for layer in book.layers:
-        n += 1 + math.ceil(len(layer.cards) / CARDS_PER_PAGE)
+        n += len(layer.tiles()) + math.ceil(len(layer.cards) / CARDS_PER_PAGE)
     n += len(book.images)
     return n + _config_pages(book.config)
 
@@ -83,12 +114,21 @@ def _load(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def _figure_image(fig) -> np.ndarray:
+    """A run figure drawn at FIGURE_DPI, as pixels for an A4 page (one page size in the book)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    fig.set_dpi(FIGURE_DPI)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
 def _image_page(pdf: PdfPages, image: np.ndarray, title: str, page: int) -> None:
     h, w = image.shape[:2]
-    landscape = w > 1.15 * h
-    size = (A4[1], A4[0]) if landscape else A4
+    size = A4
     fig = Figure(figsize=size)
-    top, bottom, side = 0.55, 0.4, 0.4  # inches of margin
+    top, bottom, side = MARGIN_TOP, MARGIN_BOTTOM, MARGIN_SIDE  # inches
     box_w, box_h = size[0] - 2 * side, size[1] - top - bottom
     scale = min(box_w / w, box_h / h)
     iw, ih = w * scale, h * scale
@@ -168,9 +208,10 @@ def write_book(book: Book, path: Path) -> int:
         contents.append((title, page))
         page += 1
     for layer in book.layers:
-        contents.append((f"{layer.name}: sheet" + (f" and {len(layer.cards)} unit cards" if layer.cards else ""),
-                         page))
-        page += 1 + math.ceil(len(layer.cards) / CARDS_PER_PAGE)
+        pages = len(layer.tiles())
+        contents.append((f"{layer.name}: sheet" + (f" ({pages} pages)" if pages > 1 else "")
+                         + (f" and {len(layer.cards)} unit cards" if layer.cards else ""), page))
+        page += pages + math.ceil(len(layer.cards) / CARDS_PER_PAGE)
     if book.images:
         contents.append((f"Per-image sheets ({len(book.images)})", page))
         page += len(book.images)
@@ -184,16 +225,19 @@ def write_book(book: Book, path: Path) -> int:
         _title_page(pdf, book, contents)
         n = 1
         bar.update(1)
-        for _, make in book.figures:
-            fig = make()
+        for title, make in book.figures:
             n += 1
-            fig.text(0.5, 0.01, str(n), ha="center", va="bottom", fontsize=8, color="0.4")
-            pdf.savefig(fig)
+            _image_page(pdf, _figure_image(make()), title, n)
             bar.update(1)
         for layer in book.layers:
-            n += 1
-            _image_page(pdf, _reduce(_load(layer.sheet)), f"{layer.name}: all units", n)
-            bar.update(1)
+            sheet = _load(layer.sheet)
+            tiles = layer.tiles()
+            for i, (y0, y1, x0, x1) in enumerate(tiles):
+                n += 1
+                part = sheet if y1 == 0 else sheet[y0:y1, x0:x1]
+                title = f"{layer.name}: all units" + (f" ({i + 1} of {len(tiles)})" if len(tiles) > 1 else "")
+                _image_page(pdf, _reduce(part), title, n)
+                bar.update(1)
             for start in range(0, len(layer.cards), CARDS_PER_PAGE):
                 n += 1
                 _cards_page(pdf, layer.cards[start:start + CARDS_PER_PAGE], layer.name, n)

@@ -1,4 +1,4 @@
-"""Unit cards: one PNG per channel, composed in numpy from results.h5 only.
+"""Unit cards: one JPEG per channel, composed in numpy from results.h5 only.
 
 A card gathers what the run knows about one unit (channel) of a scanned layer:
 
@@ -22,11 +22,10 @@ Nothing here touches the model or TensorFlow.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
-import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -60,6 +59,7 @@ THIN = 2  # between the patches of a montage
 TARGET_PATCH = 48  # patches are enlarged by a whole factor towards this, or shrunk to it
 MAX_PATCH = 56
 THUMB_QUALITY = 88
+CARD_QUALITY = 85  # JPEG: text stays sharp on white, photo cells cost most of the bytes
 BLOCK_PIXELS = 24 * 2**20  # card pixels composed at once (bytes of the uint8 block)
 
 INK = (34, 34, 34)
@@ -229,11 +229,31 @@ def draw_text(canvas: np.ndarray, text: str, x: float, y: float, size: int = 12,
     cy0, cx0, cy1, cx1 = max(0, y0), max(0, x0), min(H, y0 + h), min(W, x0 + w)
     if cy1 <= cy0 or cx1 <= cx0:
         return 0
-    a = weight[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0, None]  # uint16, 0..256
     region = canvas[..., cy0:cy1, cx0:cx1, :]
+    if canvas.ndim == 3 and max(color) <= 160 and region.min() == CARD_BG:
+        # dark text on the card's white (most of a card's text): the blend over white, cached
+        np.minimum(region, _inked(alpha, weight, tuple(color))[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0], out=region)
+        return w
+    a = weight[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0, None]  # uint16, 0..256
     mixed = region * (256 - a) + np.asarray(color, np.uint16) * a + 128
     region[...] = (mixed >> 8).astype(np.uint8)
     return w
+
+
+_INKED: dict = {}
+
+
+def _inked(alpha: np.ndarray, weight: np.ndarray, color: tuple) -> np.ndarray:
+    """(h, w, 3) uint8: the text of `weight` blended over CARD_BG exactly as draw_text blends."""
+    key = (id(alpha), color)
+    got = _INKED.get(key)
+    if got is None or got[0] is not alpha:
+        if len(_INKED) > 16384:
+            _INKED.clear()
+        a = weight[..., None]
+        ink = ((CARD_BG * (256 - a) + np.asarray(color, np.uint16) * a + 128) >> 8).astype(np.uint8)
+        got = _INKED[key] = (alpha, ink)
+    return got[1]
 
 
 @lru_cache(maxsize=16384)
@@ -685,6 +705,7 @@ class LayerCards:
     ablation: "UnitAblation | None" = None
     exemplars: "Exemplars | None" = None
     scanned: int = 1  # how many layers the run scanned (info.depth counts these, in network order)
+    opened: dict = field(default_factory=dict)  # datasets read a block at a time, opened once
 
     @classmethod
     def read(cls, f: h5py.File, info: LayerInfo, images: ImageIndex) -> "LayerCards":
@@ -815,6 +836,12 @@ class LayerCards:
             draw_text(canvas, line, MARGIN, lay.footer_y + i * (LINE_H - 2), 11, MUTED)
         return canvas
 
+    def dataset(self, name: str) -> h5py.Dataset:
+        """layers/<layer>/<name>, opened once for all blocks."""
+        if name not in self.opened:
+            self.opened[name] = self.group[name]
+        return self.opened[name]
+
     def _columns(self) -> list[int]:
         return [MARGIN, MARGIN + 72, MARGIN + 136, MARGIN + 192, MARGIN + 346]
 
@@ -823,11 +850,11 @@ class LayerCards:
             draw_text(canvas, text, x, y, 11, MUTED, bold=True)
 
     def _montage_cell(self, name: str, c0: int, c1: int, valid: np.ndarray, cell: Cell) -> np.ndarray:
-        ds = self.group[name]
+        ds = self.dataset(name)
         k = min(ds.shape[1], 9)
         side = max(1, math.ceil(math.sqrt(k)))
         size = self.layout.patch_in(cell)
-        small = layer_patches(self.group, name, c0, c1, k, size)
+        small = layer_patches(self.group, name, c0, c1, k, size, ds=ds)
         return montage(small, valid[:, :k], side, THIN, EMPTY_GREY, CARD_BG)
 
     def _exemplar_cell(self, cards: np.ndarray, cell: Cell, c0: int, c1: int) -> None:
@@ -835,7 +862,8 @@ class LayerCards:
         scan.exemplars, else the first of them; the class named in the cell."""
         ex, s = self.exemplars, self.layout.cell
         block = ex.block_of(self.classes.preferred[c0:c1] if self.classes is not None else None, c1 - c0)
-        every = layer_patches(self.group, "class_patches", c0, c1, ex.k * len(ex.classes), self.layout.patch_hw)
+        every = layer_patches(self.group, "class_patches", c0, c1, ex.k * len(ex.classes), self.layout.patch_hw,
+                              ds=self.dataset("class_patches"))
         slots = block[:, None] * ex.k + np.arange(ex.k)[None, :]
         rows = np.arange(c1 - c0)[:, None]
         small = every[rows, slots]
@@ -1011,7 +1039,7 @@ def _paste(cards: np.ndarray, cells: np.ndarray, y: int, x: int, side: int, widt
 # ---------------------------------------------------------------------------- files
 
 def card_name(unit: int) -> str:
-    return f"unit_{unit:04d}.png"
+    return f"unit_{unit:04d}.jpg"
 
 
 def thumb_name(unit: int) -> str:
@@ -1025,45 +1053,26 @@ def thumb_size(cell: int) -> int:
 @dataclass
 class LayerCardFiles:
     stored: str
-    cards: dict[int, Path]  # unit -> card PNG
+    cards: dict[int, Path]  # unit -> card JPEG
     thumbs: dict[int, Path]  # unit -> thumbnail JPEG
     size: tuple[int, int]  # card (height, width)
     thumb: int  # thumbnail side
 
 
-def png_bytes(image: np.ndarray, dpi: float | None = None, level: int = 1) -> bytes:
-    """Encode (H, W, 3) uint8 as PNG: every row with the 'up' filter (the difference to the
-    row above, computed in numpy), deflated by zlib. About twice as fast as Pillow's
-    adaptive filtering at the same size for cards (text on white, photo cells)."""
-    image = np.ascontiguousarray(image, np.uint8)
-    h, w, c = image.shape
-    rows = image.reshape(h, w * c)
-    data = np.empty((h, w * c + 1), np.uint8)
-    data[:, 0] = 2  # filter type 'up'
-    data[0, 0] = 0  # the first row has no row above
-    data[0, 1:] = rows[0]
-    np.subtract(rows[1:], rows[:-1], out=data[1:, 1:])
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    colour = {1: 0, 3: 2, 4: 6}[c]
-    parts = [b"\x89PNG\r\n\x1a\n", chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0))]
-    if dpi:
-        per_metre = int(round(dpi / 0.0254))
-        parts.append(chunk(b"pHYs", struct.pack(">IIB", per_metre, per_metre, 1)))
-    parts += [chunk(b"IDAT", zlib.compress(data.tobytes(), level)), chunk(b"IEND", b"")]
-    return b"".join(parts)
+def card_bytes(image: np.ndarray) -> bytes:
+    """Encode a card (H, W, 3) uint8 as JPEG (CARD_QUALITY, 4:2:0): about half a PNG's bytes,
+    as a card's photo cells dominate its size, and encoded several times faster; browsers,
+    Pillow and so the PDF book read it."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, np.uint8)).save(buf, format="JPEG", quality=CARD_QUALITY,
+                                                                subsampling=2)
+    return buf.getvalue()
 
 
-def write_png(path: Path, image: np.ndarray, dpi: float | None = None) -> Path:
+def _save_card(path: Path, image: np.ndarray) -> Path:
     with replacing(path) as tmp:
-        tmp.write_bytes(png_bytes(image, dpi))
-    return Path(path)
-
-
-def _save_png(path: Path, image: np.ndarray) -> Path:
-    return write_png(path, image)
+        tmp.write_bytes(card_bytes(image))
+    return path
 
 
 def _save_jpg(path: Path, image: np.ndarray) -> Path:
@@ -1104,7 +1113,7 @@ def render_layer_cards(f: h5py.File, info: LayerInfo, cards_dir: Path, thumbs_di
         for i in range(c1 - c0):
             unit = c0 + i
             path = cards_dir / card_name(unit)
-            pending.append(pool.submit(_save_png, path, cards[i]))
+            pending.append(pool.submit(_save_card, path, cards[i]))
             out.cards[unit] = path
             if thumbs is not None:
                 tpath = thumbs_dir / thumb_name(unit)

@@ -56,11 +56,21 @@ def clip_edge(inside: np.ndarray) -> np.ndarray:
 def show_outside(patches: np.ndarray, inside: np.ndarray, flat: bool = False) -> np.ndarray:
     """patches (..., h, w, 3) uint8 with the pixels outside the image replaced by the checker,
     outlined along the box's clipped edge in CLIP_EDGE (flat: FLAT_GREY, no outline: JPEG
-    smears both)."""
-    if flat:
-        return np.where(inside[..., None], patches, np.uint8(FLAT_GREY))
-    shown = np.where(inside[..., None], patches, checker(patches.shape[-3:-1]))
-    return np.where(clip_edge(inside)[..., None], np.asarray(CLIP_EDGE, np.uint8), shown)
+    smears both). Only the patches that reach outside the image are touched (most do not)."""
+    h, w, ch = patches.shape[-3:]
+    inside = np.broadcast_to(inside, patches.shape[:-1])
+    out = np.array(patches, copy=True)
+    rows = out.reshape(-1, h, w, ch)
+    masks = inside.reshape(-1, h, w)
+    clipped = np.flatnonzero(~masks.all(axis=(1, 2)))
+    if clipped.size:
+        sub, ins = rows[clipped], masks[clipped]
+        if flat:
+            rows[clipped] = np.where(ins[..., None], sub, np.uint8(FLAT_GREY))
+        else:
+            shown = np.where(ins[..., None], sub, checker((h, w))[..., :ch])
+            rows[clipped] = np.where(clip_edge(ins)[..., None], np.asarray(CLIP_EDGE, np.uint8)[:ch], shown)
+    return out
 
 
 def panel_image(panels: np.ndarray) -> np.ndarray:
@@ -73,24 +83,42 @@ TABLES = {"patches": "topk", "bottom_patches": "bottomk", "class_patches": "clas
 
 
 def layer_patches(g: h5py.Group, name: str, c0: int, c1: int, k: int, size: tuple[int, int],
-                  flat: bool = False, start: int = 0) -> np.ndarray:
+                  flat: bool = False, start: int = 0, ds: h5py.Dataset | None = None) -> np.ndarray:
     """Channels c0:c1, slots :k of layers/<layer>/<name> (patches, bottom_patches,
     class_patches or panels/<method>, drawn by panel_image) at `size`, (b, k, h, w, 3)
     uint8, outside-image area checkered where the layer's geometry is stored. flat=True
     (the JPEG export): flat grey instead of the checker, and grey images stay one
-    channel. start: the first slot (class_patches hold one block of slots per class)."""
+    channel. start: the first slot (class_patches hold one block of slots per class).
+    ds: g[name] opened once by a caller that reads many blocks (a virtual dataset parses
+    its mapping each time it is opened)."""
     slots = slice(start, start + k)
-    raw = g[name][c0:c1, slots]
-    if name.startswith("panels/"):
+    raw = (g[name] if ds is None else ds)[c0:c1, slots]
+    table = g[TABLES.get(name, "topk")]
+    keys = None
+    if not name.startswith("panels/") and all(n in table for n in ("image", "y", "x")):
+        # many units win at the same (image, location): each distinct patch is drawn once
+        keys = np.stack([table[n][c0:c1, slots] for n in ("image", "y", "x")], axis=-1).reshape(-1, 3)
+        if "box" in table:
+            keys = np.concatenate([keys, table["box"][c0:c1, slots].reshape(-1, 4)], axis=1)
+        keys, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        rows = raw.reshape((-1,) + raw.shape[2:])
+        if np.array_equal(rows, rows[first][inverse.ravel()]):  # a file whose patches disagree: draw each
+            raw = rows[first]
+        else:
+            keys = None
+    elif name.startswith("panels/"):
         raw = panel_image(raw)
     if raw.shape[-1] == 1 and not flat:
         raw = np.repeat(raw, 3, axis=-1)
     small = resize_patches(raw[..., :3], size)
-    table = g[TABLES.get(name, "topk")]
-    if "geometry/row_offset" not in g or "box" not in table:
-        return small
-    frame = tuple(int(v) for v in g["geometry"].attrs["frame"])
-    boxes = table["box"][c0:c1, slots]
-    starts = np.stack([g["geometry/row_offset"][()][table["y"][c0:c1, slots]],
-                       g["geometry/col_offset"][()][table["x"][c0:c1, slots]]], axis=-1)
-    return show_outside(small, inside_masks(boxes, starts, frame, size), flat)
+    if "geometry/row_offset" in g and "box" in table:
+        frame = tuple(int(v) for v in g["geometry"].attrs["frame"])
+        boxes = table["box"][c0:c1, slots]
+        starts = np.stack([g["geometry/row_offset"][()][table["y"][c0:c1, slots]],
+                           g["geometry/col_offset"][()][table["x"][c0:c1, slots]]], axis=-1)
+        if keys is not None:  # the same location has the same box: one mask per distinct patch
+            boxes, starts = boxes.reshape(-1, 4)[first], starts.reshape(-1, 2)[first]
+        small = show_outside(small, inside_masks(boxes, starts, frame, size), flat)
+    if keys is not None:
+        small = small[inverse.ravel()].reshape((c1 - c0, -1) + small.shape[1:])
+    return small

@@ -43,7 +43,7 @@ from pipeline.render.results import (
 from pipeline.render.draw import CAM_TITLES
 from pipeline.names import shown
 from pipeline.store import read_paths
-from pipeline.render.sheets import MAX_SLOTS, compose_sheet, selectivity_figure, sparsity_figure
+from pipeline.render.sheets import MAX_SLOTS, compose_sheet, selectivity_figure, sheet_grid, sparsity_figure
 from pipeline.store import replacing
 
 logger = logging.getLogger(__name__)
@@ -198,16 +198,51 @@ def _preview(image: np.ndarray, path: Path) -> Path:
 
 
 
+def scan_border(config: str) -> int:
+    """scan.border of the run's recorded config (0 when it is not there)."""
+    from omegaconf import OmegaConf
+
+    try:
+        return int(OmegaConf.select(OmegaConf.create(config or "{}"), "scan.border", default=0) or 0)
+    except Exception:  # an older or foreign record: say nothing of a border it may not have had
+        return 0
+
+
+def border_line(g: h5py.Group, shape, border: int) -> str:
+    """How many of a layer's top-k winners sit on the outermost rows or columns of its map,
+    and what scan.border does about them ('' for maps with no inside)."""
+    h, w = (int(v) for v in shape[:2]) if shape is not None and len(shape) >= 3 else (0, 0)
+    t = g.get("topk")
+    if t is None or "y" not in t or h <= 2 * max(border, 1) or w <= 2 * max(border, 1):
+        return ""
+    image, y, x = t["image"][()], t["y"][()], t["x"][()]
+    ring = max(border, 0)  # with scan.border=b the winners' outermost possible place is b in
+    edge = (image >= 0) & ((y <= ring) | (y >= h - 1 - ring) | (x <= ring) | (x >= w - 1 - ring))
+    total = int((image >= 0).sum())
+    if not total:
+        return ""
+    n = int(edge.sum())
+    where = "outermost rows or columns of the map" if not border else \
+        f"first rows or columns inside the {border} left out (scan.border={border})"
+    said = (f"{n:,} of {total:,} top-k winners ({100 * n / total:.0f} %) sit on the {where}, where the "
+            f"convolutions see zero padding as well as the image. ")
+    if border:
+        return said + f"scan.border={border} kept the {border} outermost rows and columns out of the top-k and bottom-k."
+    return said + ("scan.border=1 leaves the outermost ring out of the top-k and bottom-k (the statistics still "
+                   "cover every position).")
+
+
 def _chosen_units(units, channels: int) -> list[int]:
     if isinstance(units, (list, tuple)) or (hasattr(units, "__iter__") and not isinstance(units, str)):
         return sorted({int(u) for u in units if 0 <= int(u) < channels})
     return list(range(min(int(units or 0), channels)))
 
 
-def _render_layers(f, infos, n_ok: int, figures: dict, chosen: dict, cards: bool, sheet_dir: Path,
+def _render_layers(f, infos, n_ok: int, figures: dict, chosen: dict, cards: str, sheet_dir: Path,
                    report_dir: Path):
     """Layer sheets and their previews, the run figures (sheets/run/<name>.png and .pdf;
-    figures: name -> (title, function -> Figure)), unit cards and thumbnails."""
+    figures: name -> (title, function -> Figure)), unit cards and thumbnails (cards: all,
+    chosen: the units in `chosen`, none)."""
     from pipeline.render.cards import ImageIndex, render_layer_cards
 
     sheets: dict[str, Path] = {}
@@ -225,14 +260,16 @@ def _render_layers(f, infos, n_ok: int, figures: dict, chosen: dict, cards: bool
         save_figure(fig, sheet_dir / "run" / f"{name}.pdf", PRINT_DPI)
     images = ImageIndex.read(f)
     card_files = {}
-    total = sum((int(i.shape[-1]) if i.shape else 0) if cards else len(chosen.get(i.stored, [])) for i in infos)
+    every = cards == "all"
+    total = 0 if cards == "none" else sum((int(i.shape[-1]) if i.shape else 0) if every
+                                          else len(chosen.get(i.stored, [])) for i in infos)
     with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=total, desc="unit cards", unit="card") as bar:
-        for info in infos:
-            wanted = None if cards else chosen.get(info.stored, [])
+        for info in infos if total else []:
+            wanted = None if every else chosen.get(info.stored, [])
             if wanted is not None and not wanted:
                 continue
             card_files[info.stored] = render_layer_cards(
-                f, info, report_dir / "cards" / info.stored, report_dir / "thumbs" / info.stored if cards else None,
+                f, info, report_dir / "cards" / info.stored, report_dir / "thumbs" / info.stored if every else None,
                 units=wanted, images=images, pool=pool, bar=bar)
     return sheets, previews, figure_pngs, card_files
 
@@ -316,14 +353,15 @@ class RenderCache:
         return self._abs(data["book"]), [self._abs(p) for p in data["pages"]]
 
 
-def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, units=8, pdf: bool = True,
+def render_report(results_path: Path, out_dir: Path, *, cards: str | bool = "all", units=8, pdf: bool = True,
                   per_image=8, inputs: dict[str, str] | None = None) -> list[Path]:
     """Render everything from results.h5 into out_dir (the run directory); return the files.
 
     sheets/<layer>.png (network order, first in the list), sheets/run/sparsity.png and .pdf,
-    report/previews/<layer>.jpg, report/cards/<layer>/unit_%04d.png and
-    report/thumbs/<layer>/unit_%04d.jpg (cards=True: every unit; else only the units the
-    book shows), sheets/images/image_<id>.png (per_image: N or a list of ids),
+    report/previews/<layer>.jpg, report/cards/<layer>/unit_%04d.jpg and
+    report/thumbs/<layer>/unit_%04d.jpg (cards="all": every unit; "chosen": only the units
+    the book shows; "none": no cards; True and False mean all and chosen),
+    sheets/images/image_<id>.png (per_image: N or a list of ids),
     report.pdf (pdf=True; `units` per layer: N first units or a list), report/<layer>.html,
     and index.html (last in the list).
 
@@ -334,6 +372,10 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
     from pipeline.render.book import Book, BookLayer, write_book
     from pipeline.render.site import REPORT_DIR, Site, SiteImage, SiteLayer, write_site
 
+    if isinstance(cards, bool):
+        cards = "all" if cards else "chosen"
+    if cards not in ("all", "chosen", "none"):
+        raise ValueError(f"cards={cards!r}: use all, chosen or none")
     results_path, out_dir = Path(results_path), Path(out_dir)
     sheet_dir = out_dir / "sheets"
     report_dir = out_dir / REPORT_DIR
@@ -356,6 +398,9 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
 
         # layer sheets, previews, the run figures, unit cards and thumbnails
         figures = run_figures(f, infos, model)
+        grids = {i.stored: sheet_grid(f["layers"][i.stored], i) for i in infos} if pdf else {}
+        border = scan_border(as_str(attrs.get("config", "")))
+        borders = {i.stored: border_line(f["layers"][i.stored], i.shape, border) for i in infos}
         chosen = {i.stored: _chosen_units(units, int(i.shape[-1]) if i.shape else 0) for i in infos} if pdf else {}
         kept = cache.kept("layers")
         if kept is not None:
@@ -417,7 +462,8 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
         book = Book(title=model, facts=facts,
                     layers=[BookLayer(i.name, sheets[i.stored],
                                       [(u, card_files[i.stored].cards[u]) for u in chosen.get(i.stored, [])
-                                       if i.stored in card_files and u in card_files[i.stored].cards])
+                                       if i.stored in card_files and u in card_files[i.stored].cards],
+                                      grids.get(i.stored))
                             for i in infos],
                     images=[(caption, path) for _, path, caption in image_sheets],
                     config=as_str(attrs.get("config", "")), figures=list(figures.values()), notes=notes)
@@ -427,14 +473,15 @@ def render_report(results_path: Path, out_dir: Path, *, cards: bool = True, unit
 
     site_layers = []
     for i in infos:
-        files = card_files.get(i.stored) if cards else None
+        files = card_files.get(i.stored) if cards == "all" else None
         site_layers.append(SiteLayer(
             name=i.name, stored=i.stored, depth=i.depth, shape=fmt(i.shape),
             receptive_field=f"{fmt(i.rf_size)} / {fmt(i.rf_stride)}",
             units=int(i.shape[-1]) if i.shape else 0, sparsity=i.sparsity,
             note="" if i.mappable else i.geometry_message, sheet=sheets[i.stored], preview=previews.get(i.stored),
             cards=dict(files.cards) if files else {}, thumbs=dict(files.thumbs) if files else {},
-            thumb_px=files.thumb if files else 64, card_hw=files.size if files else (0, 0)))
+            thumb_px=files.thumb if files else 64, card_hw=files.size if files else (0, 0),
+            border=borders.get(i.stored, "")))
     skipped = [(p, e) for p, good, e in zip(paths, ok, errors) if not good]
     images_note = "" if image_sheets else (
         "No per-image maps in results.h5: run stages=[activations,cam,occlusion] to draw per-image sheets."

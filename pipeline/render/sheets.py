@@ -24,6 +24,7 @@ from pipeline.render.canvas import (
     grid,
     montage,
 )
+from pipeline.render.cards import draw_text, font
 from pipeline.render.patches import layer_patches
 from pipeline.render.results import LayerInfo, fmt
 
@@ -32,6 +33,7 @@ TARGET_PATCH_PX = 32  # per-patch size on the sheet, before the size cap
 MIN_PATCH_PX = 4
 MAX_SIDE_PX = 6000  # neither side of a sheet grows beyond this
 MIN_WIDTH_PX = 800  # room for the title on layers with few channels
+LABEL_INK = (51, 51, 51)  # unit numbers under the montages
 CHUNK_BYTES = 16 * 2**20  # patches read from the file at a time (small reads stay cache-friendly)
 
 
@@ -139,9 +141,39 @@ def _read_cells(g: h5py.Group, valid: np.ndarray, layout: SheetLayout, k: int) -
     cells = np.empty((c, ch, cw, 3), np.uint8)
     for c0 in range(0, c, step):
         c1 = min(c, c0 + step)
-        small = layer_patches(g, "patches", c0, c1, k, layout.patch_hw)
+        small = layer_patches(g, "patches", c0, c1, k, layout.patch_hw, ds=ds)
         cells[c0:c1] = montage(small, valid[c0:c1, :k], layout.side, layout.thin)
     return cells
+
+
+@dataclass(frozen=True)
+class SheetGrid:
+    """Where compose_sheet put the units' montages on a sheet, in sheet pixels: what the book
+    needs to cut a large sheet into pages between whole montages."""
+
+    rows: int
+    cols: int
+    top: int  # first row of the grid (below the title)
+    left: int
+    pitch_y: int  # from one grid row to the next (montage, its label, the gap)
+    pitch_x: int
+    montage_w: int
+    height: int  # of the whole sheet
+    width: int
+
+
+def sheet_grid(g: h5py.Group, info: LayerInfo) -> SheetGrid | None:
+    """The grid of the sheet compose_sheet draws for this layer group (None: a placeholder)."""
+    if not info.has_patches or 0 in g["patches"].shape[:2]:
+        return None
+    ds = g["patches"]
+    layout = sheet_layout(ds.shape[0], min(MAX_SLOTS, ds.shape[1]), ds.shape[2:4])
+    ch, cw = layout.cell_hw
+    height, width = layout.size
+    grid_w = layout.cols * (cw + layout.gap_x) - layout.gap_x
+    return SheetGrid(rows=math.ceil(ds.shape[0] / layout.cols), cols=layout.cols, top=layout.margin + layout.title_h,
+                     left=(width - grid_w) // 2, pitch_y=ch + layout.label_h + layout.gap_y,
+                     pitch_x=cw + layout.gap_x, montage_w=cw, height=height, width=width)
 
 
 def compose_sheet(g: h5py.Group, info: LayerInfo, n_ok: int) -> np.ndarray:
@@ -164,11 +196,16 @@ def compose_sheet(g: h5py.Group, info: LayerInfo, n_ok: int) -> np.ndarray:
     left = (width - gridded.shape[1]) // 2
     canvas[top:top + gridded.shape[0], left:left + gridded.shape[1]] = gridded
 
-    labels = _title_labels(info, n_ok, k, width, layout.margin, layout.title_h, kept=ds.shape[1])
-    label_px = 0.72 * layout.label_h
-    labels += [Label(left + x + cw / 2, top + y + ch + layout.label_h / 2, str(c), label_px)
-               for c, (y, x) in enumerate(origins)]
-    return draw_labels(canvas, labels)
+    # the title through matplotlib on its band only; the many unit numbers from the cards'
+    # glyph atlas (matplotlib over a whole 4000 px sheet cost seconds a layer)
+    canvas[:top] = draw_labels(canvas[:top], _title_labels(info, n_ok, k, width, layout.margin, layout.title_h,
+                                                            kept=ds.shape[1]))
+    size = max(6, round(0.72 * layout.label_h))
+    line_h = font(size).height + 2
+    for c, (y, x) in enumerate(origins):
+        draw_text(canvas, str(c), left + x + cw / 2, top + y + ch + (layout.label_h - line_h) / 2, size, LABEL_INK,
+                  align="center")
+    return canvas
 
 
 

@@ -70,6 +70,7 @@ class SiteLayer:
     thumbs: dict[int, Path] = field(default_factory=dict)
     thumb_px: int = 64
     card_hw: tuple[int, int] = (0, 0)
+    border: str = ""  # how many winners sit on the map's border, and what scan.border does
 
     @property
     def page_name(self) -> str:
@@ -274,7 +275,7 @@ _SCRIPT = r"""
     if (!link) { return; }
     current = unit;
     var img = document.getElementById("card");
-    img.src = me.cards + pad(unit) + ".png";
+    img.src = me.cards + pad(unit) + ".jpg";
     img.alt = "card of " + me.name + " unit " + unit;
     document.getElementById("card-title").textContent = me.name + " \u00b7 unit " + unit + " of " + me.units;
     viewer.hidden = false;
@@ -329,7 +330,7 @@ def _data_json(site: Site, out_dir: Path, page_dir: Path, here: str | None) -> s
         entry = {"name": layer.name, "stored": layer.stored, "units": layer.units,
                  "page": layer.page_name if layer.cards else None, "sheet": raw_url(layer.sheet, page_dir)}
         if layer.stored == here and layer.cards:
-            # cards are <folder>/unit_%04d.png: the page builds each URL from the unit number
+            # cards are <folder>/unit_%04d.jpg: the page builds each URL from the unit number
             folder = next(iter(layer.cards.values())).parent
             entry["cards"] = raw_url(folder, page_dir) + "/unit_"
         layers.append(entry)
@@ -457,6 +458,8 @@ def _layer_body(site: Site, layer: SiteLayer, index: int, out_dir: Path) -> str:
         cells.append(f'<a id="t{unit}" href="#u{unit}">{img}<span>{unit}</span></a>')
     sparsity = "" if layer.sparsity is None else f" &middot; sparsity {layer.sparsity:.3f}"
     note = f'<p class="note">{esc(layer.note)}</p>' if layer.note else ""
+    if layer.border:
+        note += f'<p class="note" id="border">{esc(layer.border)}</p>'
     h, w = layer.card_hw
     return f"""<p class="note">{link(prev_l, "&larr;")} {link(next_l, "&rarr;")}</p>
 <h1>{esc(layer.name)}</h1>

@@ -127,7 +127,7 @@ def top9_montages(g: h5py.Group, name: str, valid: np.ndarray, c0: int, c1: int)
     toolbox's 3x3 montages, drawn with their outside-image area in flat grey."""
     ds = g[name]
     c1 = min(c1, ds.shape[0])
-    images = layer_patches(g, name, c0, c1, 9, tuple(ds.shape[2:4]), flat=True)
+    images = layer_patches(g, name, c0, c1, 9, tuple(ds.shape[2:4]), flat=True, ds=ds)
     images = np.where(valid[c0:c1, :9, None, None, None], images, 0)
     return tile(images, math.ceil(math.sqrt(min(ds.shape[1], 9))))
 

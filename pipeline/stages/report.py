@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from pipeline.render.report import render_report
+from pipeline.validate import card_mode
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         def plain(value):
             return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
-        options = dict(cards=bool(rc.cards), units=plain(rc.units), pdf=bool(rc.pdf), per_image=plain(rc.per_image))
+        options = dict(cards=card_mode(rc.cards), units=plain(rc.units), pdf=bool(rc.pdf), per_image=plain(rc.per_image))
     inputs = None if cfg.get("overwrite") else render_inputs(Store(run_dir), options)
     files = render_report(results, Path(run_dir), **options, inputs=inputs)
     logger.info("report: %d files, open %s", len(files), Path(run_dir) / "index.html")

@@ -163,8 +163,8 @@ class RunView:
                     out["pattern"] = png_url(p["patterns"][int(rows[0])])
                     if "value" in p:
                         out["pattern_value"] = float(p["value"][int(rows[0])])
-        card = self.run_dir / "report" / "cards" / key / f"unit_{unit:04d}.png"
-        out["card"] = f"report/cards/{key}/unit_{unit:04d}.png" if card.is_file() else None
+        card = self.run_dir / "report" / "cards" / key / f"unit_{unit:04d}.jpg"
+        out["card"] = f"report/cards/{key}/unit_{unit:04d}.jpg" if card.is_file() else None
         out["page"] = f"{e.page}#u{unit}" if e.page else None
         return out
 
