@@ -112,7 +112,7 @@ def check_order(cfg, modules: list, done) -> None:
             first = ",".join(missing)
             raise PipelineError(f"stage {stage} reads the results of {first}, which this run directory does not "
                                 f"hold: list {first} before {stage} in stages (e.g. stages=[{first},{stage}])")
-        done.add(stage)
+        done.update((stage, *(module.makes(cfg) if hasattr(module, "makes") else ())))
 
 
 def _check_identity(store: Store, identity: str, overwrite: bool) -> None:

@@ -199,7 +199,7 @@ def test_layer_names_never_leave_the_run_directory(tmp_path):
         assert f["layers/_../topk/value"].shape == (3, 16)
     assert (run_dir / "sheets" / "_...png").exists() and (run_dir / "toolbox" / "max_im" / "_..").is_dir()
     card = (run_dir / "report" / "cards" / "_..").iterdir().__next__()
-    assert card.suffix == ".png"
+    assert card.suffix == ".jpg"
 
 
 def gzip_idx_bomb(path, images: int) -> None:

@@ -106,7 +106,7 @@ def test_pages_are_offline_and_every_reference_resolves(full_run):  # noqa: F811
     data = json.loads(re.search(r'id="lens-data">(.*?)</script>', text, re.S).group(1))
     base = next(layer["cards"] for layer in data["layers"] if layer["stored"] == "relu2")
     for u in range(6):  # the URL the page builds for each unit's card
-        assert (pages[2].parent / unquote(base + f"{u:04d}.png")).is_file()
+        assert (pages[2].parent / unquote(base + f"{u:04d}.jpg")).is_file()
 
 
 # ---------------------------------------------------------------- in the browser

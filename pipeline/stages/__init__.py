@@ -5,7 +5,8 @@ fingerprint); an empty `KEYS` means the stage always runs. Stages talk to each
 other only through results.h5. A stage that reads another's results says so with
 `needs(cfg)` (the runner refuses, before anything runs, a list that does not make
 them first) or `reads(cfg)` (used when there); both are recorded, so recomputing one
-of them marks this stage's results stale.
+of them marks this stage's results stale. `makes(cfg)` names the results a stage writes
+besides its own (merge writes a scan).
 """
 
 import pkgutil

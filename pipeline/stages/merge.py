@@ -25,6 +25,11 @@ logger = logging.getLogger(__name__)
 KEYS = ("model", "dataset", "layers", "topk", "scan", "merge")
 
 
+def makes(cfg) -> tuple[str, ...]:
+    """The stages whose results a merge writes besides its own: the stages after it read a scan."""
+    return ("scan",)
+
+
 def shard_stores(patterns) -> list[Store]:
     """The run directories named (or matched by a glob) in `patterns`, each with a finished scan."""
     found = []
