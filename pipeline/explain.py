@@ -120,6 +120,12 @@ class OcclusionResult:
 # inputs, layers, logits
 
 
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Probabilities of logits along `axis` (shifted by the maximum: no overflow)."""
+    shifted = np.exp(logits - np.max(logits, axis=axis, keepdims=True))
+    return shifted / shifted.sum(axis=axis, keepdims=True)
+
+
 def model_inputs(images, preprocessing: Preprocessing | None = None) -> tf.Tensor:
     """A float32 (B, S, S, C) batch of model inputs.
 

@@ -230,10 +230,11 @@ def _faithfulness(explainer, x, r, m: str, steps: int) -> dict[str, np.ndarray]:
 
 def top_predictions(ids: np.ndarray, logits: np.ndarray, k: int = 5) -> dict[str, np.ndarray]:
     """predictions/: the model's top-k classes of every image, their logits and probabilities."""
+    from pipeline.explain import softmax
+
     k = min(k, logits.shape[1])
     classes = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probability = shifted / shifted.sum(axis=1, keepdims=True)
+    probability = softmax(logits, axis=1)
     return {"predictions/image": ids.astype(np.int64), "predictions/class": classes.astype(np.int64),
             "predictions/logit": np.take_along_axis(logits, classes, axis=1).astype(np.float32),
             "predictions/probability": np.take_along_axis(probability, classes, axis=1).astype(np.float32)}

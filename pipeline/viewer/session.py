@@ -32,6 +32,7 @@ from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.render.canvas import EMPTY_GREY
+from pipeline.render.cards import card_name
 from pipeline.render.draw import PANEL_PERCENTILE, channel_tiles, heat_image, panel_to_uint8, tile, to_rgb
 from pipeline.render.results import as_str
 from pipeline.render.toolbox import fit_squares, sprite, top9_montages
@@ -163,8 +164,8 @@ class RunView:
                     out["pattern"] = png_url(p["patterns"][int(rows[0])])
                     if "value" in p:
                         out["pattern_value"] = float(p["value"][int(rows[0])])
-        card = self.run_dir / "report" / "cards" / key / f"unit_{unit:04d}.jpg"
-        out["card"] = f"report/cards/{key}/unit_{unit:04d}.jpg" if card.is_file() else None
+        card = f"report/cards/{key}/{card_name(unit)}"
+        out["card"] = card if (self.run_dir / card).is_file() else None
         out["page"] = f"{e.page}#u{unit}" if e.page else None
         return out
 
@@ -328,9 +329,9 @@ class LiveModel:
             if self.classifier:
                 logits = outs[len(self.view.layers)]
                 logits = self._head(logits) if self._head is not None else logits
-                z = np.asarray(logits, np.float64)[0]
-                z = np.exp(z - z.max())
-                result["probs"] = z / z.sum()
+                from pipeline.explain import softmax
+
+                result["probs"] = softmax(np.asarray(logits, np.float64)[0])
             self._cache[key] = result
             while len(self._cache) > 8:
                 self._cache.popitem(last=False)
