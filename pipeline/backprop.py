@@ -118,13 +118,15 @@ class Backprop:
         if input_size is not None:
             input_shape = tuple(int(v) for v in input_size) + input_shape[2:]
         x_spec = tf.TensorSpec((None,) + input_shape, tf.float32)
-        self._forward_fn = tf.function(self._forward, input_signature=[x_spec])
+        # each object traces its own closures once: tf.function keys its retracing warning on
+        # the Python function, and a bound method's is shared by every Backprop (one a layer)
+        self._forward_fn = tf.function(lambda x: self._forward(x), input_signature=[x_spec])
         if input_size is not None:  # the layer's output on inputs of that size
             self.output_shape = tuple(int(v) for v in
                                       self._forward_fn.get_concrete_function().structured_outputs.shape[1:])
         seed_spec = tf.TensorSpec((None,) + self.output_shape, tf.float32)
         # one trace per object, whatever the batch size
-        self._fn = tf.function(self._gradient, input_signature=[x_spec, seed_spec])
+        self._fn = tf.function(lambda x, seed: self._gradient(x, seed), input_signature=[x_spec, seed_spec])
 
     def __call__(self, x, seed) -> tf.Tensor:
         return self.maps_and_values(x, seed)[0]

@@ -242,6 +242,21 @@ def test_batched_equals_one_by_one(branchy, method):
     np.testing.assert_allclose(batch[0], batch[5], rtol=1e-6)
 
 
+def test_one_program_per_layer_traces_once_without_retracing_warnings(branchy, caplog):
+    """A panels stage builds one Backprop per layer and method: each traces once, and
+    TensorFlow must not take the many objects for one function retraced again and again."""
+    model, _ = branchy
+    x = np.random.default_rng(2).normal(size=(2, 12, 12, 3)).astype(np.float32)
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        for _ in range(4):
+            for method in ("guided", "deconv"):
+                program = Backprop(model, "add", method)
+                for n in (1, 2):  # batch sizes: one trace serves both
+                    program(x[:n], seed_at((12, 12, 4), np.zeros(n, int), np.zeros(n, int), np.zeros(n, int)))
+                assert program._fn.experimental_get_tracing_count() == 1
+    assert "retracing" not in caplog.text
+
+
 def test_seed_at():
     seeds = seed_at((4, 5, 3), [2, 0], [1, 3], [4, 0]).numpy()
     expected = np.zeros((2, 4, 5, 3), np.float32)
