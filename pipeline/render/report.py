@@ -200,12 +200,14 @@ def _preview(image: np.ndarray, path: Path) -> Path:
 
 def scan_border(config: str) -> int:
     """scan.border of the run's recorded config (0 when it is not there)."""
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     try:
         return int(OmegaConf.select(OmegaConf.create(config or "{}"), "scan.border", default=0) or 0)
-    except Exception:  # an older or foreign record: say nothing of a border it may not have had
-        return 0
+    except (yaml.YAMLError, OmegaConfBaseException, TypeError, ValueError):  # an older or foreign record:
+        return 0  # say nothing of a border it may not have had
 
 
 def border_line(g: h5py.Group, shape, border: int) -> str:
@@ -372,10 +374,11 @@ def render_report(results_path: Path, out_dir: Path, *, cards: str | bool = "all
     from pipeline.render.book import Book, BookLayer, write_book
     from pipeline.render.site import REPORT_DIR, Site, SiteImage, SiteLayer, write_site
 
-    if isinstance(cards, bool):
-        cards = "all" if cards else "chosen"
-    if cards not in ("all", "chosen", "none"):
+    from pipeline.validate import card_mode
+
+    if card_mode(cards) is None:
         raise ValueError(f"cards={cards!r}: use all, chosen or none")
+    cards = card_mode(cards)
     results_path, out_dir = Path(results_path), Path(out_dir)
     sheet_dir = out_dir / "sheets"
     report_dir = out_dir / REPORT_DIR
