@@ -32,11 +32,11 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import pipeline.config  # noqa: E402,F401  (registers the structured configs)
+from pipeline import panels  # noqa: E402  (the engine: the baseline replaces its crop_plan_of)
 from pipeline.datasets import image_stream, list_images  # noqa: E402
 from pipeline.models.sources import load_model  # noqa: E402
 from pipeline.preprocess import normalize  # noqa: E402
 from pipeline.runner import run  # noqa: E402
-from pipeline.stages import panels  # noqa: E402
 from scan_throughput import write_jpegs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def panels_rate(base: list[str], run_dir: Path, method: str, whole: bool) -> tup
     """(seeds, seeds/s) of the panels stage for one method."""
     original = panels.crop_plan_of
     if whole:
-        panels.crop_plan_of = lambda model, name: (None, "crops switched off for the baseline")
+        panels.crop_plan_of = lambda *_: (None, "crops switched off for the baseline")
     try:
         start = time.perf_counter()
         run(config(base + ["stages=[panels]", f"panels.methods=[{method}]", "panels.layers=all",

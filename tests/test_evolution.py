@@ -14,7 +14,7 @@ from pipeline.graph import feature_model
 from pipeline.preprocess import Preprocessing, normalize
 from pipeline.runner import run
 from pipeline.render.training import compose_evolution_sheet
-from pipeline.stages.evolution import choose_channels, topk_change
+from pipeline.evolution import choose_channels, topk_change
 from pipeline.topk import topk_from_maps
 from pipeline.models.sources import save_spec, snapshot_path
 from test_pipeline import compose_cfg

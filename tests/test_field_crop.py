@@ -15,8 +15,8 @@ from test_pipeline import compose_cfg
 from test_panels import model_inputs
 from pipeline.backprop import Backprop, backprop, seed_at
 from pipeline.field_crop import axis_crop, crop_index, crop_positions
+from pipeline.panels import crop_plan_of
 from pipeline.runner import run
-from pipeline.stages.panels import crop_plan_of
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3, 8])
@@ -149,7 +149,7 @@ def test_the_stage_checks_crop_values_and_falls_back_to_whole_images(tmp_path, c
                        "dataset=folder", f"dataset.path={tmp_path / 'photos'}", "layers=[relu,gap]", "topk=2",
                        "stages=[scan,crop,panels]", "crop.max_size=0", "panels.methods=[gradient]",
                        "geometry.pointwise=[CentreMaps]"])
-    with caplog.at_level(logging.INFO, logger="pipeline.stages.panels"):
+    with caplog.at_level(logging.INFO, logger="pipeline"):
         run(cfg, tmp_path / "run")
     assert "differ on their receptive-field crop" in caplog.text and "computing it on whole images" in caplog.text
     assert "none for gap" in caplog.text  # panels.layers=cropped: the pooled layer is left out

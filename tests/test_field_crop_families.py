@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from test_field_crop import crop_maps_in_image
 from pipeline.backprop import backprop, seed_at
-from pipeline.stages.panels import _chosen, _Layer, crop_plan_of
+from pipeline.panels import PanelLayer, chosen, crop_plan_of
 
 pytestmark = pytest.mark.slow  # each builds a keras.applications model (2-10 s on 2 CPU cores)
 
@@ -68,13 +68,13 @@ def test_crop_panels_equal_whole_image_panels(family, size, name, method):
 def test_a_layer_no_crop_serves_is_left_out_with_its_cost(family, size, name, why, caplog):
     model = _model(family, size)
     channels = model.get_layer(name).output.shape[-1]
-    layer = _Layer(key=name, name=name, image=np.zeros((channels, 3), np.int64), value=np.ones((channels, 3)),
+    layer = PanelLayer(key=name, name=name, image=np.zeros((channels, 3), np.int64), value=np.ones((channels, 3)),
                    scale=1.0, y=None, x=None, box=None, row_offset=None, col_offset=None, frame=(8, 8),
                    size=(8, 8))
-    with caplog.at_level(logging.INFO, logger="pipeline.stages.panels"):
-        kept = _chosen("cropped", [layer], {name: crop_plan_of(model, name)}, model, ["deconv", "guided"], 32)
+    with caplog.at_level(logging.INFO, logger="pipeline.panels"):
+        kept = chosen("cropped", [layer], {name: crop_plan_of(model, name)}, model, ["deconv", "guided"], 32)
     assert kept == []
     lines = [r.getMessage() for r in caplog.records if name in r.getMessage()]
     assert len(lines) == 1 and why in lines[0], lines
     assert f"panels.layers=all computes its {channels * 3 * 2} panels" in lines[0] and " min here " in lines[0]
-    assert _chosen("all", [layer], {}, model, ["deconv"], 32) == [layer]
+    assert chosen("all", [layer], {}, model, ["deconv"], 32) == [layer]

@@ -12,7 +12,7 @@ import pytest
 from pipeline.errors import PipelineError
 from pipeline.runner import run
 from pipeline.layers import default_layers
-from pipeline.stages.invariance import choose_images, parameter_grid, transform_matrices, warp
+from pipeline.invariance import choose_images, parameter_grid, transform_matrices, warp
 from test_cli import run_py
 from test_pipeline import compose_cfg
 from test_train import shapes_idx, write_idx
@@ -212,7 +212,7 @@ def test_image_choice_and_default_layers():
 # ---------------------------------------------------------------- correspondence (section 4.3)
 
 def test_sign_disagreement_equals_pairwise_hamming_distances():
-    from pipeline.stages.correspondence import sign_disagreement
+    from pipeline.correspondence import sign_disagreement
 
     rng = np.random.default_rng(3)
     eps = rng.integers(-1, 2, (2, 5, 40)) * rng.random((2, 5, 40))
@@ -224,7 +224,7 @@ def test_sign_disagreement_equals_pairwise_hamming_distances():
 
 
 def test_correspondence_stage_against_brute_force(tmp_path, invariance_run):
-    from pipeline.stages.correspondence import pixel_box
+    from pipeline.correspondence import pixel_box
 
     _, images, _, results = invariance_run
     root = results.parent.parent

@@ -14,9 +14,9 @@ from test_pipeline import compose_cfg
 from pipeline.backprop import backprop, seed_at
 from pipeline.datasets import BatchStream, list_images
 from pipeline.errors import PipelineError
+from pipeline.panels import place_in_frame
 from pipeline.preprocess import normalize
 from pipeline.runner import run
-from pipeline.stages.panels import place_in_frame
 from pipeline.store import Store
 
 METHODS = ("deconv", "guided", "gradient")
@@ -221,7 +221,7 @@ def test_zero_panel_log_names_relu6_only_where_the_model_has_one(caplog):
     import logging
 
     from pipeline.patterns import has_capped_relu
-    from pipeline.stages.panels import _log_counts
+    from pipeline.panels import log_counts
 
     def net(*activations):
         inp = keras.Input((8, 8, 3))
@@ -236,9 +236,9 @@ def test_zero_panel_log_names_relu6_only_where_the_model_has_one(caplog):
     assert has_capped_relu(net(keras.layers.ReLU(), keras.layers.ReLU(max_value=6.0)))
     assert has_capped_relu(net("relu", "relu6"))
     counts = {"missing": 0, "tiny": 0, "huge": 0, "empty guided": 3}
-    with caplog.at_level(logging.INFO, logger="pipeline.stages.panels"):
-        _log_counts({"relu2": counts}, capped=False)
-        _log_counts({"relu2": counts}, capped=True)
+    with caplog.at_level(logging.INFO, logger="pipeline.panels"):
+        log_counts({"relu2": counts}, capped=False)
+        log_counts({"relu2": counts}, capped=True)
     plain, capped = [r.getMessage() for r in caplog.records]
     assert "3 guided panel(s) are all zero" in plain and "ReLU6" not in plain
     assert "clipped by a ReLU6" in capped
