@@ -12,3 +12,7 @@ besides its own (merge writes a scan).
 import pkgutil
 
 STAGES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
+
+# keys any stage may read that decide how it runs, never what it finds: they are in no
+# stage's KEYS (tests/test_stage_keys.py holds every stage to KEYS plus these)
+RUN_KEYS = ("batch_size", "cache_dir", "checkpoint", "overwrite")

@@ -1,0 +1,122 @@
+"""Every stage reads only the config keys it declares (its KEYS, and the run keys any stage
+may read): a key read but not declared would change results without changing the
+stage's fingerprint, so a rerun would skip work it must redo.
+
+The stages run through the real runner on a real composed config; every key lookup
+on that config (DictConfig._get_node, which attribute, item, `get`, `in`, select and
+to_container all go through) is recorded against the stage whose `run` is on the stack.
+"""
+
+import pytest
+from omegaconf import DictConfig
+
+import pipeline.store
+from conftest import save_image
+from pipeline.runner import run
+from pipeline.stages import RUN_KEYS
+from test_panels import tiny_model
+from test_pipeline import compose_cfg
+
+STAGES = ("scan", "crop", "panels", "filters", "cam", "occlusion", "activations", "ablation", "randomization",
+          "correspondence")
+
+
+class KeyReads:
+    """Full config keys read while a stage's `run` is on the stack, per stage."""
+
+    def __init__(self):
+        self.stage = None
+        self.reads: dict[str, set[str]] = {}
+
+    def install(self, monkeypatch, stages) -> None:
+        import importlib
+
+        original = DictConfig._get_node
+        log = self
+
+        def get_node(node, key, *args, **kwargs):
+            stage = log.stage
+            if stage is not None and isinstance(key, str):
+                log.stage = None  # _get_full_key looks nodes up itself
+                try:
+                    log.reads.setdefault(stage, set()).add(node._get_full_key(key))
+                finally:
+                    log.stage = stage
+            return original(node, key, *args, **kwargs)
+
+        monkeypatch.setattr(DictConfig, "_get_node", get_node)
+        for stage in stages:
+            module = importlib.import_module(f"pipeline.stages.{stage}")
+            monkeypatch.setattr(module, "run", self._watched(stage, module.run))
+        # the run record keeps the whole config as text: bookkeeping, not a result's input
+        monkeypatch.setattr(pipeline.store, "write_run_attrs", self._unwatched(pipeline.store.write_run_attrs))
+
+    def _watched(self, stage, run_stage):
+        def watched(*args, **kwargs):
+            self.stage = stage
+            try:
+                return run_stage(*args, **kwargs)
+            finally:
+                self.stage = None
+        return watched
+
+    def _unwatched(self, function):
+        def unwatched(*args, **kwargs):
+            stage, self.stage = self.stage, None
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.stage = stage
+        return unwatched
+
+
+def undeclared(reads: set[str], keys) -> list[str]:
+    """The keys in `reads` that are neither under a declared key nor a section above one."""
+    declared = tuple(keys) + RUN_KEYS
+    return sorted(k for k in reads if not any(k == d or k.startswith(d + ".") or d.startswith(k + ".")
+                                              for d in declared))
+
+
+def test_undeclared_finds_reads_outside_the_declaration():
+    assert undeclared({"filters", "filters.steps", "invariance.fill", "topk", "checkpoint.seconds"},
+                      ("filters", "invariance.fill")) == ["topk"]
+    assert undeclared({"invariance", "invariance.steps"}, ("invariance.fill",)) == ["invariance.steps"]
+
+
+@pytest.fixture(scope="module")
+def key_reads(tmp_path_factory):
+    root = tmp_path_factory.mktemp("keys")
+    tiny_model(root / "tiny.keras")
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        save_image(root / "photos" / f"{'ab'[i % 2]}" / f"img{i}.png", rng.integers(0, 256, (20, 20, 3), np.uint8))
+    cfg = compose_cfg(["model=file", f"model.path={root / 'tiny.keras'}", "model.preprocess=unit", "dataset=folder",
+                       f"dataset.path={root / 'photos'}", "layers=[relu1,conv2]", "topk=2", "batch_size=2",
+                       f"stages=[{','.join(STAGES)}]", "crop.max_size=0", "panels.methods=[deconv]",
+                       "filters.steps=2", "filters.size=null", "filters.channels=2", "filters.batch=2",
+                       "filters.toolbox=false", "cam.methods=[gradcam]", "cam.draw=1", "occlusion.images=1",
+                       "occlusion.size=10", "occlusion.stride=10", "activations.images=1", "activations.grid=4",
+                       "ablation.units=2", "randomization.images=1", "randomization.steps=2",
+                       "invariance.correspondence_images=2", "invariance.correspondence_random=1"])
+    log = KeyReads()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        log.install(monkeypatch, STAGES)
+        run(cfg, root / "run")
+    return log.reads
+
+
+def test_the_recorder_sees_each_stage_read_its_own_keys(key_reads):
+    assert set(key_reads) == set(STAGES)
+    assert {"topk", "layers", "dataset.path"} <= key_reads["scan"]
+    assert {"filters.steps", "filters.channels"} <= key_reads["filters"]
+    assert "occlusion.size" in key_reads["occlusion"] and "panels.methods" in key_reads["panels"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_reads_only_the_keys_it_declares(key_reads, stage):
+    import importlib
+
+    module = importlib.import_module(f"pipeline.stages.{stage}")
+    assert undeclared(key_reads[stage], module.KEYS) == [], f"add them to KEYS of pipeline/stages/{stage}.py"
