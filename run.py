@@ -48,4 +48,9 @@ def _remove_if_only_bookkeeping(run_dir: Path) -> None:
 
 
 if __name__ == "__main__":
+    from pipeline.validate import renamed_override
+
+    if renamed := renamed_override(sys.argv[1:]):  # before Hydra makes a run directory
+        print(f"error: {renamed}", file=sys.stderr)
+        sys.exit(2)
     main()

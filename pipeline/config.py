@@ -208,11 +208,12 @@ class FiltersConfig:  # stage: filters
     size: Optional[int] = 128
     # learning rate (null: 0.05 for fourier, 0.02 for plain)
     lr: Optional[float] = None
+    # seed of every random number (initial images, transformations)
     seed: int = 0
-    # patterns per channel from different seeds (the best one is `patterns`)
-    seeds: int = 1
+    # patterns per channel, each from its own random start (the best one is `patterns`)
+    restarts: int = 1
     # images optimised at once
-    batch: int = 16
+    batch_size: int = 16
     # random padding, jitter, scale and rotation at every step (fourier only)
     transforms: bool = True
     # to the input size: auto (tile for fourier channel/neg, else resize) | tile | resize
@@ -240,8 +241,8 @@ class TrainConfig:  # stage: train
     seed: int = 0
     # model input in pixels, N or [H, W] (null: the IDX images' own size, 64 for image files)
     input_size: Any = None
-    # 1 (grey) or 3 (null: 1 for single-channel IDX data, 3 otherwise)
-    channels: Optional[int] = None
+    # colour channels of the model input: 1 (grey) or 3 (null: 1 for single-channel IDX data, 3 otherwise)
+    input_channels: Optional[int] = None
     # filters of the conv/max-pool blocks, the dense layer's width, the dropout rate before it
     filters: list = field(default_factory=lambda: [32, 64, 128, 128])
     dense: int = 512
@@ -274,22 +275,27 @@ class InvarianceConfig:  # stage: invariance
     steps: int = 17
     # what fills the image where the transformation pulls in pixels from outside:
     # constant (black) | nearest | reflect | wrap
-    fill: str = "constant"
+    fill_mode: str = "constant"
     # class whose probability is drawn: label | predicted (on the original image) |
     # auto (the label for a network trained by the train stage, else the prediction)
     target: str = "auto"
-    # correspondence stage (Zeiler & Fergus section 4.3), which shares this section:
-    # images of one class (ids, or N for the first N images of correspondence_class)
-    correspondence_images: Any = 5
-    correspondence_class: int = 0
+
+
+@dataclass
+class CorrespondenceConfig:  # stage: correspondence (Zeiler & Fergus section 4.3)
+    # images of one class: a list of ids, or N for the first N images of class `label`
+    images: Any = 5
+    label: int = 0
+    # layers whose feature changes are compared (null: the top-level `layers` plus the classifier's input)
+    layers: Any = None
     # parts occluded at the same place in every image: [y0, x0, y1, x1] boxes as fractions of
     # the side, and their names (default: part0, part1, ...)
-    correspondence_parts: list = field(default_factory=lambda: [[0.1, 0.0, 0.45, 0.35], [0.1, 0.65, 0.45, 1.0]])
-    correspondence_names: list = field(default_factory=lambda: ["left", "right"])
+    parts: list = field(default_factory=lambda: [[0.1, 0.0, 0.45, 0.35], [0.1, 0.65, 0.45, 1.0]])
+    part_names: list = field(default_factory=lambda: ["left", "right"])
     # random occluder positions (one box per trial, the same in every image) to compare against
-    correspondence_random: int = 10
-    # pixel value (0..255) of the occluder
-    correspondence_fill: float = 0.0
+    random: int = 10
+    # grey level (0-255) of the occluder, as occlusion.fill
+    fill: float = 0.0
 
 
 @dataclass
@@ -365,6 +371,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
     invariance: InvarianceConfig = field(default_factory=InvarianceConfig)
+    correspondence: CorrespondenceConfig = field(default_factory=CorrespondenceConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     randomization: RandomizationConfig = field(default_factory=RandomizationConfig)
     dissect: DissectConfig = field(default_factory=DissectConfig)
@@ -373,6 +380,22 @@ class Config:
     # recompute stages whose results are already in the run directory
     overwrite: bool = False
     report: ReportConfig = field(default_factory=ReportConfig)
+
+
+# config keys renamed so that one name means one thing across sections: an old name is
+# refused (pipeline.validate.renamed_key) with one line that names the new one
+RENAMED = {
+    "filters.batch": "filters.batch_size",  # batch_size everywhere else
+    "filters.seeds": "filters.restarts",  # beside filters.seed, the random seed
+    "train.channels": "train.input_channels",  # filters.channels selects units
+    "invariance.fill": "invariance.fill_mode",  # occlusion.fill is a grey level
+    "invariance.correspondence_images": "correspondence.images",  # the correspondence stage has its section
+    "invariance.correspondence_class": "correspondence.label",
+    "invariance.correspondence_parts": "correspondence.parts",
+    "invariance.correspondence_names": "correspondence.part_names",
+    "invariance.correspondence_random": "correspondence.random",
+    "invariance.correspondence_fill": "correspondence.fill",
+}
 
 
 def is_sequence(value) -> bool:

@@ -40,7 +40,7 @@ def sign_disagreement(eps) -> np.ndarray:
     s = np.sign(np.asarray(eps))
     n = s.shape[-2]
     if n < 2:
-        raise PipelineError("correspondence needs at least two images: raise invariance.correspondence_images")
+        raise PipelineError("correspondence needs at least two images: raise correspondence.images")
     # per position, ordered pairs that differ = n^2 - sum over sign values of count^2
     counts = np.stack([(s == v).sum(axis=-2) for v in (-1, 0, 1)]).astype(np.int64)
     differ = n * n - (counts ** 2).sum(axis=0)

@@ -48,8 +48,8 @@ def recipe(fc, objective: str):
         raise PipelineError(f"filters.upscale={fc.upscale} is unknown: use {' or '.join(UPSCALE_MODES)}")
     if fc.weights not in WEIGHT_MODES:
         raise PipelineError(f"filters.weights={fc.weights} is unknown: use {' or '.join(WEIGHT_MODES)}")
-    if fc.seeds < 1 or fc.batch < 1:
-        raise PipelineError("filters.seeds and filters.batch must be 1 or more")
+    if fc.restarts < 1 or fc.batch_size < 1:
+        raise PipelineError("filters.restarts and filters.batch_size must be 1 or more")
     periodic = fc.method == "fourier" and objective != "class"  # tiling keeps the scale of a periodic image
     upscale = fc.upscale if fc.upscale != "auto" else ("tile" if periodic else "resize")
     recipe = Recipe(method=fc.method, steps=int(fc.steps), size=fc.size, lr=fc.lr, seed=int(fc.seed),
@@ -159,7 +159,7 @@ def outdo_rivals(work, blocks, bundle) -> dict:
 
 def write_block(f: h5py.File, job: Job, rows: np.ndarray, result, objective: str) -> None:
     """One block of a layer's patterns: the best seed's image, its value and final score
-    per channel (and every seed's, with filters.seeds > 1)."""
+    per channel (and every seed's, with filters.restarts > 1)."""
     g = f.create_group(f"filters/{job.key}")
     g.attrs.update(name=job.name or job.layer, objective_layer=job.read or job.layer, channels_total=job.total,
                    objective=objective, optimised_size=int(result.optimised_size))

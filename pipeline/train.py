@@ -90,7 +90,7 @@ def training_spec(table, input_size, channels: int | None) -> Preprocessing:
     if channels is None:
         channels = 1 if arrays is not None and (arrays.ndim == 3 or arrays.shape[-1] == 1) else 3
     if channels not in (1, 3):
-        raise PipelineError(f"train.channels={channels}: use 1 (grey) or 3 (RGB)")
+        raise PipelineError(f"train.input_channels={channels}: use 1 (grey) or 3 (RGB)")
     return Preprocessing(height=size[0], width=size[1], channels=int(channels), resize="shorter",
                          normalize="unit")
 

@@ -48,8 +48,8 @@ RULES: dict[str, tuple] = {
     "filters.steps": (1, None, True, False),
     "filters.size": (8, None, True, True),
     "filters.lr": ((0,), None, False, True),
-    "filters.seeds": (1, None, True, False),
-    "filters.batch": (1, None, True, False),
+    "filters.restarts": (1, None, True, False),
+    "filters.batch_size": (1, None, True, False),
     "train.epochs": (1, None, True, False),
     "train.batch_size": (1, None, True, False),
     "train.lr": ((0,), None, False, False),
@@ -59,6 +59,9 @@ RULES: dict[str, tuple] = {
     "evolution.images": (1, None, True, True),
     "evolution.patches": (1, None, True, False),
     "invariance.steps": (1, None, True, False),
+    "correspondence.label": (0, None, True, False),
+    "correspondence.random": (0, None, True, False),
+    "correspondence.fill": (0, 255, False, False),
     "report.units": (0, None, True, False),
     "report.per_image": (0, None, True, False),
     "dissect.quantile": ((0,), (1,), False, False),
@@ -106,6 +109,29 @@ def check_config(cfg, schema=None) -> None:
         raise PipelineError("stages=[] runs nothing: list the stages to run, e.g. stages=[scan,crop,report]")
 
 
+def renamed_key(key: str) -> None:
+    """Refuse a key that was renamed (pipeline.config.RENAMED), naming the new one."""
+    from pipeline.config import RENAMED
+
+    if key in RENAMED:
+        raise PipelineError(f"{key} is now {RENAMED[key]}: write {RENAMED[key]}=... instead")
+
+
+def renamed_override(args) -> str | None:
+    """The one-line error for the first command-line override that sets a renamed key
+    (`key=v`, `+key=v`, `++key=v`, `~key`), or None: run.py checks it before Hydra, which
+    would refuse the old name with a long message of its own."""
+    for arg in args:
+        if arg.startswith("-"):
+            continue
+        key = arg.lstrip("+~").split("=", 1)[0]
+        try:
+            renamed_key(key)
+        except PipelineError as err:
+            return str(err)
+    return None
+
+
 def card_mode(value) -> str | None:
     """report.cards as all | chosen | none (true and false, its older values, are all and chosen);
     None when it is none of them."""
@@ -139,6 +165,7 @@ def _unknown_keys(node, schema, prefix: str) -> None:
         if key == "hydra" or (prefix == "" and key.startswith("_")):
             continue
         if key not in fields:
+            renamed_key(f"{prefix}{key}")
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
             raise PipelineError(f"{prefix}{key} is not a config key{hint}: run python run.py --cfg job to see them")

@@ -55,7 +55,7 @@ def cfg_for(tmp_path, *overrides, softmax=False):
     path = tmp_path / ("soft.keras" if softmax else "small.keras")
     model = small_model(path, softmax)
     base = ["model=file", f"model.path={path}", "model.preprocess=torch", "stages=[filters]",
-            "filters.steps=24", "filters.batch=4"]
+            "filters.steps=24", "filters.batch_size=4"]
     return model, compose_cfg(base + list(overrides))
 
 
@@ -161,7 +161,7 @@ def test_weight_tiles_are_min_max_scaled_over_the_layer():
 
 
 def test_channel_list_seeds_and_resume(tmp_path):
-    model, cfg = cfg_for(tmp_path, "layers=[relu2]", "filters.channels=[3,1]", "filters.seeds=4",
+    model, cfg = cfg_for(tmp_path, "layers=[relu2]", "filters.channels=[3,1]", "filters.restarts=4",
                          "filters.weights=all", "filters.steps=16")
     run_dir = tmp_path / "run"
     run(cfg, run_dir)

@@ -109,7 +109,8 @@ BAD_NUMBERS = [("topk=0", "topk=0: use a whole number >= 1"), ("topk=-3", "topk=
                ("+foo=1", "foo is not a config key"), ("+scan.chekpoint=3", "scan.chekpoint is not a config key"),
                ("stages=[]", "stages=[] runs nothing"), ("occlusion.fill=300", "occlusion.fill=300"),
                ("cam.alpha=2", "cam.alpha=2"), ("report.units=[1,-4]", "report.units=[1, -4]"),
-               ("shard.index=3", "shard.index=3 is not in 0..0")]
+               ("shard.index=3", "shard.index=3 is not in 0..0"),
+               ("filters.batch=4", "filters.batch is now filters.batch_size")]
 
 
 @pytest.mark.slow

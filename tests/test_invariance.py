@@ -230,8 +230,8 @@ def test_correspondence_stage_against_brute_force(tmp_path, invariance_run):
     root = results.parent.parent
     cfg = compose_cfg(["model=file", f"model.path={root / 'hand.keras'}", "model.preprocess=unit", "dataset=idx",
                        f"dataset.path={root}", "layers=[pix]", "stages=[correspondence]", "batch_size=4",
-                       "invariance.correspondence_images=[0,2,3,5]", "invariance.correspondence_parts=[[0.25,0.25,0.5,0.75]]",
-                       "invariance.correspondence_names=[middle]", "invariance.correspondence_random=3"])
+                       "correspondence.images=[0,2,3,5]", "correspondence.parts=[[0.25,0.25,0.5,0.75]]",
+                       "correspondence.part_names=[middle]", "correspondence.random=3"])
     run(cfg, tmp_path / "run")
     np.testing.assert_array_equal(pixel_box([0.25, 0.25, 0.5, 0.75], (S, S)), [4, 4, 8, 12])
     with h5py.File(tmp_path / "run" / "results.h5", "r") as f:

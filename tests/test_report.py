@@ -323,7 +323,7 @@ def full_run_overrides(tmp: Path, photos: Path) -> list[str]:
     return ["model=file", f"model.path={tmp / 'tiny.keras'}", "model.preprocess=unit", "dataset=folder",
             f"dataset.path={photos}", "layers=[relu1,relu2]", "topk=4", "scan.bottomk=2", "batch_size=4",
             "panels.methods=[deconv,guided]", "filters.channels=3", "filters.steps=4", "filters.size=null",
-            "filters.batch=4", "activations.images=3", "cam.target=top", "cam.top_n=3",
+            "filters.batch_size=4", "activations.images=3", "cam.target=top", "cam.top_n=3",
             "cam.methods=[gradcam,guided_gradcam]", "cam.draw=2", "occlusion.images=2", "occlusion.size=8",
             "occlusion.stride=8",
             *REPORT_OVERRIDES]

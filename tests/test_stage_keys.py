@@ -95,11 +95,11 @@ def key_reads(tmp_path_factory):
     cfg = compose_cfg(["model=file", f"model.path={root / 'tiny.keras'}", "model.preprocess=unit", "dataset=folder",
                        f"dataset.path={root / 'photos'}", "layers=[relu1,conv2]", "topk=2", "batch_size=2",
                        f"stages=[{','.join(STAGES)}]", "crop.max_size=0", "panels.methods=[deconv]",
-                       "filters.steps=2", "filters.size=null", "filters.channels=2", "filters.batch=2",
+                       "filters.steps=2", "filters.size=null", "filters.channels=2", "filters.batch_size=2",
                        "filters.toolbox=false", "cam.methods=[gradcam]", "cam.draw=1", "occlusion.images=1",
                        "occlusion.size=10", "occlusion.stride=10", "activations.images=1", "activations.grid=4",
                        "ablation.units=2", "randomization.images=1", "randomization.steps=2",
-                       "invariance.correspondence_images=2", "invariance.correspondence_random=1"])
+                       "correspondence.images=2", "correspondence.random=1"])
     log = KeyReads()
     with pytest.MonkeyPatch.context() as monkeypatch:
         log.install(monkeypatch, STAGES)

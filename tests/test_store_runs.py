@@ -60,8 +60,8 @@ STAGE_RUNS = {  # stage -> the stages listed (the stage is last), its own settin
     "panels": (["stages=[scan,panels]", "panels.methods=[deconv,guided]", "panels.batch_size=3"], ("/panels/",)),
     "cam": (["stages=[cam]", "cam.methods=[gradcam,gradcam++]", "cam.draw=2"], ("cam/", "predictions/")),
     "activations": (["stages=[activations]", "activations.images=40"], ("activations/",)),
-    "filters": (["stages=[filters]", "filters.steps=6", "filters.size=24", "filters.batch=1", "filters.toolbox=false"],
-                ("filters/",)),
+    "filters": (["stages=[filters]", "filters.steps=6", "filters.size=24", "filters.batch_size=1",
+                 "filters.toolbox=false"], ("filters/",)),
 }
 
 

@@ -8,7 +8,7 @@ images, of the fraction of feature positions where sign(eps_i) and sign(eps_j)
 differ (Hamming distance of the sign vectors, divided by their length). Lower means
 the occlusion changes the representation in the same way in every image. Random
 boxes of the same size (one position per trial, the same in every image) give the
-baseline. Options live in the `invariance` section (correspondence_*).
+baseline. Options live in the `correspondence` section.
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ from pipeline.store import Store, stored_name
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("model", "dataset", "layers", "train", "invariance.layers", "invariance.correspondence_images",
-        "invariance.correspondence_class", "invariance.correspondence_parts", "invariance.correspondence_names",
-        "invariance.correspondence_random", "invariance.correspondence_fill")
+KEYS = ("model", "dataset", "layers", "train", "correspondence")
 PART = "correspondence.h5"
 
 
@@ -48,37 +46,37 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline.datasets import list_images
     from pipeline.layers import select_layers
 
-    ic = cfg.invariance
+    cc = cfg.correspondence
     bundle, class_names, _ = analysed_model(cfg, run_dir)
     model, spec = bundle.model, bundle.preprocessing
-    names = select_layers(model, ic.layers) if ic.layers is not None else \
+    names = select_layers(model, cc.layers) if cc.layers is not None else \
         default_layers(model, select_layers(model, cfg.layers))
     table = list_images(cfg.dataset)
-    if is_sequence(ic.correspondence_images):
-        ids = np.asarray([int(i) for i in ic.correspondence_images], np.int64)
+    if is_sequence(cc.images):
+        ids = np.asarray([int(i) for i in cc.images], np.int64)
         if (ids < 0).any() or (ids >= len(table)).any():
-            raise PipelineError(f"invariance.correspondence_images={ids.tolist()} is outside 0..{len(table) - 1}")
+            raise PipelineError(f"correspondence.images={ids.tolist()} is outside 0..{len(table) - 1}")
     else:
-        ids = np.flatnonzero(table.labels == int(ic.correspondence_class))[:int(ic.correspondence_images)]
+        ids = np.flatnonzero(table.labels == int(cc.label))[:int(cc.images)]
         if len(ids) < 2:
-            raise PipelineError(f"fewer than two images of class {ic.correspondence_class}: set "
-                                f"invariance.correspondence_class to a class of the dataset")
-    part_names = [str(n) for n in ic.correspondence_names]
-    parts = [list(p) for p in ic.correspondence_parts]
+            raise PipelineError(f"fewer than two images of class {cc.label}: set correspondence.label "
+                                f"to a class of the dataset")
+    part_names = [str(n) for n in cc.part_names]
+    parts = [list(p) for p in cc.parts]
     if not parts:
-        raise PipelineError("invariance.correspondence_parts=[] occludes nothing: give [y0, x0, y1, x1] boxes")
+        raise PipelineError("correspondence.parts=[] occludes nothing: give [y0, x0, y1, x1] boxes")
     part_names = (part_names + [f"part{k}" for k in range(len(parts))])[:len(parts)]
     ids, pixels, errors = T.load_pixels(table, spec, np.sort(ids), batch_size=cfg.batch_size,
                                         desc="correspondence images")
     size = spec.size
     boxes = np.stack([pixel_box(p, size) for p in parts])
-    trials = max(0, int(ic.correspondence_random))
+    trials = max(0, int(cc.random))
     random = np.concatenate([random_boxes(b, trials, size, seed=k) for k, b in enumerate(boxes)]) \
         if trials else np.zeros((0, 4), np.int64)
     logger.info("correspondence of %s: %d images, parts %s, %d random boxes per part, layers %s",
                 bundle.name, len(ids), part_names, trials, names)
     scores = occlusion_scores(model, names, spec, pixels, np.concatenate([boxes, random]),
-                              float(ic.correspondence_fill), cfg.batch_size)
+                              float(cc.fill), cfg.batch_size)
     part_scores = scores[:len(parts)]
     random_scores = scores[len(parts):].reshape(len(parts), trials, len(names))
 
@@ -88,7 +86,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     with store.write(PART) as f:
         g = f.create_group("correspondence")
         g.attrs.update(model=bundle.name, layers=json.dumps(names), parts=json.dumps(part_names),
-                       stored_layers=json.dumps([stored_name(n) for n in names]), fill=float(ic.correspondence_fill))
+                       stored_layers=json.dumps([stored_name(n) for n in names]), fill=float(cc.fill))
         g["images"] = ids
         g["boxes"] = boxes.astype(np.int32)
         g["random_boxes"] = random.reshape(len(parts), trials, 4).astype(np.int32)

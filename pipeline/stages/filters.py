@@ -51,20 +51,20 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     store = Store(run_dir)
     store.ensure_run(cfg, bundle)
     work = store.work("filters", stage_print, cfg.overwrite)
-    block = BLOCK_BATCHES * int(fc.batch)  # a pattern depends on its (seed, channel) only, not on its block
+    block = BLOCK_BATCHES * int(fc.batch_size)  # a pattern depends on its (seed, channel) only, not on its block
     blocks = [(job, np.arange(start, min(start + block, len(job.targets))))
               for job in jobs for start in range(0, len(job.targets), block)]
     done = set(work.chunks())
     todo = [(n, job, rows) for n, (job, rows) in enumerate(blocks) if work.chunk_name(n) not in done]
-    total = sum(len(rows) for _, _, rows in todo) * int(fc.seeds)
+    total = sum(len(rows) for _, _, rows in todo) * int(fc.restarts)
     work.resuming(len(blocks) - len(todo), len(blocks), "blocks of channels")
     logger.info("filter patterns: %d image(s) over %d layer(s), %s, %d steps", total, len(jobs),
                 recipe.method, recipe.steps)
-    with tqdm(total=total // int(fc.seeds), desc="patterns", unit="ch") as bar:
+    with tqdm(total=total // int(fc.restarts), desc="patterns", unit="ch") as bar:
         for number, job, rows in todo:
             bar.set_postfix_str(job.layer)
             result = filter_patterns(model, spec, job.layer, job.targets[rows], objective=fc.objective,
-                                     recipe=recipe, repeats=int(fc.seeds), batch=int(fc.batch),
+                                     recipe=recipe, repeats=int(fc.restarts), batch=int(fc.batch_size),
                                      head=job.head, progress=bar)
             with work.write(work.chunk_name(number)) as f:
                 filter_jobs.write_block(f, job, rows, result, fc.objective)
@@ -84,7 +84,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         root = f.require_group("filters")
         root.attrs.update(objective=fc.objective, method=recipe.method, steps=recipe.steps,
                           size=recipe.size or min(spec.size), lr=recipe.learning_rate, seed=recipe.seed,
-                          seeds=int(fc.seeds), transforms=recipe.transforms and recipe.method == "fourier",
+                          seeds=int(fc.restarts), transforms=recipe.transforms and recipe.method == "fourier",
                           upscale=recipe.upscale, normalize=spec.normalize)
         kernels.write_kernel_table(root, table)
         kernels.write_weights(f, model, weight_layers)

@@ -5,7 +5,7 @@ For every layer it measures the Euclidean distance between the feature vector of
 the original image and that of each transformed one, and for the model output the
 probability of the true class. All transformed images of one kind are computed on
 the device in batches with one projective warp (bilinear; the area pulled in from
-outside the image is filled as `invariance.fill` says).
+outside the image is filled as `invariance.fill_mode` says).
 
 The model: `model=snapshot` loads that snapshot; otherwise the last snapshot of this
 run's own train stage if there is one; otherwise the run's model (any model works,
@@ -31,7 +31,7 @@ from pipeline.store import Store, stored_name
 logger = logging.getLogger(__name__)
 
 KEYS = ("model", "dataset", "layers", "train", "invariance.images", "invariance.layers", "invariance.translation",
-        "invariance.rotation", "invariance.scale", "invariance.steps", "invariance.fill", "invariance.target")
+        "invariance.rotation", "invariance.scale", "invariance.steps", "invariance.fill_mode", "invariance.target")
 PART = "invariance.h5"
 
 
@@ -49,8 +49,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline.layers import select_layers
 
     ic = cfg.invariance
-    if ic.fill not in FILL_MODES:
-        raise PipelineError(f"invariance.fill={ic.fill}: use one of {', '.join(FILL_MODES)}")
+    if ic.fill_mode not in FILL_MODES:
+        raise PipelineError(f"invariance.fill_mode={ic.fill_mode}: use one of {', '.join(FILL_MODES)}")
     grids = {kind: parameter_grid(*_pair(ic[kind], kind), int(ic.steps), IDENTITY[kind]) for kind in KINDS}
     bundle, class_names, bundle_is_snapshot = analysed_model(cfg, run_dir)
     model, spec = bundle.model, bundle.preprocessing
@@ -92,14 +92,14 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     targets = np.where(target_is_label, labels, probs0.argmax(axis=1)).astype(np.int64)
     logger.info("invariance of %s: images %s, layers %s", bundle.name, ids.tolist(), names)
 
-    curves = invariance_curves(model, names, spec, pixels, targets, {k: grids[k][0] for k in KINDS}, ic.fill,
+    curves = invariance_curves(model, names, spec, pixels, targets, {k: grids[k][0] for k in KINDS}, ic.fill_mode,
                                cfg.batch_size)
 
     store.ensure_run(cfg, bundle, table)
     store.write_images(len(table), errors, replace=False)
     with store.write(PART) as f:
         g = f.create_group("invariance")
-        g.attrs.update(model=bundle.name, layers=json.dumps(names), fill=ic.fill,
+        g.attrs.update(model=bundle.name, layers=json.dumps(names), fill=ic.fill_mode,
                        units=json.dumps(dict(translation="fraction of the input side (down is positive)",
                                              rotation="degrees, counter-clockwise", scale="zoom factor")))
         g["images"], g["target"], g["target_is_label"] = ids, targets, target_is_label

@@ -40,7 +40,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     if tc.optimizer not in T.OPTIMIZERS:
         raise PipelineError(f"train.optimizer={tc.optimizer}: use one of {', '.join(T.OPTIMIZERS)}")
     table = list_images(cfg.dataset)
-    spec = T.training_spec(table, tc.input_size, tc.channels)
+    spec = T.training_spec(table, tc.input_size, tc.input_channels)
     labelled = np.flatnonzero(table.labels >= 0)
     if len(labelled) == 0:
         raise PipelineError("the dataset has no labels to train on: use dataset=folder with one subfolder per "
