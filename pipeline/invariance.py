@@ -60,7 +60,7 @@ def transform_matrices(kind: str, values: np.ndarray, size: tuple[int, int]) -> 
     return m.astype(np.float32)
 
 
-def warp(images, matrices, fill: str = "constant"):
+def warp(images, matrices, fill_mode: str = "constant"):
     """Bilinear warp of float images (B, H, W, C) by per-image (B, 8) transforms, on the device."""
     import tensorflow as tf
 
@@ -68,13 +68,13 @@ def warp(images, matrices, fill: str = "constant"):
     shape = tf.shape(images)[1:3]
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=images, transforms=tf.convert_to_tensor(matrices, tf.float32), output_shape=shape,
-        fill_value=0.0, interpolation="BILINEAR", fill_mode=fill.upper())
+        fill_value=0.0, interpolation="BILINEAR", fill_mode=fill_mode.upper())
 
 
 # ---------------------------------------------------------------- measurements
 
 def invariance_curves(model, names: list[str], spec, pixels: np.ndarray, targets: np.ndarray,
-                      grids: dict[str, np.ndarray], fill: str = "constant", batch_size: int = 32,
+                      grids: dict[str, np.ndarray], fill_mode: str = "constant", batch_size: int = 32,
                       probabilities: bool | None = None) -> dict[str, tuple]:
     """Distances and class probabilities for each transformation kind over its values.
 
@@ -122,7 +122,7 @@ def invariance_curves(model, names: list[str], spec, pixels: np.ndarray, targets
                       total=math.ceil(jobs / batch_size)):
         sl = slice(start, start + batch_size)
         idx = image_of[sl]
-        moved = warp(tf.gather(originals, idx), matrices[sl], fill)
+        moved = warp(tf.gather(originals, idx), matrices[sl], fill_mode)
         feats, probs = forward(moved)
         for name, f, ref in zip(names, feats, reference):
             distance[name][sl] = tf.norm(f - tf.gather(ref, idx), axis=1).numpy()

@@ -39,6 +39,8 @@ MAX_BATCH_GROWTH = 32  # crops this many times smaller than the image batch this
 
 @dataclass
 class PanelLayer:
+    """One scanned layer's top-k table and geometry, as the panels need them."""
+
     key: str  # stored name
     name: str  # qualified layer name
     image: np.ndarray  # (C, K)
