@@ -151,11 +151,12 @@ def category_figure(layer: LayerDissection):
     with figure_fonts():
         cats = layer.categories or sorted(layer.unique)
         colours = _colours(cats)
-        fig = Figure(figsize=(max(4.0, 0.75 * len(cats) + 2.0), 3.2), layout="constrained")
+        fig = Figure(figsize=(max(4.0, 0.7 * len(cats) + 2.2), 3.2), layout="constrained")
         ax = fig.add_subplot()
         x = np.arange(len(cats))
         counts = [layer.unique.get(c, 0) for c in cats]
-        bars = ax.bar(x, counts, 0.65, color=[colours[c] for c in cats])
+        bars = ax.bar(x, counts, 0.55, color=[colours[c] for c in cats])
+        ax.set_xlim(-0.7, len(cats) - 0.3)
         ax.bar_label(bars, fontsize=8, padding=2)
         ax.set_xticks(x, cats, rotation=30 if len(cats) > 4 else 0, ha="right" if len(cats) > 4 else "center")
         ax.set_ylim(0, max(counts + [1]) * 1.18)
@@ -184,14 +185,14 @@ def depth_figure(layers: list[LayerDissection], model: str = ""):
         bottom = np.zeros(n)
         for c in cats:
             counts = np.array([layer.unique.get(c, 0) for layer in layers], float)
-            ax.bar(x, counts, 0.65, bottom=bottom, color=colours[c], label=c)
+            ax.bar(x, counts, 0.55, bottom=bottom, color=colours[c], label=c)
             bottom += counts
         for xi, total in zip(x, bottom):
             ax.annotate(f"{int(total)}", (xi, total), xytext=(0, 2), textcoords="offset points", ha="center",
                         va="bottom", fontsize=8)
         names = [layer.name for layer in layers]
         ax.set_xticks(x, names, rotation=35 if n > 3 else 0, ha="right" if n > 3 else "center")
-        ax.set_xlim(-0.6, max(n, 1) - 0.4)
+        ax.set_xlim(-0.7, max(n, 1) - 0.3)
         ax.set_ylim(0, max(bottom.max(initial=0), 1) * 1.18)
         ax.set_xlabel("layer (input \u2192 output)", fontsize=9)
         ax.set_ylabel("unique detectors (concepts)", fontsize=9)
@@ -255,5 +256,5 @@ def write_summary(index, out_dir) -> list:
         writer = csv.writer(fh)
         writer.writerow(["layer", "category", "unique_concepts", "detector_units"])
         writer.writerows(rows)
-    save_figure(depth_figure(layers), out_dir / "detectors.png", 100)
+    save_figure(depth_figure(layers), out_dir / "detectors.png", 150)
     return [out_dir / "detectors.csv", out_dir / "detectors.png"]

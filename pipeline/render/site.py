@@ -129,9 +129,9 @@ img.thumb { max-width: 320px; max-height: 240px; border: 1px solid #ccc; }
 pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 .note { color: var(--muted); font-size: 0.85em; }
 .search { position: relative; }
-.search input { width: 22em; padding: 0.35em 0.5em; font-size: 0.95em; }
+.search input { width: 32em; max-width: 90vw; padding: 0.35em 0.5em; font-size: 0.95em; }
 .search ul { position: absolute; left: 0; top: 2.2em; margin: 0; padding: 0; list-style: none; background: #fff;
-  border: 1px solid #bbb; min-width: 22em; max-height: 20em; overflow-y: auto; box-shadow: 0 2px 6px rgba(0,0,0,.15); }
+  border: 1px solid #bbb; min-width: 32em; max-height: 20em; overflow-y: auto; box-shadow: 0 2px 6px rgba(0,0,0,.15); }
 .search ul:empty { display: none; }
 .search li a { display: block; padding: 0.3em 0.6em; color: var(--ink); text-decoration: none; }
 .search li a:hover, .search li.active a { background: #e8f0fb; }
@@ -381,7 +381,7 @@ def _concepts(site: Site) -> dict[str, list]:
 
 
 def _page(title: str, body: str, data: str, bar: str, example: str, concepts: bool = False) -> str:
-    hint = "class:NAME or concept:NAME" if concepts else "or class:NAME"
+    hint = "class:NAME, concept:NAME" if concepts else "or class:NAME"
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
