@@ -164,3 +164,31 @@ def test_search_finds_a_concept_and_the_table_opens_its_cards(browser, dissected
         assert page.errors == []
     finally:
         context.close()
+
+
+@needs_browser
+def test_viewer_page_titles_the_unit_with_its_label(browser, dissected):
+    """The live viewer's page, served in process without the model (stored pictures only)."""
+    import threading
+
+    from pipeline.viewer.server import Viewer, make_server
+
+    run_dir, _ = dissected
+    server = make_server(Viewer(run_dir, live=False))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    context, page = watched_page(browser, 1400, 900)
+    try:
+        page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+        title = "document.getElementById('unit-title').textContent"
+        page.wait_for_function(f"{title}.includes('IoU')")
+        assert re.sub(r"\s+", " ", page.evaluate(title)) == "relu unit 0 \u00b7 red (IoU 1.00)"
+        page.keyboard.press("l")  # the next unit: the constant one, no concept
+        page.wait_for_function(f"{title}.includes('unit 1 ')")
+        assert "no concept (best IoU 0.00)" in page.evaluate(title)
+        assert page.errors == []
+    finally:
+        context.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
