@@ -68,7 +68,8 @@ def test_layer_pages_and_index_show_the_detectors(dissected):
                                     ("2", GREEN, "colour", f"{_iou(run_dir, 'relu', 2):.2f}")]
     text = relu.read_text(encoding="utf-8")
     assert '<a href="#u0">0</a>' in text and "2 detectors of 2 concepts" in text
-    assert 'src="dissection/relu.png"' in text and (run_dir / "report" / "dissection" / "relu.png").stat().st_size > 5000
+    assert 'src="dissection/relu.png"' in text
+    assert (run_dir / "report" / "dissection" / "relu.png").stat().st_size > 5000
     pool = _detector_rows(run_dir / "report" / "pool.html")  # coarser map: red still first, blurred
     assert pool[0][:3] == ("0", "red", "colour") and float(pool[0][3]) > 0.3
     index = (run_dir / "index.html").read_text(encoding="utf-8")
@@ -192,3 +193,14 @@ def test_viewer_page_titles_the_unit_with_its_label(browser, dissected):
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+def test_the_report_redraws_its_layer_part_after_a_dissection(dissected):
+    """The cards' titles and the run figures come from the dissect stage: its token is in
+    the key of the report's layer part (a kept part would show stale labels)."""
+    from pipeline.stages.report import render_inputs
+    from pipeline.store import Store
+
+    run_dir, plain = dissected
+    assert "dissect" in Store(run_dir).markers() and "dissect" not in Store(plain).markers()
+    assert render_inputs(Store(run_dir), {})["layers"] != render_inputs(Store(plain), {})["layers"]

@@ -190,43 +190,33 @@ _SCRIPT = r"""
     return exact.concat(prefix, part);
   }
 
-  // 'class:espresso' (or 'class espresso'): the units most selective for the classes named so
-  function classMatches(text) {
+  // 'class:espresso' (or 'class espresso'): the units most selective for the classes named so;
+  // 'concept:red': the units the dissect stage labelled so, every layer, best IoU first.
+  // table: name -> [[layer index, unit, value]]; exact names first, then names containing the text
+  function named(table, text, note, most) {
     var t = norm(text), exact = [], part = [];
-    Object.keys(data.classes || {}).forEach(function (c) {
+    Object.keys(table || {}).forEach(function (c) {
       if (norm(c) === t) { exact.push(c); } else if (norm(c).indexOf(t) >= 0) { part.push(c); }
     });
     var out = [];
     exact.concat(part).forEach(function (c) {
-      data.classes[c].forEach(function (e) {
+      table[c].forEach(function (e) {
         var l = layers[e[0]];
-        if (l.page) { out.push({ layer: l, unit: e[1], note: "selective for " + c + " (" + e[2].toFixed(2) + ")" }); }
+        if (l.page) { out.push({ layer: l, unit: e[1], note: note(c, e[2].toFixed(2)) }); }
       });
     });
-    return out.slice(0, 12);
-  }
-
-  // 'concept:red': the units labelled red by the dissect stage, every layer, best IoU first
-  function conceptMatches(text) {
-    var t = norm(text), exact = [], part = [];
-    Object.keys(data.concepts || {}).forEach(function (c) {
-      if (norm(c) === t) { exact.push(c); } else if (norm(c).indexOf(t) >= 0) { part.push(c); }
-    });
-    var out = [];
-    exact.concat(part).forEach(function (c) {
-      data.concepts[c].forEach(function (e) {
-        var l = layers[e[0]];
-        if (l.page) { out.push({ layer: l, unit: e[1], note: c + " (IoU " + e[2].toFixed(2) + ")" }); }
-      });
-    });
-    return out.slice(0, 50);
+    return out.slice(0, most);
   }
 
   function matches(q) {
     var cls = q.trim().match(/^class[\s:]+(.+)$/i);
-    if (cls) { return classMatches(cls[1].trim()); }
+    if (cls) {
+      return named(data.classes, cls[1].trim(), function (c, v) { return "selective for " + c + " (" + v + ")"; }, 12);
+    }
     var concept = q.trim().match(/^concept[\s:]+(.+)$/i);
-    if (concept) { return conceptMatches(concept[1].trim()); }
+    if (concept) {
+      return named(data.concepts, concept[1].trim(), function (c, v) { return c + " (IoU " + v + ")"; }, 50);
+    }
     var p = parse(q);
     if (!p.layer && p.unit === null) { return []; }
     var out = [];
