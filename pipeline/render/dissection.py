@@ -227,7 +227,6 @@ def layer_pages(site, f, out_dir: Path) -> list[Path]:
         d = by_key.get(layer.stored)
         if d is None:
             continue
-        d.name = layer.name
         layer.dissection = d
         path = Path(out_dir) / "report" / "dissection" / f"{layer.stored}.png"
         path.parent.mkdir(parents=True, exist_ok=True)

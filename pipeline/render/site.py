@@ -349,7 +349,8 @@ def _data_json(site: Site, out_dir: Path, page_dir: Path, here: str | None) -> s
             folder = next(iter(layer.cards.values())).parent
             entry["cards"] = raw_url(folder, page_dir) + "/unit_"
             if layer.dissection is not None:  # the card viewer's title: the unit's concept
-                entry["labels"] = {str(u): f"{name} (IoU {iou:.2f})" for u, name, _, iou in layer.dissection.detectors}
+                entry["labels"] = {str(u): f"{shown(name)} (IoU {iou:.2f})"
+                                   for u, name, _, iou in layer.dissection.detectors}
         layers.append(entry)
     prefix = "" if page_dir == out_dir / REPORT_DIR else f"{REPORT_DIR}/"
     index = {layer.stored: i for i, layer in enumerate(site.layers)}
@@ -366,7 +367,7 @@ def _concepts(site: Site) -> dict[str, list]:
     for i, layer in enumerate(site.layers):
         if layer.dissection is not None:
             for unit, name, _, iou in layer.dissection.detectors:
-                found.setdefault(name, []).append([i, unit, round(iou, 3)])
+                found.setdefault(shown(name), []).append([i, unit, round(iou, 3)])
     return {name: sorted(units, key=lambda e: (-e[2], e[0], e[1])) for name, units in found.items()}
 
 
