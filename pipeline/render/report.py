@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.render import dissection
 from pipeline.render.canvas import resize_patches, save_figure, write_png
 from pipeline.render.image_sheet import PerImage, choose_images, image_sheet
 from pipeline.render.results import (
@@ -401,6 +402,7 @@ def render_report(results_path: Path, out_dir: Path, *, cards: str | bool = "all
 
         # layer sheets, previews, the run figures, unit cards and thumbnails
         figures = run_figures(f, infos, model)
+        figures.update(dissection.run_figures(f, model))  # detectors by depth, where layers were dissected
         grids = {i.stored: sheet_grid(f["layers"][i.stored], i) for i in infos} if pdf else {}
         border = scan_border(as_str(attrs.get("config", "")))
         borders = {i.stored: border_line(f["layers"][i.stored], i.shape, border) for i in infos}
@@ -499,6 +501,8 @@ def render_report(results_path: Path, out_dir: Path, *, cards: str | bool = "all
                 images=[SiteImage(i, caption, path) for i, path, caption in image_sheets], images_note=images_note,
                 extras=extras, book=book_path, config=as_str(attrs.get("config", "")), notes=notes,
                 tables=tables, class_units=class_units)
+    with h5py.File(results_path, "r") as f:  # dissected layers' figures and tables on their pages
+        written += dissection.layer_pages(site, f, out_dir)
     pages = write_site(site, out_dir)
     cache.record("site", (book_path, pages))
     written += pages

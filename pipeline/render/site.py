@@ -4,13 +4,17 @@
                                 the sparsity figure, per-image sheets, other stages' sheets,
                                 skipped images, the resolved config
     report/<layer>.html         one page per layer: every unit as a lazy-loaded thumbnail;
-                                a click (or #u<unit> in the address) opens the unit's card
+                                a click (or #u<unit> in the address) opens the unit's card;
+                                a dissected layer adds its unique detectors per category
+                                and the table of its detector units (render.dissection)
 
 Keys on a layer page: ArrowRight / ArrowLeft the next / previous unit (opens unit 0 when
 no card is open), Escape closes the card, '/' focuses the search box. The search box
 takes a layer name (or part of one) and/or a unit number: 'features_7 12',
 'features_7_conv_0_2/12', or '12' alone: unit 12 of every layer that has one (this
-page's layer first); Enter goes to the first match.
+page's layer first); 'class:NAME' the units most selective for a dataset class;
+'concept:NAME' the units of every layer labelled with that concept by the dissect stage,
+best IoU first. Enter goes to the first match.
 
 Everything a page needs is in the page: styles and a small script inline, the layer list
 as JSON in a <script type="application/json"> element, images by relative URL.
@@ -71,6 +75,8 @@ class SiteLayer:
     thumb_px: int = 64
     card_hw: tuple[int, int] = (0, 0)
     border: str = ""  # how many winners sit on the map's border, and what scan.border does
+    dissection: object = None  # render.dissection.LayerDissection of a dissected layer
+    dissection_figure: Path | None = None  # its unique detectors per category (PNG)
 
     @property
     def page_name(self) -> str:
@@ -123,9 +129,9 @@ img.thumb { max-width: 320px; max-height: 240px; border: 1px solid #ccc; }
 pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 .note { color: var(--muted); font-size: 0.85em; }
 .search { position: relative; }
-.search input { width: 22em; padding: 0.35em 0.5em; font-size: 0.95em; }
+.search input { width: 32em; max-width: 90vw; padding: 0.35em 0.5em; font-size: 0.95em; }
 .search ul { position: absolute; left: 0; top: 2.2em; margin: 0; padding: 0; list-style: none; background: #fff;
-  border: 1px solid #bbb; min-width: 22em; max-height: 20em; overflow-y: auto; box-shadow: 0 2px 6px rgba(0,0,0,.15); }
+  border: 1px solid #bbb; min-width: 32em; max-height: 20em; overflow-y: auto; box-shadow: 0 2px 6px rgba(0,0,0,.15); }
 .search ul:empty { display: none; }
 .search li a { display: block; padding: 0.3em 0.6em; color: var(--ink); text-decoration: none; }
 .search li a:hover, .search li.active a { background: #e8f0fb; }
@@ -184,25 +190,33 @@ _SCRIPT = r"""
     return exact.concat(prefix, part);
   }
 
-  // 'class:espresso' (or 'class espresso'): the units most selective for the classes named so
-  function classMatches(text) {
+  // 'class:espresso' (or 'class espresso'): the units most selective for the classes named so;
+  // 'concept:red': the units the dissect stage labelled so, every layer, best IoU first.
+  // table: name -> [[layer index, unit, value]]; exact names first, then names containing the text
+  function named(table, text, note, most) {
     var t = norm(text), exact = [], part = [];
-    Object.keys(data.classes || {}).forEach(function (c) {
+    Object.keys(table || {}).forEach(function (c) {
       if (norm(c) === t) { exact.push(c); } else if (norm(c).indexOf(t) >= 0) { part.push(c); }
     });
     var out = [];
     exact.concat(part).forEach(function (c) {
-      data.classes[c].forEach(function (e) {
+      table[c].forEach(function (e) {
         var l = layers[e[0]];
-        if (l.page) { out.push({ layer: l, unit: e[1], note: "selective for " + c + " (" + e[2].toFixed(2) + ")" }); }
+        if (l.page) { out.push({ layer: l, unit: e[1], note: note(c, e[2].toFixed(2)) }); }
       });
     });
-    return out.slice(0, 12);
+    return out.slice(0, most);
   }
 
   function matches(q) {
     var cls = q.trim().match(/^class[\s:]+(.+)$/i);
-    if (cls) { return classMatches(cls[1].trim()); }
+    if (cls) {
+      return named(data.classes, cls[1].trim(), function (c, v) { return "selective for " + c + " (" + v + ")"; }, 12);
+    }
+    var concept = q.trim().match(/^concept[\s:]+(.+)$/i);
+    if (concept) {
+      return named(data.concepts, concept[1].trim(), function (c, v) { return c + " (IoU " + v + ")"; }, 50);
+    }
     var p = parse(q);
     if (!p.layer && p.unit === null) { return []; }
     var out = [];
@@ -277,7 +291,8 @@ _SCRIPT = r"""
     var img = document.getElementById("card");
     img.src = me.cards + pad(unit) + ".jpg";
     img.alt = "card of " + me.name + " unit " + unit;
-    document.getElementById("card-title").textContent = me.name + " \u00b7 unit " + unit + " of " + me.units;
+    document.getElementById("card-title").textContent = me.name + " \u00b7 unit " + unit + " of " + me.units
+      + (me.labels && me.labels[unit] ? " \u00b7 " + me.labels[unit] : "");
     viewer.hidden = false;
     var old = document.querySelector(".units a.current");
     if (old) { old.classList.remove("current"); }
@@ -333,15 +348,31 @@ def _data_json(site: Site, out_dir: Path, page_dir: Path, here: str | None) -> s
             # cards are <folder>/unit_%04d.jpg: the page builds each URL from the unit number
             folder = next(iter(layer.cards.values())).parent
             entry["cards"] = raw_url(folder, page_dir) + "/unit_"
+            if layer.dissection is not None:  # the card viewer's title: the unit's concept
+                entry["labels"] = {str(u): f"{shown(name)} (IoU {iou:.2f})"
+                                   for u, name, _, iou in layer.dissection.detectors}
         layers.append(entry)
     prefix = "" if page_dir == out_dir / REPORT_DIR else f"{REPORT_DIR}/"
     index = {layer.stored: i for i, layer in enumerate(site.layers)}
     classes = {name: [[index[s], int(u), round(float(v), 3)] for s, u, v in units if s in index]
                for name, units in site.class_units.items()}
-    return script_json({"layers": layers, "here": here, "prefix": prefix, "classes": classes})
+    return script_json({"layers": layers, "here": here, "prefix": prefix, "classes": classes,
+                        "concepts": _concepts(site)})
 
 
-def _page(title: str, body: str, data: str, bar: str, example: str) -> str:
+def _concepts(site: Site) -> dict[str, list]:
+    """Concept name -> its detector units [layer index, unit, IoU] over every dissected
+    layer, best IoU first (the search's 'concept:NAME')."""
+    found: dict[str, list] = {}
+    for i, layer in enumerate(site.layers):
+        if layer.dissection is not None:
+            for unit, name, _, iou in layer.dissection.detectors:
+                found.setdefault(shown(name), []).append([i, unit, round(iou, 3)])
+    return {name: sorted(units, key=lambda e: (-e[2], e[0], e[1])) for name, units in found.items()}
+
+
+def _page(title: str, body: str, data: str, bar: str, example: str, concepts: bool = False) -> str:
+    hint = "class:NAME, concept:NAME" if concepts else "or class:NAME"
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -353,8 +384,8 @@ def _page(title: str, body: str, data: str, bar: str, example: str) -> str:
 <body>
 <header class="bar">{bar}
 <div class="search"><input id="search" type="search" autocomplete="off" spellcheck="false"
- placeholder="layer and/or unit, e.g. {esc(example)}, or class:NAME  (press /)"
- aria-label="search layer, unit or class">
+ placeholder="layer and/or unit, e.g. {esc(example)}, {hint}  (press /)"
+ aria-label="search layer, unit, class{' or concept' if concepts else ''}">
 <ul id="search-results"></ul></div>
 </header>
 <main>
@@ -461,16 +492,20 @@ def _layer_body(site: Site, layer: SiteLayer, index: int, out_dir: Path) -> str:
     if layer.border:
         note += f'<p class="note" id="border">{esc(layer.border)}</p>'
     h, w = layer.card_hw
+    d = layer.dissection
+    detectors = "" if d is None else (f' &middot; <a href="#dissection">{len(d.detectors)} detectors of '
+                                      f'{d.concepts} concepts</a>')
     return f"""<p class="note">{link(prev_l, "&larr;")} {link(next_l, "&rarr;")}</p>
 <h1>{esc(layer.name)}</h1>
 <p>output {esc(layer.shape)} &middot; receptive field / stride {esc(layer.receptive_field)} &middot;
-{layer.units} units{sparsity} &middot; <a href="{url(layer.sheet, page_dir)}">sheet of all units</a></p>
+{layer.units} units{sparsity} &middot; <a href="{url(layer.sheet, page_dir)}">sheet of all units</a>{detectors}</p>
 {note}
 <p class="note">Click a unit for its card. <kbd>&rarr;</kbd> / <kbd>&larr;</kbd> next / previous unit,
 <kbd>Esc</kbd> closes, <kbd>/</kbd> search.</p>
 <div class="units" id="units">
 {chr(10).join(cells)}
 </div>
+{_dissection_section(layer, page_dir)}
 <div id="viewer" hidden role="dialog" aria-label="unit card">
 <div class="box"><div class="nav"><span id="card-title"></span>
 <button id="prev" type="button" title="previous unit (ArrowLeft)">&larr;</button>
@@ -478,6 +513,28 @@ def _layer_body(site: Site, layer: SiteLayer, index: int, out_dir: Path) -> str:
 <button id="close" type="button" title="close (Escape)">&times;</button></div>
 <img id="card" alt="" width="{w}" height="{h}"></div>
 </div>"""
+
+
+def _dissection_section(layer: SiteLayer, page_dir: Path) -> str:
+    """A dissected layer's unique detectors per category and its detector units, best IoU
+    first, each linked to its card ('' for a layer not dissected)."""
+    d = layer.dissection
+    if d is None:
+        return ""
+    parts = ['<h2 id="dissection">Network dissection</h2>',
+             f'<p class="note">{len(d.detectors)} of {d.units} units are detectors: their best concept\'s IoU '
+             f'is above {d.min_iou:g} (dissect.min_iou), over {d.images} images, each unit thresholded at its top '
+             f'{100 * d.quantile:.3g} % of activations (dissect.quantile).</p>']
+    if layer.dissection_figure is not None:
+        parts.append(f'<p><a href="{url(layer.dissection_figure, page_dir)}"><img class="thumb" loading="lazy" '
+                     f'style="max-width:560px;max-height:none" src="{url(layer.dissection_figure, page_dir)}" '
+                     f'alt="unique detectors per category of {esc(layer.name)}"></a></p>')
+    if d.detectors:
+        rows = "".join(f'<tr><td class="num"><a href="#u{u}">{u}</a></td><td>{esc(name)}</td><td>{esc(category)}</td>'
+                       f'<td class="num">{iou:.2f}</td></tr>' for u, name, category, iou in d.detectors)
+        parts.append('<table id="detectors"><thead><tr><th>unit</th><th>concept</th><th>category</th>'
+                     f"<th>IoU</th></tr></thead><tbody>{rows}</tbody></table>")
+    return "\n".join(parts)
 
 
 def write_site(site: Site, out_dir: Path) -> list[Path]:
@@ -490,13 +547,14 @@ def write_site(site: Site, out_dir: Path) -> list[Path]:
         first = next((layer for layer in site.layers if layer.cards), site.layers[0])
         example = f"{first.name.split('/')[-1]} {min(3, max(0, first.units - 1))}"
     written = []
+    concepts = any(layer.dissection is not None for layer in site.layers)
     index_href = url(out_dir / "index.html", page_dir)
     for i, layer in enumerate(site.layers):
         if not layer.cards:
             continue
         bar = f'<a href="{index_href}">&#8962; {esc(site.title)}</a><strong>{esc(layer.name)}</strong>'
         page = _page(f"{esc(layer.name)} &ndash; {esc(site.title)}", _layer_body(site, layer, i, out_dir),
-                     _data_json(site, out_dir, page_dir, layer.stored), bar, example)
+                     _data_json(site, out_dir, page_dir, layer.stored), bar, example, concepts)
         path = page_dir / layer.page_name
         with replacing(path) as tmp:
             tmp.write_text(page, encoding="utf-8")
@@ -505,6 +563,6 @@ def write_site(site: Site, out_dir: Path) -> list[Path]:
     index = out_dir / "index.html"
     with replacing(index) as tmp:
         tmp.write_text(_page(f"{esc(site.title)} &ndash; channel report", _index_body(site, out_dir),
-                             _data_json(site, out_dir, out_dir, None), bar, example), encoding="utf-8")
+                             _data_json(site, out_dir, out_dir, None), bar, example, concepts), encoding="utf-8")
     written.append(index)
     return written

@@ -33,8 +33,8 @@ def render_inputs(store, options: dict) -> dict[str, str]:
                      stages={s: markers[s]["token"] for s in stages if s in markers})
         return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
 
-    return dict(layers=key(("scan", "crop", "panels", "filters")), images=key(("cam", "occlusion", "activations")),
-                site=key(sorted(markers)))
+    return dict(layers=key(("scan", "crop", "panels", "filters", "dissect")),  # dissect: the cards' titles
+                images=key(("cam", "occlusion", "activations")), site=key(sorted(markers)))
 
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:

@@ -4,7 +4,8 @@ Panes, as in the Deep Visualization Toolbox: the input image and the model's top
 selected layer's activations (every channel a tile; click one), and the selected unit:
 its map on this image, the live deconv or guided backprop of the unit, and what the run
 stored for it (top-9 patches, their panels, its filter pattern, its top images, links to
-the report's card).
+the report's card); the unit's title carries its concept and IoU where its layer was
+dissected ('relu5  unit 31  ·  red (IoU 0.31)').
 
 Keys (the toolbox's): j / l or Left / Right the previous / next unit, i / k or Up / Down
 a row of tiles up / down, u / o the previous / next layer, s pattern mode (the layer's
@@ -163,6 +164,7 @@ _SCRIPT = r"""
     } else { show("unit-map", null); show("unit-backprop", null); }
     api("/api/precomputed?" + q({ layer: l.key, unit: u })).then(function (r) {
       if (t !== state.ticket.unit) { return; }
+      $("unit-title").textContent = l.name + "  unit " + u + (r.concept ? "  \u00b7  " + r.concept : "");
       var on = state.stored;
       show("max-im", on ? r.max_im : null);
       show("max-deconv", on ? r.max_deconv : null);

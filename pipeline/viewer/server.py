@@ -6,7 +6,7 @@
     POST /api/upload                an image file as the request body -> {"image": "uK"}
     GET  /api/activations?image=REF&layer=KEY       every channel of the layer as tiles
     GET  /api/unit?image=REF&layer=KEY&unit=N[&method=deconv|guided]   live map and backprop
-    GET  /api/precomputed?layer=KEY&unit=N          top-9, panels, pattern, links (results.h5)
+    GET  /api/precomputed?layer=KEY&unit=N          top-9, panels, pattern, links, concept (results.h5)
     GET  /api/patterns?layer=KEY                    the layer's filter patterns as one sprite
     GET  /run/PATH                  a file of the run directory (the report, sheets, toolbox)
 

@@ -33,6 +33,7 @@ from PIL import Image
 from pipeline.errors import PipelineError
 from pipeline.render.canvas import EMPTY_GREY
 from pipeline.render.cards import card_name
+from pipeline.render.dissection import unit_words
 from pipeline.render.draw import PANEL_PERCENTILE, channel_tiles, heat_image, panel_to_uint8, tile, to_rgb
 from pipeline.render.results import as_str
 from pipeline.render.toolbox import fit_squares, sprite, top9_montages
@@ -154,6 +155,9 @@ class RunView:
             for method in e.panels:
                 out[f"max_{method}"] = png_url(
                     top9_montages(g, f"panels/{method}", valid, unit, unit + 1)[0])
+            concept = unit_words(g, unit)  # the dissect stage's label, as on the unit card
+            if concept:
+                out["concept"] = concept
             s = g["stats"] if "stats" in g else None
             if s is not None:
                 out["stats"] = {k: float(s[k][unit]) for k in ("mean", "max", "zero_fraction") if k in s}
