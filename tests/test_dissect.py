@@ -219,7 +219,7 @@ class Interrupted(Exception):
 
 
 def test_a_killed_dissection_resumes_from_its_checkpoint_to_identical_tables(colours, single, tmp_path, monkeypatch):
-    import pipeline.stages.dissect as stage
+    import pipeline.segmentation as stage
 
     root, _ = colours
     calls, fail_at = [], [3 + 2]  # 3 batches of the threshold pass, then the second of the IoU pass
@@ -269,8 +269,8 @@ def test_tally_sums_match_numpy_with_either_product(colours, monkeypatch):
         monkeypatch.setattr(dissect, "ONEHOT_BUDGET", budget)
         tally = dissect.Tally(model, ["pool"], spec, 3, limits=limits)
         assert tally.onehot == (budget > 0)
-        tally.update(tf.constant(pixels[:4]), labels[:4])
-        tally.update(tf.constant(pixels[4:]), labels[4:])
+        tally.update(tf.constant(pixels[:4]), labels[:4, None])
+        tally.update(tf.constant(pixels[4:]), labels[4:, None])
         state = tally.state()
         assert np.array_equal(state["inter_0"], expected)
         assert np.array_equal(state["area_0"], hit.sum(axis=(0, 1, 2)))
@@ -278,8 +278,8 @@ def test_tally_sums_match_numpy_with_either_product(colours, monkeypatch):
     # dissect.downsample=2: masks sampled at each 2x2 block's centre pixel, maps upsampled to them
     tally = dissect.Tally(model, ["pool"], spec, 3, limits=limits, downsample=2)
     small = labels[:, 1::2, 1::2]
-    tally.update(tf.constant(pixels[:4]), small[:4])
-    tally.update(tf.constant(pixels[4:]), small[4:])
+    tally.update(tf.constant(pixels[:4]), small[:4, None])
+    tally.update(tf.constant(pixels[4:]), small[4:, None])
     hit = tf.image.resize(maps, (H // 2, W // 2), method="bilinear").numpy() > limits[0]
     expected = np.stack([[(hit[..., k] & (small == c)).sum() for c in range(4)] for k in range(3)])
     assert np.array_equal(tally.state()["inter_0"], expected)
@@ -290,7 +290,7 @@ def test_mask_reader_samples_block_centres_and_keeps_order(colours):
     from PIL import Image
 
     from pipeline.datasets import list_images
-    from pipeline.stages.dissect import MaskReader
+    from pipeline.segmentation import MaskReader
 
     root, _ = colours
     cfg = OmegaConf.create({"kind": "segmentation", "path": str(root / "images"), "masks": str(root / "masks"),
@@ -301,5 +301,87 @@ def test_mask_reader_samples_block_centres_and_keeps_order(colours):
     half, _, _ = MaskReader(table, cfg, spec, concepts, 2)(np.array([3, 1]))
     stored = np.asarray(Image.open(root / "masks" / "img03.png"))
     assert list(keep) == [0, 1] and not bad
-    assert np.array_equal(full[0], np.where(stored == 0, 3, stored - 1))  # columns; unlabelled: the last slot
-    assert np.array_equal(half, full[:, 1::2, 1::2])
+    assert full.shape == (2, 1, H, W)
+    assert np.array_equal(full[0, 0], np.where(stored == 0, 3, stored - 1))  # columns; unlabelled: the last slot
+    assert np.array_equal(half, full[:, :, 1::2, 1::2])
+
+
+def rgb_label(numbers: np.ndarray) -> np.ndarray:
+    """Broden's label image: number = R + 256 * G."""
+    out = np.zeros((*numbers.shape, 3), np.uint8)
+    out[..., 0], out[..., 1] = numbers % 256, numbers // 256
+    return out
+
+
+LABEL_CSV = ("number,name,category,frequency,coverage,syns\n0,-,,0,0,\n2,green,,4,1,\n5,street,scene(8),8,1,\n"
+             "7,car,object(8);part(1),8,1,\n9,striped,texture(3),3,1,\n300,red-thing,object(8),8,1,\n")
+
+
+def broden_folder(root, n=8):
+    """A Broden-layout folder: images 24x32, label images at half size (12x16, RGB-encoded
+    numbers), red and green rectangles on whole 2x2 blocks. Red: object 300 in one file and
+    car (7) in a second object file, the first file listed again as a part (a repeat that
+    must count once); green: colour 2; every image scene 5, the first three texture 9. Four
+    more rows are unusable, one is of the val split. Returns (red, green) pixels in all."""
+    rng = np.random.default_rng(5)
+    rows, counts = [], np.zeros(2, np.int64)
+    for i in range(n):
+        image = np.full((H, W, 3), 128, np.uint8)
+        numbers = [np.zeros((H // 2, W // 2), np.int64) for _ in range(3)]  # objects 300, 7; colour
+        for k, (channel, left) in enumerate(((0, 0), (1, W // 4))):
+            y, x = rng.integers(0, 6), left + rng.integers(0, 3)
+            h, w = rng.integers(1, 5), rng.integers(1, 5)  # in 2x2 blocks
+            image[2 * y:2 * (y + h), 2 * x:2 * (x + w), channel] = rng.integers(120, 256, (2 * h, 2 * w))
+            image[2 * y:2 * (y + h), 2 * x:2 * (x + w), [c for c in range(3) if c != channel]] = 0
+            counts[k] += 4 * h * w
+            for plane, number in ((0, 300), (1, 7)) if k == 0 else ((2, 2),):
+                numbers[plane][y:y + h, x:x + w] = number
+        save_image(root / "images" / "pics" / f"p{i}.png", image)
+        for plane, name in enumerate(("obj", "car", "color")):
+            save_image(root / "images" / "pics" / f"p{i}_{name}.png", rgb_label(numbers[plane]))
+        rows.append(f"pics/p{i}.png,train,{H},{W},{H // 2},{W // 2},pics/p{i}_color.png,"
+                    f"pics/p{i}_obj.png;pics/p{i}_car.png,pics/p{i}_obj.png,,5,{9 if i < 3 else ''}")
+    bad = {"missing": ("pics/none.png", ""), "size": ("pics/small.png", ""), "number": ("pics/odd.png", ""),
+           "scene": ("", "sky")}
+    save_image(root / "images" / "pics" / "small.png", rgb_label(np.zeros((H // 2, W // 2 + 1), np.int64)))
+    save_image(root / "images" / "pics" / "odd.png", rgb_label(np.full((H // 2, W // 2), 301)))
+    for name, (obj, scene) in bad.items():
+        save_image(root / "images" / "pics" / f"{name}.jpg", np.full((H, W, 3), 128, np.uint8))
+        rows.append(f"pics/{name}.jpg,train,{H},{W},{H // 2},{W // 2},,{obj},,,{scene},")
+    rows.insert(2, f"pics/p0.png,val,{H},{W},{H // 2},{W // 2},,,,,,")
+    (root / "index.csv").write_text("image,split,ih,iw,sh,sw,color,object,part,material,scene,texture\n"
+                                    + "\n".join(rows) + "\n")
+    (root / "label.csv").write_text(LABEL_CSV)
+    (root / "c_color.csv").write_text("code,number,name,frequency,coverage\n1,2,green,4,1\n")
+    return counts
+
+
+def test_broden_layout_multi_label_and_image_level_concepts(colours, tmp_path):
+    root, _ = colours
+    red, green = broden_folder(tmp_path / "broden")
+    n, pixels = 8, H * W
+    overrides = ["model=file", f"model.path={root / 'colour.keras'}", "model.preprocess=unit", "model.resize=exact",
+                 "dataset=segmentation", "dataset.format=broden", f"dataset.path={tmp_path / 'broden'}",
+                 "dataset.split=train", "layers=[relu]", "batch_size=5", "stages=[dissect]",
+                 f"dissect.quantile={red / (n * pixels)}"]
+    run(compose_cfg(overrides), tmp_path / "run")
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        d, g = f["dissection"], f["layers/relu/dissection"]
+        assert list(d["concept_index"][()]) == [2, 5, 7, 9, 300]
+        assert list(d["concept_category"].asstr()[()]) == ["color", "scene", "object", "texture", "object"]
+        assert d.attrs["images"] == n
+        # R + 256 G decoded, half-size masks laid over the whole image, each of a pixel's
+        # labels counted (300 and car on the red pixels), the repeated file once
+        assert list(d["label_area"][()]) == [green, n * pixels, red, 3 * pixels, red]
+        skipped = dict(zip(d["skipped/image"][()], d["skipped/reason"].asstr()[()]))
+        assert sorted(skipped) == [n, n + 1, n + 2, n + 3]  # after the 8 good rows: the val row is not listed
+        for i, words in zip(range(n, n + 4), ("not found", "17x12, index.csv says 16x12", "label 301",
+                                                  "'sky'")):
+            assert words in skipped[i], skipped[i]
+        inter, area, iou = g["intersection"][()], g["unit_area"][()], g["iou"][()]
+        assert g["label"][0] in (7, 300) and iou[0, 2] == iou[0, 4] > 0.99
+        assert inter[0, 2] == inter[0, 4] and g["label"][2] == 2 and iou[2, 0] > 0.9
+        # image-level: the whole image is the concept's mask, so the unit's area inside it
+        assert inter[0, 1] == area[0] and inter[2, 1] == area[2]
+        assert iou[0, 1] == np.float32(area[0] / (n * pixels))
+        assert inter[0, 3] <= area[0] and iou[0, 3] == np.float32(inter[0, 3] / (area[0] + 3 * pixels - inter[0, 3]))

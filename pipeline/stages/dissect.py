@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +51,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline.graph import feature_model
     from pipeline.layers import chosen_layers
     from pipeline.models.sources import load_model
-    from pipeline.segmentation import check_segmentation
+    from pipeline.segmentation import MaskReader, check_segmentation
     from pipeline.stages.scan import shard_ids
 
     if cfg.dataset.kind != "segmentation":
@@ -94,7 +93,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         limits, rank_errors = zip(*(thresholds(s, q) for s in sketches))
     tally = Tally(model, list(names), spec, len(concepts), limits=limits, downsample=step)
     skipped, errors = stream_pass(tally, masks, table, spec, cfg, ids, work.path / "tally.h5", "dissect: IoU")
-    masks.pool.shutdown()
+    masks.close()
     state = tally.state()
     store.write_images(len(table), errors, replace=False)
     skipped.update({i: f"image unreadable: {why}" for i, why in errors.items()})
@@ -112,39 +111,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                 ", ".join(f"{k}: {n} detectors" for k, n in zip(keys, detectors)), time.perf_counter() - started)
 
 
-class MaskReader:
-    """The model-geometry label columns of a batch of image ids, read on a few threads."""
-
-    def __init__(self, table, dataset_cfg, spec, concepts, downsample: int = 1):
-        import os
-
-        self.step = downsample
-        self.table, self.spec = table, spec
-        self.root = os.path.abspath(os.path.expanduser(str(dataset_cfg.path)))
-        self.mask_root = os.path.abspath(os.path.expanduser(str(dataset_cfg.masks)))
-        self.lookup = concepts.column_of()
-        self.exif = bool(dataset_cfg.get("exif", True))
-        self.pool = ThreadPoolExecutor(4)  # PNG decoding releases the GIL
-
-    def __call__(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-        """(labels (n, H, W) int32 of the usable ones, their positions in ids, {id: reason})."""
-        from pipeline.segmentation import mask_path, read_mask
-
-        def one(i):
-            path = self.table.paths[i]
-            labels, why = read_mask(mask_path(path, self.root, self.mask_root), path, self.spec, self.lookup, self.exif)
-            # the centre pixel of each downsample x downsample block
-            return (labels if labels is None or self.step == 1 else
-                    labels[self.step // 2::self.step, self.step // 2::self.step]), why
-
-        found = list(self.pool.map(one, [int(i) for i in ids]))
-        keep = np.asarray([k for k, (m, _) in enumerate(found) if m is not None], np.int64)
-        bad = {int(ids[k]): why for k, (m, why) in enumerate(found) if m is None}
-        labels = np.stack([found[k][0] for k in keep]) if len(keep) else np.zeros((0, self.spec.height // self.step, self.spec.width // self.step), np.int32)
-        return labels, keep, bad
-
-
-def stream_pass(tally, masks: MaskReader, table, spec, cfg, ids: np.ndarray, state_path: Path, desc: str):
+def stream_pass(tally, masks, table, spec, cfg, ids: np.ndarray, state_path: Path, desc: str):
     """Stream `ids` through `tally` (the images whose mask is usable), checkpointing into
     `state_path` and resuming from it; returns ({id: mask reason}, {id: unreadable image})."""
     import tensorflow as tf
