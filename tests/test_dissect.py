@@ -17,7 +17,7 @@ from pipeline.runner import run
 from pipeline.segmentation import mask_geometry, read_concepts
 
 H, W = 24, 32  # a non-square input
-RED, GREEN = 1, 2
+RED, GREEN, SKY = 1, 2, 3
 CONCEPTS = "# index name category\n1 red colour\n2 green colour\n3 sky scene\n"
 
 
@@ -37,7 +37,7 @@ def colour_model(path):
 
 def colour_dataset(root, n=12, seed=0):
     """Grey images with a red and a green rectangle (graded intensities), label PNGs of
-    them; returns the red share of all pixels."""
+    them, a few sky pixels in the even ones; returns the red share of all pixels."""
     rng = np.random.default_rng(seed)
     red_pixels = 0
     for i in range(n):
@@ -52,6 +52,8 @@ def colour_dataset(root, n=12, seed=0):
             colour[..., channel] = rng.integers(120, 256, (h, w))
             patch[free] = colour[free]
             mask[y:y + h, x:x + w][free] = value
+        if i % 2 == 0:  # four grey pixels of the even images are sky, an image-level concept
+            mask.flat[np.flatnonzero(mask == 0)[:4]] = SKY
         red_pixels += int((mask == RED).sum())
         save_image(root / "images" / f"img{i:02d}.png", image)
         save_image(root / "masks" / f"img{i:02d}.png", mask)
@@ -91,7 +93,10 @@ def test_red_unit_labels_red_the_constant_and_green_units_do_not(colours, tmp_pa
     t = read_layer(tmp_path / "run", "relu")
     assert t["label"][0] == RED and t["label_iou"][0] > 0.99, (t["label"], t["label_iou"])
     assert t["category"][0] == "colour"
-    assert t["iou"][0, GREEN - 1] < 0.05 and t["iou"][0, 2] == 0
+    assert t["iou"][0, GREEN - 1] < 0.05
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:  # sky (a scene): the whole of the 6 even images
+        assert f["dissection/label_area"][SKY - 1] == 6 * H * W
+    assert 0 < t["intersection"][0, SKY - 1] < t["unit_area"][0]  # the red unit's area in the even images
     assert t["label_iou"][1] < 0.04 and t["category"][1] == ""  # constant: never above its own level
     assert t["label"][2] != RED and t["iou"][2, RED - 1] < 0.05
     coarse = read_layer(tmp_path / "run", "pool")  # a 2x2-pooled map, upsampled: red still, blurred edges
@@ -299,6 +304,12 @@ def test_mask_reader_samples_block_centres_and_keeps_order(colours):
     concepts = read_concepts(root / "concepts.txt")
     full, keep, bad = MaskReader(table, cfg, spec, concepts)(np.array([3, 1]))
     half, _, _ = MaskReader(table, cfg, spec, concepts, 2)(np.array([3, 1]))
+    cfg.image_level = ["scene"]  # image 0 has sky pixels: the whole image becomes sky, the pixels unlabelled
+    lifted, _, _ = MaskReader(table, cfg, spec, concepts)(np.array([0, 1]))
+    stored = np.asarray(Image.open(root / "masks" / "img00.png"))
+    pixel_plane = np.where((stored == 0) | (stored == SKY), 3, stored - 1)
+    assert lifted.shape == (2, 2, H, W) and (lifted[1, 1] == 3).all()  # image 1: one plane, padded
+    assert np.array_equal(lifted[0], np.sort([pixel_plane, np.full((H, W), SKY - 1)], axis=0))  # planes per pixel
     stored = np.asarray(Image.open(root / "masks" / "img03.png"))
     assert list(keep) == [0, 1] and not bad
     assert full.shape == (2, 1, H, W)
