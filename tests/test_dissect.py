@@ -217,6 +217,14 @@ def test_shards_merge_to_the_unsharded_tables(colours, single, tmp_path):
         got = tables(merged)
         for key, value in whole.items():
             assert np.array_equal(got[key], value), key
+    # a shard run with another quantile: its sums do not add to the others', the merge says which key
+    odd = tmp_path / "odd"
+    run(compose_cfg(seg_overrides(root, root / "colour.keras", "stages=[scan,dissect]", "shard.count=2",
+                                  "shard.index=1", "dissect.quantile=0.01")), odd)
+    with pytest.raises(PipelineError, match=r"shard .*odd dissected with dissect.quantile=0.01, this merge has "
+                                            r"dissect.quantile=0.005"):
+        run(compose_cfg(seg_overrides(root, root / "colour.keras", "stages=[merge]",
+                                      f"merge.inputs=[{shards[0]},{odd}]")), tmp_path / "refused")
 
 
 class Interrupted(Exception):

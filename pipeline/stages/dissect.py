@@ -13,7 +13,7 @@ category of each layer.
 
 results.h5:
 
-    dissection/                    attrs: quantile, min_iou, images (dissected), thresholds_from
+    dissection/                    attrs: quantile, min_iou, downsample, images (dissected), thresholds_from
       concept_index (L,) int64, concept_name (L,) utf-8, concept_category (L,) utf-8
       label_area (L,) int64        pixels of each concept over the dissected images
       skipped/image (n,) int64, skipped/reason (n,) utf-8: images left out (mask or image unusable)
@@ -186,7 +186,7 @@ def write_concepts(f, concepts, label_area: np.ndarray, skipped: dict, images: i
     s["image"] = np.asarray(sorted(skipped), np.int64)
     write_strings(s, "reason", [skipped[i] for i in sorted(skipped)])
     g.attrs.update(quantile=float(cfg.dissect.quantile), min_iou=float(cfg.dissect.min_iou), images=int(images),
-                   thresholds_from=str(cfg.dissect.thresholds or ""))
+                   downsample=int(cfg.dissect.downsample), thresholds_from=str(cfg.dissect.thresholds or ""))
 
 
 def write_layer(f, key: str, limit, rank_error, sketch, inter, unit_area, label_area, concepts, cfg,
@@ -214,6 +214,23 @@ def write_layer(f, key: str, limit, rank_error, sketch, inter, unit_area, label_
                    min_iou=float(cfg.dissect.min_iou), detectors=int(detector.sum()))
 
 
+SHARED_SETTINGS = ("quantile", "downsample")  # change the sums; min_iou is read from them at the merge
+
+
+def _check_settings(shards, parts, cfg) -> None:
+    """Every shard and this merge dissected with one dissect.quantile and dissect.downsample;
+    a mismatch is one line naming the key and the shard."""
+    expected = {"quantile": float(cfg.dissect.quantile), "downsample": int(cfg.dissect.downsample)}
+    for shard, part in zip(shards, parts):
+        attrs = part["dissection"].attrs
+        ran = {"quantile": float(attrs["quantile"]), "downsample": int(attrs.get("downsample", 1))}
+        for key in SHARED_SETTINGS:
+            if ran[key] != expected[key]:
+                raise PipelineError(f"shard {shard.run_dir} dissected with dissect.{key}={ran[key]}, this merge has "
+                                    f"dissect.{key}={expected[key]}: merge shards run with one dissect.{key}, "
+                                    f"and pass it to the merge")
+
+
 def _count_detectors(part: Path, keys) -> list[int]:
     with open_h5(part, "part file") as f:
         return [int(f[f"layers/{k}/dissection"].attrs["detectors"]) for k in keys]
@@ -230,12 +247,13 @@ def merge_shards(shards, store: Store, cfg) -> None:
     concepts = check_segmentation(cfg.dataset)
     parts = [open_h5(s.parts / PART, "part file") for s in shards]
     try:
+        _check_settings(shards, parts, cfg)
         keys = [k for k in parts[0]["layers"] if "dissection" in parts[0][f"layers/{k}"]]
         limits = [[p[f"layers/{k}/dissection/threshold"][()] for p in parts] for k in keys]
         shared = all(np.array_equal(t[0], other, equal_nan=True) for t in limits for other in t[1:])
         if not shared and not all("sketch" in p[f"layers/{k}/dissection"] for p in parts for k in keys):
-            raise PipelineError("the dissect shards used different thresholds and keep no sketch to merge: run them "
-                                "again with one dissect.thresholds=DIR")
+            raise PipelineError("the dissect shards used different thresholds (dissect.thresholds) and keep no sketch "
+                                "to merge: run them again with one dissect.thresholds=DIR")
         skipped, images = {}, 0
         for p in parts:
             g = p["dissection"]
