@@ -33,12 +33,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from pipeline.datasets import BatchStream, list_images
+from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
 from pipeline.render.dissection import write_summary
-from pipeline.store import Pacer, Store, atomic_h5, damage, open_h5, read_strings, remove_checked, write_strings
+from pipeline.store import Store, open_h5, read_strings, remove_checked, write_strings
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ PART = "dissect.h5"
 
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
-    from pipeline.dissect import Tally, thresholds
+    from pipeline.dissect_pass import Streaming, dissect
     from pipeline.graph import feature_model
     from pipeline.layers import chosen_layers
     from pipeline.models.sources import load_model
@@ -56,7 +55,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
 
     if cfg.dataset.kind != "segmentation":
         raise PipelineError(f"stage dissect needs label masks: use dataset=segmentation dataset.path=IMAGES "
-                            f"dataset.masks=MASKS dataset.concepts=FILE (dataset={cfg.dataset.kind} has none)")
+                            f"dataset.masks=MASKS dataset.concepts=FILE, or dataset.format=broden dataset.path=BRODEN "
+                            f"(dataset={cfg.dataset.kind} has none)")
     concepts = check_segmentation(cfg.dataset)
     store = Store(run_dir)
     bundle = load_model(cfg.model, cfg.cache_dir)
@@ -74,6 +74,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         logger.info("dissect: its tables are already written, kept")
         return
     masks = MaskReader(table, cfg.dataset, spec, concepts, step)
+    stream = Streaming(table, spec, int(cfg.batch_size), cfg.checkpoint)
     work = store.work("dissect", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
     started = time.perf_counter()
     q = float(cfg.dissect.quantile)
@@ -84,86 +85,26 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
             raise PipelineError(f"dissect.thresholds={cfg.dissect.thresholds} holds thresholds of "
                                 f"{[len(t) for t in limits]} units, the layers here have {channels}: name a run "
                                 f"directory that dissected these layers of this model")
-        sketches, rank_errors = None, [np.full(len(t), np.nan, np.float32) for t in limits]
         logger.info("dissect: thresholds of %s", cfg.dissect.thresholds)
     else:
-        sketch = Tally(model, list(names), spec, len(concepts), downsample=step)
-        stream_pass(sketch, masks, table, spec, cfg, ids, work.path / "sketch.h5", "dissect: thresholds")
-        sketches = [sketch.state()[f"sketch_{i}"] for i in range(len(names))]
-        limits, rank_errors = zip(*(thresholds(s, q) for s in sketches))
-    tally = Tally(model, list(names), spec, len(concepts), limits=limits, downsample=step)
-    skipped, errors = stream_pass(tally, masks, table, spec, cfg, ids, work.path / "tally.h5", "dissect: IoU")
+        limits = None
+    result = dissect(model, list(names), spec, masks, stream, ids, len(concepts), q, step, work, limits)
     masks.close()
-    state = tally.state()
-    store.write_images(len(table), errors, replace=False)
-    skipped.update({i: f"image unreadable: {why}" for i, why in errors.items()})
+    store.write_images(len(table), result.errors, replace=False)
+    skipped = {**result.skipped, **{i: f"image unreadable: {why}" for i, why in result.errors.items()}}
     with store.write(PART) as f:
         f.attrs["_stage_print"] = stage_print
-        write_concepts(f, concepts, state["label_area"][:-1], skipped, tally.images_seen, cfg)
+        write_concepts(f, concepts, result.label_area, skipped, result.images, cfg)
         for i, key in enumerate(keys):
-            write_layer(f, key, limits[i], rank_errors[i], None if sketches is None else sketches[i],
-                        state[f"inter_{i}"][:, :-1], state[f"area_{i}"], state["label_area"][:-1], concepts, cfg, i)
+            write_layer(f, key, result.limits[i], result.rank_errors[i],
+                        None if result.sketches is None else result.sketches[i], result.inter[i], result.area[i],
+                        result.label_area, concepts, cfg, i)
     for name in ("sketch.h5", "tally.h5"):
         remove_checked(work.path / name)
     write_summary(store.parts / PART, run_dir / "dissection")
     detectors = _count_detectors(store.parts / PART, keys)
-    logger.info("dissect: %d images (%d skipped), %s, %.1f s", tally.images_seen, len(skipped),
+    logger.info("dissect: %d images (%d skipped), %s, %.1f s", result.images, len(skipped),
                 ", ".join(f"{k}: {n} detectors" for k, n in zip(keys, detectors)), time.perf_counter() - started)
-
-
-def stream_pass(tally, masks, table, spec, cfg, ids: np.ndarray, state_path: Path, desc: str):
-    """Stream `ids` through `tally` (the images whose mask is usable), checkpointing into
-    `state_path` and resuming from it; returns ({id: mask reason}, {id: unreadable image})."""
-    import tensorflow as tf
-
-    position, dropped, skipped, finished = 0, [], {}, False
-    why = damage(state_path) if state_path.exists() else "missing"
-    if why not in ("missing", None):
-        logger.warning("%s: checkpoint %s is damaged (%s): the pass starts again", desc, state_path, why)
-        remove_checked(state_path)
-    elif why is None:
-        with open_h5(state_path, "dissect checkpoint") as f:
-            position, finished = int(f.attrs["position"]), bool(f.attrs["finished"])
-            dropped = f["dropped"][()].tolist()
-            skipped = dict(zip(f["skipped/image"][()].tolist(), read_strings(f["skipped/reason"])))
-            tally.load_state({k: f[f"state/{k}"][()] for k in f["state"]}, int(f.attrs["images_seen"]))
-        logger.info("%s: resuming at image %d of %d", desc, position, len(ids))
-    stream = BatchStream(table, spec, int(cfg.batch_size), ids=ids[position:], dropped=dropped)
-    if finished:
-        stream.dropped = []  # the pass (its Pillow retries too) is in the checkpoint
-    pacer = Pacer(cfg.checkpoint)
-
-    def feed(batch_ids, pixels):
-        labels, keep, bad = masks(batch_ids)
-        skipped.update(bad)
-        if len(keep):
-            tally.update(tf.gather(pixels, keep) if len(keep) < len(batch_ids) else pixels, labels)
-
-    if not finished:
-        with tqdm(total=len(ids), initial=position, desc=desc, unit="img") as bar:
-            for batch_ids, pixels in stream.main():
-                feed(batch_ids, pixels)
-                bar.update(stream.position + position - bar.n)
-                if pacer.due():
-                    _checkpoint(state_path, tally, position + stream.position, stream.dropped, skipped, False)
-        for batch_ids, pixels in stream.fallback():
-            feed(batch_ids, pixels)
-        _checkpoint(state_path, tally, len(ids), [], skipped, True, stream.errors)
-    with open_h5(state_path, "dissect checkpoint") as f:
-        errors = dict(zip(f["errors/image"][()].tolist(), read_strings(f["errors/reason"])))
-    return skipped, errors
-
-
-def _checkpoint(path: Path, tally, position: int, dropped, skipped: dict, finished: bool, errors=None) -> None:
-    with atomic_h5(path, checked=True) as f:
-        f.attrs.update(position=position, finished=finished, images_seen=tally.images_seen)
-        f["dropped"] = np.asarray(sorted(dropped), np.int64)
-        for group, table in (("skipped", skipped), ("errors", errors or {})):
-            g = f.create_group(group)
-            g["image"] = np.asarray(sorted(table), np.int64)
-            write_strings(g, "reason", [table[i] for i in sorted(table)])
-        for key, array in tally.state().items():
-            f.create_dataset(f"state/{key}", data=array, compression="gzip" if array.ndim > 1 else None)
 
 
 def read_thresholds(run_dir: Path, keys) -> list[np.ndarray]:
