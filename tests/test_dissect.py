@@ -404,3 +404,49 @@ def test_broden_layout_multi_label_and_image_level_concepts(colours, tmp_path):
         assert inter[0, 1] == area[0] and inter[2, 1] == area[2]
         assert iou[0, 1] == np.float32(area[0] / (n * pixels))
         assert inter[0, 3] <= area[0] and iou[0, 3] == np.float32(inter[0, 3] / (area[0] + 3 * pixels - inter[0, 3]))
+
+
+@pytest.mark.slow
+def test_run_killed_in_the_iou_pass_resumes_to_the_uninterrupted_tables(colours, tmp_path):
+    """run.py SIGKILLed once the IoU pass has committed a batch; started again it says where
+    it resumes and ends with the tables of an uninterrupted run."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    root, _ = colours
+    n = 60
+    colour_dataset(tmp_path / "data", n=n, seed=2)
+    overrides = seg_overrides(tmp_path / "data", root / "colour.keras", "batch_size=2", "checkpoint.batches=1")
+    run(compose_cfg(overrides), tmp_path / "reference")
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "run.py", *overrides, f"hydra.run.dir={run_dir}"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    caught, deadline = None, time.time() + 180
+    while caught is None and time.time() < deadline and proc.poll() is None:
+        for state in run_dir.glob("parts/dissect.*/tally.h5"):
+            try:
+                with h5py.File(state, "r") as f:
+                    if 0 < f.attrs["position"] < n and not f.attrs["finished"]:
+                        caught = int(f.attrs["position"])
+            except (OSError, KeyError):
+                pass  # replaced while read
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert caught is not None, "the IoU pass finished before a checkpoint could be caught"
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"dissect: resuming, {n} of {n} images of the thresholds pass already done" in done.stdout
+    resumed = re.search(rf"dissect: resuming, (\d+) of {n} images of the IoU pass already done", done.stdout)
+    assert resumed and caught <= int(resumed[1]) < n, done.stdout[-2000:]
+    whole, got = tables(tmp_path / "reference"), tables(run_dir)
+    for key, value in whole.items():
+        assert np.array_equal(got[key], value), key
+    assert not list(run_dir.glob("parts/dissect.*/*.h5"))
