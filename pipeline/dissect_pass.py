@@ -58,7 +58,8 @@ def dissect(model, names: list[str], spec, masks, streaming: Streaming, ids: np.
     sketches, rank_errors = None, [np.full(len(t), np.nan, np.float32) for t in limits or []]
     if limits is None:
         sketch = Tally(model, names, spec, n_concepts, downsample=downsample)
-        stream_pass(sketch, masks, streaming, ids, work.path / "sketch.h5", "thresholds", work.resuming)
+        # T_k is a level of the unit's activations over the images: no label is read for it
+        stream_pass(sketch, None, streaming, ids, work.path / "sketch.h5", "thresholds", work.resuming)
         sketches = [sketch.state()[f"sketch_{i}"] for i in range(len(names))]
         limits, rank_errors = (list(t) for t in zip(*(thresholds(s, quantile) for s in sketches)))
     tally = Tally(model, names, spec, n_concepts, limits=limits, downsample=downsample)
@@ -71,7 +72,8 @@ def dissect(model, names: list[str], spec, masks, streaming: Streaming, ids: np.
 
 def stream_pass(tally, masks, streaming: Streaming, ids: np.ndarray, state_path: Path, name: str,
                 resuming: Callable[[int, int, str], None]):
-    """Stream `ids` through `tally` (the images `masks` finds usable labels for),
+    """Stream `ids` through `tally` (the images `masks` finds usable labels for; all of
+    them when `masks` is None),
     checkpointing into `state_path` and resuming from it (said once through `resuming`);
     returns ({id: label reason}, {id: unreadable image})."""
     import tensorflow as tf
@@ -94,6 +96,9 @@ def stream_pass(tally, masks, streaming: Streaming, ids: np.ndarray, state_path:
     pacer = Pacer(streaming.checkpoint)
 
     def feed(batch_ids, pixels):
+        if masks is None:  # every readable image
+            tally.update(pixels)
+            return
         labels, keep, bad = masks(batch_ids)
         skipped.update(bad)
         if len(keep):

@@ -235,7 +235,8 @@ class MaskReader:
         else:
             path = self.table.paths[i]
             plane, why = read_mask(mask_path(path, self.root, self.mask_root), path, self.spec, self.lookup, self.exif)
-            planes = None if plane is None else lift_image_level(plane, self.image_level)
+            planes = None if plane is None else (lift_image_level(plane, self.image_level) if self.image_level.any()
+                                                 else plane[None])
         if planes is None:
             return None, why
         s = self.step  # the centre pixel of each s x s block

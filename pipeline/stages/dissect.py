@@ -1,10 +1,11 @@
 """`dissect` stage: network dissection (Bau et al. 2017) of the chosen layers on a
 segmentation dataset (dataset=segmentation): every unit's concept label and its IoU.
 
-Two streamed passes over the images whose mask is usable (pipeline.dissect): the first
-sketches each unit's activations to find T_k (skipped when `dissect.thresholds` names a
-run directory whose thresholds to use), the second sums intersections and unions of the
-thresholded, upsampled maps with every concept. Each pass checkpoints its sums and the
+Two streamed passes (pipeline.dissect_pass over pipeline.dissect): the first sketches
+each unit's activations over every readable image to find T_k (skipped when
+`dissect.thresholds` names a run directory whose thresholds to use), the second sums
+intersections and unions of the thresholded, upsampled maps with every concept over the
+images whose labels are usable (pipeline.segmentation, pipeline.broden). Each pass checkpoints its sums and the
 stream position into parts/dissect.<print>/<pass>.h5 every `checkpoint.seconds`; a killed
 run resumes there (the sums are integer counts: identical to an uninterrupted run).
 Shards (shard.count) add up in the merge stage when they share their thresholds.
