@@ -5,9 +5,10 @@ Two streamed passes (pipeline.dissect_pass over pipeline.dissect): the first ske
 each unit's activations over every readable image to find T_k (skipped when
 `dissect.thresholds` names a run directory whose thresholds to use), the second sums
 intersections and unions of the thresholded, upsampled maps with every concept over the
-images whose labels are usable (pipeline.segmentation, pipeline.broden). Each pass checkpoints its sums and the
-stream position into parts/dissect.<print>/<pass>.h5 every `checkpoint.seconds`; a killed
-run resumes there (the sums are integer counts: identical to an uninterrupted run).
+images whose labels are usable (pipeline.segmentation, pipeline.broden). Each pass
+checkpoints its sums and the stream position into parts/dissect.<print>/<pass>.h5 every
+`checkpoint.seconds`; a killed run resumes there (the sums are integer counts: identical
+to an uninterrupted run).
 Shards (shard.count) add up in the merge stage when they share their thresholds.
 Also written: run_dir/dissection/detectors.png and detectors.csv, the unique detectors per
 category of each layer.
