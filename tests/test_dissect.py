@@ -235,7 +235,7 @@ def test_a_killed_dissection_resumes_from_its_checkpoint_to_identical_tables(col
     import pipeline.segmentation as stage
 
     root, _ = colours
-    calls, fail_at = [], [3 + 2]  # 3 batches of the threshold pass, then the second of the IoU pass
+    calls, fail_at = [], [2]  # the second batch of the IoU pass (the thresholds pass reads no mask)
 
     class Failing(stage.MaskReader):  # the process dies in the IoU pass, one batch committed
         def __call__(self, ids):
@@ -450,3 +450,21 @@ def test_run_killed_in_the_iou_pass_resumes_to_the_uninterrupted_tables(colours,
     for key, value in whole.items():
         assert np.array_equal(got[key], value), key
     assert not list(run_dir.glob("parts/dissect.*/*.h5"))
+
+
+def test_broden_files_that_do_not_parse_are_one_line(tmp_path):
+    from pipeline.broden import read_index, read_labels
+
+    with pytest.raises(PipelineError, match=r"index.csv cannot be read .*needs Broden's index.csv"):
+        read_index(tmp_path)
+    (tmp_path / "index.csv").write_text("image,split,ih,iw\na.jpg,train,1,1\n")
+    with pytest.raises(PipelineError, match=r"index.csv has no column sh, sw"):
+        read_index(tmp_path)
+    (tmp_path / "index.csv").write_text("image,split,ih,iw,sh,sw\na.jpg,train,1,x,1,1\n")
+    with pytest.raises(PipelineError, match=r"index.csv row 2: ih, iw, sh, sw are not whole numbers"):
+        read_index(tmp_path)
+    (tmp_path / "label.csv").write_text("number,name,category\n1,sky,scene(3);object(9)\nten,x,\n")
+    with pytest.raises(PipelineError, match=r"label.csv row 3: number 'ten'"):
+        read_labels(tmp_path)
+    (tmp_path / "label.csv").write_text("number,name,category\n1,sky,scene(3);object(9)\n")
+    assert read_labels(tmp_path).categories == ["object"]  # the category counted most
