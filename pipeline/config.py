@@ -63,6 +63,11 @@ class DatasetConfig:
     # pixel a concept index, 0 unlabelled) and the concept list ('index name [category]' lines)
     masks: Optional[str] = None
     concepts: Optional[str] = None
+    # segmentation: masks (the above) or broden (dataset.path holds Broden's index.csv, label.csv)
+    format: str = "masks"
+    # segmentation, format masks: concepts of these categories label whole images (the paper's
+    # scene and texture): present anywhere in a mask, the whole image is their mask
+    image_level: list = field(default_factory=lambda: ["scene", "texture"])
 
 
 @dataclass

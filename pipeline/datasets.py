@@ -62,6 +62,11 @@ def list_images(cfg) -> ImageTable:
     kind = cfg.kind
     if kind == "samples":
         table = _samples()
+    elif kind == "segmentation" and cfg.get("format") == "broden":  # Broden's index.csv lists the images
+        from pipeline.broden import read_index
+
+        index = read_index(cfg.path, cfg.get("split"))
+        table = ImageTable(index.paths, np.full(len(index.paths), -1, np.int64))
     elif kind in ("folder", "segmentation"):  # segmentation: its masks are read by the dissect stage
         table = _folder(_existing(cfg.path, "dataset.path"))
     elif kind == "filelist":

@@ -17,7 +17,7 @@ from pipeline.runner import run
 from pipeline.segmentation import mask_geometry, read_concepts
 
 H, W = 24, 32  # a non-square input
-RED, GREEN = 1, 2
+RED, GREEN, SKY = 1, 2, 3
 CONCEPTS = "# index name category\n1 red colour\n2 green colour\n3 sky scene\n"
 
 
@@ -37,7 +37,7 @@ def colour_model(path):
 
 def colour_dataset(root, n=12, seed=0):
     """Grey images with a red and a green rectangle (graded intensities), label PNGs of
-    them; returns the red share of all pixels."""
+    them, a few sky pixels in the even ones; returns the red share of all pixels."""
     rng = np.random.default_rng(seed)
     red_pixels = 0
     for i in range(n):
@@ -52,6 +52,8 @@ def colour_dataset(root, n=12, seed=0):
             colour[..., channel] = rng.integers(120, 256, (h, w))
             patch[free] = colour[free]
             mask[y:y + h, x:x + w][free] = value
+        if i % 2 == 0:  # four grey pixels of the even images are sky, an image-level concept
+            mask.flat[np.flatnonzero(mask == 0)[:4]] = SKY
         red_pixels += int((mask == RED).sum())
         save_image(root / "images" / f"img{i:02d}.png", image)
         save_image(root / "masks" / f"img{i:02d}.png", mask)
@@ -91,7 +93,10 @@ def test_red_unit_labels_red_the_constant_and_green_units_do_not(colours, tmp_pa
     t = read_layer(tmp_path / "run", "relu")
     assert t["label"][0] == RED and t["label_iou"][0] > 0.99, (t["label"], t["label_iou"])
     assert t["category"][0] == "colour"
-    assert t["iou"][0, GREEN - 1] < 0.05 and t["iou"][0, 2] == 0
+    assert t["iou"][0, GREEN - 1] < 0.05
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:  # sky (a scene): the whole of the 6 even images
+        assert f["dissection/label_area"][SKY - 1] == 6 * H * W
+    assert 0 < t["intersection"][0, SKY - 1] < t["unit_area"][0]  # the red unit's area in the even images
     assert t["label_iou"][1] < 0.04 and t["category"][1] == ""  # constant: never above its own level
     assert t["label"][2] != RED and t["iou"][2, RED - 1] < 0.05
     coarse = read_layer(tmp_path / "run", "pool")  # a 2x2-pooled map, upsampled: red still, blurred edges
@@ -212,6 +217,14 @@ def test_shards_merge_to_the_unsharded_tables(colours, single, tmp_path):
         got = tables(merged)
         for key, value in whole.items():
             assert np.array_equal(got[key], value), key
+    # a shard run with another quantile: its sums do not add to the others', the merge says which key
+    odd = tmp_path / "odd"
+    run(compose_cfg(seg_overrides(root, root / "colour.keras", "stages=[scan,dissect]", "shard.count=2",
+                                  "shard.index=1", "dissect.quantile=0.01")), odd)
+    with pytest.raises(PipelineError, match=r"shard .*odd dissected with dissect.quantile=0.01, this merge has "
+                                            r"dissect.quantile=0.005"):
+        run(compose_cfg(seg_overrides(root, root / "colour.keras", "stages=[merge]",
+                                      f"merge.inputs=[{shards[0]},{odd}]")), tmp_path / "refused")
 
 
 class Interrupted(Exception):
@@ -219,10 +232,10 @@ class Interrupted(Exception):
 
 
 def test_a_killed_dissection_resumes_from_its_checkpoint_to_identical_tables(colours, single, tmp_path, monkeypatch):
-    import pipeline.stages.dissect as stage
+    import pipeline.segmentation as stage
 
     root, _ = colours
-    calls, fail_at = [], [3 + 2]  # 3 batches of the threshold pass, then the second of the IoU pass
+    calls, fail_at = [], [2]  # the second batch of the IoU pass (the thresholds pass reads no mask)
 
     class Failing(stage.MaskReader):  # the process dies in the IoU pass, one batch committed
         def __call__(self, ids):
@@ -269,8 +282,8 @@ def test_tally_sums_match_numpy_with_either_product(colours, monkeypatch):
         monkeypatch.setattr(dissect, "ONEHOT_BUDGET", budget)
         tally = dissect.Tally(model, ["pool"], spec, 3, limits=limits)
         assert tally.onehot == (budget > 0)
-        tally.update(tf.constant(pixels[:4]), labels[:4])
-        tally.update(tf.constant(pixels[4:]), labels[4:])
+        tally.update(tf.constant(pixels[:4]), labels[:4, None])
+        tally.update(tf.constant(pixels[4:]), labels[4:, None])
         state = tally.state()
         assert np.array_equal(state["inter_0"], expected)
         assert np.array_equal(state["area_0"], hit.sum(axis=(0, 1, 2)))
@@ -278,8 +291,8 @@ def test_tally_sums_match_numpy_with_either_product(colours, monkeypatch):
     # dissect.downsample=2: masks sampled at each 2x2 block's centre pixel, maps upsampled to them
     tally = dissect.Tally(model, ["pool"], spec, 3, limits=limits, downsample=2)
     small = labels[:, 1::2, 1::2]
-    tally.update(tf.constant(pixels[:4]), small[:4])
-    tally.update(tf.constant(pixels[4:]), small[4:])
+    tally.update(tf.constant(pixels[:4]), small[:4, None])
+    tally.update(tf.constant(pixels[4:]), small[4:, None])
     hit = tf.image.resize(maps, (H // 2, W // 2), method="bilinear").numpy() > limits[0]
     expected = np.stack([[(hit[..., k] & (small == c)).sum() for c in range(4)] for k in range(3)])
     assert np.array_equal(tally.state()["inter_0"], expected)
@@ -290,7 +303,7 @@ def test_mask_reader_samples_block_centres_and_keeps_order(colours):
     from PIL import Image
 
     from pipeline.datasets import list_images
-    from pipeline.stages.dissect import MaskReader
+    from pipeline.segmentation import MaskReader
 
     root, _ = colours
     cfg = OmegaConf.create({"kind": "segmentation", "path": str(root / "images"), "masks": str(root / "masks"),
@@ -299,7 +312,159 @@ def test_mask_reader_samples_block_centres_and_keeps_order(colours):
     concepts = read_concepts(root / "concepts.txt")
     full, keep, bad = MaskReader(table, cfg, spec, concepts)(np.array([3, 1]))
     half, _, _ = MaskReader(table, cfg, spec, concepts, 2)(np.array([3, 1]))
+    cfg.image_level = ["scene"]  # image 0 has sky pixels: the whole image becomes sky, the pixels unlabelled
+    lifted, _, _ = MaskReader(table, cfg, spec, concepts)(np.array([0, 1]))
+    stored = np.asarray(Image.open(root / "masks" / "img00.png"))
+    pixel_plane = np.where((stored == 0) | (stored == SKY), 3, stored - 1)
+    assert lifted.shape == (2, 2, H, W) and (lifted[1, 1] == 3).all()  # image 1: one plane, padded
+    assert np.array_equal(lifted[0], np.sort([pixel_plane, np.full((H, W), SKY - 1)], axis=0))  # planes per pixel
     stored = np.asarray(Image.open(root / "masks" / "img03.png"))
     assert list(keep) == [0, 1] and not bad
-    assert np.array_equal(full[0], np.where(stored == 0, 3, stored - 1))  # columns; unlabelled: the last slot
-    assert np.array_equal(half, full[:, 1::2, 1::2])
+    assert full.shape == (2, 1, H, W)
+    assert np.array_equal(full[0, 0], np.where(stored == 0, 3, stored - 1))  # columns; unlabelled: the last slot
+    assert np.array_equal(half, full[:, :, 1::2, 1::2])
+
+
+def rgb_label(numbers: np.ndarray) -> np.ndarray:
+    """Broden's label image: number = R + 256 * G."""
+    out = np.zeros((*numbers.shape, 3), np.uint8)
+    out[..., 0], out[..., 1] = numbers % 256, numbers // 256
+    return out
+
+
+LABEL_CSV = ("number,name,category,frequency,coverage,syns\n0,-,,0,0,\n2,green,,4,1,\n5,street,scene(8),8,1,\n"
+             "7,car,object(8);part(1),8,1,\n9,striped,texture(3),3,1,\n300,red-thing,object(8),8,1,\n")
+
+
+def broden_folder(root, n=8):
+    """A Broden-layout folder: images 24x32, label images at half size (12x16, RGB-encoded
+    numbers), red and green rectangles on whole 2x2 blocks. Red: object 300 in one file and
+    car (7) in a second object file, the first file listed again as a part (a repeat that
+    must count once); green: colour 2; every image scene 5, the first three texture 9. Four
+    more rows are unusable, one is of the val split. Returns (red, green) pixels in all."""
+    rng = np.random.default_rng(5)
+    rows, counts = [], np.zeros(2, np.int64)
+    for i in range(n):
+        image = np.full((H, W, 3), 128, np.uint8)
+        numbers = [np.zeros((H // 2, W // 2), np.int64) for _ in range(3)]  # objects 300, 7; colour
+        for k, (channel, left) in enumerate(((0, 0), (1, W // 4))):
+            y, x = rng.integers(0, 6), left + rng.integers(0, 3)
+            h, w = rng.integers(1, 5), rng.integers(1, 5)  # in 2x2 blocks
+            image[2 * y:2 * (y + h), 2 * x:2 * (x + w), channel] = rng.integers(120, 256, (2 * h, 2 * w))
+            image[2 * y:2 * (y + h), 2 * x:2 * (x + w), [c for c in range(3) if c != channel]] = 0
+            counts[k] += 4 * h * w
+            for plane, number in ((0, 300), (1, 7)) if k == 0 else ((2, 2),):
+                numbers[plane][y:y + h, x:x + w] = number
+        save_image(root / "images" / "pics" / f"p{i}.png", image)
+        for plane, name in enumerate(("obj", "car", "color")):
+            save_image(root / "images" / "pics" / f"p{i}_{name}.png", rgb_label(numbers[plane]))
+        rows.append(f"pics/p{i}.png,train,{H},{W},{H // 2},{W // 2},pics/p{i}_color.png,"
+                    f"pics/p{i}_obj.png;pics/p{i}_car.png,pics/p{i}_obj.png,,5,{9 if i < 3 else ''}")
+    bad = {"missing": ("pics/none.png", ""), "size": ("pics/small.png", ""), "number": ("pics/odd.png", ""),
+           "scene": ("", "sky")}
+    save_image(root / "images" / "pics" / "small.png", rgb_label(np.zeros((H // 2, W // 2 + 1), np.int64)))
+    save_image(root / "images" / "pics" / "odd.png", rgb_label(np.full((H // 2, W // 2), 301)))
+    for name, (obj, scene) in bad.items():
+        save_image(root / "images" / "pics" / f"{name}.jpg", np.full((H, W, 3), 128, np.uint8))
+        rows.append(f"pics/{name}.jpg,train,{H},{W},{H // 2},{W // 2},,{obj},,,{scene},")
+    rows.insert(2, f"pics/p0.png,val,{H},{W},{H // 2},{W // 2},,,,,,")
+    (root / "index.csv").write_text("image,split,ih,iw,sh,sw,color,object,part,material,scene,texture\n"
+                                    + "\n".join(rows) + "\n")
+    (root / "label.csv").write_text(LABEL_CSV)
+    (root / "c_color.csv").write_text("code,number,name,frequency,coverage\n1,2,green,4,1\n")
+    return counts
+
+
+def test_broden_layout_multi_label_and_image_level_concepts(colours, tmp_path):
+    root, _ = colours
+    red, green = broden_folder(tmp_path / "broden")
+    n, pixels = 8, H * W
+    overrides = ["model=file", f"model.path={root / 'colour.keras'}", "model.preprocess=unit", "model.resize=exact",
+                 "dataset=segmentation", "dataset.format=broden", f"dataset.path={tmp_path / 'broden'}",
+                 "dataset.split=train", "layers=[relu]", "batch_size=5", "stages=[dissect]",
+                 f"dissect.quantile={red / (n * pixels)}"]
+    run(compose_cfg(overrides), tmp_path / "run")
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        d, g = f["dissection"], f["layers/relu/dissection"]
+        assert list(d["concept_index"][()]) == [2, 5, 7, 9, 300]
+        assert list(d["concept_category"].asstr()[()]) == ["color", "scene", "object", "texture", "object"]
+        assert d.attrs["images"] == n
+        # R + 256 G decoded, half-size masks laid over the whole image, each of a pixel's
+        # labels counted (300 and car on the red pixels), the repeated file once
+        assert list(d["label_area"][()]) == [green, n * pixels, red, 3 * pixels, red]
+        skipped = dict(zip(d["skipped/image"][()], d["skipped/reason"].asstr()[()]))
+        assert sorted(skipped) == [n, n + 1, n + 2, n + 3]  # after the 8 good rows: the val row is not listed
+        for i, words in zip(range(n, n + 4), ("not found", "17x12, index.csv says 16x12", "label 301",
+                                                  "'sky'")):
+            assert words in skipped[i], skipped[i]
+        inter, area, iou = g["intersection"][()], g["unit_area"][()], g["iou"][()]
+        assert g["label"][0] in (7, 300) and iou[0, 2] == iou[0, 4] > 0.99
+        assert inter[0, 2] == inter[0, 4] and g["label"][2] == 2 and iou[2, 0] > 0.9
+        # image-level: the whole image is the concept's mask, so the unit's area inside it
+        assert inter[0, 1] == area[0] and inter[2, 1] == area[2]
+        assert iou[0, 1] == np.float32(area[0] / (n * pixels))
+        assert inter[0, 3] <= area[0] and iou[0, 3] == np.float32(inter[0, 3] / (area[0] + 3 * pixels - inter[0, 3]))
+
+
+@pytest.mark.slow
+def test_run_killed_in_the_iou_pass_resumes_to_the_uninterrupted_tables(colours, tmp_path):
+    """run.py SIGKILLed once the IoU pass has committed a batch; started again it says where
+    it resumes and ends with the tables of an uninterrupted run."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    root, _ = colours
+    n = 60
+    colour_dataset(tmp_path / "data", n=n, seed=2)
+    overrides = seg_overrides(tmp_path / "data", root / "colour.keras", "batch_size=2", "checkpoint.batches=1")
+    run(compose_cfg(overrides), tmp_path / "reference")
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "run.py", *overrides, f"hydra.run.dir={run_dir}"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    caught, deadline = None, time.time() + 180
+    while caught is None and time.time() < deadline and proc.poll() is None:
+        for state in run_dir.glob("parts/dissect.*/tally.h5"):
+            try:
+                with h5py.File(state, "r") as f:
+                    if 0 < f.attrs["position"] < n and not f.attrs["finished"]:
+                        caught = int(f.attrs["position"])
+            except (OSError, KeyError):
+                pass  # replaced while read
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert caught is not None, "the IoU pass finished before a checkpoint could be caught"
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"dissect: resuming, {n} of {n} images of the thresholds pass already done" in done.stdout
+    resumed = re.search(rf"dissect: resuming, (\d+) of {n} images of the IoU pass already done", done.stdout)
+    assert resumed and caught <= int(resumed[1]) < n, done.stdout[-2000:]
+    whole, got = tables(tmp_path / "reference"), tables(run_dir)
+    for key, value in whole.items():
+        assert np.array_equal(got[key], value), key
+    assert not list(run_dir.glob("parts/dissect.*/*.h5"))
+
+
+def test_broden_files_that_do_not_parse_are_one_line(tmp_path):
+    from pipeline.broden import read_index, read_labels
+
+    with pytest.raises(PipelineError, match=r"index.csv cannot be read .*needs Broden's index.csv"):
+        read_index(tmp_path)
+    (tmp_path / "index.csv").write_text("image,split,ih,iw\na.jpg,train,1,1\n")
+    with pytest.raises(PipelineError, match=r"index.csv has no column sh, sw"):
+        read_index(tmp_path)
+    (tmp_path / "index.csv").write_text("image,split,ih,iw,sh,sw\na.jpg,train,1,x,1,1\n")
+    with pytest.raises(PipelineError, match=r"index.csv row 2: ih, iw, sh, sw are not whole numbers"):
+        read_index(tmp_path)
+    (tmp_path / "label.csv").write_text("number,name,category\n1,sky,scene(3);object(9)\nten,x,\n")
+    with pytest.raises(PipelineError, match=r"label.csv row 3: number 'ten'"):
+        read_labels(tmp_path)
+    (tmp_path / "label.csv").write_text("number,name,category\n1,sky,scene(3);object(9)\n")
+    assert read_labels(tmp_path).categories == ["object"]  # the category counted most

@@ -1,19 +1,21 @@
 """`dissect` stage: network dissection (Bau et al. 2017) of the chosen layers on a
 segmentation dataset (dataset=segmentation): every unit's concept label and its IoU.
 
-Two streamed passes over the images whose mask is usable (pipeline.dissect): the first
-sketches each unit's activations to find T_k (skipped when `dissect.thresholds` names a
-run directory whose thresholds to use), the second sums intersections and unions of the
-thresholded, upsampled maps with every concept. Each pass checkpoints its sums and the
-stream position into parts/dissect.<print>/<pass>.h5 every `checkpoint.seconds`; a killed
-run resumes there (the sums are integer counts: identical to an uninterrupted run).
+Two streamed passes (pipeline.dissect_pass over pipeline.dissect): the first sketches
+each unit's activations over every readable image to find T_k (skipped when
+`dissect.thresholds` names a run directory whose thresholds to use), the second sums
+intersections and unions of the thresholded, upsampled maps with every concept over the
+images whose labels are usable (pipeline.segmentation, pipeline.broden). Each pass
+checkpoints its sums and the stream position into parts/dissect.<print>/<pass>.h5 every
+`checkpoint.seconds`; a killed run resumes there (the sums are integer counts: identical
+to an uninterrupted run).
 Shards (shard.count) add up in the merge stage when they share their thresholds.
 Also written: run_dir/dissection/detectors.png and detectors.csv, the unique detectors per
 category of each layer.
 
 results.h5:
 
-    dissection/                    attrs: quantile, min_iou, images (dissected), thresholds_from
+    dissection/                    attrs: quantile, min_iou, downsample, images (dissected), thresholds_from
       concept_index (L,) int64, concept_name (L,) utf-8, concept_category (L,) utf-8
       label_area (L,) int64        pixels of each concept over the dissected images
       skipped/image (n,) int64, skipped/reason (n,) utf-8: images left out (mask or image unusable)
@@ -30,16 +32,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from pipeline.datasets import BatchStream, list_images
+from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
 from pipeline.render.dissection import write_summary
-from pipeline.store import Pacer, Store, atomic_h5, damage, open_h5, read_strings, remove_checked, write_strings
+from pipeline.store import Store, open_h5, read_strings, remove_checked, write_strings
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +48,17 @@ PART = "dissect.h5"
 
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
-    from pipeline.dissect import Tally, thresholds
+    from pipeline.dissect_pass import Streaming, dissect
     from pipeline.graph import feature_model
     from pipeline.layers import chosen_layers
     from pipeline.models.sources import load_model
-    from pipeline.segmentation import check_segmentation
+    from pipeline.segmentation import MaskReader, check_segmentation
     from pipeline.stages.scan import shard_ids
 
     if cfg.dataset.kind != "segmentation":
         raise PipelineError(f"stage dissect needs label masks: use dataset=segmentation dataset.path=IMAGES "
-                            f"dataset.masks=MASKS dataset.concepts=FILE (dataset={cfg.dataset.kind} has none)")
+                            f"dataset.masks=MASKS dataset.concepts=FILE, or dataset.format=broden dataset.path=BRODEN "
+                            f"(dataset={cfg.dataset.kind} has none)")
     concepts = check_segmentation(cfg.dataset)
     store = Store(run_dir)
     bundle = load_model(cfg.model, cfg.cache_dir)
@@ -75,6 +76,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         logger.info("dissect: its tables are already written, kept")
         return
     masks = MaskReader(table, cfg.dataset, spec, concepts, step)
+    stream = Streaming(table, spec, int(cfg.batch_size), cfg.checkpoint)
     work = store.work("dissect", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
     started = time.perf_counter()
     q = float(cfg.dissect.quantile)
@@ -85,118 +87,26 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
             raise PipelineError(f"dissect.thresholds={cfg.dissect.thresholds} holds thresholds of "
                                 f"{[len(t) for t in limits]} units, the layers here have {channels}: name a run "
                                 f"directory that dissected these layers of this model")
-        sketches, rank_errors = None, [np.full(len(t), np.nan, np.float32) for t in limits]
         logger.info("dissect: thresholds of %s", cfg.dissect.thresholds)
     else:
-        sketch = Tally(model, list(names), spec, len(concepts), downsample=step)
-        stream_pass(sketch, masks, table, spec, cfg, ids, work.path / "sketch.h5", "dissect: thresholds")
-        sketches = [sketch.state()[f"sketch_{i}"] for i in range(len(names))]
-        limits, rank_errors = zip(*(thresholds(s, q) for s in sketches))
-    tally = Tally(model, list(names), spec, len(concepts), limits=limits, downsample=step)
-    skipped, errors = stream_pass(tally, masks, table, spec, cfg, ids, work.path / "tally.h5", "dissect: IoU")
-    masks.pool.shutdown()
-    state = tally.state()
-    store.write_images(len(table), errors, replace=False)
-    skipped.update({i: f"image unreadable: {why}" for i, why in errors.items()})
+        limits = None
+    result = dissect(model, list(names), spec, masks, stream, ids, len(concepts), q, step, work, limits)
+    masks.close()
+    store.write_images(len(table), result.errors, replace=False)
+    skipped = {**result.skipped, **{i: f"image unreadable: {why}" for i, why in result.errors.items()}}
     with store.write(PART) as f:
         f.attrs["_stage_print"] = stage_print
-        write_concepts(f, concepts, state["label_area"][:-1], skipped, tally.images_seen, cfg)
+        write_concepts(f, concepts, result.label_area, skipped, result.images, cfg)
         for i, key in enumerate(keys):
-            write_layer(f, key, limits[i], rank_errors[i], None if sketches is None else sketches[i],
-                        state[f"inter_{i}"][:, :-1], state[f"area_{i}"], state["label_area"][:-1], concepts, cfg, i)
+            write_layer(f, key, result.limits[i], result.rank_errors[i],
+                        None if result.sketches is None else result.sketches[i], result.inter[i], result.area[i],
+                        result.label_area, concepts, cfg, i)
     for name in ("sketch.h5", "tally.h5"):
         remove_checked(work.path / name)
     write_summary(store.parts / PART, run_dir / "dissection")
     detectors = _count_detectors(store.parts / PART, keys)
-    logger.info("dissect: %d images (%d skipped), %s, %.1f s", tally.images_seen, len(skipped),
+    logger.info("dissect: %d images (%d skipped), %s, %.1f s", result.images, len(skipped),
                 ", ".join(f"{k}: {n} detectors" for k, n in zip(keys, detectors)), time.perf_counter() - started)
-
-
-class MaskReader:
-    """The model-geometry label columns of a batch of image ids, read on a few threads."""
-
-    def __init__(self, table, dataset_cfg, spec, concepts, downsample: int = 1):
-        import os
-
-        self.step = downsample
-        self.table, self.spec = table, spec
-        self.root = os.path.abspath(os.path.expanduser(str(dataset_cfg.path)))
-        self.mask_root = os.path.abspath(os.path.expanduser(str(dataset_cfg.masks)))
-        self.lookup = concepts.column_of()
-        self.exif = bool(dataset_cfg.get("exif", True))
-        self.pool = ThreadPoolExecutor(4)  # PNG decoding releases the GIL
-
-    def __call__(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-        """(labels (n, H, W) int32 of the usable ones, their positions in ids, {id: reason})."""
-        from pipeline.segmentation import mask_path, read_mask
-
-        def one(i):
-            path = self.table.paths[i]
-            labels, why = read_mask(mask_path(path, self.root, self.mask_root), path, self.spec, self.lookup, self.exif)
-            # the centre pixel of each downsample x downsample block
-            return (labels if labels is None or self.step == 1 else
-                    labels[self.step // 2::self.step, self.step // 2::self.step]), why
-
-        found = list(self.pool.map(one, [int(i) for i in ids]))
-        keep = np.asarray([k for k, (m, _) in enumerate(found) if m is not None], np.int64)
-        bad = {int(ids[k]): why for k, (m, why) in enumerate(found) if m is None}
-        labels = np.stack([found[k][0] for k in keep]) if len(keep) else np.zeros((0, self.spec.height // self.step, self.spec.width // self.step), np.int32)
-        return labels, keep, bad
-
-
-def stream_pass(tally, masks: MaskReader, table, spec, cfg, ids: np.ndarray, state_path: Path, desc: str):
-    """Stream `ids` through `tally` (the images whose mask is usable), checkpointing into
-    `state_path` and resuming from it; returns ({id: mask reason}, {id: unreadable image})."""
-    import tensorflow as tf
-
-    position, dropped, skipped, finished = 0, [], {}, False
-    why = damage(state_path) if state_path.exists() else "missing"
-    if why not in ("missing", None):
-        logger.warning("%s: checkpoint %s is damaged (%s): the pass starts again", desc, state_path, why)
-        remove_checked(state_path)
-    elif why is None:
-        with open_h5(state_path, "dissect checkpoint") as f:
-            position, finished = int(f.attrs["position"]), bool(f.attrs["finished"])
-            dropped = f["dropped"][()].tolist()
-            skipped = dict(zip(f["skipped/image"][()].tolist(), read_strings(f["skipped/reason"])))
-            tally.load_state({k: f[f"state/{k}"][()] for k in f["state"]}, int(f.attrs["images_seen"]))
-        logger.info("%s: resuming at image %d of %d", desc, position, len(ids))
-    stream = BatchStream(table, spec, int(cfg.batch_size), ids=ids[position:], dropped=dropped)
-    if finished:
-        stream.dropped = []  # the pass (its Pillow retries too) is in the checkpoint
-    pacer = Pacer(cfg.checkpoint)
-
-    def feed(batch_ids, pixels):
-        labels, keep, bad = masks(batch_ids)
-        skipped.update(bad)
-        if len(keep):
-            tally.update(tf.gather(pixels, keep) if len(keep) < len(batch_ids) else pixels, labels)
-
-    if not finished:
-        with tqdm(total=len(ids), initial=position, desc=desc, unit="img") as bar:
-            for batch_ids, pixels in stream.main():
-                feed(batch_ids, pixels)
-                bar.update(stream.position + position - bar.n)
-                if pacer.due():
-                    _checkpoint(state_path, tally, position + stream.position, stream.dropped, skipped, False)
-        for batch_ids, pixels in stream.fallback():
-            feed(batch_ids, pixels)
-        _checkpoint(state_path, tally, len(ids), [], skipped, True, stream.errors)
-    with open_h5(state_path, "dissect checkpoint") as f:
-        errors = dict(zip(f["errors/image"][()].tolist(), read_strings(f["errors/reason"])))
-    return skipped, errors
-
-
-def _checkpoint(path: Path, tally, position: int, dropped, skipped: dict, finished: bool, errors=None) -> None:
-    with atomic_h5(path, checked=True) as f:
-        f.attrs.update(position=position, finished=finished, images_seen=tally.images_seen)
-        f["dropped"] = np.asarray(sorted(dropped), np.int64)
-        for group, table in (("skipped", skipped), ("errors", errors or {})):
-            g = f.create_group(group)
-            g["image"] = np.asarray(sorted(table), np.int64)
-            write_strings(g, "reason", [table[i] for i in sorted(table)])
-        for key, array in tally.state().items():
-            f.create_dataset(f"state/{key}", data=array, compression="gzip" if array.ndim > 1 else None)
 
 
 def read_thresholds(run_dir: Path, keys) -> list[np.ndarray]:
@@ -219,7 +129,7 @@ def write_concepts(f, concepts, label_area: np.ndarray, skipped: dict, images: i
     s["image"] = np.asarray(sorted(skipped), np.int64)
     write_strings(s, "reason", [skipped[i] for i in sorted(skipped)])
     g.attrs.update(quantile=float(cfg.dissect.quantile), min_iou=float(cfg.dissect.min_iou), images=int(images),
-                   thresholds_from=str(cfg.dissect.thresholds or ""))
+                   downsample=int(cfg.dissect.downsample), thresholds_from=str(cfg.dissect.thresholds or ""))
 
 
 def write_layer(f, key: str, limit, rank_error, sketch, inter, unit_area, label_area, concepts, cfg,
@@ -247,6 +157,23 @@ def write_layer(f, key: str, limit, rank_error, sketch, inter, unit_area, label_
                    min_iou=float(cfg.dissect.min_iou), detectors=int(detector.sum()))
 
 
+SHARED_SETTINGS = ("quantile", "downsample")  # change the sums; min_iou is read from them at the merge
+
+
+def _check_settings(shards, parts, cfg) -> None:
+    """Every shard and this merge dissected with one dissect.quantile and dissect.downsample;
+    a mismatch is one line naming the key and the shard."""
+    expected = {"quantile": float(cfg.dissect.quantile), "downsample": int(cfg.dissect.downsample)}
+    for shard, part in zip(shards, parts):
+        attrs = part["dissection"].attrs
+        ran = {"quantile": float(attrs["quantile"]), "downsample": int(attrs.get("downsample", 1))}
+        for key in SHARED_SETTINGS:
+            if ran[key] != expected[key]:
+                raise PipelineError(f"shard {shard.run_dir} dissected with dissect.{key}={ran[key]}, this merge has "
+                                    f"dissect.{key}={expected[key]}: merge shards run with one dissect.{key}, "
+                                    f"and pass it to the merge")
+
+
 def _count_detectors(part: Path, keys) -> list[int]:
     with open_h5(part, "part file") as f:
         return [int(f[f"layers/{k}/dissection"].attrs["detectors"]) for k in keys]
@@ -263,12 +190,13 @@ def merge_shards(shards, store: Store, cfg) -> None:
     concepts = check_segmentation(cfg.dataset)
     parts = [open_h5(s.parts / PART, "part file") for s in shards]
     try:
+        _check_settings(shards, parts, cfg)
         keys = [k for k in parts[0]["layers"] if "dissection" in parts[0][f"layers/{k}"]]
         limits = [[p[f"layers/{k}/dissection/threshold"][()] for p in parts] for k in keys]
         shared = all(np.array_equal(t[0], other, equal_nan=True) for t in limits for other in t[1:])
         if not shared and not all("sketch" in p[f"layers/{k}/dissection"] for p in parts for k in keys):
-            raise PipelineError("the dissect shards used different thresholds and keep no sketch to merge: run them "
-                                "again with one dissect.thresholds=DIR")
+            raise PipelineError("the dissect shards used different thresholds (dissect.thresholds) and keep no sketch "
+                                "to merge: run them again with one dissect.thresholds=DIR")
         skipped, images = {}, 0
         for p in parts:
             g = p["dissection"]
