@@ -18,6 +18,7 @@ from pipeline.store import replacing
 
 EMPTY_GREY = 128  # an empty slot
 BACKGROUND = 255  # the lines between patches
+MAX_SLOTS = 9  # top-k patches drawn per unit (a 3x3 montage); the rest stay in results.h5
 DPI = 150  # of composed sheets: text sizes are set in pixels through it
 
 
