@@ -100,9 +100,10 @@ class LayerCards:
         draw_text(canvas, sub, MARGIN, 32, 12, MUTED, max_width=lay.width - 2 * MARGIN)
         if lay.k:
             k = self.data.k
-            self._table_header(canvas, lay.table_y, f"top {MAX_SLOTS} of {k}" if k > MAX_SLOTS else f"top-{k}")
+            self._table_header(canvas, lay.table_y, f"top {MAX_SLOTS} of {k}" if k > MAX_SLOTS else f"top-{k}",
+                               min(k, MAX_SLOTS))
         if lay.bottom_table_y is not None:
-            self._table_header(canvas, lay.bottom_table_y, f"bottom-{lay.bottom_k}")
+            self._table_header(canvas, lay.bottom_table_y, f"bottom-{lay.bottom_k}", lay.bottom_k)
         for i, line in enumerate(lay.footer):
             draw_text(canvas, line, MARGIN, lay.footer_y + i * (LINE_H - 2), 11, MUTED)
         return canvas
@@ -110,9 +111,13 @@ class LayerCards:
     def _columns(self) -> list[int]:
         return [MARGIN, MARGIN + 72, MARGIN + 136, MARGIN + 192, MARGIN + 346]
 
-    def _table_header(self, canvas, y: int, what: str) -> None:
-        for x, text in zip(self._columns(), (what, "value", "image", "label", "file")):
+    def _table_header(self, canvas, y: int, what: str, rows: int) -> None:
+        """A table's column titles and its rank numbers, the same on every card of the layer."""
+        cols = self._columns()
+        for x, text in zip(cols, (what, "value", "image", "label", "file")):
             draw_text(canvas, text, x, y, 11, MUTED, bold=True)
+        for r in range(rows):
+            draw_text(canvas, str(r + 1), cols[0], y + (r + 1) * ROW_H, 11, MUTED)
 
     def _montage_cell(self, name: str, c0: int, c1: int, valid: np.ndarray, cell: Cell) -> np.ndarray:
         ds = self.data.dataset(name)
@@ -284,7 +289,6 @@ class LayerCards:
         for r in range(min(len(values), MAX_SLOTS)):
             yy = y + (r + 1) * ROW_H
             i = int(ids[r])
-            draw_text(card, str(r + 1), cols[0], yy, 11, MUTED)
             if i < 0:
                 draw_text(card, "empty slot", cols[1], yy, 11, MUTED)
                 continue
