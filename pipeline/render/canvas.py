@@ -32,6 +32,33 @@ def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
     return overlap.astype(np.float32)
 
 
+# source pixels per output pixel up to which an area resize gathers them (a few passes over
+# the images) instead of multiplying by dense matrices: BLAS's worker threads cost about a
+# third of the unit cards' CPU time on a busy 2-core machine (benchmarks/cards_throughput.py)
+MAX_TAPS = 8
+
+
+def _taps(n_in: int, n_out: int) -> int:
+    """How many source pixels one output pixel of an area resize can overlap, at the most."""
+    return math.ceil(n_in / n_out) + 1
+
+
+def _tap_sum(x: np.ndarray, axis: int, weights: np.ndarray) -> np.ndarray:
+    """x resized along `axis` by the (n_out, n_in) area weights, as the sum over the few
+    source pixels each output pixel overlaps, each gathered for all images at once."""
+    n_out, n_in = weights.shape
+    taps = min(_taps(n_in, n_out), n_in)
+    first = np.minimum(np.argmax(weights > 0, axis=1), n_in - taps)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    out = None
+    for t in range(taps):
+        src = first + t
+        term = np.take(x, src, axis=axis) * weights[np.arange(n_out), src].reshape(shape)
+        out = term if out is None else np.add(out, term, out=out)
+    return out
+
+
 def resize_patches(patches: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     """Resize uint8 images (..., h, w, ch) to (..., out_h, out_w, ch).
 
@@ -57,6 +84,9 @@ def resize_patches(patches: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
         for t in range(fw):
             np.add(acc, rows[:, :, t::fw], out=acc)
         out = (acc + (fh * fw) // 2) // (fh * fw)
+    elif max(_taps(h, oh), _taps(w, ow)) <= MAX_TAPS:
+        # few source pixels per output pixel: a weighted sum of gathered rows, then columns
+        out = np.rint(_tap_sum(_tap_sum(x, 1, _area_matrix(h, oh)), 2, _area_matrix(w, ow)))
     else:
         # each axis as one large matrix product (BLAS): rows, then columns
         n = x.shape[0]
