@@ -64,7 +64,6 @@ def quantile_lines(levels: np.ndarray, values: np.ndarray, width: int) -> list[s
     return [f"per-image max, quantiles {pct} %:", "    " + text]
 
 
-
 @dataclass
 class LayerCards:
     """The cards of one layer: its data (card_data), their layout and what the footer lists
