@@ -47,15 +47,15 @@ def cards_per_second(repeats: int) -> tuple[float, int]:
 
 
 def glyph_text(size: int) -> float:
-    from pipeline.render import cards
+    from pipeline.render import text
 
-    cards.font.cache_clear()
-    cards._mask.cache_clear()
-    cards._fitted.cache_clear()
+    text.font.cache_clear()
+    text._mask.cache_clear()
+    text._fitted.cache_clear()
     canvas = np.full((40, 600, 3), 255, np.uint8)
     started = time.perf_counter()
     for s in STRINGS:
-        cards.draw_text(canvas, s, 2, 2, size)
+        text.draw_text(canvas, s, 2, 2, size)
     return time.perf_counter() - started
 
 

@@ -212,18 +212,13 @@ class _Unmappable(Exception):
 
 
 _L = keras.layers
-_WINDOWED = (_L.Conv2D, _L.DepthwiseConv2D, _L.SeparableConv2D, _L.MaxPooling2D,
-             _L.AveragePooling2D)
-_MERGES = (_L.Add, _L.Subtract, _L.Multiply, _L.Average, _L.Maximum, _L.Minimum,
-           _L.Concatenate)
-_POINTWISE = (_L.InputLayer, _L.Activation, _L.ReLU, _L.LeakyReLU, _L.PReLU, _L.ELU,
-              _L.BatchNormalization, _L.Dropout, _L.GaussianNoise, _L.GaussianDropout,
-              _L.AlphaDropout, _L.ActivityRegularization, _L.Rescaling, _L.Normalization,
-              _L.Identity, _L.Masking)
-# pointwise layers that normalise along `axis`: spatial only if axis is the channel axis
-_AXIS_POINTWISE = (_L.Softmax, _L.LayerNormalization, _L.UnitNormalization)
-# normalisations whose statistics span the map: mapped as pointwise, with a note
-_WHOLE_MAP_NORM = (_L.GroupNormalization,)
+_WINDOWED = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "MaxPooling2D", "AveragePooling2D")
+_MERGES = ("Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate")
+_POINTWISE = ("InputLayer", "Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "BatchNormalization", "Dropout",
+              "GaussianNoise", "GaussianDropout", "AlphaDropout", "ActivityRegularization", "Rescaling",
+              "Normalization", "Identity", "Masking")
+# normalisations: pointwise, their statistics left out (with a note) where they span the map
+_NORMALISATIONS = ("LayerNormalization", "UnitNormalization", "GroupNormalization")
 # element-wise keras.ops calls recorded in functional graphs (by class name)
 _ELEMENTWISE_OPS = frozenset({
     "Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Maximum", "Minimum", "Power",
@@ -273,8 +268,195 @@ def _window_map(k: int, s: int, d: int, padding: str, n_in: int, n_out: int, nod
     return _AxisMap(k, s, d, pb)
 
 
+@dataclass
+class _At:
+    """What a layer rule reads of one node: the layer, its data format, its output's
+    spatial size and its inputs (name, shape, spatial size or None)."""
+
+    node: object
+    fmt: str
+    out_hw: tuple[int, int]
+    srcs: list[tuple[str, tuple, tuple[int, int] | None]]
+    notes: list[tuple[str, str]]
+
+    @property
+    def layer(self):
+        return self.node.layer
+
+    def single(self) -> tuple[str, tuple[int, int]]:
+        if len(self.srcs) != 1 or self.srcs[0][2] is None:
+            raise _Unmappable(self.node, "does not read a single 2-D map")
+        return self.srcs[0][0], self.srcs[0][2]
+
+    def on_channels(self, axes) -> bool:
+        """Whether every axis in `axes` (an int or a list) is the channel axis."""
+        axes = axes if isinstance(axes, (list, tuple)) else [axes]
+        return all(a is not None and int(a) % 4 == _channel_axis(self.fmt) for a in axes)
+
+
+def _unknown(at: _At):
+    cls = type(at.layer).__name__
+    raise _Unmappable(at.node, f"is a layer type the receptive-field mapper does not know (if each of "
+                      f"its output positions reads only the same input position, declare it with "
+                      f"geometry.pointwise=[{cls}])")
+
+
+def _same_grid(at: _At, merge: bool = False) -> list:
+    """Every input on the output's grid, position for position; a merge ignores inputs
+    broadcast from a 1x1 map (a gate), with a note."""
+    edges = []
+    for src, _, in_hw in at.srcs:
+        if in_hw == at.out_hw:
+            edges.append((src, _IDENTITY, _IDENTITY, in_hw))
+        elif merge and at.out_hw != (1, 1) and (in_hw is None or in_hw == (1, 1)):
+            at.notes.append((BROADCAST_NOTE, f"{at.node.name} ignores the input {src!r} broadcast from a 1x1 map"))
+        else:
+            raise _Unmappable(at.node, f"combines maps of size {in_hw} into {at.out_hw}")
+    if not edges:
+        raise _Unmappable(at.node, "has only inputs broadcast from a 1x1 map")
+    return edges
+
+
+def _transposed(at: _At) -> list:
+    layer, out_hw = at.layer, at.out_hw
+    src, in_hw = at.single()
+    if getattr(layer, "output_padding", None) is not None:
+        raise _Unmappable(at.node, "is a transposed convolution with output_padding, which is not mapped")
+    padding = str(layer.padding).lower()
+    maps = []
+    for a in (0, 1):
+        k, s, d = int(layer.kernel_size[a]), int(layer.strides[a]), int(layer.dilation_rate[a])
+        span = d * (k - 1) + 1
+        expect = in_hw[a] * s if padding == "same" else (in_hw[a] - 1) * s + span
+        if expect != out_hw[a]:
+            raise _Unmappable(at.node, f"maps size {in_hw[a]} to {out_hw[a]}, not the expected {expect}")
+        # the transpose of a 'same' convolution from out_hw to in_hw
+        pb = max((in_hw[a] - 1) * s + span - out_hw[a], 0) // 2 if padding == "same" else 0
+        maps.append(_Transposed(k, s, d, pb))
+    return [(src, maps[0], maps[1], in_hw)]
+
+
+def _resized(at: _At) -> list:
+    layer, out_hw, node = at.layer, at.out_hw, at.node
+    src, in_hw = at.single()
+    method = str(getattr(layer, "interpolation", "nearest")).lower()
+    if method not in ("nearest", "bilinear"):
+        raise _Unmappable(node, f"resizes with {method!r} interpolation; only nearest and bilinear are mapped")
+    if isinstance(layer, _L.Resizing) and in_hw != out_hw:
+        if getattr(layer, "crop_to_aspect_ratio", False) or getattr(layer, "pad_to_aspect_ratio", False):
+            raise _Unmappable(node, "resizes to another aspect ratio by cropping or padding, which is not mapped")
+        if getattr(layer, "antialias", False) and any(o < i for i, o in zip(in_hw, out_hw)):
+            raise _Unmappable(node, "shrinks with antialiasing, which is not mapped")
+    if in_hw == out_hw:
+        return [(src, _IDENTITY, _IDENTITY, in_hw)]
+    return [(src, _Resize(in_hw[0], out_hw[0], method), _Resize(in_hw[1], out_hw[1], method), in_hw)]
+
+
+def _reshaped(at: _At) -> list:
+    src, in_hw = at.single()
+    if isinstance(at.layer, _L.Permute):
+        same = tuple(at.layer.dims) == (1, 2, 3)
+    else:
+        same = tuple(at.srcs[0][1]) == tuple(at.node.output_shape)
+    if not same:
+        raise _Unmappable(at.node, "rearranges the spatial grid")
+    return [(src, _IDENTITY, _IDENTITY, in_hw)]
+
+
+def _normalised(at: _At) -> list:
+    """Pointwise, but statistics taken over the whole map (or over a spatial axis) are left out, with a note."""
+    src, in_hw = at.single()
+    if isinstance(at.layer, _L.GroupNormalization) or not at.on_channels(getattr(at.layer, "axis", -1)):
+        at.notes.append((WHOLE_MAP_NOTE, f"{at.node.name} ({type(at.layer).__name__}) normalises with statistics "
+                                         f"of the whole map; they are left out"))
+    return [(src, _IDENTITY, _IDENTITY, in_hw)]
+
+
+def _windowed(at: _At) -> list:
+    layer = at.layer
+    src, in_hw = at.single()
+    if isinstance(layer, (_L.MaxPooling2D, _L.AveragePooling2D)):
+        k, s, d = layer.pool_size, layer.strides, (1, 1)
+    else:
+        k, s, d = layer.kernel_size, layer.strides, layer.dilation_rate
+    padding = str(layer.padding).lower()
+    maps = [_window_map(int(k[a]), int(s[a]), int(d[a]), padding, in_hw[a], at.out_hw[a], at.node) for a in (0, 1)]
+    return [(src, maps[0], maps[1], in_hw)]
+
+
+def _padded(at: _At) -> list:
+    src, in_hw = at.single()
+    (top, bottom), (left, right) = at.layer.padding
+    if (in_hw[0] + top + bottom, in_hw[1] + left + right) != at.out_hw:
+        raise _Unmappable(at.node, "pads to an unexpected size")
+    return [(src, _AxisMap(pb=int(top)), _AxisMap(pb=int(left)), in_hw)]
+
+
+def _cropped(at: _At) -> list:
+    src, in_hw = at.single()
+    (top, bottom), (left, right) = at.layer.cropping
+    if (in_hw[0] - top - bottom, in_hw[1] - left - right) != at.out_hw:
+        raise _Unmappable(at.node, "crops to an unexpected size")
+    return [(src, _AxisMap(pb=-int(top)), _AxisMap(pb=-int(left)), in_hw)]
+
+
+def _merged(at: _At) -> list:
+    if isinstance(at.layer, _L.Concatenate) and at.layer.axis % 4 != _channel_axis(at.fmt):
+        raise _Unmappable(at.node, "concatenates along a spatial axis")
+    return _same_grid(at, merge=True)
+
+
+def _pointwise(at: _At) -> list:
+    return _same_grid(at)
+
+
+def _activation(at: _At) -> list:
+    """Pointwise, except a softmax over the channels of a channels_first map."""
+    act = getattr(at.layer.activation, "__name__", "")
+    return _same_grid(at) if at.fmt == "channels_last" or act not in ("softmax", "log_softmax") else _unknown(at)
+
+
+def _on_channel_axis(at: _At) -> list:
+    """Softmax: pointwise where it normalises over the channels only."""
+    return _same_grid(at) if at.on_channels(at.layer.axis) else _unknown(at)
+
+
+def _dense(at: _At) -> list:
+    return _same_grid(at) if at.fmt == "channels_last" else _unknown(at)  # acts on the last axis only
+
+
+# Keras layer class name -> the rule that maps its output positions to its inputs'. A layer
+# takes the rule of the nearest class in its own class hierarchy that is listed here.
+_RULES = {
+    **dict.fromkeys(_POINTWISE, _pointwise),
+    **dict.fromkeys(_MERGES, _merged),
+    **dict.fromkeys(_WINDOWED, _windowed),
+    **dict.fromkeys(_NORMALISATIONS, _normalised),
+    "Conv2DTranspose": _transposed,
+    "UpSampling2D": _resized, "Resizing": _resized,
+    "Reshape": _reshaped, "Permute": _reshaped,
+    "ZeroPadding2D": _padded, "Cropping2D": _cropped,
+    "Activation": _activation,  # replaces _pointwise above: a channels_first softmax is not pointwise
+    "Softmax": _on_channel_axis,
+    "Dense": _dense,
+}
+
+
+def _rule(layer):
+    """The rule of `layer`: its class's, else its nearest Keras base class's; element-wise
+    keras.ops calls recorded in functional graphs merge; None when nothing here knows it."""
+    if not isinstance(layer, _L.Layer):
+        ops = type(layer).__name__ in _ELEMENTWISE_OPS and type(layer).__module__.startswith("keras.src.ops")
+        return _merged if ops else None
+    for c in type(layer).__mro__:
+        if c.__module__.startswith("keras.") and c.__name__ in _RULES:
+            return _RULES[c.__name__]
+    return None
+
+
 def _edges(node, by_name: dict, notes: list[tuple[str, str]], pointwise: frozenset) -> list[tuple[str, _AxisMap, _AxisMap, tuple]]:
-    """(source name, row map, col map, source spatial size) for each input that counts."""
+    """(source name, row map, col map, source spatial size) for each input that counts:
+    the rule of the node's layer (_RULES), a declared pointwise class, or unmappable."""
     layer = node.layer
     cls = type(layer).__name__
     fmt = _fmt(layer)
@@ -290,112 +472,9 @@ def _edges(node, by_name: dict, notes: list[tuple[str, str]], pointwise: frozens
         srcs.append((src, shape, _hw(shape, fmt)))
     if not srcs:
         raise _Unmappable(node, "has no inputs")
-
-    def single():
-        if len(srcs) != 1 or srcs[0][2] is None:
-            raise _Unmappable(node, "does not read a single 2-D map")
-        return srcs[0][0], srcs[0][2]
-
-    if isinstance(layer, _L.Conv2DTranspose):
-        src, in_hw = single()
-        if getattr(layer, "output_padding", None) is not None:
-            raise _Unmappable(node, "is a transposed convolution with output_padding, which is not mapped")
-        padding = str(layer.padding).lower()
-        maps = []
-        for a in (0, 1):
-            k, s, d = int(layer.kernel_size[a]), int(layer.strides[a]), int(layer.dilation_rate[a])
-            span = d * (k - 1) + 1
-            expect = in_hw[a] * s if padding == "same" else (in_hw[a] - 1) * s + span
-            if expect != out_hw[a]:
-                raise _Unmappable(node, f"maps size {in_hw[a]} to {out_hw[a]}, not the expected {expect}")
-            # the transpose of a 'same' convolution from out_hw to in_hw
-            pb = max((in_hw[a] - 1) * s + span - out_hw[a], 0) // 2 if padding == "same" else 0
-            maps.append(_Transposed(k, s, d, pb))
-        return [(src, maps[0], maps[1], in_hw)]
-    if cls in ("UpSampling2D", "Resizing"):
-        src, in_hw = single()
-        method = str(getattr(layer, "interpolation", "nearest")).lower()
-        if method not in ("nearest", "bilinear"):
-            raise _Unmappable(node, f"resizes with {method!r} interpolation; only nearest and bilinear are mapped")
-        if cls == "Resizing" and (getattr(layer, "crop_to_aspect_ratio", False)
-                                  or getattr(layer, "pad_to_aspect_ratio", False)) and in_hw != out_hw:
-            raise _Unmappable(node, "resizes to another aspect ratio by cropping or padding, which is not mapped")
-        if cls == "Resizing" and in_hw != out_hw and getattr(layer, "antialias", False) and \
-                any(o < i for i, o in zip(in_hw, out_hw)):
-            raise _Unmappable(node, "shrinks with antialiasing, which is not mapped")
-        if in_hw == out_hw:
-            return [(src, _IDENTITY, _IDENTITY, in_hw)]
-        return [(src, _Resize(in_hw[0], out_hw[0], method), _Resize(in_hw[1], out_hw[1], method), in_hw)]
-    if isinstance(layer, (_L.Reshape, _L.Permute)):
-        src, in_hw = single()
-        same = (tuple(layer.dims) == (1, 2, 3)) if isinstance(layer, _L.Permute) else \
-            tuple(by_name[node.sources[0][0]].output_shapes[node.sources[0][1]]) == tuple(node.output_shape)
-        if not same:
-            raise _Unmappable(node, "rearranges the spatial grid")
-        return [(src, _IDENTITY, _IDENTITY, in_hw)]
-    if isinstance(layer, _WHOLE_MAP_NORM) or (isinstance(layer, _AXIS_POINTWISE)
-                                              and not isinstance(layer, _L.Softmax)):
-        src, in_hw = single()
-        axes = getattr(layer, "axis", -1)
-        axes = axes if isinstance(axes, (list, tuple)) else [axes]
-        if isinstance(layer, _WHOLE_MAP_NORM) or any(a is None or int(a) % 4 != _channel_axis(fmt) for a in axes):
-            notes.append((WHOLE_MAP_NOTE, f"{node.name} ({cls}) normalises with statistics of the whole map; "
-                                          f"they are left out"))
-        return [(src, _IDENTITY, _IDENTITY, in_hw)]
-    if isinstance(layer, _WINDOWED):
-        src, in_hw = single()
-        if isinstance(layer, (_L.MaxPooling2D, _L.AveragePooling2D)):
-            k, s, d = layer.pool_size, layer.strides, (1, 1)
-        else:
-            k, s, d = layer.kernel_size, layer.strides, layer.dilation_rate
-        padding = str(layer.padding).lower()
-        maps = [_window_map(int(k[a]), int(s[a]), int(d[a]), padding, in_hw[a], out_hw[a], node)
-                for a in (0, 1)]
-        return [(src, maps[0], maps[1], in_hw)]
-    if isinstance(layer, _L.ZeroPadding2D):
-        src, in_hw = single()
-        (top, bottom), (left, right) = layer.padding
-        if (in_hw[0] + top + bottom, in_hw[1] + left + right) != out_hw:
-            raise _Unmappable(node, "pads to an unexpected size")
-        return [(src, _AxisMap(pb=int(top)), _AxisMap(pb=int(left)), in_hw)]
-    if isinstance(layer, _L.Cropping2D):
-        src, in_hw = single()
-        (top, bottom), (left, right) = layer.cropping
-        if (in_hw[0] - top - bottom, in_hw[1] - left - right) != out_hw:
-            raise _Unmappable(node, "crops to an unexpected size")
-        return [(src, _AxisMap(pb=-int(top)), _AxisMap(pb=-int(left)), in_hw)]
-
-    merge = isinstance(layer, _MERGES) or (
-        not isinstance(layer, _L.Layer) and cls in _ELEMENTWISE_OPS
-        and type(layer).__module__.startswith("keras.src.ops"))
-    if isinstance(layer, _L.Concatenate) and layer.axis % 4 != _channel_axis(fmt):
-        raise _Unmappable(node, "concatenates along a spatial axis")
-    if not merge:
-        pointwise = isinstance(layer, _POINTWISE) or cls in pointwise
-        if isinstance(layer, _L.Activation):
-            act = getattr(layer.activation, "__name__", "")
-            pointwise = fmt == "channels_last" or act not in ("softmax", "log_softmax")
-        elif isinstance(layer, _AXIS_POINTWISE):
-            axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-            pointwise = all(a is not None and int(a) % 4 == _channel_axis(fmt) for a in axes)
-        elif isinstance(layer, _L.Dense):
-            pointwise = fmt == "channels_last"  # acts on the last axis only
-        if not pointwise:
-            raise _Unmappable(node, f"is a layer type the receptive-field mapper does not know (if each of "
-                              f"its output positions reads only the same input position, declare it with "
-                              f"geometry.pointwise=[{cls}])")
-
-    edges = []
-    for src, shape, in_hw in srcs:
-        if in_hw == out_hw:
-            edges.append((src, _IDENTITY, _IDENTITY, in_hw))
-        elif merge and out_hw != (1, 1) and (in_hw is None or in_hw == (1, 1)):
-            notes.append((BROADCAST_NOTE, f"{node.name} ignores the input {src!r} broadcast from a 1x1 map"))
-        else:
-            raise _Unmappable(node, f"combines maps of size {in_hw} into {out_hw}")
-    if not edges:
-        raise _Unmappable(node, "has only inputs broadcast from a 1x1 map")
-    return edges
+    at = _At(node, fmt, out_hw, srcs, notes)
+    rule = _rule(layer) or (_pointwise if cls in pointwise else _unknown)
+    return rule(at)
 
 
 # ---------------------------------------------------------------------------

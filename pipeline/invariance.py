@@ -138,27 +138,3 @@ def invariance_curves(model, names: list[str], spec, pixels: np.ndarray, targets
         out[kind] = ({k: v[sl].reshape(n, t) for k, v in distance.items()}, norm, probability[sl].reshape(n, t),
                      predicted[sl].reshape(n, t), shown[sl].reshape((n, t) + pixels.shape[1:]))
     return out
-
-
-def choose_images(spec, labels: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """Image ids: an explicit list, or for a count N one image of each of the first N
-    classes among `candidates` (the first N candidates when labels are unknown)."""
-    if not isinstance(spec, (int, np.integer)) or isinstance(spec, bool):
-        chosen = np.asarray([int(i) for i in spec], np.int64)
-        if chosen.size == 0 or (chosen < 0).any() or (chosen >= len(labels)).any():
-            raise PipelineError(f"invariance.images={chosen.tolist()} is outside 0..{len(labels) - 1}: "
-                                f"give image ids of the dataset or a count")
-        return chosen
-    n = int(spec)
-    if n < 1:
-        raise PipelineError(f"invariance.images={n}: give a positive count or a list of image ids")
-    candidates = np.asarray(candidates, np.int64)
-    known = candidates[labels[candidates] >= 0]
-    if len(known) == 0:
-        return candidates[:n]
-    _, first = np.unique(labels[known], return_index=True)
-    picked = known[first][:n]  # one per class, in class order
-    if len(picked) < n:  # fewer classes than asked: fill with further images
-        rest = np.setdiff1d(known, picked, assume_unique=True)
-        picked = np.concatenate([picked, rest[:n - len(picked)]])
-    return picked

@@ -24,9 +24,14 @@ def images_from_topk(value) -> bool:
 
 
 
-def choose_images(value, table: ImageTable, store, section: str, key: str = "images") -> np.ndarray:
+def choose_images(value, table: ImageTable, store, section: str, key: str = "images", *,
+                  candidates: np.ndarray | None = None, per_class: bool = False) -> np.ndarray:
     """Image ids from a stage's `images` setting (`key`): N (the first N), a list of ids, or
-    {layer, channels, k} (the k top images of each channel in the scan's results)."""
+    {layer, channels, k} (the k top images of each channel in the scan's results).
+
+    candidates: the ids a count picks from (default every image; e.g. the held-out images
+    of a trained model). per_class: a count N means one image of each of the first N
+    classes among the candidates (`one_per_class`) instead of the first N."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
     n = len(table)
@@ -41,12 +46,29 @@ def choose_images(value, table: ImageTable, store, section: str, key: str = "ima
         ids = np.asarray(list(value), dtype=np.int64)
         bad = ids[(ids < 0) | (ids >= n)]
         if len(bad):
-            raise PipelineError(f"{name} has id {int(bad[0])}: the dataset has ids 0 to {n - 1}")
+            raise PipelineError(f"{name} has id {int(bad[0])}: the dataset has image ids 0 to {n - 1}")
         return ids
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return np.arange(min(value, n), dtype=np.int64)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
+        pool = np.arange(n, dtype=np.int64) if candidates is None else np.asarray(candidates, np.int64)
+        return one_per_class(table.labels, pool, int(value)) if per_class else pool[:int(value)]
     raise PipelineError(f"{name}={value}: use N (the first N images), a list of ids, "
                         "or {layer: NAME, channels: [..], k: 1}")
+
+
+def one_per_class(labels: np.ndarray, candidates: np.ndarray, n: int) -> np.ndarray:
+    """n image ids among `candidates`: one of each class in class order (the first of each),
+    then further labelled images where there are fewer than n classes; the first n
+    candidates where no candidate is labelled."""
+    candidates = np.asarray(candidates, np.int64)
+    known = candidates[np.asarray(labels)[candidates] >= 0]
+    if len(known) == 0:
+        return candidates[:n]
+    _, first = np.unique(labels[known], return_index=True)
+    picked = known[first][:n]
+    if len(picked) < n:
+        rest = np.setdiff1d(known, picked, assume_unique=True)
+        picked = np.concatenate([picked, rest[:n - len(picked)]])
+    return picked
 
 
 def drawn_images(value, table: ImageTable, store, section: str, key: str = "draw") -> np.ndarray:

@@ -13,9 +13,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pipeline.render import cards
-from pipeline.render.cards import (GlyphFont, ImageIndex, LayerCards, draw_text, find_weights,
-                            card_bytes, render_layer_cards, spectrum_bars, spectrum_values, weight_tiles, wrap)
+from pipeline.render import card_layout, cards, text as txt
+from pipeline.render.card_charts import diverging_lut, spectrum_bars, weight_tiles
+from pipeline.render.card_data import ImageIndex, find_weights, spectrum_values
+from pipeline.render.cards import LayerCards, card_bytes, render_layer_cards
+from pipeline.render.text import GlyphFont, draw_text, fmt_value, wrap
 from pipeline.spectrum import BUCKETS as SPECTRUM, GAMMA, MIN_ABS  # the sketch's layout
 from pipeline.render.canvas import EMPTY_GREY
 from pipeline.render.patches import panel_image
@@ -232,7 +234,7 @@ def test_spectrum_bars_heights_follow_the_counts():
 
 
 def test_weight_tiles_colour_the_sign_and_size_of_each_input():
-    lut = cards._diverging_lut()
+    lut = diverging_lut()
     k = np.array([2.0, -2.0, 0.0, 1.0], np.float32).reshape(1, 1, 1, 4)
     tiles, shown = weight_tiles(k, 2.0, 41)
     assert shown == 4
@@ -299,24 +301,24 @@ def test_card_cells_show_each_units_patches_panels_and_pattern(rendered):
     assert lc.layout.patch_in(top) == (96, 96)  # the top-k, the card's main picture, twice as large
     assert lc.layout.px(top)[1] >= lc.layout.px(_cell(lc, "spectrum"))[1]  # as wide as the histogram
     side = 2  # 4 patches: a 2 x 2 montage
-    m = side * ph + (side - 1) * cards.THIN
+    m = side * ph + (side - 1) * card_layout.THIN
     for u in range(C):
         card = lc.px[u].astype(int)
         for key, k_max, col in (("top", K, colour), ("bottom", 2, bottom_colour)):
             cell = _cell(lc, key)
             ph, pw = lc.layout.patch_in(cell)
-            m = side * ph + (side - 1) * cards.THIN
+            m = side * ph + (side - 1) * card_layout.THIN
             frame_h, frame_w = lc.layout.px(cell)
             y0 = cell.y + (frame_h - m) // 2
             x0 = cell.x + (frame_w - m) // 2
             for r in range(side * side):
-                cy = y0 + (r // side) * (ph + cards.THIN) + ph // 2
-                cx = x0 + (r % side) * (pw + cards.THIN) + pw // 2
+                cy = y0 + (r // side) * (ph + card_layout.THIN) + ph // 2
+                cx = x0 + (r % side) * (pw + card_layout.THIN) + pw // 2
                 want = EMPTY_GREY if r >= k_max or (key == "top" and (u, r) == (2, 3)) else None
                 got = tuple(card[cy, cx])
                 assert got == ((want,) * 3 if want is not None else col(u, r)), (u, key, r)
         ph, pw = lc.layout.patch_hw
-        m = side * ph + (side - 1) * cards.THIN
+        m = side * ph + (side - 1) * card_layout.THIN
         deconv = _cell(lc, "panel:deconv")
         y0 = deconv.y + (lc.layout.cell - m) // 2 + ph // 2
         x0 = deconv.x + (lc.layout.cell - m) // 2
@@ -330,7 +332,7 @@ def test_card_cells_show_each_units_patches_panels_and_pattern(rendered):
 
 def test_weights_cell_and_spectrum_chart(rendered):
     files, lc = rendered
-    lut = cards._diverging_lut()
+    lut = diverging_lut()
     w = _cell(lc, "weights")
     for u, expected in ((0, lut[255]), (1, lut[0]), (2, lut[128])):
         card = lc.px[u]
@@ -340,7 +342,7 @@ def test_weights_cell_and_spectrum_chart(rendered):
         assert tuple(colours[counts.argmax()]) == tuple(expected), u
     spec = _cell(lc, "spectrum")
     card = lc.px[0]
-    chart = card[spec.y:spec.y + lc.layout.cell, spec.x:spec.x + 2 * lc.layout.cell + cards.GAP]
+    chart = card[spec.y:spec.y + lc.layout.cell, spec.x:spec.x + 2 * lc.layout.cell + card_layout.GAP]
     bar = np.all(chart == cards.BAR, axis=-1)
     columns = bar.sum(axis=0)
     short, tall = np.unique(columns[columns > 0])[-2:]
@@ -383,7 +385,7 @@ def test_table_rows_show_every_filled_entry(rendered, results):
     card = lc.px[2]
     cols = lc._columns()
     for r in range(K):
-        band = card[lc.layout.table_y + (r + 1) * cards.ROW_H:lc.layout.table_y + (r + 2) * cards.ROW_H]
+        band = card[lc.layout.table_y + (r + 1) * card_layout.ROW_H:lc.layout.table_y + (r + 2) * card_layout.ROW_H]
         value_ink = (band[:, cols[1]:cols[2]] < 128).any()
         label_ink = (band[:, cols[3]:cols[4]] < 128).any()
         if r == 3:  # the empty slot of unit 2: no value, no label
@@ -404,19 +406,19 @@ def test_table_values_are_each_units_own(rendered):
     for u in range(C):
         card = lc.px[u]
         for r in range(K):
-            if lc.image[u, r] < 0:
+            if lc.data.image[u, r] < 0:
                 continue
-            y = lc.layout.table_y + (r + 1) * cards.ROW_H
-            expected = np.full_like(card, cards.CARD_BG)
-            draw_text(expected, cards._fmt_value(float(lc.value[u, r])), cols[1], y, 11)
-            band = np.s_[y:y + cards.ROW_H, cols[1]:cols[2]]
+            y = lc.layout.table_y + (r + 1) * card_layout.ROW_H
+            expected = np.full_like(card, txt.CARD_BG)
+            draw_text(expected, fmt_value(float(lc.data.value[u, r])), cols[1], y, 11)
+            band = np.s_[y:y + card_layout.ROW_H, cols[1]:cols[2]]
             assert (expected[band] < 128).any()
             np.testing.assert_array_equal(card[band], expected[band], err_msg=f"unit {u} rank {r + 1}")
 
 
-def _drawn_lines(card, lines, y0, size, color=cards.INK, x=cards.MARGIN, step=cards.LINE_H):
+def _drawn_lines(card, lines, y0, size, color=txt.INK, x=card_layout.MARGIN, step=card_layout.LINE_H):
     """The card's rows y0.. next to the same lines drawn on a blank card."""
-    expected = np.full_like(card, cards.CARD_BG)
+    expected = np.full_like(card, txt.CARD_BG)
     for i, line in enumerate(lines):
         draw_text(expected, line, x, y0 + i * step, size, color)
     band = np.s_[y0:y0 + len(lines) * step]
@@ -428,14 +430,14 @@ def test_quantile_line_shows_every_quantile(rendered):
     levels = np.array([0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99])
     wide = np.array([-2.45e4, 0.664, 0.764, 0.879, 1.02, 12345.6, 98765.4])
     lines = cards.quantile_lines(levels, wide, 520)  # the narrowest card: 4 cells of 120 px
-    assert len(lines) == 2 and all(cards.font(12).width(line) <= 520 for line in lines)
+    assert len(lines) == 2 and all(txt.font(12).width(line) <= 520 for line in lines)
     assert lines[1].split(" / ")[-1] == "9.88e+04" and "99 %" in lines[0]  # the 90 and 99 % values kept
-    width = lc.layout.width - 2 * cards.MARGIN
+    width = lc.layout.width - 2 * card_layout.MARGIN
     for u in (0, 4):
         card = lc.px[u]
-        want = cards.quantile_lines(levels, lc.stats["quantiles"][u], width)
-        assert want[-1].endswith(cards._fmt_value(2.0))
-        got, expected = _drawn_lines(card, want, lc.layout.stats_y + cards.LINE_H, 12)
+        want = cards.quantile_lines(levels, lc.data.stats["quantiles"][u], width)
+        assert want[-1].endswith(fmt_value(2.0))
+        got, expected = _drawn_lines(card, want, lc.layout.stats_y + card_layout.LINE_H, 12)
         np.testing.assert_array_equal(got, expected)
 
 

@@ -12,7 +12,7 @@ import pytest
 from pipeline.errors import PipelineError
 from pipeline.runner import run
 from pipeline.layers import default_layers
-from pipeline.invariance import choose_images, parameter_grid, transform_matrices, warp
+from pipeline.invariance import parameter_grid, transform_matrices, warp
 from test_cli import run_py
 from test_pipeline import compose_cfg
 from test_train import shapes_idx, write_idx
@@ -195,14 +195,7 @@ def test_store_layout_and_figure(invariance_run):
         assert (results.parent / "sheets" / f"invariance{suffix}").stat().st_size > 10_000
 
 
-def test_image_choice_and_default_layers():
-    labels = np.array([2, 2, 0, 1, 0, -1, 3])
-    np.testing.assert_array_equal(choose_images(3, labels, np.arange(7)), [2, 3, 0])
-    np.testing.assert_array_equal(choose_images(2, labels, np.array([1, 4, 6])), [4, 1])
-    np.testing.assert_array_equal(choose_images(5, labels, np.array([0, 1, 5])), [0, 1])
-    np.testing.assert_array_equal(choose_images([6, 1], labels, np.arange(7)), [6, 1])
-    with pytest.raises(PipelineError, match="image ids"):
-        choose_images([9], labels, np.arange(7))
+def test_default_layers():
     from pipeline.train import build_convnet
 
     net = build_convnet((16, 16), 1, 3)

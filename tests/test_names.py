@@ -22,7 +22,7 @@ from conftest import ROOT, watched_page
 from test_pipeline import tiny_model
 from test_viewer import Server
 from pipeline.names import readable, shown
-from pipeline.render import cards
+from pipeline.render import text
 from pipeline.render.fonts import fallback_files
 from pipeline.store import read_path, read_paths, read_strings
 
@@ -45,7 +45,7 @@ def test_readable_and_shown_keep_one_line_of_valid_text():
 
 
 def test_cjk_is_drawn_from_a_fallback_font_and_a_placeholder_without_one():
-    bare = cards.GlyphFont(11, fallbacks=())
+    bare = text.GlyphFont(11, fallbacks=())
     box = bare.mask("日")
     assert np.array_equal(box, bare.mask("猫"))  # every missing character: the same boxed '?'
     ink = box > 0.5
@@ -55,13 +55,13 @@ def test_cjk_is_drawn_from_a_fallback_font_and_a_placeholder_without_one():
     assert bare.width("a日b") == bare.width("a") + bare.width("日") + bare.width("b")
     # control characters are drawn escaped, on one line
     canvas, escaped = np.full((2, 20, 200, 3), 255, np.uint8)
-    cards.draw_text(canvas, "a\nb\x07", 0, 0, 11)
-    cards.draw_text(escaped, "a\\nb\\x07", 0, 0, 11)
+    text.draw_text(canvas, "a\nb\x07", 0, 0, 11)
+    text.draw_text(escaped, "a\\nb\\x07", 0, 0, 11)
     assert np.array_equal(canvas, escaped)
     files = fallback_files()
     if not files:
         pytest.skip("no CJK font on this system (apt-get install fonts-noto-cjk): the placeholder path only")
-    full = cards.GlyphFont(11, fallbacks=files)
+    full = text.GlyphFont(11, fallbacks=files)
     for ch in "日猫한あ":
         glyph = full.mask(ch)
         assert (glyph > 0.5).sum() > 10 and not np.array_equal(glyph[:box.shape[0], :box.shape[1]], box), ch

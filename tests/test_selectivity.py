@@ -94,7 +94,7 @@ def test_units_wired_to_a_class_are_selective_for_it(tmp_path, colour_folder):
     np.testing.assert_allclose(got["sum_mean"], acts.mean(axis=(1, 2)).T @ onehot, rtol=1e-5)
     assert not np.allclose(got["sum_max"], got["sum_mean"])
     # shown: each card's line, the figure by depth on the index and in the book
-    from pipeline.render.cards import ImageIndex, UnitClasses
+    from pipeline.render.card_data import ImageIndex, UnitClasses
 
     cfg = config(tmp_path, colour_folder, "stages=[report]", "report.per_image=0")
     run(cfg, tmp_path / "run")
@@ -175,7 +175,7 @@ def test_ablating_the_only_evidence_for_a_class_costs_that_class_only(tmp_path, 
         np.testing.assert_allclose(g["overall_delta"][()], -counts / counts.sum(), rtol=1e-6)
         image, label, logit = f["ablation/image"][()], f["ablation/label"][()], g["logit"][()]
         paths = read_strings(f["images/path"])
-        from pipeline.render.cards import ImageIndex, UnitAblation
+        from pipeline.render.card_data import ImageIndex, UnitAblation
 
         shown = UnitAblation.read(f, "relu")
         assert shown.line(0, ImageIndex(paths, label, order)).endswith("most hurt: red -100")
@@ -218,7 +218,7 @@ def test_per_class_exemplars_are_each_classes_own_top_k_and_merge_across_shards(
         np.testing.assert_array_equal(y[:, got], want.y)
         np.testing.assert_array_equal(x[:, got], want.x)
     assert (tmp_path / "run" / "report" / "cards" / "relu" / "unit_0000.jpg").exists()
-    from pipeline.render.cards import Exemplars  # a card shows its preferred class's block, else the first
+    from pipeline.render.card_data import Exemplars  # a card shows its preferred class's block, else the first
 
     shown = Exemplars(np.array([0, 2]), 2, image)
     assert shown.block_of(np.array([2, 0, 1]), 3).tolist() == [1, 0, 0]

@@ -18,6 +18,7 @@ from pipeline.store import replacing
 
 EMPTY_GREY = 128  # an empty slot
 BACKGROUND = 255  # the lines between patches
+MAX_SLOTS = 9  # top-k patches drawn per unit (a 3x3 montage); the rest stay in results.h5
 DPI = 150  # of composed sheets: text sizes are set in pixels through it
 
 
@@ -29,6 +30,33 @@ def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
     overlap = np.clip(np.minimum(lo + scale, src + 1) - np.maximum(lo, src), 0.0, None) / scale
     overlap[overlap < 1e-6] = 0.0
     return overlap.astype(np.float32)
+
+
+# source pixels per output pixel up to which an area resize gathers them (a few passes over
+# the images) instead of multiplying by dense matrices: BLAS's worker threads cost about a
+# third of the unit cards' CPU time on a busy 2-core machine (benchmarks/cards_throughput.py)
+MAX_TAPS = 8
+
+
+def _taps(n_in: int, n_out: int) -> int:
+    """How many source pixels one output pixel of an area resize can overlap, at the most."""
+    return math.ceil(n_in / n_out) + 1
+
+
+def _tap_sum(x: np.ndarray, axis: int, weights: np.ndarray) -> np.ndarray:
+    """x resized along `axis` by the (n_out, n_in) area weights, as the sum over the few
+    source pixels each output pixel overlaps, each gathered for all images at once."""
+    n_out, n_in = weights.shape
+    taps = min(_taps(n_in, n_out), n_in)
+    first = np.minimum(np.argmax(weights > 0, axis=1), n_in - taps)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    out = None
+    for t in range(taps):
+        src = first + t
+        term = np.take(x, src, axis=axis) * weights[np.arange(n_out), src].reshape(shape)
+        out = term if out is None else np.add(out, term, out=out)
+    return out
 
 
 def resize_patches(patches: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
@@ -56,6 +84,9 @@ def resize_patches(patches: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
         for t in range(fw):
             np.add(acc, rows[:, :, t::fw], out=acc)
         out = (acc + (fh * fw) // 2) // (fh * fw)
+    elif max(_taps(h, oh), _taps(w, ow)) <= MAX_TAPS:
+        # few source pixels per output pixel: a weighted sum of gathered rows, then columns
+        out = np.rint(_tap_sum(_tap_sum(x, 1, _area_matrix(h, oh)), 2, _area_matrix(w, ow)))
     else:
         # each axis as one large matrix product (BLAS): rows, then columns
         n = x.shape[0]

@@ -1,7 +1,7 @@
 """Fonts for text in any script: DejaVu Sans first, then the system's fonts for Chinese,
 Japanese and Korean where it has them (Debian: fonts-noto-cjk), found through fontconfig.
 
-The cards' glyph renderer (cards.GlyphFont) takes each character from the first font that
+The glyph renderer of cards and sheets (text.GlyphFont) takes each character from the first font that
 has it; matplotlib figures get the same list as `font.family` inside `figure_fonts()`
 (an rc_context, so importing this changes nothing global). A character no font has is
 drawn as a boxed '?' by the cards and as matplotlib's own missing-glyph box in figures.

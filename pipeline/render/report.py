@@ -21,6 +21,7 @@ import logging
 import math
 import re
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -246,7 +247,8 @@ def _render_layers(f, infos, n_ok: int, figures: dict, chosen: dict, cards: str,
     """Layer sheets and their previews, the run figures (sheets/run/<name>.png and .pdf;
     figures: name -> (title, function -> Figure)), unit cards and thumbnails (cards: all,
     chosen: the units in `chosen`, none)."""
-    from pipeline.render.cards import ImageIndex, render_layer_cards
+    from pipeline.render.card_data import ImageIndex
+    from pipeline.render.cards import render_layer_cards
 
     sheets: dict[str, Path] = {}
     previews: dict[str, Path] = {}
@@ -356,6 +358,212 @@ class RenderCache:
         return self._abs(data["book"]), [self._abs(p) for p in data["pages"]]
 
 
+@dataclass
+class RunRecord:
+    """What every part of the report reads about the run: results.h5's attributes, the
+    scanned images (path, whether it was read, why not) and layers, the per-image maps."""
+
+    attrs: dict
+    paths: list[str]
+    ok: np.ndarray  # (N,) bool
+    errors: list[str]
+    infos: list
+    per_image: PerImage
+
+    @classmethod
+    def read(cls, f: h5py.File) -> "RunRecord":
+        if "images" in f:
+            paths = read_paths(f["images"])
+            ok = f["images/ok"][()].astype(bool)
+            errors = str_array(f["images/error"]) if "images/error" in f else [""] * len(paths)
+        else:
+            paths, ok, errors = [], np.zeros(0, bool), []
+        return cls({key: f.attrs[key] for key in f.attrs}, paths, ok, errors, read_layers(f), PerImage.read(f))
+
+    @property
+    def n_ok(self) -> int:
+        return int(self.ok.sum())
+
+    @property
+    def model(self) -> str:
+        return as_str(self.attrs.get("model", "model"))
+
+    @property
+    def config(self) -> str:
+        return as_str(self.attrs.get("config", ""))
+
+    def facts(self) -> list[tuple[str, str]]:
+        """The run's lines at the top of the index and the book."""
+        infos = self.infos
+        return [("model", self.model), ("input", fmt(ints(self.attrs.get("input_size"), ()))),
+                ("preprocessing", as_str(self.attrs.get("preprocessing", "?"))),
+                ("images", f"{self.n_ok} scanned, {len(self.paths) - self.n_ok} skipped"),
+                ("layers", f"{len(infos)} ({sum(int(i.shape[-1]) for i in infos if i.shape)} units)"),
+                ("version", as_str(self.attrs.get("version", "?")))]
+
+
+@dataclass
+class LayerFiles:
+    """The drawn files of every layer: sheets and previews, the run figures, cards."""
+
+    sheets: dict[str, Path]
+    previews: dict[str, Path]
+    figure_pngs: dict[str, Path]
+    card_files: dict  # stored layer name -> cards.LayerCardFiles
+
+    def paths(self) -> list[Path]:
+        out = list(self.sheets.values())
+        for png in self.figure_pngs.values():
+            out += [png, png.with_suffix(".pdf")]
+        for files in self.card_files.values():
+            out += list(files.cards.values()) + list(files.thumbs.values())
+        return out
+
+
+def _layer_files(f: h5py.File, run: RunRecord, figures: dict, chosen: dict, cards: str, cache: RenderCache,
+                 sheet_dir: Path, report_dir: Path) -> LayerFiles:
+    """Layer sheets, previews, run figures and unit cards: the last render's where their
+    inputs did not change, else drawn now."""
+    kept = cache.kept("layers")
+    if kept is not None:
+        files = LayerFiles(*kept)
+        logger.info("report: layer sheets and %d unit cards kept, their inputs did not change",
+                    sum(len(c.cards) for c in files.card_files.values()))
+        return files
+    files = LayerFiles(*_render_layers(f, run.infos, run.n_ok, figures, chosen, cards, sheet_dir, report_dir))
+    cache.record("layers", (files.sheets, files.previews, files.figure_pngs, files.card_files))
+    return files
+
+
+def _image_sheets(f: h5py.File, run: RunRecord, ids: list[int], cache: RenderCache,
+                  sheet_dir: Path) -> list[tuple[int, Path, str]]:
+    """(image id, sheet, caption) of each per-image sheet: kept or drawn now."""
+    sheets = cache.kept("images")
+    if sheets is not None:
+        return sheets
+    names = class_namer(f)
+    spec = stored_preprocessing(run.attrs)
+    sheets = []
+    for image_id in tqdm(ids, desc="per-image sheets", unit="image"):
+        fig, _ = image_sheet(f, run.per_image, image_id, names, spec, PRINT_DPI)
+        path = save_figure(fig, sheet_dir / "images" / f"image_{image_id}.png", PRINT_DPI)
+        sheets.append((image_id, path, f"image #{image_id}: {shown(Path(run.paths[image_id]).name)}"))
+    cache.record("images", sheets)
+    return sheets
+
+
+def missing_notes(f: h5py.File, run: RunRecord) -> list[str]:
+    """What the run lacks and the stage that would add it, said once on the index and in the book."""
+    infos, pi = run.infos, run.per_image
+    notes = []
+    if infos and not any(i.has_patches for i in infos):
+        notes.append("receptive-field patches: run stages=[crop]")
+    if infos and not any("panels" in f["layers"][i.stored] for i in infos):
+        notes.append("deconv / backprop panels: run stages=[panels]")
+    if "filters" not in f:
+        notes.append("filter weights and patterns: run stages=[filters]")
+    if not pi.ids():
+        notes.append("per-image maps (activation grids, Grad-CAM, occlusion): "
+                     "run stages=[activations,cam,occlusion]")
+    elif not pi.cam_rows:
+        notes.append("predictions and Grad-CAM: run stages=[cam] (cam.target=top cam.top_n=5 for the top-5)")
+    return notes
+
+
+@dataclass
+class ReportParts:
+    """Everything the book and the site are made of, read and drawn while results.h5 is open."""
+
+    run: RunRecord
+    figures: dict  # name -> (title, function -> Figure)
+    grids: dict  # stored layer name -> the book's sheet grid
+    borders: dict  # stored layer name -> its line on the border of the scan
+    chosen: dict  # stored layer name -> the units whose cards the book shows
+    layers: LayerFiles
+    image_sheets: list  # (image id, sheet, caption)
+    extras: list
+    tables: list
+    class_units: dict
+    notes: list[str]
+
+
+def _write_book(parts: ReportParts, path: Path) -> Path:
+    from pipeline.render.book import Book, BookLayer, write_book
+
+    run, cards = parts.run, parts.layers.card_files
+    book = Book(title=run.model, facts=run.facts(),
+                layers=[BookLayer(i.name, parts.layers.sheets[i.stored],
+                                  [(u, cards[i.stored].cards[u]) for u in parts.chosen.get(i.stored, [])
+                                   if i.stored in cards and u in cards[i.stored].cards],
+                                  parts.grids.get(i.stored))
+                        for i in run.infos],
+                images=[(caption, sheet) for _, sheet, caption in parts.image_sheets],
+                config=run.config, figures=list(parts.figures.values()), notes=parts.notes)
+    write_book(book, path)
+    return path
+
+
+def _write_site(parts: ReportParts, cards: str, book_path: Path | None, out_dir: Path,
+                results_path: Path) -> list[Path]:
+    """The HTML pages (the index last) and the dissected layers' figures they show."""
+    from pipeline.render.site import Site, SiteImage, SiteLayer, write_site
+
+    run, layers = parts.run, parts.layers
+    site_layers = []
+    for i in run.infos:
+        files = layers.card_files.get(i.stored) if cards == "all" else None
+        site_layers.append(SiteLayer(
+            name=i.name, stored=i.stored, depth=i.depth, shape=fmt(i.shape),
+            receptive_field=f"{fmt(i.rf_size)} / {fmt(i.rf_stride)}",
+            units=int(i.shape[-1]) if i.shape else 0, sparsity=i.sparsity,
+            note="" if i.mappable else i.geometry_message, sheet=layers.sheets[i.stored],
+            preview=layers.previews.get(i.stored),
+            cards=dict(files.cards) if files else {}, thumbs=dict(files.thumbs) if files else {},
+            thumb_px=files.thumb if files else 64, card_hw=files.size if files else (0, 0),
+            border=parts.borders.get(i.stored, "")))
+    skipped = [(p, e) for p, good, e in zip(run.paths, run.ok, run.errors) if not good]
+    images_note = "" if parts.image_sheets else (
+        "No per-image maps in results.h5: run stages=[activations,cam,occlusion] to draw per-image sheets."
+        if not run.per_image.ids() else "Per-image sheets are off (report.per_image=0).")
+    topk = max((i.topk for i in run.infos), default=MAX_SLOTS)
+    lead = (f"Top-{min(topk, MAX_SLOTS)} receptive-field patches per channel"
+            + (f" (of the {topk} kept)" if topk > MAX_SLOTS else "") + ", unit cards and per-image maps.")
+    site = Site(title=run.model, lead=lead,
+                facts=run.facts(), images_line=f"{run.n_ok} images scanned, {len(skipped)} skipped.",
+                skipped=skipped, layers=site_layers,
+                figures=[(parts.figures[k][0], png) for k, png in layers.figure_pngs.items() if k in parts.figures],
+                images=[SiteImage(i, caption, sheet) for i, sheet, caption in parts.image_sheets],
+                images_note=images_note, extras=parts.extras, book=book_path, config=run.config, notes=parts.notes,
+                tables=parts.tables, class_units=parts.class_units)
+    with h5py.File(results_path, "r") as f:  # dissected layers' figures and tables on their pages
+        figures = dissection.layer_pages(site, f, out_dir)
+    return figures + write_site(site, out_dir)
+
+
+def _draw_parts(f: h5py.File, out_dir: Path, sheet_dir: Path, report_dir: Path, cache: RenderCache, cards: str,
+                units, pdf: bool, per_image) -> ReportParts:
+    """Read the run and draw (or keep) its layer files and per-image sheets."""
+    run = RunRecord.read(f)
+    infos = run.infos
+    ids = choose_images(run.per_image, per_image, len(run.paths))  # a bad list stops here, before any file
+    sheet_dir.mkdir(parents=True, exist_ok=True)
+    figures = run_figures(f, infos, run.model)
+    figures.update(dissection.run_figures(f, run.model))  # detectors by depth, where layers were dissected
+    border = scan_border(run.config)
+    chosen = {i.stored: _chosen_units(units, int(i.shape[-1]) if i.shape else 0) for i in infos} if pdf else {}
+    return ReportParts(
+        run=run, figures=figures,
+        grids={i.stored: sheet_grid(f["layers"][i.stored], i) for i in infos} if pdf else {},
+        borders={i.stored: border_line(f["layers"][i.stored], i.shape, border) for i in infos},
+        chosen=chosen,
+        layers=_layer_files(f, run, figures, chosen, cards, cache, sheet_dir, report_dir),
+        image_sheets=_image_sheets(f, run, ids, cache, sheet_dir),
+        extras=_extras(f, out_dir, [i.stored for i in infos]),
+        tables=[t for t in (faithfulness_table(f), randomization_table(f)) if t is not None],
+        class_units=selective_units(f, infos),
+        notes=missing_notes(f, run))
+
+
 def render_report(results_path: Path, out_dir: Path, *, cards: str | bool = "all", units=8, pdf: bool = True,
                   per_image=8, inputs: dict[str, str] | None = None) -> list[Path]:
     """Render everything from results.h5 into out_dir (the run directory); return the files.
@@ -372,142 +580,29 @@ def render_report(results_path: Path, out_dir: Path, *, cards: str | bool = "all
     what it is drawn from changes; a part whose key equals the last render's, with its
     files still there, is kept instead of drawn again.
     """
-    from pipeline.render.book import Book, BookLayer, write_book
-    from pipeline.render.site import REPORT_DIR, Site, SiteImage, SiteLayer, write_site
-
+    from pipeline.render.site import REPORT_DIR
     from pipeline.validate import card_mode
 
-    if card_mode(cards) is None:
+    mode = card_mode(cards)
+    if mode is None:
         raise ValueError(f"cards={cards!r}: use all, chosen or none")
-    cards = card_mode(cards)
-    results_path, out_dir = Path(results_path), Path(out_dir)
+    out_dir = Path(out_dir)
     sheet_dir = out_dir / "sheets"
     report_dir = out_dir / REPORT_DIR
     cache = RenderCache(out_dir, report_dir, inputs)
-    written: list[Path] = []
-    with h5py.File(results_path, "r") as f:
-        attrs = {key: f.attrs[key] for key in f.attrs}
-        if "images" in f:
-            paths = read_paths(f["images"])
-            ok = f["images/ok"][()].astype(bool)
-            errors = str_array(f["images/error"]) if "images/error" in f else [""] * len(paths)
-        else:
-            paths, ok, errors = [], np.zeros(0, bool), []
-        n_ok = int(ok.sum())
-        infos = read_layers(f)
-        model = as_str(attrs.get("model", "model"))
-        pi = PerImage.read(f)
-        ids = choose_images(pi, per_image, len(paths))  # a bad list stops here, before any file is written
-        sheet_dir.mkdir(parents=True, exist_ok=True)
-
-        # layer sheets, previews, the run figures, unit cards and thumbnails
-        figures = run_figures(f, infos, model)
-        figures.update(dissection.run_figures(f, model))  # detectors by depth, where layers were dissected
-        grids = {i.stored: sheet_grid(f["layers"][i.stored], i) for i in infos} if pdf else {}
-        border = scan_border(as_str(attrs.get("config", "")))
-        borders = {i.stored: border_line(f["layers"][i.stored], i.shape, border) for i in infos}
-        chosen = {i.stored: _chosen_units(units, int(i.shape[-1]) if i.shape else 0) for i in infos} if pdf else {}
-        kept = cache.kept("layers")
-        if kept is not None:
-            sheets, previews, figure_pngs, card_files = kept
-            logger.info("report: layer sheets and %d unit cards kept, their inputs did not change",
-                        sum(len(c.cards) for c in card_files.values()))
-        else:
-            sheets, previews, figure_pngs, card_files = _render_layers(f, infos, n_ok, figures, chosen,
-                                                                        cards, sheet_dir, report_dir)
-            cache.record("layers", (sheets, previews, figure_pngs, card_files))
-        written += [sheets[i.stored] for i in infos]
-        for png in figure_pngs.values():
-            written += [png, png.with_suffix(".pdf")]
-        for files in card_files.values():
-            written += list(files.cards.values()) + list(files.thumbs.values())
-
-        # per-image sheets
-        names = class_namer(f)
-        spec = stored_preprocessing(attrs)
-        image_sheets = cache.kept("images")
-        if image_sheets is None:
-            image_sheets = []
-            for image_id in tqdm(ids, desc="per-image sheets", unit="image"):
-                fig, _ = image_sheet(f, pi, image_id, names, spec, PRINT_DPI)
-                path = save_figure(fig, sheet_dir / "images" / f"image_{image_id}.png", PRINT_DPI)
-                image_sheets.append((image_id, path, f"image #{image_id}: {shown(Path(paths[image_id]).name)}"))
-            cache.record("images", image_sheets)
-        written += [path for _, path, _ in image_sheets]
-        extras = _extras(f, out_dir, [i.stored for i in infos])
-        tables = [t for t in (faithfulness_table(f), randomization_table(f)) if t is not None]
-        class_units = selective_units(f, infos)
-
-        # what the run lacks, said once on the index and in the book
-        notes = []
-        if infos and not any(i.has_patches for i in infos):
-            notes.append("receptive-field patches: run stages=[crop]")
-        if infos and not any("panels" in f["layers"][i.stored] for i in infos):
-            notes.append("deconv / backprop panels: run stages=[panels]")
-        if "filters" not in f:
-            notes.append("filter weights and patterns: run stages=[filters]")
-        if not pi.ids():
-            notes.append("per-image maps (activation grids, Grad-CAM, occlusion): "
-                         "run stages=[activations,cam,occlusion]")
-        elif not pi.cam_rows:
-            notes.append("predictions and Grad-CAM: run stages=[cam] (cam.target=top cam.top_n=5 for the top-5)")
-
-    facts = [("model", model), ("input", fmt(ints(attrs.get("input_size"), ()))),
-             ("preprocessing", as_str(attrs.get("preprocessing", "?"))),
-             ("images", f"{n_ok} scanned, {len(paths) - n_ok} skipped"),
-             ("layers", f"{len(infos)} ({sum(int(i.shape[-1]) for i in infos if i.shape)} units)"),
-             ("version", as_str(attrs.get("version", "?")))]
+    with h5py.File(Path(results_path), "r") as f:
+        parts = _draw_parts(f, out_dir, sheet_dir, report_dir, cache, mode, units, pdf, per_image)
+    written = parts.layers.paths() + [sheet for _, sheet, _ in parts.image_sheets]
     kept = cache.kept("site")
     if kept is not None:
         book_path, pages = kept
         logger.info("report: nothing changed since the last render; open %s", pages[-1])
         return written + ([book_path] if book_path else []) + pages
-    book_path = None
-    if pdf:
-        book = Book(title=model, facts=facts,
-                    layers=[BookLayer(i.name, sheets[i.stored],
-                                      [(u, card_files[i.stored].cards[u]) for u in chosen.get(i.stored, [])
-                                       if i.stored in card_files and u in card_files[i.stored].cards],
-                                      grids.get(i.stored))
-                            for i in infos],
-                    images=[(caption, path) for _, path, caption in image_sheets],
-                    config=as_str(attrs.get("config", "")), figures=list(figures.values()), notes=notes)
-        book_path = out_dir / "report.pdf"
-        write_book(book, book_path)
-        written.append(book_path)
-
-    site_layers = []
-    for i in infos:
-        files = card_files.get(i.stored) if cards == "all" else None
-        site_layers.append(SiteLayer(
-            name=i.name, stored=i.stored, depth=i.depth, shape=fmt(i.shape),
-            receptive_field=f"{fmt(i.rf_size)} / {fmt(i.rf_stride)}",
-            units=int(i.shape[-1]) if i.shape else 0, sparsity=i.sparsity,
-            note="" if i.mappable else i.geometry_message, sheet=sheets[i.stored], preview=previews.get(i.stored),
-            cards=dict(files.cards) if files else {}, thumbs=dict(files.thumbs) if files else {},
-            thumb_px=files.thumb if files else 64, card_hw=files.size if files else (0, 0),
-            border=borders.get(i.stored, "")))
-    skipped = [(p, e) for p, good, e in zip(paths, ok, errors) if not good]
-    images_note = "" if image_sheets else (
-        "No per-image maps in results.h5: run stages=[activations,cam,occlusion] to draw per-image sheets."
-        if not pi.ids() else "Per-image sheets are off (report.per_image=0).")
-    kept = max((i.topk for i in infos), default=MAX_SLOTS)
-    lead = (f"Top-{min(kept, MAX_SLOTS)} receptive-field patches per channel"
-            + (f" (of the {kept} kept)" if kept > MAX_SLOTS else "") + ", unit cards and per-image maps.")
-    site = Site(title=model, lead=lead,
-                facts=facts, images_line=f"{n_ok} images scanned, {len(skipped)} skipped.", skipped=skipped,
-                layers=site_layers,
-                figures=[(figures[k][0], png) for k, png in figure_pngs.items() if k in figures],
-                images=[SiteImage(i, caption, path) for i, path, caption in image_sheets], images_note=images_note,
-                extras=extras, book=book_path, config=as_str(attrs.get("config", "")), notes=notes,
-                tables=tables, class_units=class_units)
-    with h5py.File(results_path, "r") as f:  # dissected layers' figures and tables on their pages
-        written += dissection.layer_pages(site, f, out_dir)
-    pages = write_site(site, out_dir)
+    book_path = _write_book(parts, out_dir / "report.pdf") if pdf else None
+    pages = _write_site(parts, mode, book_path, out_dir, Path(results_path))
     cache.record("site", (book_path, pages))
-    written += pages
-    logger.info("report: %d sheets, %d cards, %d per-image sheets%s; open %s", len(sheets),
-                sum(len(c.cards) for c in card_files.values()), len(image_sheets),
+    logger.info("report: %d sheets, %d cards, %d per-image sheets%s; open %s", len(parts.layers.sheets),
+                sum(len(c.cards) for c in parts.layers.card_files.values()), len(parts.image_sheets),
                 ", report.pdf" if book_path else "", pages[-1])
-    return written
+    return written + ([book_path] if book_path else []) + pages
 

@@ -18,17 +18,17 @@ from matplotlib.figure import Figure
 
 from pipeline.render.canvas import (
     BACKGROUND,
+    MAX_SLOTS,
     Label,
     draw_labels,
     fit_px,
     grid,
     montage,
 )
-from pipeline.render.cards import draw_text, font
+from pipeline.render.text import draw_text, font
 from pipeline.render.patches import layer_patches
 from pipeline.render.results import LayerInfo, fmt
 
-MAX_SLOTS = 9  # top-9 patches per channel
 TARGET_PATCH_PX = 32  # per-patch size on the sheet, before the size cap
 MIN_PATCH_PX = 4
 MAX_SIDE_PX = 6000  # neither side of a sheet grows beyond this

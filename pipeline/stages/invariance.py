@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import is_sequence
 from pipeline.errors import PipelineError
-from pipeline.invariance import FILL_MODES, IDENTITY, KINDS, choose_images, invariance_curves, parameter_grid
+from pipeline.invariance import FILL_MODES, IDENTITY, KINDS, invariance_curves, parameter_grid
+from pipeline.selection import choose_images
 from pipeline.layers import default_layers
 from pipeline.models.sources import analysed_model, own_snapshots
 from pipeline.render.training import draw_invariance
@@ -65,7 +65,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         with store.open() as f:
             if len(f["train/val_ids"]):
                 candidates = f["train/val_ids"][()]  # held-out images, never trained on
-    wanted = choose_images(list(ic.images) if is_sequence(ic.images) else ic.images, table.labels, candidates)
+    wanted = choose_images(ic.images, table, store, "invariance", candidates=candidates, per_class=True)
     ids, pixels, errors = T.load_pixels(table, spec, np.sort(wanted), batch_size=cfg.batch_size,
                                         desc="invariance images")
     if len(ids) == 0:
