@@ -80,16 +80,15 @@ def ancestors(by_name: dict[str, FlatNode], names: Iterable[str]) -> set[str]:
     return needed
 
 
-def resolve_layer_names(model, names: str | Iterable[str], renamed: dict[str, str] | None = None) -> list[str]:
+def resolve_layer_names(model, names: str | Iterable[str]) -> list[str]:
     """Map user-given layer names to qualified node names.
 
     Accepted, in this order: a qualified name; the name of a nested model (meaning
     its single output); an unqualified inner name that matches exactly one node
     ('conv1' for 'backbone/conv1'). Anything else raises PipelineError, one line,
-    with the nearest valid names. renamed: old -> new names of layers renamed on loading
-    (ModelBundle.renamed_layers), so that the names in the model file still resolve.
+    with the nearest valid names.
     """
-    return _resolve(model, _flatten(model), names, renamed)
+    return _resolve(model, _flatten(model), names)
 
 
 def feature_model(model, names: str | Iterable[str], name: str | None = None) -> keras.Model:
@@ -371,12 +370,12 @@ def _topo_nodes(model, inputs: list, outputs: list) -> list:
     return order
 
 
-def _resolve(model, flat: _Flat, names: str | Iterable[str], renamed: dict[str, str] | None = None) -> list[str]:
+def _resolve(model, flat: _Flat, names: str | Iterable[str]) -> list[str]:
     if isinstance(names, str):
         names = [names]
     valid = [n.name for n in flat.nodes]
     known = set(valid)
-    renamed = renamed or {}
+    renamed = getattr(model, "renamed_layers", {})  # names TensorFlow refused (pipeline.models.sources)
     out = []
     for name in names:
         name = str(name)

@@ -12,7 +12,7 @@ import json
 import logging
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import keras
@@ -44,7 +44,6 @@ class ModelBundle:
     weights_sha256: str = ""
     imagenet_classes: bool = False  # outputs are the 1000 ImageNet classes
     random_weights: bool = False  # an untrained network (keras_app model.weights=null)
-    renamed_layers: dict[str, str] = field(default_factory=dict)  # old -> new: names TensorFlow refused
 
 
 def load_model(cfg, cache_dir: str | None = None) -> ModelBundle:
@@ -153,7 +152,7 @@ def _model_file(cfg) -> ModelBundle:
         model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as err:
         raise PipelineError(f"could not load model file {path}: {str(err).splitlines()[0]}") from err
-    renamed = _graph_safe_names(model)
+    _graph_safe_names(model)
     wanted = configured_size(cfg.input_size)
     size = _input_size(model, wanted)
     if None in model.input_shape[1:3]:
@@ -161,7 +160,7 @@ def _model_file(cfg) -> ModelBundle:
     channels = int(model.input_shape[-1] or 3)
     spec = Preprocessing(height=size[0], width=size[1], channels=channels, resize=cfg.resize or "shorter",
                          resize_size=cfg.resize_size, normalize=_normalisation(model, cfg.preprocess, "unit"))
-    return ModelBundle(model, spec, path.name, sha256_file(path), renamed_layers=renamed)
+    return ModelBundle(model, spec, path.name, sha256_file(path))
 
 
 def _snapshot(cfg) -> ModelBundle:
@@ -179,10 +178,10 @@ def _snapshot(cfg) -> ModelBundle:
 _SCOPE_NAME = re.compile(r"^[A-Za-z0-9_.\\/>-]*$")  # what TensorFlow accepts as a graph scope
 
 
-def _graph_safe_names(model) -> dict[str, str]:
+def _graph_safe_names(model) -> None:
     """Rename the layers whose names TensorFlow refuses in graph scopes ('a<b', 'x(1)'):
-    the model could not run in a tf.function otherwise. Returns old -> new (the bundle's
-    renamed_layers, through which the old names still resolve); each rename is said once."""
+    the model could not run in a tf.function otherwise. The old names still resolve
+    (model.renamed_layers: old -> new) and each rename is said once."""
     renamed = {}
     layers = list(model._flatten_layers(include_self=False, recursive=True))
     taken = {layer.name for layer in layers}
@@ -196,7 +195,7 @@ def _graph_safe_names(model) -> dict[str, str]:
                        layer.name, new)
         renamed[layer.name], layer.name = new, new
         taken.add(new)
-    return renamed
+    model.renamed_layers = renamed
 
 
 def _check_preprocess(value) -> None:
