@@ -273,6 +273,7 @@ class CamExplainer:
         self._logits_model = feature_model(model, [self.logits_layer], name="cam_logits")
         self.num_classes = int(model.outputs[choose_output(model, output)].shape[-1])
         self._zero_logits = None
+        self._traced: set = set()
 
     # -- building blocks -------------------------------------------------------
 
@@ -436,13 +437,23 @@ class CamExplainer:
                 out[m] = CamResult(m, self.layer, maps[:, 0], classes[:, 0], scores[:, 0])
         return out, np.concatenate(logit_parts).astype(np.float32)
 
+    def _any_batch(self, fn, x, codes, *static):
+        """Trace `fn` once for every batch size (the batch axis None): a dataset's last,
+        shorter batch then reuses the trace instead of tracing the model again (seconds)."""
+        key = (fn.__name__, tuple(x.shape[1:]), tuple(codes.shape[1:]), static)
+        if key not in self._traced:
+            fn.get_concrete_function(tf.TensorSpec((None,) + tuple(x.shape[1:]), x.dtype),
+                                     tf.TensorSpec((None,) + tuple(codes.shape[1:]), codes.dtype), *static)
+            self._traced.add(key)
+        return fn(x, codes, *static)
+
     def _compute_batch(self, x, codes, methods, scorecam_batch: int,
                        scorecam_channels: int | None = None) -> dict[str, np.ndarray]:
         needs_grads = any(m in ("gradcam", "gradcam++", "guided_gradcam") for m in methods)
         if needs_grads:
-            maps, grads, classes, logits = self._gradients(x, codes, int(codes.shape[1]))
+            maps, grads, classes, logits = self._any_batch(self._gradients, x, codes, int(codes.shape[1]))
         else:
-            maps, classes, logits = self._forward_classes(x, codes)
+            maps, classes, logits = self._any_batch(self._forward_classes, x, codes)
         out = {"_classes": classes.numpy(), "_scores": tf.gather(logits, classes, batch_dims=1).numpy(),
                "_logits": logits.numpy()}
         gradcam = None
@@ -456,12 +467,22 @@ class CamExplainer:
             weights = self._scorecam_weights(x, maps, classes, max(int(scorecam_batch), 1), scorecam_channels)
             out["scorecam"] = tf.nn.relu(tf.einsum("bhwc,bkc->bkhw", maps, weights)).numpy()
         if "guided_gradcam" in methods:
-            b, k, h, w = gradcam.shape
-            size = tf.shape(x)[1:3]
-            up = tf.image.resize(tf.reshape(gradcam, (b * k, h, w, 1)), size, method="bilinear")
-            up = tf.reshape(up, (b, k, size[0], size[1], 1))
-            out["guided_gradcam"] = (up * self._guided(x, classes)).numpy()
+            out["guided_gradcam"] = self.guided_gradcam(x, classes, gradcam)
         return out
+
+    def guided_gradcam(self, x, classes, gradcam) -> np.ndarray:
+        """Guided Grad-CAM (B, K, S, S, C) of model inputs x (B, S, S, C) from their Grad-CAM
+        maps (B, K, h, w) for the classes (B, K): the map upsampled bilinearly to the input,
+        times guided backpropagation of the same logit. Maps already computed are reused:
+        no forward pass of the feature model here."""
+        x = tf.convert_to_tensor(x, tf.float32)
+        classes = tf.convert_to_tensor(classes, tf.int32)
+        gradcam = tf.convert_to_tensor(gradcam, tf.float32)
+        b, k, h, w = gradcam.shape
+        size = tf.shape(x)[1:3]
+        up = tf.image.resize(tf.reshape(gradcam, (b * k, h, w, 1)), size, method="bilinear")
+        up = tf.reshape(up, (b, k, size[0], size[1], 1))
+        return (up * self._guided(x, classes)).numpy()
 
 
 def _one(method: str, model, images, targets, layer, preprocessing, batch_size, **kw) -> CamResult:

@@ -87,11 +87,11 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     with tqdm(total=len(table), initial=len(table) - stream.remaining, desc="cam", unit="img") as bar:
         for ids, pixels in stream:
             x = normalize(pixels, spec.normalize)
-            # the classes and logits come with the layer-resolution maps (Grad-CAM when only
-            # input-resolution methods are asked for: their class of every image is stored)
+            # the classes and logits come with the layer-resolution maps; Grad-CAM always (guided
+            # Grad-CAM of the drawn images reuses it; alone, it gives every image's class)
             out, logits = explainer.compute_with_logits(
-                x, codes_for(ids), small or ["gradcam"], batch_size=len(ids), scorecam_batch=c.scorecam_batch,
-                scorecam_channels=c.scorecam_channels)
+                x, codes_for(ids), list(dict.fromkeys(["gradcam", *small])), batch_size=len(ids),
+                scorecam_batch=c.scorecam_batch, scorecam_channels=c.scorecam_channels)
             rows = top_predictions(ids, logits)
             classes = next(iter(out.values())).classes
             k = classes.shape[1]
@@ -107,7 +107,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                     rows.update(_faithfulness(explainer, x, r, m, int(c.faithfulness_steps)))
             chosen = np.flatnonzero(wanted[ids])
             if large and len(chosen):
-                rows.update(input_resolution_rows(explainer, x, ids, chosen, classes, large))
+                rows.update(input_resolution_rows(explainer, x, ids, chosen, out["gradcam"]))
             stream.add(rows)
             bar.update(len(ids))
         bar.update(len(table) - bar.n)
@@ -139,22 +139,22 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                cfg.batch_size)
 
 
-def input_resolution_rows(explainer, x, ids: np.ndarray, chosen: np.ndarray, classes: np.ndarray,
-                          methods: list[str]) -> dict[str, np.ndarray]:
-    """cam/<method>/... rows of the input-resolution methods for the images `chosen` (positions
-    in the batch), explained for the same `classes` (B, K) as the layer-resolution maps."""
+def input_resolution_rows(explainer, x, ids: np.ndarray, chosen: np.ndarray, gradcam) -> dict[str, np.ndarray]:
+    """cam/guided_gradcam/... rows of the images `chosen` (positions in the batch), from the
+    batch's Grad-CAM result (maps (B, K, h, w), classes, scores): only the guided backward
+    pass is computed here."""
     import tensorflow as tf
 
-    out = explainer.compute(tf.gather(x, chosen), classes[chosen], methods, batch_size=len(chosen))
-    k = classes.shape[1]
+    k = gradcam.classes.shape[1]
+    maps = explainer.guided_gradcam(tf.gather(x, chosen), gradcam.classes[chosen], gradcam.maps[chosen])
+    maps = maps.reshape((-1,) + maps.shape[2:])  # (m * K, S, S, C)
     rows = {}
-    for m, r in out.items():
-        rows[f"cam/{m}/map"], rows[f"cam/{m}/scale"] = scaled_float16(r.maps.reshape((-1,) + r.maps.shape[2:]))
-        rows[f"cam/{m}/image"] = np.repeat(ids[chosen].astype(np.int64), k)
-        rows[f"cam/{m}/rank"] = np.tile(np.arange(k, dtype=np.int32), len(chosen))
-        rows[f"cam/{m}/class"] = r.classes.reshape(-1)
-        rows[f"cam/{m}/score"] = r.scores.reshape(-1)
-        rows[f"cam/{m}/max"] = r.maxima.reshape(-1).astype(np.float32)
+    rows["cam/guided_gradcam/map"], rows["cam/guided_gradcam/scale"] = scaled_float16(maps)
+    rows["cam/guided_gradcam/image"] = np.repeat(ids[chosen].astype(np.int64), k)
+    rows["cam/guided_gradcam/rank"] = np.tile(np.arange(k, dtype=np.int32), len(chosen))
+    rows["cam/guided_gradcam/class"] = gradcam.classes[chosen].reshape(-1)
+    rows["cam/guided_gradcam/score"] = gradcam.scores[chosen].reshape(-1)
+    rows["cam/guided_gradcam/max"] = maps.reshape(len(maps), -1).max(axis=1).astype(np.float32)
     return rows
 
 
