@@ -300,14 +300,14 @@ def sheet_image(image: np.ndarray, title: str, note: str = "", min_width: int = 
     return out
 
 
-PALETTE_ERROR = 16  # the most a colour of a sheet moves in its palette (levels of 255)
+PALETTE_ERROR = 16  # what the tests allow a tile's colour to move in the palette (levels of 255)
 
 
 def save_sheet(image: np.ndarray, path: Path) -> Path:
     """A sheet (H, W, 3) uint8 as a 256-colour PNG: its tiles come from one 256-entry colour
-    map plus grey and white, so an octree palette moves a colour by a few levels (at most
-    PALETTE_ERROR), for about a fifth of the bytes of RGB; with no matplotlib figure of the
-    large image, about four times faster than drawing one."""
+    map plus grey and white, so an octree palette moves a colour by a few levels (the mean
+    about 1.5, the tests allow PALETTE_ERROR), for about a fifth of the bytes of RGB; with no
+    matplotlib figure of the large image, about four times faster than drawing one."""
     from PIL import Image
 
     from pipeline.store import replacing
