@@ -91,8 +91,6 @@ def drawn_maps(part: Path, table: ImageTable, spec, methods: list[str], ids, bat
     order, for the images `ids`, read back from the stage's part (a resumed run has them too)."""
     import h5py
 
-    from pipeline.datasets import BatchStream
-
     wanted = np.asarray(ids, np.int64)
     drawn: dict[int, dict] = {}
     with h5py.File(part, "r") as f:
@@ -110,10 +108,28 @@ def drawn_maps(part: Path, table: ImageTable, spec, methods: list[str], ids, bat
                 item = drawn.setdefault(int(image[rows[a]]), {"maps": {}})
                 item["maps"][m] = (maps[a:b], classes[a:b], scores[a:b])
     order = [int(i) for i in dict.fromkeys(wanted.tolist()) if int(i) in drawn]
-    for batch_ids, pixels in BatchStream(table, spec, batch_size, ids=np.asarray(sorted(order), np.int64)):
-        for image_id, p in zip(batch_ids, pixels.numpy()):
-            drawn[int(image_id)]["pixels"] = p
+    for image_id, p in model_pixels(table, spec, sorted(order), batch_size).items():
+        drawn[image_id]["pixels"] = p
     return {i: drawn[i] for i in order if "pixels" in drawn[i]}
+
+
+def model_pixels(table: ImageTable, spec, ids, batch_size: int) -> dict[int, np.ndarray]:
+    """image id -> the model-input pixels (uint8 (S, S, C)) of a few images to draw, for the
+    ids that can be read. Files are read with Pillow, as the stream's own second chance
+    reads them (upright, a JPEG at the stream's DCT scale, resized and cropped alike): a
+    tf.data stream for a handful of images costs seconds to start."""
+    from pipeline.datasets import BatchStream, decode_with_pillow
+
+    ids = np.asarray(ids, np.int64)
+    if table.arrays is not None:  # in memory: sliced, no tf.data pipeline
+        return {int(i): p for batch_ids, batch in BatchStream(table, spec, batch_size, ids=ids)
+                for i, p in zip(batch_ids, batch.numpy())}
+    out = {}
+    for image_id in ids.tolist():
+        pixels, _ = decode_with_pillow(table.paths[image_id], spec, table)
+        if pixels is not None:
+            out[int(image_id)] = np.asarray(pixels)
+    return out
 
 
 def classes_with_means(counts: np.ndarray) -> np.ndarray:
@@ -399,15 +415,13 @@ def occlusion_sheets(part: Path, out_dir: Path, table, spec, names: list[str], b
     drops of the target probability and of the followed feature map (occlusion_panels)."""
     import h5py
 
-    from pipeline.datasets import BatchStream
     from pipeline.render import draw
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with h5py.File(part, "r") as f:
         g = f["occlusion"]
-        pixels_of = {int(i): p for ids, batch in BatchStream(table, spec, batch_size, ids=g["image"][()])
-                     for i, p in zip(ids, batch.numpy())}
+        pixels_of = model_pixels(table, spec, g["image"][()], batch_size)
         for i, image_id in enumerate(tqdm(g["image"][()], desc="occlusion sheets", unit="sheet")):
             if int(image_id) not in pixels_of:
                 continue  # unreadable now, though it was read for the maps
