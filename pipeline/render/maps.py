@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 ROWS_PER_PAGE = 6
 CLASS_MEANS_DRAWN = 24
 MIN_CLASS_IMAGES = 2
-DISPLAY_SIDE = 448  # longest side of a photo on the sheets
+DISPLAY_SIDE = 352  # longest side of a photo on the sheets: about its 2.3 in panel at 150 dpi
 TILE_PX = 32  # small maps are enlarged by whole factors to about this size
 FAST_PNG = 1  # zlib level of the per-image sheets: a fixed cost of every run, encoded fast
 
