@@ -370,7 +370,8 @@ def image_stream(table: ImageTable, spec: Preprocessing, batch_size: int,
     ds = tf.data.Dataset.from_generator(readable, output_signature=(
         tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.int32),
         tf.TensorSpec((), tf.int32)))
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # plain graph code (tf.cond where it branches): autograph would only re-parse it, seconds a stream
+    ds = ds.map(tf.autograph.experimental.do_not_convert(load), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors()
     return ds.batch(batch_size).prefetch(2)
 

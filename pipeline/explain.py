@@ -234,6 +234,18 @@ def _resolve_codes(codes: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
     return tf.where(codes >= 0, codes, tf.gather(ranked, rank, batch_dims=1))
 
 
+def any_batch(fn, traced: set, tensors: tuple, static: tuple = ()):
+    """fn(*tensors, *static) for a tf.function `fn` traced once with every leading (batch)
+    axis None (`traced` records it): a dataset's last, shorter batch, or the last group of
+    occlusion positions, reuses that trace instead of tracing the model again (seconds)."""
+    specs = tuple(tf.TensorSpec((None,) + tuple(t.shape[1:]) if t.shape.rank else (), t.dtype) for t in tensors)
+    key = (fn.__name__, specs, static)
+    if key not in traced:
+        fn.get_concrete_function(*specs, *static)
+        traced.add(key)
+    return fn(*tensors, *static)
+
+
 def _batches(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -273,6 +285,7 @@ class CamExplainer:
         self._logits_model = feature_model(model, [self.logits_layer], name="cam_logits")
         self.num_classes = int(model.outputs[choose_output(model, output)].shape[-1])
         self._zero_logits = None
+        self._traced: set = set()
 
     # -- building blocks -------------------------------------------------------
 
@@ -440,9 +453,9 @@ class CamExplainer:
                        scorecam_channels: int | None = None) -> dict[str, np.ndarray]:
         needs_grads = any(m in ("gradcam", "gradcam++", "guided_gradcam") for m in methods)
         if needs_grads:
-            maps, grads, classes, logits = self._gradients(x, codes, int(codes.shape[1]))
+            maps, grads, classes, logits = any_batch(self._gradients, self._traced, (x, codes), (int(codes.shape[1]),))
         else:
-            maps, classes, logits = self._forward_classes(x, codes)
+            maps, classes, logits = any_batch(self._forward_classes, self._traced, (x, codes))
         out = {"_classes": classes.numpy(), "_scores": tf.gather(logits, classes, batch_dims=1).numpy(),
                "_logits": logits.numpy()}
         gradcam = None
@@ -456,12 +469,22 @@ class CamExplainer:
             weights = self._scorecam_weights(x, maps, classes, max(int(scorecam_batch), 1), scorecam_channels)
             out["scorecam"] = tf.nn.relu(tf.einsum("bhwc,bkc->bkhw", maps, weights)).numpy()
         if "guided_gradcam" in methods:
-            b, k, h, w = gradcam.shape
-            size = tf.shape(x)[1:3]
-            up = tf.image.resize(tf.reshape(gradcam, (b * k, h, w, 1)), size, method="bilinear")
-            up = tf.reshape(up, (b, k, size[0], size[1], 1))
-            out["guided_gradcam"] = (up * self._guided(x, classes)).numpy()
+            out["guided_gradcam"] = self.guided_gradcam(x, classes, gradcam)
         return out
+
+    def guided_gradcam(self, x, classes, gradcam) -> np.ndarray:
+        """Guided Grad-CAM (B, K, S, S, C) of model inputs x (B, S, S, C) from their Grad-CAM
+        maps (B, K, h, w) for the classes (B, K): the map upsampled bilinearly to the input,
+        times guided backpropagation of the same logit. Maps already computed are reused:
+        no forward pass of the feature model here."""
+        x = tf.convert_to_tensor(x, tf.float32)
+        classes = tf.convert_to_tensor(classes, tf.int32)
+        gradcam = tf.convert_to_tensor(gradcam, tf.float32)
+        b, k, h, w = gradcam.shape
+        size = tf.shape(x)[1:3]
+        up = tf.image.resize(tf.reshape(gradcam, (b * k, h, w, 1)), size, method="bilinear")
+        up = tf.reshape(up, (b, k, size[0], size[1], 1))
+        return (up * self._guided(x, classes)).numpy()
 
 
 def _one(method: str, model, images, targets, layer, preprocessing, batch_size, **kw) -> CamResult:
@@ -531,6 +554,7 @@ class Occluder:
         self.logits_layer, self._head = logits_head(model, output)
         self.num_classes = int(model.outputs[choose_output(model, output)].shape[-1])
         self._features = feature_model(model, [self.layer, self.logits_layer], name="occlusion_features")
+        self._traced: set = set()
 
     def _forward(self, x):
         maps, z = self._features(x, training=False)
@@ -578,7 +602,7 @@ class Occluder:
             raise PipelineError("occlusion explains one class per image: pass targets of shape (B,)")
         rows = occlusion_grid(int(x.shape[1]), size, stride)
         cols = occlusion_grid(int(x.shape[2]), size, stride)
-        classes, base_prob, channel, base_total = self._base(x, tf.constant(codes))
+        classes, base_prob, channel, base_total = any_batch(self._base, self._traced, (x, tf.constant(codes)))
         fill_t = tf.constant(self.fill_value(fill), tf.float32)
         gh, gw = len(rows), len(cols)
         b = len(x)
@@ -590,8 +614,9 @@ class Occluder:
         total = np.empty(len(image), np.float32)
         with tqdm(total=len(image), desc="occlusion", unit="pos", disable=not progress) as bar:
             for s in _batches(len(image), batch_size):
-                p, t, a = self._occluded(x, tf.constant(image[s]), tf.constant(y0[s]), tf.constant(x0[s]),
-                                         tf.constant(size, tf.int32), fill_t, classes, channel)
+                p, t, a = any_batch(self._occluded, self._traced, (
+                    x, tf.constant(image[s]), tf.constant(y0[s]), tf.constant(x0[s]), tf.constant(size, tf.int32),
+                    fill_t, classes, channel))
                 prob[s], top[s], total[s] = p.numpy(), t.numpy(), a.numpy()
                 bar.update(s.stop - s.start)
         return OcclusionResult(

@@ -224,3 +224,28 @@ def test_grey_patterns_make_grey_toolbox_files(tmp_path):
         assert shown.shape[:2] == (27, 27) and abs(shown[3:-3, 3:-3].mean() - level) < 4
     with Image.open(tmp_path / "toolbox/regularized_opt/conv/whole_layer.jpg") as im:
         assert im.mode == "L" and im.size[0] % 2 == 0
+
+
+def test_toolbox_jpegs_halve_colour_only_for_large_montages(tmp_path):
+    """Montages of 32 px patches and up are 4:2:0 q85 (a third smaller than 4:4:4 q92 on
+    photo-like content); small ones keep every colour sample, so a 7 px patch keeps its colour."""
+    from PIL import JpegImagePlugin
+
+    from pipeline.render.toolbox import save_jpeg
+
+    rng = np.random.default_rng(0)
+    field = Image.fromarray(rng.integers(0, 256, (12, 12, 3), np.uint8)).resize((192, 192), Image.BICUBIC)
+    smooth = np.clip(np.asarray(field, np.float32) + rng.normal(0, 6, (192, 192, 3)), 0, 255).astype(np.uint8)
+    save_jpeg(tmp_path / "large.jpg", smooth)
+    with Image.open(tmp_path / "large.jpg") as im:
+        assert JpegImagePlugin.get_sampling(im) == 2  # 4:2:0
+        np.testing.assert_allclose(np.asarray(im, np.float32).mean((0, 1)), smooth.mean((0, 1)), atol=3)
+    Image.fromarray(smooth).save(tmp_path / "old.jpg", quality=92, subsampling=0)
+    assert (tmp_path / "large.jpg").stat().st_size < 0.75 * (tmp_path / "old.jpg").stat().st_size
+    small = np.zeros((21, 21, 3), np.uint8)
+    small[::7, ::7] = (255, 0, 0)  # one red pixel a patch: lost at half colour resolution
+    small[:7, :7] = (0, 0, 255)
+    save_jpeg(tmp_path / "small.jpg", small)
+    with Image.open(tmp_path / "small.jpg") as im:
+        assert JpegImagePlugin.get_sampling(im) == 0  # 4:4:4
+        np.testing.assert_allclose(np.asarray(im, np.float32)[3, 3], (0, 0, 255), atol=24)

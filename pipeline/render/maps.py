@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 ROWS_PER_PAGE = 6
 CLASS_MEANS_DRAWN = 24
 MIN_CLASS_IMAGES = 2
-DISPLAY_SIDE = 448  # longest side of a photo on the sheets
+DISPLAY_SIDE = 352  # longest side of a photo on the sheets: about its 2.3 in panel at 150 dpi
 TILE_PX = 32  # small maps are enlarged by whole factors to about this size
 FAST_PNG = 1  # zlib level of the per-image sheets: a fixed cost of every run, encoded fast
 
@@ -91,8 +91,6 @@ def drawn_maps(part: Path, table: ImageTable, spec, methods: list[str], ids, bat
     order, for the images `ids`, read back from the stage's part (a resumed run has them too)."""
     import h5py
 
-    from pipeline.datasets import BatchStream
-
     wanted = np.asarray(ids, np.int64)
     drawn: dict[int, dict] = {}
     with h5py.File(part, "r") as f:
@@ -110,10 +108,28 @@ def drawn_maps(part: Path, table: ImageTable, spec, methods: list[str], ids, bat
                 item = drawn.setdefault(int(image[rows[a]]), {"maps": {}})
                 item["maps"][m] = (maps[a:b], classes[a:b], scores[a:b])
     order = [int(i) for i in dict.fromkeys(wanted.tolist()) if int(i) in drawn]
-    for batch_ids, pixels in BatchStream(table, spec, batch_size, ids=np.asarray(sorted(order), np.int64)):
-        for image_id, p in zip(batch_ids, pixels.numpy()):
-            drawn[int(image_id)]["pixels"] = p
+    for image_id, p in model_pixels(table, spec, sorted(order), batch_size).items():
+        drawn[image_id]["pixels"] = p
     return {i: drawn[i] for i in order if "pixels" in drawn[i]}
+
+
+def model_pixels(table: ImageTable, spec, ids, batch_size: int) -> dict[int, np.ndarray]:
+    """image id -> the model-input pixels (uint8 (S, S, C)) of a few images to draw, for the
+    ids that can be read. Files are read with Pillow, as the stream's own second chance
+    reads them (upright, a JPEG at the stream's DCT scale, resized and cropped alike): a
+    tf.data stream for a handful of images costs seconds to start."""
+    from pipeline.datasets import BatchStream, decode_with_pillow
+
+    ids = np.asarray(ids, np.int64)
+    if table.arrays is not None:  # in memory: sliced, no tf.data pipeline
+        return {int(i): p for batch_ids, batch in BatchStream(table, spec, batch_size, ids=ids)
+                for i, p in zip(batch_ids, batch.numpy())}
+    out = {}
+    for image_id in ids.tolist():
+        pixels, _ = decode_with_pillow(table.paths[image_id], spec, table)
+        if pixels is not None:
+            out[int(image_id)] = np.asarray(pixels)
+    return out
 
 
 def classes_with_means(counts: np.ndarray) -> np.ndarray:
@@ -248,18 +264,76 @@ def activation_sheets(part: Path, out_dir: Path, grid: int, per_row: int) -> lis
             first = min(c, side * side)
             image = draw.tile(tiles[:first], side)
             title = f"{name}: channels 0-{first - 1} of {c}, image #{ids[row]}"
-            written.append(draw.save(draw.image_figure(image, title, _legend(blank[:first])),
-                                     out_dir / f"{key}_grid_{ids[row]}.png", FAST_PNG))
+            written.append(save_sheet(sheet_image(image, title, _legend(blank[:first])),
+                                      out_dir / f"{key}_grid_{ids[row]}.png"))
             image = draw.tile(tiles, per_row)
             title = f"{name}: all {c} channels ({h}x{w}), image #{ids[row]}"
-            written.append(draw.save(draw.image_figure(image, title, _legend(blank)),
-                                     out_dir / f"{key}_{ids[row]}.png", FAST_PNG))
+            written.append(save_sheet(sheet_image(image, title, _legend(blank)), out_dir / f"{key}_{ids[row]}.png"))
         fractions = g["blank_fraction"][()]
     written.append(draw.save(blank_fraction_figure(names, fractions, ids), out_dir / "blank_fraction.png",
                              FAST_PNG))
     logger.info("activations: %d sheet(s) in %s", len(written), out_dir)
     return written
 
+
+
+def text_strip(text: str, width: int, height: int, fontsize: float, grey: float = 0.0) -> np.ndarray:
+    """`text` centred on a white (height, width, 3) uint8 strip, drawn by matplotlib (the
+    figures' fonts, any script); only the strip is a figure, so the large image beside it
+    is never resampled by matplotlib."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from pipeline.render.draw import DPI
+
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
+    canvas = FigureCanvasAgg(fig)
+    fig.text(0.5, 0.5, text, ha="center", va="center", fontsize=fontsize, color=str(grey))
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[:height, :width, :3].copy()
+
+
+def sheet_image(image: np.ndarray, title: str, note: str = "", min_width: int = 640) -> np.ndarray:
+    """A composed image at whole-pixel scale (enlarged by repetition to at least
+    `min_width` pixels where it is small), a title above and a wrapped note below, as one
+    uint8 RGB array."""
+    import textwrap
+
+    image = np.asarray(image)
+    rep = max(1, min_width // max(image.shape[1], 1))
+    if rep > 1:
+        image = np.repeat(np.repeat(image, rep, axis=0), rep, axis=1)
+    h, w = image.shape[:2]
+    width = max(w, min_width)
+    lines = textwrap.wrap(note, width=max(40, width // 8)) if note else []
+    top, bottom = 36, 10 + 13 * len(lines)
+    out = np.full((top + h + bottom, width, 3), 255, np.uint8)
+    out[:top] = text_strip(title, width, top, 8)
+    x0 = (width - w) // 2
+    out[top:top + h, x0:x0 + w] = image[..., :3] if image.ndim == 3 else image[..., None]
+    if lines:
+        out[top + h:] = text_strip("\n".join(lines), width, bottom, 6, 0.3)
+    return out
+
+
+PALETTE_ERROR = 16  # what the tests allow a tile's colour to move in the palette (levels of 255)
+
+
+def save_sheet(image: np.ndarray, path: Path) -> Path:
+    """A sheet (H, W, 3) uint8 as a 256-colour PNG: its tiles come from one 256-entry colour
+    map plus grey and white, so an octree palette moves a colour by a few levels (the mean
+    about 1.5, the tests allow PALETTE_ERROR), for about a fifth of the bytes of RGB; with no
+    matplotlib figure of the large image, about four times faster than drawing one."""
+    from PIL import Image
+
+    from pipeline.store import replacing
+
+    path = Path(path)
+    paletted = Image.fromarray(np.ascontiguousarray(image)).quantize(256, method=Image.Quantize.FASTOCTREE,
+                                                                      dither=Image.Dither.NONE)
+    with replacing(path) as tmp:
+        paletted.save(tmp, "PNG", compress_level=3)
+    return path
 
 
 def _legend(blank: np.ndarray) -> str:
@@ -341,15 +415,13 @@ def occlusion_sheets(part: Path, out_dir: Path, table, spec, names: list[str], b
     drops of the target probability and of the followed feature map (occlusion_panels)."""
     import h5py
 
-    from pipeline.datasets import BatchStream
     from pipeline.render import draw
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with h5py.File(part, "r") as f:
         g = f["occlusion"]
-        pixels_of = {int(i): p for ids, batch in BatchStream(table, spec, batch_size, ids=g["image"][()])
-                     for i, p in zip(ids, batch.numpy())}
+        pixels_of = model_pixels(table, spec, g["image"][()], batch_size)
         for i, image_id in enumerate(tqdm(g["image"][()], desc="occlusion sheets", unit="sheet")):
             if int(image_id) not in pixels_of:
                 continue  # unreadable now, though it was read for the maps

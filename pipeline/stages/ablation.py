@@ -25,11 +25,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.config import is_sequence
 from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
+from pipeline.per_image import per_image_part
 from pipeline.store import Store
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,6 @@ def chosen_units(value, channels: int, selectivity: np.ndarray | None) -> tuple[
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
     from pipeline.ablation import Ablator, class_effects, per_image_rows
-    from pipeline.chunks import BOOKKEEPING, ChunkedStream
     from pipeline.layers import chosen_layers
     from pipeline.models.sources import load_model
     from pipeline.preprocess import normalize
@@ -90,23 +89,17 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
             plans.append((key, name, ablator, units, how))
             logger.info("ablation: %d unit(s) of %s (%s), one pass per image and unit", len(units), name, how)
     spec = bundle.preprocessing
-    work = store.work("ablation", stage_print, cfg.overwrite, batch_size=int(a.batch_size))
-    stream = ChunkedStream(work, table, spec, int(a.batch_size), ids, cfg.checkpoint)
-    with tqdm(total=len(ids), initial=len(ids) - stream.remaining, desc="ablation", unit="img") as bar:
-        for batch_ids, pixels in stream:
-            x, labels = normalize(pixels, spec.normalize), table.labels[batch_ids]
-            rows = {"ablation/image": batch_ids.astype(np.int64), "ablation/label": labels.astype(np.int64)}
-            for key, _, ablator, units, _ in plans:
-                found = per_image_rows(*ablator.logits(x, units), labels)
-                rows.update({f"ablation/{key}/{k}": v for k, v in found.items()})
-            stream.add(rows)
-            bar.update(len(batch_ids))
-        bar.update(len(ids) - bar.n)
-    store.write_images(len(table), stream.errors, replace=False)
-    with store.write(PART) as f:
-        work.assemble(f, skip=BOOKKEEPING)
-        if "ablation" not in f:
-            raise PipelineError("ablation: none of the labelled images could be read")
+
+    def compute(batch_ids, pixels):
+        x, labels = normalize(pixels, spec.normalize), table.labels[batch_ids]
+        rows = {"ablation/image": batch_ids.astype(np.int64), "ablation/label": labels.astype(np.int64)}
+        for key, _, ablator, units, _ in plans:
+            found = per_image_rows(*ablator.logits(x, units), labels)
+            rows.update({f"ablation/{key}/{k}": v for k, v in found.items()})
+        return rows
+
+    with per_image_part(store, "ablation", stage_print, cfg, table, spec, ids, compute, int(a.batch_size),
+                        "labelled images could be read") as (f, _):
         labels = f["ablation/label"][()]
         for key, name, _, units, how in plans:
             g = f[f"ablation/{key}"]

@@ -27,10 +27,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
-
 from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
+from pipeline.per_image import per_image_part
 from pipeline.render.maps import activation_sheets
 from pipeline.selection import choose_images, images_from_topk
 from pipeline.store import Store
@@ -43,7 +42,6 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
-    from pipeline.chunks import BOOKKEEPING, ChunkedStream
     from pipeline.explain import ActivationExtractor, blank_channels
     from pipeline.graph import flat_layers
     from pipeline.layers import chosen_layers
@@ -53,7 +51,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     a = cfg.activations
     bundle = load_model(cfg.model, cfg.cache_dir)
     table = list_images(cfg.dataset)
-    ids = choose_images(a.images, table, Store(run_dir), "activations")
+    store = Store(run_dir)
+    ids = choose_images(a.images, table, store, "activations")
     key_of = {name: key for key, name in chosen_layers(bundle.model, a.layers if a.layers is not None else cfg.layers)}
     names = list(key_of)
     shapes = {n.name: n.output_shape for n in flat_layers(bundle.model)}
@@ -68,30 +67,23 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         raise PipelineError("activations.grid and activations.per_row must be at least 1")
     spec = bundle.preprocessing
     extractor = ActivationExtractor(bundle.model, names, spec)
-    store = Store(run_dir)
     store.ensure_run(cfg, bundle, table)
-    work = store.work("activations", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
-    stream = ChunkedStream(work, table, spec, cfg.batch_size, ids, cfg.checkpoint)
     logger.info("activations of %d layer(s) for %d image(s)", len(names), len(ids))
     clipped = set()
-    with tqdm(total=len(ids), initial=len(ids) - stream.remaining, desc="activations", unit="img") as bar:
-        for batch_ids, pixels in stream:
-            maps = extractor(normalize(pixels, spec.normalize), batch_size=len(batch_ids))
-            rows = {"activations/image": batch_ids.astype(np.int64),
-                    "activations/blank_fraction": np.stack([blank_channels(maps[n]).mean(axis=1) for n in names],
-                                                           axis=1).astype(np.float32)}
-            for n in names:
-                if np.abs(maps[n]).max(initial=0.0) > FLOAT16_MAX:
-                    clipped.add(n)
-                rows[f"activations/{key_of[n]}"] = np.clip(maps[n], -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
-            stream.add(rows)
-            bar.update(len(batch_ids))
-        bar.update(len(ids) - bar.n)
-    for n in sorted(clipped):
-        logger.warning("activations of %s exceed float16's range; stored clipped", n)
-    store.write_images(len(table), stream.errors, replace=False)
-    with store.write(PART) as f:
-        work.assemble(f, skip=BOOKKEEPING)
+
+    def compute(batch_ids, pixels):
+        maps = extractor(normalize(pixels, spec.normalize), batch_size=len(batch_ids))
+        rows = {"activations/image": batch_ids.astype(np.int64),
+                "activations/blank_fraction": np.stack([blank_channels(maps[n]).mean(axis=1) for n in names],
+                                                       axis=1).astype(np.float32)}
+        for n in names:
+            if np.abs(maps[n]).max(initial=0.0) > FLOAT16_MAX:
+                clipped.add(n)
+            rows[f"activations/{key_of[n]}"] = np.clip(maps[n], -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+        return rows
+
+    with per_image_part(store, "activations", stage_print, cfg, table, spec, ids, compute,
+                        cfg.batch_size) as (f, errors):
         g = f.require_group("activations")
         if "image" not in g:  # every chosen image unreadable: empty tables, the sheets say so
             g["image"] = np.zeros(0, np.int64)
@@ -100,8 +92,10 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         for depth, n in enumerate(names):
             if key_of[n] in g:
                 g[key_of[n]].attrs.update(name=n, depth=depth, shape=np.asarray(shapes[n], np.int64))
-    if stream.errors:
-        logger.warning("activations: %d chosen image(s) unreadable, left out", len(stream.errors))
+    for n in sorted(clipped):
+        logger.warning("activations of %s exceed float16's range; stored clipped", n)
+    if errors:
+        logger.warning("activations: %d chosen image(s) unreadable, left out", len(errors))
     activation_sheets(store.parts / PART, run_dir / "activations", int(a.grid), int(a.per_row))
 
 

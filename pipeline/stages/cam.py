@@ -35,10 +35,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
+from pipeline.per_image import per_image_part
 from pipeline.render.draw import CAM_TITLES
 from pipeline.render.maps import cam_sheets
 from pipeline.selection import drawn_images, explainer_for, images_from_topk
@@ -56,7 +56,6 @@ def needs(cfg) -> tuple[str, ...]:
 
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
-    from pipeline.chunks import BOOKKEEPING, ChunkedStream
     from pipeline.explain import INPUT_RESOLUTION, METHODS, CamExplainer
     from pipeline.models.sources import load_model
     from pipeline.preprocess import normalize
@@ -82,40 +81,35 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     wanted[drawn] = True
 
     store.ensure_run(cfg, bundle, table)
-    work = store.work("cam", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
-    stream = ChunkedStream(work, table, spec, cfg.batch_size, np.arange(len(table), dtype=np.int64), cfg.checkpoint)
-    with tqdm(total=len(table), initial=len(table) - stream.remaining, desc="cam", unit="img") as bar:
-        for ids, pixels in stream:
-            x = normalize(pixels, spec.normalize)
-            # the classes and logits come with the layer-resolution maps (Grad-CAM when only
-            # input-resolution methods are asked for: their class of every image is stored)
-            out, logits = explainer.compute_with_logits(
-                x, codes_for(ids), small or ["gradcam"], batch_size=len(ids), scorecam_batch=c.scorecam_batch,
-                scorecam_channels=c.scorecam_channels)
-            rows = top_predictions(ids, logits)
-            classes = next(iter(out.values())).classes
-            k = classes.shape[1]
-            rows["cam/image"] = np.repeat(ids.astype(np.int64), k)
-            rows["cam/rank"] = np.tile(np.arange(k, dtype=np.int32), len(ids))
-            for m in small:
-                r = out[m]
-                rows[f"cam/{m}/map"] = r.maps.reshape((-1,) + r.maps.shape[2:])
-                rows[f"cam/{m}/class"] = r.classes.reshape(-1)
-                rows[f"cam/{m}/score"] = r.scores.reshape(-1)
-                rows[f"cam/{m}/max"] = r.maxima.reshape(-1).astype(np.float32)
-                if c.faithfulness_steps and m in FAITHFULNESS_METHODS:
-                    rows.update(_faithfulness(explainer, x, r, m, int(c.faithfulness_steps)))
-            chosen = np.flatnonzero(wanted[ids])
-            if large and len(chosen):
-                rows.update(input_resolution_rows(explainer, x, ids, chosen, classes, large))
-            stream.add(rows)
-            bar.update(len(ids))
-        bar.update(len(table) - bar.n)
-    store.write_images(len(table), stream.errors, replace=False)
-    with store.write(PART) as f:
-        work.assemble(f, skip=BOOKKEEPING)
-        if "cam" not in f:
-            raise PipelineError("cam: none of the images could be read: check dataset.path (images/error says why)")
+
+    def compute(ids, pixels):
+        x = normalize(pixels, spec.normalize)
+        # the classes and logits come with the layer-resolution maps; Grad-CAM always (guided
+        # Grad-CAM of the drawn images reuses it; alone, it gives every image's class)
+        out, logits = explainer.compute_with_logits(
+            x, codes_for(ids), list(dict.fromkeys(["gradcam", *small])), batch_size=len(ids),
+            scorecam_batch=c.scorecam_batch, scorecam_channels=c.scorecam_channels)
+        rows = top_predictions(ids, logits)
+        classes = out["gradcam"].classes
+        k = classes.shape[1]
+        rows["cam/image"] = np.repeat(ids.astype(np.int64), k)
+        rows["cam/rank"] = np.tile(np.arange(k, dtype=np.int32), len(ids))
+        for m in small:
+            r = out[m]
+            rows[f"cam/{m}/map"] = r.maps.reshape((-1,) + r.maps.shape[2:])
+            rows[f"cam/{m}/class"] = r.classes.reshape(-1)
+            rows[f"cam/{m}/score"] = r.scores.reshape(-1)
+            rows[f"cam/{m}/max"] = r.maxima.reshape(-1).astype(np.float32)
+            if c.faithfulness_steps and m in FAITHFULNESS_METHODS:
+                rows.update(_faithfulness(explainer, x, r, m, int(c.faithfulness_steps)))
+        chosen = np.flatnonzero(wanted[ids])
+        if large and len(chosen):
+            rows.update(input_resolution_rows(explainer, x, ids, chosen, out["gradcam"]))
+        return rows
+
+    unreadable = "images could be read: check dataset.path (images/error says why)"
+    with per_image_part(store, "cam", stage_print, cfg, table, spec, np.arange(len(table)), compute,
+                        cfg.batch_size, unreadable) as (f, errors):
         g = f["cam"]
         g.attrs.update(layer=explainer.layer, logits_layer=explainer.logits_layer, methods=json.dumps(methods),
                        target=str(c.target), input_size=np.asarray(spec.size, np.int64),
@@ -133,28 +127,28 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
             if m in small:
                 _write_class_means(g[m])
         zero = {m: (int((g[m]["max"][()] <= 0).sum()), len(g[m]["max"])) for m in methods}
-    logger.info("cam: %d images explained, %d unreadable", len(table) - len(stream.errors), len(stream.errors))
+    logger.info("cam: %d images explained, %d unreadable", len(table) - len(errors), len(errors))
     _log_zero_maps(zero)
     cam_sheets(store.parts / PART, run_dir / "cam", table, spec, names, methods, float(c.alpha), drawn,
                cfg.batch_size)
 
 
-def input_resolution_rows(explainer, x, ids: np.ndarray, chosen: np.ndarray, classes: np.ndarray,
-                          methods: list[str]) -> dict[str, np.ndarray]:
-    """cam/<method>/... rows of the input-resolution methods for the images `chosen` (positions
-    in the batch), explained for the same `classes` (B, K) as the layer-resolution maps."""
+def input_resolution_rows(explainer, x, ids: np.ndarray, chosen: np.ndarray, gradcam) -> dict[str, np.ndarray]:
+    """cam/guided_gradcam/... rows of the images `chosen` (positions in the batch), from the
+    batch's Grad-CAM result (maps (B, K, h, w), classes, scores): only the guided backward
+    pass is computed here."""
     import tensorflow as tf
 
-    out = explainer.compute(tf.gather(x, chosen), classes[chosen], methods, batch_size=len(chosen))
-    k = classes.shape[1]
+    k = gradcam.classes.shape[1]
+    maps = explainer.guided_gradcam(tf.gather(x, chosen), gradcam.classes[chosen], gradcam.maps[chosen])
+    maps = maps.reshape((-1,) + maps.shape[2:])  # (m * K, S, S, C)
     rows = {}
-    for m, r in out.items():
-        rows[f"cam/{m}/map"], rows[f"cam/{m}/scale"] = scaled_float16(r.maps.reshape((-1,) + r.maps.shape[2:]))
-        rows[f"cam/{m}/image"] = np.repeat(ids[chosen].astype(np.int64), k)
-        rows[f"cam/{m}/rank"] = np.tile(np.arange(k, dtype=np.int32), len(chosen))
-        rows[f"cam/{m}/class"] = r.classes.reshape(-1)
-        rows[f"cam/{m}/score"] = r.scores.reshape(-1)
-        rows[f"cam/{m}/max"] = r.maxima.reshape(-1).astype(np.float32)
+    rows["cam/guided_gradcam/map"], rows["cam/guided_gradcam/scale"] = scaled_float16(maps)
+    rows["cam/guided_gradcam/image"] = np.repeat(ids[chosen].astype(np.int64), k)
+    rows["cam/guided_gradcam/rank"] = np.tile(np.arange(k, dtype=np.int32), len(chosen))
+    rows["cam/guided_gradcam/class"] = gradcam.classes[chosen].reshape(-1)
+    rows["cam/guided_gradcam/score"] = gradcam.scores[chosen].reshape(-1)
+    rows["cam/guided_gradcam/max"] = maps.reshape(len(maps), -1).max(axis=1).astype(np.float32)
     return rows
 
 

@@ -23,10 +23,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
-
 from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
+from pipeline.per_image import per_image_part
 from pipeline.render.maps import occlusion_sheets
 from pipeline.selection import choose_images, explainer_for, images_from_topk
 from pipeline.store import Store
@@ -43,7 +42,6 @@ def needs(cfg) -> tuple[str, ...]:
 
 
 def run(cfg, run_dir: Path, stage_print: str) -> None:
-    from pipeline.chunks import BOOKKEEPING, ChunkedStream
     from pipeline.explain import Occluder, occlusion_grid
     from pipeline.models.sources import load_model
     from pipeline.preprocess import normalize
@@ -58,27 +56,19 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     occluder, names, codes_for = explainer_for(
         lambda: Occluder(bundle.model, o.layer, spec, output=cfg.model.output), o, bundle, table)
     store.ensure_run(cfg, bundle, table)
-    work = store.work("occlusion", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
-    stream = ChunkedStream(work, table, spec, cfg.batch_size, ids, cfg.checkpoint)
     logger.info("occlusion: %d image(s), square %d px every %d px, feature maps of %s",
                 len(ids), size, stride, occluder.layer)
-    with tqdm(total=len(ids), initial=len(ids) - stream.remaining, desc="occlusion", unit="img") as bar:
-        for batch_ids, pixels in stream:
-            r = occluder.compute(normalize(pixels, spec.normalize), codes_for(batch_ids)[:, 0], size, stride,
-                                 int(o.fill), int(o.batch_size))
-            stream.add({"occlusion/image": batch_ids.astype(np.int64), "occlusion/class": r.classes.astype(np.int64),
-                        "occlusion/channel": r.channel.astype(np.int64),
-                        "occlusion/top_class": r.top_class.astype(np.int64),
-                        **{f"occlusion/{key}": getattr(r, key).astype(np.float32) for key in
-                           ("probability", "activation", "base_probability", "base_activation")}})
-            bar.update(len(batch_ids))
-        bar.update(len(ids) - bar.n)
-    store.write_images(len(table), stream.errors, replace=False)
-    with store.write(PART) as f:
-        work.assemble(f, skip=BOOKKEEPING)
-        if "occlusion" not in f:
-            raise PipelineError("occlusion: none of the chosen images could be read: choose others with "
-                                "occlusion.images")
+
+    def compute(batch_ids, pixels):
+        r = occluder.compute(normalize(pixels, spec.normalize), codes_for(batch_ids)[:, 0], size, stride,
+                             int(o.fill), int(o.batch_size))
+        return {"occlusion/image": batch_ids.astype(np.int64), "occlusion/class": r.classes.astype(np.int64),
+                "occlusion/channel": r.channel.astype(np.int64), "occlusion/top_class": r.top_class.astype(np.int64),
+                **{f"occlusion/{key}": getattr(r, key).astype(np.float32) for key in
+                   ("probability", "activation", "base_probability", "base_activation")}}
+
+    with per_image_part(store, "occlusion", stage_print, cfg, table, spec, ids, compute, cfg.batch_size,
+                        "chosen images could be read: choose others with occlusion.images") as (f, _):
         g = f["occlusion"]
         g["rows"] = occlusion_grid(spec.height, size, stride)
         g["cols"] = occlusion_grid(spec.width, size, stride)
