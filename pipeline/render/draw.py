@@ -194,28 +194,6 @@ def tile(tiles: np.ndarray, per_row: int, gap: int = 2, background: int = 255) -
     return out
 
 
-def image_figure(image: np.ndarray, title: str, note: str = "", min_width: int = 640) -> Figure:
-    """A composed image shown at whole-pixel scale (enlarged by repetition to at least
-    `min_width` pixels where it is small) with a title above and a note below."""
-    import textwrap
-
-    image = np.asarray(image)
-    rep = max(1, min_width // max(image.shape[1], 1))
-    if rep > 1:
-        image = np.repeat(np.repeat(image, rep, axis=0), rep, axis=1)
-    h, w = image.shape[:2]
-    width = max(w, min_width)
-    lines = textwrap.wrap(note, width=max(40, width // 8)) if note else []
-    top, bottom = 36, 10 + 13 * len(lines)
-    total = h + top + bottom
-    fig = Figure(figsize=(width / DPI, total / DPI), dpi=DPI)
-    fig.figimage(image, xo=(width - w) // 2, yo=bottom, origin="upper")
-    fig.text(0.5, 1 - 8 / total, title, ha="center", va="top", fontsize=8)
-    if lines:
-        fig.text(0.5, 4 / total, "\n".join(lines), ha="center", va="bottom", fontsize=6, color="0.3")
-    return fig
-
-
 def save(fig: Figure, path: Path, compress_level: int | None = None) -> Path:
     """Render a figure to PNG with the Agg canvas; `compress_level` 1 encodes large sheets
     about twice as fast as the default 6, for about a tenth more bytes."""
