@@ -14,13 +14,16 @@ Pure functions, for the panels stage to store `codes` (int8, gzip, shuffle) and 
 (float32, one per panel) and for readers to decode before drawing: on the default job's
 panels (features_4 and features_7, guided, guided_norm, deconv) the gzip'd codes take 0.41
 of the gzip'd float16 panels, every value within 1/127 of its panel's largest |v|.
+`read_panels` is the one reader of stored panels (cards, viewer, toolbox export).
 """
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 
 LEVELS = 127
+SCALE = "_scale"  # panels/<name>_scale holds the scales of panels/<name>
 
 
 def encode_panels(panels: np.ndarray, panel_dims: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -41,3 +44,13 @@ def decode_panels(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     s = np.asarray(scale, np.float32)
     per = s.reshape(s.shape + (1,) * (c.ndim - s.ndim))
     return np.sign(c) * np.square(c / LEVELS) * per
+
+
+def read_panels(g: h5py.Group, name: str, rows, slots=slice(None), ds: h5py.Dataset | None = None) -> np.ndarray:
+    """float32 panels [rows, slots] of layers/<layer>/<name> (e.g. `panels/guided`),
+    decoded with `<name>_scale`; a results.h5 written before the codec holds float16
+    panels and no scale, read as they are. ds: g[name], opened once by the caller."""
+    codes = (g[name] if ds is None else ds)[rows, slots]
+    if name + SCALE not in g:
+        return np.asarray(codes, np.float32)
+    return decode_panels(codes, g[name + SCALE][rows, slots])

@@ -25,12 +25,11 @@ from pipeline.crop import cut_patches, patch_size
 from pipeline.datasets import BatchStream
 from pipeline.errors import PipelineError
 from pipeline.field_crop import crop_index, crop_plan, crop_positions
+from pipeline.panel_codec import SCALE, encode_panels
 from pipeline.preprocess import Preprocessing, normalize
 
 logger = logging.getLogger(__name__)
 
-FLOAT16_MAX = float(np.finfo(np.float16).max)
-FLOAT16_TINY = float(np.finfo(np.float16).tiny)  # smallest normal float16
 # panels.layers=cropped leaves out layers whose crops exceed this share of the image: they
 # cost about a whole-image pass each (VGG16's block5_conv3 at 224: 208x208, 86 %)
 MAX_CROPPED_AREA = 0.5
@@ -139,9 +138,14 @@ def _block_panels(layer: PanelLayer, c0: int, c1: int, projector: Projector, tab
                   batch_size: int, bar: tqdm) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     k = layer.image.shape[1]
     h, w = layer.size
-    out = {m: np.zeros((c1 - c0, k, h, w, spec.channels), np.float16) for m in projector.methods}
-    out.update({m + "_norm": np.zeros((c1 - c0, k, h, w), np.float16) for m in projector.methods})
-    counts = dict.fromkeys(("tiny", "huge", "missing"), 0)
+    # int8 codes with a float32 scale per panel (pipeline.panel_codec): half of float16's bytes
+    out = {}
+    for m in projector.methods:
+        out[m] = np.zeros((c1 - c0, k, h, w, spec.channels), np.int8)
+        out[m + "_norm"] = np.zeros((c1 - c0, k, h, w), np.int8)
+        out[m + SCALE] = np.zeros((c1 - c0, k), np.float32)
+        out[m + "_norm" + SCALE] = np.zeros((c1 - c0, k), np.float32)
+    counts = {"missing": 0}
     counts.update({f"empty {m}": 0 for m in projector.methods})
     c_idx, k_idx = np.nonzero(layer.image[c0:c1] >= 0)
     c_idx += c0
@@ -244,12 +248,6 @@ def log_counts(stats: dict[str, dict[str, int]], capped: bool) -> None:
             if key.startswith("empty ") and count:
                 logger.info("layer %s: %d %s panel(s) are all zero (%s, where only deconv passes a signal)",
                             name, count, key[6:], why)
-        if counts["tiny"]:
-            logger.warning("layer %s: %d panel(s) peak below %.1e and lose precision as float16",
-                           name, counts["tiny"], FLOAT16_TINY)
-        if counts["huge"]:
-            logger.warning("layer %s: %d panel(s) exceed the float16 range and were clipped to +-%g",
-                           name, counts["huge"], FLOAT16_MAX)
 
 
 class _Pending:
@@ -297,12 +295,10 @@ def _compute(layer: PanelLayer, projector: Projector, c: np.ndarray, k: np.ndarr
         raw = place_in_frame(maps, boxes, offsets, layer.frame)
         norm = np.sqrt(np.square(raw).sum(axis=-1))
         raw, norm = shrink_float(raw, layer.size), shrink_float(norm[..., None], layer.size)[..., 0]
-        peak = np.abs(raw).reshape(len(raw), -1).max(axis=1)
-        counts["tiny"] += int(((peak > 0) & (peak < FLOAT16_TINY)).sum())
-        counts["huge"] += int((peak > FLOAT16_MAX).sum())
-        counts[f"empty {method}"] += int((peak == 0).sum())
-        out[method][c - c0, k] = np.clip(raw, -FLOAT16_MAX, FLOAT16_MAX)
-        out[method + "_norm"][c - c0, k] = np.clip(norm, 0, FLOAT16_MAX)
+        codes, scale = encode_panels(raw, panel_dims=3)
+        counts[f"empty {method}"] += int((scale == 0).sum())
+        out[method][c - c0, k], out[method + SCALE][c - c0, k] = codes, scale
+        out[method + "_norm"][c - c0, k], out[method + "_norm" + SCALE][c - c0, k] = encode_panels(norm, panel_dims=2)
 
 
 def _check_values(got: np.ndarray, expected: np.ndarray, scale: float) -> None:

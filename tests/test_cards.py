@@ -13,6 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from pipeline.panel_codec import encode_panels
 from pipeline.render import card_layout, cards, text as txt
 from pipeline.render.card_charts import diverging_lut, spectrum_bars, weight_tiles
 from pipeline.render.card_data import ImageIndex, find_weights, spectrum_values
@@ -85,8 +86,8 @@ def write_results(path, panels=True, filters=True, bottom=True, spectrum=True):
             raw = np.zeros((C, K, S, S, 3), np.float16)
             raw[:, :, :, :S // 2] = 0.5  # left half positive, right half negative
             raw[:, :, :, S // 2:] = -0.5
-            pg["deconv"] = raw
-            pg["deconv_norm"] = np.abs(raw).max(axis=-1)
+            for name, values, dims in (("deconv", raw, 3), ("deconv_norm", np.abs(raw).max(axis=-1), 2)):
+                pg[name], pg[name + "_scale"] = encode_panels(values, dims)  # as the panels stage stores them
         if filters:
             fg = f.create_group("filters/block.conv")
             fg.attrs.update(name="block/conv", objective="channel", channels_total=C)

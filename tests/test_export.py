@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from test_pipeline import compose_cfg, tiny_model
+from pipeline.panel_codec import encode_panels
 from pipeline.runner import run
 from pipeline.store import read_strings
 from pipeline.render.toolbox import INFO_HEADER, corner_montage
@@ -56,7 +57,9 @@ def exported(tmp_path, photo_folder):
         for j in range(k):
             deconv[:, j, :4 * (j + 1)] = 1.0
         deconv = deconv.reshape(c, k, h, w, 3)
-        g.create_dataset("panels/deconv", data=deconv)
+        codes, scale = encode_panels(deconv)  # stored as the panels stage stores them: the export decodes
+        g.create_dataset("panels/deconv", data=codes)
+        g.create_dataset("panels/deconv_scale", data=scale)
         for key, size, seeds in (("relu1", 24, 1), ("conv2", 61, 4)):
             n = 4 if key == "relu1" else 5
             p = f.create_group(f"filters/{key}")

@@ -5,7 +5,7 @@ import io
 import h5py
 import numpy as np
 
-from pipeline.panel_codec import LEVELS, decode_panels, encode_panels
+from pipeline.panel_codec import LEVELS, decode_panels, encode_panels, read_panels
 
 
 def test_round_trip_within_half_a_code_of_each_panels_own_scale():
@@ -49,3 +49,33 @@ def test_norm_panels_use_the_positive_codes_and_gzip_well_below_float16():
 
     # random values (incompressible mantissas): 0.53 of float16; real panels of the default job: 0.41
     assert stored(codes) + scale.nbytes < 0.6 * stored(sparse.astype(np.float16))
+
+
+def test_read_panels_decodes_stored_codes_and_reads_float16_files_as_they_are():
+    rng = np.random.default_rng(2)
+    panels = rng.normal(size=(3, 4, 5, 5, 3)).astype(np.float32)
+    with h5py.File(io.BytesIO(), "w") as f:
+        codes, scale = encode_panels(panels)
+        f["new/panels/guided"], f["new/panels/guided_scale"] = codes, scale
+        f["old/panels/guided"] = panels.astype(np.float16)  # a results.h5 from before the codec
+        got = read_panels(f["new"], "panels/guided", slice(1, 3), slice(0, 2))
+        np.testing.assert_array_equal(got, decode_panels(codes, scale)[1:3, :2])
+        assert (np.abs(got - panels[1:3, :2]) <= scale[1:3, :2, None, None, None] / LEVELS + 1e-7).all()
+        np.testing.assert_array_equal(read_panels(f["old"], "panels/guided", 2, 1), panels[2, 1].astype(np.float16))
+
+
+def test_drawn_panels_are_drawn_from_the_decoded_values():
+    """layer_patches (cards, viewer, toolbox export) draws the float panels, not their codes:
+    a graded panel drawn from its codes would be brighter at mid values (sqrt coding)."""
+    from pipeline.render.patches import layer_patches, panel_image
+
+    ramp = np.linspace(-1.0, 1.0, 6 * 6 * 3, dtype=np.float32).reshape(6, 6, 3) ** 3  # mid values matter
+    panels = np.stack([np.stack([ramp * (c + 1), ramp[::-1] * 1e-4]) for c in range(2)])  # (2, 2, 6, 6, 3)
+    with h5py.File(io.BytesIO(), "w") as f:
+        g = f.create_group("layers/conv")
+        g["topk/image"] = np.zeros((2, 2), np.int64)
+        g["panels/deconv"], g["panels/deconv_scale"] = encode_panels(panels)
+        drawn = layer_patches(g, "panels/deconv", 0, 2, 2, (6, 6))
+        codes = g["panels/deconv"][()].astype(np.float32)
+    assert np.abs(drawn.astype(int) - panel_image(panels)).max() <= 2  # within the codec's bound
+    assert np.abs(drawn.astype(int) - panel_image(codes)).max() > 20

@@ -14,6 +14,7 @@ from test_pipeline import compose_cfg
 from pipeline.backprop import backprop, seed_at
 from pipeline.datasets import BatchStream, list_images
 from pipeline.errors import PipelineError
+from pipeline.panel_codec import LEVELS, read_panels
 from pipeline.panels import place_in_frame
 from pipeline.preprocess import normalize
 from pipeline.runner import run
@@ -81,11 +82,14 @@ def test_schema(full_run):
             assert json.loads(g["panels"].attrs["methods"]) == list(METHODS)
             for method in METHODS:
                 raw, norm = g[f"panels/{method}"], g[f"panels/{method}_norm"]
-                assert raw.shape == (c, k, h, w, 3) and raw.dtype == np.float16
-                assert norm.shape == (c, k, h, w) and norm.dtype == np.float16
+                assert raw.shape == (c, k, h, w, 3) and raw.dtype == np.int8  # pipeline.panel_codec codes
+                assert norm.shape == (c, k, h, w) and norm.dtype == np.int8
+                for scale in (g[f"panels/{method}_scale"], g[f"panels/{method}_norm_scale"]):
+                    assert scale.shape == (c, k) and scale.dtype == np.float32
                 assert raw.is_virtual and norm.is_virtual  # over the stage's chunk files
                 filled = g["topk/image"][()] >= 0
-                peak = np.abs(raw[()]).max(axis=(2, 3, 4))
+                peak = np.abs(read_panels(g, f"panels/{method}", slice(None))).max(axis=(2, 3, 4))
+                np.testing.assert_allclose(peak, g[f"panels/{method}_scale"][()], rtol=1e-6)  # code 127 is the peak
                 assert (peak[~filled] == 0).all()
                 if method == "gradient":  # every active scanned unit has a gradient
                     active = filled & (g["topk/value"][()] > 0)
@@ -93,6 +97,8 @@ def test_schema(full_run):
 
 
 def test_panels_equal_a_direct_one_seed_computation(full_run):
+    """Read back through the readers' decoder, every value lies within the codec's bound
+    (1/127 of its panel's largest |v|) of the float panel computed with one seed."""
     model, cfg, results = full_run
     inputs = model_inputs(cfg)
     with h5py.File(results, "r") as f:
@@ -113,12 +119,11 @@ def test_panels_equal_a_direct_one_seed_computation(full_run):
                     full = backprop(model, inputs[image[c, kk]][None], name, seed, method).numpy()[0]
                     expected = np.zeros(g[f"panels/{method}"].shape[2:], np.float32)
                     expected[oy:oy + y1 - y0, ox:ox + x1 - x0] = full[y0:y1, x0:x1]
-                    got = g[f"panels/{method}"][c, kk].astype(np.float32)
-                    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-3 * np.abs(expected).max(),
-                                               err_msg=f"{name} {method} {(c, kk)}")
-                    norm = g[f"panels/{method}_norm"][c, kk].astype(np.float32)
-                    np.testing.assert_allclose(norm, np.sqrt((expected ** 2).sum(-1)), rtol=2e-3,
-                                               atol=1e-3 * np.abs(expected).max())
+                    got = read_panels(g, f"panels/{method}", c, kk)
+                    bound = np.abs(expected).max() * (1 / LEVELS + 1e-3)  # the codec's, plus float error
+                    np.testing.assert_allclose(got, expected, rtol=0, atol=bound, err_msg=f"{name} {method} {(c, kk)}")
+                    norm, want = read_panels(g, f"panels/{method}_norm", c, kk), np.sqrt((expected ** 2).sum(-1))
+                    np.testing.assert_allclose(norm, want, rtol=0, atol=want.max() * (1 / LEVELS + 1e-3))
 
 
 def test_gradient_support_lies_inside_the_box(full_run):
@@ -131,7 +136,7 @@ def test_gradient_support_lies_inside_the_box(full_run):
             image, box, y, x = (g[f"topk/{key}"][()] for key in ("image", "box", "y", "x"))
             row_offset, col_offset = g["geometry/row_offset"][()], g["geometry/col_offset"][()]
             frame = tuple(g["geometry"].attrs["frame"])
-            panels = {m: g[f"panels/{m}"][()] for m in METHODS}
+            panels = {m: read_panels(g, f"panels/{m}", slice(None)) for m in METHODS}
             inside_seen = False
             for c, kk in zip(*np.nonzero(image >= 0)):
                 y0, x0, y1, x1 = box[c, kk]
@@ -177,20 +182,23 @@ def test_shrunk_panels_align_with_shrunk_patches_and_batching_changes_nothing(se
     _, _, full = full_run
     with h5py.File(root / "shrunk" / "results.h5", "r") as f, h5py.File(full, "r") as ref:
         g = f["layers/conv2"]
-        assert list(g["panels"]) == ["guided", "guided_norm"]
+        assert sorted(g["panels"]) == ["guided", "guided_norm", "guided_norm_scale", "guided_scale"]
         assert g["panels/guided"].shape[:4] == g["patches"].shape[:4] and g["patches"].shape[2] == 6
         assert g["panels"].attrs["scale"] == pytest.approx(g["patches"].attrs["scale"])
         # one seed per pass and one channel per block here, five seeds per pass and one
         # block in the full run: the same panels once shrunk
-        big = ref["layers/conv2/panels/guided"][()].astype(np.float32)
+        # both sides decoded: each within 1/127 of its own panel's peak (the full one's is the larger)
+        big = read_panels(ref["layers/conv2"], "panels/guided", slice(None))
         c, k, h, w, ch = big.shape
         small = tf.image.resize(big.reshape(c * k, h, w, ch), (6, 6), method="area").numpy().reshape(c, k, 6, 6, ch)
-        np.testing.assert_allclose(g["panels/guided"][()].astype(np.float32), small, rtol=5e-3,
-                                   atol=2e-3 * np.abs(small).max())
-        norm = np.sqrt((big ** 2).sum(-1))
-        small_norm = tf.image.resize(norm.reshape(c * k, h, w, 1), (6, 6), method="area").numpy().reshape(c, k, 6, 6)
-        np.testing.assert_allclose(g["panels/guided_norm"][()].astype(np.float32), small_norm, rtol=5e-3,
-                                   atol=2e-3 * np.abs(small_norm).max())
+        bound = 2 * ref["layers/conv2/panels/guided_scale"][()] / LEVELS
+        assert (np.abs(read_panels(g, "panels/guided", slice(None)) - small) <= bound[..., None, None, None] * 1.01
+                + 5e-3 * np.abs(small) + 2e-3 * np.abs(small).max()).all()
+        big_norm = read_panels(ref["layers/conv2"], "panels/guided_norm", slice(None))
+        small_norm = tf.image.resize(big_norm.reshape(c * k, h, w, 1), (6, 6), method="area").numpy().reshape(c, k, 6, 6)
+        bound = 2 * ref["layers/conv2/panels/guided_norm_scale"][()] / LEVELS
+        assert (np.abs(read_panels(g, "panels/guided_norm", slice(None)) - small_norm) <= bound[..., None, None] * 1.01
+                + 5e-3 * np.abs(small_norm) + 2e-3 * np.abs(small_norm).max()).all()
 
 
 def test_panels_need_a_scan_and_valid_methods(setup, full_run, tmp_path):

@@ -388,8 +388,19 @@ def test_real_run_renders_every_sheet_card_and_page(full_run):
     # A4 wide; a row per kind of map: photo and predictions 2.5 in, Grad-CAM 2.25, occlusion 2.35,
     # activation grids 2.25, title 0.55; a 0.35 in note names what an image lacks (image 2: occlusion)
     heights = {"image_0.png": 9.9, "image_1.png": 9.9, "image_2.png": 9.9 - 2.35 + 0.35}
+    from PIL import Image
+
+    from pipeline.render.book import MAX_IMAGE_PX, _load, _reduce
+    from pipeline.render.report import SHEET_DPI
+
     for p in sheets:
-        assert _png_size(p) == (round(heights[p.name] * 300), round(8.27 * 300)), p.name
+        # RGB at up to SHEET_DPI, as large as the book embeds pixel for pixel (no alpha, no reduction)
+        dpi = min(SHEET_DPI, MAX_IMAGE_PX // heights[p.name])
+        assert dpi >= 150 and abs(np.subtract(_png_size(p), (heights[p.name] * dpi, 8.27 * dpi))).max() <= 1, p.name
+        with Image.open(p) as im:
+            assert im.mode == "RGB"
+        pixels = _load(p)
+        assert _reduce(pixels).shape == pixels.shape and max(pixels.shape) <= MAX_IMAGE_PX
     assert (run_dir / "index.html").is_file()
 
 

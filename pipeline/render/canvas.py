@@ -192,10 +192,20 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 
 
-def save_figure(fig, path: Path, dpi: int) -> Path:
+def save_figure(fig, path: Path, dpi: float, alpha: bool = True) -> Path:
+    """A figure as PNG on white; alpha=False drops the (all opaque) alpha channel: a quarter
+    fewer raw bytes, the same picture."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
 
-    FigureCanvasAgg(fig)
+    canvas = FigureCanvasAgg(fig)
     with replacing(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, facecolor="white")
+        if alpha:
+            fig.savefig(tmp, dpi=dpi, facecolor="white")
+        else:
+            fig.set_dpi(dpi)
+            fig.set_facecolor("white")
+            canvas.draw()
+            rgb = np.asarray(canvas.buffer_rgba())[..., :3]
+            Image.fromarray(rgb).save(tmp, format="PNG", dpi=(dpi, dpi))
     return path

@@ -289,7 +289,8 @@ class LayerData:
         methods = []
         if panels is not None:
             listed = json.loads(as_str(panels.attrs.get("methods", "[]")) or "[]")
-            methods = [m for m in (listed or [k_ for k_ in panels if not k_.endswith("_norm")]) if m in panels]
+            found = [k_ for k_ in panels if not k_.endswith(("_norm", "_scale"))]  # no methods attr: by name
+            methods = [m for m in (listed or found) if m in panels]
         pattern_rows = pattern_ds = pattern_value = None
         objective = "channel"
         fg = f.get(f"filters/{info.stored}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
+from pipeline.panel_codec import read_panels
 from pipeline.render.canvas import resize_patches
 from pipeline.render.draw import PANEL_PERCENTILE, panel_to_uint8
 
@@ -92,7 +93,10 @@ def layer_patches(g: h5py.Group, name: str, c0: int, c1: int, k: int, size: tupl
     ds: g[name] opened once by a caller that reads many blocks (a virtual dataset parses
     its mapping each time it is opened)."""
     slots = slice(start, start + k)
-    raw = (g[name] if ds is None else ds)[c0:c1, slots]
+    if name.startswith("panels/"):  # int8 codes and their scales, decoded to float panels
+        raw = read_panels(g, name, slice(c0, c1), slots, ds)
+    else:
+        raw = (g[name] if ds is None else ds)[c0:c1, slots]
     table = g[TABLES.get(name, "topk")]
     keys = None
     if not name.startswith("panels/") and all(n in table for n in ("image", "y", "x")):

@@ -106,7 +106,10 @@ def _extras(f: h5py.File, run_dir: Path, stored: list[str]) -> list[tuple[str, l
 # stage entry point
 # ----------------------------------------------------------------------------
 
-PRINT_DPI = 300  # figures (sparsity, per-image sheets) as PNG
+PRINT_DPI = 300  # run figures (sparsity, selectivity) as PNG
+# per-image sheets: RGB PNG at up to SHEET_DPI, no larger than the book embeds pixel for pixel
+# (book.MAX_IMAGE_PX a side; at 300 dpi the book area-reduced them to about 110 dpi)
+SHEET_DPI = 200
 
 
 def faithfulness_table(f: h5py.File):
@@ -441,12 +444,15 @@ def _image_sheets(f: h5py.File, run: RunRecord, ids: list[int], cache: RenderCac
     sheets = cache.kept("images")
     if sheets is not None:
         return sheets
+    from pipeline.render.book import MAX_IMAGE_PX
+
     names = class_namer(f)
     spec = stored_preprocessing(run.attrs)
     sheets = []
     for image_id in tqdm(ids, desc="per-image sheets", unit="image"):
-        fig, _ = image_sheet(f, run.per_image, image_id, names, spec, PRINT_DPI)
-        path = save_figure(fig, sheet_dir / "images" / f"image_{image_id}.png", PRINT_DPI)
+        fig, _ = image_sheet(f, run.per_image, image_id, names, spec, SHEET_DPI)
+        dpi = min(SHEET_DPI, math.floor(MAX_IMAGE_PX / max(fig.get_size_inches())))
+        path = save_figure(fig, sheet_dir / "images" / f"image_{image_id}.png", dpi, alpha=False)
         sheets.append((image_id, path, f"image #{image_id}: {shown(Path(run.paths[image_id]).name)}"))
     cache.record("images", sheets)
     return sheets

@@ -6,7 +6,9 @@ computed with pipeline.backprop for every method in `panels.methods`, and the
 map is cut into the layer's frame where the crop stage puts the patch's pixels
 and shrunk the same way, so `panels/<method>[c, k]` lies pixel for pixel on
 `patches[c, k]`. These are the Deep Visualization Toolbox's precomputed
-"deconv" and "backprop" views of the top-9 patches.
+"deconv" and "backprop" views of the top-9 patches. Each panel is stored as int8
+codes with its float32 scale beside it (`panels/<method>_scale`,
+pipeline.panel_codec); readers decode them with panel_codec.read_panels.
 
 A unit depends on nothing outside its receptive field, so where the layer's
 geometry allows (pipeline.field_crop) the passes run on receptive-field crops,
@@ -32,6 +34,7 @@ from pipeline import panels as engine
 from pipeline.crop import channel_blocks
 from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
+from pipeline.panel_codec import SCALE
 from pipeline.preprocess import Preprocessing
 from pipeline.store import Store, block_bytes, table_digest
 
@@ -79,7 +82,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     blocks = []  # (chunk number, layer, c0, c1): a block never spans layers
     for layer in layers:
         k, (h, w) = layer.image.shape[1], layer.size
-        per_channel = k * h * w * (spec.channels + 1) * len(methods) * 2
+        per_channel = k * (h * w * (spec.channels + 1) + 8) * len(methods)  # int8 codes, float32 scales
         for [(_, c0, c1)] in channel_blocks([(layer.key, layer.image.shape[0], per_channel)], budget):
             blocks.append((len(blocks), layer, c0, c1))
     todo = [b for b in blocks if work.chunk_name(b[0]) not in done]
@@ -100,8 +103,11 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                                    scale=layer.size[0] / layer.frame[0], layer=layer.name,
                                    input="gradient w.r.t. the normalised model input")
                 for name, array in out.items():
-                    group.create_dataset(name, data=array, chunks=(1,) + array.shape[1:], compression="gzip",
-                                         compression_opts=4, shuffle=True)
+                    if name.endswith(SCALE):  # (channels, k) float32: a few bytes a panel, stored as is
+                        group.create_dataset(name, data=array)
+                    else:
+                        group.create_dataset(name, data=array, chunks=(1,) + array.shape[1:], compression="gzip",
+                                             compression_opts=4, shuffle=True)
             for key, value in counts.items():
                 stats.setdefault(layer.name, {}).setdefault(key, 0)
                 stats[layer.name][key] += value
