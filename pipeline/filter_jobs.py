@@ -120,7 +120,7 @@ def jobs(cfg, bundle) -> list[Job]:
         targets, labels = _classes(list(fc.classes), n_classes, bundle.imagenet_classes)
         return [Job(layer, targets, n_classes, head, labels, name=output_names(model)[index], read=layer)]
     jobs = []
-    for key, name in chosen_layers(model, cfg.layers):
+    for key, name in chosen_layers(model, cfg.layers, bundle.renamed):
         total = int(shapes[name][-1])
         read = (preactivation(model, name) or name) if fc.objective == "neg" else name
         jobs.append(Job(name, _channels(fc.channels, total, name), total, read=read, stored=key))

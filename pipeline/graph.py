@@ -31,7 +31,7 @@ from __future__ import annotations
 import difflib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import keras
 
@@ -80,15 +80,16 @@ def ancestors(by_name: dict[str, FlatNode], names: Iterable[str]) -> set[str]:
     return needed
 
 
-def resolve_layer_names(model, names: str | Iterable[str]) -> list[str]:
+def resolve_layer_names(model, names: str | Iterable[str], renamed: Mapping[str, str] | None = None) -> list[str]:
     """Map user-given layer names to qualified node names.
 
-    Accepted, in this order: a qualified name; the name of a nested model (meaning
-    its single output); an unqualified inner name that matches exactly one node
-    ('conv1' for 'backbone/conv1'). Anything else raises PipelineError, one line,
-    with the nearest valid names.
+    Accepted, in this order: a qualified name; a name TensorFlow refused, through
+    `renamed` (old -> new: the loaded model's ModelBundle.renamed); the name of a nested
+    model (meaning its single output); an unqualified inner name that matches exactly
+    one node ('conv1' for 'backbone/conv1'). Anything else raises PipelineError, one
+    line, with the nearest valid names.
     """
-    return _resolve(model, _flatten(model), names)
+    return _resolve(model, _flatten(model), names, renamed or {})
 
 
 def feature_model(model, names: str | Iterable[str], name: str | None = None) -> keras.Model:
@@ -370,12 +371,12 @@ def _topo_nodes(model, inputs: list, outputs: list) -> list:
     return order
 
 
-def _resolve(model, flat: _Flat, names: str | Iterable[str]) -> list[str]:
+def _resolve(model, flat: _Flat, names: str | Iterable[str], renamed: Mapping[str, str] | None = None) -> list[str]:
     if isinstance(names, str):
         names = [names]
     valid = [n.name for n in flat.nodes]
     known = set(valid)
-    renamed = getattr(model, "renamed_layers", {})  # names TensorFlow refused (pipeline.models.sources)
+    renamed = renamed or {}
     out = []
     for name in names:
         name = str(name)

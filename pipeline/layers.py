@@ -28,26 +28,27 @@ def _spatial(node) -> bool:
     return len(shape) == 3 and shape[0] is not None and shape[0] > 1 and shape[1] > 1
 
 
-def select_layers(model: keras.Model, layers) -> list[str]:
-    """Qualified layer names for a preset name or a list of names."""
+def select_layers(model: keras.Model, layers, renamed=None) -> list[str]:
+    """Qualified layer names for a preset name or a list of names (`renamed`: the
+    bundle's names TensorFlow refused, old -> new)."""
     if isinstance(layers, str):
         if layers not in PRESETS:
-            return resolve_layer_names(model, [layers])
+            return resolve_layer_names(model, [layers], renamed)
         return preset(model, layers)
     names = [str(n) for n in layers]
     if not names:
         raise PipelineError("layers=[] selects nothing: name layers or use a preset "
                             f"({', '.join(PRESETS)})")
-    return resolve_layer_names(model, names)
+    return resolve_layer_names(model, names, renamed)
 
 
-def chosen_layers(model: keras.Model, layers) -> list[tuple[str, str]]:
+def chosen_layers(model: keras.Model, layers, renamed=None) -> list[tuple[str, str]]:
     """(stored key, qualified name) of each chosen layer. The key is the name as the user
     wrote it ('/' becomes '.'): layers=[inner] for a nested model is stored as layers/inner,
     whatever inner layer it resolves to; a preset's layers keep their qualified names."""
     from pipeline.store import stored_name
 
-    qualified = select_layers(model, layers)
+    qualified = select_layers(model, layers, renamed)
     if isinstance(layers, str) and layers in PRESETS:
         requested = qualified
     else:

@@ -191,13 +191,18 @@ def test_layer_names_never_leave_the_run_directory(tmp_path):
     run_dir = tmp_path / "deep" / "run"
     cfg = compose_cfg(["model=file", f"model.path={tmp_path / 'odd.keras'}", "dataset=folder",
                        f"dataset.path={tmp_path / 'data'}", "layers=['a<b(c)','..']", "topk=16",
-                       "stages=[scan,crop,report,export]", "report.pdf=false"])
+                       "stages=[scan,crop,cam,filters,report,export]", "report.pdf=false",
+                       # the name TensorFlow refused, as the cam target and a filters layer too
+                       "cam.layer='a<b(c)'", "cam.methods=[gradcam]", "cam.draw=1", "filters.channels=1",
+                       "filters.steps=2", "filters.size=null", "filters.rivals=false", "filters.toolbox=false"])
     run(cfg, run_dir)
     assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["run"]  # nothing written beside it
     with h5py.File(run_dir / "results.h5", "r") as f:
         assert sorted(f["layers"]) == ["_..", "a_b_c_"]
         assert f["layers/_.."].attrs["name"] == ".." and f["layers/a_b_c_"].attrs["keras_name"] == "a<b(c)"
         assert f["layers/_../topk/value"].shape == (3, 16)
+        assert f["cam"].attrs["layer"] == "a_b_c_"
+        assert f["filters/a_b_c_"].attrs["name"] == "a_b_c_" and f["filters/a_b_c_/patterns"].shape[0] == 1
     assert (run_dir / "sheets" / "_...png").exists() and (run_dir / "toolbox" / "max_im" / "_..").is_dir()
     card = (run_dir / "report" / "cards" / "_..").iterdir().__next__()
     assert card.suffix == ".jpg"

@@ -12,7 +12,7 @@ import json
 import logging
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import keras
@@ -44,6 +44,16 @@ class ModelBundle:
     weights_sha256: str = ""
     imagenet_classes: bool = False  # outputs are the 1000 ImageNet classes
     random_weights: bool = False  # an untrained network (keras_app model.weights=null)
+    # layer names TensorFlow refused, old -> the name the model now has (_graph_safe_names):
+    # every user-given layer name resolves through it (pipeline.graph.resolve_layer_names)
+    renamed: dict[str, str] = field(default_factory=dict)
+
+    def layer(self, name: str | None) -> str | None:
+        """The qualified name of the layer the user calls `name`; None stays None (the
+        engine's default layer)."""
+        from pipeline.graph import resolve_layer_names
+
+        return None if name is None else resolve_layer_names(self.model, [name], self.renamed)[0]
 
 
 def load_model(cfg, cache_dir: str | None = None) -> ModelBundle:
@@ -152,7 +162,7 @@ def _model_file(cfg) -> ModelBundle:
         model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as err:
         raise PipelineError(f"could not load model file {path}: {str(err).splitlines()[0]}") from err
-    _graph_safe_names(model)
+    renamed = _graph_safe_names(model)
     wanted = configured_size(cfg.input_size)
     size = _input_size(model, wanted)
     if None in model.input_shape[1:3]:
@@ -160,7 +170,7 @@ def _model_file(cfg) -> ModelBundle:
     channels = int(model.input_shape[-1] or 3)
     spec = Preprocessing(height=size[0], width=size[1], channels=channels, resize=cfg.resize or "shorter",
                          resize_size=cfg.resize_size, normalize=_normalisation(model, cfg.preprocess, "unit"))
-    return ModelBundle(model, spec, path.name, sha256_file(path))
+    return ModelBundle(model, spec, path.name, sha256_file(path), renamed=renamed)
 
 
 def _snapshot(cfg) -> ModelBundle:
@@ -178,10 +188,10 @@ def _snapshot(cfg) -> ModelBundle:
 _SCOPE_NAME = re.compile(r"^[A-Za-z0-9_.\\/>-]*$")  # what TensorFlow accepts as a graph scope
 
 
-def _graph_safe_names(model) -> None:
+def _graph_safe_names(model) -> dict[str, str]:
     """Rename the layers whose names TensorFlow refuses in graph scopes ('a<b', 'x(1)'):
-    the model could not run in a tf.function otherwise. The old names still resolve
-    (model.renamed_layers: old -> new) and each rename is said once."""
+    the model could not run in a tf.function otherwise. Returns old -> new, which the
+    bundle keeps so the old names still resolve; each rename is said once."""
     renamed = {}
     layers = list(model._flatten_layers(include_self=False, recursive=True))
     taken = {layer.name for layer in layers}
@@ -195,7 +205,7 @@ def _graph_safe_names(model) -> None:
                        layer.name, new)
         renamed[layer.name], layer.name = new, new
         taken.add(new)
-    model.renamed_layers = renamed
+    return renamed
 
 
 def _check_preprocess(value) -> None:

@@ -73,7 +73,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     if not ids.size:
         raise PipelineError("ablation needs labelled images: class folders, a 'path label' list or IDX labels")
     ids = ids[:int(a.images)] if a.images is not None else ids
-    chosen = chosen_layers(bundle.model, a.layers) if a.layers else chosen_layers(bundle.model, cfg.layers)[-1:]
+    chosen = chosen_layers(bundle.model, a.layers, bundle.renamed) if a.layers else \
+        chosen_layers(bundle.model, cfg.layers, bundle.renamed)[-1:]
     store = Store(run_dir)
     store.ensure_run(cfg, bundle, table)
     plans = []  # (stored key, layer name, ablator, units, how they were chosen)

@@ -53,7 +53,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     table = list_images(cfg.dataset)
     store = Store(run_dir)
     ids = choose_images(a.images, table, store, "activations")
-    key_of = {name: key for key, name in chosen_layers(bundle.model, a.layers if a.layers is not None else cfg.layers)}
+    key_of = {name: key for key, name in chosen_layers(bundle.model, a.layers if a.layers is not None else cfg.layers,
+                                                                   bundle.renamed)}
     names = list(key_of)
     shapes = {n.name: n.output_shape for n in flat_layers(bundle.model)}
     flat = [n for n in names if len(shapes[n]) != 3]

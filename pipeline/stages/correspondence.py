@@ -49,8 +49,8 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     cc = cfg.correspondence
     bundle, class_names, _ = analysed_model(cfg, run_dir)
     model, spec = bundle.model, bundle.preprocessing
-    names = select_layers(model, cc.layers) if cc.layers is not None else \
-        default_layers(model, select_layers(model, cfg.layers))
+    names = select_layers(model, cc.layers, bundle.renamed) if cc.layers is not None else \
+        default_layers(model, select_layers(model, cfg.layers, bundle.renamed))
     table = list_images(cfg.dataset)
     if is_sequence(cc.images):
         ids = np.asarray([int(i) for i in cc.images], np.int64)

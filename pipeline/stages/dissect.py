@@ -63,7 +63,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     store = Store(run_dir)
     bundle = load_model(cfg.model, cfg.cache_dir)
     table = list_images(cfg.dataset)
-    keys, names = zip(*chosen_layers(bundle.model, cfg.layers))
+    keys, names = zip(*chosen_layers(bundle.model, cfg.layers, bundle.renamed))
     ids = shard_ids(len(table), cfg.shard.count, cfg.shard.index)
     spec = bundle.preprocessing
     model = feature_model(bundle.model, list(names))

@@ -68,7 +68,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     first = bundles[0]
     spec = first.preprocessing
     keys, names = (list(t) for t in zip(*chosen_layers(first.model, ec.layers if ec.layers is not None
-                                                         else cfg.layers)))
+                                                         else cfg.layers, first.renamed)))
     key_of = dict(zip(names, keys))
     geometries = [layer_geometry(first.model, n, cfg.geometry.pointwise) for n in names]
     table = list_images(cfg.dataset)

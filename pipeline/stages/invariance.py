@@ -55,9 +55,9 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     bundle, class_names, bundle_is_snapshot = analysed_model(cfg, run_dir)
     model, spec = bundle.model, bundle.preprocessing
     if ic.layers is not None:
-        names = select_layers(model, ic.layers)
+        names = select_layers(model, ic.layers, bundle.renamed)
     else:
-        names = default_layers(model, select_layers(model, cfg.layers))
+        names = default_layers(model, select_layers(model, cfg.layers, bundle.renamed))
     table = list_images(cfg.dataset)
     store = Store(run_dir)
     candidates = np.arange(len(table), dtype=np.int64)

@@ -54,7 +54,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     ids = choose_images(o.images, table, store, "occlusion")
     spec = bundle.preprocessing
     occluder, names, codes_for = explainer_for(
-        lambda: Occluder(bundle.model, o.layer, spec, output=cfg.model.output), o, bundle, table)
+        lambda: Occluder(bundle.model, bundle.layer(o.layer), spec, output=cfg.model.output), o, bundle, table)
     store.ensure_run(cfg, bundle, table)
     logger.info("occlusion: %d image(s), square %d px every %d px, feature maps of %s",
                 len(ids), size, stride, occluder.layer)

@@ -52,7 +52,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     ids = choose_images(r.images, table, store, "randomization")
     spec = bundle.preprocessing
     try:  # only the map layer and the class scores matter here, not cam's target settings
-        explainer = CamExplainer(bundle.model, cfg.cam.layer, spec, output=cfg.model.output)
+        explainer = CamExplainer(bundle.model, bundle.layer(cfg.cam.layer), spec, output=cfg.model.output)
     except NoClassScores as err:
         raise StageSkipped(str(err)) from None
     store.ensure_run(cfg, bundle, table)

@@ -44,7 +44,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     store = Store(run_dir)
     bundle = load_model(cfg.model, cfg.cache_dir)
     table = list_images(cfg.dataset)
-    keys, names = zip(*chosen_layers(bundle.model, cfg.layers))
+    keys, names = zip(*chosen_layers(bundle.model, cfg.layers, bundle.renamed))
     ids = shard_ids(len(table), cfg.shard.count, cfg.shard.index)
     geometries = [layer_geometry(bundle.model, n, cfg.geometry.pointwise) for n in names]
     for name, geo in zip(names, geometries):
@@ -92,7 +92,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
         write_layers(f, layers, scanner.results(states), scanner.bottom_results(states) if scanner.bottomk else None,
                      states, labelled_counts(table.labels, ok, classes) if classes else None,
                      scanner.exemplar_results(states) if exemplars is not None else None, exemplars)
-        original = {new: old for old, new in getattr(bundle.model, "renamed_layers", {}).items()}
+        original = {new: old for old, new in bundle.renamed.items()}
         for key, name, _, _ in layers:
             if name in original:  # renamed for TensorFlow: the model's own name, for the record
                 f[f"layers/{key}"].attrs["keras_name"] = original[name]
