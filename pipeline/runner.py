@@ -11,6 +11,7 @@ from pathlib import Path
 from pipeline import devices, lock
 from pipeline.errors import PipelineError, StageSkipped
 from pipeline.render.fonts import figure_fonts
+from pipeline.stage_context import Models, StageContext
 from pipeline.stages import STAGES
 from pipeline.store import (IDENTITY_KEYS, RESULTS_FILE, RUN_PART, Store, disk_full, fingerprint, open_h5,
                             storage_error)
@@ -36,6 +37,7 @@ def run(cfg, run_dir: Path) -> Path:
         store.mend()
         modules = [(stage, importlib.import_module(f"pipeline.stages.{stage}")) for stage in cfg.stages]
         check_order(cfg, modules, store.stages_done())
+        models = Models(cfg)  # one model load serves every stage of this run
         for stage, module in modules:
             check_order(cfg, [(stage, module)], store.stages_done())  # an earlier stage may have been skipped
             stage_print = ""
@@ -53,7 +55,8 @@ def run(cfg, run_dir: Path) -> Path:
             started = time.perf_counter()
             try:
                 with figure_fonts():  # names in any script, in every stage's figures
-                    module.run(cfg, run_dir, stage_print)
+                    module.run(StageContext(stage, cfg, run_dir, stage_print, tuple(module.KEYS),
+                                            depends_on(module, cfg), models))
             except StageSkipped as why:
                 logger.warning("stage %s skipped: %s", stage, why)
                 continue
@@ -61,9 +64,14 @@ def run(cfg, run_dir: Path) -> Path:
                 if not disk_full(err):
                     raise
                 raise storage_error(err, Path(getattr(err, "filename", None) or run_dir)) from err
+            finally:
+                if stage == "train":  # the snapshot a model=snapshot run names may be new
+                    models.forget()
             if module.KEYS:
                 store.finish(stage, stage_print, depends_on(module, cfg))
             logger.info("stage %s done in %.1f s", stage, time.perf_counter() - started)
+        if models.loads:
+            logger.info("the model was loaded %d time(s) for the stages of this run", models.loads)
     return run_dir / RESULTS_FILE
 
 

@@ -393,12 +393,13 @@ def own_snapshots(cfg) -> tuple[str, ...]:
     return () if cfg.model.kind == "snapshot" and cfg.model.get("run_dir") not in (None, "", "???") else ("train",)
 
 
-def analysed_model(cfg, run_dir: Path) -> tuple[ModelBundle, list[str], bool]:
+def analysed_model(cfg, run_dir: Path, configured) -> tuple[ModelBundle, list[str], bool]:
     """(bundle, class names, from_snapshot) for the stages that analyse a trained network:
-    this run's last snapshot when it trained one, else the configured model."""
+    this run's last snapshot when it trained one, else the configured model (`configured()`,
+    the run's shared bundle: pipeline.stage_context)."""
     if cfg.model.kind != "snapshot" and list_snapshots(run_dir):
         return load_snapshot(run_dir), snapshot_class_names(run_dir), True
-    bundle = load_model(cfg.model, cfg.cache_dir)
+    bundle = configured()
     names = []
     if cfg.model.kind == "snapshot":
         names = snapshot_class_names(snapshot_run_dir(cfg, run_dir))

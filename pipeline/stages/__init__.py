@@ -1,12 +1,15 @@
-"""Stages: each module here with a `run(cfg, run_dir, stage_print)` function is a stage.
+"""Stages: each module here with a `run(ctx)` function is a stage. The runner builds `ctx`
+(pipeline.stage_context.StageContext): the config, the run directory, the stage's
+fingerprint, its store, and the run's model bundle, loaded once and shared by the stages.
 
 `KEYS` in a stage module names the config keys its results depend on (its
 fingerprint); an empty `KEYS` means the stage always runs. Stages talk to each
 other only through results.h5. A stage that reads another's results says so with
 `needs(cfg)` (the runner refuses, before anything runs, a list that does not make
 them first) or `reads(cfg)` (used when there); both are recorded, so recomputing one
-of them marks this stage's results stale. `makes(cfg)` names the results a stage writes
-besides its own (merge writes a scan).
+of them marks this stage's results stale; `ctx.holds(stage)` tells whether a result it
+`reads` is there. `makes(cfg)` names the results a stage writes besides its own (merge
+writes a scan).
 """
 
 import pkgutil

@@ -22,7 +22,6 @@ results.h5:
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
@@ -60,14 +59,14 @@ def chosen_units(value, channels: int, selectivity: np.ndarray | None) -> tuple[
     return np.asarray(units, np.int64), "list"
 
 
-def run(cfg, run_dir: Path, stage_print: str) -> None:
+def run(ctx) -> None:
     from pipeline.ablation import Ablator, class_effects, per_image_rows
     from pipeline.layers import chosen_layers
-    from pipeline.models.sources import load_model
     from pipeline.preprocess import normalize
 
+    cfg, run_dir, stage_print = ctx.cfg, ctx.run_dir, ctx.stage_print
     a = cfg.ablation
-    bundle = load_model(cfg.model, cfg.cache_dir)
+    bundle = ctx.bundle
     table = list_images(cfg.dataset)
     ids = np.flatnonzero(table.labels >= 0)
     if not ids.size:

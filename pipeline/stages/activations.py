@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 from pipeline.datasets import list_images
@@ -41,15 +40,15 @@ PART = "activations.h5"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-def run(cfg, run_dir: Path, stage_print: str) -> None:
+def run(ctx) -> None:
     from pipeline.explain import ActivationExtractor, blank_channels
     from pipeline.graph import flat_layers
     from pipeline.layers import chosen_layers
-    from pipeline.models.sources import load_model
     from pipeline.preprocess import normalize
 
+    cfg, run_dir, stage_print = ctx.cfg, ctx.run_dir, ctx.stage_print
     a = cfg.activations
-    bundle = load_model(cfg.model, cfg.cache_dir)
+    bundle = ctx.bundle
     table = list_images(cfg.dataset)
     store = Store(run_dir)
     ids = choose_images(a.images, table, store, "activations")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 
@@ -55,17 +54,17 @@ def needs(cfg) -> tuple[str, ...]:
     return ("scan",) if images_from_topk(cfg.cam.draw) else ()
 
 
-def run(cfg, run_dir: Path, stage_print: str) -> None:
+def run(ctx) -> None:
     from pipeline.explain import INPUT_RESOLUTION, METHODS, CamExplainer
-    from pipeline.models.sources import load_model
     from pipeline.preprocess import normalize
 
+    cfg, run_dir, stage_print = ctx.cfg, ctx.run_dir, ctx.stage_print
     c = cfg.cam
     methods = [str(m) for m in c.methods]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise PipelineError(f"cam.methods has {', '.join(unknown) or 'nothing'}: choose from {', '.join(METHODS)}")
-    bundle = load_model(cfg.model, cfg.cache_dir)
+    bundle = ctx.bundle
     table = list_images(cfg.dataset)
     store = Store(run_dir)
     drawn = drawn_images(c.draw, table, store, "cam")

@@ -41,13 +41,14 @@ def reads(cfg) -> tuple[str, ...]:
 FIGURE = Path("sheets") / "correspondence.png"
 
 
-def run(cfg, run_dir: Path, stage_print: str) -> None:
+def run(ctx) -> None:
     from pipeline import train as T
     from pipeline.datasets import list_images
     from pipeline.layers import select_layers
 
+    cfg, run_dir = ctx.cfg, ctx.run_dir
     cc = cfg.correspondence
-    bundle, class_names, _ = analysed_model(cfg, run_dir)
+    bundle, class_names, _ = analysed_model(cfg, run_dir, lambda: ctx.bundle)
     model, spec = bundle.model, bundle.preprocessing
     names = select_layers(model, cc.layers, bundle.renamed) if cc.layers is not None else \
         default_layers(model, select_layers(model, cfg.layers, bundle.renamed))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -50,7 +49,8 @@ class _Table:
     size: tuple[int, int]
 
 
-def run(cfg, run_dir: Path, stage_print: str) -> None:
+def run(ctx) -> None:
+    cfg, run_dir, stage_print = ctx.cfg, ctx.run_dir, ctx.stage_print
     store = Store(run_dir)
     tables: dict[tuple[str, str], _Table] = {}
     with store.open() as f:

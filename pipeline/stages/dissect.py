@@ -47,21 +47,21 @@ KEYS = ("model", "dataset", "layers", "dissect", "shard")
 PART = "dissect.h5"
 
 
-def run(cfg, run_dir: Path, stage_print: str) -> None:
+def run(ctx) -> None:
     from pipeline.dissect_pass import Streaming, dissect
     from pipeline.graph import feature_model
     from pipeline.layers import chosen_layers
-    from pipeline.models.sources import load_model
     from pipeline.segmentation import MaskReader, check_segmentation
     from pipeline.stages.scan import shard_ids
 
+    cfg, run_dir, stage_print = ctx.cfg, ctx.run_dir, ctx.stage_print
     if cfg.dataset.kind != "segmentation":
         raise PipelineError(f"stage dissect needs label masks: use dataset=segmentation dataset.path=IMAGES "
                             f"dataset.masks=MASKS dataset.concepts=FILE, or dataset.format=broden dataset.path=BRODEN "
                             f"(dataset={cfg.dataset.kind} has none)")
     concepts = check_segmentation(cfg.dataset)
     store = Store(run_dir)
-    bundle = load_model(cfg.model, cfg.cache_dir)
+    bundle = ctx.bundle
     table = list_images(cfg.dataset)
     keys, names = zip(*chosen_layers(bundle.model, cfg.layers, bundle.renamed))
     ids = shard_ids(len(table), cfg.shard.count, cfg.shard.index)

@@ -50,13 +50,14 @@ SHEET_DIR = Path("sheets") / "evolution"
 CHANGE_FIGURE = "topk_change.png"
 
 
-def run(cfg, run_dir: Path, stage_print: str) -> None:
+def run(ctx) -> None:
     from pipeline.datasets import BatchStream, list_images
     from pipeline.geometry import layer_geometry
     from pipeline.layers import chosen_layers
     from pipeline.scan import Scanner
     from pipeline.scan_io import STATE, scan_images
 
+    cfg, run_dir, stage_print = ctx.cfg, ctx.run_dir, ctx.stage_print
     ec = cfg.evolution
     source = snapshot_run_dir(cfg, run_dir)
     snaps = list_snapshots(source)

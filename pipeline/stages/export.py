@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 KEYS = ()  # cheap and reads only results.h5: always runs
 
 
-def run(cfg, run_dir: Path, stage_print: str) -> None:
+def run(ctx) -> None:
+    run_dir = ctx.run_dir
     results = Store(run_dir).require("stages=[scan,crop,export]")
     out_dir = Path(run_dir) / "toolbox"
     written = write_toolbox(results, out_dir)

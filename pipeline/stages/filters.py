@@ -15,7 +15,6 @@ channels that are missing.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -35,13 +34,13 @@ BLOCK_BATCHES = 8  # optimisation batches per chunk file (a killed run resumes a
 TOOLBOX_DIR = "toolbox"
 
 
-def run(cfg, run_dir: Path, stage_print: str) -> None:
-    from pipeline.models.sources import load_model
+def run(ctx) -> None:
     from pipeline.patterns import filter_patterns
 
+    cfg, run_dir, stage_print = ctx.cfg, ctx.run_dir, ctx.stage_print
     fc = cfg.filters
     recipe = filter_jobs.recipe(fc, fc.objective)
-    bundle = load_model(cfg.model, cfg.cache_dir)
+    bundle = ctx.bundle
     model, spec = bundle.model, bundle.preprocessing
     jobs = filter_jobs.jobs(cfg, bundle)
     table = kernels.conv_kernels(model)

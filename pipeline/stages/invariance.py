@@ -24,9 +24,9 @@ from pipeline.errors import PipelineError
 from pipeline.invariance import FILL_MODES, IDENTITY, KINDS, invariance_curves, parameter_grid
 from pipeline.selection import choose_images
 from pipeline.layers import default_layers
-from pipeline.models.sources import analysed_model, own_snapshots
+from pipeline.models.sources import analysed_model
 from pipeline.render.training import draw_invariance
-from pipeline.store import Store, stored_name
+from pipeline.store import stored_name
 
 logger = logging.getLogger(__name__)
 
@@ -36,32 +36,34 @@ PART = "invariance.h5"
 
 
 def reads(cfg) -> tuple[str, ...]:
-    """This run's snapshots when it trained some (else the configured model)."""
-    return own_snapshots(cfg)
+    """This run's train results when there: its snapshots (unless model=snapshot names another
+    run) and, whatever the model, its held-out images, from which the images are chosen."""
+    return ("train",)
 
 
 FIGURE = Path("sheets") / "invariance.png"
 
 
-def run(cfg, run_dir: Path, stage_print: str) -> None:
+def run(ctx) -> None:
     from pipeline import train as T
     from pipeline.datasets import list_images
     from pipeline.layers import select_layers
 
+    cfg, run_dir = ctx.cfg, ctx.run_dir
     ic = cfg.invariance
     if ic.fill_mode not in FILL_MODES:
         raise PipelineError(f"invariance.fill_mode={ic.fill_mode}: use one of {', '.join(FILL_MODES)}")
     grids = {kind: parameter_grid(*_pair(ic[kind], kind), int(ic.steps), IDENTITY[kind]) for kind in KINDS}
-    bundle, class_names, bundle_is_snapshot = analysed_model(cfg, run_dir)
+    bundle, class_names, bundle_is_snapshot = analysed_model(cfg, run_dir, lambda: ctx.bundle)
     model, spec = bundle.model, bundle.preprocessing
     if ic.layers is not None:
         names = select_layers(model, ic.layers, bundle.renamed)
     else:
         names = default_layers(model, select_layers(model, cfg.layers, bundle.renamed))
     table = list_images(cfg.dataset)
-    store = Store(run_dir)
+    store = ctx.store
     candidates = np.arange(len(table), dtype=np.int64)
-    if "train" in store.stages_done():
+    if ctx.holds("train"):
         with store.open() as f:
             if len(f["train/val_ids"]):
                 candidates = f["train/val_ids"][()]  # held-out images, never trained on

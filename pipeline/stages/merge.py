@@ -48,7 +48,8 @@ def shard_stores(patterns) -> list[Store]:
     return found
 
 
-def run(cfg, run_dir: Path, stage_print: str) -> None:
+def run(ctx) -> None:
+    cfg, run_dir = ctx.cfg, ctx.run_dir
     store = Store(run_dir)
     shards = shard_stores(cfg.merge.inputs)
     if any(s.run_dir.resolve() == store.run_dir.resolve() for s in shards):

@@ -20,7 +20,6 @@ Sheets: run_dir/occlusion/image_<id>.png, the photo beside the maps.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 from pipeline.datasets import list_images
@@ -41,13 +40,13 @@ def needs(cfg) -> tuple[str, ...]:
     return ("scan",) if images_from_topk(cfg.occlusion.images) else ()
 
 
-def run(cfg, run_dir: Path, stage_print: str) -> None:
+def run(ctx) -> None:
     from pipeline.explain import Occluder, occlusion_grid
-    from pipeline.models.sources import load_model
     from pipeline.preprocess import normalize
 
+    cfg, run_dir, stage_print = ctx.cfg, ctx.run_dir, ctx.stage_print
     o = cfg.occlusion
-    bundle = load_model(cfg.model, cfg.cache_dir)
+    bundle = ctx.bundle
     size, stride = square_and_step(o, bundle.preprocessing.size)
     table = list_images(cfg.dataset)
     store = Store(run_dir)

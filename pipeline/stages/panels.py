@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -50,11 +49,11 @@ def needs(cfg) -> tuple[str, ...]:
     return ("scan",)
 
 
-def run(cfg, run_dir: Path, stage_print: str) -> None:
+def run(ctx) -> None:
     from pipeline.backprop import METHODS
-    from pipeline.models.sources import load_model
     from pipeline.patterns import has_capped_relu
 
+    cfg, run_dir, stage_print = ctx.cfg, ctx.run_dir, ctx.stage_print
     store = Store(run_dir)
     methods = [str(m) for m in cfg.panels.methods]
     bad = [m for m in methods if m not in METHODS]
@@ -72,7 +71,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     if table_digest(table) != digest:
         raise PipelineError(f"the dataset changed since the scan of {run_dir}: compute panels with "
                             f"the same dataset, or scan again in a new hydra.run.dir")
-    bundle = load_model(cfg.model, cfg.cache_dir)
+    bundle = ctx.bundle
     plans = {layer.key: engine.crop_plan_of(bundle.model, layer.name, cfg.geometry.pointwise) for layer in layers}
     layers = engine.chosen(cfg.panels.layers, layers, plans, bundle.model, methods, int(cfg.panels.batch_size))
     budget = block_bytes(cfg.checkpoint)  # in-memory panels of one block of channels, all methods

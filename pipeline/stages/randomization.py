@@ -19,7 +19,6 @@ results.h5:
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
@@ -38,15 +37,15 @@ def needs(cfg) -> tuple[str, ...]:
     return ("scan",) if images_from_topk(cfg.randomization.images) else ()
 
 
-def run(cfg, run_dir: Path, stage_print: str) -> None:
+def run(ctx) -> None:
     from pipeline.explain import CamExplainer
     from pipeline.graph import NoClassScores
-    from pipeline.models.sources import load_model
     from pipeline.preprocess import normalize
     from pipeline.randomization import cascade
 
+    cfg, run_dir = ctx.cfg, ctx.run_dir
     r = cfg.randomization
-    bundle = load_model(cfg.model, cfg.cache_dir)
+    bundle = ctx.bundle
     table = list_images(cfg.dataset)
     store = Store(run_dir)
     ids = choose_images(r.images, table, store, "randomization")

@@ -37,9 +37,10 @@ def render_inputs(store, options: dict) -> dict[str, str]:
                 images=key(("cam", "occlusion", "activations")), site=key(sorted(markers)))
 
 
-def run(cfg, run_dir: Path, stage_print: str) -> None:
+def run(ctx) -> None:
     from pipeline.store import Store
 
+    cfg, run_dir = ctx.cfg, ctx.run_dir
     results = Store(run_dir).require("stages=[scan,crop,report]")
     rc = cfg.get("report") if hasattr(cfg, "get") else None
     options = {}

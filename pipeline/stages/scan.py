@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -34,15 +33,15 @@ def shard_ids(n_images: int, count: int, index: int) -> np.ndarray:
     return np.array_split(np.arange(n_images, dtype=np.int64), count)[index]
 
 
-def run(cfg, run_dir: Path, stage_print: str) -> None:
+def run(ctx) -> None:
     from pipeline.geometry import layer_geometry
     from pipeline.graph import feature_model
     from pipeline.layers import chosen_layers
-    from pipeline.models.sources import load_model
     from pipeline.scan import Scanner
 
+    cfg, run_dir, stage_print = ctx.cfg, ctx.run_dir, ctx.stage_print
     store = Store(run_dir)
-    bundle = load_model(cfg.model, cfg.cache_dir)
+    bundle = ctx.bundle
     table = list_images(cfg.dataset)
     keys, names = zip(*chosen_layers(bundle.model, cfg.layers, bundle.renamed))
     ids = shard_ids(len(table), cfg.shard.count, cfg.shard.index)

@@ -29,12 +29,13 @@ SHEET = Path("sheets") / "training_curve.png"
 PART = "train.h5"
 
 
-def run(cfg, run_dir: Path, stage_print: str) -> None:
+def run(ctx) -> None:
     import json
 
     from pipeline import train as T
     from pipeline.datasets import list_images
 
+    cfg, run_dir = ctx.cfg, ctx.run_dir
     tc = cfg.train
     snapshots = T.snapshot_epochs(tc.snapshots, int(tc.epochs))
     if tc.optimizer not in T.OPTIMIZERS:
