@@ -261,7 +261,7 @@ class EvolutionConfig:  # stage: evolution
     # layers to follow (null: the top-level `layers`)
     layers: Any = None
     # scan only the first N images of the dataset (null: all)
-    images: Optional[int] = None
+    limit: Optional[int] = None
     # top patches per sheet cell: 1, or 4/9 for a montage
     patches: int = 1
 
@@ -309,8 +309,8 @@ class AblationConfig:  # stage: ablation
     layers: Any = None
     # N: the N most class-selective units of the scan (the first N without one); or a list
     units: Any = 16
-    # labelled images used, in id order (null: all)
-    images: Optional[int] = None
+    # use only the first N labelled images, in id order (null: all)
+    limit: Optional[int] = None
     # images per pass; a pass holds (units + 1) x batch_size rows
     batch_size: int = 8
 
@@ -400,6 +400,9 @@ RENAMED = {
     "invariance.correspondence_names": "correspondence.part_names",
     "invariance.correspondence_random": "correspondence.random",
     "invariance.correspondence_fill": "correspondence.fill",
+    # `images` chooses which images a stage looks at; a cap on how many it reads is a limit
+    "evolution.images": "evolution.limit",  # as dataset.limit
+    "ablation.images": "ablation.limit",
 }
 
 

@@ -111,39 +111,36 @@ def class_names(bundle, table: ImageTable, num_classes: int) -> list[str]:
 
 
 
-def target_codes(c, table: ImageTable, names: list[str], num_classes: int):
-    """cam/occlusion target setting -> a function ids -> codes for pipeline.explain."""
+def target_codes(c, section: str, table: ImageTable, names: list[str], num_classes: int):
+    """The target setting of `c`, the config section `section` (cam: predicted, label,
+    classes or top; occlusion: predicted or label) -> a function ids -> codes for
+    pipeline.explain."""
     target = str(c.target)
     if target == "predicted":
         return lambda ids: np.full((len(ids), 1), -1, np.int64)
     if target == "label":
         if (table.labels < 0).all():
-            raise PipelineError(f"{_section(c)}.target=label but the dataset has no labels: use class folders "
-                                f"(dataset=folder) or a 'path label' list, or {_section(c)}.target=predicted")
+            raise PipelineError(f"{section}.target=label but the dataset has no labels: use class folders "
+                                f"(dataset=folder) or a 'path label' list, or {section}.target=predicted")
         if table.labels.max() >= num_classes:
             raise PipelineError(f"dataset label {int(table.labels.max())} is beyond the model's {num_classes} "
-                                f"classes: use {_section(c)}.target=predicted")
+                                f"classes: use {section}.target=predicted")
         unlabelled = int((table.labels < 0).sum())
         if unlabelled:
             logger.warning("%d unlabelled image(s) are explained for their predicted class", unlabelled)
         return lambda ids: table.labels[ids].reshape(-1, 1)
-    if target == "classes" and "classes" in c:
+    if target == "classes" and section == "cam":
         wanted = [_class_index(v, names, num_classes) for v in c.classes]
         if not wanted:
             raise PipelineError("cam.target=classes with cam.classes=[]: list class indices or names")
         return lambda ids: np.tile(np.asarray(wanted, np.int64), (len(ids), 1))
-    if target == "top" and "top_n" in c:
+    if target == "top" and section == "cam":
         n = int(c.top_n)
         if not 1 <= n <= num_classes:
             raise PipelineError(f"cam.top_n={n}: use 1 to {num_classes}")
         return lambda ids: np.tile(-np.arange(1, n + 1, dtype=np.int64), (len(ids), 1))
-    choices = "predicted|label|classes|top" if "top_n" in c else "predicted|label"
-    raise PipelineError(f"{_section(c)}.target={target}: use {choices}")
-
-
-
-def _section(c) -> str:
-    return "cam" if "top_n" in c else "occlusion"
+    choices = "predicted|label|classes|top" if section == "cam" else "predicted|label"
+    raise PipelineError(f"{section}.target={target}: use {choices}")
 
 
 
@@ -162,9 +159,10 @@ def _class_index(value, names: list[str], num_classes: int) -> int:
                         f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}: use an index or a class name")
 
 
-def explainer_for(make, section, bundle, table: ImageTable):
-    """(explainer, class names, ids -> target codes) for a stage that explains classes;
-    a model without class scores skips the stage (StageSkipped says why)."""
+def explainer_for(make, section: str, c, bundle, table: ImageTable):
+    """(explainer, class names, ids -> target codes) for a stage that explains classes
+    (`section`: its config section's name, `c`: that section); a model without class
+    scores skips the stage (StageSkipped says why)."""
     from pipeline.errors import StageSkipped
     from pipeline.graph import NoClassScores
 
@@ -173,4 +171,4 @@ def explainer_for(make, section, bundle, table: ImageTable):
     except NoClassScores as err:
         raise StageSkipped(str(err)) from None
     names = class_names(bundle, table, explainer.num_classes)
-    return explainer, names, target_codes(section, table, names, explainer.num_classes)
+    return explainer, names, target_codes(c, section, table, names, explainer.num_classes)

@@ -31,3 +31,23 @@ def test_counts_lists_and_one_image_per_class_among_candidates():
         pick([9])
     with pytest.raises(PipelineError, match="invariance.images=0"):
         pick(0)
+
+
+def test_the_target_setting_is_read_for_the_section_named():
+    """The section is named by the caller: an occlusion section that happens to carry a
+    `top_n` key is still occlusion's (predicted|label only), and errors name it."""
+    from omegaconf import OmegaConf
+
+    from pipeline.selection import target_codes
+
+    t = table([1, 0, -1])
+    occlusion = OmegaConf.create(dict(target="top", top_n=2, classes=[1]))
+    with pytest.raises(PipelineError, match=r"^occlusion.target=top: use predicted\|label$"):
+        target_codes(occlusion, "occlusion", t, ["a", "b", "c"], 3)
+    cam = OmegaConf.create(dict(target="top", top_n=2, classes=[]))
+    assert target_codes(cam, "cam", t, ["a", "b", "c"], 3)(np.array([0, 2])).tolist() == [[-1, -2], [-1, -2]]
+    unlabelled = table([-1, -1])
+    with pytest.raises(PipelineError, match=r"^cam.target=label but the dataset has no labels"):
+        target_codes(OmegaConf.create(dict(target="label")), "cam", unlabelled, ["a"], 1)
+    assert target_codes(OmegaConf.create(dict(target="label")), "occlusion", t, ["a", "b"], 2)(
+        np.array([1, 0])).tolist() == [[0], [1]]

@@ -71,7 +71,7 @@ def run(ctx) -> None:
     ids = np.flatnonzero(table.labels >= 0)
     if not ids.size:
         raise PipelineError("ablation needs labelled images: class folders, a 'path label' list or IDX labels")
-    ids = ids[:int(a.images)] if a.images is not None else ids
+    ids = ids[:int(a.limit)] if a.limit is not None else ids
     chosen = chosen_layers(bundle.model, a.layers, bundle.renamed) if a.layers else \
         chosen_layers(bundle.model, cfg.layers, bundle.renamed)[-1:]
     store = Store(run_dir)

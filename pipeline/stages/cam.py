@@ -70,7 +70,8 @@ def run(ctx) -> None:
     drawn = drawn_images(c.draw, table, store, "cam")
     spec = bundle.preprocessing
     explainer, names, codes_for = explainer_for(
-        lambda: CamExplainer(bundle.model, bundle.layer(c.layer), spec, output=cfg.model.output), c, bundle, table)
+        lambda: CamExplainer(bundle.model, bundle.layer(c.layer), spec, output=cfg.model.output), "cam", c, bundle,
+        table)
     small = [m for m in methods if m not in INPUT_RESOLUTION]
     large = [m for m in methods if m in INPUT_RESOLUTION]
     logger.info("cam: %s on layer %s (logits from %s) over %d images, target %s%s", ", ".join(small or large),

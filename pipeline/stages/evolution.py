@@ -73,9 +73,9 @@ def run(ctx) -> None:
     key_of = dict(zip(names, keys))
     geometries = [layer_geometry(first.model, n, cfg.geometry.pointwise) for n in names]
     table = list_images(cfg.dataset)
-    count = len(table) if ec.images is None else min(int(ec.images), len(table))
+    count = len(table) if ec.limit is None else min(int(ec.limit), len(table))
     if count < 1:
-        raise PipelineError(f"evolution.images={ec.images} selects no image: give a positive count or null")
+        raise PipelineError(f"evolution.limit={ec.limit} selects no image: give a positive count or null")
     ids = np.arange(count, dtype=np.int64)
     scanner = Scanner(all_snapshots(bundles, names), names * len(bundles), spec, cfg.topk)
     shapes = scanner.map_shapes[:len(names)]

@@ -53,7 +53,8 @@ def run(ctx) -> None:
     ids = choose_images(o.images, table, store, "occlusion")
     spec = bundle.preprocessing
     occluder, names, codes_for = explainer_for(
-        lambda: Occluder(bundle.model, bundle.layer(o.layer), spec, output=cfg.model.output), o, bundle, table)
+        lambda: Occluder(bundle.model, bundle.layer(o.layer), spec, output=cfg.model.output), "occlusion", o, bundle,
+        table)
     store.ensure_run(cfg, bundle, table)
     logger.info("occlusion: %d image(s), square %d px every %d px, feature maps of %s",
                 len(ids), size, stride, occluder.layer)
