@@ -89,7 +89,7 @@ def resolve_layer_names(model, names: str | Iterable[str], renamed: Mapping[str,
     one node ('conv1' for 'backbone/conv1'). Anything else raises PipelineError, one
     line, with the nearest valid names.
     """
-    return _resolve(model, _flatten(model), names, renamed or {})
+    return _resolve(model, _flatten(model), names, renamed)
 
 
 def feature_model(model, names: str | Iterable[str], name: str | None = None) -> keras.Model:
