@@ -366,8 +366,9 @@ def test_cards_drawn_by_worker_processes_are_the_same_files(results, rendered, t
     with h5py.File(results, "r") as f:
         info = read_layers(f)[0]
         with cards.CardRender(f, [cards.CardJob(info, None, tmp_path / "c", tmp_path / "t")], workers=2,
-                              min_cards=1) as render:
-            assert render.pool is not None and len(render.futures) == 3
+                              min_cards=1, first={"block.conv": [3]}) as render:
+            assert render.pool is not None and [c for _, c, _ in render.futures] == [[2, 3], [0, 1], [4]]
+            assert sorted(render.first_files()["block.conv"].cards) == [2, 3]  # the book's chunk, first
             got = render.result()["block.conv"]
     assert sorted(got.cards) == list(range(C)) and sorted(got.thumbs) == list(range(C))
     assert got.size == files.size and got.thumb == files.thumb
