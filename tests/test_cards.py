@@ -360,6 +360,23 @@ def test_cards_are_identical_whatever_the_block_size(results, rendered, tmp_path
         np.testing.assert_array_equal(load(small.cards[u]), load(files.cards[u]))
 
 
+def test_cards_drawn_by_worker_processes_are_the_same_files(results, rendered, tmp_path, monkeypatch):
+    files, _ = rendered
+    monkeypatch.setattr(cards, "CHUNK_UNITS", 2)  # units 0-1, 2-3, 4: three chunks on two processes
+    with h5py.File(results, "r") as f:
+        info = read_layers(f)[0]
+        with cards.CardRender(f, [cards.CardJob(info, None, tmp_path / "c", tmp_path / "t")], workers=2,
+                              min_cards=1, first={"block.conv": [3]}) as render:
+            assert render.pool is not None and [c for _, c, _ in render.futures] == [[2, 3], [0, 1], [4]]
+            assert sorted(render.first_files()["block.conv"].cards) == [2, 3]  # the book's chunk, first
+            got = render.result()["block.conv"]
+    assert sorted(got.cards) == list(range(C)) and sorted(got.thumbs) == list(range(C))
+    assert got.size == files.size and got.thumb == files.thumb
+    for u in range(C):
+        assert got.cards[u].read_bytes() == files.cards[u].read_bytes(), u
+        assert got.thumbs[u].read_bytes() == files.thumbs[u].read_bytes(), u
+
+
 def test_missing_parts_are_named_on_the_card(tmp_path):
     path = write_results(tmp_path / "bare.h5", panels=False, filters=False, bottom=False, spectrum=False)
     with h5py.File(path, "a") as f:

@@ -45,16 +45,20 @@ def _taps(n_in: int, n_out: int) -> int:
 
 def _tap_sum(x: np.ndarray, axis: int, weights: np.ndarray) -> np.ndarray:
     """x resized along `axis` by the (n_out, n_in) area weights, as the sum over the few
-    source pixels each output pixel overlaps, each gathered for all images at once."""
+    source pixels each output pixel overlaps, each gathered for all images at once
+    (float32; products and sums in place, each tap's weights laid out over all the axes
+    after `axis`, so the multiplies run along contiguous memory)."""
     n_out, n_in = weights.shape
     taps = min(_taps(n_in, n_out), n_in)
     first = np.minimum(np.argmax(weights > 0, axis=1), n_in - taps)
-    shape = [1] * x.ndim
-    shape[axis] = n_out
+    trailing = x.shape[axis + 1:]
     out = None
     for t in range(taps):
         src = first + t
-        term = np.take(x, src, axis=axis) * weights[np.arange(n_out), src].reshape(shape)
+        w = np.ascontiguousarray(np.broadcast_to(
+            weights[np.arange(n_out), src].reshape((n_out,) + (1,) * len(trailing)), (n_out,) + trailing))
+        term = np.take(x, src, axis=axis)
+        term = np.multiply(term, w, out=term if term.dtype == np.float32 else None, dtype=np.float32)
         out = term if out is None else np.add(out, term, out=out)
     return out
 
@@ -86,7 +90,9 @@ def resize_patches(patches: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
         out = (acc + (fh * fw) // 2) // (fh * fw)
     elif max(_taps(h, oh), _taps(w, ow)) <= MAX_TAPS:
         # few source pixels per output pixel: a weighted sum of gathered rows, then columns
-        out = np.rint(_tap_sum(_tap_sum(x, 1, _area_matrix(h, oh)), 2, _area_matrix(w, ow)))
+        out = _tap_sum(_tap_sum(x, 1, _area_matrix(h, oh)), 2, _area_matrix(w, ow))
+        np.rint(out, out=out)
+        return np.clip(out, 0, 255, out=out).astype(np.uint8).reshape(lead + (oh, ow, ch))
     else:
         # each axis as one large matrix product (BLAS): rows, then columns
         n = x.shape[0]
@@ -207,5 +213,6 @@ def save_figure(fig, path: Path, dpi: float, alpha: bool = True) -> Path:
             fig.set_facecolor("white")
             canvas.draw()
             rgb = np.asarray(canvas.buffer_rgba())[..., :3]
-            Image.fromarray(rgb).save(tmp, format="PNG", dpi=(dpi, dpi))
+            # zlib level 1: half the encoding time of the default level, about a tenth more bytes
+            Image.fromarray(rgb).save(tmp, format="PNG", dpi=(dpi, dpi), compress_level=1)
     return path

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,3 +396,121 @@ def render_layer_cards(f: h5py.File, info: LayerInfo, cards_dir: Path, thumbs_di
     if own_pool:
         pool.shutdown()
     return out
+
+
+# ---------------------------------------------------------------------------- many layers
+
+PARALLEL_MIN_CARDS = 512  # fewer cards: two worker processes' start (about a second each) costs more
+CHUNK_UNITS = 192  # units a worker draws at a time: even shares, each a few seconds
+
+
+@dataclass
+class CardJob:
+    """The cards of one layer to draw: `units` (None: every unit) into cards_dir, and
+    thumbnails into thumbs_dir where it is given."""
+
+    info: LayerInfo
+    units: list[int] | None
+    cards_dir: Path
+    thumbs_dir: Path | None
+
+
+def _chunk_cards(results: str, stored: str, units: list[int], cards_dir: Path,
+                 thumbs_dir: Path | None) -> LayerCardFiles:
+    """A worker process's share: some units of one layer, read from results.h5 here."""
+    from pipeline.render.results import read_layers
+
+    with h5py.File(results, "r") as f:
+        info = next(i for i in read_layers(f) if i.stored == stored)
+        return render_layer_cards(f, info, cards_dir, thumbs_dir, units=units, images=_images(f, results))
+
+
+def _channels(info: LayerInfo) -> int:
+    return int(info.shape[-1]) if info.shape else 0
+
+
+_IMAGE_INDEX: dict = {}
+
+
+def _images(f: h5py.File, results: str) -> ImageIndex:
+    """The run's image index, read once per worker process and results file."""
+    key = (results, Path(results).stat().st_mtime_ns)
+    if key not in _IMAGE_INDEX:
+        _IMAGE_INDEX.clear()
+        _IMAGE_INDEX[key] = ImageIndex.read(f)
+    return _IMAGE_INDEX[key]
+
+
+class CardRender:
+    """The cards of many layers. With PARALLEL_MIN_CARDS or more, two worker processes
+    (spawned: no TensorFlow, no inherited HDF5 handles) draw them in chunks of units from
+    the start, while the caller draws the sheets; the chunks holding `first` (stored layer
+    name -> units: the book's) go first, so `first_files` has them early; `result` waits for
+    every card. Fewer cards are drawn in this process, all at the first of the two calls.
+    The files are the same either way."""
+
+    def __init__(self, f: h5py.File, jobs: list[CardJob], workers: int | None = None,
+                 min_cards: int = PARALLEL_MIN_CARDS, first: dict[str, list[int]] | None = None):
+        self.f, self.jobs, self.first = f, jobs, first or {}
+        self.total = sum(len(j.units) if j.units is not None else _channels(j.info) for j in jobs)
+        if workers is None:
+            workers = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        self.pool, self.futures, self._all = None, [], None
+        if workers > 1 and self.total >= max(1, min_cards):
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            chunks = []
+            for job in jobs:
+                units = list(range(_channels(job.info))) if job.units is None else sorted(job.units)
+                chunks += [(job, units[s:s + CHUNK_UNITS]) for s in range(0, len(units), CHUNK_UNITS)]
+            chunks.sort(key=lambda jc: not self._early(*jc))  # stable: network and unit order otherwise
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            self.futures = [(job, chunk, self.pool.submit(_chunk_cards, self.f.filename, job.info.stored, chunk,
+                                                           job.cards_dir, job.thumbs_dir)) for job, chunk in chunks]
+
+    def _early(self, job: CardJob, chunk: list[int]) -> bool:
+        return not set(self.first.get(job.info.stored, ())).isdisjoint(chunk)
+
+    def __enter__(self) -> "CardRender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:  # on an error in the caller too: no worker left drawing
+            self.pool.shutdown(cancel_futures=True)
+
+    def first_files(self) -> dict[str, LayerCardFiles]:
+        """Stored layer name -> the card files of at least its `first` units, once written."""
+        if self.pool is None:
+            return self.result()
+        return self._gather([(job, chunk, fut) for job, chunk, fut in self.futures if self._early(job, chunk)])
+
+    def result(self) -> dict[str, LayerCardFiles]:
+        """Stored layer name -> its card files, once every card is written."""
+        if self._all is not None:
+            return self._all
+        if self.pool is None:
+            out: dict[str, LayerCardFiles] = {}
+            images = ImageIndex.read(self.f)
+            with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=self.total, desc="unit cards",
+                                                                 unit="card") as bar:
+                for job in self.jobs:
+                    out[job.info.stored] = render_layer_cards(self.f, job.info, job.cards_dir, job.thumbs_dir,
+                                                              units=job.units, images=images, pool=pool, bar=bar)
+        else:
+            with tqdm(total=self.total, desc="unit cards", unit="card") as bar:
+                out = self._gather(self.futures, bar)
+        self._all = out
+        return out
+
+    def _gather(self, futures, bar: tqdm | None = None) -> dict[str, LayerCardFiles]:
+        out: dict[str, LayerCardFiles] = {}
+        order = {id(job): i for i, job in enumerate(self.jobs)}
+        for job, chunk, fut in sorted(futures, key=lambda jcf: (order[id(jcf[0])], jcf[1][0])):
+            part = fut.result()
+            got = out.setdefault(job.info.stored, LayerCardFiles(part.stored, {}, {}, part.size, part.thumb))
+            got.cards.update(part.cards)  # chunks in unit order: the files are listed in unit order
+            got.thumbs.update(part.thumbs)
+            if bar is not None:
+                bar.update(len(chunk))
+        return out

@@ -20,8 +20,7 @@ import json
 import logging
 import math
 import re
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -245,14 +244,22 @@ def _chosen_units(units, channels: int) -> list[int]:
     return list(range(min(int(units or 0), channels)))
 
 
-def _render_layers(f, infos, n_ok: int, figures: dict, chosen: dict, cards: str, sheet_dir: Path,
-                   report_dir: Path):
-    """Layer sheets and their previews, the run figures (sheets/run/<name>.png and .pdf;
-    figures: name -> (title, function -> Figure)), unit cards and thumbnails (cards: all,
-    chosen: the units in `chosen`, none)."""
-    from pipeline.render.card_data import ImageIndex
-    from pipeline.render.cards import render_layer_cards
+def _start_cards(f, infos, chosen: dict, cards: str, report_dir: Path):
+    """Unit cards and thumbnails (cards: all, chosen: the units in `chosen`, none), started
+    on worker processes where there are many (render.cards.CardRender), the book's first."""
+    from pipeline.render.cards import CardJob, CardRender
 
+    every = cards == "all"
+    jobs = [] if cards == "none" else [
+        CardJob(i, None if every else chosen.get(i.stored, []), report_dir / "cards" / i.stored,
+                report_dir / "thumbs" / i.stored if every else None)
+        for i in infos if i.shape and int(i.shape[-1]) and (every or chosen.get(i.stored))]
+    return CardRender(f, jobs, first=chosen)
+
+
+def _render_sheets(f, infos, n_ok: int, figures: dict, sheet_dir: Path, report_dir: Path):
+    """Layer sheets and their previews, the run figures (sheets/run/<name>.png and .pdf;
+    figures: name -> (title, function -> Figure))."""
     sheets: dict[str, Path] = {}
     previews: dict[str, Path] = {}
     for info in tqdm(infos, desc="layer sheets", unit="layer"):
@@ -266,20 +273,7 @@ def _render_layers(f, infos, n_ok: int, figures: dict, chosen: dict, cards: str,
         fig = make()
         figure_pngs[name] = save_figure(fig, sheet_dir / "run" / f"{name}.png", PRINT_DPI)
         save_figure(fig, sheet_dir / "run" / f"{name}.pdf", PRINT_DPI)
-    images = ImageIndex.read(f)
-    card_files = {}
-    every = cards == "all"
-    total = 0 if cards == "none" else sum((int(i.shape[-1]) if i.shape else 0) if every
-                                          else len(chosen.get(i.stored, [])) for i in infos)
-    with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=total, desc="unit cards", unit="card") as bar:
-        for info in infos if total else []:
-            wanted = None if every else chosen.get(info.stored, [])
-            if wanted is not None and not wanted:
-                continue
-            card_files[info.stored] = render_layer_cards(
-                f, info, report_dir / "cards" / info.stored, report_dir / "thumbs" / info.stored if every else None,
-                units=wanted, images=images, pool=pool, bar=bar)
-    return sheets, previews, figure_pngs, card_files
+    return sheets, previews, figure_pngs
 
 
 class RenderCache:
@@ -424,18 +418,26 @@ class LayerFiles:
 
 
 def _layer_files(f: h5py.File, run: RunRecord, figures: dict, chosen: dict, cards: str, cache: RenderCache,
-                 sheet_dir: Path, report_dir: Path) -> LayerFiles:
+                 sheet_dir: Path, report_dir: Path, meanwhile, with_first):
     """Layer sheets, previews, run figures and unit cards: the last render's where their
-    inputs did not change, else drawn now."""
+    inputs did not change, else drawn now. While worker processes draw the cards, this
+    process draws `meanwhile()` (the per-image sheets), then `with_first(layer files holding
+    at least the book's cards, meanwhile's value)` (the book).
+    Returns (LayerFiles, meanwhile's value, with_first's value)."""
     kept = cache.kept("layers")
     if kept is not None:
         files = LayerFiles(*kept)
         logger.info("report: layer sheets and %d unit cards kept, their inputs did not change",
                     sum(len(c.cards) for c in files.card_files.values()))
-        return files
-    files = LayerFiles(*_render_layers(f, run.infos, run.n_ok, figures, chosen, cards, sheet_dir, report_dir))
+        other = meanwhile()
+        return files, other, with_first(files, other)
+    with _start_cards(f, run.infos, chosen, cards, report_dir) as render:
+        sheets = _render_sheets(f, run.infos, run.n_ok, figures, sheet_dir, report_dir)
+        other = meanwhile()
+        early = with_first(LayerFiles(*sheets, render.first_files()), other)
+        files = LayerFiles(*sheets, render.result())
     cache.record("layers", (files.sheets, files.previews, files.figure_pngs, files.card_files))
-    return files
+    return files, other, early
 
 
 def _image_sheets(f: h5py.File, run: RunRecord, ids: list[int], cache: RenderCache,
@@ -547,8 +549,9 @@ def _write_site(parts: ReportParts, cards: str, book_path: Path | None, out_dir:
 
 
 def _draw_parts(f: h5py.File, out_dir: Path, sheet_dir: Path, report_dir: Path, cache: RenderCache, cards: str,
-                units, pdf: bool, per_image) -> ReportParts:
-    """Read the run and draw (or keep) its layer files and per-image sheets."""
+                units, pdf: bool, per_image, book: bool) -> tuple[ReportParts, Path | None]:
+    """Read the run and draw (or keep) its layer files and per-image sheets, and the book
+    (book=True) as soon as its cards are there; (parts, report.pdf or None)."""
     run = RunRecord.read(f)
     infos = run.infos
     ids = choose_images(run.per_image, per_image, len(run.paths))  # a bad list stops here, before any file
@@ -557,17 +560,24 @@ def _draw_parts(f: h5py.File, out_dir: Path, sheet_dir: Path, report_dir: Path, 
     figures.update(dissection.run_figures(f, run.model))  # detectors by depth, where layers were dissected
     border = scan_border(run.config)
     chosen = {i.stored: _chosen_units(units, int(i.shape[-1]) if i.shape else 0) for i in infos} if pdf else {}
-    return ReportParts(
+    parts = ReportParts(
         run=run, figures=figures,
         grids={i.stored: sheet_grid(f["layers"][i.stored], i) for i in infos} if pdf else {},
         borders={i.stored: border_line(f["layers"][i.stored], i.shape, border) for i in infos},
-        chosen=chosen,
-        layers=_layer_files(f, run, figures, chosen, cards, cache, sheet_dir, report_dir),
-        image_sheets=_image_sheets(f, run, ids, cache, sheet_dir),
+        chosen=chosen, layers=None, image_sheets=[],
         extras=_extras(f, out_dir, [i.stored for i in infos]),
         tables=[t for t in (faithfulness_table(f), randomization_table(f)) if t is not None],
         class_units=selective_units(f, infos),
         notes=missing_notes(f, run))
+
+    def write(layers: LayerFiles, image_sheets: list) -> Path | None:
+        if not book:
+            return None
+        return _write_book(replace(parts, layers=layers, image_sheets=image_sheets), out_dir / "report.pdf")
+
+    layers, image_sheets, book_path = _layer_files(f, run, figures, chosen, cards, cache, sheet_dir, report_dir,
+                                                   partial(_image_sheets, f, run, ids, cache, sheet_dir), write)
+    return replace(parts, layers=layers, image_sheets=image_sheets), book_path
 
 
 def render_report(results_path: Path, out_dir: Path, *, cards: str | bool = "all", units=8, pdf: bool = True,
@@ -596,15 +606,15 @@ def render_report(results_path: Path, out_dir: Path, *, cards: str | bool = "all
     sheet_dir = out_dir / "sheets"
     report_dir = out_dir / REPORT_DIR
     cache = RenderCache(out_dir, report_dir, inputs)
+    site = cache.kept("site")  # the pages and the book of the last render, if nothing changed
     with h5py.File(Path(results_path), "r") as f:
-        parts = _draw_parts(f, out_dir, sheet_dir, report_dir, cache, mode, units, pdf, per_image)
+        parts, book_path = _draw_parts(f, out_dir, sheet_dir, report_dir, cache, mode, units, pdf, per_image,
+                                       book=pdf and site is None)
     written = parts.layers.paths() + [sheet for _, sheet, _ in parts.image_sheets]
-    kept = cache.kept("site")
-    if kept is not None:
-        book_path, pages = kept
+    if site is not None:
+        book_path, pages = site
         logger.info("report: nothing changed since the last render; open %s", pages[-1])
         return written + ([book_path] if book_path else []) + pages
-    book_path = _write_book(parts, out_dir / "report.pdf") if pdf else None
     pages = _write_site(parts, mode, book_path, out_dir, Path(results_path))
     cache.record("site", (book_path, pages))
     logger.info("report: %d sheets, %d cards, %d per-image sheets%s; open %s", len(parts.layers.sheets),
