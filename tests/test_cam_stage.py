@@ -157,6 +157,22 @@ def test_cam_draws_the_top_images_of_chosen_units_and_only_those_get_guided_maps
 
     assert Store(tmp_path / "run").markers()["cam"]["depends_on"] == ["scan"]  # a new scan makes them stale
 
+    # the sheets are drawn by render/ from results.h5 and the photos: the report stage draws a
+    # deleted page, and a page drawn from an older run of the stage, again, byte for byte
+    page = pages[0].read_bytes()
+    record = tmp_path / "run" / "cam" / ".sheets.json"
+    kept = record.read_text()
+    pages[0].unlink()
+    run(compose_cfg(base + ["stages=[report]", "report.cards=none", "report.pdf=false"]), tmp_path / "run")
+    assert pages[0].read_bytes() == page and record.read_text() == kept
+    pages[0].write_bytes(b"stale")
+    record.write_text(json.dumps(dict(json.loads(kept), part=[0, 0])))
+    run(compose_cfg(base + ["stages=[report]", "report.cards=none", "report.pdf=false"]), tmp_path / "run")
+    assert pages[0].read_bytes() == page and record.read_text() == kept
+    stamp = pages[0].stat().st_mtime_ns
+    run(compose_cfg(base + ["stages=[report]", "report.cards=none", "report.pdf=false"]), tmp_path / "run")
+    assert pages[0].stat().st_mtime_ns == stamp  # up to date: kept
+
 
 def test_cam_faithfulness_curves_start_at_the_models_probability_and_reach_the_report(tmp_path, tiny):
     model, base = tiny

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from pipeline.render import dissection
 from pipeline.render.canvas import resize_patches, save_figure, write_png
 from pipeline.render.image_sheet import PerImage, choose_images, image_sheet
+from pipeline.render.maps import redraw_stale_sheets
 from pipeline.render.results import (
     as_str,
     class_namer,
@@ -593,6 +594,7 @@ def render_report(results_path: Path, out_dir: Path, *, cards: str | bool = "all
     if mode is None:
         raise ValueError(f"cards={cards!r}: use all, chosen or none")
     out_dir = Path(out_dir)
+    redraw_stale_sheets(Path(results_path), out_dir)  # per-image stages' sheets missing or older than their part
     sheet_dir = out_dir / "sheets"
     report_dir = out_dir / REPORT_DIR
     cache = RenderCache(out_dir, report_dir, inputs)
