@@ -28,6 +28,7 @@ ROWS_PER_PAGE = 6
 CLASS_MEANS_DRAWN = 24
 MIN_CLASS_IMAGES = 2
 DISPLAY_SIDE = 352  # longest side of a photo on the sheets: about its 2.3 in panel at 150 dpi
+MIN_CELL_PX = 176  # a smaller photo is enlarged on the overlay pages
 TILE_PX = 32  # small maps are enlarged by whole factors to about this size
 FAST_PNG = 1  # zlib level of the per-image sheets: a fixed cost of every run, encoded fast
 
@@ -173,7 +174,6 @@ def cam_sheets(part: Path, out_dir: Path, photos: Photos) -> list[Path]:
     per image and target) and the per-class mean maps, as PNG files in out_dir; drawn from
     the group cam/ of `part` (the stage's part or results.h5) and the photos only."""
     import h5py
-    from matplotlib.figure import Figure
 
     from pipeline.render import draw
     from pipeline.render.results import as_str
@@ -189,40 +189,18 @@ def cam_sheets(part: Path, out_dir: Path, photos: Photos) -> list[Path]:
     rows = []
     for image_id, item in drawn.items():  # in the order cam.draw chose them
         photo, box = photos.display(image_id, item["pixels"])
+        rep = max(1, MIN_CELL_PX // max(photo.shape[:2]))  # small images enlarged by whole factors
+        if rep > 1:
+            photo, box = np.repeat(np.repeat(photo, rep, axis=0), rep, axis=1), tuple(v * rep for v in box)
         first = next(iter(item["maps"].values()))
         for k in range(len(first[1])):  # one row per target
             rows.append((image_id, k, photo, box, item))
     pages = math.ceil(len(rows) / ROWS_PER_PAGE)
     for page in tqdm(range(pages), desc="cam sheets", unit="page"):
         chunk = rows[page * ROWS_PER_PAGE:(page + 1) * ROWS_PER_PAGE]
-        aspect = max(photo.shape[0] / photo.shape[1] for _, _, photo, _, _ in chunk)
-        fig = Figure(figsize=(2.3 * (len(methods) + 1), (2.3 * aspect + 0.45) * len(chunk) + 0.3), dpi=draw.DPI,
-                     layout="constrained")
-        axes = fig.subplots(len(chunk), len(methods) + 1, squeeze=False)
-        for r, (image_id, k, photo, box, item) in enumerate(chunk):
-            _, classes, scores = next(iter(item["maps"].values()))
-            cls, score = int(classes[k]), float(scores[k])
-            axes[r, 0].imshow(draw.to_rgb(photo))
-            axes[r, 0].set_title(f"#{image_id} {shown(Path(photos.paths[image_id]).name)}", fontsize=6)
-            axes[r, 0].set_ylabel(f"{names[cls][:28]}\nlogit {score:.2f}", fontsize=7)
-            for col, m in enumerate(methods, 1):
-                if r == 0:
-                    axes[r, col].set_title(CAM_TITLES[m], fontsize=8)
-                if m not in item["maps"] or k >= len(item["maps"][m][0]):
-                    axes[r, col].text(0.5, 0.5, "not stored", ha="center", va="center", fontsize=7,
-                                      transform=axes[r, col].transAxes)
-                    continue
-                one = item["maps"][m][0][k]
-                if m == "guided_gradcam":
-                    axes[r, col].imshow(draw.paste_in_box(photo, draw.guided_image(one), box))
-                else:
-                    axes[r, col].imshow(draw.overlay(photo, one, alpha=alpha, box=box))
-                draw.mark_zero(axes[r, col], m, one)
-        for ax in axes.flat:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        fig.suptitle(f"class activation maps, page {page + 1} of {pages}", fontsize=9)
-        written.append(draw.save(fig, out_dir / f"overlays_{page:03d}.png", FAST_PNG))
+        image = overlay_page(chunk, methods, names, photos.paths, alpha)
+        title = f"class activation maps, page {page + 1} of {pages}"
+        written.append(save_rgb(sheet_image(image, title, min_width=0), out_dir / f"overlays_{page:03d}.png"))
     with h5py.File(part, "r") as f:
         size = tuple(int(v) for v in f["cam"].attrs["input_size"])  # (H, W)
         for m in methods:
@@ -239,6 +217,71 @@ def cam_sheets(part: Path, out_dir: Path, photos: Photos) -> list[Path]:
             written.append(draw.save(fig, out_dir / f"class_mean_{file_slug(m)}.png", FAST_PNG))
     logger.info("cam: %d sheet(s) in %s", len(written), out_dir)
     return written
+
+
+CAPTION_PX = 40  # the two caption lines above each row of an overlay page
+HEADER_PX = 24  # the method titles above the columns
+
+
+def overlay_page(chunk, methods: list[str], names: list[str], paths, alpha: float) -> np.ndarray:
+    """One overlay page as an RGB array, composed in numpy (no figure): a column per method
+    after the photo, a row per (image, target) with its file, class and logit above it; an
+    all-zero map carries zero_cam_note, a method without a map for the row says so."""
+    from pipeline.render import draw
+
+    cell_w = max(photo.shape[1] for _, _, photo, _, _ in chunk)
+    gap = 6
+    width = (cell_w + gap) * (len(methods) + 1) - gap
+    parts = [np.full((HEADER_PX, width, 3), 255, np.uint8)]
+    for col, title in enumerate(["photo"] + [CAM_TITLES[m] for m in methods]):
+        x0 = col * (cell_w + gap)
+        parts[0][:, x0:x0 + cell_w] = text_strip(title, cell_w, HEADER_PX, 8)
+    for image_id, k, photo, box, item in chunk:
+        _, classes, scores = next(iter(item["maps"].values()))
+        cls, score = int(classes[k]), float(scores[k])
+        name = names[cls] if 0 <= cls < len(names) else f"class {cls}"
+        caption = f"#{image_id} {shown(Path(paths[image_id]).name)}\n{name[:40]}, logit {score:.2f}"
+        h = photo.shape[0]
+        row = np.full((CAPTION_PX + h, width, 3), 255, np.uint8)
+        row[:CAPTION_PX, :cell_w] = text_strip(caption, cell_w, CAPTION_PX, 6.5)
+        cells = [draw.to_rgb(photo)]
+        for m in methods:
+            if m not in item["maps"] or k >= len(item["maps"][m][0]):
+                cells.append(_note_cell(np.full_like(cells[0], 235), "not stored"))
+                continue
+            one = item["maps"][m][0][k]
+            if m == "guided_gradcam":
+                cell = draw.paste_in_box(photo, draw.guided_image(one), box)
+            else:
+                cell = draw.overlay(photo, one, alpha=alpha, box=box)
+            note = draw.zero_cam_note(m, one)
+            cells.append(_note_cell(cell, note) if note else cell)
+        for col, cell in enumerate(cells):
+            x0 = col * (cell_w + gap) + (cell_w - cell.shape[1]) // 2
+            row[CAPTION_PX:, x0:x0 + cell.shape[1]] = cell
+        parts.append(row)
+    return np.concatenate(parts, axis=0)
+
+
+def _note_cell(cell: np.ndarray, note: str) -> np.ndarray:
+    """`cell` with `note` on a white band across its middle."""
+    cell = np.array(cell, np.uint8)
+    lines = note.count("\n") + 1
+    band = min(cell.shape[0], 16 * lines + 8)
+    y0 = (cell.shape[0] - band) // 2
+    cell[y0:y0 + band] = text_strip(note, cell.shape[1], band, 5.5)
+    return cell
+
+
+def save_rgb(image: np.ndarray, path: Path) -> Path:
+    """An RGB sheet as PNG, encoded fast (FAST_PNG): photos do not suit a palette."""
+    from PIL import Image
+
+    from pipeline.store import replacing
+
+    with replacing(Path(path)) as tmp:
+        Image.fromarray(np.ascontiguousarray(image)).save(tmp, "PNG", compress_level=FAST_PNG)
+    return Path(path)
 
 
 def class_mean_figure(method: str, classes: np.ndarray, counts: np.ndarray, maps: np.ndarray, size, names,
@@ -314,19 +357,23 @@ def activation_sheets(part: Path, out_dir: Path, photos: Photos | None = None) -
 
 
 def text_strip(text: str, width: int, height: int, fontsize: float, grey: float = 0.0) -> np.ndarray:
-    """`text` centred on a white (height, width, 3) uint8 strip, drawn by matplotlib (the
-    figures' fonts, any script); only the strip is a figure, so the large image beside it
-    is never resampled by matplotlib."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    """`text` (lines split at newlines) centred on a white (height, width, 3) uint8 strip,
+    pasted from render.text's glyph atlas: no figure per strip (two a sheet, every sheet)."""
     from pipeline.render.draw import DPI
+    from pipeline.render.text import draw_text, font
 
-    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
-    canvas = FigureCanvasAgg(fig)
-    fig.text(0.5, 0.5, text, ha="center", va="center", fontsize=fontsize, color=str(grey))
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[:height, :width, :3].copy()
+    out = np.full((height, width, 3), 255, np.uint8)
+    lines = text.split("\n")
+    size = round(fontsize * DPI / 72)  # the figures' points at the sheets' 150 dpi
+    while size > 6 and font(size).height * len(lines) > height:
+        size -= 1
+    step = font(size).height
+    y = (height - step * len(lines)) / 2
+    ink = (round(255 * grey),) * 3
+    for line in lines:
+        draw_text(out, line, width / 2, y, size, ink, align="center", max_width=width - 4)
+        y += step
+    return out
 
 
 def sheet_image(image: np.ndarray, title: str, note: str = "", min_width: int = 640) -> np.ndarray:
