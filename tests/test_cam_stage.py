@@ -148,6 +148,16 @@ def test_cam_draws_the_top_images_of_chosen_units_and_only_those_get_guided_maps
         ids = f["cam/image"][()]
         assert len(ids) == 10 and len(f["cam/gradcam/map"]) == 10  # the small maps: every image
         assert sorted(f["cam/guided_gradcam/image"][()]) == sorted(set(top.tolist()))
+        # what every image gets is small: about two maps at the layer's resolution (the
+        # input-resolution maps, 3,072 times more values on MobileNetV2, only for the drawn rows)
+        h, w = f["cam"].attrs["map_shape"]
+        sizes = []  # stored bytes of the stage's datasets but the drawn images' (part and chunk files)
+        for path in (tmp_path / "run" / "parts").rglob("*.h5"):
+            if path.name == "cam.h5" or path.parent.name.startswith("cam."):
+                with h5py.File(path, "r") as part:
+                    part.visititems(lambda name, d: sizes.append(d.id.get_storage_size()) if isinstance(
+                        d, h5py.Dataset) and not d.is_virtual and "guided" not in name else None)
+        assert sum(sizes) / len(ids) <= 2 * 4 * h * w, sum(sizes)  # 132 bytes an image here
         other = int(next(i for i in ids if i not in top))
         fig, _ = image_sheet(f, PerImage.read(f), other, class_namer(f), {"height": 24, "width": 24}, 50)
         assert any("drawn\nimages only (cam.draw)" in t.get_text() for t in fig.findobj(Text))

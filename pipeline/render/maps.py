@@ -542,6 +542,7 @@ def occlusion_figure(pixels: np.ndarray, g, row: int, class_name: str):
 # drawn at the end of each stage; redrawn by the report stage when missing or stale
 
 SHEETS = {"activations": activation_sheets, "cam": cam_sheets, "occlusion": occlusion_sheets}
+NEEDED = {"activations": "grid", "cam": "drawn", "occlusion": "num_classes"}  # attrs the drawing reads
 RECORD = ".sheets.json"  # in each stage's sheet folder: the part they were drawn from, the files
 
 
@@ -576,12 +577,17 @@ def redraw_stale_sheets(results_path: Path, run_dir: Path) -> list[Path]:
     sheets are missing or were drawn from an older run of the stage; keep the others."""
     import h5py
 
+    from pipeline.errors import PipelineError
+
     stale = []
     with h5py.File(results_path, "r") as f:
-        photos = Photos.of_results(f)
+        try:
+            photos = Photos.of_results(f)
+        except (TypeError, PipelineError):  # no preprocessing recorded, or another version's
+            return []
         for stage in SHEETS:
-            if stage not in f or "image" not in f[stage]:
-                continue
+            if stage not in f or "image" not in f[stage] or NEEDED[stage] not in f[stage].attrs:
+                continue  # not run, or drawn by a version that kept what the sheets need elsewhere
             folder = Path(run_dir) / stage
             try:
                 record = json.loads((folder / RECORD).read_text())
