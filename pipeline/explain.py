@@ -378,9 +378,8 @@ class CamExplainer:
         scores = np.where(kept[:, None, :], scores, -np.inf)  # left-out channels: weight 0
         return tf.nn.softmax(tf.constant(scores), axis=-1)
 
-    def _guided(self, x, classes, eager: bool = False) -> tf.Tensor:
-        """Guided backprop of each target logit to the input: (B, K, S, S, C); `eager`: not
-        traced (a single call: the trace costs more than it saves)."""
+    def _guided(self, x, classes) -> tf.Tensor:
+        """Guided backprop of each target logit to the input: (B, K, S, S, C)."""
         from pipeline.backprop import backprop
 
         z = self._logits_model(x, training=False) if self._head is not None else None
@@ -394,7 +393,7 @@ class CamExplainer:
                     tape.watch(z)
                     score = tf.reduce_sum(self._head(z) * onehot)
                 seed = tape.gradient(score, z)
-            out.append(tf.convert_to_tensor(backprop(self.model, x, self.logits_layer, seed, "guided", eager)))
+            out.append(tf.convert_to_tensor(backprop(self.model, x, self.logits_layer, seed, "guided")))
         return tf.stack(out, axis=1)
 
     # -- public ------------------------------------------------------------------
@@ -473,7 +472,7 @@ class CamExplainer:
             out["guided_gradcam"] = self.guided_gradcam(x, classes, gradcam)
         return out
 
-    def guided_gradcam(self, x, classes, gradcam, eager: bool = False) -> np.ndarray:
+    def guided_gradcam(self, x, classes, gradcam) -> np.ndarray:
         """Guided Grad-CAM (B, K, S, S, C) of model inputs x (B, S, S, C) from their Grad-CAM
         maps (B, K, h, w) for the classes (B, K): the map upsampled bilinearly to the input,
         times guided backpropagation of the same logit. Maps already computed are reused:
@@ -485,7 +484,7 @@ class CamExplainer:
         size = tf.shape(x)[1:3]
         up = tf.image.resize(tf.reshape(gradcam, (b * k, h, w, 1)), size, method="bilinear")
         up = tf.reshape(up, (b, k, size[0], size[1], 1))
-        return (up * self._guided(x, classes, eager)).numpy()
+        return (up * self._guided(x, classes)).numpy()
 
 
 def _one(method: str, model, images, targets, layer, preprocessing, batch_size, **kw) -> CamResult:

@@ -79,8 +79,6 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                 f"; {', '.join(large)} for the {len(drawn)} drawn image(s) (cam.draw)" if small and large else "")
     wanted = np.zeros(len(table), bool)
     wanted[drawn] = True
-    # drawn images in one batch of the stream (the default: the first 16): one guided call, untraced
-    one_call = len(drawn) > 0 and int(np.max(drawn)) // cfg.batch_size == int(np.min(drawn)) // cfg.batch_size
 
     store.ensure_run(cfg, bundle, table)
 
@@ -106,7 +104,7 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
                 rows.update(_faithfulness(explainer, x, r, m, int(c.faithfulness_steps)))
         chosen = np.flatnonzero(wanted[ids])
         if large and len(chosen):
-            rows.update(input_resolution_rows(explainer, x, ids, chosen, out["gradcam"], one_call))
+            rows.update(input_resolution_rows(explainer, x, ids, chosen, out["gradcam"]))
         return rows
 
     unreadable = "images could be read: check dataset.path (images/error says why)"
@@ -137,15 +135,14 @@ def run(cfg, run_dir: Path, stage_print: str) -> None:
     draw_stage_sheets(store.parts / PART, run_dir, "cam", Photos.of_table(table, spec))
 
 
-def input_resolution_rows(explainer, x, ids: np.ndarray, chosen: np.ndarray, gradcam,
-                          eager: bool = False) -> dict[str, np.ndarray]:
+def input_resolution_rows(explainer, x, ids: np.ndarray, chosen: np.ndarray, gradcam) -> dict[str, np.ndarray]:
     """cam/guided_gradcam/... rows of the images `chosen` (positions in the batch), from the
     batch's Grad-CAM result (maps (B, K, h, w), classes, scores): only the guided backward
     pass is computed here."""
     import tensorflow as tf
 
     k = gradcam.classes.shape[1]
-    maps = explainer.guided_gradcam(tf.gather(x, chosen), gradcam.classes[chosen], gradcam.maps[chosen], eager)
+    maps = explainer.guided_gradcam(tf.gather(x, chosen), gradcam.classes[chosen], gradcam.maps[chosen])
     maps = maps.reshape((-1,) + maps.shape[2:])  # (m * K, S, S, C)
     rows = {}
     rows["cam/guided_gradcam/map"], rows["cam/guided_gradcam/scale"] = scaled_float16(maps)
