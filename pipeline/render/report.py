@@ -553,6 +553,7 @@ def _draw_parts(f: h5py.File, out_dir: Path, sheet_dir: Path, report_dir: Path, 
     run = RunRecord.read(f)
     infos = run.infos
     ids = choose_images(run.per_image, per_image, len(run.paths))  # a bad list stops here, before any file
+    redraw_stale_sheets(Path(f.filename), out_dir)  # per-image stages' sheets missing or older than their part
     sheet_dir.mkdir(parents=True, exist_ok=True)
     figures = run_figures(f, infos, run.model)
     figures.update(dissection.run_figures(f, run.model))  # detectors by depth, where layers were dissected
@@ -594,7 +595,6 @@ def render_report(results_path: Path, out_dir: Path, *, cards: str | bool = "all
     if mode is None:
         raise ValueError(f"cards={cards!r}: use all, chosen or none")
     out_dir = Path(out_dir)
-    redraw_stale_sheets(Path(results_path), out_dir)  # per-image stages' sheets missing or older than their part
     sheet_dir = out_dir / "sheets"
     report_dir = out_dir / REPORT_DIR
     cache = RenderCache(out_dir, report_dir, inputs)
