@@ -319,7 +319,8 @@ def class_mean_figure(method: str, classes: np.ndarray, counts: np.ndarray, maps
 
 
 def activation_sheets(part: Path, out_dir: Path, photos: Photos | None = None) -> list[Path]:
-    """Per image and layer: a grid of the first activations.grid channels and every\n    channel, activations.per_row tiles a row; the blank fraction by depth."""
+    """Per image and layer: a grid of the first activations.grid channels and every
+    channel, activations.per_row tiles a row; the blank fraction by depth."""
     import h5py
 
     from pipeline.explain import blank_channels
