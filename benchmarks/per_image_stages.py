@@ -7,12 +7,13 @@ default job (activations, cam, occlusion) with their default settings, each as i
 (the runner's "stage X done in Y s" line, so TensorFlow's start is left out), the CPU time
 of the whole process (steadier than seconds on a shared machine), the bytes the stage
 added to the run directory (its part in parts/ and its sheets), and the peak resident
-memory of the process (os.wait4's rusage of that child).
+memory of the process (os.wait4's rusage of that child). Then the bytes per image of every
+HDF5 dataset the per-image stages stored (chunks and part files summed), largest first.
 
 Targets (issue 26): the per-image stages together at most 1.5x the scan's time, at most
 20 KB per image in results (parts/), each process under 3 GB peak.
 
-    python benchmarks/per_image_stages.py [--images 512] [--model default|tiny]
+    python benchmarks/per_image_stages.py [--images 2000] [--model default|tiny]
         [--checkout DIR] [--data DIR]
 
 --checkout runs another checkout's run.py (e.g. an older commit unpacked with
@@ -65,6 +66,23 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
+def dataset_bytes(parts: Path, stages) -> dict[str, int]:
+    """Stored bytes of each HDF5 dataset of the stages' files under parts/ (their part and
+    the chunk files a virtual dataset reads from), by dataset path."""
+    import h5py
+
+    sizes: dict[str, int] = {}
+    for path in sorted(parts.rglob("*.h5")):
+        if not path.name.startswith(tuple(stages)) and not path.parent.name.startswith(tuple(stages)):
+            continue
+        with h5py.File(path, "r") as f:
+            def add(name, obj):
+                if isinstance(obj, h5py.Dataset) and not obj.is_virtual:
+                    sizes[name] = sizes.get(name, 0) + obj.id.get_storage_size()
+            f.visititems(add)
+    return sizes
+
+
 def run_stage(checkout: Path, overrides: list[str], stage: str, run_dir: Path) -> tuple[float, float, float, float]:
     """(stage seconds, process seconds, process CPU seconds, peak RSS GiB) of one
     `run.py stages=[stage]` process."""
@@ -88,7 +106,7 @@ def run_stage(checkout: Path, overrides: list[str], stage: str, run_dir: Path) -
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--model", choices=("default", "tiny"), default="default")
     parser.add_argument("--checkout", type=Path, default=ROOT, help="the checkout whose run.py runs (this one)")
     parser.add_argument("--data", type=Path, help="folder for the photos (default: a temporary one)")
@@ -126,6 +144,9 @@ def main(argv=None) -> int:
         print(f"  per-image stages together: {seconds:.1f} s = {seconds / rows['scan'][0]:.2f}x the scan "
               f"(target <= 1.5x; CPU time of the processes, start-up included: {cpu / rows['scan'][3]:.2f}x), "
               f"{parts / 1e3 / args.images:.1f} KB/image in parts/ (target <= 20), peak RSS {rss:.2f} GB (target < 3)")
+        print("  stored bytes per image by HDF5 dataset (largest first):")
+        for name, size in sorted(dataset_bytes(run_dir / "parts", per_image).items(), key=lambda t: -t[1])[:16]:
+            print(f"    {name:<44} {size / args.images:10.1f}")
     return 0
 
 

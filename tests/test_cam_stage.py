@@ -148,6 +148,16 @@ def test_cam_draws_the_top_images_of_chosen_units_and_only_those_get_guided_maps
         ids = f["cam/image"][()]
         assert len(ids) == 10 and len(f["cam/gradcam/map"]) == 10  # the small maps: every image
         assert sorted(f["cam/guided_gradcam/image"][()]) == sorted(set(top.tolist()))
+        # what every image gets is small: about two maps at the layer's resolution (the
+        # input-resolution maps, 3,072 times more values on MobileNetV2, only for the drawn rows)
+        h, w = f["cam"].attrs["map_shape"]
+        sizes = []  # stored bytes of the stage's datasets but the drawn images' (part and chunk files)
+        for path in (tmp_path / "run" / "parts").rglob("*.h5"):
+            if path.name == "cam.h5" or path.parent.name.startswith("cam."):
+                with h5py.File(path, "r") as part:
+                    part.visititems(lambda name, d: sizes.append(d.id.get_storage_size()) if isinstance(
+                        d, h5py.Dataset) and not d.is_virtual and "guided" not in name else None)
+        assert sum(sizes) / len(ids) <= 2 * 4 * h * w, sum(sizes)  # 132 bytes an image here
         other = int(next(i for i in ids if i not in top))
         fig, _ = image_sheet(f, PerImage.read(f), other, class_namer(f), {"height": 24, "width": 24}, 50)
         assert any("drawn\nimages only (cam.draw)" in t.get_text() for t in fig.findobj(Text))
@@ -156,6 +166,22 @@ def test_cam_draws_the_top_images_of_chosen_units_and_only_those_get_guided_maps
     from pipeline.store import Store
 
     assert Store(tmp_path / "run").markers()["cam"]["depends_on"] == ["scan"]  # a new scan makes them stale
+
+    # the sheets are drawn by render/ from results.h5 and the photos: the report stage draws a
+    # deleted page, and a page drawn from an older run of the stage, again, byte for byte
+    page = pages[0].read_bytes()
+    record = tmp_path / "run" / "cam" / ".sheets.json"
+    kept = record.read_text()
+    pages[0].unlink()
+    run(compose_cfg(base + ["stages=[report]", "report.cards=none", "report.pdf=false"]), tmp_path / "run")
+    assert pages[0].read_bytes() == page and record.read_text() == kept
+    pages[0].write_bytes(b"stale")
+    record.write_text(json.dumps(dict(json.loads(kept), part=[0, 0])))
+    run(compose_cfg(base + ["stages=[report]", "report.cards=none", "report.pdf=false"]), tmp_path / "run")
+    assert pages[0].read_bytes() == page and record.read_text() == kept
+    stamp = pages[0].stat().st_mtime_ns
+    run(compose_cfg(base + ["stages=[report]", "report.cards=none", "report.pdf=false"]), tmp_path / "run")
+    assert pages[0].stat().st_mtime_ns == stamp  # up to date: kept
 
 
 def test_cam_faithfulness_curves_start_at_the_models_probability_and_reach_the_report(tmp_path, tiny):

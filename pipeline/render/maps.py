@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.names import shown
-from pipeline.preprocess import input_box
+from pipeline.preprocess import Preprocessing, input_box
 from pipeline.render.draw import CAM_TITLES, cell_edges, open_photo, to_rgb
 
 if TYPE_CHECKING:
@@ -27,37 +28,89 @@ ROWS_PER_PAGE = 6
 CLASS_MEANS_DRAWN = 24
 MIN_CLASS_IMAGES = 2
 DISPLAY_SIDE = 352  # longest side of a photo on the sheets: about its 2.3 in panel at 150 dpi
+MIN_CELL_PX = 176  # a smaller photo is enlarged on the overlay pages
 TILE_PX = 32  # small maps are enlarged by whole factors to about this size
 FAST_PNG = 1  # zlib level of the per-image sheets: a fixed cost of every run, encoded fast
 
 
-def original_photo(table: ImageTable, image_id: int, spec=None) -> np.ndarray | None:
-    """The image as the stream decodes it (upright; a JPEG at the DCT scale the model's
-    resize allows for `spec`), uint8 RGB, or None when it cannot be read."""
-    if table.arrays is not None:
-        return to_rgb(table.arrays[image_id])
-    return open_photo(table.paths[image_id], getattr(table, "exif", True), spec)
+@dataclass
+class Photos:
+    """The photos the sheets are drawn on: image files (upright by EXIF when `exif`, decoded
+    as the stream decodes them) or in-memory arrays, seen through the model's `spec`. The
+    stage passes its image table, the report stage what results.h5 records: one drawing."""
+
+    paths: list
+    spec: Preprocessing
+    exif: bool = True
+    arrays: np.ndarray | None = None
+
+    @classmethod
+    def of_table(cls, table: ImageTable, spec: Preprocessing) -> "Photos":
+        return cls(list(table.paths), spec, bool(getattr(table, "exif", True)), table.arrays)
+
+    @classmethod
+    def of_results(cls, f) -> "Photos":
+        from pipeline.render.results import stored_exif, stored_preprocessing
+        from pipeline.store import read_paths
+
+        paths = read_paths(f["images"]) if "images" in f else []
+        return cls(paths, Preprocessing(**stored_preprocessing(f.attrs)), stored_exif(f.attrs))
+
+    def readable(self, ids) -> bool:
+        """Whether every one of the images can be opened again (in memory, or a file)."""
+        return self.arrays is not None or all(Path(self.paths[int(i)]).is_file() for i in ids)
+
+    def original(self, image_id: int) -> np.ndarray | None:
+        """The image as the stream decodes it (upright; a JPEG at the DCT scale the model's
+        resize allows), uint8 RGB, or None when it cannot be read."""
+        if self.arrays is not None:
+            return to_rgb(self.arrays[image_id])
+        return open_photo(self.paths[image_id], self.exif, self.spec)
+
+    def model_view(self, image_id: int) -> np.ndarray | None:
+        """The image as the model saw it (before normalisation), uint8 RGB, or None."""
+        from PIL import Image
+
+        from pipeline.render.image_sheet import model_view
+
+        if self.arrays is None:
+            return model_view(self.paths[image_id], self.spec.__dict__, self.exif)
+        photo = to_rgb(self.arrays[image_id])
+        size = (self.spec.width, self.spec.height)
+        if photo.shape[1::-1] != size:
+            photo = np.asarray(Image.fromarray(photo).resize(size, Image.BILINEAR))
+        return photo
+
+    def display(self, image_id: int, pixels: np.ndarray):
+        """(photo, box): the original photo shrunk to DISPLAY_SIDE and where the model's
+        input lies in it (y0, x0, y1, x1); the model-input `pixels` when it cannot be reopened."""
+        from PIL import Image
+
+        photo = self.original(image_id)
+        if photo is None:
+            return to_rgb(pixels), (0.0, 0.0, float(pixels.shape[0]), float(pixels.shape[1]))
+        h, w = photo.shape[:2]
+        box = input_box(h, w, self.spec)
+        scale = min(1.0, DISPLAY_SIDE / max(h, w))
+        if scale < 1.0:
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            photo = np.asarray(Image.fromarray(photo).resize(size, Image.BILINEAR, reducing_gap=2.0))
+            sy, sx = photo.shape[0] / h, photo.shape[1] / w
+            box = (box[0] * sy, box[1] * sx, box[2] * sy, box[3] * sx)
+        return photo, box
 
 
-def display_photo(table: ImageTable, image_id: int, spec, pixels: np.ndarray):
-    """(photo, box): the original photo shrunk to DISPLAY_SIDE and where the model's input
-    lies in it (y0, x0, y1, x1); the model-input pixels when the file cannot be reopened."""
-    from PIL import Image
+def stored_class_names(f, num_classes: int) -> list[str]:
+    """The names the explaining stages give the model's classes (selection.class_names),
+    from what results.h5 records: ImageNet's, the dataset's folders, or numbers."""
+    from pipeline.render.results import as_str
 
+    if bool(f.attrs.get("imagenet_classes", False)) and num_classes == 1000:
+        from pipeline.models.imagenet import class_names
 
-    photo = original_photo(table, image_id, spec)
-    if photo is None:
-        return to_rgb(pixels), (0.0, 0.0, float(pixels.shape[0]), float(pixels.shape[1]))
-    h, w = photo.shape[:2]
-    box = input_box(h, w, spec)
-    scale = min(1.0, DISPLAY_SIDE / max(h, w))
-    if scale < 1.0:
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        photo = np.asarray(Image.fromarray(photo).resize(size, Image.BILINEAR, reducing_gap=2.0))
-        sy, sx = photo.shape[0] / h, photo.shape[1] / w
-        box = (box[0] * sy, box[1] * sx, box[2] * sy, box[3] * sx)
-    return photo, box
-
+        return class_names()
+    folders = json.loads(as_str(f["images"].attrs.get("class_names", "[]")) or "[]") if "images" in f else []
+    return list(folders) if len(folders) == num_classes else [f"class {i}" for i in range(num_classes)]
 
 
 def file_slug(method: str) -> str:
@@ -86,50 +139,27 @@ def stored_maps(d, rows) -> np.ndarray:
     return maps
 
 
-def drawn_maps(part: Path, table: ImageTable, spec, methods: list[str], ids, batch_size: int) -> dict:
-    """image id -> its pixels and, per method, (maps, classes, scores) of its targets in rank
-    order, for the images `ids`, read back from the stage's part (a resumed run has them too)."""
-    import h5py
-
+def drawn_maps(g, photos: Photos, methods: list[str], ids) -> dict:
+    """image id -> its model-input pixels and, per method, (maps, classes, scores) of its
+    targets in rank order, for the images `ids` that can be read, from the group cam/."""
     wanted = np.asarray(ids, np.int64)
     drawn: dict[int, dict] = {}
-    with h5py.File(part, "r") as f:
-        g = f["cam"]
-        for m in methods:
-            image, rank = method_rows(g, m)
-            rows = np.flatnonzero(np.isin(image, wanted))
-            rows = rows[np.lexsort((rank[rows], image[rows]))]  # by image, then target rank
-            if not len(rows):
-                continue
-            maps = stored_maps(g[m], np.sort(rows))[np.argsort(np.argsort(rows))]
-            classes, scores = g[m]["class"][()][rows], g[m]["score"][()][rows]
-            starts = np.flatnonzero(np.r_[True, np.diff(image[rows]) != 0])
-            for a, b in zip(starts, list(starts[1:]) + [len(rows)]):
-                item = drawn.setdefault(int(image[rows[a]]), {"maps": {}})
-                item["maps"][m] = (maps[a:b], classes[a:b], scores[a:b])
+    for m in methods:
+        image, rank = method_rows(g, m)
+        rows = np.flatnonzero(np.isin(image, wanted))
+        rows = rows[np.lexsort((rank[rows], image[rows]))]  # by image, then target rank
+        if not len(rows):
+            continue
+        maps = stored_maps(g[m], np.sort(rows))[np.argsort(np.argsort(rows))]
+        classes, scores = g[m]["class"][()][rows], g[m]["score"][()][rows]
+        starts = np.flatnonzero(np.r_[True, np.diff(image[rows]) != 0])
+        for a, b in zip(starts, list(starts[1:]) + [len(rows)]):
+            item = drawn.setdefault(int(image[rows[a]]), {"maps": {}})
+            item["maps"][m] = (maps[a:b], classes[a:b], scores[a:b])
     order = [int(i) for i in dict.fromkeys(wanted.tolist()) if int(i) in drawn]
-    for image_id, p in model_pixels(table, spec, sorted(order), batch_size).items():
-        drawn[image_id]["pixels"] = p
-    return {i: drawn[i] for i in order if "pixels" in drawn[i]}
-
-
-def model_pixels(table: ImageTable, spec, ids, batch_size: int) -> dict[int, np.ndarray]:
-    """image id -> the model-input pixels (uint8 (S, S, C)) of a few images to draw, for the
-    ids that can be read. Files are read with Pillow, as the stream's own second chance
-    reads them (upright, a JPEG at the stream's DCT scale, resized and cropped alike): a
-    tf.data stream for a handful of images costs seconds to start."""
-    from pipeline.datasets import BatchStream, decode_with_pillow
-
-    ids = np.asarray(ids, np.int64)
-    if table.arrays is not None:  # in memory: sliced, no tf.data pipeline
-        return {int(i): p for batch_ids, batch in BatchStream(table, spec, batch_size, ids=ids)
-                for i, p in zip(batch_ids, batch.numpy())}
-    out = {}
-    for image_id in ids.tolist():
-        pixels, _ = decode_with_pillow(table.paths[image_id], spec, table)
-        if pixels is not None:
-            out[int(image_id)] = np.asarray(pixels)
-    return out
+    for image_id in order:
+        drawn[image_id]["pixels"] = photos.model_view(image_id)
+    return {i: drawn[i] for i in order if drawn[i]["pixels"] is not None}
 
 
 def classes_with_means(counts: np.ndarray) -> np.ndarray:
@@ -139,56 +169,38 @@ def classes_with_means(counts: np.ndarray) -> np.ndarray:
     return rows[np.argsort(-np.asarray(counts)[rows], kind="stable")][:CLASS_MEANS_DRAWN]
 
 
-def cam_sheets(part: Path, out_dir: Path, table: ImageTable, spec, names: list[str], methods: list[str],
-               alpha: float, ids, batch_size: int) -> list[Path]:
-    """Overlay pages of the images `ids` (photo, then one panel per method; a row per image
-    and target) and the per-class mean maps, as PNG files in out_dir."""
+def cam_sheets(part: Path, out_dir: Path, photos: Photos) -> list[Path]:
+    """Overlay pages of the images cam.draw chose (photo, then one panel per method; a row
+    per image and target) and the per-class mean maps, as PNG files in out_dir; drawn from
+    the group cam/ of `part` (the stage's part or results.h5) and the photos only."""
     import h5py
-    from matplotlib.figure import Figure
 
     from pipeline.render import draw
     from pipeline.render.results import as_str
 
-    drawn = drawn_maps(part, table, spec, methods, ids, batch_size)
+    with h5py.File(part, "r") as f:
+        g = f["cam"]
+        methods = json.loads(as_str(g.attrs["methods"]))
+        alpha = float(g.attrs.get("alpha", 0.4))
+        names = stored_class_names(f, int(g.attrs.get("num_classes", 0)))
+        drawn = drawn_maps(g, photos, methods, g.attrs.get("drawn", np.zeros(0, np.int64)))
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     rows = []
     for image_id, item in drawn.items():  # in the order cam.draw chose them
-        photo, box = display_photo(table, image_id, spec, item["pixels"])
+        photo, box = photos.display(image_id, item["pixels"])
+        rep = max(1, MIN_CELL_PX // max(photo.shape[:2]))  # small images enlarged by whole factors
+        if rep > 1:
+            photo, box = np.repeat(np.repeat(photo, rep, axis=0), rep, axis=1), tuple(v * rep for v in box)
         first = next(iter(item["maps"].values()))
         for k in range(len(first[1])):  # one row per target
             rows.append((image_id, k, photo, box, item))
     pages = math.ceil(len(rows) / ROWS_PER_PAGE)
     for page in tqdm(range(pages), desc="cam sheets", unit="page"):
         chunk = rows[page * ROWS_PER_PAGE:(page + 1) * ROWS_PER_PAGE]
-        aspect = max(photo.shape[0] / photo.shape[1] for _, _, photo, _, _ in chunk)
-        fig = Figure(figsize=(2.3 * (len(methods) + 1), (2.3 * aspect + 0.45) * len(chunk) + 0.3), dpi=draw.DPI,
-                     layout="constrained")
-        axes = fig.subplots(len(chunk), len(methods) + 1, squeeze=False)
-        for r, (image_id, k, photo, box, item) in enumerate(chunk):
-            _, classes, scores = next(iter(item["maps"].values()))
-            cls, score = int(classes[k]), float(scores[k])
-            axes[r, 0].imshow(draw.to_rgb(photo))
-            axes[r, 0].set_title(f"#{image_id} {shown(Path(table.paths[image_id]).name)}", fontsize=6)
-            axes[r, 0].set_ylabel(f"{names[cls][:28]}\nlogit {score:.2f}", fontsize=7)
-            for col, m in enumerate(methods, 1):
-                if r == 0:
-                    axes[r, col].set_title(CAM_TITLES[m], fontsize=8)
-                if m not in item["maps"] or k >= len(item["maps"][m][0]):
-                    axes[r, col].text(0.5, 0.5, "not stored", ha="center", va="center", fontsize=7,
-                                      transform=axes[r, col].transAxes)
-                    continue
-                one = item["maps"][m][0][k]
-                if m == "guided_gradcam":
-                    axes[r, col].imshow(draw.paste_in_box(photo, draw.guided_image(one), box))
-                else:
-                    axes[r, col].imshow(draw.overlay(photo, one, alpha=alpha, box=box))
-                draw.mark_zero(axes[r, col], m, one)
-        for ax in axes.flat:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        fig.suptitle(f"class activation maps, page {page + 1} of {pages}", fontsize=9)
-        written.append(draw.save(fig, out_dir / f"overlays_{page:03d}.png", FAST_PNG))
+        image = overlay_page(chunk, methods, names, photos.paths, alpha)
+        title = f"class activation maps, page {page + 1} of {pages}"
+        written.append(save_rgb(sheet_image(image, title, min_width=0), out_dir / f"overlays_{page:03d}.png"))
     with h5py.File(part, "r") as f:
         size = tuple(int(v) for v in f["cam"].attrs["input_size"])  # (H, W)
         for m in methods:
@@ -205,6 +217,71 @@ def cam_sheets(part: Path, out_dir: Path, table: ImageTable, spec, names: list[s
             written.append(draw.save(fig, out_dir / f"class_mean_{file_slug(m)}.png", FAST_PNG))
     logger.info("cam: %d sheet(s) in %s", len(written), out_dir)
     return written
+
+
+CAPTION_PX = 40  # the two caption lines above each row of an overlay page
+HEADER_PX = 24  # the method titles above the columns
+
+
+def overlay_page(chunk, methods: list[str], names: list[str], paths, alpha: float) -> np.ndarray:
+    """One overlay page as an RGB array, composed in numpy (no figure): a column per method
+    after the photo, a row per (image, target) with its file, class and logit above it; an
+    all-zero map carries zero_cam_note, a method without a map for the row says so."""
+    from pipeline.render import draw
+
+    cell_w = max(photo.shape[1] for _, _, photo, _, _ in chunk)
+    gap = 6
+    width = (cell_w + gap) * (len(methods) + 1) - gap
+    parts = [np.full((HEADER_PX, width, 3), 255, np.uint8)]
+    for col, title in enumerate(["photo"] + [CAM_TITLES[m] for m in methods]):
+        x0 = col * (cell_w + gap)
+        parts[0][:, x0:x0 + cell_w] = text_strip(title, cell_w, HEADER_PX, 8)
+    for image_id, k, photo, box, item in chunk:
+        _, classes, scores = next(iter(item["maps"].values()))
+        cls, score = int(classes[k]), float(scores[k])
+        name = names[cls] if 0 <= cls < len(names) else f"class {cls}"
+        caption = f"#{image_id} {shown(Path(paths[image_id]).name)}\n{name[:40]}, logit {score:.2f}"
+        h = photo.shape[0]
+        row = np.full((CAPTION_PX + h, width, 3), 255, np.uint8)
+        row[:CAPTION_PX, :cell_w] = text_strip(caption, cell_w, CAPTION_PX, 6.5)
+        cells = [draw.to_rgb(photo)]
+        for m in methods:
+            if m not in item["maps"] or k >= len(item["maps"][m][0]):
+                cells.append(_note_cell(np.full_like(cells[0], 235), "not stored"))
+                continue
+            one = item["maps"][m][0][k]
+            if m == "guided_gradcam":
+                cell = draw.paste_in_box(photo, draw.guided_image(one), box)
+            else:
+                cell = draw.overlay(photo, one, alpha=alpha, box=box)
+            note = draw.zero_cam_note(m, one)
+            cells.append(_note_cell(cell, note) if note else cell)
+        for col, cell in enumerate(cells):
+            x0 = col * (cell_w + gap) + (cell_w - cell.shape[1]) // 2
+            row[CAPTION_PX:, x0:x0 + cell.shape[1]] = cell
+        parts.append(row)
+    return np.concatenate(parts, axis=0)
+
+
+def _note_cell(cell: np.ndarray, note: str) -> np.ndarray:
+    """`cell` with `note` on a white band across its middle."""
+    cell = np.array(cell, np.uint8)
+    lines = note.count("\n") + 1
+    band = min(cell.shape[0], 16 * lines + 8)
+    y0 = (cell.shape[0] - band) // 2
+    cell[y0:y0 + band] = text_strip(note, cell.shape[1], band, 5.5)
+    return cell
+
+
+def save_rgb(image: np.ndarray, path: Path) -> Path:
+    """An RGB sheet as PNG, encoded fast (FAST_PNG): photos do not suit a palette."""
+    from PIL import Image
+
+    from pipeline.store import replacing
+
+    with replacing(Path(path)) as tmp:
+        Image.fromarray(np.ascontiguousarray(image)).save(tmp, "PNG", compress_level=FAST_PNG)
+    return Path(path)
 
 
 def class_mean_figure(method: str, classes: np.ndarray, counts: np.ndarray, maps: np.ndarray, size, names,
@@ -241,7 +318,9 @@ def class_mean_figure(method: str, classes: np.ndarray, counts: np.ndarray, maps
     return fig
 
 
-def activation_sheets(part: Path, out_dir: Path, grid: int, per_row: int) -> list[Path]:
+def activation_sheets(part: Path, out_dir: Path, photos: Photos | None = None) -> list[Path]:
+    """Per image and layer: a grid of the first activations.grid channels and every
+    channel, activations.per_row tiles a row; the blank fraction by depth."""
     import h5py
 
     from pipeline.explain import blank_channels
@@ -251,6 +330,7 @@ def activation_sheets(part: Path, out_dir: Path, grid: int, per_row: int) -> lis
     written = []
     with h5py.File(part, "r") as f:
         g = f["activations"]
+        grid, per_row = int(g.attrs.get("grid", 64)), int(g.attrs.get("per_row", 16))
         ids = g["image"][()]
         names = json.loads(g["blank_fraction"].attrs["layers"])
         keys = json.loads(g["blank_fraction"].attrs["keys"])
@@ -278,19 +358,23 @@ def activation_sheets(part: Path, out_dir: Path, grid: int, per_row: int) -> lis
 
 
 def text_strip(text: str, width: int, height: int, fontsize: float, grey: float = 0.0) -> np.ndarray:
-    """`text` centred on a white (height, width, 3) uint8 strip, drawn by matplotlib (the
-    figures' fonts, any script); only the strip is a figure, so the large image beside it
-    is never resampled by matplotlib."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    """`text` (lines split at newlines) centred on a white (height, width, 3) uint8 strip,
+    pasted from render.text's glyph atlas: no figure per strip (two a sheet, every sheet)."""
     from pipeline.render.draw import DPI
+    from pipeline.render.text import draw_text, font
 
-    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
-    canvas = FigureCanvasAgg(fig)
-    fig.text(0.5, 0.5, text, ha="center", va="center", fontsize=fontsize, color=str(grey))
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[:height, :width, :3].copy()
+    out = np.full((height, width, 3), 255, np.uint8)
+    lines = text.split("\n")
+    size = round(fontsize * DPI / 72)  # the figures' points at the sheets' 150 dpi
+    while size > 6 and font(size).height * len(lines) > height:
+        size -= 1
+    step = font(size).height
+    y = (height - step * len(lines)) / 2
+    ink = (round(255 * grey),) * 3
+    for line in lines:
+        draw_text(out, line, width / 2, y, size, ink, align="center", max_width=width - 4)
+        y += step
+    return out
 
 
 def sheet_image(image: np.ndarray, title: str, note: str = "", min_width: int = 640) -> np.ndarray:
@@ -410,7 +494,7 @@ def occlusion_panels(fig, axes, backdrop: np.ndarray, g, row: int, class_name: s
         bar.ax.tick_params(labelsize=6)
 
 
-def occlusion_sheets(part: Path, out_dir: Path, table, spec, names: list[str], batch_size: int) -> list[Path]:
+def occlusion_sheets(part: Path, out_dir: Path, photos: Photos) -> list[Path]:
     """Per image: the photo (as the model saw it) with the square's size marked, and the
     drops of the target probability and of the followed feature map (occlusion_panels)."""
     import h5py
@@ -421,11 +505,13 @@ def occlusion_sheets(part: Path, out_dir: Path, table, spec, names: list[str], b
     written = []
     with h5py.File(part, "r") as f:
         g = f["occlusion"]
-        pixels_of = model_pixels(table, spec, g["image"][()], batch_size)
+        names = stored_class_names(f, int(g.attrs.get("num_classes", 0)))
         for i, image_id in enumerate(tqdm(g["image"][()], desc="occlusion sheets", unit="sheet")):
-            if int(image_id) not in pixels_of:
+            pixels = photos.model_view(int(image_id))
+            if pixels is None:
                 continue  # unreadable now, though it was read for the maps
-            fig = occlusion_figure(pixels_of[int(image_id)], g, i, names[int(g["class"][i])])
+            cls = int(g["class"][i])
+            fig = occlusion_figure(pixels, g, i, names[cls] if cls < len(names) else f"class {cls}")
             written.append(draw.save(fig, out_dir / f"image_{int(image_id)}.png", FAST_PNG))
     logger.info("occlusion: %d sheet(s) in %s", len(written), out_dir)
     return written
@@ -451,3 +537,73 @@ def occlusion_figure(pixels: np.ndarray, g, row: int, class_name: str):
     occlusion_panels(fig, axes[1:], photo, g, row, class_name)
     fig.suptitle(f"occlusion sensitivity: grey square {size} px, stride {stride} px", fontsize=9)
     return fig
+
+
+# ----------------------------------------------------------------------------
+# drawn at the end of each stage; redrawn by the report stage when missing or stale
+
+SHEETS = {"activations": activation_sheets, "cam": cam_sheets, "occlusion": occlusion_sheets}
+NEEDED = {"activations": "grid", "cam": "drawn", "occlusion": "num_classes"}  # attrs the drawing reads
+RECORD = ".sheets.json"  # in each stage's sheet folder: the part they were drawn from, the files
+
+
+def _stamp(f, stage: str) -> list:
+    """Identity of the file that holds the stage's group (its part: a re-run writes it anew)."""
+    import os
+
+    st = os.stat(f[stage].file.filename)
+    return [st.st_mtime_ns, st.st_size]
+
+
+def draw_stage_sheets(part: Path, run_dir: Path, stage: str, photos: Photos) -> list[Path]:
+    """Draw the sheets of `stage` into run_dir/<stage>/ from `part` (the stage's part or
+    results.h5) and the photos, and record what they were drawn from."""
+    import h5py
+
+    from pipeline.store import atomic_file
+
+    out_dir = Path(run_dir) / stage
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = SHEETS[stage](Path(part), out_dir, photos)
+    with h5py.File(part, "r") as f:
+        stamp = _stamp(f, stage)
+    record = dict(part=stamp, files=[Path(p).relative_to(out_dir).as_posix() for p in written])
+    with atomic_file(out_dir / RECORD, "w") as fh:
+        json.dump(record, fh)
+    return written
+
+
+def redraw_stale_sheets(results_path: Path, run_dir: Path) -> list[Path]:
+    """Redraw, from results.h5 and the photos, the sheets of each per-image stage whose
+    sheets are missing or were drawn from an older run of the stage; keep the others."""
+    import h5py
+
+    from pipeline.errors import PipelineError
+
+    stale = []
+    with h5py.File(results_path, "r") as f:
+        try:
+            photos = Photos.of_results(f)
+        except (TypeError, PipelineError):  # no preprocessing recorded, or another version's
+            return []
+        for stage in SHEETS:
+            if stage not in f or "image" not in f[stage] or NEEDED[stage] not in f[stage].attrs:
+                continue  # not run, or drawn by a version that kept what the sheets need elsewhere
+            folder = Path(run_dir) / stage
+            try:
+                record = json.loads((folder / RECORD).read_text())
+            except (OSError, ValueError):
+                record = {}
+            if record.get("part") == _stamp(f, stage) and all((folder / n).exists() for n in record["files"]):
+                continue
+            ids = f[stage]["image"][()] if stage != "cam" else f["cam"].attrs.get("drawn", np.zeros(0, np.int64))
+            if stage != "activations" and not photos.readable(ids):
+                logger.warning("%s sheets: the images are not files that can be read again (an in-memory dataset "
+                               "or moved files): run stages=[%s] to draw them", stage, stage)
+                continue
+            stale.append(stage)
+    written = []
+    for stage in stale:
+        logger.info("report: %s sheets missing or older than the stage's results: drawn again", stage)
+        written += draw_stage_sheets(Path(results_path), run_dir, stage, photos)
+    return written

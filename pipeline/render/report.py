@@ -32,6 +32,7 @@ from tqdm import tqdm
 from pipeline.render import dissection
 from pipeline.render.canvas import resize_patches, save_figure, write_png
 from pipeline.render.image_sheet import PerImage, choose_images, image_sheet
+from pipeline.render.maps import redraw_stale_sheets
 from pipeline.render.results import (
     as_str,
     class_namer,
@@ -555,6 +556,7 @@ def _draw_parts(f: h5py.File, out_dir: Path, sheet_dir: Path, report_dir: Path, 
     run = RunRecord.read(f)
     infos = run.infos
     ids = choose_images(run.per_image, per_image, len(run.paths))  # a bad list stops here, before any file
+    redraw_stale_sheets(Path(f.filename), out_dir)  # per-image stages' sheets missing or older than their part
     sheet_dir.mkdir(parents=True, exist_ok=True)
     figures = run_figures(f, infos, run.model)
     figures.update(dissection.run_figures(f, run.model))  # detectors by depth, where layers were dissected

@@ -29,7 +29,7 @@ import numpy as np
 from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
 from pipeline.per_image import per_image_part
-from pipeline.render.maps import activation_sheets
+from pipeline.render.maps import Photos, draw_stage_sheets
 from pipeline.selection import choose_images, images_from_topk
 from pipeline.store import Store
 
@@ -88,6 +88,7 @@ def run(ctx) -> None:
         if "image" not in g:  # every chosen image unreadable: empty tables, the sheets say so
             g["image"] = np.zeros(0, np.int64)
             g["blank_fraction"] = np.zeros((0, len(names)), np.float32)
+        g.attrs.update(grid=int(a.grid), per_row=int(a.per_row))  # the sheets' layout (render.maps)
         g["blank_fraction"].attrs.update(layers=json.dumps(names), keys=json.dumps([key_of[n] for n in names]))
         for depth, n in enumerate(names):
             if key_of[n] in g:
@@ -96,7 +97,7 @@ def run(ctx) -> None:
         logger.warning("activations of %s exceed float16's range; stored clipped", n)
     if errors:
         logger.warning("activations: %d chosen image(s) unreadable, left out", len(errors))
-    activation_sheets(store.parts / PART, run_dir / "activations", int(a.grid), int(a.per_row))
+    draw_stage_sheets(store.parts / PART, run_dir, "activations", Photos.of_table(table, spec))
 
 
 def needs(cfg) -> tuple[str, ...]:

@@ -39,7 +39,7 @@ from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
 from pipeline.per_image import per_image_part
 from pipeline.render.draw import CAM_TITLES
-from pipeline.render.maps import cam_sheets
+from pipeline.render.maps import Photos, draw_stage_sheets
 from pipeline.selection import drawn_images, explainer_for, images_from_topk
 from pipeline.store import Store
 
@@ -69,7 +69,7 @@ def run(ctx) -> None:
     store = Store(run_dir)
     drawn = drawn_images(c.draw, table, store, "cam")
     spec = bundle.preprocessing
-    explainer, names, codes_for = explainer_for(
+    explainer, _, codes_for = explainer_for(
         lambda: CamExplainer(bundle.model, bundle.layer(c.layer), spec, output=cfg.model.output), "cam", c, bundle,
         table)
     small = [m for m in methods if m not in INPUT_RESOLUTION]
@@ -113,7 +113,10 @@ def run(ctx) -> None:
         g = f["cam"]
         g.attrs.update(layer=explainer.layer, logits_layer=explainer.logits_layer, methods=json.dumps(methods),
                        target=str(c.target), input_size=np.asarray(spec.size, np.int64),
-                       map_shape=np.asarray(explainer.map_shape[:2], np.int64))
+                       map_shape=np.asarray(explainer.map_shape[:2], np.int64),
+                       # what the sheets need besides the maps (render.maps draws them from here)
+                       num_classes=int(explainer.num_classes), alpha=float(c.alpha),
+                       drawn=np.asarray(drawn, np.int64))
         for m in methods:
             if m in large and m not in g:  # no drawn image was readable: empty tables
                 _empty_input_resolution(g.create_group(m), (*spec.size, spec.channels))
@@ -129,8 +132,7 @@ def run(ctx) -> None:
         zero = {m: (int((g[m]["max"][()] <= 0).sum()), len(g[m]["max"])) for m in methods}
     logger.info("cam: %d images explained, %d unreadable", len(table) - len(errors), len(errors))
     _log_zero_maps(zero)
-    cam_sheets(store.parts / PART, run_dir / "cam", table, spec, names, methods, float(c.alpha), drawn,
-               cfg.batch_size)
+    draw_stage_sheets(store.parts / PART, run_dir, "cam", Photos.of_table(table, spec))
 
 
 def input_resolution_rows(explainer, x, ids: np.ndarray, chosen: np.ndarray, gradcam) -> dict[str, np.ndarray]:

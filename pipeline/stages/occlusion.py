@@ -25,7 +25,7 @@ import numpy as np
 from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
 from pipeline.per_image import per_image_part
-from pipeline.render.maps import occlusion_sheets
+from pipeline.render.maps import Photos, draw_stage_sheets
 from pipeline.selection import choose_images, explainer_for, images_from_topk
 from pipeline.store import Store
 
@@ -52,7 +52,7 @@ def run(ctx) -> None:
     store = Store(run_dir)
     ids = choose_images(o.images, table, store, "occlusion")
     spec = bundle.preprocessing
-    occluder, names, codes_for = explainer_for(
+    occluder, _, codes_for = explainer_for(
         lambda: Occluder(bundle.model, bundle.layer(o.layer), spec, output=cfg.model.output), "occlusion", o, bundle,
         table)
     store.ensure_run(cfg, bundle, table)
@@ -73,8 +73,8 @@ def run(ctx) -> None:
         g["rows"] = occlusion_grid(spec.height, size, stride)
         g["cols"] = occlusion_grid(spec.width, size, stride)
         g.attrs.update(size=size, stride=stride, fill=int(o.fill), layer=occluder.layer,
-                       target=str(o.target))
-    occlusion_sheets(store.parts / PART, run_dir / "occlusion", table, spec, names, cfg.batch_size)
+                       target=str(o.target), num_classes=int(occluder.num_classes))
+    draw_stage_sheets(store.parts / PART, run_dir, "occlusion", Photos.of_table(table, spec))
 
 
 def square_and_step(o, input_size: tuple[int, int]) -> tuple[int, int]:
