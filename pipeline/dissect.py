@@ -18,8 +18,10 @@ bucket is 0 exactly (a ReLU unit silent on more than 99.5 % of its positions kee
 its mask is where it fires at all).
 
 Tallies (`Tally`): each map is upsampled bilinearly to the mask resolution (the model
-input), compared with T_k, and summed per concept with one segment sum over all pixels of
-the batch: intersections (C, L), unit areas (C,), concept areas (L,). IoU = I / (A_k + A_c - I).
+input / downsample), compared with T_k, and summed per concept, one image at a time, by a
+matrix product of the binary maps with the many-hot matrix of the concepts present in the
+image (a segment sum when the concepts are too many for it): intersections (C, L), unit
+areas (C,), concept areas (L,). IoU = I / (A_k + A_c - I).
 """
 
 from __future__ import annotations
@@ -181,8 +183,13 @@ class Tally:
             (K, h, w) hold each concept at most once per pixel (`distinct_planes`), so a pixel
             counts once for each of its labels."""
             planes = tf.reshape(labels[j], (-1, pixels_per_image))  # (K, pixels)
-            if self.onehot:  # the (pixels, slots) many-hot matrix of the image's labels (3x faster than scatter_nd)
-                hot = tf.reduce_sum(tf.one_hot(planes, slots, dtype=tf.float32), axis=0)
+            if self.onehot:
+                # the (pixels, n) many-hot matrix of the n concepts present in the image (3x faster than
+                # scatter_nd); the absent ones and the unlabelled slot would add only zero columns to
+                # the product that is most of the pass (an image holds a few of the concepts)
+                found = tf.math.bincount(planes, minlength=slots, maxlength=slots)[:-1] > 0
+                present = tf.cast(tf.where(found)[:, 0], tf.int32)
+                hot = tf.reduce_sum(tf.cast(planes[:, :, None] == present[None, None, :], tf.float32), axis=0)
             else:
                 planes = tf.reshape(planes, [-1])  # K * pixels, plane after plane
                 pixel = tf.tile(tf.range(pixels_per_image), [tf.shape(labels)[1]])
@@ -196,7 +203,10 @@ class Tally:
                     parts.append(tf.matmul(hot, flat, transpose_a=True) if self.onehot
                                  else tf.math.unsorted_segment_sum(tf.gather(flat, pixel), planes, slots))
                     areas.append(tf.reduce_sum(flat, axis=0))
-                out.append((inter + tf.cast(tf.transpose(tf.concat(parts, axis=1)), tf.int64),
+                summed = tf.concat(parts, axis=1)  # (n or slots, c)
+                if self.onehot:  # back to every concept's row
+                    summed = tf.scatter_nd(present[:, None], summed, (slots, c))
+                out.append((inter + tf.cast(tf.transpose(summed), tf.int64),
                             area + tf.cast(tf.concat(areas, axis=0), tf.int64)))
             return j + 1, out
 
