@@ -89,7 +89,9 @@ def read_layer(run_dir, layer):
 def test_red_unit_labels_red_the_constant_and_green_units_do_not(colours, tmp_path):
     root, share = colours
     # T_k at the red share: the red unit's mask is then where it fires (every red pixel)
-    run(compose_cfg(seg_overrides(root, root / "colour.keras", f"dissect.quantile={share}")), tmp_path / "run")
+    # at the input's resolution (dissect.downsample=1): the red unit's map is the red pixels
+    run(compose_cfg(seg_overrides(root, root / "colour.keras", f"dissect.quantile={share}", "dissect.downsample=1")),
+        tmp_path / "run")
     t = read_layer(tmp_path / "run", "relu")
     assert t["label"][0] == RED and t["label_iou"][0] > 0.99, (t["label"], t["label_iou"])
     assert t["category"][0] == "colour"
@@ -180,6 +182,39 @@ def test_a_concept_list_that_does_not_parse_is_one_line(colours, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_image_labels_file_labels_whole_images(colours, tmp_path):
+    """dataset.image_labels: rows of image path and concept names; each named concept's mask
+    is its whole image, a name not in the list skips its image with the reason."""
+    from pipeline.segmentation import read_image_labels
+
+    root, _ = colours
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text(CONCEPTS + "4 indoor scene\n5 outdoor scene\n6 striped texture\n")
+    rows = ["image,labels", "# every image but img05 is indoor; img00 and img01 outdoor too, on a second row"]
+    rows += [f"img{i:02d}.png,indoor" for i in range(12) if i != 5]
+    rows += ["img00.png,outdoor;striped", "img01.png,outdoor", "img05.png,nowhere", "gone.png,indoor"]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    run(compose_cfg(seg_overrides(root, root / "colour.keras", f"dataset.concepts={concepts}",
+                                  f"dataset.image_labels={labels}", "dissect.downsample=1", "layers=[relu]",
+                                  "batch_size=12")), tmp_path / "run")
+    t = read_layer(tmp_path / "run", "relu")
+    assert list(t["skipped"]) == [5] and "line 16: concept 'nowhere' is not in dataset.concepts" in t["reasons"][0]
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        assert list(f["dissection/label_area"][3:]) == [11 * H * W, 2 * H * W, H * W]
+    # indoor is every dissected image: each unit's whole area lies inside it
+    assert np.array_equal(t["intersection"][:, 3], t["unit_area"])
+    assert np.all(t["intersection"][:, 4] <= t["unit_area"]) and t["unit_area"][0] > 0
+    tsv = tmp_path / "labels.tsv"
+    tsv.write_text("a/b.jpg\tindoor\tstriped\nc.jpg\toutdoor\n")
+    assert read_image_labels(tsv) == {"a/b.jpg": [(1, "indoor"), (1, "striped")], "c.jpg": [(2, "outdoor")]}
+    labels.write_text("img00.png,indoor\nimg01.png\n")
+    with pytest.raises(PipelineError, match=r"dataset.image_labels=.* line 2 \('img01.png'\)"):
+        run(compose_cfg(seg_overrides(root, root / "colour.keras", f"dataset.concepts={concepts}",
+                                      f"dataset.image_labels={labels}")), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
 @pytest.fixture(scope="module")
 def single(colours, tmp_path_factory):
     root, _ = colours
@@ -214,6 +249,7 @@ def test_shards_merge_to_the_unsharded_tables(colours, single, tmp_path):
                     assert "iou" not in f[f"layers/{layer}/dissection"]
                 continue
             assert f["dissection"].attrs["images"] == 12
+            assert f["dissection"].attrs["downsample"] == 2  # null: 2 divides the 24x32 input, the shards' own
         got = tables(merged)
         for key, value in whole.items():
             assert np.array_equal(got[key], value), key
@@ -225,6 +261,16 @@ def test_shards_merge_to_the_unsharded_tables(colours, single, tmp_path):
                                             r"dissect.quantile=0.005"):
         run(compose_cfg(seg_overrides(root, root / "colour.keras", "stages=[merge]",
                                       f"merge.inputs=[{shards[0]},{odd}]")), tmp_path / "refused")
+
+
+def test_the_default_mask_step_halves_inputs_it_divides():
+    from pipeline.stages.dissect import mask_step
+
+    assert mask_step(None, 224, 224) == 2 and mask_step(None, 24, 32) == 2
+    assert mask_step(None, 299, 299) == 1 and mask_step(None, 224, 225) == 1  # Inception's 299: the input's own
+    assert mask_step(4, 224, 224) == 4
+    with pytest.raises(PipelineError, match="dissect.downsample=3 does not divide the 224x224 model input"):
+        mask_step(3, 224, 224)
 
 
 class Interrupted(Exception):
@@ -386,7 +432,7 @@ def test_broden_layout_multi_label_and_image_level_concepts(colours, tmp_path):
     overrides = ["model=file", f"model.path={root / 'colour.keras'}", "model.preprocess=unit", "model.resize=exact",
                  "dataset=segmentation", "dataset.format=broden", f"dataset.path={tmp_path / 'broden'}",
                  "dataset.split=train", "layers=[relu]", "batch_size=5", "stages=[dissect]",
-                 f"dissect.quantile={red / (n * pixels)}"]
+                 f"dissect.quantile={red / (n * pixels)}", "dissect.downsample=1"]
     run(compose_cfg(overrides), tmp_path / "run")
     with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
         d, g = f["dissection"], f["layers/relu/dissection"]
