@@ -318,6 +318,8 @@ def test_tally_sums_match_numpy_with_either_product(colours, monkeypatch):
     spec = Preprocessing(H, W, normalize="unit")
     rng = np.random.default_rng(7)
     pixels = rng.integers(0, 256, (6, H, W, 3), dtype=np.uint8)
+    pixels[5] = 128  # grey: units 0 and 2 silent, below T everywhere (skipped, not upsampled)
+    pixels[4, :, :, 0] = 255 * (np.arange(W) >= W // 2)  # unit 0 peaks in one half only
     labels = rng.integers(0, 4, (6, H, W)).astype(np.int32)  # slot 3: unlabelled
     labels[1][labels[1] == 1] = 3  # images without some concepts: the product keeps only those present
     labels[2][labels[2] < 3] = 0
