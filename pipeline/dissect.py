@@ -181,6 +181,20 @@ class Tally:
                                                     dtype=tf.int64))
 
         pixels_per_image = self.mask_size[0] * self.mask_size[1]
+        # a channel whose map stays below T_k on an image passes it nowhere once upsampled (a
+        # bilinear value mixes the map's; SKIP_MARGIN covers its float rounding): per image and
+        # block of channels, only the others are upsampled (identical sums); one at least, as
+        # the resize takes no empty image. Found for the whole batch at once (fewer ops per image)
+        hits = []
+        for m, limit, c in zip(maps, self.limits, self.channels):
+            peak, size = tf.reduce_max(m, axis=(1, 2)), tf.reduce_max(tf.abs(m), axis=(1, 2))  # (B, C)
+            hit = peak + SKIP_MARGIN * size > limit
+            blocks = []
+            for a in range(0, c, self.block):
+                h = hit[:, a:a + self.block]
+                first = tf.range(tf.shape(h)[1])[None, :] == 0
+                blocks.append(tf.logical_or(h, tf.logical_and(first, ~tf.reduce_any(h, axis=1, keepdims=True))))
+            hits.append(blocks)
 
         def one_image(j, sums):
             """Image j's intersections and areas: one image at a time keeps the upsampled maps
@@ -202,24 +216,16 @@ class Tally:
                 pixel = tf.tile(tf.range(pixels_per_image), [tf.shape(labels)[1]])
             rows = tf.shape(hot)[1] if self.onehot else slots
             out = []
-            for m, limit, c, (inter, area) in zip(maps, self.limits, self.channels, sums):
+            for m, limit, c, (inter, area), blocks in zip(maps, self.limits, self.channels, sums, hits):
                 got, got_area = tf.zeros((c, rows)), tf.zeros((c,))
-                for a in range(0, c, self.block):
-                    block, level = m[j, :, :, a:a + self.block], limit[a:a + self.block]
-                    # a channel whose map stays below T_k passes it nowhere once upsampled (a bilinear
-                    # value mixes the map's; SKIP_MARGIN covers its float rounding): only the others
-                    # are upsampled, identical sums
-                    size = tf.reduce_max(tf.abs(block), axis=(0, 1))
-                    hit = tf.reduce_max(block, axis=(0, 1)) + SKIP_MARGIN * size > level
-                    # one channel at least (counted as any other): the resize takes no empty image
-                    hit = tf.logical_or(hit, tf.logical_and(tf.range(tf.size(hit)) == 0, ~tf.reduce_any(hit)))
-                    keep = tf.where(hit)[:, 0]
-                    up = tf.image.resize(tf.gather(block, keep, axis=-1)[None], self.mask_size, method="bilinear")
-                    flat = tf.reshape(tf.cast(up > tf.gather(level, keep), tf.float32), (pixels_per_image, -1))
+                for a, hit in zip(range(0, c, self.block), blocks):
+                    keep = tf.where(hit[j])[:, 0] + a
+                    up = tf.image.resize(tf.gather(m[j], keep, axis=-1)[None], self.mask_size, method="bilinear")
+                    flat = tf.reshape(tf.cast(up > tf.gather(limit, keep), tf.float32), (pixels_per_image, -1))
                     # counts: exact in float32 below 2**24 pixels
                     part = (tf.matmul(hot, flat, transpose_a=True) if self.onehot
                             else tf.math.unsorted_segment_sum(tf.gather(flat, pixel), planes, slots))
-                    channel = keep[:, None] + a
+                    channel = keep[:, None]
                     got = tf.tensor_scatter_nd_add(got, channel, tf.transpose(part))
                     got_area = tf.tensor_scatter_nd_add(got_area, channel, tf.reduce_sum(flat, axis=0))
                 if self.onehot:  # back to every concept's column
