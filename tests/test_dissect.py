@@ -350,6 +350,21 @@ def test_tally_sums_match_numpy_with_either_product(colours, monkeypatch):
     assert np.array_equal(tally.state()["inter_0"][:, :3], expected[:, :3])
 
 
+def test_an_upsampled_map_stays_within_the_skip_margin_of_its_peak():
+    """The IoU pass skips a channel whose peak is below T_k by SKIP_MARGIN of its largest
+    magnitude: no bilinear value may pass the peak by that much, huge negatives beside it."""
+    from pipeline.dissect import SKIP_MARGIN
+
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        h, w = rng.integers(2, 30, 2)
+        scale = 10.0 ** rng.uniform(-3, 6)
+        m = (rng.standard_normal((1, h, w, 8)) * scale * rng.uniform(0, 1, (1, 1, 1, 8))).astype(np.float32)
+        m[0, rng.integers(0, h), :, 0] = -scale * 1e3
+        up = tf.image.resize(m, tuple(int(v) for v in rng.integers(2, 120, 2)), method="bilinear").numpy()
+        excess = (up.max(axis=(0, 1, 2)) - m.max(axis=(0, 1, 2))) / np.abs(m).max(axis=(0, 1, 2))
+        assert excess.max() < SKIP_MARGIN / 10, excess
+
 def test_mask_reader_samples_block_centres_and_keeps_order(colours):
     from omegaconf import OmegaConf
     from PIL import Image
