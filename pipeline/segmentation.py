@@ -84,6 +84,9 @@ def check_segmentation(cfg) -> Concepts:
     if layout == "broden":
         from pipeline.broden import read_labels
 
+        if OmegaConf.select(cfg, "image_labels"):
+            raise PipelineError("dataset.image_labels is for dataset.format=masks: Broden's index.csv holds its own "
+                                "scene and texture columns; leave dataset.image_labels out")
         return read_labels(OmegaConf.select(cfg, "path"))
     if layout != "masks":
         raise PipelineError(f"dataset.format={layout} is not a segmentation layout: use dataset.format=masks "

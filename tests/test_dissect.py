@@ -535,3 +535,10 @@ def test_broden_files_that_do_not_parse_are_one_line(tmp_path):
         read_labels(tmp_path)
     (tmp_path / "label.csv").write_text("number,name,category\n1,sky,scene(3);object(9)\n")
     assert read_labels(tmp_path).categories == ["object"]  # the category counted most
+    from omegaconf import OmegaConf
+
+    from pipeline.segmentation import check_segmentation
+
+    both = OmegaConf.create({"format": "broden", "path": str(tmp_path), "image_labels": "labels.csv"})
+    with pytest.raises(PipelineError, match="dataset.image_labels is for dataset.format=masks"):
+        check_segmentation(both)
