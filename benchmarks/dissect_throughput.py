@@ -6,7 +6,7 @@ fresh run directory and in this process, `stages=[scan]` and then `stages=[disse
 the same images and layers (the dissect stage's two passes: thresholds, then IoU). Prints
 images/s of each and the ratio dissect time / scan time (target: at most 2).
 
-    python benchmarks/dissect_throughput.py [--images 256] [--batch 32] [--model tiny|default] [--downsample 2]
+    python benchmarks/dissect_throughput.py [--images 256] [--batch 32] [--model tiny|default] [--downsample 1]
 
 --model default dissects the embedded MobileNetV2 (its default layers) instead; its
 weights must be in the cache (a first run of run.py fetches them).
@@ -83,7 +83,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=(256, 320), help="photo height and width")
     parser.add_argument("--concepts", type=int, default=20)
     parser.add_argument("--model", choices=("tiny", "default"), default="tiny")
-    parser.add_argument("--downsample", type=int, default=1, help="dissect.downsample (2: masks at 112 for 224)")
+    parser.add_argument("--downsample", default="null",
+                        help="dissect.downsample (null, the default: 2 here, masks at 112 for 224; 1: at 224)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import pipeline.config  # noqa: F401  (registers the structured configs)

@@ -68,6 +68,9 @@ class DatasetConfig:
     # segmentation, format masks: concepts of these categories label whole images (the paper's
     # scene and texture): present anywhere in a mask, the whole image is their mask
     image_level: list = field(default_factory=lambda: ["scene", "texture"])
+    # segmentation, format masks: a CSV (a .tsv: tab-separated) of 'image path under
+    # dataset.path, concept name[;name...]' rows: concepts that label whole images (scene, texture)
+    image_labels: Optional[str] = None
 
 
 @dataclass
@@ -332,8 +335,9 @@ class DissectConfig:  # stage: dissect (network dissection, Bau et al. 2017)
     min_iou: float = 0.04
     # a run directory whose dissection thresholds to use instead of computing them (shards)
     thresholds: Optional[str] = None
-    # masks and upsampled maps at the input size / downsample (2: the paper's 112 for 224)
-    downsample: int = 1
+    # masks and upsampled maps at the input size / downsample; null: 2 where it divides both
+    # sides of the input (NetDissect-Lite scores 224 inputs at 112x112), else 1
+    downsample: Optional[int] = None
 
 
 @dataclass

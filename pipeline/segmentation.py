@@ -84,6 +84,9 @@ def check_segmentation(cfg) -> Concepts:
     if layout == "broden":
         from pipeline.broden import read_labels
 
+        if OmegaConf.select(cfg, "image_labels"):
+            raise PipelineError("dataset.image_labels is for dataset.format=masks: Broden's index.csv holds its own "
+                                "scene and texture columns; leave dataset.image_labels out")
         return read_labels(OmegaConf.select(cfg, "path"))
     if layout != "masks":
         raise PipelineError(f"dataset.format={layout} is not a segmentation layout: use dataset.format=masks "
@@ -92,7 +95,66 @@ def check_segmentation(cfg) -> Concepts:
     if masks is None or str(masks) in ("", "???") or not Path(str(masks)).expanduser().is_dir():
         raise PipelineError(f"dataset.masks={masks} is not a folder: point it at the folder of label PNGs "
                             f"(same relative paths as the images under dataset.path)")
-    return read_concepts(OmegaConf.select(cfg, "concepts"))
+    concepts = read_concepts(OmegaConf.select(cfg, "concepts"))
+    if OmegaConf.select(cfg, "image_labels"):
+        read_image_labels(OmegaConf.select(cfg, "image_labels"))
+    return concepts
+
+
+def read_image_labels(path) -> dict[str, list[tuple[int, str]]]:
+    """{image path relative to dataset.path ('/'-separated): [(line number, concept name)]}
+    from a CSV (tab-separated when the file ends in .tsv) of rows `path, name[;name...][, ...]`
+    ('#' comments, blank lines and a header row `image,...` skipped; a path on several rows
+    gathers their names). A file that cannot be read or a row without a name is a one-line
+    PipelineError naming it."""
+    import csv
+
+    p = Path(str(path)).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PipelineError(f"dataset.image_labels={path} cannot be read ({err}): give a UTF-8 CSV of "
+                            f"'image path, concept name[;name...]' rows") from None
+    found: dict[str, list[tuple[int, str]]] = {}
+    rows = csv.reader(text.splitlines(), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
+    for number, row in enumerate(rows, 1):
+        cells = [c.strip() for c in row]
+        if not any(cells) or cells[0].startswith("#") or (number == 1 and cells[0].lower() in ("image", "path")):
+            continue
+        names = [n.strip() for c in cells[1:] for n in c.split(";") if n.strip()]
+        if not cells[0] or not names:
+            raise PipelineError(f"dataset.image_labels={path} line {number} ({','.join(row)[:60]!r}): not 'image "
+                                f"path, concept name[;name...]': fix that line")
+        key = Path(cells[0].replace("\\", "/")).as_posix()
+        found.setdefault(key, []).extend((number, n) for n in names)
+    if not found:
+        raise PipelineError(f"dataset.image_labels={path} labels no image: add 'image path, concept name' rows")
+    return found
+
+
+def image_label_columns(found: dict, paths, root: str, concepts: Concepts, source) -> dict[int, tuple]:
+    """{image id: (columns (n,) int32 of its labels, '') or (None, reason)} for the images of
+    `paths` (absolute, under `root`) that `found` (read_image_labels) labels; a name not in
+    the concept list is a reason recorded for its image. Rows naming no image of the run are
+    logged once."""
+    import logging
+    import os
+
+    column = {name: j for j, name in enumerate(concepts.names)}
+    ids = {Path(os.path.relpath(p, root)).as_posix(): i for i, p in enumerate(paths)}
+    out = {}
+    for key, labels in found.items():
+        if key not in ids:
+            continue
+        unknown = [(line, name) for line, name in labels if name not in column]
+        out[ids[key]] = ((None, f"dataset.image_labels line {unknown[0][0]}: concept {unknown[0][1]!r} is not in "
+                                f"dataset.concepts") if unknown
+                         else (np.unique([column[name] for _, name in labels]).astype(np.int32), ""))
+    missing = [key for key in found if key not in ids]
+    if missing:
+        logging.getLogger(__name__).warning("dataset.image_labels=%s: %d row(s) name no image of this run under "
+                                            "dataset.path (first: %s), not used", source, len(missing), missing[0])
+    return out
 
 
 def mask_path(image_path: str, image_root, mask_root) -> Path:
@@ -231,6 +293,9 @@ class MaskReader:
         else:
             self.root = os.path.abspath(os.path.expanduser(str(dataset_cfg.path)))
             self.mask_root = os.path.abspath(os.path.expanduser(str(dataset_cfg.masks)))
+            source = dataset_cfg.get("image_labels")
+            self.image_labels = {} if not source else image_label_columns(
+                read_image_labels(source), [os.path.abspath(p) for p in table.paths], self.root, concepts, source)
         levels = {str(c) for c in (dataset_cfg.get("image_level") or ())}
         self.image_level = np.asarray([c in levels for c in concepts.categories] + [False])
         self.pool = ThreadPoolExecutor(4)  # PNG decoding releases the GIL
@@ -246,6 +311,12 @@ class MaskReader:
             plane, why = read_mask(mask_path(path, self.root, self.mask_root), path, self.spec, self.lookup, self.exif)
             planes = None if plane is None else (lift_image_level(plane, self.image_level) if self.image_level.any()
                                                  else plane[None])
+            columns, label_why = self.image_labels.get(i, (np.zeros(0, np.int32), ""))
+            if planes is not None and columns is None:
+                planes, why = None, label_why
+            elif planes is not None and len(columns):  # whole-image planes of the label file's concepts
+                planes = np.concatenate([planes, np.broadcast_to(columns[:, None, None],
+                                                                 (len(columns), *planes.shape[1:]))])
         if planes is None:
             return None, why
         s = self.step  # the centre pixel of each s x s block

@@ -66,7 +66,7 @@ RULES: dict[str, tuple] = {
     "report.per_image": (0, None, True, False),
     "dissect.quantile": ((0,), (1,), False, False),
     "dissect.min_iou": (0, 1, False, False),
-    "dissect.downsample": (1, None, True, False),
+    "dissect.downsample": (1, None, True, True),
 }
 
 

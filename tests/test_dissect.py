@@ -89,7 +89,9 @@ def read_layer(run_dir, layer):
 def test_red_unit_labels_red_the_constant_and_green_units_do_not(colours, tmp_path):
     root, share = colours
     # T_k at the red share: the red unit's mask is then where it fires (every red pixel)
-    run(compose_cfg(seg_overrides(root, root / "colour.keras", f"dissect.quantile={share}")), tmp_path / "run")
+    # at the input's resolution (dissect.downsample=1): the red unit's map is the red pixels
+    run(compose_cfg(seg_overrides(root, root / "colour.keras", f"dissect.quantile={share}", "dissect.downsample=1")),
+        tmp_path / "run")
     t = read_layer(tmp_path / "run", "relu")
     assert t["label"][0] == RED and t["label_iou"][0] > 0.99, (t["label"], t["label_iou"])
     assert t["category"][0] == "colour"
@@ -180,6 +182,39 @@ def test_a_concept_list_that_does_not_parse_is_one_line(colours, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_image_labels_file_labels_whole_images(colours, tmp_path):
+    """dataset.image_labels: rows of image path and concept names; each named concept's mask
+    is its whole image, a name not in the list skips its image with the reason."""
+    from pipeline.segmentation import read_image_labels
+
+    root, _ = colours
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text(CONCEPTS + "4 indoor scene\n5 outdoor scene\n6 striped texture\n")
+    rows = ["image,labels", "# every image but img05 is indoor; img00 and img01 outdoor too, on a second row"]
+    rows += [f"img{i:02d}.png,indoor" for i in range(12) if i != 5]
+    rows += ["img00.png,outdoor;striped", "img01.png,outdoor", "img05.png,nowhere", "gone.png,indoor"]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    run(compose_cfg(seg_overrides(root, root / "colour.keras", f"dataset.concepts={concepts}",
+                                  f"dataset.image_labels={labels}", "dissect.downsample=1", "layers=[relu]",
+                                  "batch_size=12")), tmp_path / "run")
+    t = read_layer(tmp_path / "run", "relu")
+    assert list(t["skipped"]) == [5] and "line 16: concept 'nowhere' is not in dataset.concepts" in t["reasons"][0]
+    with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
+        assert list(f["dissection/label_area"][3:]) == [11 * H * W, 2 * H * W, H * W]
+    # indoor is every dissected image: each unit's whole area lies inside it
+    assert np.array_equal(t["intersection"][:, 3], t["unit_area"])
+    assert np.all(t["intersection"][:, 4] <= t["unit_area"]) and t["unit_area"][0] > 0
+    tsv = tmp_path / "labels.tsv"
+    tsv.write_text("a/b.jpg\tindoor\tstriped\nc.jpg\toutdoor\n")
+    assert read_image_labels(tsv) == {"a/b.jpg": [(1, "indoor"), (1, "striped")], "c.jpg": [(2, "outdoor")]}
+    labels.write_text("img00.png,indoor\nimg01.png\n")
+    with pytest.raises(PipelineError, match=r"dataset.image_labels=.* line 2 \('img01.png'\)"):
+        run(compose_cfg(seg_overrides(root, root / "colour.keras", f"dataset.concepts={concepts}",
+                                      f"dataset.image_labels={labels}")), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
 @pytest.fixture(scope="module")
 def single(colours, tmp_path_factory):
     root, _ = colours
@@ -214,6 +249,7 @@ def test_shards_merge_to_the_unsharded_tables(colours, single, tmp_path):
                     assert "iou" not in f[f"layers/{layer}/dissection"]
                 continue
             assert f["dissection"].attrs["images"] == 12
+            assert f["dissection"].attrs["downsample"] == 2  # null: 2 divides the 24x32 input, the shards' own
         got = tables(merged)
         for key, value in whole.items():
             assert np.array_equal(got[key], value), key
@@ -225,6 +261,16 @@ def test_shards_merge_to_the_unsharded_tables(colours, single, tmp_path):
                                             r"dissect.quantile=0.005"):
         run(compose_cfg(seg_overrides(root, root / "colour.keras", "stages=[merge]",
                                       f"merge.inputs=[{shards[0]},{odd}]")), tmp_path / "refused")
+
+
+def test_the_default_mask_step_halves_inputs_it_divides():
+    from pipeline.stages.dissect import mask_step
+
+    assert mask_step(None, 224, 224) == 2 and mask_step(None, 24, 32) == 2
+    assert mask_step(None, 299, 299) == 1 and mask_step(None, 224, 225) == 1  # Inception's 299: the input's own
+    assert mask_step(4, 224, 224) == 4
+    with pytest.raises(PipelineError, match="dissect.downsample=3 does not divide the 224x224 model input"):
+        mask_step(3, 224, 224)
 
 
 class Interrupted(Exception):
@@ -272,7 +318,12 @@ def test_tally_sums_match_numpy_with_either_product(colours, monkeypatch):
     spec = Preprocessing(H, W, normalize="unit")
     rng = np.random.default_rng(7)
     pixels = rng.integers(0, 256, (6, H, W, 3), dtype=np.uint8)
+    pixels[5] = 128  # grey: units 0 and 2 silent, below T everywhere (skipped, not upsampled)
+    pixels[4, :, :, 0] = 255 * (np.arange(W) >= W // 2)  # unit 0 peaks in one half only
     labels = rng.integers(0, 4, (6, H, W)).astype(np.int32)  # slot 3: unlabelled
+    labels[1][labels[1] == 1] = 3  # images without some concepts: the product keeps only those present
+    labels[2][labels[2] < 3] = 0
+    labels[3] = 3
     limits = [np.array([0.2037, 0.5013, 0.1071], np.float32)]  # off the grid of k / (255 * 16): no ties
     maps = np.concatenate([model(tf.cast(b, tf.float32) / 255.0) for b in (pixels[:4], pixels[4:])])  # as batched
     up = tf.image.resize(maps, (H, W), method="bilinear").numpy()
@@ -285,7 +336,8 @@ def test_tally_sums_match_numpy_with_either_product(colours, monkeypatch):
         tally.update(tf.constant(pixels[:4]), labels[:4, None])
         tally.update(tf.constant(pixels[4:]), labels[4:, None])
         state = tally.state()
-        assert np.array_equal(state["inter_0"], expected)
+        # the unlabelled slot (3) is dropped from the tables; the one-hot product skips it
+        assert np.array_equal(state["inter_0"][:, :3], expected[:, :3])
         assert np.array_equal(state["area_0"], hit.sum(axis=(0, 1, 2)))
         assert np.array_equal(state["label_area"], np.bincount(labels.ravel(), minlength=4))
     # dissect.downsample=2: masks sampled at each 2x2 block's centre pixel, maps upsampled to them
@@ -295,8 +347,23 @@ def test_tally_sums_match_numpy_with_either_product(colours, monkeypatch):
     tally.update(tf.constant(pixels[4:]), small[4:, None])
     hit = tf.image.resize(maps, (H // 2, W // 2), method="bilinear").numpy() > limits[0]
     expected = np.stack([[(hit[..., k] & (small == c)).sum() for c in range(4)] for k in range(3)])
-    assert np.array_equal(tally.state()["inter_0"], expected)
+    assert np.array_equal(tally.state()["inter_0"][:, :3], expected[:, :3])
 
+
+def test_an_upsampled_map_stays_within_the_skip_margin_of_its_peak():
+    """The IoU pass skips a channel whose peak is below T_k by SKIP_MARGIN of its largest
+    magnitude: no bilinear value may pass the peak by that much, huge negatives beside it."""
+    from pipeline.dissect import SKIP_MARGIN
+
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        h, w = rng.integers(2, 30, 2)
+        scale = 10.0 ** rng.uniform(-3, 6)
+        m = (rng.standard_normal((1, h, w, 8)) * scale * rng.uniform(0, 1, (1, 1, 1, 8))).astype(np.float32)
+        m[0, rng.integers(0, h), :, 0] = -scale * 1e3
+        up = tf.image.resize(m, tuple(int(v) for v in rng.integers(2, 120, 2)), method="bilinear").numpy()
+        excess = (up.max(axis=(0, 1, 2)) - m.max(axis=(0, 1, 2))) / np.abs(m).max(axis=(0, 1, 2))
+        assert excess.max() < SKIP_MARGIN / 10, excess
 
 def test_mask_reader_samples_block_centres_and_keeps_order(colours):
     from omegaconf import OmegaConf
@@ -382,7 +449,7 @@ def test_broden_layout_multi_label_and_image_level_concepts(colours, tmp_path):
     overrides = ["model=file", f"model.path={root / 'colour.keras'}", "model.preprocess=unit", "model.resize=exact",
                  "dataset=segmentation", "dataset.format=broden", f"dataset.path={tmp_path / 'broden'}",
                  "dataset.split=train", "layers=[relu]", "batch_size=5", "stages=[dissect]",
-                 f"dissect.quantile={red / (n * pixels)}"]
+                 f"dissect.quantile={red / (n * pixels)}", "dissect.downsample=1"]
     run(compose_cfg(overrides), tmp_path / "run")
     with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
         d, g = f["dissection"], f["layers/relu/dissection"]
@@ -468,3 +535,10 @@ def test_broden_files_that_do_not_parse_are_one_line(tmp_path):
         read_labels(tmp_path)
     (tmp_path / "label.csv").write_text("number,name,category\n1,sky,scene(3);object(9)\n")
     assert read_labels(tmp_path).categories == ["object"]  # the category counted most
+    from omegaconf import OmegaConf
+
+    from pipeline.segmentation import check_segmentation
+
+    both = OmegaConf.create({"format": "broden", "path": str(tmp_path), "image_labels": "labels.csv"})
+    with pytest.raises(PipelineError, match="dataset.image_labels is for dataset.format=masks"):
+        check_segmentation(both)

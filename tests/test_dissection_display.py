@@ -37,7 +37,8 @@ def dissected(tmp_path_factory):
     share = colour_dataset(root)
     (root / "concepts.txt").write_text(CONCEPTS, encoding="utf-8")
     run_dir = root / "run"
-    run(compose_cfg(seg_overrides(root, root / "colour.keras", f"dissect.quantile={share}", "report.units=1",
+    run(compose_cfg(seg_overrides(root, root / "colour.keras", f"dissect.quantile={share}", "dissect.downsample=1",
+                                  "report.units=1",
                                   "report.per_image=0", "stages=[scan,crop,dissect,report]")), run_dir)
     plain = root / "plain"  # the index and its parts (linked by relative paths), less the links to dissect's
     shutil.copytree(run_dir / "parts", plain / "parts", ignore=shutil.ignore_patterns("dissect.*"))

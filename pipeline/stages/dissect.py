@@ -67,10 +67,7 @@ def run(ctx) -> None:
     ids = shard_ids(len(table), cfg.shard.count, cfg.shard.index)
     spec = bundle.preprocessing
     model = feature_model(bundle.model, list(names))
-    step = int(cfg.dissect.downsample)
-    if spec.height % step or spec.width % step:
-        raise PipelineError(f"dissect.downsample={step} does not divide the {spec.height}x{spec.width} model input: "
-                            f"use a divisor of both sides (1 keeps the input's resolution)")
+    step = mask_step(cfg.dissect.downsample, spec.height, spec.width)
     store.ensure_run(cfg, bundle, table)
     if store.part_print(PART) == stage_print:  # killed between writing the part and recording it
         logger.info("dissect: its tables are already written, kept")
@@ -96,7 +93,7 @@ def run(ctx) -> None:
     skipped = {**result.skipped, **{i: f"image unreadable: {why}" for i, why in result.errors.items()}}
     with store.write(PART) as f:
         f.attrs["_stage_print"] = stage_print
-        write_concepts(f, concepts, result.label_area, skipped, result.images, cfg)
+        write_concepts(f, concepts, result.label_area, skipped, result.images, cfg, step)
         for i, key in enumerate(keys):
             write_layer(f, key, result.limits[i], result.rank_errors[i],
                         None if result.sketches is None else result.sketches[i], result.inter[i], result.area[i],
@@ -109,6 +106,18 @@ def run(ctx) -> None:
                 ", ".join(f"{k}: {n} detectors" for k, n in zip(keys, detectors)), time.perf_counter() - started)
 
 
+def mask_step(setting, height: int, width: int) -> int:
+    """The mask resolution's step: dissect.downsample, or where it is null 2 when 2 divides
+    both sides of the model input (NetDissect-Lite's 112x112 masks for 224 inputs), else 1."""
+    if setting is None:
+        return 1 if height % 2 or width % 2 else 2
+    step = int(setting)
+    if height % step or width % step:
+        raise PipelineError(f"dissect.downsample={step} does not divide the {height}x{width} model input: "
+                            f"use a divisor of both sides (1 keeps the input's resolution)")
+    return step
+
+
 def read_thresholds(run_dir: Path, keys) -> list[np.ndarray]:
     """Per layer key, the thresholds a finished dissection in `run_dir` found."""
     with Store(run_dir).open() as f:
@@ -119,7 +128,7 @@ def read_thresholds(run_dir: Path, keys) -> list[np.ndarray]:
         return [f[f"layers/{k}/dissection/threshold"][()] for k in keys]
 
 
-def write_concepts(f, concepts, label_area: np.ndarray, skipped: dict, images: int, cfg) -> None:
+def write_concepts(f, concepts, label_area: np.ndarray, skipped: dict, images: int, cfg, downsample: int) -> None:
     g = f.create_group("dissection")
     g["concept_index"] = concepts.index
     write_strings(g, "concept_name", concepts.names)
@@ -129,7 +138,7 @@ def write_concepts(f, concepts, label_area: np.ndarray, skipped: dict, images: i
     s["image"] = np.asarray(sorted(skipped), np.int64)
     write_strings(s, "reason", [skipped[i] for i in sorted(skipped)])
     g.attrs.update(quantile=float(cfg.dissect.quantile), min_iou=float(cfg.dissect.min_iou), images=int(images),
-                   downsample=int(cfg.dissect.downsample), thresholds_from=str(cfg.dissect.thresholds or ""))
+                   downsample=int(downsample), thresholds_from=str(cfg.dissect.thresholds or ""))
 
 
 def write_layer(f, key: str, limit, rank_error, sketch, inter, unit_area, label_area, concepts, cfg,
@@ -160,10 +169,13 @@ def write_layer(f, key: str, limit, rank_error, sketch, inter, unit_area, label_
 SHARED_SETTINGS = ("quantile", "downsample")  # change the sums; min_iou is read from them at the merge
 
 
-def _check_settings(shards, parts, cfg) -> None:
-    """Every shard and this merge dissected with one dissect.quantile and dissect.downsample;
-    a mismatch is one line naming the key and the shard."""
-    expected = {"quantile": float(cfg.dissect.quantile), "downsample": int(cfg.dissect.downsample)}
+def _check_settings(shards, parts, cfg) -> int:
+    """Every shard and this merge dissected with one dissect.quantile and dissect.downsample
+    (null in the merge: the shards' own, one for all); a mismatch is one line naming the key
+    and the shard. Returns the shards' downsample."""
+    first = int(parts[0]["dissection"].attrs.get("downsample", 1))
+    setting = cfg.dissect.downsample
+    expected = {"quantile": float(cfg.dissect.quantile), "downsample": first if setting is None else int(setting)}
     for shard, part in zip(shards, parts):
         attrs = part["dissection"].attrs
         ran = {"quantile": float(attrs["quantile"]), "downsample": int(attrs.get("downsample", 1))}
@@ -172,6 +184,7 @@ def _check_settings(shards, parts, cfg) -> None:
                 raise PipelineError(f"shard {shard.run_dir} dissected with dissect.{key}={ran[key]}, this merge has "
                                     f"dissect.{key}={expected[key]}: merge shards run with one dissect.{key}, "
                                     f"and pass it to the merge")
+    return expected["downsample"]
 
 
 def _count_detectors(part: Path, keys) -> list[int]:
@@ -190,7 +203,7 @@ def merge_shards(shards, store: Store, cfg) -> None:
     concepts = check_segmentation(cfg.dataset)
     parts = [open_h5(s.parts / PART, "part file") for s in shards]
     try:
-        _check_settings(shards, parts, cfg)
+        step = _check_settings(shards, parts, cfg)
         keys = [k for k in parts[0]["layers"] if "dissection" in parts[0][f"layers/{k}"]]
         limits = [[p[f"layers/{k}/dissection/threshold"][()] for p in parts] for k in keys]
         shared = all(np.array_equal(t[0], other, equal_nan=True) for t in limits for other in t[1:])
@@ -206,7 +219,7 @@ def merge_shards(shards, store: Store, cfg) -> None:
         label_area = total("dissection/label_area")
         with store.write(PART) as f:
             f.attrs["_stage_print"] = fingerprint(cfg, KEYS)
-            write_concepts(f, concepts, label_area, skipped, images, cfg)
+            write_concepts(f, concepts, label_area, skipped, images, cfg, step)
             f["dissection"].attrs["merged_from"] = json.dumps([str(s.run_dir) for s in shards])
             for i, key in enumerate(keys):
                 base = f"layers/{key}/dissection"
