@@ -14,6 +14,7 @@ import pytest
 
 import pipeline.panels
 import pipeline.patterns
+import pipeline.scan_io
 import pipeline.stages.crop
 from pipeline.chunks import ChunkedStream
 from conftest import save_image
@@ -91,7 +92,8 @@ def test_a_stage_stopped_after_some_chunks_computes_only_the_rest(base, stage, t
         resumed = counting(patch, module, engine)
         run(cfg, tmp_path / "killed")
     said = re.search(rf"{stage}: resuming, (\d+) of (\d+) ", caplog.text)
-    assert said and (int(said[1]), int(said[2])) == (stop_after * per_chunk, len(fresh) * per_chunk), caplog.text[-2000:]
+    said = said and (int(said[1]), int(said[2]))
+    assert said == (stop_after * per_chunk, len(fresh) * per_chunk), caplog.text[-2000:]
     assert len(resumed) == len(fresh) - stop_after  # the committed chunks were not computed again
     got, expected = _arrays(tmp_path / "killed", written), _arrays(tmp_path / "fresh", written)
     assert got and sorted(got) == sorted(expected)
@@ -102,8 +104,6 @@ def test_a_stage_stopped_after_some_chunks_computes_only_the_rest(base, stage, t
 def test_a_scan_stopped_after_a_checkpoint_resumes_where_it_stood(base, tmp_path, monkeypatch, caplog):
     """The scan's checkpoint holds the stream position and every layer's running state:
     a resume from another position, or with a layer's state lost, ends with other tables."""
-    import pipeline.scan_io
-
     _, overrides = base
     cfg = compose_cfg(overrides + ["stages=[scan]", "layers=[relu1,conv2]", "scan.bottomk=1", *PER_IMAGE])
     run(cfg, tmp_path / "fresh")
