@@ -56,9 +56,9 @@ def sharded(tmp_path_factory):
     return tmp, sweep, common
 
 
-def assert_merge_equals_single(single: Path, merged: Path, sweep: Path, shards=("0", "1")) -> None:
+def assert_merge_equals_single(single: Path, merged: Path, sweep: Path) -> None:
     with h5py.File(single / "results.h5", "r") as a, h5py.File(merged / "results.h5", "r") as b:
-        for shard in shards:
+        for shard in ("0", "1"):
             with h5py.File(sweep / shard / "results.h5", "r") as s:
                 assert 0 < s["images/scanned"][()].sum() < len(s["images/path"])
         for name in ("images/ok", "images/scanned"):
