@@ -12,6 +12,30 @@ import pipeline.config  # noqa: F401  (registers structured configs for compose(
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# CI runs `pytest -n 3 --dist loadfile`: each file goes whole to one worker, taken from a
+# queue. xdist's default queue puts the files of many tests first, which left the longest
+# files (few tests, each starting run.py) for the end, with the other workers idle: the
+# queue follows this order instead, the files known longest first, then every file with a
+# slow test, then the rest (a stable sort: tests keep their order within a file).
+LONGEST_FILES = ("test_cli.py", "test_readme.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # present with pytest-xdist
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def rank(item):
+        if item.path.name in LONGEST_FILES:
+            return LONGEST_FILES.index(item.path.name)
+        return len(LONGEST_FILES) + (item.path not in slow_files)
+
+    items.sort(key=rank)
+
+
 def save_image(path, array, **kwargs):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(array).save(path, **kwargs)

@@ -83,6 +83,23 @@ def test_pillow_path_has_the_same_bounds(tmp_path):
     assert "30000x20000" in stream.errors[0] and "max_pixels=1000" in stream.errors[0]
 
 
+def test_max_pixels_is_exact_on_the_tensorflow_path_and_defaults_to_50_megapixels(tmp_path):
+    """The fast twin of the bomb test above: 900 pixels pass max_pixels=900, 930 do not,
+    in TensorFlow's stream (decoded or dropped) and in Pillow's retry."""
+    save_image(tmp_path / "a_fits.png", np.full((30, 30, 3), 90, np.uint8))
+    save_image(tmp_path / "b_over.png", np.full((31, 30, 3), 90, np.uint8))
+    table = list_images(OmegaConf.create(dict(kind="folder", path=str(tmp_path), limit=None, max_pixels=900)))
+    stream = BatchStream(table, Preprocessing(16, 16), 4)
+    assert [int(i) for ids, _ in stream.main() for i in ids] == [0] and stream.dropped == [1]
+    assert list(stream.fallback()) == [] and "30x31" in stream.errors[1] and "max_pixels=900" in stream.errors[1]
+    png_claiming(tmp_path / "c_bomb.png", 10000, 5001)  # 50,010,000 pixels, just over the default
+    table = list_images(OmegaConf.create(dict(kind="folder", path=str(tmp_path), limit=None)))
+    stream = BatchStream(table, Preprocessing(16, 16), 4)
+    assert [int(i) for ids, _ in stream.main() for i in ids] == [0, 1] and stream.dropped == [2]
+    list(stream.fallback())
+    assert "10000x5001" in stream.errors[2] and "max_pixels=50000000" in stream.errors[2]
+
+
 def test_names_that_look_like_math_are_drawn_literally(tmp_path):
     from test_pipeline import compose_cfg
     from pipeline.runner import run

@@ -1,7 +1,11 @@
 """Every command line of the README's Usage block, run as written, as a process, in a
 folder holding the files the commands name ($HOME/photos, list.txt, fmnist.keras,
 net.keras) on small data: `dataset.limit=4` is added, and, where a command runs the
-default stages, `stages=[scan,crop]` (the default job as a whole runs in test_cli)."""
+default stages, `stages=[scan,crop]` (the default job as a whole runs in test_cli).
+A command that only names another dataset for the default job composes with
+`--cfg job` and its dataset is listed in-process from the printed config: run.py on
+folders and list files runs in test_cli and test_hostile, and the same stages run
+here on the default dataset."""
 
 import os
 import re
@@ -17,6 +21,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import save_image
 
@@ -38,6 +43,12 @@ def usage_commands() -> list[str]:
     """The README's Usage block, one entry per command."""
     text = (ROOT / "README.md").read_text()
     return commands_in(text.split("## Usage", 1)[1].split("```bash", 1)[1].split("```", 1)[0])
+
+
+def dataset_only(command: str) -> bool:
+    """A run of the default job that overrides nothing but the dataset."""
+    words = shlex.split(command)
+    return words[:2] == ["python", "run.py"] and len(words) > 2 and all(w.startswith("dataset") for w in words[2:])
 
 
 def tiny_model(path: Path, shape: tuple[int, int, int], classes: int) -> None:
@@ -83,7 +94,7 @@ def test_the_usage_block_is_what_this_test_runs():
 
 @pytest.mark.slow
 def test_every_usage_command_runs_as_written(workdir):
-    viewer = None
+    viewer, listed = None, 0
     for command in usage_commands():
         if "fashion-mnist" in command and not FASHION.exists():
             continue
@@ -92,6 +103,8 @@ def test_every_usage_command_runs_as_written(workdir):
             continue
         if command.startswith("python run.py --"):
             extra = []
+        elif dataset_only(command):
+            extra = ["--cfg", "job"]
         else:
             extra = SMALL + ([] if "stages=" in command else FEW_STAGES)
         proc = shell(command, workdir, extra)
@@ -105,6 +118,15 @@ def test_every_usage_command_runs_as_written(workdir):
             assert "== Stages" in proc.stdout and len(proc.stdout.splitlines()) <= 60
         if command == "python run.py --cfg job":
             assert "stages:" in proc.stdout and "dataset:" in proc.stdout
+        if dataset_only(command):  # the files it names are found: 6 photos, 3 of each class
+            from pipeline.datasets import list_images
+
+            dataset = OmegaConf.create(proc.stdout).dataset
+            dataset.path = str(workdir / dataset.path)  # list.txt is relative; $HOME/photos came expanded
+            table = list_images(dataset)
+            assert len(table) == 6 and sorted(np.bincount(table.labels)) == [3, 3], command
+            listed += 1
+    assert listed == 2  # $HOME/photos and list.txt
     with h5py.File(workdir / "runs" / "mnv2" / "results.h5", "r") as f:
         assert sorted(f["layers"]) == ["features_14_conv_0_2", "features_7_conv_0_2"]
         assert f["layers/features_7_conv_0_2/topk/value"].shape[1] == 16  # topk=16

@@ -130,36 +130,6 @@ def test_slurm_launcher_config_composes():
 
 
 @pytest.mark.slow
-def test_merge_refuses_shards_that_do_not_belong_together(sharded, tmp_path):
-    import keras
-
-    tmp, sweep, common = sharded
-    merge = common + ["stages=[merge]"]
-    # the same shard twice
-    with pytest.raises(PipelineError, match="scanned images another input scanned too"):
-        run(compose_cfg(merge + [f"merge.inputs=[{sweep}/0,{sweep}/0]"]), tmp_path / "twice")
-    # a shard of another topk than the merge's config
-    other_topk = tmp_path / "topk3"
-    run(compose_cfg(common + ["topk=3", "shard.count=2", "shard.index=1", "stages=[scan]"]), other_topk)
-    with pytest.raises(PipelineError, match=f"shard {other_topk} scanned other layers, topk"):
-        run(compose_cfg(merge + [f"merge.inputs=[{sweep}/0,{other_topk}]"]), tmp_path / "mixed_topk")
-    # a shard of the same config whose model file changed in between
-    model_file = tmp / "tiny.keras"
-    original = model_file.read_bytes()
-    model = keras.models.load_model(model_file, compile=False)
-    model.set_weights([w + 0.5 for w in model.get_weights()])
-    model.save(model_file)
-    try:
-        other_weights = tmp_path / "weights"
-        run(compose_cfg(common + ["shard.count=2", "shard.index=1", "stages=[scan]"]), other_weights)
-    finally:
-        model_file.write_bytes(original)
-    with pytest.raises(PipelineError, match=f"shard {other_weights} has another model weights"):
-        run(compose_cfg(merge + [f"merge.inputs=[{sweep}/0,{other_weights}]"]), tmp_path / "mixed_weights")
-    assert not (tmp_path / "mixed_weights" / "parts" / "scan.h5").exists()  # a refused merge writes no results
-
-
-@pytest.mark.slow
 def test_ray_shards_merge_to_the_unsharded_tables(sharded):
     """hydra/launcher=shards_ray on a Ray instance started on this machine."""
     pytest.importorskip("ray", reason="ray is not installed (pip install -e .[ray])")

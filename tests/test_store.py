@@ -195,3 +195,40 @@ def test_second_writer_is_refused_until_the_first_process_dies(tmp_path):
         holder.wait()
     lock.acquire(run_dir)  # the kernel dropped the dead process's lock
     lock.release(run_dir)
+
+
+def test_the_hydra_callback_refuses_a_busy_run_directory_before_hydra_writes(tmp_path, capsys):
+    """The callbacks the config registers, as Hydra calls them before it writes .hydra/ and
+    the log: a run directory locked by another writer ends the run with exit 2 and one line."""
+    import fcntl
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    run_dir = tmp_path / "busy"
+    with initialize_config_dir(config_dir=f"{ROOT}/conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hydra.run.dir={run_dir}"], return_hydra_config=True)
+    callbacks = [instantiate(c) for c in cfg.hydra.callbacks.values()]
+    run_dir.mkdir()
+    other = os.open(run_dir / lock.LOCK_FILE, os.O_RDWR | os.O_CREAT)  # another writer's lock
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        os.pwrite(other, b"4242\n", 0)
+        with pytest.raises(SystemExit) as stop:
+            for callback in callbacks:
+                callback.on_run_start(config=cfg)
+        assert stop.value.code == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and "in use by process 4242" in lines[0]
+    finally:
+        os.close(other)
+    assert sorted(p.name for p in run_dir.iterdir()) == [lock.LOCK_FILE]
+    for callback in callbacks:  # free now: the callback takes the lock and holds it for the run
+        callback.on_run_start(config=cfg)
+    probe = os.open(run_dir / lock.LOCK_FILE, os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(probe)
+        lock.release(run_dir)
