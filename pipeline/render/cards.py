@@ -27,6 +27,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import h5py
@@ -422,23 +423,19 @@ def _chunk_cards(results: str, stored: str, units: list[int], cards_dir: Path,
 
     with h5py.File(results, "r") as f:
         info = next(i for i in read_layers(f) if i.stored == stored)
-        return render_layer_cards(f, info, cards_dir, thumbs_dir, units=units, images=_images(f, results))
+        return render_layer_cards(f, info, cards_dir, thumbs_dir, units=units,
+                                  images=_images(results, Path(results).stat().st_mtime_ns))
 
 
 def _channels(info: LayerInfo) -> int:
     return int(info.shape[-1]) if info.shape else 0
 
 
-_IMAGE_INDEX: dict = {}
-
-
-def _images(f: h5py.File, results: str) -> ImageIndex:
-    """The run's image index, read once per worker process and results file."""
-    key = (results, Path(results).stat().st_mtime_ns)
-    if key not in _IMAGE_INDEX:
-        _IMAGE_INDEX.clear()
-        _IMAGE_INDEX[key] = ImageIndex.read(f)
-    return _IMAGE_INDEX[key]
+@lru_cache(maxsize=1)
+def _images(results: str, mtime_ns: int) -> ImageIndex:
+    """The run's image index, read once per worker process and version of results.h5."""
+    with h5py.File(results, "r") as f:
+        return ImageIndex.read(f)
 
 
 class CardRender:
