@@ -112,6 +112,9 @@ class ScanConfig:
     # `exemplars_k` images among that class's images ([]: none)
     exemplars: list = field(default_factory=list)
     exemplars_k: int = 4
+    # also sketch every activation of every unit (the dissect stage's histogram), so that
+    # stage finds its thresholds without a pass of its own; null: with dataset=segmentation
+    sketch: Optional[bool] = None
 
 
 @dataclass

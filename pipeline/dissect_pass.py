@@ -50,17 +50,19 @@ class Dissection:
 
 
 def dissect(model, names: list[str], spec, masks, streaming: Streaming, ids: np.ndarray, n_concepts: int,
-            quantile: float, downsample: int, work, limits=None) -> Dissection:
-    """Both passes over `ids` (the thresholds one skipped when `limits` are given), each
-    checkpointed under `work` (a store WorkDir) as sketch.h5 and tally.h5."""
+            quantile: float, downsample: int, work, limits=None, sketches=None) -> Dissection:
+    """Both passes over `ids`, each checkpointed under `work` (a store WorkDir) as sketch.h5
+    and tally.h5; the thresholds pass is skipped when `limits` are given, or `sketches` (per
+    layer, the counts that pass would find: the scan's, scan.sketch)."""
     from pipeline.dissect import Tally, thresholds
 
-    sketches, rank_errors = None, [np.full(len(t), np.nan, np.float32) for t in limits or []]
-    if limits is None:
+    rank_errors = [np.full(len(t), np.nan, np.float32) for t in limits or []]
+    if limits is None and sketches is None:
         sketch = Tally(model, names, spec, n_concepts, downsample=downsample)
         # T_k is a level of the unit's activations over the images: no label is read for it
         stream_pass(sketch, None, streaming, ids, work.path / "sketch.h5", "thresholds", work.resuming)
         sketches = [sketch.state()[f"sketch_{i}"] for i in range(len(names))]
+    if limits is None:
         limits, rank_errors = (list(t) for t in zip(*(thresholds(s, quantile) for s in sketches)))
     tally = Tally(model, names, spec, n_concepts, limits=limits, downsample=downsample)
     skipped, errors = stream_pass(tally, masks, streaming, ids, work.path / "tally.h5", "IoU", work.resuming)

@@ -74,7 +74,7 @@ class Scanner:
 
     def __init__(self, feature_model, names: list[str], spec: Preprocessing, k: int, bottomk: int = 0,
                  border: int = 0, labels: np.ndarray | None = None, classes: int = 0,
-                 exemplar_classes: np.ndarray | None = None, exemplar_k: int = 0):
+                 exemplar_classes: np.ndarray | None = None, exemplar_k: int = 0, sketch: bool = False):
         self.model = feature_model
         self.names = list(names)
         self.spec = spec
@@ -100,6 +100,10 @@ class Scanner:
             width = len(self.exemplar_classes) * self.exemplar_k
             self._fields.update({f"ex_{n}": (_STATE[n][0], lambda c, k: (c, width), _STATE[n][2])
                                  for n in ("value", "image", "pos")})
+        if sketch:  # every activation's histogram: the dissect stage's thresholds without a pass of its own
+            from pipeline.dissect import SKETCH_BUCKETS
+
+            self._fields["sketch"] = (tf.int64, lambda c, k: (c, SKETCH_BUCKETS), 0)
         self._vars = {name: tf.Variable(value) for name, value in self._initial().items()}
         self.images_seen = 0
         self.images_resumed = 0  # of images_seen, those a checkpoint brought (scanned by an earlier process)
@@ -141,6 +145,10 @@ class Scanner:
                                          for m, a, b in zip(ranked, self.bounds[:-1], self.bounds[1:])], axis=0))
         if self.exemplar_classes is not None:
             self._merge_exemplars(ranked, batch_max, batch_y, ids, labels)
+        if "sketch" in v:  # every position (scan.border leaves none out), as the dissect stage's own pass
+            from pipeline.dissect import sketch_counts as activation_counts
+
+            v["sketch"].assign_add(tf.concat([tf.cast(activation_counts(m), tf.int64) for m in maps], axis=0))
         if any(inside is not None for inside in self.interiors):  # the statistics see every position
             batch_max = tf.concat([tf.reduce_max(m, axis=(1, 2)) for m in maps], axis=1)
         sums = [channel_sums(m) for m in maps]

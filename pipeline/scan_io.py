@@ -76,8 +76,8 @@ def _checkpoint(path: Path, scanner, position: int, dropped: list[int]) -> None:
         f["dropped"] = np.asarray(sorted(dropped), np.int64)
         for i, state in enumerate(scanner.state()):  # by position: a layer may be scanned twice (evolution)
             g = f.create_group(f"layer_{i:04d}")
-            for key, array in state.items():
-                g[key] = array
+            for key, array in state.items():  # the sketch is mostly empty buckets: compressed
+                g.create_dataset(key, data=array, compression="gzip" if key == "sketch" else None)
     logger.info("checkpoint: %d images scanned, stream position %d, %.1f MiB (%.3f s)", scanner.images_seen, position,
                 path.stat().st_size / 2**20, time.perf_counter() - started)
 
@@ -100,6 +100,14 @@ def write_errors(f, errors: dict[int, str]) -> None:
     g["image"] = np.asarray(ids, np.int64)
     write_strings(g, "reason", [errors[i] for i in ids])
 
+
+
+def wants_sketch(cfg) -> bool:
+    """scan.sketch: whether the scan sketches every activation for the dissect stage; null
+    decides by the dataset (segmentation: the one the dissect stage reads), a key the scan's
+    fingerprint holds, so one config always writes the sketch or never."""
+    setting = cfg.scan.sketch
+    return cfg.dataset.kind == "segmentation" if setting is None else bool(setting)
 
 
 def class_count(table, channels: int, wanted: bool) -> int:
@@ -174,7 +182,7 @@ def write_layers(f, layers, results, bottoms, states, counts: np.ndarray | None 
         write_table(g, "topk", top, geo.rows, geo.cols)
         if bottom is not None:
             write_table(g, "bottomk", bottom, geo.rows, geo.cols)
-        write_stats(g, stats, state["spectrum"])
+        write_stats(g, stats, state["spectrum"], state.get("sketch"))
         if counts is not None and "class_max" in state:
             write_classes(g, {s: state[f"class_{s}"] for s in ("max", "mean")}, counts)
         if exemplars is not None:
@@ -187,9 +195,12 @@ def write_layers(f, layers, results, bottoms, states, counts: np.ndarray | None 
 
 
 
-def write_stats(g, stats, spectrum: np.ndarray) -> None:
-    """stats/: per-channel mean, max, zero fraction, the sums behind them, spectrum, quantiles."""
+def write_stats(g, stats, spectrum: np.ndarray, sketch: np.ndarray | None = None) -> None:
+    """stats/: per-channel mean, max, zero fraction, the sums behind them, spectrum, quantiles
+    and, with scan.sketch, every activation's histogram (pipeline.dissect's buckets)."""
     s = g.create_group("stats")
+    if sketch is not None:
+        s.create_dataset("sketch", data=sketch, compression="gzip", shuffle=True)
     for key, value in (("mean", stats.mean), ("max", stats.maximum), ("zero_fraction", stats.zero_fraction),
                        ("total", stats.total), ("zeros", stats.zeros), ("quantiles", sketch_quantiles(spectrum))):
         s[key] = value

@@ -47,6 +47,11 @@ KEYS = ("model", "dataset", "layers", "dissect", "shard")
 PART = "dissect.h5"
 
 
+def reads(cfg) -> tuple[str, ...]:
+    """The scan's activation sketch (scan.sketch), when it covers this dissection's images."""
+    return () if cfg.dissect.thresholds else ("scan",)
+
+
 def run(ctx) -> None:
     from pipeline.dissect_pass import Streaming, dissect
     from pipeline.graph import feature_model
@@ -87,7 +92,8 @@ def run(ctx) -> None:
         logger.info("dissect: thresholds of %s", cfg.dissect.thresholds)
     else:
         limits = None
-    result = dissect(model, list(names), spec, masks, stream, ids, len(concepts), q, step, work, limits)
+    sketches = None if limits is not None else scan_sketches(ctx, keys, ids, len(table), model)
+    result = dissect(model, list(names), spec, masks, stream, ids, len(concepts), q, step, work, limits, sketches)
     masks.close()
     store.write_images(len(table), result.errors, replace=False)
     skipped = {**result.skipped, **{i: f"image unreadable: {why}" for i, why in result.errors.items()}}
@@ -104,6 +110,36 @@ def run(ctx) -> None:
     detectors = _count_detectors(store.parts / PART, keys)
     logger.info("dissect: %d images (%d skipped), %s, %.1f s", result.images, len(skipped),
                 ", ".join(f"{k}: {n} detectors" for k, n in zip(keys, detectors)), time.perf_counter() - started)
+
+
+def scan_sketches(ctx, keys, ids: np.ndarray, n_images: int, model) -> list[np.ndarray] | None:
+    """The scan's activation sketch of every layer (layers/<key>/stats/sketch, scan.sketch)
+    when it counts exactly the positions the thresholds pass would: the same images (ids
+    scanned, the same unreadable ones left out) and layers; else None, said in one line."""
+    if not ctx.holds("scan"):
+        logger.info("dissect: no scan in this run directory: the thresholds come from a pass of their own")
+        return None
+    outputs = model.outputs if isinstance(model.outputs, (list, tuple)) else [model.outputs]
+    shapes = [(1, 1, int(t.shape[-1])) if len(t.shape) == 2 else tuple(int(d) for d in t.shape[1:]) for t in outputs]
+    wanted = np.zeros(n_images, bool)
+    wanted[ids] = True
+    with ctx.store.open() as f:
+        missing = [k for k in keys if f"layers/{k}/stats/sketch" not in f]
+        scanned = f["images/scanned"][()] if "images/scanned" in f else np.zeros(0, bool)
+        readable = int(f["images/ok"][()].sum()) if "images/ok" in f else 0
+        sketches = [] if missing else [f[f"layers/{k}/stats/sketch"][()] for k in keys]
+    if missing:
+        why = f"it kept no activation sketch of {', '.join(missing)} (scan.sketch=true keeps one)"
+    elif len(scanned) != n_images or not np.array_equal(scanned, wanted):
+        why = f"it scanned {int(scanned.sum())} of the images, this dissection reads {len(ids)}"
+    elif any(s.shape[0] != shape[-1] or (s.sum(axis=1) != readable * shape[0] * shape[1]).any()
+             for s, shape in zip(sketches, shapes)):
+        why = "its sketch counts other positions than these layers' maps over the readable images"
+    else:
+        logger.info("dissect: thresholds from the scan's activation sketch (%d images): the IoU pass only", readable)
+        return sketches
+    logger.info("dissect: the scan's sketch is not used (%s): the thresholds come from a pass of their own", why)
+    return None
 
 
 def mask_step(setting, height: int, width: int) -> int:

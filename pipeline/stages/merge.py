@@ -144,6 +144,10 @@ def _accumulate(acc: dict, g) -> None:
     stats = ChannelStats(s["total"][()], s["zeros"][()], s["max"][()], int(s.attrs["positions"]))
     acc["stats"] = acc["stats"].merged(stats) if "stats" in acc else stats
     acc["spectrum"] = acc.get("spectrum", 0) + s["spectrum"][()]
+    acc["shards"] = acc.get("shards", 0) + 1
+    if "sketch" in s:  # the dissect stage's activation sketch (scan.sketch): counts add
+        acc["sketch"] = acc.get("sketch", 0) + s["sketch"][()]
+        acc["sketches"] = acc.get("sketches", 0) + 1
     if "class_topk" in g:  # one top-k table per class block of the second axis
         t, k = _read_table(g["class_topk"]), int(g["class_topk"].attrs["k"])
         acc["exemplar_classes"] = g["class_topk"].attrs["classes"][()]
@@ -163,7 +167,8 @@ def _write_layer(g, acc: dict) -> None:
         bottom = acc["bottomk"]
         bottom.value = -bottom.value
         scan_io.write_table(g, "bottomk", bottom, rows, cols)
-    scan_io.write_stats(g, acc["stats"], acc["spectrum"])
+    whole = acc.get("sketches") == acc["shards"]  # a sketch of some shards only would miss images
+    scan_io.write_stats(g, acc["stats"], acc["spectrum"], acc["sketch"] if whole else None)
     if "count" in acc:
         scan_io.write_classes(g, {"max": acc["sum_max"], "mean": acc["sum_mean"]}, acc["count"])
     if "class_topk" in acc:

@@ -53,9 +53,12 @@ def run(ctx) -> None:
     channels = sum(int(t.shape[-1]) for t in (model.outputs if isinstance(model.outputs, list) else [model.outputs]))
     classes = class_count(table, channels, cfg.scan.classes)
     exemplars = exemplar_classes(table, cfg.scan.exemplars)
+    from pipeline.scan_io import wants_sketch  # the sketch's part of the scan (pipeline.dissect)
+
     scanner = Scanner(model, list(names), bundle.preprocessing, cfg.topk, bottomk=cfg.scan.bottomk,
                       border=cfg.scan.border, labels=table.labels if classes or exemplars is not None else None,
-                      classes=classes, exemplar_classes=exemplars, exemplar_k=cfg.scan.exemplars_k)
+                      classes=classes, exemplar_classes=exemplars, exemplar_k=cfg.scan.exemplars_k,
+                      sketch=wants_sketch(cfg))
     for name, (h, w, _), inside in zip(names, scanner.map_shapes, scanner.interiors):
         if cfg.scan.border and inside is None and h * w > 1:
             logger.warning("layer %s: its %dx%d map has no inside %d positions from the border; scan.border "
