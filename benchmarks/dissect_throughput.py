@@ -1,10 +1,18 @@
 """Network dissection throughput against a scan of the same images and layers.
 
 Generates --images photos (--size pixels, JPEG) with label PNGs of --concepts concepts, a
-tiny convolutional network at a 224x224 input (ImageNet-like sizes), and runs, each in a
-fresh run directory and in this process, `stages=[scan]` and then `stages=[dissect]` over
-the same images and layers (the dissect stage's two passes: thresholds, then IoU). Prints
-images/s of each and the ratio dissect time / scan time (target: at most 2).
+tiny convolutional network at a 224x224 input (ImageNet-like sizes), and runs, each in this
+process and timed in wall and CPU time (every thread), over the same images and layers:
+
+- the plain scan (`stages=[scan] scan.sketch=false`), the baseline;
+- the scan with the activation sketch (`scan.sketch=true`, the default on segmentation
+  datasets): its cost over the plain scan;
+- the dissect stage after it, in the same run directory: thresholds from the scan's
+  sketch, the IoU pass only (the single pass);
+- the dissect stage alone in a fresh run directory: its own two passes (thresholds, IoU).
+
+Prints images/s of each and the ratios to the plain scan (target: the dissect stage at
+most 2x a scan).
 
     python benchmarks/dissect_throughput.py [--images 256] [--batch 32] [--model tiny|default] [--downsample 1]
 
@@ -101,18 +109,38 @@ def main() -> None:
         common = model + ["dataset=segmentation", f"dataset.path={tmp / 'data' / 'images'}",
                           f"dataset.masks={tmp / 'data' / 'masks'}", f"dataset.concepts={tmp / 'data' / 'concepts.txt'}",
                           f"batch_size={args.batch}", "checkpoint.seconds=3600"]
-        # a warm-up of both on a few images: TensorFlow's first traces are not the stages' cost
-        timed_run(common + ["stages=[scan,dissect]", "dataset.limit=" + str(args.batch)], tmp / "warm")
-        (scan, scan_cpu) = timed_run(common + ["stages=[scan]"], tmp / "scan")
-        (dissect, dissect_cpu) = timed_run(common + ["stages=[dissect]", f"dissect.downsample={args.downsample}"],
-                                           tmp / "dissect")
+        # a warm-up of each route on a few images: TensorFlow's first traces are not the stages' cost
+        few = ["dataset.limit=" + str(args.batch), f"dissect.downsample={args.downsample}"]
+        timed_run(common + few + ["stages=[scan,dissect]"], tmp / "warm")
+        timed_run(common + few + ["stages=[dissect]"], tmp / "warm2")
+        timed_run(common + few + ["stages=[scan]", "scan.sketch=false"], tmp / "warm3")
+        dissect = ["stages=[dissect]", f"dissect.downsample={args.downsample}"]
+        times = {"scan": timed_run(common + ["stages=[scan]", "scan.sketch=false"], tmp / "scan"),
+                 "scan+sketch": timed_run(common + ["stages=[scan]", "scan.sketch=true"], tmp / "sketched"),
+                 "dissect 1 pass": timed_run(common + dissect, tmp / "sketched"),
+                 "dissect 2 passes": timed_run(common + dissect, tmp / "dissect")}
+        same = same_thresholds(tmp / "sketched", tmp / "dissect")
     n = args.images
+    scan, scan_cpu = times["scan"]
     print(f"model {args.model}, {n} images of {args.size[0]}x{args.size[1]} at a 224x224 input, batch {args.batch}, "
           f"dissect.downsample={args.downsample}")
-    print(f"scan     {n / scan:8.1f} images/s  ({scan:.1f} s)")
-    print(f"dissect  {n / dissect:8.1f} images/s  ({dissect:.1f} s: thresholds pass + IoU pass)")
-    print(f"dissect / scan time: {dissect / scan:.2f}x (target <= 2); CPU time {dissect_cpu / scan_cpu:.2f}x "
-          f"({scan_cpu:.1f} s, {dissect_cpu:.1f} s)")
+    for name, (wall, cpu) in times.items():
+        print(f"{name:17s} {n / wall:8.1f} images/s  {wall:6.1f} s wall {cpu:6.1f} s CPU  "
+              f"/ scan: {wall / scan:.2f}x wall, {cpu / scan_cpu:.2f}x CPU")
+    extra = [a + b for a, b in zip(times["scan+sketch"], times["dissect 1 pass"])]
+    print(f"scan+sketch then dissect 1 pass / scan: {extra[0] / scan:.2f}x wall, {extra[1] / scan_cpu:.2f}x CPU "
+          f"(scan then dissect 2 passes: {(scan + times['dissect 2 passes'][0]) / scan:.2f}x wall, "
+          f"{(scan_cpu + times['dissect 2 passes'][1]) / scan_cpu:.2f}x CPU)")
+    print(f"target: the dissect stage <= 2x the scan; the two routes' thresholds and sketches identical: {same}")
+
+
+def same_thresholds(one: Path, two: Path) -> bool:
+    import h5py
+
+    with h5py.File(one / "results.h5", "r") as a, h5py.File(two / "results.h5", "r") as b:
+        return all(np.array_equal(a[f"{g}/{k}"][()], b[f"{g}/{k}"][()], equal_nan=True)
+                   for g in (f"layers/{n}/dissection" for n in a["layers"] if "dissection" in a[f"layers/{n}"])
+                   for k in ("threshold", "threshold_rank_error", "sketch", "intersection"))
 
 
 if __name__ == "__main__":

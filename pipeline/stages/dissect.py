@@ -3,7 +3,8 @@ segmentation dataset (dataset=segmentation): every unit's concept label and its 
 
 Two streamed passes (pipeline.dissect_pass over pipeline.dissect): the first sketches
 each unit's activations over every readable image to find T_k (skipped when
-`dissect.thresholds` names a run directory whose thresholds to use), the second sums
+`dissect.thresholds` names a run directory whose thresholds to use, or taken from the
+scan's sketch of the same images, scan.sketch), the second sums
 intersections and unions of the thresholded, upsampled maps with every concept over the
 images whose labels are usable (pipeline.segmentation, pipeline.broden). Each pass
 checkpoints its sums and the stream position into parts/dissect.<print>/<pass>.h5 every
