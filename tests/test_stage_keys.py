@@ -1,4 +1,4 @@
-"""Every stage reads only the config keys it declares (its KEYS, and the run keys any stage
+"""Every stage reads only the config keys it declares (its STAGE.keys, and the run keys any stage
 may read): a key read but not declared would change results without changing the
 stage's fingerprint, so a rerun would skip work it must redo.
 
@@ -119,4 +119,4 @@ def test_a_stage_reads_only_the_keys_it_declares(key_reads, stage):
     import importlib
 
     module = importlib.import_module(f"pipeline.stages.{stage}")
-    assert undeclared(key_reads[stage], module.KEYS) == [], f"add them to KEYS of pipeline/stages/{stage}.py"
+    assert undeclared(key_reads[stage], module.STAGE.keys) == [], f"add them to the keys of {stage}'s STAGE"

@@ -26,20 +26,17 @@ from pipeline.selection import choose_images
 from pipeline.layers import default_layers
 from pipeline.models.sources import analysed_model
 from pipeline.render.training import draw_invariance
+from pipeline.stage_spec import Stage
 from pipeline.store import stored_name
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("model", "dataset", "layers", "train", "invariance.images", "invariance.layers", "invariance.translation",
-        "invariance.rotation", "invariance.scale", "invariance.steps", "invariance.fill_mode", "invariance.target")
-PART = "invariance.h5"
-
-
-def reads(cfg) -> tuple[str, ...]:
-    """This run's train results when there: its snapshots (unless model=snapshot names another
-    run) and, whatever the model, its held-out images, from which the images are chosen."""
-    return ("train",)
-
+# reads: this run's train results when there: its snapshots (unless model=snapshot names another
+# run) and, whatever the model, its held-out images, from which the images are chosen
+STAGE = Stage(keys=("model", "dataset", "layers", "train", "invariance.images", "invariance.layers",
+                    "invariance.translation", "invariance.rotation", "invariance.scale", "invariance.steps",
+                    "invariance.fill_mode", "invariance.target"),
+              part="invariance.h5", reads=("train",))
 
 FIGURE = Path("sheets") / "invariance.png"
 
@@ -99,7 +96,7 @@ def run(ctx) -> None:
 
     store.ensure_run(cfg, bundle, table)
     store.write_images(len(table), errors, replace=False)
-    with store.write(PART) as f:
+    with store.write(ctx.spec.part) as f:
         g = f.create_group("invariance")
         g.attrs.update(model=bundle.name, layers=json.dumps(names), fill=ic.fill_mode,
                        units=json.dumps(dict(translation="fraction of the input side (down is positive)",

@@ -19,14 +19,14 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.models.sources import SNAPSHOT_DIR, save_spec, snapshot_path
 from pipeline.render.training import draw_training_curve
-from pipeline.store import Store, write_strings
+from pipeline.stage_spec import Stage
+from pipeline.store import write_strings
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("dataset", "train")
+STAGE = Stage(keys=("dataset", "train"), part="train.h5")
 
 SHEET = Path("sheets") / "training_curve.png"
-PART = "train.h5"
 
 
 def run(ctx) -> None:
@@ -83,10 +83,10 @@ def run(ctx) -> None:
                       seed=int(tc.seed), snapshots=snapshots, on_snapshot=on_snapshot)
     total = time.perf_counter() - started
 
-    store = Store(run_dir)
+    store = ctx.store
     store.write_run(cfg, f"{model.name} trained in this run", spec, table)
     store.write_images(len(table), errors)
-    with store.write(PART) as f:
+    with store.write(ctx.spec.part) as f:
         g = f.create_group("train")
         for key in ("loss", "accuracy", "val_loss", "val_accuracy", "seconds"):
             g[key] = np.asarray(history[key], np.float32)
