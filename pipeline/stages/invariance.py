@@ -25,6 +25,7 @@ from pipeline.invariance import FILL_MODES, IDENTITY, KINDS, invariance_curves, 
 from pipeline.selection import choose_images
 from pipeline.layers import default_layers
 from pipeline.models.sources import analysed_model
+from pipeline.per_image import none_read
 from pipeline.render.training import draw_invariance
 from pipeline.stage_spec import Stage
 from pipeline.store import stored_name
@@ -68,8 +69,7 @@ def run(ctx) -> None:
     ids, pixels, errors = T.load_pixels(table, spec, np.sort(wanted), batch_size=cfg.batch_size,
                                         desc="invariance images")
     if len(ids) == 0:
-        raise PipelineError("none of the chosen invariance images could be read: choose others with "
-                            "invariance.images=[...]")
+        raise none_read("invariance", "invariance.images", errors, table.paths)
     order = {int(i): k for k, i in enumerate(ids)}
     keep = [int(i) for i in wanted if int(i) in order]
     pixels = pixels[[order[i] for i in keep]]
