@@ -1,7 +1,8 @@
 """The loop every per-image stage shares (activations, cam, occlusion, ablation): record the
 run, stream the chosen images in batches, commit the rows computed for each batch in chunks
 (a killed run resumes after the last one, pipeline.chunks), record the unreadable images,
-then assemble the chunks into the stage's part.
+assemble the chunks into the stage's part, and (draw=True) draw the stage's sheets from it
+(pipeline.render.maps).
 
     with per_image_part(ctx, table, ids, compute, fix="occlusion.images") as (f, errors):
         ...   # f: the stage's part, open for writing, its rows assembled
@@ -56,7 +57,7 @@ def none_read(stage: str, fix: str, errors: dict[int, str] | None = None, paths=
 
 @contextmanager
 def per_image_part(ctx, table, ids: np.ndarray, compute: Callable[[np.ndarray, object], dict],
-                   fix: str | None = None, which: str = "chosen images"):
+                   fix: str | None = None, which: str = "chosen images", draw: bool = False):
     from pipeline.chunks import BOOKKEEPING, ChunkedStream
 
     name, store, bundle = ctx.stage, ctx.store, ctx.bundle
@@ -76,3 +77,7 @@ def per_image_part(ctx, table, ids: np.ndarray, compute: Callable[[np.ndarray, o
         if fix is not None and name not in f:
             raise none_read(name, fix, stream.errors, table.paths, which)
         yield f, stream.errors
+    if draw:
+        from pipeline.render.maps import Photos, draw_stage_sheets
+
+        draw_stage_sheets(ctx.part, ctx.run_dir, name, Photos.of_table(table, bundle.preprocessing))

@@ -29,7 +29,6 @@ import numpy as np
 from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
 from pipeline.per_image import batch_resume, per_image_part, scan_for_topk
-from pipeline.render.maps import Photos, draw_stage_sheets
 from pipeline.selection import choose_images
 from pipeline.stage_spec import Stage
 
@@ -81,7 +80,7 @@ def run(ctx) -> None:
             rows[f"activations/{key_of[n]}"] = np.clip(maps[n], -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
         return rows
 
-    with per_image_part(ctx, table, ids, compute) as (f, errors):  # none readable: empty tables
+    with per_image_part(ctx, table, ids, compute, draw=True) as (f, errors):  # none readable: empty tables
         g = f.require_group("activations")
         if "image" not in g:  # every chosen image unreadable: empty tables, the sheets say so
             g["image"] = np.zeros(0, np.int64)
@@ -95,10 +94,3 @@ def run(ctx) -> None:
         logger.warning("activations of %s exceed float16's range; stored clipped", n)
     if errors:
         logger.warning("activations: %d chosen image(s) unreadable, left out", len(errors))
-    draw_stage_sheets(ctx.part, ctx.run_dir, "activations", Photos.of_table(table, spec))
-
-
-# ----------------------------------------------------------------------------
-# sheets
-
-

@@ -39,7 +39,6 @@ from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
 from pipeline.per_image import batch_resume, per_image_part, scan_for_topk
 from pipeline.render.draw import CAM_TITLES
-from pipeline.render.maps import Photos, draw_stage_sheets
 from pipeline.selection import drawn_images, explainer_for
 from pipeline.stage_spec import Stage
 
@@ -99,7 +98,7 @@ def run(ctx) -> None:
             rows.update(input_resolution_rows(explainer, x, ids, chosen, out["gradcam"]))
         return rows
 
-    with per_image_part(ctx, table, np.arange(len(table)), compute, "dataset.path", "images") as (f, errors):
+    with per_image_part(ctx, table, np.arange(len(table)), compute, "dataset.path", "images", draw=True) as (f, errors):
         g = f["cam"]
         g.attrs.update(layer=explainer.layer, logits_layer=explainer.logits_layer, methods=json.dumps(methods),
                        target=str(c.target), input_size=np.asarray(spec.size, np.int64),
@@ -122,7 +121,6 @@ def run(ctx) -> None:
         zero = {m: (int((g[m]["max"][()] <= 0).sum()), len(g[m]["max"])) for m in methods}
     logger.info("cam: %d images explained, %d unreadable", len(table) - len(errors), len(errors))
     _log_zero_maps(zero)
-    draw_stage_sheets(ctx.part, ctx.run_dir, "cam", Photos.of_table(table, spec))
 
 
 def input_resolution_rows(explainer, x, ids: np.ndarray, chosen: np.ndarray, gradcam) -> dict[str, np.ndarray]:
@@ -224,9 +222,3 @@ def top_predictions(ids: np.ndarray, logits: np.ndarray, k: int = 5) -> dict[str
     return {"predictions/image": ids.astype(np.int64), "predictions/class": classes.astype(np.int64),
             "predictions/logit": np.take_along_axis(logits, classes, axis=1).astype(np.float32),
             "predictions/probability": np.take_along_axis(probability, classes, axis=1).astype(np.float32)}
-
-
-# ----------------------------------------------------------------------------
-# sheets
-
-

@@ -25,7 +25,6 @@ import numpy as np
 from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
 from pipeline.per_image import batch_resume, per_image_part, scan_for_topk
-from pipeline.render.maps import Photos, draw_stage_sheets
 from pipeline.selection import choose_images, explainer_for
 from pipeline.stage_spec import Stage
 
@@ -61,13 +60,12 @@ def run(ctx) -> None:
                 **{f"occlusion/{key}": getattr(r, key).astype(np.float32) for key in
                    ("probability", "activation", "base_probability", "base_activation")}}
 
-    with per_image_part(ctx, table, ids, compute, "occlusion.images") as (f, _):
+    with per_image_part(ctx, table, ids, compute, "occlusion.images", draw=True) as (f, _):
         g = f["occlusion"]
         g["rows"] = occlusion_grid(spec.height, size, stride)
         g["cols"] = occlusion_grid(spec.width, size, stride)
         g.attrs.update(size=size, stride=stride, fill=int(o.fill), layer=occluder.layer,
                        target=str(o.target), num_classes=int(occluder.num_classes))
-    draw_stage_sheets(ctx.part, ctx.run_dir, "occlusion", Photos.of_table(table, spec))
 
 
 def square_and_step(o, input_size: tuple[int, int]) -> tuple[int, int]:
