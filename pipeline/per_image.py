@@ -4,14 +4,14 @@ run, stream the chosen images in batches, commit the rows computed for each batc
 assemble the chunks into the stage's part, and (draw=True) draw the stage's sheets from it
 (pipeline.render.maps).
 
-    with per_image_part(ctx, table, ids, compute, fix="occlusion.images") as (f, errors):
+    with per_image_part(ctx, ids, compute, fix="occlusion.images") as (f, errors):
         ...   # f: the stage's part, open for writing, its rows assembled
 
-`compute(batch_ids, pixels)` returns the batch's rows ({dataset path: array, one row per
-result}). The batch size is the one the stage's declaration makes a resume match
-(`batch_resume`, or the stage's own). When the group named after the stage got no row at
-all, `none_read` is the error, naming the config key `fix` to change (fix=None: the stage
-writes empty tables itself).
+`ids` index the dataset's images (ctx.images); `compute(batch_ids, pixels)` returns the
+batch's rows ({dataset path: array, one row per result}). The batch size is the one the
+stage's declaration makes a resume match (`batch_resume`, or the stage's own). When the
+group named after the stage got no row at all, `none_read` is the error, naming the config
+key `fix` to change (fix=None: the stage writes empty tables itself).
 """
 
 from __future__ import annotations
@@ -56,11 +56,11 @@ def none_read(stage: str, fix: str, errors: dict[int, str] | None = None, paths=
 
 
 @contextmanager
-def per_image_part(ctx, table, ids: np.ndarray, compute: Callable[[np.ndarray, object], dict],
+def per_image_part(ctx, ids: np.ndarray, compute: Callable[[np.ndarray, object], dict],
                    fix: str | None = None, which: str = "chosen images", draw: bool = False):
     from pipeline.chunks import BOOKKEEPING, ChunkedStream
 
-    name, store, bundle = ctx.stage, ctx.store, ctx.bundle
+    name, store, bundle, table = ctx.stage, ctx.store, ctx.bundle, ctx.images
     ids = np.asarray(ids, np.int64)
     store.ensure_run(ctx.cfg, bundle, table)
     work = ctx.work()

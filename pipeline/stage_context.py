@@ -1,6 +1,6 @@
 """What the runner hands a stage's `run(ctx)`: its declaration (pipeline.stage_spec), the
-config, the run directory, the stage's fingerprint, its store, its work folder, and the
-model bundle, loaded on first use and shared by the stages of one run.
+config, the run directory, the stage's fingerprint, its store, its work folder, the
+dataset's images, and the model bundle, loaded on first use and shared by the stages of one run.
 
 Sharing is safe because every stage of a run reads the same config, so the same model;
 a stage that changes weights puts them back (pipeline.randomization). The context also
@@ -57,6 +57,13 @@ class StageContext:
     @cached_property
     def store(self) -> Store:
         return Store(self.run_dir)
+
+    @cached_property
+    def images(self):
+        """The dataset's image table (pipeline.datasets.list_images), listed once for the stage."""
+        from pipeline.datasets import list_images
+
+        return list_images(self.cfg.dataset)
 
     @property
     def bundle(self):

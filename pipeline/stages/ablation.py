@@ -26,7 +26,6 @@ import logging
 import numpy as np
 
 from pipeline.config import is_sequence
-from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
 from pipeline.per_image import per_image_part
 from pipeline.stage_spec import Stage
@@ -63,7 +62,7 @@ def run(ctx) -> None:
     cfg, store = ctx.cfg, ctx.store
     a = cfg.ablation
     bundle = ctx.bundle
-    table = list_images(cfg.dataset)
+    table = ctx.images
     ids = np.flatnonzero(table.labels >= 0)
     if not ids.size:
         raise PipelineError("ablation needs labelled images: class folders, a 'path label' list or IDX labels")
@@ -93,7 +92,7 @@ def run(ctx) -> None:
             rows.update({f"ablation/{key}/{k}": v for k, v in found.items()})
         return rows
 
-    with per_image_part(ctx, table, ids, compute, "dataset.path", "labelled images") as (f, _):
+    with per_image_part(ctx, ids, compute, "dataset.path", "labelled images") as (f, _):
         labels = f["ablation/label"][()]
         for key, name, _, units, how in plans:
             g = f[f"ablation/{key}"]

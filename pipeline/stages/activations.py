@@ -26,7 +26,6 @@ import json
 import logging
 
 import numpy as np
-from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
 from pipeline.per_image import batch_resume, per_image_part, scan_for_topk
 from pipeline.selection import choose_images
@@ -49,7 +48,7 @@ def run(ctx) -> None:
     cfg = ctx.cfg
     a = cfg.activations
     bundle = ctx.bundle
-    table = list_images(cfg.dataset)
+    table = ctx.images
     ids = choose_images(a.images, table, ctx.store, "activations")
     key_of = {name: key for key, name in chosen_layers(bundle.model, a.layers if a.layers is not None else cfg.layers,
                                                                    bundle.renamed)}
@@ -80,7 +79,7 @@ def run(ctx) -> None:
             rows[f"activations/{key_of[n]}"] = np.clip(maps[n], -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
         return rows
 
-    with per_image_part(ctx, table, ids, compute, draw=True) as (f, errors):  # none readable: empty tables
+    with per_image_part(ctx, ids, compute, draw=True) as (f, errors):  # none readable: empty tables
         g = f.require_group("activations")
         if "image" not in g:  # every chosen image unreadable: empty tables, the sheets say so
             g["image"] = np.zeros(0, np.int64)

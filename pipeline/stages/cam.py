@@ -35,7 +35,6 @@ import logging
 
 import numpy as np
 
-from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
 from pipeline.per_image import batch_resume, per_image_part, scan_for_topk
 from pipeline.render.draw import CAM_TITLES
@@ -59,7 +58,7 @@ def run(ctx) -> None:
     if unknown or not methods:
         raise PipelineError(f"cam.methods has {', '.join(unknown) or 'nothing'}: choose from {', '.join(METHODS)}")
     bundle = ctx.bundle
-    table = list_images(cfg.dataset)
+    table = ctx.images
     drawn = drawn_images(c.draw, table, store, "cam")
     spec = bundle.preprocessing
     explainer, _, codes_for = explainer_for(
@@ -98,7 +97,7 @@ def run(ctx) -> None:
             rows.update(input_resolution_rows(explainer, x, ids, chosen, out["gradcam"]))
         return rows
 
-    with per_image_part(ctx, table, np.arange(len(table)), compute, "dataset.path", "images", draw=True) as (f, errors):
+    with per_image_part(ctx, np.arange(len(table)), compute, "dataset.path", "images", draw=True) as (f, errors):
         g = f["cam"]
         g.attrs.update(layer=explainer.layer, logits_layer=explainer.logits_layer, methods=json.dumps(methods),
                        target=str(c.target), input_size=np.asarray(spec.size, np.int64),

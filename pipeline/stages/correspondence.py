@@ -39,7 +39,6 @@ FIGURE = Path("sheets") / "correspondence.png"
 
 def run(ctx) -> None:
     from pipeline import train as T
-    from pipeline.datasets import list_images
     from pipeline.layers import select_layers
 
     cfg, run_dir = ctx.cfg, ctx.run_dir
@@ -48,7 +47,7 @@ def run(ctx) -> None:
     model, spec = bundle.model, bundle.preprocessing
     names = select_layers(model, cc.layers, bundle.renamed) if cc.layers is not None else \
         default_layers(model, select_layers(model, cfg.layers, bundle.renamed))
-    table = list_images(cfg.dataset)
+    table = ctx.images
     if is_sequence(cc.images):
         ids = np.asarray([int(i) for i in cc.images], np.int64)
         if (ids < 0).any() or (ids >= len(table)).any():

@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.crop import channel_blocks, cut_patches, patch_size, shrink
-from pipeline.datasets import BatchStream, list_images
+from pipeline.datasets import BatchStream
 from pipeline.errors import PipelineError
 from pipeline.preprocess import Preprocessing
 from pipeline.stage_spec import Stage
@@ -60,7 +60,7 @@ def run(ctx) -> None:
                         key, name, g[f"{group}/image"][()], g[f"{group}/box"][()], g[f"{group}/y"][()],
                         g[f"{group}/x"][()], g["geometry/row_offset"][()], g["geometry/col_offset"][()],
                         frame, patch_size(frame, cfg.crop.max_size))
-    table = list_images(cfg.dataset)
+    table = ctx.images
     if table_digest(table) != digest:
         raise PipelineError(f"the dataset changed since the scan of {ctx.run_dir}: "
                             f"crop with the same dataset, or scan again in a new hydra.run.dir")

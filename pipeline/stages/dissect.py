@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
 from pipeline.per_image import batch_resume
 from pipeline.render.dissection import write_summary
@@ -64,7 +63,7 @@ def run(ctx) -> None:
     concepts = check_segmentation(cfg.dataset)
     store = ctx.store
     bundle = ctx.bundle
-    table = list_images(cfg.dataset)
+    table = ctx.images
     keys, names = zip(*chosen_layers(bundle.model, cfg.layers, bundle.renamed))
     ids = shard_ids(len(table), cfg.shard.count, cfg.shard.index)
     spec = bundle.preprocessing

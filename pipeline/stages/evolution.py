@@ -48,7 +48,7 @@ CHANGE_FIGURE = "topk_change.png"
 
 
 def run(ctx) -> None:
-    from pipeline.datasets import BatchStream, list_images
+    from pipeline.datasets import BatchStream
     from pipeline.geometry import layer_geometry
     from pipeline.layers import chosen_layers
     from pipeline.scan import Scanner
@@ -69,7 +69,7 @@ def run(ctx) -> None:
                                                          else cfg.layers, first.renamed)))
     key_of = dict(zip(names, keys))
     geometries = [layer_geometry(first.model, n, cfg.geometry.pointwise) for n in names]
-    table = list_images(cfg.dataset)
+    table = ctx.images
     count = len(table) if ec.limit is None else min(int(ec.limit), len(table))
     if count < 1:
         raise PipelineError(f"evolution.limit={ec.limit} selects no image: give a positive count or null")

@@ -44,7 +44,6 @@ FIGURE = Path("sheets") / "invariance.png"
 
 def run(ctx) -> None:
     from pipeline import train as T
-    from pipeline.datasets import list_images
     from pipeline.layers import select_layers
 
     cfg, run_dir = ctx.cfg, ctx.run_dir
@@ -58,7 +57,7 @@ def run(ctx) -> None:
         names = select_layers(model, ic.layers, bundle.renamed)
     else:
         names = default_layers(model, select_layers(model, cfg.layers, bundle.renamed))
-    table = list_images(cfg.dataset)
+    table = ctx.images
     store = ctx.store
     candidates = np.arange(len(table), dtype=np.int64)
     if ctx.holds("train"):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
 from pipeline.per_image import batch_resume, per_image_part, scan_for_topk
 from pipeline.selection import choose_images, explainer_for
@@ -43,7 +42,7 @@ def run(ctx) -> None:
     o = cfg.occlusion
     bundle = ctx.bundle
     size, stride = square_and_step(o, bundle.preprocessing.size)
-    table = list_images(cfg.dataset)
+    table = ctx.images
     ids = choose_images(o.images, table, ctx.store, "occlusion")
     spec = bundle.preprocessing
     occluder, _, codes_for = explainer_for(
@@ -60,7 +59,7 @@ def run(ctx) -> None:
                 **{f"occlusion/{key}": getattr(r, key).astype(np.float32) for key in
                    ("probability", "activation", "base_probability", "base_activation")}}
 
-    with per_image_part(ctx, table, ids, compute, "occlusion.images", draw=True) as (f, _):
+    with per_image_part(ctx, ids, compute, "occlusion.images", draw=True) as (f, _):
         g = f["occlusion"]
         g["rows"] = occlusion_grid(spec.height, size, stride)
         g["cols"] = occlusion_grid(spec.width, size, stride)

@@ -31,7 +31,6 @@ from tqdm import tqdm
 
 from pipeline import panels as engine
 from pipeline.crop import channel_blocks
-from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
 from pipeline.panel_codec import SCALE
 from pipeline.preprocess import Preprocessing
@@ -65,7 +64,7 @@ def run(ctx) -> None:
         digest = str(f.attrs["images_sha256"])
         layers = [engine.read_layer(key, g, cfg.crop.max_size)
                   for key, g in sorted(f["layers"].items(), key=lambda item: int(item[1].attrs["depth"]))]
-    table = list_images(cfg.dataset)
+    table = ctx.images
     if table_digest(table) != digest:
         raise PipelineError(f"the dataset changed since the scan of {ctx.run_dir}: compute panels with "
                             f"the same dataset, or scan again in a new hydra.run.dir")

@@ -22,7 +22,7 @@ import logging
 
 import numpy as np
 
-from pipeline.datasets import BatchStream, list_images
+from pipeline.datasets import BatchStream
 from pipeline.errors import StageSkipped
 from pipeline.per_image import none_read, scan_for_topk
 from pipeline.selection import choose_images
@@ -44,7 +44,7 @@ def run(ctx) -> None:
     cfg, store = ctx.cfg, ctx.store
     r = cfg.randomization
     bundle = ctx.bundle
-    table = list_images(cfg.dataset)
+    table = ctx.images
     ids = choose_images(r.images, table, store, "randomization")
     spec = bundle.preprocessing
     try:  # only the map layer and the class scores matter here, not cam's target settings

@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 
-from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
 from pipeline.per_image import batch_resume, none_read
 from pipeline.scan_io import (SCAN_KEYS, SCAN_PART, SHARED_KEYS, STATE, class_count, exemplar_classes,
@@ -42,7 +41,7 @@ def run(ctx) -> None:
 
     cfg, store, stage_print = ctx.cfg, ctx.store, ctx.stage_print
     bundle = ctx.bundle
-    table = list_images(cfg.dataset)
+    table = ctx.images
     keys, names = zip(*chosen_layers(bundle.model, cfg.layers, bundle.renamed))
     ids = shard_ids(len(table), cfg.shard.count, cfg.shard.index)
     geometries = [layer_geometry(bundle.model, n, cfg.geometry.pointwise) for n in names]

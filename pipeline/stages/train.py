@@ -33,14 +33,13 @@ def run(ctx) -> None:
     import json
 
     from pipeline import train as T
-    from pipeline.datasets import list_images
 
     cfg, run_dir = ctx.cfg, ctx.run_dir
     tc = cfg.train
     snapshots = T.snapshot_epochs(tc.snapshots, int(tc.epochs))
     if tc.optimizer not in T.OPTIMIZERS:
         raise PipelineError(f"train.optimizer={tc.optimizer}: use one of {', '.join(T.OPTIMIZERS)}")
-    table = list_images(cfg.dataset)
+    table = ctx.images
     spec = T.training_spec(table, tc.input_size, tc.input_channels)
     labelled = np.flatnonzero(table.labels >= 0)
     if len(labelled) == 0:
