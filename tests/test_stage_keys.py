@@ -18,7 +18,7 @@ from test_panels import tiny_model
 from test_pipeline import compose_cfg
 
 STAGES = ("scan", "crop", "panels", "filters", "cam", "occlusion", "activations", "ablation", "randomization",
-          "correspondence")
+          "correspondence", "invariance")
 
 
 class KeyReads:
@@ -99,7 +99,8 @@ def key_reads(tmp_path_factory):
                        "filters.toolbox=false", "cam.methods=[gradcam]", "cam.draw=1", "occlusion.images=1",
                        "occlusion.size=10", "occlusion.stride=10", "activations.images=1", "activations.grid=4",
                        "ablation.units=2", "randomization.images=1", "randomization.steps=2",
-                       "correspondence.images=2", "correspondence.random=1"])
+                       "correspondence.images=2", "correspondence.random=1", "invariance.images=1",
+                       "invariance.steps=2"])
     log = KeyReads()
     with pytest.MonkeyPatch.context() as monkeypatch:
         log.install(monkeypatch, STAGES)
