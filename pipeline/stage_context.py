@@ -1,6 +1,7 @@
 """What the runner hands a stage's `run(ctx)`: its declaration (pipeline.stage_spec), the
 config, the run directory, the stage's fingerprint, its store, its work folder, the
-dataset's images, and the model bundle, loaded on first use and shared by the stages of one run.
+dataset's images, and the model bundle, loaded on first use and shared by the stages of
+one run.
 
 Sharing is safe because every stage of a run reads the same config, so the same model;
 a stage that changes weights puts them back (pipeline.randomization). The context also

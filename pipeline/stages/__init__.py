@@ -6,8 +6,8 @@ when there, what it writes besides its own results (merge writes a scan), and th
 a resumed run must match. Only the runner reads the declaration: it skips a stage whose
 results are there for this config, records what the stage depends on (recomputing one of
 those marks its results stale), and builds `ctx` (pipeline.stage_context): the config,
-the run directory, the store, the work folder, and the run's model bundle, loaded once
-and shared by the stages, all held to the declaration. Stages talk to each other only
+the run directory, the store, the work folder, the dataset's images, and the run's model
+bundle, loaded once and shared by the stages, all held to the declaration. Stages talk to each other only
 through results.h5.
 """
 

@@ -92,7 +92,7 @@ def run(ctx) -> None:
             rows.update({f"ablation/{key}/{k}": v for k, v in found.items()})
         return rows
 
-    with per_image_part(ctx, ids, compute, "dataset.path", "labelled images") as (f, _):
+    with per_image_part(ctx, ids, compute, fix="dataset.path", which="labelled images") as (f, _):
         labels = f["ablation/label"][()]
         for key, name, _, units, how in plans:
             g = f[f"ablation/{key}"]

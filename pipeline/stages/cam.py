@@ -97,7 +97,8 @@ def run(ctx) -> None:
             rows.update(input_resolution_rows(explainer, x, ids, chosen, out["gradcam"]))
         return rows
 
-    with per_image_part(ctx, np.arange(len(table)), compute, "dataset.path", "images", draw=True) as (f, errors):
+    with per_image_part(ctx, np.arange(len(table)), compute, fix="dataset.path", which="images",
+                        draw=True) as (f, errors):
         g = f["cam"]
         g.attrs.update(layer=explainer.layer, logits_layer=explainer.logits_layer, methods=json.dumps(methods),
                        target=str(c.target), input_size=np.asarray(spec.size, np.int64),

@@ -59,7 +59,7 @@ def run(ctx) -> None:
                 **{f"occlusion/{key}": getattr(r, key).astype(np.float32) for key in
                    ("probability", "activation", "base_probability", "base_activation")}}
 
-    with per_image_part(ctx, ids, compute, "occlusion.images", draw=True) as (f, _):
+    with per_image_part(ctx, ids, compute, fix="occlusion.images", draw=True) as (f, _):
         g = f["occlusion"]
         g["rows"] = occlusion_grid(spec.height, size, stride)
         g["cols"] = occlusion_grid(spec.width, size, stride)
