@@ -35,28 +35,29 @@ def run(cfg, run_dir: Path) -> Path:
         store.check(recomputed=set(cfg.stages) if cfg.overwrite else ())
         _check_identity(store, fingerprint(cfg, IDENTITY_KEYS), cfg.overwrite)
         store.mend()
-        modules = [(stage, importlib.import_module(f"pipeline.stages.{stage}")) for stage in cfg.stages]
-        check_order(cfg, modules, store.stages_done())
+        modules = {stage: importlib.import_module(f"pipeline.stages.{stage}") for stage in cfg.stages}
+        declared = [(stage, modules[stage].STAGE) for stage in cfg.stages]
+        check_order(cfg, declared, store.stages_done())
         models = Models(cfg)  # one model load serves every stage of this run
-        for stage, module in modules:
-            check_order(cfg, [(stage, module)], store.stages_done())  # an earlier stage may have been skipped
+        for stage, spec in declared:
+            check_order(cfg, [(stage, spec)], store.stages_done())  # an earlier stage may have been skipped
             stage_print = ""
-            if module.KEYS:
-                stage_print = fingerprint(cfg, module.KEYS)
+            if spec.keys:
+                stage_print = fingerprint(cfg, spec.keys)
                 done = store.stages_done().get(stage)
                 if done == stage_print and not cfg.overwrite:
                     logger.info("stage %s: already in %s for this config, skipped", stage, store.index)
                     continue
                 if done is not None and done != stage_print and not cfg.overwrite:
                     raise PipelineError(
-                        f"{store.index} holds {stage} results of a different config (keys {', '.join(module.KEYS)}): "
+                        f"{store.index} holds {stage} results of a different config (keys {', '.join(spec.keys)}): "
                         f"pass overwrite=true to recompute them, or choose a new hydra.run.dir")
                 store.begin(stage, recompute=done is not None)
             started = time.perf_counter()
             try:
                 with figure_fonts():  # names in any script, in every stage's figures
-                    module.run(StageContext(stage, cfg, run_dir, stage_print, tuple(module.KEYS),
-                                            depends_on(module, cfg), models))
+                    modules[stage].run(StageContext(stage, spec, cfg, run_dir, stage_print, spec.depends_on(cfg),
+                                                    models))
             except StageSkipped as why:
                 logger.warning("stage %s skipped: %s", stage, why)
                 continue
@@ -67,8 +68,8 @@ def run(cfg, run_dir: Path) -> Path:
             finally:
                 if stage == "train":  # the snapshot a model=snapshot run names may be new
                     models.forget()
-            if module.KEYS:
-                store.finish(stage, stage_print, depends_on(module, cfg))
+            if spec.keys:
+                store.finish(stage, stage_print, spec.depends_on(cfg))
             logger.info("stage %s done in %.1f s", stage, time.perf_counter() - started)
         if models.loads:
             logger.info("the model was loaded %d time(s) for the stages of this run", models.loads)
@@ -94,33 +95,18 @@ def absolute_paths(cfg) -> None:
             OmegaConf.update(cfg, key, os.path.abspath(os.path.expanduser(value)))
 
 
-def needs(module, cfg) -> tuple[str, ...]:
-    """The stages whose results `module` must find before it runs with this config: its
-    `needs(cfg)`, and train when the model is this run's own snapshot."""
-    found = set(module.needs(cfg)) if hasattr(module, "needs") else set()
-    if "model" in module.KEYS and cfg.model.kind == "snapshot" and cfg.model.run_dir is None:
-        found.add("train")  # the network trained in this very run
-    return tuple(sorted(found))
-
-
-def depends_on(module, cfg) -> tuple[str, ...]:
-    """The stages whose results `module` read with this config: recomputing one of them
-    makes this stage's results stale (what it needs, and what it `reads(cfg)` when there)."""
-    optional = set(module.reads(cfg)) if hasattr(module, "reads") else set()
-    return tuple(sorted(set(needs(module, cfg)) | optional))
-
-
-def check_order(cfg, modules: list, done) -> None:
+def check_order(cfg, declared: list, done) -> None:
     """Refuse, before anything runs, a stage listed before the stages whose results it needs
-    (`modules`: (stage, module) in the order they run; `done`: the stages the store holds)."""
+    (`declared`: (stage, its Stage declaration) in the order they run; `done`: the stages the
+    store holds)."""
     done = set(done)
-    for stage, module in modules:
-        missing = [m for m in needs(module, cfg) if m not in done]
+    for stage, spec in declared:
+        missing = [m for m in spec.needed(cfg) if m not in done]
         if missing:
             first = ",".join(missing)
             raise PipelineError(f"stage {stage} reads the results of {first}, which this run directory does not "
                                 f"hold: list {first} before {stage} in stages (e.g. stages=[{first},{stage}])")
-        done.update((stage, *(module.makes(cfg) if hasattr(module, "makes") else ())))
+        done.update((stage, *spec.made(cfg)))
 
 
 def _check_identity(store: Store, identity: str, overwrite: bool) -> None:

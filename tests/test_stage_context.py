@@ -1,6 +1,6 @@
 """The runner's stage context: the model is loaded once for all the stages of a run, and a
-stage gets only what its declaration names (the model only with `model` in its KEYS, a
-result it reads when there only when its `reads(cfg)` names that stage)."""
+stage gets only what its declaration names (the model only with `model` in its keys, a
+result it reads when there only when its declaration names that stage)."""
 
 import logging
 
@@ -12,6 +12,7 @@ import pipeline.models.sources
 from conftest import save_image
 from pipeline.runner import run
 from pipeline.stage_context import StageContext
+from pipeline.stage_spec import Stage
 from test_panels import tiny_model
 from test_pipeline import compose_cfg
 
@@ -35,10 +36,11 @@ def test_one_model_load_serves_every_stage_of_a_run(tmp_path, monkeypatch, caplo
 
 def test_a_stage_gets_only_what_it_declares(tmp_path):
     cfg = OmegaConf.create({"model": {"kind": "file"}, "cache_dir": None})
-    bare = StageContext("export", cfg, tmp_path, "", keys=(), reads=())
-    with pytest.raises(RuntimeError, match="stage export uses the model but its KEYS do not name model"):
+    bare = StageContext("export", Stage(), cfg, tmp_path)
+    with pytest.raises(RuntimeError, match="stage export uses the model but its declared keys do not name model"):
         bare.bundle
-    with pytest.raises(RuntimeError, match="stage export reads train results but its reads.cfg. does not name"):
+    with pytest.raises(RuntimeError, match="stage export reads train results but its declaration does not name"):
         bare.holds("train")
-    declared = StageContext("invariance", cfg, tmp_path, "", keys=("model",), reads=("train",))
+    spec = Stage(keys=("model",), reads=("train",))
+    declared = StageContext("invariance", spec, cfg, tmp_path, depends_on=spec.depends_on(cfg))
     assert declared.holds("train") is False  # declared, and this empty run directory holds none

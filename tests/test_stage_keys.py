@@ -1,4 +1,4 @@
-"""Every stage reads only the config keys it declares (its KEYS, and the run keys any stage
+"""Every stage reads only the config keys it declares (its STAGE.keys, and the run keys any stage
 may read): a key read but not declared would change results without changing the
 stage's fingerprint, so a rerun would skip work it must redo.
 
@@ -18,7 +18,7 @@ from test_panels import tiny_model
 from test_pipeline import compose_cfg
 
 STAGES = ("scan", "crop", "panels", "filters", "cam", "occlusion", "activations", "ablation", "randomization",
-          "correspondence")
+          "correspondence", "invariance")
 
 
 class KeyReads:
@@ -99,7 +99,8 @@ def key_reads(tmp_path_factory):
                        "filters.toolbox=false", "cam.methods=[gradcam]", "cam.draw=1", "occlusion.images=1",
                        "occlusion.size=10", "occlusion.stride=10", "activations.images=1", "activations.grid=4",
                        "ablation.units=2", "randomization.images=1", "randomization.steps=2",
-                       "correspondence.images=2", "correspondence.random=1"])
+                       "correspondence.images=2", "correspondence.random=1", "invariance.images=1",
+                       "invariance.steps=2"])
     log = KeyReads()
     with pytest.MonkeyPatch.context() as monkeypatch:
         log.install(monkeypatch, STAGES)
@@ -119,4 +120,4 @@ def test_a_stage_reads_only_the_keys_it_declares(key_reads, stage):
     import importlib
 
     module = importlib.import_module(f"pipeline.stages.{stage}")
-    assert undeclared(key_reads[stage], module.KEYS) == [], f"add them to KEYS of pipeline/stages/{stage}.py"
+    assert undeclared(key_reads[stage], module.STAGE.keys) == [], f"add them to the keys of {stage}'s STAGE"

@@ -230,6 +230,6 @@ def test_a_resume_with_another_batch_size_is_refused(setup):
     tmp, base = setup
     run_dir = tmp / "other_batch"
     cfg = compose_cfg(base + ["stages=[scan]"])
-    Store(run_dir).work("scan", fingerprint(cfg, scan.KEYS), False, batch_size=4)  # as a killed batch_size=4 scan
+    Store(run_dir).work("scan", fingerprint(cfg, scan.STAGE.keys), False, batch_size=4)  # as a killed batch_size=4 scan
     with pytest.raises(PipelineError, match="ran with batch_size=4: resume with batch_size=4"):
         run(compose_cfg(base + ["stages=[scan]", "batch_size=8"]), run_dir)

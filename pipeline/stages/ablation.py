@@ -26,20 +26,15 @@ import logging
 import numpy as np
 
 from pipeline.config import is_sequence
-from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
 from pipeline.per_image import per_image_part
-from pipeline.store import Store
+from pipeline.stage_spec import Stage
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("model", "dataset", "layers", "ablation")
-PART = "ablation.h5"
-
-
-def needs(cfg) -> tuple[str, ...]:
-    """The most selective units come from the scan."""
-    return ("scan",) if not is_sequence(cfg.ablation.units) else ()
+STAGE = Stage(keys=("model", "dataset", "layers", "ablation"), part="ablation.h5",
+              needs=lambda cfg: ("scan",) if not is_sequence(cfg.ablation.units) else (),  # the most selective units
+              resume=lambda cfg: {"batch_size": int(cfg.ablation.batch_size)})
 
 
 def chosen_units(value, channels: int, selectivity: np.ndarray | None) -> tuple[np.ndarray, str]:
@@ -64,18 +59,17 @@ def run(ctx) -> None:
     from pipeline.layers import chosen_layers
     from pipeline.preprocess import normalize
 
-    cfg, run_dir, stage_print = ctx.cfg, ctx.run_dir, ctx.stage_print
+    cfg, store = ctx.cfg, ctx.store
     a = cfg.ablation
     bundle = ctx.bundle
-    table = list_images(cfg.dataset)
+    table = ctx.images
     ids = np.flatnonzero(table.labels >= 0)
     if not ids.size:
         raise PipelineError("ablation needs labelled images: class folders, a 'path label' list or IDX labels")
     ids = ids[:int(a.limit)] if a.limit is not None else ids
     chosen = chosen_layers(bundle.model, a.layers, bundle.renamed) if a.layers else \
         chosen_layers(bundle.model, cfg.layers, bundle.renamed)[-1:]
-    store = Store(run_dir)
-    store.ensure_run(cfg, bundle, table)
+    store.ensure_run(cfg, bundle, table)  # the store opens below
     plans = []  # (stored key, layer name, ablator, units, how they were chosen)
     with store.open() as f:
         for key, name in chosen:
@@ -98,8 +92,7 @@ def run(ctx) -> None:
             rows.update({f"ablation/{key}/{k}": v for k, v in found.items()})
         return rows
 
-    with per_image_part(store, "ablation", stage_print, cfg, table, spec, ids, compute, int(a.batch_size),
-                        "labelled images could be read") as (f, _):
+    with per_image_part(ctx, ids, compute, fix="dataset.path", which="labelled images") as (f, _):
         labels = f["ablation/label"][()]
         for key, name, _, units, how in plans:
             g = f[f"ablation/{key}"]

@@ -26,17 +26,16 @@ import json
 import logging
 
 import numpy as np
-from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
-from pipeline.per_image import per_image_part
-from pipeline.render.maps import Photos, draw_stage_sheets
-from pipeline.selection import choose_images, images_from_topk
-from pipeline.store import Store
+from pipeline.per_image import batch_resume, per_image_part, scan_for_topk
+from pipeline.selection import choose_images
+from pipeline.stage_spec import Stage
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("model", "dataset", "layers", "activations")
-PART = "activations.h5"
+# images chosen from the scan's top-k make the maps depend on the scan
+STAGE = Stage(keys=("model", "dataset", "layers", "activations"), part="activations.h5",
+              needs=scan_for_topk("activations.images"), resume=batch_resume)
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -46,12 +45,11 @@ def run(ctx) -> None:
     from pipeline.layers import chosen_layers
     from pipeline.preprocess import normalize
 
-    cfg, run_dir, stage_print = ctx.cfg, ctx.run_dir, ctx.stage_print
+    cfg = ctx.cfg
     a = cfg.activations
     bundle = ctx.bundle
-    table = list_images(cfg.dataset)
-    store = Store(run_dir)
-    ids = choose_images(a.images, table, store, "activations")
+    table = ctx.images
+    ids = choose_images(a.images, table, ctx.store, "activations")
     key_of = {name: key for key, name in chosen_layers(bundle.model, a.layers if a.layers is not None else cfg.layers,
                                                                    bundle.renamed)}
     names = list(key_of)
@@ -67,7 +65,6 @@ def run(ctx) -> None:
         raise PipelineError("activations.grid and activations.per_row must be at least 1")
     spec = bundle.preprocessing
     extractor = ActivationExtractor(bundle.model, names, spec)
-    store.ensure_run(cfg, bundle, table)
     logger.info("activations of %d layer(s) for %d image(s)", len(names), len(ids))
     clipped = set()
 
@@ -82,8 +79,7 @@ def run(ctx) -> None:
             rows[f"activations/{key_of[n]}"] = np.clip(maps[n], -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
         return rows
 
-    with per_image_part(store, "activations", stage_print, cfg, table, spec, ids, compute,
-                        cfg.batch_size) as (f, errors):
+    with per_image_part(ctx, ids, compute, draw=True) as (f, errors):  # none readable: empty tables
         g = f.require_group("activations")
         if "image" not in g:  # every chosen image unreadable: empty tables, the sheets say so
             g["image"] = np.zeros(0, np.int64)
@@ -97,15 +93,3 @@ def run(ctx) -> None:
         logger.warning("activations of %s exceed float16's range; stored clipped", n)
     if errors:
         logger.warning("activations: %d chosen image(s) unreadable, left out", len(errors))
-    draw_stage_sheets(store.parts / PART, run_dir, "activations", Photos.of_table(table, spec))
-
-
-def needs(cfg) -> tuple[str, ...]:
-    """Images chosen from the scan's top-k make the maps depend on the scan."""
-    return ("scan",) if images_from_topk(cfg.activations.images) else ()
-
-
-# ----------------------------------------------------------------------------
-# sheets
-
-

@@ -35,38 +35,30 @@ import logging
 
 import numpy as np
 
-from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
-from pipeline.per_image import per_image_part
+from pipeline.per_image import batch_resume, per_image_part, scan_for_topk
 from pipeline.render.draw import CAM_TITLES
-from pipeline.render.maps import Photos, draw_stage_sheets
-from pipeline.selection import drawn_images, explainer_for, images_from_topk
-from pipeline.store import Store
+from pipeline.selection import drawn_images, explainer_for
+from pipeline.stage_spec import Stage
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("model", "dataset", "cam")
-PART = "cam.h5"
-
-
-def needs(cfg) -> tuple[str, ...]:
-    """Images drawn from the scan's top-k make the stored input-resolution maps depend on the scan."""
-    return ("scan",) if images_from_topk(cfg.cam.draw) else ()
+# images drawn from the scan's top-k make the stored input-resolution maps depend on the scan
+STAGE = Stage(keys=("model", "dataset", "cam"), part="cam.h5", needs=scan_for_topk("cam.draw"), resume=batch_resume)
 
 
 def run(ctx) -> None:
     from pipeline.explain import INPUT_RESOLUTION, METHODS, CamExplainer
     from pipeline.preprocess import normalize
 
-    cfg, run_dir, stage_print = ctx.cfg, ctx.run_dir, ctx.stage_print
+    cfg, store = ctx.cfg, ctx.store
     c = cfg.cam
     methods = [str(m) for m in c.methods]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise PipelineError(f"cam.methods has {', '.join(unknown) or 'nothing'}: choose from {', '.join(METHODS)}")
     bundle = ctx.bundle
-    table = list_images(cfg.dataset)
-    store = Store(run_dir)
+    table = ctx.images
     drawn = drawn_images(c.draw, table, store, "cam")
     spec = bundle.preprocessing
     explainer, _, codes_for = explainer_for(
@@ -79,8 +71,6 @@ def run(ctx) -> None:
                 f"; {', '.join(large)} for the {len(drawn)} drawn image(s) (cam.draw)" if small and large else "")
     wanted = np.zeros(len(table), bool)
     wanted[drawn] = True
-
-    store.ensure_run(cfg, bundle, table)
 
     def compute(ids, pixels):
         x = normalize(pixels, spec.normalize)
@@ -107,9 +97,8 @@ def run(ctx) -> None:
             rows.update(input_resolution_rows(explainer, x, ids, chosen, out["gradcam"]))
         return rows
 
-    unreadable = "images could be read: check dataset.path (images/error says why)"
-    with per_image_part(store, "cam", stage_print, cfg, table, spec, np.arange(len(table)), compute,
-                        cfg.batch_size, unreadable) as (f, errors):
+    with per_image_part(ctx, np.arange(len(table)), compute, fix="dataset.path", which="images",
+                        draw=True) as (f, errors):
         g = f["cam"]
         g.attrs.update(layer=explainer.layer, logits_layer=explainer.logits_layer, methods=json.dumps(methods),
                        target=str(c.target), input_size=np.asarray(spec.size, np.int64),
@@ -132,7 +121,6 @@ def run(ctx) -> None:
         zero = {m: (int((g[m]["max"][()] <= 0).sum()), len(g[m]["max"])) for m in methods}
     logger.info("cam: %d images explained, %d unreadable", len(table) - len(errors), len(errors))
     _log_zero_maps(zero)
-    draw_stage_sheets(store.parts / PART, run_dir, "cam", Photos.of_table(table, spec))
 
 
 def input_resolution_rows(explainer, x, ids: np.ndarray, chosen: np.ndarray, gradcam) -> dict[str, np.ndarray]:
@@ -234,9 +222,3 @@ def top_predictions(ids: np.ndarray, logits: np.ndarray, k: int = 5) -> dict[str
     return {"predictions/image": ids.astype(np.int64), "predictions/class": classes.astype(np.int64),
             "predictions/logit": np.take_along_axis(logits, classes, axis=1).astype(np.float32),
             "predictions/probability": np.take_along_axis(probability, classes, axis=1).astype(np.float32)}
-
-
-# ----------------------------------------------------------------------------
-# sheets
-
-

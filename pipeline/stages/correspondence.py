@@ -25,25 +25,20 @@ from pipeline.errors import PipelineError
 from pipeline.layers import default_layers
 from pipeline.models.sources import analysed_model, own_snapshots
 from pipeline.render.training import draw_correspondence
-from pipeline.store import Store, stored_name
+from pipeline.stage_spec import Stage
+from pipeline.store import stored_name
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("model", "dataset", "layers", "train", "correspondence")
-PART = "correspondence.h5"
-
-
-def reads(cfg) -> tuple[str, ...]:
-    """This run's snapshots when it trained some (else the configured model)."""
-    return own_snapshots(cfg)
-
+# reads: this run's snapshots when it trained some (else the configured model)
+STAGE = Stage(keys=("model", "dataset", "layers", "train", "correspondence"), part="correspondence.h5",
+              reads=own_snapshots)
 
 FIGURE = Path("sheets") / "correspondence.png"
 
 
 def run(ctx) -> None:
     from pipeline import train as T
-    from pipeline.datasets import list_images
     from pipeline.layers import select_layers
 
     cfg, run_dir = ctx.cfg, ctx.run_dir
@@ -52,7 +47,7 @@ def run(ctx) -> None:
     model, spec = bundle.model, bundle.preprocessing
     names = select_layers(model, cc.layers, bundle.renamed) if cc.layers is not None else \
         default_layers(model, select_layers(model, cfg.layers, bundle.renamed))
-    table = list_images(cfg.dataset)
+    table = ctx.images
     if is_sequence(cc.images):
         ids = np.asarray([int(i) for i in cc.images], np.int64)
         if (ids < 0).any() or (ids >= len(table)).any():
@@ -81,10 +76,10 @@ def run(ctx) -> None:
     part_scores = scores[:len(parts)]
     random_scores = scores[len(parts):].reshape(len(parts), trials, len(names))
 
-    store = Store(run_dir)
+    store = ctx.store
     store.ensure_run(cfg, bundle, table)
     store.write_images(len(table), errors, replace=False)
-    with store.write(PART) as f:
+    with store.write(ctx.spec.part) as f:
         g = f.create_group("correspondence")
         g.attrs.update(model=bundle.name, layers=json.dumps(names), parts=json.dumps(part_names),
                        stored_layers=json.dumps([stored_name(n) for n in names]), fill=float(cc.fill))

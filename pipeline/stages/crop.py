@@ -17,20 +17,17 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.crop import channel_blocks, cut_patches, patch_size, shrink
-from pipeline.datasets import BatchStream, list_images
+from pipeline.datasets import BatchStream
 from pipeline.errors import PipelineError
 from pipeline.preprocess import Preprocessing
-from pipeline.store import Store, block_bytes, table_digest
+from pipeline.stage_spec import Stage
+from pipeline.store import block_bytes, table_digest
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("model", "dataset", "layers", "topk", "crop")
-PART = "crop.h5"
-
-
-def needs(cfg) -> tuple[str, ...]:
-    """The stages whose results this one reads: the runner checks they are there."""
-    return ("scan",)
+# the blocks are numbered: a resume cuts them with the same memory budget
+STAGE = Stage(keys=("model", "dataset", "layers", "topk", "crop"), part="crop.h5", needs=("scan",),
+              resume=lambda cfg: {"block_bytes": block_bytes(cfg.checkpoint)})
 
 
 @dataclass
@@ -50,8 +47,7 @@ class _Table:
 
 
 def run(ctx) -> None:
-    cfg, run_dir, stage_print = ctx.cfg, ctx.run_dir, ctx.stage_print
-    store = Store(run_dir)
+    cfg, store = ctx.cfg, ctx.store
     tables: dict[tuple[str, str], _Table] = {}
     with store.open() as f:
         spec = Preprocessing(**json.loads(f.attrs["preprocessing"]))
@@ -64,12 +60,12 @@ def run(ctx) -> None:
                         key, name, g[f"{group}/image"][()], g[f"{group}/box"][()], g[f"{group}/y"][()],
                         g[f"{group}/x"][()], g["geometry/row_offset"][()], g["geometry/col_offset"][()],
                         frame, patch_size(frame, cfg.crop.max_size))
-    table = list_images(cfg.dataset)
+    table = ctx.images
     if table_digest(table) != digest:
-        raise PipelineError(f"the dataset changed since the scan of {run_dir}: "
+        raise PipelineError(f"the dataset changed since the scan of {ctx.run_dir}: "
                             f"crop with the same dataset, or scan again in a new hydra.run.dir")
     budget = block_bytes(cfg.checkpoint)
-    work = store.work("crop", stage_print, cfg.overwrite, block_bytes=budget)  # the blocks are numbered
+    work = ctx.work()
     order = list(tables)
     per_channel = [int(np.prod(t.image.shape[1:])) * t.size[0] * t.size[1] * spec.channels
                    for t in tables.values()]
@@ -93,7 +89,7 @@ def run(ctx) -> None:
                 for (t, c0, c1), out in zip(cut, patches):
                     d = write_patches(f, t.key, t.name, out, _slot_keys(t, c0, c1))
                     d.attrs.update(frame=np.asarray(t.frame, np.int64), scale=out.shape[2] / t.frame[0])
-    with store.write(PART) as f:
+    with store.write(ctx.spec.part) as f:
         work.assemble(f, skip=(FRAMES,))
 
 

@@ -37,15 +37,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
+from pipeline.per_image import batch_resume
 from pipeline.render.dissection import write_summary
+from pipeline.stage_spec import Stage
 from pipeline.store import Store, open_h5, read_strings, remove_checked, write_strings
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("model", "dataset", "layers", "dissect", "shard")
-PART = "dissect.h5"
+STAGE = Stage(keys=("model", "dataset", "layers", "dissect", "shard"), part="dissect.h5", resume=batch_resume)
+PART = STAGE.part  # the shards' parts a merge adds up are named alike
 
 
 def reads(cfg) -> tuple[str, ...]:
@@ -66,9 +67,9 @@ def run(ctx) -> None:
                             f"dataset.masks=MASKS dataset.concepts=FILE, or dataset.format=broden dataset.path=BRODEN "
                             f"(dataset={cfg.dataset.kind} has none)")
     concepts = check_segmentation(cfg.dataset)
-    store = Store(run_dir)
+    store = ctx.store
     bundle = ctx.bundle
-    table = list_images(cfg.dataset)
+    table = ctx.images
     keys, names = zip(*chosen_layers(bundle.model, cfg.layers, bundle.renamed))
     ids = shard_ids(len(table), cfg.shard.count, cfg.shard.index)
     spec = bundle.preprocessing
@@ -80,7 +81,7 @@ def run(ctx) -> None:
         return
     masks = MaskReader(table, cfg.dataset, spec, concepts, step)
     stream = Streaming(table, spec, int(cfg.batch_size), cfg.checkpoint)
-    work = store.work("dissect", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
+    work = ctx.work()
     started = time.perf_counter()
     q = float(cfg.dissect.quantile)
     if cfg.dissect.thresholds:
@@ -255,7 +256,7 @@ def merge_shards(shards, store: Store, cfg) -> None:
         total = lambda path: sum(p[path][()] for p in parts)  # noqa: E731 - the sums of every shard
         label_area = total("dissection/label_area")
         with store.write(PART) as f:
-            f.attrs["_stage_print"] = fingerprint(cfg, KEYS)
+            f.attrs["_stage_print"] = fingerprint(cfg, STAGE.keys)
             write_concepts(f, concepts, label_area, skipped, images, cfg, step)
             f["dissection"].attrs["merged_from"] = json.dumps([str(s.run_dir) for s in shards])
             for i, key in enumerate(keys):
@@ -277,4 +278,4 @@ def merge_shards(shards, store: Store, cfg) -> None:
     if not shared:
         logger.warning("merge: the dissect shards each found their own thresholds: their sketches are merged into "
                        "thresholds here, without IoU; run the shards again with dissect.thresholds=%s", store.run_dir)
-    store.finish("dissect", fingerprint(cfg, KEYS))
+    store.finish("dissect", fingerprint(cfg, STAGE.keys))

@@ -33,31 +33,28 @@ from pipeline.models.sources import (
     snapshot_run_dir,
 )
 from pipeline.render.training import compose_evolution_sheet, draw_change
-from pipeline.store import Store, remove_checked, replacing
+from pipeline.per_image import batch_resume
+from pipeline.stage_spec import Stage
+from pipeline.store import remove_checked, replacing
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("model", "dataset", "layers", "geometry", "topk", "crop", "train", "evolution")
-PART = "evolution.h5"
-
-
-def needs(cfg) -> tuple[str, ...]:
-    """This run's snapshots, unless model.run_dir names another run."""
-    return own_snapshots(cfg)
-
+# needs this run's snapshots, unless model.run_dir names another run
+STAGE = Stage(keys=("model", "dataset", "layers", "geometry", "topk", "crop", "train", "evolution"),
+              part="evolution.h5", needs=own_snapshots, resume=batch_resume)
 
 SHEET_DIR = Path("sheets") / "evolution"
 CHANGE_FIGURE = "topk_change.png"
 
 
 def run(ctx) -> None:
-    from pipeline.datasets import BatchStream, list_images
+    from pipeline.datasets import BatchStream
     from pipeline.geometry import layer_geometry
     from pipeline.layers import chosen_layers
     from pipeline.scan import Scanner
     from pipeline.scan_io import STATE, scan_images
 
-    cfg, run_dir, stage_print = ctx.cfg, ctx.run_dir, ctx.stage_print
+    cfg, run_dir = ctx.cfg, ctx.run_dir
     ec = cfg.evolution
     source = snapshot_run_dir(cfg, run_dir)
     snaps = list_snapshots(source)
@@ -72,7 +69,7 @@ def run(ctx) -> None:
                                                          else cfg.layers, first.renamed)))
     key_of = dict(zip(names, keys))
     geometries = [layer_geometry(first.model, n, cfg.geometry.pointwise) for n in names]
-    table = list_images(cfg.dataset)
+    table = ctx.images
     count = len(table) if ec.limit is None else min(int(ec.limit), len(table))
     if count < 1:
         raise PipelineError(f"evolution.limit={ec.limit} selects no image: give a positive count or null")
@@ -83,9 +80,9 @@ def run(ctx) -> None:
     chosen = {name: choose_channels(wanted, shape[-1]) for name, shape in zip(names, shapes)}
     logger.info("evolution: scanning %d images through %d layers of %d snapshots (epochs %s) of %s",
                 count, len(names), len(epochs), epochs, source)
-    store = Store(run_dir)
+    store = ctx.store
     store.ensure_run(cfg, first, table)
-    work = store.work("evolution", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
+    work = ctx.work()
     state = work.path / STATE  # kept until the sheets are drawn: a rerun after a kill skips the scan
     errors = scan_images(scanner, table, spec, cfg.batch_size, ids, state, cfg.checkpoint,
                          f"evolution scan x{len(epochs)} snapshots")
@@ -109,7 +106,7 @@ def run(ctx) -> None:
     changes = {layer.name: topk_change(layer.image) for layer in layers}
 
     store.write_images(len(table), errors, replace=False)
-    with store.write(PART) as f:
+    with store.write(ctx.spec.part) as f:
         g = f.create_group("evolution")
         g["epochs"] = np.asarray(epochs, np.int64)
         g.attrs.update(source=str(source), images=count, k=int(cfg.topk),

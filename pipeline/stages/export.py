@@ -12,16 +12,16 @@ import logging
 from pathlib import Path
 
 from pipeline.render.toolbox import write_toolbox
-from pipeline.store import Store
+from pipeline.stage_spec import Stage
 
 logger = logging.getLogger(__name__)
 
-KEYS = ()  # cheap and reads only results.h5: always runs
+STAGE = Stage()  # cheap and reads only results.h5: always runs
 
 
 def run(ctx) -> None:
     run_dir = ctx.run_dir
-    results = Store(run_dir).require("stages=[scan,crop,export]")
+    results = ctx.store.require("stages=[scan,crop,export]")
     out_dir = Path(run_dir) / "toolbox"
     written = write_toolbox(results, out_dir)
     logger.info("export: %d files under %s; toolbox settings in %s", written, out_dir, out_dir / "settings_local.py")

@@ -22,13 +22,13 @@ from tqdm import tqdm
 from pipeline import filter_jobs, kernels
 from pipeline.render.filters import SHEETS_DIR, kernel_table_text, render_filter_sheets
 from pipeline.render.toolbox import write_regularized_opt
-from pipeline.store import Store
+from pipeline.stage_spec import Stage
 
 logger = logging.getLogger(__name__)
 
-# the config keys whose values decide this stage's results
-KEYS = ("model", "layers", "filters")
-PART = "filters.h5"
+# a pattern depends on its (seed, channel) only, not on the block it is computed in: a resume
+# matches nothing but the config
+STAGE = Stage(keys=("model", "layers", "filters"), part="filters.h5")
 
 BLOCK_BATCHES = 8  # optimisation batches per chunk file (a killed run resumes after the last one)
 TOOLBOX_DIR = "toolbox"
@@ -37,7 +37,7 @@ TOOLBOX_DIR = "toolbox"
 def run(ctx) -> None:
     from pipeline.patterns import filter_patterns
 
-    cfg, run_dir, stage_print = ctx.cfg, ctx.run_dir, ctx.stage_print
+    cfg, store, run_dir = ctx.cfg, ctx.store, ctx.run_dir
     fc = cfg.filters
     recipe = filter_jobs.recipe(fc, fc.objective)
     bundle = ctx.bundle
@@ -47,10 +47,9 @@ def run(ctx) -> None:
     logger.info("convolution kernels of %s:\n%s", bundle.name, kernel_table_text(table))
     weight_layers = kernels.weight_layers(fc.weights, model, table, [j.layer for j in jobs])
 
-    store = Store(run_dir)
     store.ensure_run(cfg, bundle)
-    work = store.work("filters", stage_print, cfg.overwrite)
-    block = BLOCK_BATCHES * int(fc.batch_size)  # a pattern depends on its (seed, channel) only, not on its block
+    work = ctx.work()
+    block = BLOCK_BATCHES * int(fc.batch_size)
     blocks = [(job, np.arange(start, min(start + block, len(job.targets))))
               for job in jobs for start in range(0, len(job.targets), block)]
     done = set(work.chunks())
@@ -70,7 +69,7 @@ def run(ctx) -> None:
 
     outdone = filter_jobs.outdo_rivals(work, blocks, bundle) if fc.rivals and fc.objective == "channel" else {}
 
-    with store.write(PART) as f:
+    with store.write(ctx.spec.part) as f:
         work.assemble(f)
         for key, (images, values, started_from) in outdone.items():
             g = f[f"filters/{key}"]
@@ -88,7 +87,7 @@ def run(ctx) -> None:
         kernels.write_kernel_table(root, table)
         kernels.write_weights(f, model, weight_layers)
         kernels.write_conv_links(f, model, jobs, weight_layers)
-    part = store.parts / PART
+    part = ctx.part
     render_filter_sheets(part, run_dir.joinpath(*SHEETS_DIR), bgr=spec.normalize == "caffe")
     if fc.toolbox:
         write_regularized_opt(part, run_dir / TOOLBOX_DIR)

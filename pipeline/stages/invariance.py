@@ -25,28 +25,25 @@ from pipeline.invariance import FILL_MODES, IDENTITY, KINDS, invariance_curves, 
 from pipeline.selection import choose_images
 from pipeline.layers import default_layers
 from pipeline.models.sources import analysed_model
+from pipeline.per_image import none_read
 from pipeline.render.training import draw_invariance
+from pipeline.stage_spec import Stage
 from pipeline.store import stored_name
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("model", "dataset", "layers", "train", "invariance.images", "invariance.layers", "invariance.translation",
-        "invariance.rotation", "invariance.scale", "invariance.steps", "invariance.fill_mode", "invariance.target")
-PART = "invariance.h5"
-
-
-def reads(cfg) -> tuple[str, ...]:
-    """This run's train results when there: its snapshots (unless model=snapshot names another
-    run) and, whatever the model, its held-out images, from which the images are chosen."""
-    return ("train",)
-
+# reads: this run's train results when there: its snapshots (unless model=snapshot names another
+# run) and, whatever the model, its held-out images, from which the images are chosen
+STAGE = Stage(keys=("model", "dataset", "layers", "train", "invariance.images", "invariance.layers",
+                    "invariance.translation", "invariance.rotation", "invariance.scale", "invariance.steps",
+                    "invariance.fill_mode", "invariance.target"),
+              part="invariance.h5", reads=("train",))
 
 FIGURE = Path("sheets") / "invariance.png"
 
 
 def run(ctx) -> None:
     from pipeline import train as T
-    from pipeline.datasets import list_images
     from pipeline.layers import select_layers
 
     cfg, run_dir = ctx.cfg, ctx.run_dir
@@ -60,7 +57,7 @@ def run(ctx) -> None:
         names = select_layers(model, ic.layers, bundle.renamed)
     else:
         names = default_layers(model, select_layers(model, cfg.layers, bundle.renamed))
-    table = list_images(cfg.dataset)
+    table = ctx.images
     store = ctx.store
     candidates = np.arange(len(table), dtype=np.int64)
     if ctx.holds("train"):
@@ -71,8 +68,7 @@ def run(ctx) -> None:
     ids, pixels, errors = T.load_pixels(table, spec, np.sort(wanted), batch_size=cfg.batch_size,
                                         desc="invariance images")
     if len(ids) == 0:
-        raise PipelineError("none of the chosen invariance images could be read: choose others with "
-                            "invariance.images=[...]")
+        raise none_read("invariance", "invariance.images", errors, table.paths)
     order = {int(i): k for k, i in enumerate(ids)}
     keep = [int(i) for i in wanted if int(i) in order]
     pixels = pixels[[order[i] for i in keep]]
@@ -99,7 +95,7 @@ def run(ctx) -> None:
 
     store.ensure_run(cfg, bundle, table)
     store.write_images(len(table), errors, replace=False)
-    with store.write(PART) as f:
+    with store.write(ctx.spec.part) as f:
         g = f.create_group("invariance")
         g.attrs.update(model=bundle.name, layers=json.dumps(names), fill=ic.fill_mode,
                        units=json.dumps(dict(translation="fraction of the input side (down is positive)",

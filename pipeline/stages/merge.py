@@ -17,17 +17,14 @@ from omegaconf import OmegaConf
 
 from pipeline import scan_io
 from pipeline.errors import PipelineError
+from pipeline.stage_spec import Stage
 from pipeline.store import IDENTITY_KEYS, IMAGES_PART, RUN_PART, Store, fingerprint, open_h5, read_strings
 from pipeline.topk import ChannelStats, TopK, merge_topk
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("model", "dataset", "layers", "topk", "scan", "merge")
-
-
-def makes(cfg) -> tuple[str, ...]:
-    """The stages whose results a merge writes besides its own: the stages after it read a scan."""
-    return ("scan",)
+# makes: a merge writes a scan besides its own record, and the stages after it read that scan
+STAGE = Stage(keys=("model", "dataset", "layers", "topk", "scan", "merge"), makes=("scan",))
 
 
 def shard_stores(patterns) -> list[Store]:
@@ -49,8 +46,7 @@ def shard_stores(patterns) -> list[Store]:
 
 
 def run(ctx) -> None:
-    cfg, run_dir = ctx.cfg, ctx.run_dir
-    store = Store(run_dir)
+    cfg, run_dir, store = ctx.cfg, ctx.run_dir, ctx.store
     shards = shard_stores(cfg.merge.inputs)
     if any(s.run_dir.resolve() == store.run_dir.resolve() for s in shards):
         raise PipelineError(f"merge.inputs names the merge's own run directory {run_dir}: merge into a new one")

@@ -22,40 +22,32 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
-from pipeline.per_image import per_image_part
-from pipeline.render.maps import Photos, draw_stage_sheets
-from pipeline.selection import choose_images, explainer_for, images_from_topk
-from pipeline.store import Store
+from pipeline.per_image import batch_resume, per_image_part, scan_for_topk
+from pipeline.selection import choose_images, explainer_for
+from pipeline.stage_spec import Stage
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("model", "dataset", "occlusion")
-PART = "occlusion.h5"
-
-
-def needs(cfg) -> tuple[str, ...]:
-    """Images chosen from the scan's top-k make the maps depend on the scan."""
-    return ("scan",) if images_from_topk(cfg.occlusion.images) else ()
+# images chosen from the scan's top-k make the maps depend on the scan
+STAGE = Stage(keys=("model", "dataset", "occlusion"), part="occlusion.h5", needs=scan_for_topk("occlusion.images"),
+              resume=batch_resume)
 
 
 def run(ctx) -> None:
     from pipeline.explain import Occluder, occlusion_grid
     from pipeline.preprocess import normalize
 
-    cfg, run_dir, stage_print = ctx.cfg, ctx.run_dir, ctx.stage_print
+    cfg = ctx.cfg
     o = cfg.occlusion
     bundle = ctx.bundle
     size, stride = square_and_step(o, bundle.preprocessing.size)
-    table = list_images(cfg.dataset)
-    store = Store(run_dir)
-    ids = choose_images(o.images, table, store, "occlusion")
+    table = ctx.images
+    ids = choose_images(o.images, table, ctx.store, "occlusion")
     spec = bundle.preprocessing
     occluder, _, codes_for = explainer_for(
         lambda: Occluder(bundle.model, bundle.layer(o.layer), spec, output=cfg.model.output), "occlusion", o, bundle,
         table)
-    store.ensure_run(cfg, bundle, table)
     logger.info("occlusion: %d image(s), square %d px every %d px, feature maps of %s",
                 len(ids), size, stride, occluder.layer)
 
@@ -67,14 +59,12 @@ def run(ctx) -> None:
                 **{f"occlusion/{key}": getattr(r, key).astype(np.float32) for key in
                    ("probability", "activation", "base_probability", "base_activation")}}
 
-    with per_image_part(store, "occlusion", stage_print, cfg, table, spec, ids, compute, cfg.batch_size,
-                        "chosen images could be read: choose others with occlusion.images") as (f, _):
+    with per_image_part(ctx, ids, compute, fix="occlusion.images", draw=True) as (f, _):
         g = f["occlusion"]
         g["rows"] = occlusion_grid(spec.height, size, stride)
         g["cols"] = occlusion_grid(spec.width, size, stride)
         g.attrs.update(size=size, stride=stride, fill=int(o.fill), layer=occluder.layer,
                        target=str(o.target), num_classes=int(occluder.num_classes))
-    draw_stage_sheets(store.parts / PART, run_dir, "occlusion", Photos.of_table(table, spec))
 
 
 def square_and_step(o, input_size: tuple[int, int]) -> tuple[int, int]:

@@ -31,30 +31,27 @@ from tqdm import tqdm
 
 from pipeline import panels as engine
 from pipeline.crop import channel_blocks
-from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
 from pipeline.panel_codec import SCALE
 from pipeline.preprocess import Preprocessing
-from pipeline.store import Store, block_bytes, table_digest
+from pipeline.stage_spec import Stage
+from pipeline.store import block_bytes, table_digest
 
 logger = logging.getLogger(__name__)
 
-# crop: the panels are shrunk to crop.max_size exactly like the patches
-KEYS = ("model", "dataset", "layers", "geometry", "topk", "crop", "panels")
-PART = "panels.h5"
-
-
-def needs(cfg) -> tuple[str, ...]:
-    """The stages whose results this one reads: the runner checks they are there."""
-    return ("scan",)
+# crop: the panels are shrunk to crop.max_size exactly like the patches; a resume must cut the
+# same blocks of channels and pass the same batches
+STAGE = Stage(keys=("model", "dataset", "layers", "geometry", "topk", "crop", "panels"), part="panels.h5",
+              needs=("scan",), resume=lambda cfg: dict(batch_size=int(cfg.batch_size),
+                                                       panels_batch_size=int(cfg.panels.batch_size),
+                                                       block_bytes=block_bytes(cfg.checkpoint)))
 
 
 def run(ctx) -> None:
     from pipeline.backprop import METHODS
     from pipeline.patterns import has_capped_relu
 
-    cfg, run_dir, stage_print = ctx.cfg, ctx.run_dir, ctx.stage_print
-    store = Store(run_dir)
+    cfg, store = ctx.cfg, ctx.store
     methods = [str(m) for m in cfg.panels.methods]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods or len(set(methods)) != len(methods):
@@ -67,16 +64,15 @@ def run(ctx) -> None:
         digest = str(f.attrs["images_sha256"])
         layers = [engine.read_layer(key, g, cfg.crop.max_size)
                   for key, g in sorted(f["layers"].items(), key=lambda item: int(item[1].attrs["depth"]))]
-    table = list_images(cfg.dataset)
+    table = ctx.images
     if table_digest(table) != digest:
-        raise PipelineError(f"the dataset changed since the scan of {run_dir}: compute panels with "
+        raise PipelineError(f"the dataset changed since the scan of {ctx.run_dir}: compute panels with "
                             f"the same dataset, or scan again in a new hydra.run.dir")
     bundle = ctx.bundle
     plans = {layer.key: engine.crop_plan_of(bundle.model, layer.name, cfg.geometry.pointwise) for layer in layers}
     layers = engine.chosen(cfg.panels.layers, layers, plans, bundle.model, methods, int(cfg.panels.batch_size))
     budget = block_bytes(cfg.checkpoint)  # in-memory panels of one block of channels, all methods
-    work = store.work("panels", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size),
-                      panels_batch_size=int(cfg.panels.batch_size), block_bytes=budget)
+    work = ctx.work()
     done = set(work.chunks())
     blocks = []  # (chunk number, layer, c0, c1): a block never spans layers
     for layer in layers:
@@ -111,5 +107,5 @@ def run(ctx) -> None:
                 stats.setdefault(layer.name, {}).setdefault(key, 0)
                 stats[layer.name][key] += value
     engine.log_counts(stats, has_capped_relu(bundle.model))
-    with store.write(PART) as f:
+    with store.write(ctx.spec.part) as f:
         work.assemble(f)

@@ -22,19 +22,17 @@ import logging
 
 import numpy as np
 
-from pipeline.datasets import BatchStream, list_images
-from pipeline.errors import PipelineError, StageSkipped
-from pipeline.selection import choose_images, images_from_topk
-from pipeline.store import Store, write_strings
+from pipeline.datasets import BatchStream
+from pipeline.errors import StageSkipped
+from pipeline.per_image import none_read, scan_for_topk
+from pipeline.selection import choose_images
+from pipeline.stage_spec import Stage
+from pipeline.store import write_strings
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("model", "dataset", "cam.layer", "randomization")
-PART = "randomization.h5"
-
-
-def needs(cfg) -> tuple[str, ...]:
-    return ("scan",) if images_from_topk(cfg.randomization.images) else ()
+STAGE = Stage(keys=("model", "dataset", "cam.layer", "randomization"), part="randomization.h5",
+              needs=scan_for_topk("randomization.images"))
 
 
 def run(ctx) -> None:
@@ -43,11 +41,10 @@ def run(ctx) -> None:
     from pipeline.preprocess import normalize
     from pipeline.randomization import cascade
 
-    cfg, run_dir = ctx.cfg, ctx.run_dir
+    cfg, store = ctx.cfg, ctx.store
     r = cfg.randomization
     bundle = ctx.bundle
-    table = list_images(cfg.dataset)
-    store = Store(run_dir)
+    table = ctx.images
     ids = choose_images(r.images, table, store, "randomization")
     spec = bundle.preprocessing
     try:  # only the map layer and the class scores matter here, not cam's target settings
@@ -59,14 +56,13 @@ def run(ctx) -> None:
     read = [(i, p) for i, p in stream]
     store.write_images(len(table), stream.errors, replace=False)
     if not read:
-        raise PipelineError("randomization: none of the chosen images could be read: choose others with "
-                            "randomization.images")
+        raise none_read("randomization", "randomization.images", stream.errors, table.paths)
     image_ids = np.concatenate([i for i, _ in read]).astype(np.int64)
     x = normalize(np.concatenate([p for _, p in read]), spec.normalize)
     logger.info("randomization: %d image(s), Grad-CAM at %s and guided backprop, %d steps from the top",
                 len(image_ids), explainer.layer, int(r.steps))
     layers, cam_rho, guided_rho, classes = cascade(explainer, x, int(r.steps), int(r.seed))
-    with store.write(PART) as f:
+    with store.write(ctx.spec.part) as f:
         g = f.create_group("randomization")
         g.attrs.update(layer=explainer.layer, seed=int(r.seed))
         g["image"] = image_ids

@@ -11,11 +11,12 @@ import logging
 from pathlib import Path
 
 from pipeline.render.report import render_report
+from pipeline.stage_spec import Stage
 from pipeline.validate import card_mode
 
 logger = logging.getLogger(__name__)
 
-KEYS = ()  # rendering reads only results.h5: it always runs, and redraws only what changed
+STAGE = Stage()  # rendering reads only results.h5: it always runs, and redraws only what changed
 
 
 def render_inputs(store, options: dict) -> dict[str, str]:

@@ -14,16 +14,16 @@ import time
 
 import numpy as np
 
-from pipeline.datasets import list_images
 from pipeline.errors import PipelineError
-from pipeline.names import shown
+from pipeline.per_image import batch_resume, none_read
 from pipeline.scan_io import (SCAN_KEYS, SCAN_PART, SHARED_KEYS, STATE, class_count, exemplar_classes,
                               labelled_counts, scan_images, write_errors, write_layers)
-from pipeline.store import Store, fingerprint, remove_checked
+from pipeline.stage_spec import Stage
+from pipeline.store import fingerprint, remove_checked
 
 logger = logging.getLogger(__name__)
 
-KEYS, PART = SCAN_KEYS, SCAN_PART  # the config keys whose values decide this stage's results; its part
+STAGE = Stage(keys=SCAN_KEYS, part=SCAN_PART, resume=batch_resume)
 
 
 def shard_ids(n_images: int, count: int, index: int) -> np.ndarray:
@@ -39,10 +39,9 @@ def run(ctx) -> None:
     from pipeline.layers import chosen_layers
     from pipeline.scan import Scanner
 
-    cfg, run_dir, stage_print = ctx.cfg, ctx.run_dir, ctx.stage_print
-    store = Store(run_dir)
+    cfg, store, stage_print = ctx.cfg, ctx.store, ctx.stage_print
     bundle = ctx.bundle
-    table = list_images(cfg.dataset)
+    table = ctx.images
     keys, names = zip(*chosen_layers(bundle.model, cfg.layers, bundle.renamed))
     ids = shard_ids(len(table), cfg.shard.count, cfg.shard.index)
     geometries = [layer_geometry(bundle.model, n, cfg.geometry.pointwise) for n in names]
@@ -65,10 +64,10 @@ def run(ctx) -> None:
                            "leaves none of its positions out", name, h, w, cfg.scan.border)
     layers = list(zip(keys, names, geometries, scanner.map_shapes))
     store.ensure_run(cfg, bundle, table)
-    if store.part_print(PART) == stage_print:
+    if store.part_print(SCAN_PART) == stage_print:
         logger.info("scan: its tables are already written (the run stopped before recording it), kept")
         return
-    work = store.work("scan", stage_print, cfg.overwrite, batch_size=int(cfg.batch_size))
+    work = ctx.work()
     logger.info("scanning %d images through %d layers of %s (%d channels)", len(ids), len(names),
                 bundle.name, sum(shape[-1] for shape in scanner.map_shapes))
     started = time.perf_counter()
@@ -79,10 +78,8 @@ def run(ctx) -> None:
     store.write_images(len(table), errors, scanned)
     if len(ids) and len(errors) == len(ids):  # nothing to show: say so, and keep the reasons
         store.rebuild()
-        first = min(errors)
-        raise PipelineError(f"none of the {len(ids)} images could be read (e.g. {shown(table.paths[first])}: "
-                            f"{errors[first]}): check dataset.path; images/error in {store.index} lists each reason")
-    with store.write(PART) as f:
+        raise none_read("scan", "dataset.path", errors, table.paths, f"{len(ids)} images", store.index)
+    with store.write(SCAN_PART) as f:
         f.attrs.update(_stage_print=stage_print, shard_count=cfg.shard.count, shard_index=cfg.shard.index,
                        scan_config=fingerprint(cfg, SHARED_KEYS),
                        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", "(not set)"))

@@ -19,28 +19,27 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.models.sources import SNAPSHOT_DIR, save_spec, snapshot_path
 from pipeline.render.training import draw_training_curve
-from pipeline.store import Store, write_strings
+from pipeline.stage_spec import Stage
+from pipeline.store import write_strings
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("dataset", "train")
+STAGE = Stage(keys=("dataset", "train"), part="train.h5")
 
 SHEET = Path("sheets") / "training_curve.png"
-PART = "train.h5"
 
 
 def run(ctx) -> None:
     import json
 
     from pipeline import train as T
-    from pipeline.datasets import list_images
 
     cfg, run_dir = ctx.cfg, ctx.run_dir
     tc = cfg.train
     snapshots = T.snapshot_epochs(tc.snapshots, int(tc.epochs))
     if tc.optimizer not in T.OPTIMIZERS:
         raise PipelineError(f"train.optimizer={tc.optimizer}: use one of {', '.join(T.OPTIMIZERS)}")
-    table = list_images(cfg.dataset)
+    table = ctx.images
     spec = T.training_spec(table, tc.input_size, tc.input_channels)
     labelled = np.flatnonzero(table.labels >= 0)
     if len(labelled) == 0:
@@ -83,10 +82,10 @@ def run(ctx) -> None:
                       seed=int(tc.seed), snapshots=snapshots, on_snapshot=on_snapshot)
     total = time.perf_counter() - started
 
-    store = Store(run_dir)
+    store = ctx.store
     store.write_run(cfg, f"{model.name} trained in this run", spec, table)
     store.write_images(len(table), errors)
-    with store.write(PART) as f:
+    with store.write(ctx.spec.part) as f:
         g = f.create_group("train")
         for key in ("loss", "accuracy", "val_loss", "val_accuracy", "seconds"):
             g[key] = np.asarray(history[key], np.float32)
