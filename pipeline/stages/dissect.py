@@ -45,13 +45,15 @@ from pipeline.store import Store, open_h5, read_strings, remove_checked, write_s
 
 logger = logging.getLogger(__name__)
 
-STAGE = Stage(keys=("model", "dataset", "layers", "dissect", "shard"), part="dissect.h5", resume=batch_resume)
-PART = STAGE.part  # the shards' parts a merge adds up are named alike
 
 
-def reads(cfg) -> tuple[str, ...]:
+def _reads(cfg) -> tuple[str, ...]:
     """The scan's activation sketch (scan.sketch), when it covers this dissection's images."""
     return () if cfg.dissect.thresholds else ("scan",)
+
+
+STAGE = Stage(keys=("model", "dataset", "layers", "dissect", "shard"), part="dissect.h5", reads=_reads,
+              resume=batch_resume)
 
 
 def run(ctx) -> None:
@@ -76,7 +78,7 @@ def run(ctx) -> None:
     model = feature_model(bundle.model, list(names))
     step = mask_step(cfg.dissect.downsample, spec.height, spec.width)
     store.ensure_run(cfg, bundle, table)
-    if store.part_print(PART) == stage_print:  # killed between writing the part and recording it
+    if store.part_print(STAGE.part) == stage_print:  # killed between writing the part and recording it
         logger.info("dissect: its tables are already written, kept")
         return
     masks = MaskReader(table, cfg.dataset, spec, concepts, step)
@@ -99,7 +101,7 @@ def run(ctx) -> None:
     masks.close()
     store.write_images(len(table), result.errors, replace=False)
     skipped = {**result.skipped, **{i: f"image unreadable: {why}" for i, why in result.errors.items()}}
-    with store.write(PART) as f:
+    with store.write(STAGE.part) as f:
         f.attrs["_stage_print"] = stage_print
         write_concepts(f, concepts, result.label_area, skipped, result.images, cfg, step)
         for i, key in enumerate(keys):
@@ -108,8 +110,8 @@ def run(ctx) -> None:
                         result.label_area, concepts, cfg, i)
     for name in ("sketch.h5", "tally.h5"):
         remove_checked(work.path / name)
-    write_summary(store.parts / PART, run_dir / "dissection")
-    detectors = _count_detectors(store.parts / PART, keys)
+    write_summary(store.parts / STAGE.part, run_dir / "dissection")
+    detectors = _count_detectors(store.parts / STAGE.part, keys)
     logger.info("dissect: %d images (%d skipped), %s, %.1f s", result.images, len(skipped),
                 ", ".join(f"{k}: {n} detectors" for k, n in zip(keys, detectors)), time.perf_counter() - started)
 
@@ -239,7 +241,7 @@ def merge_shards(shards, store: Store, cfg) -> None:
     from pipeline.store import fingerprint
 
     concepts = check_segmentation(cfg.dataset)
-    parts = [open_h5(s.parts / PART, "part file") for s in shards]
+    parts = [open_h5(s.parts / STAGE.part, "part file") for s in shards]
     try:
         step = _check_settings(shards, parts, cfg)
         keys = [k for k in parts[0]["layers"] if "dissection" in parts[0][f"layers/{k}"]]
@@ -255,7 +257,7 @@ def merge_shards(shards, store: Store, cfg) -> None:
             images += int(g.attrs["images"])
         total = lambda path: sum(p[path][()] for p in parts)  # noqa: E731 - the sums of every shard
         label_area = total("dissection/label_area")
-        with store.write(PART) as f:
+        with store.write(STAGE.part) as f:
             f.attrs["_stage_print"] = fingerprint(cfg, STAGE.keys)
             write_concepts(f, concepts, label_area, skipped, images, cfg, step)
             f["dissection"].attrs["merged_from"] = json.dumps([str(s.run_dir) for s in shards])

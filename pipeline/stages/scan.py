@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.per_image import batch_resume, none_read
-from pipeline.scan_io import (SCAN_KEYS, SCAN_PART, SHARED_KEYS, STATE, class_count, exemplar_classes,
+from pipeline.scan_io import (SCAN_KEYS, SCAN_PART, SHARED_KEYS, STATE, class_count, exemplar_classes, wants_sketch,
                               labelled_counts, scan_images, write_errors, write_layers)
 from pipeline.stage_spec import Stage
 from pipeline.store import fingerprint, remove_checked
@@ -52,8 +52,6 @@ def run(ctx) -> None:
     channels = sum(int(t.shape[-1]) for t in (model.outputs if isinstance(model.outputs, list) else [model.outputs]))
     classes = class_count(table, channels, cfg.scan.classes)
     exemplars = exemplar_classes(table, cfg.scan.exemplars)
-    from pipeline.scan_io import wants_sketch  # the sketch's part of the scan (pipeline.dissect)
-
     scanner = Scanner(model, list(names), bundle.preprocessing, cfg.topk, bottomk=cfg.scan.bottomk,
                       border=cfg.scan.border, labels=table.labels if classes or exemplars is not None else None,
                       classes=classes, exemplar_classes=exemplars, exemplar_k=cfg.scan.exemplars_k,
