@@ -520,14 +520,14 @@ def test_per_image_predictions_are_the_stored_top_n(full_run):
         logits = f["predictions/probability"][row]  # the bars show probabilities
         fig, missing = image_sheet(f, pi, 1, class_namer(f), {"input_size": 24}, 50)
     assert missing == []
-    bars = next(ax for sub in fig.subfigs for ax in sub.axes if ax.get_title().startswith("top-3"))
+    bars = next(ax for ax in fig.axes if ax.get_title().startswith("top-3"))
     widths = [p.get_width() for p in bars.patches]  # drawn top to bottom: rank 0 first
     ys = [p.get_y() for p in bars.patches]
     np.testing.assert_allclose(np.asarray(widths)[np.argsort(ys)[::-1]], logits, rtol=1e-6)
     ticks = {t.get_position()[1]: t.get_text() for t in bars.get_yticklabels()}
     assert [ticks[y] for y in sorted(ticks, reverse=True)] == [f"class {c}" for c in classes]  # top: rank 0
     # the occlusion panel shows the stored map on the image's axes, the activation grids each layer
-    titles = [ax.get_title() for sub in fig.subfigs for ax in sub.axes]
+    titles = [ax.get_title() for ax in fig.axes]
     assert any(t.startswith("relu1\n") for t in titles) and any(t.startswith("relu2\n") for t in titles)
 
 
