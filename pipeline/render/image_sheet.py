@@ -310,7 +310,7 @@ def _predictions(ax, f: h5py.File, image_id: int, cam_rows, occ_row, pi: PerImag
             fontsize=8, color="0.4", va="center")
 
 
-def choose_images(pi: PerImage, per_image, n_images: int) -> list[int]:
+def sheet_images(pi: PerImage, per_image, n_images: int) -> list[int]:
     """Image ids with a per-image sheet: N (the first N ids that have maps, those with the
     most kinds of maps first), or an explicit list."""
     have = pi.ids()
