@@ -529,6 +529,20 @@ def test_per_image_predictions_are_the_stored_top_n(full_run):
     # the occlusion panel shows the stored map on the image's axes, the activation grids each layer
     titles = [ax.get_title() for ax in fig.axes]
     assert any(t.startswith("relu1\n") for t in titles) and any(t.startswith("relu2\n") for t in titles)
+    # a fixed layout: no panel, title or colour-bar label runs over another panel
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    boxes = [ax.get_window_extent().padded(-1) for ax in fig.axes]
+    for i, ax in enumerate(fig.axes):
+        texts = [ax.title] + ([ax.yaxis.label, ax.xaxis.label] + ax.get_yticklabels() + ax.get_xticklabels()
+                              if ax.axison else [])  # an axis turned off draws none of them
+        for j, other in enumerate(boxes):
+            if j != i:
+                assert not boxes[i].overlaps(other), (ax.get_title(), fig.axes[j].get_title())
+                for t in texts:
+                    if t.get_visible() and t.get_text():
+                        assert not t.get_window_extent().padded(-1).overlaps(other), t.get_text()
 
 
 def test_model_view_matches_the_pipeline_preprocessing(tmp_path):
