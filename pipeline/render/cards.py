@@ -420,7 +420,8 @@ def render_layer_cards(f: h5py.File, info: LayerInfo, cards_dir: Path, thumbs_di
 # ---------------------------------------------------------------------------- many layers
 
 PARALLEL_MIN_CARDS = 512  # fewer cards: two worker processes' start (about a second each) costs more
-CHUNK_UNITS = 192  # units a worker draws at a time: even shares, each a few seconds
+CHUNK_UNITS = SPAN_UNITS  # units a worker draws at a time: even shares of a few seconds, each chunk
+# drawing its distinct patches once (fewer, larger chunks repeat fewer of them)
 
 
 @dataclass
