@@ -360,6 +360,35 @@ def test_cards_are_identical_whatever_the_block_size(results, rendered, tmp_path
         np.testing.assert_array_equal(load(small.cards[u]), load(files.cards[u]))
 
 
+def test_shared_patches_are_drawn_once_and_cards_are_the_same_whatever_the_span(tmp_path, monkeypatch):
+    # units that win at the same image and place share one stored patch: a span draws each
+    # distinct patch once for all its blocks, and every unit still gets its own patches
+    from pipeline.render.patches import distinct_patches, layer_patches
+
+    path = write_results(tmp_path / "results.h5", panels=False, filters=False, bottom=False)
+    with h5py.File(path, "r+") as f:
+        g = f["layers/block.conv"]
+        image = (np.arange(C)[:, None] + np.arange(K)[None, :]) % 3  # 3 distinct places, 20 slots
+        del g["topk/image"], g["patches"]
+        g["topk/image"], g["topk/y"], g["topk/x"] = image, np.zeros_like(image), np.zeros_like(image)
+        g["patches"] = np.stack([np.broadcast_to(np.asarray(colour(i, 0), np.uint8), (C, K, S, S, 3))
+                                 for i in range(3)])[image, np.arange(C)[:, None], np.arange(K)[None, :]]
+    with h5py.File(path, "r") as f:
+        g = f["layers/block.conv"]
+        got = distinct_patches(g, "patches", 1, C, K, (12, 12))
+        assert got.drawn.shape[0] == 3 and got.index.shape == (C - 1, K)
+        np.testing.assert_array_equal(got.rows(1, 3), layer_patches(g, "patches", 2, 4, K, (12, 12)))
+        assert (got.rows(0, C - 1)[:, :, 5, 5] == np.asarray([colour(i, 0) for i in range(3)])[image[1:]]).all()
+        info = read_layers(f)[0]
+        whole = render_layer_cards(f, info, tmp_path / "whole", tmp_path / "whole_t")
+        monkeypatch.setattr(cards, "BLOCK_PIXELS", 1)  # a unit a block, spans of two units
+        monkeypatch.setattr(cards, "SPAN_UNITS", 2)
+        split = render_layer_cards(f, info, tmp_path / "split", tmp_path / "split_t")
+    for u in range(C):
+        assert split.cards[u].read_bytes() == whole.cards[u].read_bytes(), u
+        assert split.thumbs[u].read_bytes() == whole.thumbs[u].read_bytes(), u
+
+
 def test_cards_drawn_by_worker_processes_are_the_same_files(results, rendered, tmp_path, monkeypatch):
     files, _ = rendered
     monkeypatch.setattr(cards, "CHUNK_UNITS", 2)  # units 0-1, 2-3, 4: three chunks on two processes

@@ -520,15 +520,29 @@ def test_per_image_predictions_are_the_stored_top_n(full_run):
         logits = f["predictions/probability"][row]  # the bars show probabilities
         fig, missing = image_sheet(f, pi, 1, class_namer(f), {"input_size": 24}, 50)
     assert missing == []
-    bars = next(ax for sub in fig.subfigs for ax in sub.axes if ax.get_title().startswith("top-3"))
+    bars = next(ax for ax in fig.axes if ax.get_title().startswith("top-3"))
     widths = [p.get_width() for p in bars.patches]  # drawn top to bottom: rank 0 first
     ys = [p.get_y() for p in bars.patches]
     np.testing.assert_allclose(np.asarray(widths)[np.argsort(ys)[::-1]], logits, rtol=1e-6)
     ticks = {t.get_position()[1]: t.get_text() for t in bars.get_yticklabels()}
     assert [ticks[y] for y in sorted(ticks, reverse=True)] == [f"class {c}" for c in classes]  # top: rank 0
     # the occlusion panel shows the stored map on the image's axes, the activation grids each layer
-    titles = [ax.get_title() for sub in fig.subfigs for ax in sub.axes]
+    titles = [ax.get_title() for ax in fig.axes]
     assert any(t.startswith("relu1\n") for t in titles) and any(t.startswith("relu2\n") for t in titles)
+    # a fixed layout: no panel, title or colour-bar label runs over another panel
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    boxes = [ax.get_window_extent().padded(-1) for ax in fig.axes]
+    for i, ax in enumerate(fig.axes):
+        texts = [ax.title] + ([ax.yaxis.label, ax.xaxis.label] + ax.get_yticklabels() + ax.get_xticklabels()
+                              if ax.axison else [])  # an axis turned off draws none of them
+        for j, other in enumerate(boxes):
+            if j != i:
+                assert not boxes[i].overlaps(other), (ax.get_title(), fig.axes[j].get_title())
+                for t in texts:
+                    if t.get_visible() and t.get_text():
+                        assert not t.get_window_extent().padded(-1).overlaps(other), t.get_text()
 
 
 def test_model_view_matches_the_pipeline_preprocessing(tmp_path):

@@ -40,7 +40,7 @@ from pipeline.render.card_charts import spectrum_bars, weight_tiles
 from pipeline.render.card_data import ImageIndex, LayerData
 from pipeline.render.card_layout import (CAPTION_H, GAP, LINE_H, MARGIN, ROW_H, THIN, CardLayout, Cell,
                                          layer_layout)
-from pipeline.render.patches import layer_patches
+from pipeline.render.patches import distinct_patches, layer_patches
 from pipeline.render.results import LayerInfo, fmt
 from pipeline.render.text import CARD_BG, INK, draw_text, fmt_value, font
 from pipeline.store import replacing
@@ -48,6 +48,7 @@ from pipeline.store import replacing
 THUMB_QUALITY = 88
 CARD_QUALITY = 80  # JPEG: text stays sharp on white, photo cells cost most of the bytes
 BLOCK_PIXELS = 24 * 2**20  # card pixels composed at once (bytes of the uint8 block)
+SPAN_UNITS = 320  # units whose patches are read and drawn at once, for all their blocks
 
 MUTED = (110, 110, 110)
 BAR = (70, 120, 180)
@@ -74,6 +75,8 @@ class LayerCards:
     data: LayerData
     layout: CardLayout
     absent: list[str] = field(default_factory=list)
+    span: tuple[int, int] | None = None  # the units being drawn: their patches are read at once
+    _sets: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def read(cls, f: h5py.File, info: LayerInfo, images: ImageIndex) -> "LayerCards":
@@ -120,12 +123,26 @@ class LayerCards:
         for r in range(rows):
             draw_text(canvas, str(r + 1), cols[0], y + (r + 1) * ROW_H, 11, MUTED)
 
+    def patches(self, name: str, c0: int, c1: int, k: int, size: tuple[int, int]) -> np.ndarray:
+        """layer_patches of units c0:c1. Within `span`, stored patches (not panels, which
+        every unit has its own of) are read and drawn for the whole span on the first call:
+        each distinct patch is resized once for all the span's blocks, not once a block."""
+        ds = self.data.dataset(name)
+        lo, hi = self.span or (c0, c1)
+        if name.startswith("panels/") or not lo <= c0 < c1 <= hi:
+            return layer_patches(self.data.group, name, c0, c1, k, size, ds=ds)
+        key = (name, k, tuple(size), lo, hi)
+        if key not in self._sets:
+            self._sets = {kk: v for kk, v in self._sets.items() if kk[-2:] == (lo, hi)}  # an earlier span's go
+            self._sets[key] = distinct_patches(self.data.group, name, lo, hi, k, size, ds=ds)
+        return self._sets[key].rows(c0 - lo, c1 - lo)
+
     def _montage_cell(self, name: str, c0: int, c1: int, valid: np.ndarray, cell: Cell) -> np.ndarray:
         ds = self.data.dataset(name)
         k = min(ds.shape[1], MAX_SLOTS)
         side = max(1, math.ceil(math.sqrt(k)))
         size = self.layout.patch_in(cell)
-        small = layer_patches(self.data.group, name, c0, c1, k, size, ds=ds)
+        small = self.patches(name, c0, c1, k, size)
         return montage(small, valid[:, :k], side, THIN, EMPTY_GREY, CARD_BG)
 
     def _exemplar_cell(self, cards: np.ndarray, cell: Cell, c0: int, c1: int) -> None:
@@ -133,8 +150,7 @@ class LayerCards:
         scan.exemplars, else the first of them; the class named in the cell."""
         ex, s = self.data.exemplars, self.layout.cell
         block = ex.block_of(self.data.classes.preferred[c0:c1] if self.data.classes is not None else None, c1 - c0)
-        every = layer_patches(self.data.group, "class_patches", c0, c1, ex.k * len(ex.classes), self.layout.patch_hw,
-                              ds=self.data.dataset("class_patches"))
+        every = self.patches("class_patches", c0, c1, ex.k * len(ex.classes), self.layout.patch_hw)
         slots = block[:, None] * ex.k + np.arange(ex.k)[None, :]
         rows = np.arange(c1 - c0)[:, None]
         small = every[rows, slots]
@@ -370,12 +386,13 @@ def render_layer_cards(f: h5py.File, info: LayerInfo, cards_dir: Path, thumbs_di
     own_pool = pool is None
     pool = pool or ThreadPoolExecutor(max_workers=2)
     out = LayerCardFiles(info.stored, {}, {}, template.shape[:2], side)
-    # contiguous runs of wanted units, split into blocks
+    # contiguous runs of wanted units, split into spans (patches read at once), then blocks
     runs = np.split(todo, np.flatnonzero(np.diff(todo) != 1) + 1) if todo.size else []
-    blocks = [(int(run[s0]), int(run[min(s0 + per_block, len(run)) - 1]) + 1)
-              for run in runs for s0 in range(0, len(run), per_block)]
+    spans = [(int(run[s0]), int(run[min(s0 + SPAN_UNITS, len(run)) - 1]) + 1)
+             for run in runs for s0 in range(0, len(run), SPAN_UNITS)]
+    blocks = [(span, b0, min(b0 + per_block, span[1])) for span in spans for b0 in range(span[0], span[1], per_block)]
     pending: list = []  # the previous block's files, encoded while the next block is composed
-    for c0, c1 in blocks:
+    for lc.span, c0, c1 in blocks:
         cards, top = lc.compose(c0, c1, template)
         thumbs = resize_patches(top, (side, side)) if thumbs_dir is not None else None
         for fut in pending:
@@ -394,6 +411,7 @@ def render_layer_cards(f: h5py.File, info: LayerInfo, cards_dir: Path, thumbs_di
             bar.update(c1 - c0)
     for fut in pending:
         fut.result()
+    lc.span, lc._sets = None, {}
     if own_pool:
         pool.shutdown()
     return out
@@ -402,7 +420,8 @@ def render_layer_cards(f: h5py.File, info: LayerInfo, cards_dir: Path, thumbs_di
 # ---------------------------------------------------------------------------- many layers
 
 PARALLEL_MIN_CARDS = 512  # fewer cards: two worker processes' start (about a second each) costs more
-CHUNK_UNITS = 192  # units a worker draws at a time: even shares, each a few seconds
+CHUNK_UNITS = SPAN_UNITS  # units a worker draws at a time: even shares of a few seconds, each chunk
+# drawing its distinct patches once (fewer, larger chunks repeat fewer of them)
 
 
 @dataclass

@@ -147,56 +147,59 @@ def image_sheet(f: h5py.File, pi: PerImage, image_id: int, names, spec: dict, dp
         missing.append("activation grids (activations.images)")
     heights = {"top": 2.5, "cam": 2.25, "occlusion": 2.35, "activations": 2.25}
     width = 8.27
-    fig = Figure(figsize=(width, 0.55 + sum(heights[r] for r in rows) + (0.35 if missing else 0)), dpi=dpi,
-                 layout="constrained")
-    subs = fig.subfigures(len(rows), 1, height_ratios=[heights[r] for r in rows], squeeze=False)[:, 0]
+    # a fixed layout in inches: matplotlib's constrained layout measured every tick label
+    # and title again for each sheet, about half of its time
+    fig = Figure(figsize=(width, 0.55 + sum(heights[r] for r in rows) + (0.35 if missing else 0)), dpi=dpi)
+    row = _Rows(fig, 0.55)
     title = f"image #{image_id}: {shown(Path(path).name)}"
     if label >= 0:
         title += f"  (label: {label_name(f, label)})"
-    fig.suptitle(title, fontsize=11, weight="bold")
+    fig.suptitle(title, fontsize=11, weight="bold", y=1 - 0.12 / fig.get_figheight(), va="top")
 
     # photo and predictions
-    ax_photo, ax_pred = subs[0].subplots(1, 2, width_ratios=[1, 1.6])
+    top = row.next(heights["top"])
+    ax_photo = row.axes(top, 0.3, 0.1, [(SIDE, 2.3)])[0]
+    ax_pred = row.axes(top, 0.3, 0.5, [(4.2, width - SIDE - 4.2)])[0]
     ax_photo.imshow(grey)
     ax_photo.set_title("as the model sees it" if photo is not None else "photo not readable", fontsize=8)
     ax_photo.set_axis_off()
     _predictions(ax_pred, f, image_id, cam_rows, occ_row, pi, names)
 
-    r = 1
     if "cam" in rows:
         g = f["cam"]
         methods = pi.cam_methods
-        axes = subs[r].subplots(1, len(methods), squeeze=False)[0]
-        for ax, m in zip(axes, methods):
-            row = pi.cam_row(m, image_id)
+        band = row.next(heights["cam"], f"class activation maps at {as_str(g.attrs.get('layer', '?'))}")
+        for ax, m in zip(row.axes(band, 0.62, 0.1, row.even(len(methods))), methods):
+            r = pi.cam_row(m, image_id)
             ax.set_axis_off()
-            if row is None:
+            if r is None:
                 ax.set_title(CAM_TITLES.get(m, m), fontsize=7)
                 ax.text(0.5, 0.5, "stored for the drawn\nimages only (cam.draw)", ha="center", va="center",
                         fontsize=7, color="0.35", transform=ax.transAxes)
                 continue
-            one = stored_maps(g[m], [row])[0]
-            cls, score = int(g[m]["class"][row]), float(g[m]["score"][row])
+            one = stored_maps(g[m], [r])[0]
+            cls, score = int(g[m]["class"][r]), float(g[m]["score"][r])
             if m == "guided_gradcam":
                 ax.imshow(draw.guided_image(one))
             else:
                 ax.imshow(draw.overlay(grey, one))
             draw.mark_zero(ax, m, one)
             ax.set_title(f"{CAM_TITLES.get(m, m)}\n{names(cls)[:26]} (logit {score:.2f})", fontsize=7)
-        subs[r].suptitle(f"class activation maps at {as_str(g.attrs.get('layer', '?'))}", fontsize=9)
-        r += 1
     if "occlusion" in rows:
         g = f["occlusion"]
         osize, stride = int(g.attrs.get("size", 0)), int(g.attrs.get("stride", 0))
         backdrop = grey if grey.shape[:2] == size else np.asarray(Image.fromarray(grey).resize(size[::-1]))
-        occlusion_panels(fig, subs[r].subplots(1, 2), backdrop, g, occ_row, names(int(g["class"][occ_row])))
-        subs[r].suptitle(f"occlusion sensitivity: grey square {osize} px, stride {stride} px", fontsize=9)
-        r += 1
+        band = row.next(heights["occlusion"], f"occlusion sensitivity: grey square {osize} px, stride {stride} px")
+        half = (width - 2 * SIDE - 0.6) / 2  # each half: the map, its colour bar and the bar's label
+        axes = row.axes(band, 0.5, 0.1, [(SIDE, half - 0.55), (SIDE + half + 0.6, half - 0.55)])
+        occlusion_panels(fig, axes, backdrop, g, occ_row, names(int(g["class"][occ_row])))
     if act_layers:
         g = f["activations"]
-        for row in range(act_rows):
-            chunk = act_layers[row * 4:(row + 1) * 4]
-            axes = subs[r].subplots(1, 4, squeeze=False)[0]
+        for i in range(act_rows):
+            chunk = act_layers[i * 4:(i + 1) * 4]
+            band = row.next(heights["activations"],
+                            "activations (each channel standardised; grey: constant)" if i == 0 else "")
+            axes = row.axes(band, 0.62 if i == 0 else 0.4, 0.1, row.even(4))
             for ax, (key, lname) in zip(axes, chunk):
                 maps = np.asarray(g[key][act_row], np.float32)
                 h, w, c = maps.shape
@@ -207,14 +210,43 @@ def image_sheet(f: h5py.File, pi: PerImage, image_id: int, names, spec: dict, dp
                 ax.set_axis_off()
             for ax in axes[len(chunk):]:
                 ax.set_axis_off()
-            if row == 0:
-                subs[r].suptitle("activations (each channel standardised; grey: constant)", fontsize=9)
-            r += 1
     if missing:
         fig.text(0.01, 0.004, "not in results.h5 for this image: " + "; ".join(missing), fontsize=6.5,
                  color="0.4", va="bottom")
     return fig, missing
 
+
+
+SIDE = 0.3  # inches left and right of a sheet's panels
+
+
+class _Rows:
+    """The bands of a per-image sheet from the top down, in inches: each band's title, then
+    its axes at fixed places (the figure's height is the sum of the bands)."""
+
+    def __init__(self, fig: Figure, top: float):
+        self.fig, self.y = fig, fig.get_figheight() - top
+        self.width, self.height = fig.get_figwidth(), fig.get_figheight()
+
+    def next(self, height: float, title: str = "") -> tuple[float, float]:
+        """The next band (top, bottom), its title centred at its top."""
+        top, self.y = self.y, self.y - height
+        if title:
+            self.fig.text(0.5, (top - 0.08) / self.height, title, fontsize=9, ha="center", va="top")
+        return top, self.y
+
+    def even(self, n: int, gap: float = 0.3) -> list[tuple[float, float]]:
+        """(left, width) of n equal panels across the sheet."""
+        w = (self.width - 2 * SIDE - (n - 1) * gap) / max(n, 1)
+        return [(SIDE + i * (w + gap), w) for i in range(n)]
+
+    def axes(self, band: tuple[float, float], head: float, foot: float, spans) -> list:
+        """An axes per (left, width) in `band`, `head` inches below its top (the band's and the
+        panels' titles) and `foot` above its bottom."""
+        top, bottom = band
+        y0, h = bottom + foot, top - head - bottom - foot
+        return [self.fig.add_axes((x / self.width, y0 / self.height, w / self.width, h / self.height))
+                for x, w in spans]
 
 
 def _predictions(ax, f: h5py.File, image_id: int, cam_rows, occ_row, pi: PerImage, names) -> None:
@@ -278,7 +310,7 @@ def _predictions(ax, f: h5py.File, image_id: int, cam_rows, occ_row, pi: PerImag
             fontsize=8, color="0.4", va="center")
 
 
-def choose_images(pi: PerImage, per_image, n_images: int) -> list[int]:
+def sheet_images(pi: PerImage, per_image, n_images: int) -> list[int]:
     """Image ids with a per-image sheet: N (the first N ids that have maps, those with the
     most kinds of maps first), or an explicit list."""
     have = pi.ids()

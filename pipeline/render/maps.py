@@ -489,7 +489,7 @@ def occlusion_panels(fig, axes, backdrop: np.ndarray, g, row: int, class_name: s
         ax.set_xticks([])
         ax.set_yticks([])
         bar = fig.colorbar(mesh, ax=ax, shrink=0.85)
-        bar.set_label(f"{short}: unoccluded {base:.3g} minus with the square"
+        bar.set_label(f"{short}: unoccluded {base:.3g}\nminus with the square"  # two lines: no longer than the map
                       f"{' (< 0: the square raises it)' if lo < 0 else ''}", fontsize=6)
         bar.ax.tick_params(labelsize=6)
 

@@ -5,6 +5,8 @@ line where the box is clipped."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import h5py
 import numpy as np
 
@@ -83,6 +85,19 @@ def panel_image(panels: np.ndarray) -> np.ndarray:
 TABLES = {"patches": "topk", "bottom_patches": "bottomk", "class_patches": "class_topk"}  # panels/*: topk
 
 
+@dataclass
+class PatchSet:
+    """Drawn patches of channels c0:c1, each distinct patch once: `drawn` (n, h, w, 3) uint8
+    and `index` (c1 - c0, k) into it."""
+
+    drawn: np.ndarray
+    index: np.ndarray
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        """(b - a, k, h, w, 3): the patches of the set's channels a:b (relative to c0)."""
+        return self.drawn[self.index[a:b]]
+
+
 def layer_patches(g: h5py.Group, name: str, c0: int, c1: int, k: int, size: tuple[int, int],
                   flat: bool = False, start: int = 0, ds: h5py.Dataset | None = None) -> np.ndarray:
     """Channels c0:c1, slots :k of layers/<layer>/<name> (patches, bottom_patches,
@@ -92,15 +107,23 @@ def layer_patches(g: h5py.Group, name: str, c0: int, c1: int, k: int, size: tupl
     channel. start: the first slot (class_patches hold one block of slots per class).
     ds: g[name] opened once by a caller that reads many blocks (a virtual dataset parses
     its mapping each time it is opened)."""
+    return distinct_patches(g, name, c0, c1, k, size, flat, start, ds).rows(0, c1 - c0)
+
+
+def distinct_patches(g: h5py.Group, name: str, c0: int, c1: int, k: int, size: tuple[int, int],
+                     flat: bool = False, start: int = 0, ds: h5py.Dataset | None = None) -> PatchSet:
+    """What layer_patches draws, as a PatchSet: many units win at the same (image, location),
+    so each distinct patch is resized and checkered once (a late layer's 1,280 units share a
+    few hundred); a caller drawing many blocks of units reads one set for all of them."""
     slots = slice(start, start + k)
     if name.startswith("panels/"):  # int8 codes and their scales, decoded to float panels
         raw = read_panels(g, name, slice(c0, c1), slots, ds)
     else:
         raw = (g[name] if ds is None else ds)[c0:c1, slots]
+    shape = raw.shape[:2]  # (units, slots)
     table = g[TABLES.get(name, "topk")]
     keys = None
     if not name.startswith("panels/") and all(n in table for n in ("image", "y", "x")):
-        # many units win at the same (image, location): each distinct patch is drawn once
         keys = np.stack([table[n][c0:c1, slots] for n in ("image", "y", "x")], axis=-1).reshape(-1, 3)
         if "box" in table:
             keys = np.concatenate([keys, table["box"][c0:c1, slots].reshape(-1, 4)], axis=1)
@@ -124,5 +147,5 @@ def layer_patches(g: h5py.Group, name: str, c0: int, c1: int, k: int, size: tupl
             boxes, starts = boxes.reshape(-1, 4)[first], starts.reshape(-1, 2)[first]
         small = show_outside(small, inside_masks(boxes, starts, frame, size), flat)
     if keys is not None:
-        small = small[inverse.ravel()].reshape((c1 - c0, -1) + small.shape[1:])
-    return small
+        return PatchSet(small, inverse.reshape(shape))
+    return PatchSet(small.reshape((-1,) + small.shape[2:]), np.arange(shape[0] * shape[1]).reshape(shape))

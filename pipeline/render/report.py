@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from pipeline.render import dissection
 from pipeline.render.canvas import resize_patches, save_figure, write_png
-from pipeline.render.image_sheet import PerImage, choose_images, image_sheet
+from pipeline.render.image_sheet import PerImage, image_sheet, sheet_images
 from pipeline.render.maps import redraw_stale_sheets
 from pipeline.render.results import (
     as_str,
@@ -555,7 +555,7 @@ def _draw_parts(f: h5py.File, out_dir: Path, sheet_dir: Path, report_dir: Path, 
     (book=True) as soon as its cards are there; (parts, report.pdf or None)."""
     run = RunRecord.read(f)
     infos = run.infos
-    ids = choose_images(run.per_image, per_image, len(run.paths))  # a bad list stops here, before any file
+    ids = sheet_images(run.per_image, per_image, len(run.paths))  # a bad list stops here, before any file
     redraw_stale_sheets(Path(f.filename), out_dir)  # per-image stages' sheets missing or older than their part
     sheet_dir.mkdir(parents=True, exist_ok=True)
     figures = run_figures(f, infos, run.model)
