@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.errors import PipelineError
+
 MANTISSA_BITS = 6
 EXPONENTS = 20
 PER_SIGN = 2 * EXPONENTS << MANTISSA_BITS  # buckets of one sign, the zero bucket apart
@@ -272,3 +274,15 @@ def best_labels(iou: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     best = iou.argmax(axis=1)
     value = iou[np.arange(len(iou)), best]
     return np.where(value > 0, best, -1).astype(np.int64), value.astype(np.float32)
+
+
+def mask_step(setting, height: int, width: int) -> int:
+    """The mask resolution's step: dissect.downsample, or where it is null 2 when 2 divides
+    both sides of the model input (NetDissect-Lite's 112x112 masks for 224 inputs), else 1."""
+    if setting is None:
+        return 1 if height % 2 or width % 2 else 2
+    step = int(setting)
+    if height % step or width % step:
+        raise PipelineError(f"dissect.downsample={step} does not divide the {height}x{width} model input: "
+                            f"use a divisor of both sides (1 keeps the input's resolution)")
+    return step

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.datasets import BatchStream
+from pipeline.errors import PipelineError
 from pipeline.names import shown
 from pipeline.spectrum import GAMMA, MIN_ABS, QUANTILES, sketch_quantiles
 from pipeline.store import Pacer, atomic_h5, damage, open_h5, remove_checked, write_strings
@@ -33,6 +34,13 @@ SHARED_KEYS = ("model", "dataset", "layers", "geometry", "topk", "scan")
 CLASS_STATE_BYTES = 2**30  # the most device memory the class-conditional sums may take
 SCAN_PART = "scan.h5"
 STATE = "state.h5"  # the checkpoint, inside the stage's work directory
+
+
+def shard_ids(n_images: int, count: int, index: int) -> np.ndarray:
+    """Global image ids of shard `index` of `count`: contiguous, deterministic slices."""
+    if count < 1 or not 0 <= index < count:
+        raise PipelineError(f"shard.index={index} is not in 0..{count - 1}: use 0 <= shard.index < shard.count")
+    return np.array_split(np.arange(n_images, dtype=np.int64), count)[index]
 
 
 def scan_images(scanner, table, spec, batch_size: int, ids: np.ndarray, state_path: Path, checkpoint,

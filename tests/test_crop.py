@@ -66,7 +66,7 @@ def test_outside_image_masks_match_the_cut_and_checker_replaces_only_that():
 def test_shared_patches_are_stored_once_and_read_back_as_every_slot(tmp_path):
     import h5py
 
-    from pipeline.stages.crop import FRAMES, write_patches
+    from pipeline.crop import FRAMES, write_patches
     from pipeline.store import WorkDir
 
     rng = np.random.default_rng(1)

@@ -264,7 +264,7 @@ def test_shards_merge_to_the_unsharded_tables(colours, single, tmp_path):
 
 
 def test_the_default_mask_step_halves_inputs_it_divides():
-    from pipeline.stages.dissect import mask_step
+    from pipeline.dissect import mask_step
 
     assert mask_step(None, 224, 224) == 2 and mask_step(None, 24, 32) == 2
     assert mask_step(None, 299, 299) == 1 and mask_step(None, 224, 225) == 1  # Inception's 299: the input's own

@@ -15,7 +15,7 @@ from conftest import ROOT, save_image
 from test_pipeline import compose_cfg, tiny_model
 from pipeline.errors import PipelineError
 from pipeline.runner import run
-from pipeline.stages.scan import shard_ids
+from pipeline.scan_io import shard_ids
 
 
 def test_shard_ids_are_disjoint_contiguous_and_cover_everything():

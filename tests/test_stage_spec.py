@@ -2,12 +2,14 @@
 nothing else: what a declaration resolves to for a config, and the one error every stage
 raises when none of its images could be read."""
 
+import ast
 import importlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import save_image
+from conftest import ROOT, save_image
 from pipeline.errors import PipelineError
 from pipeline.per_image import none_read
 from pipeline.runner import run
@@ -24,6 +26,44 @@ def test_a_stage_is_declared_by_its_stage_value_alone(stage):
     for old in ("KEYS", "needs", "reads", "makes", "DEPENDS"):  # the names the runner used to probe
         assert not hasattr(module, old), f"pipeline/stages/{stage}.py still has {old}"
     assert module.STAGE.part in (None, f"{stage}.h5")  # the store records a stage's part by this name
+
+
+def stages_imported(source: str) -> set[str]:
+    """The stage modules that the stage module `source` imports, at its top or inside a
+    function, absolutely or relatively."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = "pipeline.stages" if node.level == 1 else "pipeline" if node.level == 2 else node.module or ""
+            if node.level and node.module:
+                base = f"{base}.{node.module}"
+            names = [f"{base}.{a.name}" for a in node.names] + [base]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[:2] == ["pipeline", "stages"] and len(parts) > 2 and parts[2] in STAGES:
+                found.add(parts[2])
+    return found
+
+
+def test_the_import_check_sees_every_form_of_a_stage_import():
+    assert stages_imported("from pipeline.stages.scan import x\nimport pipeline.stages.crop") == {"scan", "crop"}
+    assert stages_imported("def f():\n    from pipeline.stages import dissect, RUN_KEYS") == {"dissect"}
+    assert stages_imported("from .merge import y\nfrom . import cam") == {"merge", "cam"}
+    assert stages_imported("from pipeline.scan_io import shard_ids\nfrom pipeline.stages import RUN_KEYS") == set()
+
+
+def test_no_stage_imports_another():
+    """Stages talk through results.h5 only; what two of them share is an engine in pipeline/."""
+    found = {}
+    for path in sorted((Path(ROOT) / "pipeline" / "stages").glob("*.py")):
+        if path.stem != "__init__":
+            found[path.stem] = stages_imported(path.read_text()) - {path.stem}
+    assert len(found) == len(STAGES)
+    assert {stage: sorted(names) for stage, names in found.items() if names} == {}
 
 
 def test_a_declaration_resolves_what_a_config_needs_reads_makes_and_resumes_with():

@@ -90,7 +90,7 @@ def run(ctx) -> None:
             _write_layer(g, merged[key])
     store.finish("scan", scan_print)
     if all("dissect" in s.stages_done() for s in shards):  # dissections' sums add up as well
-        from pipeline.stages.dissect import merge_shards
+        from pipeline.dissect_tables import merge_shards
 
         merge_shards(shards, store, cfg)
     logger.info("merged %d shard scans: %d images scanned, %d unreadable", len(shards), int(scanned.sum()),

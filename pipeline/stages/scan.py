@@ -14,23 +14,15 @@ import time
 
 import numpy as np
 
-from pipeline.errors import PipelineError
 from pipeline.per_image import batch_resume, none_read
 from pipeline.scan_io import (SCAN_KEYS, SCAN_PART, SHARED_KEYS, STATE, class_count, exemplar_classes, wants_sketch,
-                              labelled_counts, scan_images, write_errors, write_layers)
+                              labelled_counts, scan_images, shard_ids, write_errors, write_layers)
 from pipeline.stage_spec import Stage
 from pipeline.store import fingerprint, remove_checked
 
 logger = logging.getLogger(__name__)
 
 STAGE = Stage(keys=SCAN_KEYS, part=SCAN_PART, resume=batch_resume)
-
-
-def shard_ids(n_images: int, count: int, index: int) -> np.ndarray:
-    """Global image ids of shard `index` of `count`: contiguous, deterministic slices."""
-    if count < 1 or not 0 <= index < count:
-        raise PipelineError(f"shard.index={index} is not in 0..{count - 1}: use 0 <= shard.index < shard.count")
-    return np.array_split(np.arange(n_images, dtype=np.int64), count)[index]
 
 
 def run(ctx) -> None:
