@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,6 +43,9 @@ class Photos:
     spec: Preprocessing
     exif: bool = True
     arrays: np.ndarray | None = None
+    # ids whose file could not be opened while drawing (open_photo warned, naming it): the
+    # sheets' record keeps them, so a report redraws the sheets once the files are back
+    unreadable: set = field(default_factory=set)
 
     @classmethod
     def of_table(cls, table: ImageTable, spec: Preprocessing) -> "Photos":
@@ -65,7 +68,7 @@ class Photos:
         resize allows), uint8 RGB, or None when it cannot be read."""
         if self.arrays is not None:
             return to_rgb(self.arrays[image_id])
-        return open_photo(self.paths[image_id], self.exif, self.spec)
+        return self._seen(image_id, open_photo(self.paths[image_id], self.exif, self.spec))
 
     def model_view(self, image_id: int) -> np.ndarray | None:
         """The image as the model saw it (before normalisation), uint8 RGB, or None."""
@@ -74,11 +77,16 @@ class Photos:
         from pipeline.render.image_sheet import model_view
 
         if self.arrays is None:
-            return model_view(self.paths[image_id], self.spec.__dict__, self.exif)
+            return self._seen(image_id, model_view(self.paths[image_id], self.spec.__dict__, self.exif))
         photo = to_rgb(self.arrays[image_id])
         size = (self.spec.width, self.spec.height)
         if photo.shape[1::-1] != size:
             photo = np.asarray(Image.fromarray(photo).resize(size, Image.BILINEAR))
+        return photo
+
+    def _seen(self, image_id: int, photo: np.ndarray | None) -> np.ndarray | None:
+        if photo is None:
+            self.unreadable.add(int(image_id))
         return photo
 
     def display(self, image_id: int, pixels: np.ndarray):
@@ -509,7 +517,7 @@ def occlusion_sheets(part: Path, out_dir: Path, photos: Photos) -> list[Path]:
         for i, image_id in enumerate(tqdm(g["image"][()], desc="occlusion sheets", unit="sheet")):
             pixels = photos.model_view(int(image_id))
             if pixels is None:
-                continue  # unreadable now, though it was read for the maps
+                continue  # unreadable now, though it was read for the maps: open_photo warned, naming it
             cls = int(g["class"][i])
             fig = occlusion_figure(pixels, g, i, names[cls] if cls < len(names) else f"class {cls}")
             written.append(draw.save(fig, out_dir / f"image_{int(image_id)}.png", FAST_PNG))
@@ -555,6 +563,15 @@ def _stamp(f, stage: str) -> list:
     return [st.st_mtime_ns, st.st_size]
 
 
+def _file_state(path) -> list | None:
+    """[mtime_ns, size] of a photo's file, None when there is none."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size]
+
+
 def draw_stage_sheets(part: Path, run_dir: Path, stage: str, photos: Photos) -> list[Path]:
     """Draw the sheets of `stage` into run_dir/<stage>/ from `part` (the stage's part or
     results.h5) and the photos, and record what they were drawn from."""
@@ -564,10 +581,13 @@ def draw_stage_sheets(part: Path, run_dir: Path, stage: str, photos: Photos) -> 
 
     out_dir = Path(run_dir) / stage
     out_dir.mkdir(parents=True, exist_ok=True)
+    before = set(photos.unreadable)
     written = SHEETS[stage](Path(part), out_dir, photos)
     with h5py.File(part, "r") as f:
         stamp = _stamp(f, stage)
     record = dict(part=stamp, files=[Path(p).relative_to(out_dir).as_posix() for p in written])
+    if photos.unreadable - before:  # drawn without these photos: drawn again once their files change
+        record["unreadable"] = {str(i): _file_state(photos.paths[i]) for i in sorted(photos.unreadable - before)}
     with atomic_file(out_dir / RECORD, "w") as fh:
         json.dump(record, fh)
     return written
@@ -594,7 +614,10 @@ def redraw_stale_sheets(results_path: Path, run_dir: Path) -> list[Path]:
                 record = json.loads((folder / RECORD).read_text())
             except (OSError, ValueError):
                 record = {}
-            if record.get("part") == _stamp(f, stage) and all((folder / n).exists() for n in record["files"]):
+            back = [i for i, state in record.get("unreadable", {}).items()  # files put back or replaced since
+                    if int(i) < len(photos.paths) and _file_state(photos.paths[int(i)]) != state]
+            if record.get("part") == _stamp(f, stage) and all((folder / n).exists() for n in record["files"]) \
+                    and not back:
                 continue
             ids = f[stage]["image"][()] if stage != "cam" else f["cam"].attrs.get("drawn", np.zeros(0, np.int64))
             if stage != "activations" and not photos.readable(ids):
