@@ -38,6 +38,9 @@ def run(cfg, run_dir: Path) -> Path:
         modules = {stage: importlib.import_module(f"pipeline.stages.{stage}") for stage in cfg.stages}
         declared = [(stage, modules[stage].STAGE) for stage in cfg.stages]
         check_order(cfg, declared, store.stages_done())
+        if "train" in cfg.stages and "scan" in cfg.stages and cfg.model.kind != "snapshot":  # said before training
+            logger.warning("stages=[...scan...] scans model=%s, not the network trained here: add model=snapshot "
+                           "to scan the trained network", cfg.model.kind)
         models = Models(cfg)  # one model load serves every stage of this run
         for stage, spec in declared:
             check_order(cfg, [(stage, spec)], store.stages_done())  # an earlier stage may have been skipped

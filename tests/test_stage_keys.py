@@ -7,8 +7,10 @@ on that config (DictConfig._get_node, which attribute, item, `get`, `in`, select
 to_container all go through) is recorded against the stage whose `run` is on the stack.
 """
 
+import importlib
+
 import pytest
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import pipeline.store
 from conftest import save_image
@@ -19,6 +21,12 @@ from test_pipeline import compose_cfg
 
 STAGES = ("scan", "crop", "panels", "filters", "cam", "occlusion", "activations", "ablation", "randomization",
           "correspondence", "invariance")
+# on a segmentation dataset: dissect, and merge of dissect shards, whose dissection tables
+# (pipeline.dissect_tables.merge_shards) are fingerprinted with the dissect stage's keys
+SEGMENTATION_STAGES = ("dissect", "merge")
+MERGED_DISSECTION = "merge:dissect"
+TRAINING_STAGES = ("train", "evolution")
+# export and report read no key: they always run (tests/test_stage_spec.py checks their keys are ())
 
 
 class KeyReads:
@@ -50,14 +58,18 @@ class KeyReads:
             monkeypatch.setattr(module, "run", self._watched(stage, module.run))
         # the run record keeps the whole config as text: bookkeeping, not a result's input
         monkeypatch.setattr(pipeline.store, "write_run_attrs", self._unwatched(pipeline.store.write_run_attrs))
+        # so does the merge's copy of the run record (the config as text)
+        monkeypatch.setattr(OmegaConf, "to_yaml", self._unwatched(OmegaConf.to_yaml))
+        tables = importlib.import_module("pipeline.dissect_tables")
+        monkeypatch.setattr(tables, "merge_shards", self._watched(MERGED_DISSECTION, tables.merge_shards))
 
     def _watched(self, stage, run_stage):
         def watched(*args, **kwargs):
-            self.stage = stage
+            outer, self.stage = self.stage, stage
             try:
                 return run_stage(*args, **kwargs)
             finally:
-                self.stage = None
+                self.stage = outer
         return watched
 
     def _unwatched(self, function):
@@ -75,6 +87,14 @@ def undeclared(reads: set[str], keys) -> list[str]:
     declared = tuple(keys) + RUN_KEYS
     return sorted(k for k in reads if not any(k == d or k.startswith(d + ".") or d.startswith(k + ".")
                                               for d in declared))
+
+
+def declared_keys(stage: str, cfg) -> tuple[str, ...]:
+    """The keys a stage may read: its own, and those of the results it makes besides its own
+    (merge writes a scan, recorded under the scan's keys)."""
+    spec = importlib.import_module(f"pipeline.stages.{stage}").STAGE
+    return spec.keys + tuple(k for made in spec.made(cfg) for k in importlib.import_module(
+        f"pipeline.stages.{made}").STAGE.keys)
 
 
 def test_undeclared_finds_reads_outside_the_declaration():
@@ -108,6 +128,44 @@ def key_reads(tmp_path_factory):
     return log.reads
 
 
+@pytest.fixture(scope="module")
+def segmentation_reads(tmp_path_factory):
+    """Two dissect shards on a segmentation dataset, then their merge."""
+    from test_dissect import colour_dataset, colour_model, seg_overrides
+
+    root = tmp_path_factory.mktemp("seg_keys")
+    colour_model(root / "colour.keras")
+    colour_dataset(root, n=4)
+    log = KeyReads()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        log.install(monkeypatch, SEGMENTATION_STAGES)
+        for i in range(2):
+            run(compose_cfg(seg_overrides(root, root / "colour.keras", "stages=[scan,dissect]", "shard.count=2",
+                                          f"shard.index={i}")), root / f"shard{i}")
+        run(compose_cfg(seg_overrides(root, root / "colour.keras", "stages=[merge]",
+                                      f"merge.inputs=[{root / 'shard0'},{root / 'shard1'}]")), root / "merged")
+    return log.reads
+
+
+@pytest.fixture(scope="module")
+def training_reads(tmp_path_factory):
+    """train on a small labelled folder, then evolution over this run's snapshots."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("train_keys")
+    rng = np.random.default_rng(4)
+    for i in range(12):
+        save_image(root / "photos" / f"class_{i % 2}" / f"{i:02d}.png", rng.integers(0, 256, (16, 16, 3), np.uint8))
+    cfg = compose_cfg(["dataset=folder", f"dataset.path={root / 'photos'}", "stages=[train,evolution]",
+                       "model=snapshot", "train.epochs=2", "train.snapshots=[1]", "train.input_size=16",
+                       "train.filters=[4,4,4,4]", "train.dense=8", "topk=2", "batch_size=6", "crop.max_size=0"])
+    log = KeyReads()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        log.install(monkeypatch, TRAINING_STAGES)
+        run(cfg, root / "run")
+    return log.reads
+
+
 def test_the_recorder_sees_each_stage_read_its_own_keys(key_reads):
     assert set(key_reads) == set(STAGES)
     assert {"topk", "layers", "dataset.path"} <= key_reads["scan"]
@@ -121,3 +179,20 @@ def test_a_stage_reads_only_the_keys_it_declares(key_reads, stage):
 
     module = importlib.import_module(f"pipeline.stages.{stage}")
     assert undeclared(key_reads[stage], module.STAGE.keys) == [], f"add them to the keys of {stage}'s STAGE"
+
+
+@pytest.mark.parametrize("stage", SEGMENTATION_STAGES + (MERGED_DISSECTION,))
+def test_dissect_and_its_merge_read_only_their_keys(segmentation_reads, stage):
+    from pipeline.dissect_tables import DISSECT_KEYS
+
+    assert {"dissect.quantile", "dataset.masks"} <= segmentation_reads["dissect"]
+    assert {"merge.inputs", "dissect.min_iou"} <= segmentation_reads["merge"] | segmentation_reads[MERGED_DISSECTION]
+    keys = DISSECT_KEYS if stage == MERGED_DISSECTION else declared_keys(stage, compose_cfg([]))
+    assert undeclared(segmentation_reads[stage], keys) == [], f"add them to the keys of {stage}'s STAGE"
+
+
+@pytest.mark.parametrize("stage", TRAINING_STAGES)
+def test_train_and_evolution_read_only_their_keys(training_reads, stage):
+    assert "train.epochs" in training_reads["train"] and "evolution.channels" in training_reads["evolution"]
+    keys = importlib.import_module(f"pipeline.stages.{stage}").STAGE.keys
+    assert undeclared(training_reads[stage], keys) == [], f"add them to the keys of {stage}'s STAGE"

@@ -104,6 +104,3 @@ def run(ctx) -> None:
                           title=f"{model.name}: {len(tr)} training, {len(va)} validation images")
     logger.info("trained %d epochs in %.1f s; validation accuracy %.4f; curve in %s", tc.epochs, total,
                 history["val_accuracy"][-1], run_dir / SHEET)
-    if "scan" in cfg.stages and cfg.model.kind != "snapshot":
-        logger.warning("stages=[...scan...] scans model=%s, not the network trained here: add model=snapshot "
-                       "to scan the trained network", cfg.model.kind)
