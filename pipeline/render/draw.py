@@ -107,7 +107,8 @@ def open_photo(path: str, exif: bool = True, spec=None) -> np.ndarray | None:
         return to_rgb(read_photo(path, exif, spec))
     except (OSError, ValueError, Image.DecompressionBombError) as err:  # moved, changed or damaged since the scan
         logging.getLogger(__name__).warning("no photo for %s (%s): the drawings leave it out; put the file back at "
-                                            "that path and run stages=[report] to draw them with it", shown(path), err)
+                                            "that path and run stages=[report] overwrite=true to draw them with it",
+                                            shown(path), err)
         return None
 
 
