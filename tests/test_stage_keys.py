@@ -26,7 +26,7 @@ STAGES = ("scan", "crop", "panels", "filters", "cam", "occlusion", "activations"
 SEGMENTATION_STAGES = ("dissect", "merge")
 MERGED_DISSECTION = "merge:dissect"
 TRAINING_STAGES = ("train", "evolution")
-# export and report read no key: they always run (tests/test_stage_spec.py checks their keys are ())
+# export and report declare no keys (STAGE.keys == ()): they always run, from results.h5 only
 
 
 class KeyReads:
