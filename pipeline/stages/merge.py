@@ -23,8 +23,9 @@ from pipeline.topk import ChannelStats, TopK, merge_topk
 
 logger = logging.getLogger(__name__)
 
-# makes: a merge writes a scan besides its own record, and the stages after it read that scan
-STAGE = Stage(keys=("model", "dataset", "layers", "topk", "scan", "merge"), makes=("scan",))
+# makes: a merge writes a scan besides its own record, and the stages after it read that scan;
+# geometry and dissect are in its keys because the scan and dissection tables it writes depend on them
+STAGE = Stage(keys=("model", "dataset", "layers", "geometry", "topk", "scan", "dissect", "merge"), makes=("scan",))
 
 
 def shard_stores(patterns) -> list[Store]:
