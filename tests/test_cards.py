@@ -283,6 +283,20 @@ def _cell(lc, key):
     return cell
 
 
+def test_each_thumbnail_is_its_units_top_montage_area_averaged(results, rendered):
+    from pipeline.render.canvas import resize_patches
+
+    files, _ = rendered
+    with h5py.File(results, "r") as f:
+        lc = LayerCards.read(f, read_layers(f)[0], ImageIndex.read(f))
+        top = lc.compose(0, C, lc.template())[1]
+    want = resize_patches(top, (files.thumb, files.thumb)).astype(int)
+    for u in range(C):
+        err = np.abs(load(files.thumbs[u]).astype(int) - want).mean(axis=(1, 2, 3))
+        assert err[u] < 6, (u, err)  # JPEG q88 and the box filter's rounding, nothing more
+        assert err[u] == err.min(), (u, err)  # and no other unit's montage
+
+
 def test_every_unit_gets_a_card_and_a_thumbnail_of_fixed_size(rendered):
     files, lc = rendered
     assert sorted(files.cards) == list(range(C)) and sorted(files.thumbs) == list(range(C))

@@ -82,6 +82,7 @@ class Book:
     config: str
     figures: list = field(default_factory=list)  # run figures: (title, function () -> matplotlib Figure)
     notes: list[str] = field(default_factory=list)
+    pixels: dict = field(default_factory=dict)  # sheet path -> its pixels where the caller drew them just now
 
 
 def page_count(book: Book) -> int:
@@ -110,7 +111,10 @@ def _reduce(image: np.ndarray, max_px: int = MAX_IMAGE_PX) -> np.ndarray:
     return resize_patches(image[None, :h2 * f, :w2 * f, :3], (h2, w2))[0]
 
 
-def _load(path: Path) -> np.ndarray:
+def _load(path: Path, pixels: dict | None = None) -> np.ndarray:
+    """A sheet's pixels: from `pixels` where they are there (not decoded again), else its file."""
+    if pixels and path in pixels:
+        return pixels[path]
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
 
@@ -254,7 +258,7 @@ def write_book(book: Book, path: Path) -> int:
             _image_page(pdf, _figure_image(make()), title, n)
             bar.update(1)
         for layer in book.layers:
-            sheet = _load(layer.sheet)
+            sheet = _load(layer.sheet, book.pixels)
             tiles = layer.tiles()
             for i, (y0, y1, x0, x1) in enumerate(tiles):
                 n += 1
@@ -268,7 +272,7 @@ def write_book(book: Book, path: Path) -> int:
                 bar.update(1)
         for _, sheet in book.images:  # the sheet carries its own title
             n += 1
-            _image_page(pdf, _reduce(_load(sheet)), "", n)
+            _image_page(pdf, _reduce(_load(sheet, book.pixels)), "", n)
             bar.update(1)
         lines = book.config.rstrip("\n").splitlines() if book.config.strip() else []
         parts = _config_pages(book.config)

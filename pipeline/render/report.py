@@ -258,15 +258,16 @@ def _start_cards(f, infos, chosen: dict, cards: str, report_dir: Path):
     return CardRender(f, jobs, first=chosen)
 
 
-def _render_sheets(f, infos, n_ok: int, figures: dict, sheet_dir: Path, report_dir: Path):
+def _render_sheets(f, infos, n_ok: int, figures: dict, sheet_dir: Path, report_dir: Path, pixels: dict):
     """Layer sheets and their previews, the run figures (sheets/run/<name>.png and .pdf;
-    figures: name -> (title, function -> Figure))."""
+    figures: name -> (title, function -> Figure)); `pixels` gets each sheet's path -> pixels."""
     sheets: dict[str, Path] = {}
     previews: dict[str, Path] = {}
     for info in tqdm(infos, desc="layer sheets", unit="layer"):
         path = sheet_dir / f"{info.stored}.png"
         image = compose_sheet(f["layers"][info.stored], info, n_ok)
         write_png(path, image)
+        pixels[path] = image
         sheets[info.stored] = path
         previews[info.stored] = _preview(image, report_dir / "previews" / f"{info.stored}.jpg")
     figure_pngs = {}
@@ -419,7 +420,7 @@ class LayerFiles:
 
 
 def _layer_files(f: h5py.File, run: RunRecord, figures: dict, chosen: dict, cards: str, cache: RenderCache,
-                 sheet_dir: Path, report_dir: Path, meanwhile, with_first):
+                 sheet_dir: Path, report_dir: Path, meanwhile, with_first, pixels: dict):
     """Layer sheets, previews, run figures and unit cards: the last render's where their
     inputs did not change, else drawn now. While worker processes draw the cards, this
     process draws `meanwhile()` (the per-image sheets), then `with_first(layer files holding
@@ -433,7 +434,7 @@ def _layer_files(f: h5py.File, run: RunRecord, figures: dict, chosen: dict, card
         other = meanwhile()
         return files, other, with_first(files, other)
     with _start_cards(f, run.infos, chosen, cards, report_dir) as render:
-        sheets = _render_sheets(f, run.infos, run.n_ok, figures, sheet_dir, report_dir)
+        sheets = _render_sheets(f, run.infos, run.n_ok, figures, sheet_dir, report_dir, pixels)
         other = meanwhile()
         early = with_first(LayerFiles(*sheets, render.first_files()), other)
         files = LayerFiles(*sheets, render.result())
@@ -442,8 +443,9 @@ def _layer_files(f: h5py.File, run: RunRecord, figures: dict, chosen: dict, card
 
 
 def _image_sheets(f: h5py.File, run: RunRecord, ids: list[int], cache: RenderCache,
-                  sheet_dir: Path) -> list[tuple[int, Path, str]]:
-    """(image id, sheet, caption) of each per-image sheet: kept or drawn now."""
+                  sheet_dir: Path, pixels: dict) -> list[tuple[int, Path, str]]:
+    """(image id, sheet, caption) of each per-image sheet: kept or drawn now (then `pixels`
+    gets each one's path -> pixels)."""
     sheets = cache.kept("images")
     if sheets is not None:
         return sheets
@@ -455,7 +457,7 @@ def _image_sheets(f: h5py.File, run: RunRecord, ids: list[int], cache: RenderCac
     for image_id in tqdm(ids, desc="per-image sheets", unit="image"):
         fig, _ = image_sheet(f, run.per_image, image_id, names, spec, SHEET_DPI)
         dpi = min(SHEET_DPI, math.floor(MAX_IMAGE_PX / max(fig.get_size_inches())))
-        path = save_figure(fig, sheet_dir / "images" / f"image_{image_id}.png", dpi, alpha=False)
+        path = save_figure(fig, sheet_dir / "images" / f"image_{image_id}.png", dpi, alpha=False, keep=pixels)
         sheets.append((image_id, path, f"image #{image_id}: {shown(Path(run.paths[image_id]).name)}"))
     cache.record("images", sheets)
     return sheets
@@ -496,7 +498,7 @@ class ReportParts:
     notes: list[str]
 
 
-def _write_book(parts: ReportParts, path: Path) -> Path:
+def _write_book(parts: ReportParts, path: Path, pixels: dict | None = None) -> Path:
     from pipeline.render.book import Book, BookLayer, write_book
 
     run, cards = parts.run, parts.layers.card_files
@@ -507,7 +509,8 @@ def _write_book(parts: ReportParts, path: Path) -> Path:
                                   parts.grids.get(i.stored))
                         for i in run.infos],
                 images=[(caption, sheet) for _, sheet, caption in parts.image_sheets],
-                config=run.config, figures=list(parts.figures.values()), notes=parts.notes)
+                config=run.config, figures=list(parts.figures.values()), notes=parts.notes,
+                pixels=pixels or {})
     write_book(book, path)
     return path
 
@@ -572,13 +575,16 @@ def _draw_parts(f: h5py.File, out_dir: Path, sheet_dir: Path, report_dir: Path, 
         class_units=selective_units(f, infos),
         notes=missing_notes(f, run))
 
+    pixels: dict = {}  # the sheets drawn now, path -> pixels: the book takes them without decoding their PNGs
+
     def write(layers: LayerFiles, image_sheets: list) -> Path | None:
         if not book:
             return None
-        return _write_book(replace(parts, layers=layers, image_sheets=image_sheets), out_dir / "report.pdf")
+        return _write_book(replace(parts, layers=layers, image_sheets=image_sheets), out_dir / "report.pdf", pixels)
 
     layers, image_sheets, book_path = _layer_files(f, run, figures, chosen, cards, cache, sheet_dir, report_dir,
-                                                   partial(_image_sheets, f, run, ids, cache, sheet_dir), write)
+                                                   partial(_image_sheets, f, run, ids, cache, sheet_dir, pixels),
+                                                   write, pixels)
     return replace(parts, layers=layers, image_sheets=image_sheets), book_path
 
 

@@ -105,7 +105,11 @@ class GlyphFont:
         return box, 1, 0, float(w + 2)
 
     def width(self, text: str) -> int:
-        return int(math.ceil(sum(self._glyph(ch)[3] for ch in text)))
+        glyphs = self._glyphs
+        try:  # every character drawn before (nearly always): plain look-ups, the same sum
+            return int(math.ceil(sum(glyphs[ch][3] for ch in text)))
+        except KeyError:
+            return int(math.ceil(sum(self._glyph(ch)[3] for ch in text)))
 
     def fit(self, text: str, max_width: int | None) -> str:
         """`text`, cut and ended with an ellipsis where it is wider than max_width."""
