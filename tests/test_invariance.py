@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
+from pipeline.render.maps import redraw_stale_sheets
 from pipeline.runner import run
 from pipeline.layers import default_layers
 from pipeline.invariance import parameter_grid, transform_matrices, warp
@@ -18,6 +19,20 @@ from test_pipeline import compose_cfg
 from test_train import shapes_idx, write_idx
 
 S = 16
+
+
+def assert_redrawn(run_dir, names):
+    """The report's redraw hook keeps figures drawn from the stage's current part, and draws
+    again, from results.h5 alone, byte for byte, the ones deleted or drawn from an older part."""
+    sheets = run_dir / "sheets"
+    drawn = {n: (sheets / n).read_bytes() for n in names}
+    assert redraw_stale_sheets(run_dir / "results.h5", run_dir) == []  # up to date: nothing redrawn
+    for n in names:
+        (sheets / n).unlink()
+    redrawn = redraw_stale_sheets(run_dir / "results.h5", run_dir)
+    assert {p.relative_to(sheets).as_posix() for p in redrawn} >= set(names)
+    assert {n: (sheets / n).read_bytes() for n in names} == drawn
+    return redrawn
 
 
 def warped(kind, value, image, fill="constant"):
@@ -193,6 +208,11 @@ def test_store_layout_and_figure(invariance_run):
         assert "invariance" in json.loads(f.attrs["stages_done"])
     for suffix in (".png", ".pdf"):
         assert (results.parent / "sheets" / f"invariance{suffix}").stat().st_size > 10_000
+    assert_redrawn(results.parent, ["invariance.png"])
+    record = results.parent / "sheets" / ".invariance.sheets.json"  # as if drawn from an earlier run
+    record.write_text(json.dumps(dict(json.loads(record.read_text()), part=[0, 0])))
+    redrawn = redraw_stale_sheets(results, results.parent)
+    assert sorted(p.name for p in redrawn) == ["invariance.pdf", "invariance.png"]
 
 
 def test_default_layers():
@@ -243,6 +263,7 @@ def test_correspondence_stage_against_brute_force(tmp_path, invariance_run):
         expected = np.mean([np.mean(signs[i] != signs[j]) for i in range(4) for j in range(4) if i != j])
         assert score[0] == pytest.approx(expected, abs=1e-6)
     assert (tmp_path / "run" / "sheets" / "correspondence.png").stat().st_size > 5_000
+    assert_redrawn(tmp_path / "run", ["correspondence.png"])
 
 
 # ---------------------------------------------------------------- run.py end to end
@@ -263,6 +284,8 @@ def test_run_py_trains_evolves_measures_and_skips_on_rerun(tmp_path):
     for name in ("conv1", "conv2", "conv3", "conv4", "topk_change"):
         assert (run_dir / "sheets" / "evolution" / f"{name}.png").exists()
     assert sorted(os.listdir(run_dir / "snapshots")) == ["epoch_001.keras", "epoch_002.keras", "preprocessing.json"]
+    redrawn = assert_redrawn(run_dir, ["training_curve.png", "evolution/conv2.png", "evolution/topk_change.png"])
+    assert {p.name for p in redrawn} >= {"training_curve.pdf", "conv1.png", "topk_change.pdf"}  # all of a stage's
     before = (run_dir / "results.h5").read_bytes()
     again = run_py(*args, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]

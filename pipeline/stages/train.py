@@ -18,16 +18,14 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.models.sources import SNAPSHOT_DIR, save_spec, snapshot_path
-from pipeline.render.training import draw_training_curve
+from pipeline.render.maps import draw_stage_figures
+from pipeline.render.training import TRAINING_CURVE
 from pipeline.stage_spec import Stage
 from pipeline.store import write_strings
 
 logger = logging.getLogger(__name__)
 
 STAGE = Stage(keys=("dataset", "train"), part="train.h5")
-
-SHEET = Path("sheets") / "training_curve.png"
-
 
 def run(ctx) -> None:
     import json
@@ -94,13 +92,12 @@ def run(ctx) -> None:
         g["snapshot_epoch"] = np.asarray(snapshots, np.int64)
         write_strings(g, "snapshot_file", [snapshot_path(Path("."), e).as_posix() for e in snapshots])
         g["val_predicted"] = np.stack([predicted[e] for e in snapshots]).astype(np.int64)
-        g.attrs.update(classes=classes, class_names=json.dumps(class_names), input_size=list(spec.size),
+        g.attrs.update(model=model.name, classes=classes, class_names=json.dumps(class_names), input_size=list(spec.size),
                        channels=spec.channels, parameters=model.count_params(),
                        architecture=json.dumps(dict(filters=[int(x) for x in tc.filters], dense=int(tc.dense),
                                                     dropout=float(tc.dropout))),
                        optimizer=tc.optimizer, lr=float(tc.lr), batch_size=int(tc.batch_size),
                        seed=int(tc.seed), validation=float(tc.validation), seconds_total=total)
-    draw_training_curve(history, snapshots, run_dir / SHEET,
-                          title=f"{model.name}: {len(tr)} training, {len(va)} validation images")
+    draw_stage_figures(ctx.part, run_dir, "train")  # from the part: the report redraws the same
     logger.info("trained %d epochs in %.1f s; validation accuracy %.4f; curve in %s", tc.epochs, total,
-                history["val_accuracy"][-1], run_dir / SHEET)
+                history["val_accuracy"][-1], run_dir / TRAINING_CURVE)
