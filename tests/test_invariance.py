@@ -241,11 +241,11 @@ def test_correspondence_stage_against_brute_force(tmp_path, invariance_run):
 
     _, images, _, results = invariance_run
     root = results.parent.parent
-    cfg = compose_cfg(["model=file", f"model.path={root / 'hand.keras'}", "model.preprocess=unit", "dataset=idx",
-                       f"dataset.path={root}", "layers=[pix]", "stages=[correspondence]", "batch_size=4",
-                       "correspondence.images=[0,2,3,5]", "correspondence.parts=[[0.25,0.25,0.5,0.75]]",
-                       "correspondence.part_names=[middle]", "correspondence.random=3"])
-    run(cfg, tmp_path / "run")
+    cfg_args = ["model=file", f"model.path={root / 'hand.keras'}", "model.preprocess=unit", "dataset=idx",
+                f"dataset.path={root}", "layers=[pix]", "batch_size=4"]
+    run(compose_cfg(cfg_args + ["stages=[correspondence]", "correspondence.images=[0,2,3,5]",
+                                "correspondence.parts=[[0.25,0.25,0.5,0.75]]", "correspondence.part_names=[middle]",
+                                "correspondence.random=3"]), tmp_path / "run")
     np.testing.assert_array_equal(pixel_box([0.25, 0.25, 0.5, 0.75], (S, S)), [4, 4, 8, 12])
     with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
         g = f["correspondence"]
@@ -264,6 +264,12 @@ def test_correspondence_stage_against_brute_force(tmp_path, invariance_run):
         assert score[0] == pytest.approx(expected, abs=1e-6)
     assert (tmp_path / "run" / "sheets" / "correspondence.png").stat().st_size > 5_000
     assert_redrawn(tmp_path / "run", ["correspondence.png"])
+    # through the report stage, which calls the redraw hook
+    figure = tmp_path / "run" / "sheets" / "correspondence.png"
+    drawn = figure.read_bytes()
+    figure.unlink()
+    run(compose_cfg(cfg_args + ["stages=[report]", "report.cards=none", "report.pdf=false"]), tmp_path / "run")
+    assert figure.read_bytes() == drawn
 
 
 # ---------------------------------------------------------------- run.py end to end
