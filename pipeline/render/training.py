@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.names import shown
+from pipeline.render.results import as_str
 from pipeline.render.canvas import (
     BACKGROUND,
     Label,
@@ -252,17 +253,13 @@ EVOLUTION_DIR = Path("sheets") / "evolution"
 CHANGE_FIGURE = "topk_change.png"
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def training_curve_sheet(f, run_dir: Path) -> list[Path]:
     """sheets/training_curve.png and .pdf from train/."""
     g = f["train"]
     history = {key: g[key][()] for key in ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")}
     path = Path(run_dir) / TRAINING_CURVE
     draw_training_curve(history, g["snapshot_epoch"][()].tolist(), path,
-                        title=f"{_text(g.attrs['model'])}: {len(g['train_ids'])} training, "
+                        title=f"{as_str(g.attrs['model'])}: {len(g['train_ids'])} training, "
                               f"{len(g['val_ids'])} validation images")
     return [path, path.with_suffix(".pdf")]
 
@@ -275,7 +272,7 @@ def invariance_sheet(f, run_dir: Path) -> list[Path]:
     from pipeline.store import read_strings, stored_name
 
     g = f["invariance"]
-    names = json.loads(_text(g.attrs["layers"]))
+    names = json.loads(as_str(g.attrs["layers"]))
     curves, grids = {}, {}
     for kind in (k for k in AXIS_LABEL if k in g):  # the stage's order of kinds
         k = g[kind]
@@ -284,7 +281,7 @@ def invariance_sheet(f, run_dir: Path) -> list[Path]:
         grids[kind] = (k["values"][()], int(k.attrs["identity"]))
     path = Path(run_dir) / INVARIANCE
     draw_invariance(curves, grids, names, g["images"][()], read_strings(g["target_name"]),
-                    g["target_is_label"][()], path, _text(g.attrs["model"]))
+                    g["target_is_label"][()], path, as_str(g.attrs["model"]))
     return [path, path.with_suffix(".pdf")]
 
 
@@ -294,7 +291,7 @@ def correspondence_sheet(f, run_dir: Path) -> list[Path]:
 
     g = f["correspondence"]
     path = Path(run_dir) / CORRESPONDENCE
-    draw_correspondence(json.loads(_text(g.attrs["parts"])), json.loads(_text(g.attrs["layers"])), g["score"][()],
+    draw_correspondence(json.loads(as_str(g.attrs["parts"])), json.loads(as_str(g.attrs["layers"])), g["score"][()],
                         g["random_score"][()], path, len(g["images"]))
     return [path, path.with_suffix(".pdf")]
 
@@ -311,9 +308,10 @@ def evolution_sheets(f, run_dir: Path) -> list[Path]:
     layers = sorted((sub for sub in g.values() if isinstance(sub, h5py.Group)), key=lambda sub: int(sub.attrs["depth"]))
     written, changes = [], {}
     for sub in layers:
-        name, rows = _text(sub.attrs["name"]), sub["channels"][()]
+        name, rows = as_str(sub.attrs["name"]), sub["channels"][()]
         # one channel at a time: the stored patches of every channel may not fit in memory
-        patches = np.stack([sub["patches"][:, int(r), :p] for r in rows], axis=1)
+        patches = np.stack([sub["patches"][:, int(r), :p] for r in rows], axis=1) if len(rows) else \
+            np.zeros(sub["patches"].shape[:1] + (0, p) + sub["patches"].shape[3:], np.uint8)
         valid = sub["topk/image"][()][:, rows, :p] >= 0
         sheet, _, _ = compose_evolution_sheet(
             patches, valid, epochs, rows, name,

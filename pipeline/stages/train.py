@@ -1,10 +1,11 @@
 """`train` stage: train the tutorials' small convnet from scratch on the run's dataset.
 
 Saves the model after the chosen epochs (`snapshots/epoch_%03d.keras`), records the
-training and validation curves in results.h5 (`train/`) and draws them
-(`sheets/training_curve.png` and `.pdf`). The model config of the run plays no part:
-the network is built here. Later stages of the same run (evolution, invariance) use
-its snapshots; other runs load one with `model=snapshot model.run_dir=<this run>`.
+training and validation curves in results.h5 (`train/`) and draws them from there
+(`sheets/training_curve.png` and `.pdf`, render.training; the report draws them again).
+The model config of the run plays no part: the network is built here. Later stages of
+the same run (evolution, invariance) use its snapshots; other runs load one with
+`model=snapshot model.run_dir=<this run>`.
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def run(ctx) -> None:
         g["snapshot_epoch"] = np.asarray(snapshots, np.int64)
         write_strings(g, "snapshot_file", [snapshot_path(Path("."), e).as_posix() for e in snapshots])
         g["val_predicted"] = np.stack([predicted[e] for e in snapshots]).astype(np.int64)
-        g.attrs.update(model=model.name, classes=classes, class_names=json.dumps(class_names), input_size=list(spec.size),
-                       channels=spec.channels, parameters=model.count_params(),
+        g.attrs.update(model=model.name, classes=classes, class_names=json.dumps(class_names),
+                       input_size=list(spec.size), channels=spec.channels, parameters=model.count_params(),
                        architecture=json.dumps(dict(filters=[int(x) for x in tc.filters], dense=int(tc.dense),
                                                     dropout=float(tc.dropout))),
                        optimizer=tc.optimizer, lr=float(tc.lr), batch_size=int(tc.batch_size),
