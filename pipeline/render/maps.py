@@ -1,6 +1,8 @@
 """Per-image sheets of the map stages, drawn from each stage's part and the images:
 Grad-CAM family overlays and per-class means (cam/), activation grids and the blank
-fraction by depth (activations/), occlusion sensitivity maps (occlusion/).
+fraction by depth (activations/), occlusion sensitivity maps (occlusion/). Also the
+report's hook that draws again the sheets, and the training stages' figures
+(render.training.FIGURES), that are missing or older than their stage's part.
 """
 
 from __future__ import annotations

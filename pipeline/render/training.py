@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.names import shown
-from pipeline.render.results import as_str
 from pipeline.render.canvas import (
     BACKGROUND,
     Label,
@@ -20,6 +19,7 @@ from pipeline.render.canvas import (
     montage,
     resize_patches,
 )
+from pipeline.render.results import as_str
 from pipeline.store import replacing
 
 logger = logging.getLogger(__name__)
@@ -291,8 +291,8 @@ def correspondence_sheet(f, run_dir: Path) -> list[Path]:
 
     g = f["correspondence"]
     path = Path(run_dir) / CORRESPONDENCE
-    draw_correspondence(json.loads(as_str(g.attrs["parts"])), json.loads(as_str(g.attrs["layers"])), g["score"][()],
-                        g["random_score"][()], path, len(g["images"]))
+    draw_correspondence(json.loads(as_str(g.attrs["parts"])), json.loads(as_str(g.attrs["layers"])),
+                        g["score"][()], g["random_score"][()], path, len(g["images"]))
     return [path, path.with_suffix(".pdf")]
 
 
@@ -305,7 +305,8 @@ def evolution_sheets(f, run_dir: Path) -> list[Path]:
     g = f["evolution"]
     epochs = g["epochs"][()]
     count, k, p = int(g.attrs["images"]), int(g.attrs["k"]), int(g.attrs["drawn_patches"])
-    layers = sorted((sub for sub in g.values() if isinstance(sub, h5py.Group)), key=lambda sub: int(sub.attrs["depth"]))
+    layers = sorted((sub for sub in g.values() if isinstance(sub, h5py.Group)),
+                    key=lambda sub: int(sub.attrs["depth"]))
     written, changes = [], {}
     for sub in layers:
         name, rows = as_str(sub.attrs["name"]), sub["channels"][()]

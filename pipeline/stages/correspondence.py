@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 STAGE = Stage(keys=("model", "dataset", "layers", "train", "correspondence"), part="correspondence.h5",
               reads=own_snapshots)
 
+
 def run(ctx) -> None:
     from pipeline import train as T
     from pipeline.layers import select_layers

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 STAGE = Stage(keys=("model", "dataset", "layers", "geometry", "topk", "crop", "train", "evolution"),
               part="evolution.h5", needs=own_snapshots, resume=batch_resume)
 
+
 def run(ctx) -> None:
     from pipeline.datasets import BatchStream
     from pipeline.geometry import layer_geometry

@@ -39,6 +39,7 @@ STAGE = Stage(keys=("model", "dataset", "layers", "train", "invariance.images", 
                     "invariance.fill_mode", "invariance.target"),
               part="invariance.h5", reads=("train",))
 
+
 def run(ctx) -> None:
     from pipeline import train as T
     from pipeline.layers import select_layers
