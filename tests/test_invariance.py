@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
+from pipeline.render.maps import redraw_stale_sheets
 from pipeline.runner import run
 from pipeline.layers import default_layers
 from pipeline.invariance import parameter_grid, transform_matrices, warp
@@ -18,6 +19,20 @@ from test_pipeline import compose_cfg
 from test_train import shapes_idx, write_idx
 
 S = 16
+
+
+def assert_redrawn(run_dir, names):
+    """The report's redraw hook keeps figures drawn from the stage's current part, and draws
+    again, from results.h5 alone, byte for byte, the ones deleted or drawn from an older part."""
+    sheets = run_dir / "sheets"
+    drawn = {n: (sheets / n).read_bytes() for n in names}
+    assert redraw_stale_sheets(run_dir / "results.h5", run_dir) == []  # up to date: nothing redrawn
+    for n in names:
+        (sheets / n).unlink()
+    redrawn = redraw_stale_sheets(run_dir / "results.h5", run_dir)
+    assert {p.relative_to(sheets).as_posix() for p in redrawn} >= set(names)
+    assert {n: (sheets / n).read_bytes() for n in names} == drawn
+    return redrawn
 
 
 def warped(kind, value, image, fill="constant"):
@@ -193,6 +208,7 @@ def test_store_layout_and_figure(invariance_run):
         assert "invariance" in json.loads(f.attrs["stages_done"])
     for suffix in (".png", ".pdf"):
         assert (results.parent / "sheets" / f"invariance{suffix}").stat().st_size > 10_000
+    assert_redrawn(results.parent, ["invariance.png"])
 
 
 def test_default_layers():
@@ -221,11 +237,11 @@ def test_correspondence_stage_against_brute_force(tmp_path, invariance_run):
 
     _, images, _, results = invariance_run
     root = results.parent.parent
-    cfg = compose_cfg(["model=file", f"model.path={root / 'hand.keras'}", "model.preprocess=unit", "dataset=idx",
-                       f"dataset.path={root}", "layers=[pix]", "stages=[correspondence]", "batch_size=4",
-                       "correspondence.images=[0,2,3,5]", "correspondence.parts=[[0.25,0.25,0.5,0.75]]",
-                       "correspondence.part_names=[middle]", "correspondence.random=3"])
-    run(cfg, tmp_path / "run")
+    cfg_args = ["model=file", f"model.path={root / 'hand.keras'}", "model.preprocess=unit", "dataset=idx",
+                f"dataset.path={root}", "layers=[pix]", "batch_size=4"]
+    run(compose_cfg(cfg_args + ["stages=[correspondence]", "correspondence.images=[0,2,3,5]",
+                                "correspondence.parts=[[0.25,0.25,0.5,0.75]]", "correspondence.part_names=[middle]",
+                                "correspondence.random=3"]), tmp_path / "run")
     np.testing.assert_array_equal(pixel_box([0.25, 0.25, 0.5, 0.75], (S, S)), [4, 4, 8, 12])
     with h5py.File(tmp_path / "run" / "results.h5", "r") as f:
         g = f["correspondence"]
@@ -243,6 +259,15 @@ def test_correspondence_stage_against_brute_force(tmp_path, invariance_run):
         expected = np.mean([np.mean(signs[i] != signs[j]) for i in range(4) for j in range(4) if i != j])
         assert score[0] == pytest.approx(expected, abs=1e-6)
     assert (tmp_path / "run" / "sheets" / "correspondence.png").stat().st_size > 5_000
+    assert_redrawn(tmp_path / "run", ["correspondence.png"])
+    # through the report stage, which calls the redraw hook: a figure drawn from an earlier run is drawn again
+    figure = tmp_path / "run" / "sheets" / "correspondence.png"
+    drawn = figure.read_bytes()
+    figure.write_bytes(b"stale")
+    record = tmp_path / "run" / "sheets" / ".correspondence.sheets.json"
+    record.write_text(json.dumps(dict(json.loads(record.read_text()), part=[0, 0])))
+    run(compose_cfg(cfg_args + ["stages=[report]", "report.cards=none", "report.pdf=false"]), tmp_path / "run")
+    assert figure.read_bytes() == drawn
 
 
 # ---------------------------------------------------------------- run.py end to end
@@ -263,6 +288,8 @@ def test_run_py_trains_evolves_measures_and_skips_on_rerun(tmp_path):
     for name in ("conv1", "conv2", "conv3", "conv4", "topk_change"):
         assert (run_dir / "sheets" / "evolution" / f"{name}.png").exists()
     assert sorted(os.listdir(run_dir / "snapshots")) == ["epoch_001.keras", "epoch_002.keras", "preprocessing.json"]
+    redrawn = assert_redrawn(run_dir, ["training_curve.png", "evolution/conv2.png", "evolution/topk_change.png"])
+    assert {p.name for p in redrawn} >= {"training_curve.pdf", "conv1.png", "topk_change.pdf"}  # all of a stage's
     before = (run_dir / "results.h5").read_bytes()
     again = run_py(*args, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]

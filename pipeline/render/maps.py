@@ -1,6 +1,8 @@
 """Per-image sheets of the map stages, drawn from each stage's part and the images:
 Grad-CAM family overlays and per-class means (cam/), activation grids and the blank
-fraction by depth (activations/), occlusion sensitivity maps (occlusion/).
+fraction by depth (activations/), occlusion sensitivity maps (occlusion/). Also the
+report's hook that draws again the sheets, and the training stages' figures
+(render.training.FIGURES), that are missing or older than their stage's part.
 """
 
 from __future__ import annotations
@@ -593,19 +595,70 @@ def draw_stage_sheets(part: Path, run_dir: Path, stage: str, photos: Photos) -> 
     return written
 
 
+def _figure_record(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / "sheets" / f".{stage}{RECORD}"
+
+
+def draw_stage_figures(part: Path, run_dir: Path, stage: str) -> list[Path]:
+    """Draw the figures of a stage that trains or measures a network (render.training.FIGURES)
+    into run_dir/sheets/ from `part` (the stage's part or results.h5) alone, and record
+    what they were drawn from."""
+    import h5py
+
+    from pipeline.render.training import FIGURES
+    from pipeline.store import atomic_file
+
+    with h5py.File(part, "r") as f:
+        written = FIGURES[stage][1](f, Path(run_dir))
+        stamp = _stamp(f, stage)
+    record = _figure_record(run_dir, stage)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(record, "w") as fh:
+        json.dump(dict(part=stamp, files=[Path(p).relative_to(run_dir).as_posix() for p in written]), fh)
+    return written
+
+
+def redraw_stale_figures(results_path: Path, run_dir: Path) -> list[Path]:
+    """Redraw from results.h5 the figures of each stage of render.training.FIGURES that are
+    missing or were drawn from an older run of the stage; keep the others."""
+    import h5py
+
+    from pipeline.render.training import FIGURES
+
+    stale = []
+    with h5py.File(results_path, "r") as f:
+        for stage, (needed, _) in FIGURES.items():
+            if stage not in f or (needed not in f[stage] and needed not in f[stage].attrs):
+                continue  # not run, or by a version that did not keep all the figures need
+            try:
+                record = json.loads(_figure_record(run_dir, stage).read_text())
+            except (OSError, ValueError):
+                record = {}
+            if record.get("part") != _stamp(f, stage) or \
+                    not all((Path(run_dir) / n).exists() for n in record.get("files", [])):
+                stale.append(stage)
+    written = []
+    for stage in stale:
+        logger.info("report: %s figures missing or older than the stage's results: drawn again", stage)
+        written += draw_stage_figures(Path(results_path), run_dir, stage)
+    return written
+
+
 def redraw_stale_sheets(results_path: Path, run_dir: Path) -> list[Path]:
     """Redraw, from results.h5 and the photos, the sheets of each per-image stage whose
-    sheets are missing or were drawn from an older run of the stage; keep the others."""
+    sheets are missing or were drawn from an older run of the stage, and the figures of
+    the stages that train or measure a network (redraw_stale_figures); keep the others."""
     import h5py
 
     from pipeline.errors import PipelineError
 
+    written = redraw_stale_figures(results_path, run_dir)
     stale = []
     with h5py.File(results_path, "r") as f:
         try:
             photos = Photos.of_results(f)
         except (TypeError, PipelineError):  # no preprocessing recorded, or another version's
-            return []
+            return written
         for stage in SHEETS:
             if stage not in f or "image" not in f[stage] or NEEDED[stage] not in f[stage].attrs:
                 continue  # not run, or drawn by a version that kept what the sheets need elsewhere
@@ -625,7 +678,6 @@ def redraw_stale_sheets(results_path: Path, run_dir: Path) -> list[Path]:
                                "or moved files): run stages=[%s] to draw them", stage, stage)
                 continue
             stale.append(stage)
-    written = []
     for stage in stale:
         logger.info("report: %s sheets missing or older than the stage's results: drawn again", stage)
         written += draw_stage_sheets(Path(results_path), run_dir, stage, photos)

@@ -19,6 +19,7 @@ from pipeline.render.canvas import (
     montage,
     resize_patches,
 )
+from pipeline.render.results import as_str
 from pipeline.store import replacing
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ def draw_change(epochs, changes: dict[str, np.ndarray], path: Path, images: int,
     save_png_pdf(fig, path)
 
 
-def draw_invariance(curves, grids, names, ids, targets, target_is_label, class_names, path: Path,
+def draw_invariance(curves, grids, names, ids, target_names, target_is_label, path: Path,
                     model_name: str = "") -> None:
     """Rows: the kinds of `grids` (vertical shift, rotation, scale). Columns: examples of the first image, the
     distance of each layer's feature vector to the original's, the probability of the
@@ -186,8 +187,8 @@ def draw_invariance(curves, grids, names, ids, targets, target_is_label, class_n
         for i in range(len(ids)):
             line, = ax.plot(values, probability[i], "-", color=colors[i], lw=1.2)
             if r == 0:
-                name = shown(class_names[targets[i]]) if targets[i] < len(class_names) else f"class {targets[i]}"
-                handles.append((line, f"image {ids[i]}: {name}{'' if target_is_label[i] else ' (predicted)'}"))
+                handles.append((line, f"image {ids[i]}: {shown(target_names[i])}"
+                                      f"{'' if target_is_label[i] else ' (predicted)'}"))
         ax.set_ylim(-0.03, 1.03)
         if r == 0:
             ax.set_title("P(true class)", fontsize=9)
@@ -239,3 +240,97 @@ def save_png_pdf(fig, path: Path) -> None:
     for target, options in ((path, dict(dpi=200)), (path.with_suffix(".pdf"), {})):
         with replacing(target) as tmp:
             fig.savefig(tmp, **options)
+
+
+# ----------------------------------------------------------------------------
+# drawn from the stage's group alone (its part, or results.h5): the stage draws them after
+# writing its part, and the report stage draws them again when missing or stale
+
+TRAINING_CURVE = Path("sheets") / "training_curve.png"
+INVARIANCE = Path("sheets") / "invariance.png"
+CORRESPONDENCE = Path("sheets") / "correspondence.png"
+EVOLUTION_DIR = Path("sheets") / "evolution"
+CHANGE_FIGURE = "topk_change.png"
+
+
+def training_curve_sheet(f, run_dir: Path) -> list[Path]:
+    """sheets/training_curve.png and .pdf from train/."""
+    g = f["train"]
+    history = {key: g[key][()] for key in ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")}
+    path = Path(run_dir) / TRAINING_CURVE
+    draw_training_curve(history, g["snapshot_epoch"][()].tolist(), path,
+                        title=f"{as_str(g.attrs['model'])}: {len(g['train_ids'])} training, "
+                              f"{len(g['val_ids'])} validation images")
+    return [path, path.with_suffix(".pdf")]
+
+
+def invariance_sheet(f, run_dir: Path) -> list[Path]:
+    """sheets/invariance.png and .pdf from invariance/: the curves of every stored kind and the
+    transformed first image."""
+    import json
+
+    from pipeline.store import read_strings, stored_name
+
+    g = f["invariance"]
+    names = json.loads(as_str(g.attrs["layers"]))
+    curves, grids = {}, {}
+    for kind in (k for k in AXIS_LABEL if k in g):  # the stage's order of kinds
+        k = g[kind]
+        distance = {name: k["distance"][stored_name(name)][()] for name in names}
+        curves[kind] = (distance, None, k["probability"][()], None, k["pixels"][:1])  # the first image's frames
+        grids[kind] = (k["values"][()], int(k.attrs["identity"]))
+    path = Path(run_dir) / INVARIANCE
+    draw_invariance(curves, grids, names, g["images"][()], read_strings(g["target_name"]),
+                    g["target_is_label"][()], path, as_str(g.attrs["model"]))
+    return [path, path.with_suffix(".pdf")]
+
+
+def correspondence_sheet(f, run_dir: Path) -> list[Path]:
+    """sheets/correspondence.png and .pdf from correspondence/."""
+    import json
+
+    g = f["correspondence"]
+    path = Path(run_dir) / CORRESPONDENCE
+    draw_correspondence(json.loads(as_str(g.attrs["parts"])), json.loads(as_str(g.attrs["layers"])),
+                        g["score"][()], g["random_score"][()], path, len(g["images"]))
+    return [path, path.with_suffix(".pdf")]
+
+
+def evolution_sheets(f, run_dir: Path) -> list[Path]:
+    """sheets/evolution/<layer>.png (the drawn channels' stored patches, snapshots in columns)
+    and, with two snapshots or more, topk_change.png and .pdf, from evolution/."""
+    import h5py
+    from PIL import Image
+
+    g = f["evolution"]
+    epochs = g["epochs"][()]
+    count, k, p = int(g.attrs["images"]), int(g.attrs["k"]), int(g.attrs["drawn_patches"])
+    layers = sorted((sub for sub in g.values() if isinstance(sub, h5py.Group)),
+                    key=lambda sub: int(sub.attrs["depth"]))
+    written, changes = [], {}
+    for sub in layers:
+        name, rows = as_str(sub.attrs["name"]), sub["channels"][()]
+        # one channel at a time: the stored patches of every channel may not fit in memory
+        patches = np.stack([sub["patches"][:, int(r), :p] for r in rows], axis=1) if len(rows) else \
+            np.zeros(sub["patches"].shape[:1] + (0, p) + sub["patches"].shape[3:], np.uint8)
+        valid = sub["topk/image"][()][:, rows, :p] >= 0
+        sheet, _, _ = compose_evolution_sheet(
+            patches, valid, epochs, rows, name,
+            f"top-{p} patch{'es' if p > 1 else ''} of {len(rows)} channels over {count} images, per snapshot")
+        path = Path(run_dir) / EVOLUTION_DIR / f"{sub.name.rsplit('/', 1)[-1]}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(path) as tmp:
+            Image.fromarray(sheet).save(tmp, format="PNG", compress_level=1, dpi=(150, 150))
+        written.append(path)
+        changes[name] = sub["change"][()]
+    if len(epochs) > 1:
+        path = Path(run_dir) / EVOLUTION_DIR / CHANGE_FIGURE
+        draw_change(epochs, changes, path, count, k)
+        written += [path, path.with_suffix(".pdf")]
+    return written
+
+
+# stage -> (what its group must hold for the drawing: older versions' parts lack it, the
+# function that draws its figures into the run directory and returns their paths)
+FIGURES = {"train": ("model", training_curve_sheet), "invariance": ("target_name", invariance_sheet),
+           "correspondence": ("score", correspondence_sheet), "evolution": ("drawn_patches", evolution_sheets)}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 
@@ -24,7 +23,8 @@ from pipeline.correspondence import occlusion_scores, pixel_box, random_boxes
 from pipeline.errors import PipelineError
 from pipeline.layers import default_layers
 from pipeline.models.sources import analysed_model, own_snapshots
-from pipeline.render.training import draw_correspondence
+from pipeline.render.maps import draw_stage_figures
+from pipeline.render.training import CORRESPONDENCE
 from pipeline.stage_spec import Stage
 from pipeline.store import stored_name
 
@@ -33,8 +33,6 @@ logger = logging.getLogger(__name__)
 # reads: this run's snapshots when it trained some (else the configured model)
 STAGE = Stage(keys=("model", "dataset", "layers", "train", "correspondence"), part="correspondence.h5",
               reads=own_snapshots)
-
-FIGURE = Path("sheets") / "correspondence.png"
 
 
 def run(ctx) -> None:
@@ -88,5 +86,5 @@ def run(ctx) -> None:
         g["random_boxes"] = random.reshape(len(parts), trials, 4).astype(np.int32)
         g["score"] = part_scores
         g["random_score"] = random_scores
-    draw_correspondence(part_names, names, part_scores, random_scores, run_dir / FIGURE, len(ids))
-    logger.info("correspondence scores in %s", run_dir / FIGURE)
+    draw_stage_figures(ctx.part, run_dir, "correspondence")  # from the part: the report redraws the same
+    logger.info("correspondence scores in %s", run_dir / CORRESPONDENCE)

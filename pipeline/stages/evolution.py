@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline.config import is_sequence
@@ -32,19 +30,17 @@ from pipeline.models.sources import (
     own_snapshots,
     snapshot_run_dir,
 )
-from pipeline.render.training import compose_evolution_sheet, draw_change
+from pipeline.render.maps import draw_stage_figures
+from pipeline.render.training import EVOLUTION_DIR
 from pipeline.per_image import batch_resume
 from pipeline.stage_spec import Stage
-from pipeline.store import remove_checked, replacing
+from pipeline.store import remove_checked
 
 logger = logging.getLogger(__name__)
 
 # needs this run's snapshots, unless model.run_dir names another run
 STAGE = Stage(keys=("model", "dataset", "layers", "geometry", "topk", "crop", "train", "evolution"),
               part="evolution.h5", needs=own_snapshots, resume=batch_resume)
-
-SHEET_DIR = Path("sheets") / "evolution"
-CHANGE_FIGURE = "topk_change.png"
 
 
 def run(ctx) -> None:
@@ -110,21 +106,12 @@ def run(ctx) -> None:
         g = f.create_group("evolution")
         g["epochs"] = np.asarray(epochs, np.int64)
         g.attrs.update(source=str(source), images=count, k=int(cfg.topk),
+                       drawn_patches=max(1, min(int(ec.patches), int(cfg.topk))),
                        layers=json.dumps(names), snapshot_sha256=json.dumps([b.weights_sha256 for b in bundles]))
         for depth, layer in enumerate(layers):
             write_layer(g.create_group(key_of[layer.name]), layer, depth, changes[layer.name],
                          chosen[layer.name])
 
-    p = max(1, min(int(ec.patches), int(cfg.topk)))
-    for layer in layers:
-        rows = chosen[layer.name]
-        sheet, _, _ = compose_evolution_sheet(
-            layer.patches[:, rows, :p], layer.image[:, rows, :p] >= 0, epochs, rows, layer.name,
-            f"top-{p} patch{'es' if p > 1 else ''} of {len(rows)} channels over {count} images, per snapshot")
-        path = run_dir / SHEET_DIR / f"{key_of[layer.name]}.png"
-        with replacing(path) as tmp:
-            Image.fromarray(sheet).save(tmp, format="PNG", compress_level=1, dpi=(150, 150))
-    if len(epochs) > 1:
-        draw_change(epochs, changes, run_dir / SHEET_DIR / CHANGE_FIGURE, count, int(cfg.topk))
+    draw_stage_figures(ctx.part, run_dir, "evolution")  # from the part: the report redraws the same
     remove_checked(state)
-    logger.info("evolution sheets in %s", run_dir / SHEET_DIR)
+    logger.info("evolution sheets in %s", run_dir / EVOLUTION_DIR)

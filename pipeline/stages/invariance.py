@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 
@@ -26,9 +25,10 @@ from pipeline.selection import choose_images
 from pipeline.layers import default_layers
 from pipeline.models.sources import analysed_model
 from pipeline.per_image import none_read
-from pipeline.render.training import draw_invariance
+from pipeline.render.maps import draw_stage_figures
+from pipeline.render.training import INVARIANCE
 from pipeline.stage_spec import Stage
-from pipeline.store import stored_name
+from pipeline.store import stored_name, write_strings
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,6 @@ STAGE = Stage(keys=("model", "dataset", "layers", "train", "invariance.images", 
                     "invariance.translation", "invariance.rotation", "invariance.scale", "invariance.steps",
                     "invariance.fill_mode", "invariance.target"),
               part="invariance.h5", reads=("train",))
-
-FIGURE = Path("sheets") / "invariance.png"
 
 
 def run(ctx) -> None:
@@ -101,6 +99,8 @@ def run(ctx) -> None:
                        units=json.dumps(dict(translation="fraction of the input side (down is positive)",
                                              rotation="degrees, counter-clockwise", scale="zoom factor")))
         g["images"], g["target"], g["target_is_label"] = ids, targets, target_is_label
+        write_strings(g, "target_name", [class_names[t] if t < len(class_names) else f"class {t}"
+                                         for t in targets])
         g["reference_probability"] = probs0[np.arange(len(ids)), targets].astype(np.float32)
         norms = g.create_group("norm")
         for kind in KINDS:
@@ -116,9 +116,8 @@ def run(ctx) -> None:
             k["probability"], k["predicted"] = probability, predicted
             k.create_dataset("pixels", data=shown, compression="gzip", compression_opts=4,
                              chunks=(1, 1) + shown.shape[2:])
-    draw_invariance(curves, grids, names, ids, targets, target_is_label, class_names, run_dir / FIGURE,
-                    bundle.name)
-    logger.info("invariance curves in %s", run_dir / FIGURE)
+    draw_stage_figures(ctx.part, run_dir, "invariance")  # from the part: the report redraws the same
+    logger.info("invariance curves in %s", run_dir / INVARIANCE)
 
 
 def _pair(value, kind: str) -> tuple[float, float]:

@@ -1,10 +1,11 @@
 """`train` stage: train the tutorials' small convnet from scratch on the run's dataset.
 
 Saves the model after the chosen epochs (`snapshots/epoch_%03d.keras`), records the
-training and validation curves in results.h5 (`train/`) and draws them
-(`sheets/training_curve.png` and `.pdf`). The model config of the run plays no part:
-the network is built here. Later stages of the same run (evolution, invariance) use
-its snapshots; other runs load one with `model=snapshot model.run_dir=<this run>`.
+training and validation curves in results.h5 (`train/`) and draws them from there
+(`sheets/training_curve.png` and `.pdf`, render.training; the report draws them again).
+The model config of the run plays no part: the network is built here. Later stages of
+the same run (evolution, invariance) use its snapshots; other runs load one with
+`model=snapshot model.run_dir=<this run>`.
 """
 
 from __future__ import annotations
@@ -18,16 +19,14 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.models.sources import SNAPSHOT_DIR, save_spec, snapshot_path
-from pipeline.render.training import draw_training_curve
+from pipeline.render.maps import draw_stage_figures
+from pipeline.render.training import TRAINING_CURVE
 from pipeline.stage_spec import Stage
 from pipeline.store import write_strings
 
 logger = logging.getLogger(__name__)
 
 STAGE = Stage(keys=("dataset", "train"), part="train.h5")
-
-SHEET = Path("sheets") / "training_curve.png"
-
 
 def run(ctx) -> None:
     import json
@@ -94,13 +93,12 @@ def run(ctx) -> None:
         g["snapshot_epoch"] = np.asarray(snapshots, np.int64)
         write_strings(g, "snapshot_file", [snapshot_path(Path("."), e).as_posix() for e in snapshots])
         g["val_predicted"] = np.stack([predicted[e] for e in snapshots]).astype(np.int64)
-        g.attrs.update(classes=classes, class_names=json.dumps(class_names), input_size=list(spec.size),
-                       channels=spec.channels, parameters=model.count_params(),
+        g.attrs.update(model=model.name, classes=classes, class_names=json.dumps(class_names),
+                       input_size=list(spec.size), channels=spec.channels, parameters=model.count_params(),
                        architecture=json.dumps(dict(filters=[int(x) for x in tc.filters], dense=int(tc.dense),
                                                     dropout=float(tc.dropout))),
                        optimizer=tc.optimizer, lr=float(tc.lr), batch_size=int(tc.batch_size),
                        seed=int(tc.seed), validation=float(tc.validation), seconds_total=total)
-    draw_training_curve(history, snapshots, run_dir / SHEET,
-                          title=f"{model.name}: {len(tr)} training, {len(va)} validation images")
+    draw_stage_figures(ctx.part, run_dir, "train")  # from the part: the report redraws the same
     logger.info("trained %d epochs in %.1f s; validation accuracy %.4f; curve in %s", tc.epochs, total,
-                history["val_accuracy"][-1], run_dir / SHEET)
+                history["val_accuracy"][-1], run_dir / TRAINING_CURVE)
