@@ -201,10 +201,10 @@ def image_sheet(f: h5py.File, pi: PerImage, image_id: int, names, spec: dict, dp
                             "activations (each channel standardised; grey: constant)" if i == 0 else "")
             axes = row.axes(band, 0.62 if i == 0 else 0.4, 0.1, row.even(4))
             for ax, (key, lname) in zip(axes, chunk):
-                maps = np.asarray(g[key][act_row], np.float32)
-                h, w, c = maps.shape
+                h, w, c = g[key].shape[1:]
                 n = min(c, ACTIVATION_GRID)
-                tiles = draw.channel_tiles(maps[..., :n], _blank(maps[..., :n]), max(32, h))
+                maps = np.asarray(g[key][act_row, :, :, :n], np.float32)  # only the channels drawn, of up to 1,280
+                tiles = draw.channel_tiles(maps, _blank(maps), max(32, h))
                 ax.imshow(draw.tile(tiles, math.isqrt(ACTIVATION_GRID)), interpolation="nearest")
                 ax.set_title(f"{lname}\nchannels 0-{n - 1} of {c} ({h}\u00d7{w})", fontsize=7)
                 ax.set_axis_off()
