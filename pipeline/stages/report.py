@@ -39,10 +39,8 @@ def render_inputs(store, options: dict) -> dict[str, str]:
 
 
 def run(ctx) -> None:
-    from pipeline.store import Store
-
     cfg, run_dir = ctx.cfg, ctx.run_dir
-    results = Store(run_dir).require("stages=[scan,crop,report]")
+    results = ctx.store.require("stages=[scan,crop,report]")
     rc = cfg.get("report") if hasattr(cfg, "get") else None
     options = {}
     if rc is not None:
@@ -52,6 +50,6 @@ def run(ctx) -> None:
             return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
         options = dict(cards=card_mode(rc.cards), units=plain(rc.units), pdf=bool(rc.pdf), per_image=plain(rc.per_image))
-    inputs = None if cfg.get("overwrite") else render_inputs(Store(run_dir), options)
+    inputs = None if cfg.get("overwrite") else render_inputs(ctx.store, options)
     files = render_report(results, Path(run_dir), **options, inputs=inputs)
     logger.info("report: %d files, open %s", len(files), Path(run_dir) / "index.html")
