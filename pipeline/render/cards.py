@@ -396,7 +396,8 @@ def render_layer_cards(f: h5py.File, info: LayerInfo, cards_dir: Path, thumbs_di
              for run in runs for s0 in range(0, len(run), SPAN_UNITS)]
     blocks = [(span, b0, min(b0 + per_block, span[1])) for span in spans for b0 in range(span[0], span[1], per_block)]
     pending: list = []  # the previous block's files, encoded while the next block is composed
-    for lc.span, c0, c1 in blocks:
+    for span, c0, c1 in blocks:
+        lc.span = span
         cards, top = lc.compose(c0, c1, template)
         for fut in pending:
             fut.result()

@@ -595,6 +595,14 @@ def draw_stage_sheets(part: Path, run_dir: Path, stage: str, photos: Photos) -> 
     return written
 
 
+def _read_record(path: Path) -> dict:
+    """What a drawing's record says it was drawn from ({} when there is none or it is damaged)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _figure_record(run_dir: Path, stage: str) -> Path:
     return Path(run_dir) / "sheets" / f".{stage}{RECORD}"
 
@@ -630,10 +638,7 @@ def redraw_stale_figures(results_path: Path, run_dir: Path) -> list[Path]:
         for stage, (needed, _) in FIGURES.items():
             if stage not in f or (needed not in f[stage] and needed not in f[stage].attrs):
                 continue  # not run, or by a version that did not keep all the figures need
-            try:
-                record = json.loads(_figure_record(run_dir, stage).read_text())
-            except (OSError, ValueError):
-                record = {}
+            record = _read_record(_figure_record(run_dir, stage))
             if record.get("part") != _stamp(f, stage) or \
                     not all((Path(run_dir) / n).exists() for n in record.get("files", [])):
                 stale.append(stage)
@@ -663,10 +668,7 @@ def redraw_stale_sheets(results_path: Path, run_dir: Path) -> list[Path]:
             if stage not in f or "image" not in f[stage] or NEEDED[stage] not in f[stage].attrs:
                 continue  # not run, or drawn by a version that kept what the sheets need elsewhere
             folder = Path(run_dir) / stage
-            try:
-                record = json.loads((folder / RECORD).read_text())
-            except (OSError, ValueError):
-                record = {}
+            record = _read_record(folder / RECORD)
             back = [i for i, state in record.get("unreadable", {}).items()  # files put back or replaced since
                     if int(i) < len(photos.paths) and _file_state(photos.paths[int(i)]) != state]
             if record.get("part") == _stamp(f, stage) and all((folder / n).exists() for n in record["files"]) \

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 STAGE = Stage(keys=("dataset", "train"), part="train.h5")
 
+
 def run(ctx) -> None:
     import json
 
