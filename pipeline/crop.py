@@ -8,7 +8,6 @@ where the field runs off the image.
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 import tensorflow as tf
 
@@ -71,38 +70,3 @@ def channel_blocks(layers: list[tuple[str, int, int]], budget: int) -> list[list
     if current:
         blocks.append(current)
     return blocks
-
-
-FRAMES = "frames"  # a chunk file's distinct patches, behind its virtual patches datasets
-
-
-def write_patches(f, key: str, name: str, out: np.ndarray, keys: np.ndarray):
-    """layers/<key>/<name> (C, K, h, w, ch) uint8 in the chunk file `f`, stored once per
-    distinct patch: many units win at the same image and location (a late layer of 16
-    images: 676 distinct patches for 11,520 slots), so the distinct patches go to
-    frames/<key>/<name> and `name` is a virtual dataset that maps each slot onto its
-    patch; readers see the documented (C, K, h, w, ch) array. Returns that dataset."""
-    c, k, h, w, ch = out.shape
-    path = f"layers/{key}/{name}"
-    flat = out.reshape(-1, h, w, ch)
-    if flat.shape[0]:
-        _, first, inverse = np.unique(keys.reshape(flat.shape[0], -1), axis=0, return_index=True,
-                                      return_inverse=True)
-        inverse = inverse.ravel()
-    if not flat.shape[0] or not np.array_equal(flat, flat[first][inverse]) or len(first) > 0.8 * flat.shape[0]:
-        # nothing to share (or slots that disagree): one plain array, a chunk per channel
-        return f.create_dataset(path, data=out, chunks=(1,) + out.shape[1:] if out.size else None,
-                                compression="gzip", compression_opts=4)
-    frames = f.create_dataset(f"{FRAMES}/{key}/{name}", data=flat[first], chunks=(1, h, w, ch),
-                              compression="gzip", compression_opts=4)
-    # one mapping per slot through the low-level API: h5py's VirtualLayout costs ~10x more per mapping
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    slots, rows = h5py.h5s.create_simple(out.shape), h5py.h5s.create_simple(frames.shape)
-    source = frames.name.encode()
-    for slot, row in enumerate(inverse.tolist()):
-        slots.select_hyperslab((slot // k, slot % k, 0, 0, 0), (1, 1, h, w, ch))
-        rows.select_hyperslab((row, 0, 0, 0), (1, h, w, ch))
-        dcpl.set_virtual(slots, b".", source, rows)
-    h5py.h5d.create(f.require_group(f"layers/{key}").id, name.encode(), h5py.h5t.py_create(np.dtype(np.uint8)),
-                    h5py.h5s.create_simple(out.shape), dcpl=dcpl)
-    return f[path]

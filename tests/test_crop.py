@@ -66,27 +66,36 @@ def test_outside_image_masks_match_the_cut_and_checker_replaces_only_that():
 def test_shared_patches_are_stored_once_and_read_back_as_every_slot(tmp_path):
     import h5py
 
-    from pipeline.crop import FRAMES, write_patches
+    from pipeline.patch_frames import FRAMES, read_frames, write_patches
     from pipeline.store import WorkDir
 
     rng = np.random.default_rng(1)
     distinct = rng.integers(0, 256, (5, 6, 4, 3), dtype=np.uint8)
-    which = rng.integers(0, 5, (7, 3))  # 21 slots, 5 distinct (image, location, box)
-    keys = np.concatenate([which[..., None], np.zeros((7, 3, 6), np.int64)], axis=-1)
+    which = rng.integers(0, 5, (10, 3))  # 30 slots, 5 distinct (image, location, box)
+    keys = np.concatenate([which[..., None], np.zeros((10, 3, 6), np.int64)], axis=-1)
     out = distinct[which]
     work = WorkDir(tmp_path / "crop.work", "crop", {})
-    with work.write(work.chunk_name(0)) as f:
-        write_patches(f, "conv", "patches", out, keys)
-        plain = out.copy()
+    with work.write(work.chunk_name(0)) as f:  # units 0-6 of conv in one chunk, 7-9 in the next
+        write_patches(f, "conv", "patches", out[:7], keys[:7])
+        plain = out[:7].copy()
         plain[0, 0, 0, 0, 0] ^= 1  # a slot that disagrees with its twins: nothing is shared
-        write_patches(f, "other", "patches", plain, keys)
+        write_patches(f, "other", "patches", plain, keys[:7])
+    with work.write(work.chunk_name(1)) as f:
+        write_patches(f, "conv", "patches", out[7:], keys[7:])
+        write_patches(f, "other", "patches", out[7:], keys[7:])
     with h5py.File(tmp_path / "crop.h5", "w") as f:  # the stage's part over its chunks, as run() builds it
         work.assemble(f, skip=(FRAMES,))
     with h5py.File(tmp_path / "crop.h5", "r") as f:
         assert FRAMES not in f
         np.testing.assert_array_equal(f["layers/conv/patches"][()], out)
         np.testing.assert_array_equal(f["layers/conv/patches"][2:4, 1], out[2:4, 1])
-        np.testing.assert_array_equal(f["layers/other/patches"][()], plain)
+        np.testing.assert_array_equal(f["layers/other/patches"][:7], plain)
+        # read back as distinct frames and which slot shows which, across the chunk boundary
+        for c0, c1, s0, s1 in ((0, 10, 0, 3), (2, 9, 1, 3), (7, 10, 0, 5), (3, 4, 2, 3)):
+            frames, index = read_frames(f["layers/conv/patches"], c0, c1, s0, s1)
+            np.testing.assert_array_equal(frames[index], out[c0:c1, s0:s1])
+            assert len(frames) <= len(np.unique(which[c0:7, s0:s1])) + len(np.unique(which[7:c1, s0:s1]))
+        assert read_frames(f["layers/other/patches"], 0, 10, 0, 3) is None  # one chunk stored it plainly
     with h5py.File(work.path / work.chunk_name(0), "r") as f:
-        assert f[f"{FRAMES}/conv/patches"].shape[0] == len(np.unique(which))
+        assert f[f"{FRAMES}/conv/patches"].shape[0] == len(np.unique(which[:7]))
         assert f["layers/conv/patches"].is_virtual and not f["layers/other/patches"].is_virtual

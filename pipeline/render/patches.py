@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 
 from pipeline.panel_codec import read_panels
+from pipeline.patch_frames import read_frames
 from pipeline.render.canvas import resize_patches
 from pipeline.render.draw import PANEL_PERCENTILE, panel_to_uint8
 
@@ -116,25 +117,21 @@ def distinct_patches(g: h5py.Group, name: str, c0: int, c1: int, k: int, size: t
     so each distinct patch is resized and checkered once (a late layer's 1,280 units share a
     few hundred); a caller drawing many blocks of units reads one set for all of them."""
     slots = slice(start, start + k)
-    if name.startswith("panels/"):  # int8 codes and their scales, decoded to float panels
-        raw = read_panels(g, name, slice(c0, c1), slots, ds)
-    else:
-        raw = (g[name] if ds is None else ds)[c0:c1, slots]
-    shape = raw.shape[:2]  # (units, slots)
     table = g[TABLES.get(name, "topk")]
-    keys = None
-    if not name.startswith("panels/") and all(n in table for n in ("image", "y", "x")):
-        keys = np.stack([table[n][c0:c1, slots] for n in ("image", "y", "x")], axis=-1).reshape(-1, 3)
-        if "box" in table:
-            keys = np.concatenate([keys, table["box"][c0:c1, slots].reshape(-1, 4)], axis=1)
-        keys, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-        rows = raw.reshape((-1,) + raw.shape[2:])
-        if np.array_equal(rows, rows[first][inverse.ravel()]):  # a file whose patches disagree: draw each
-            raw = rows[first]
+    first = inverse = None  # set when raw holds each distinct patch once: its first slot, each slot's patch
+    if name.startswith("panels/"):  # int8 codes and their scales, decoded to float panels
+        raw = panel_image(read_panels(g, name, slice(c0, c1), slots, ds))
+    else:
+        ds = g[name] if ds is None else ds
+        stored = read_frames(ds, c0, c1, start, start + k)
+        if stored is not None:  # as the crop stage stored them
+            raw, inverse = stored
+            first = np.unique(inverse, return_index=True)[1]
         else:
-            keys = None
-    elif name.startswith("panels/"):
-        raw = panel_image(raw)
+            raw = ds[c0:c1, slots]
+            if all(n in table for n in ("image", "y", "x")):
+                raw, first, inverse = _shared(raw, table, c0, c1, slots)
+    shape = inverse.shape if inverse is not None else raw.shape[:2]  # (units, slots)
     if raw.shape[-1] == 1 and not flat:
         raw = np.repeat(raw, 3, axis=-1)
     small = resize_patches(raw[..., :3], size)
@@ -143,9 +140,23 @@ def distinct_patches(g: h5py.Group, name: str, c0: int, c1: int, k: int, size: t
         boxes = table["box"][c0:c1, slots]
         starts = np.stack([g["geometry/row_offset"][()][table["y"][c0:c1, slots]],
                            g["geometry/col_offset"][()][table["x"][c0:c1, slots]]], axis=-1)
-        if keys is not None:  # the same location has the same box: one mask per distinct patch
+        if first is not None:  # the same location has the same box: one mask per distinct patch
             boxes, starts = boxes.reshape(-1, 4)[first], starts.reshape(-1, 2)[first]
         small = show_outside(small, inside_masks(boxes, starts, frame, size), flat)
-    if keys is not None:
+    if first is not None:
         return PatchSet(small, inverse.reshape(shape))
     return PatchSet(small.reshape((-1,) + small.shape[2:]), np.arange(shape[0] * shape[1]).reshape(shape))
+
+
+def _shared(raw: np.ndarray, table: h5py.Group, c0: int, c1: int, slots: slice):
+    """(distinct patches, first slot of each, each slot's patch) of patches read slot by slot
+    (a file without the crop stage's slot tables), found by their (image, location, box);
+    (raw, None, None) when slots with the same key disagree (then each is drawn)."""
+    keys = np.stack([table[n][c0:c1, slots] for n in ("image", "y", "x")], axis=-1).reshape(-1, 3)
+    if "box" in table:
+        keys = np.concatenate([keys, table["box"][c0:c1, slots].reshape(-1, 4)], axis=1)
+    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    rows = raw.reshape((-1,) + raw.shape[2:])
+    if not np.array_equal(rows, rows[first][inverse.ravel()]):
+        return raw, None, None
+    return rows[first], first, inverse.reshape(raw.shape[:2])

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 from matplotlib.figure import Figure
 
+from pipeline.patch_frames import has_frames
 from pipeline.render.canvas import (
     BACKGROUND,
     MAX_SLOTS,
@@ -26,7 +27,7 @@ from pipeline.render.canvas import (
     montage,
 )
 from pipeline.render.text import draw_text, font
-from pipeline.render.patches import layer_patches
+from pipeline.render.patches import distinct_patches
 from pipeline.render.results import LayerInfo, fmt
 
 TARGET_PATCH_PX = 32  # per-patch size on the sheet, before the size cap
@@ -35,6 +36,7 @@ MAX_SIDE_PX = 6000  # neither side of a sheet grows beyond this
 MIN_WIDTH_PX = 800  # room for the title on layers with few channels
 LABEL_INK = (51, 51, 51)  # unit numbers under the montages
 CHUNK_BYTES = 16 * 2**20  # patches read from the file at a time (small reads stay cache-friendly)
+MONTAGE_BLOCK = 256  # channels montaged at a time
 
 
 @dataclass(frozen=True)
@@ -132,17 +134,20 @@ def _placeholder_sheet(info: LayerInfo, n_ok: int, k: int) -> np.ndarray:
 
 
 def _read_cells(g: h5py.Group, valid: np.ndarray, layout: SheetLayout, k: int) -> np.ndarray:
-    """Read, shrink and montage all channels' patches, a few channels at a time."""
+    """Read, shrink and montage all channels' patches: the distinct patches of the layer at
+    once when they are stored so (a few hundred), else a few channels at a time."""
     ds = g["patches"]
     c = ds.shape[0]
     per_channel = max(1, k * int(np.prod(ds.shape[2:])))
-    step = max(1, CHUNK_BYTES // per_channel)
+    step = c if has_frames(ds) else max(1, CHUNK_BYTES // per_channel)
     ch, cw = layout.cell_hw
     cells = np.empty((c, ch, cw, 3), np.uint8)
     for c0 in range(0, c, step):
         c1 = min(c, c0 + step)
-        small = layer_patches(g, "patches", c0, c1, k, layout.patch_hw, ds=ds)
-        cells[c0:c1] = montage(small, valid[c0:c1, :k], layout.side, layout.thin)
+        drawn = distinct_patches(g, "patches", c0, c1, k, layout.patch_hw, ds=ds)
+        for b0 in range(c0, c1, MONTAGE_BLOCK):  # montage in blocks: its temporaries stay small
+            b1 = min(c1, b0 + MONTAGE_BLOCK)
+            cells[b0:b1] = montage(drawn.rows(b0 - c0, b1 - c0), valid[b0:b1, :k], layout.side, layout.thin)
     return cells
 
 

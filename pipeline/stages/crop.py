@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.crop import FRAMES, channel_blocks, cut_patches, patch_size, shrink, write_patches
+from pipeline.crop import channel_blocks, cut_patches, patch_size, shrink
 from pipeline.datasets import BatchStream
 from pipeline.errors import PipelineError
+from pipeline.patch_frames import FRAMES, write_patches
 from pipeline.preprocess import Preprocessing
 from pipeline.stage_spec import Stage
 from pipeline.store import block_bytes, table_digest
