@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import h5py
@@ -122,10 +123,15 @@ def stored_preprocessing(attrs) -> dict:
 
 def stored_exif(attrs) -> bool:
     """dataset.exif of the run's stored config (true when absent: the default)."""
+    return _exif_setting(as_str(attrs.get("config", "")) or "{}")
+
+
+@lru_cache(maxsize=8)
+def _exif_setting(text: str) -> bool:  # parsing the whole config costs ~70 ms; a report asks once a sheet
     from omegaconf import OmegaConf
 
     try:
-        config = OmegaConf.create(as_str(attrs.get("config", "")) or "{}")
+        config = OmegaConf.create(text)
         return bool(OmegaConf.select(config, "dataset.exif", default=True))
     except Exception:  # noqa: BLE001 - a config by another version: the default
         return True
