@@ -166,6 +166,11 @@ def test_resize_patches_uneven_factor_matches_exact_area_average():
     got = resize_patches(x, (5, 4))
     assert got.shape == (3, 5, 4, 3)
     assert np.abs(got.astype(float) - expected).max() <= 0.5 + 1e-4
+    # many patches are resized a few at a time (temporaries in cache): the same pixels as one by one
+    many = rng.integers(0, 256, (2, 60, 64, 64, 3), dtype=np.uint8)
+    for size in ((96, 96), (48, 40), (32, 32)):
+        one_by_one = np.stack([resize_patches(p, size) for p in many.reshape(-1, 64, 64, 3)])
+        np.testing.assert_array_equal(resize_patches(many, size), one_by_one.reshape((2, 60) + size + (3,)))
 
 
 def test_layout_caps_large_layers():

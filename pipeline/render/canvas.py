@@ -36,6 +36,7 @@ def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
 # the images) instead of multiplying by dense matrices: BLAS's worker threads cost about a
 # third of the unit cards' CPU time on a busy 2-core machine (benchmarks/cards_throughput.py)
 MAX_TAPS = 8
+CHUNK_BYTES = 2**21  # of a float temporary of a tap or box resize
 
 
 def _taps(n_in: int, n_out: int) -> int:
@@ -78,6 +79,15 @@ def resize_patches(patches: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     lead = patches.shape[:-3]
     ch = patches.shape[-1]
     x = patches.reshape((-1, h, w, ch))
+    small = max(_taps(h, oh), _taps(w, ow)) <= MAX_TAPS
+    step = max(1, CHUNK_BYTES // (4 * max(h, oh) * max(w, ow) * ch))
+    if (small or (h % oh == 0 and w % ow == 0)) and x.shape[0] > step:
+        # a few images at a time: the float temporaries stay in the CPU's cache (1.5-5x faster
+        # than one pass over hundreds of patches, the same pixels)
+        out = np.empty((x.shape[0], oh, ow, ch), np.uint8)
+        for i in range(0, x.shape[0], step):
+            out[i:i + step] = resize_patches(x[i:i + step], out_hw)
+        return out.reshape(lead + (oh, ow, ch))
     if h % oh == 0 and w % ow == 0:  # whole-factor box average: integer sums of strided views
         fh, fw = h // oh, w // ow
         acc_t = np.uint16 if fh * fw * 255 < 2**16 else np.uint32
@@ -88,7 +98,7 @@ def resize_patches(patches: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
         for t in range(fw):
             np.add(acc, rows[:, :, t::fw], out=acc)
         out = (acc + (fh * fw) // 2) // (fh * fw)
-    elif max(_taps(h, oh), _taps(w, ow)) <= MAX_TAPS:
+    elif small:
         # few source pixels per output pixel: a weighted sum of gathered rows, then columns
         out = _tap_sum(_tap_sum(x, 1, _area_matrix(h, oh)), 2, _area_matrix(w, ow))
         np.rint(out, out=out)
