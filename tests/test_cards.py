@@ -184,6 +184,21 @@ def test_draw_text_only_inks_its_line_box_and_ellipsises():
     assert wrap("one two three four five six", 12, f.width("one two three")) == ["one two three", "four five six"]
 
 
+def test_lines_pasted_from_cached_words_equal_the_glyph_by_glyph_drawing():
+    from pipeline.render import text
+
+    lines = ["activation: mean 0.123 \u00b7 max 4.56 \u00b7 zero at 12.3 % of positions", "a  b   c  ",
+             " lead and trail ", "\u4e2d\u6587 \u540d\u5b57 \u7684 \u56fe\u7247 jpg", "(j) {y} [g] \u2016w\u2016 1.2e-05 q"]
+    for size, bold in ((10, False), (12, False), (18, True)):
+        f = text.font(size, bold)
+        for line in lines:
+            glyphs = np.zeros((f.height + 2, max(1, f.width(line) + 2)), np.float32)
+            text._draw_glyphs(f, line, glyphs, 0)
+            np.testing.assert_array_equal(f.mask(line), glyphs)
+            assert f.mask(line).any()
+        assert text._composable(f, lines[0])  # the card's statistics line is pasted from words
+
+
 def test_card_files_are_jpegs_close_to_the_composed_pixels(rendered):
     files, lc = rendered
     for u in range(C):

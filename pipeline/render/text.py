@@ -133,18 +133,57 @@ class GlyphFont:
 def _mask(font: GlyphFont, text: str) -> np.ndarray:
     width = max(1, font.width(text) + 2)
     out = np.zeros((font.height + 2, width), np.float32)
-    pen = 0.0
+    words = text.split(" ")
+    if len(words) < 3 or not _composable(font, text):
+        _draw_glyphs(font, text, out, 0)
+        return out
+    # a line of many words (a card's statistics, mostly the same words with other numbers):
+    # pasted from cached words, the same pixels as glyph by glyph where every advance is a
+    # whole pixel and no glyph reaches PAD beyond its advance
+    space, pen = int(font._glyph(" ")[3]), 0
+    for word in words:
+        if word:
+            piece = _word(font, word)
+            x0 = pen - PAD
+            a, b = max(0, x0), min(width, x0 + piece.shape[1])
+            if b > a:
+                np.maximum(out[:, a:b], piece[:, a - x0:b - x0], out=out[:, a:b])
+            pen += font.width(word)
+        pen += space
+    return out
+
+
+PAD = 8  # px a word's cached mask keeps on either side for glyphs reaching beyond their advance
+
+
+def _composable(font: GlyphFont, text: str) -> bool:
+    for ch in set(text):
+        alpha, left, _, adv = font._glyph(ch)
+        if adv != int(adv) or left < -PAD or left + alpha.shape[1] > adv + PAD:
+            return False
+    return True
+
+
+@lru_cache(maxsize=4096)
+def _word(font: GlyphFont, word: str) -> np.ndarray:
+    out = np.zeros((font.height + 2, font.width(word) + 2 * PAD), np.float32)
+    _draw_glyphs(font, word, out, PAD)
+    return out
+
+
+def _draw_glyphs(font: GlyphFont, text: str, out: np.ndarray, start: int) -> None:
+    """Glyph by glyph onto the line mask `out`, the pen starting at column `start`."""
+    pen = float(start)
     for ch in text:
         alpha, left, top, adv = font._glyph(ch)
         h, w = alpha.shape
         gx = int(round(pen)) + left
         y0, x0 = max(0, top), max(0, gx)
-        y1, x1 = min(out.shape[0], top + h), min(width, gx + w)
+        y1, x1 = min(out.shape[0], top + h), min(out.shape[1], gx + w)
         if y1 > y0 and x1 > x0:
             region = out[y0:y1, x0:x1]
             np.maximum(region, alpha[y0 - top:y1 - top, x0 - gx:x1 - gx], out=region)
         pen += adv
-    return out
 
 
 @lru_cache(maxsize=16)
