@@ -58,12 +58,13 @@ def clip_edge(inside: np.ndarray) -> np.ndarray:
 
 
 def show_outside(patches: np.ndarray, inside: np.ndarray, flat: bool = False) -> np.ndarray:
-    """patches (..., h, w, 3) uint8 with the pixels outside the image replaced by the checker,
-    outlined along the box's clipped edge in CLIP_EDGE (flat: FLAT_GREY, no outline: JPEG
-    smears both). Only the patches that reach outside the image are touched (most do not)."""
+    """patches (..., h, w, 3) uint8, in place and returned, with the pixels outside the image
+    replaced by the checker, outlined along the box's clipped edge in CLIP_EDGE (flat:
+    FLAT_GREY, no outline: JPEG smears both). Only the patches that reach outside the image
+    are touched (most do not), so the rest is not even copied."""
     h, w, ch = patches.shape[-3:]
     inside = np.broadcast_to(inside, patches.shape[:-1])
-    out = np.array(patches, copy=True)
+    out = np.ascontiguousarray(patches)  # a copy only of a strided view, which reshape could not write through
     rows = out.reshape(-1, h, w, ch)
     masks = inside.reshape(-1, h, w)
     clipped = np.flatnonzero(~masks.all(axis=(1, 2)))
@@ -142,6 +143,7 @@ def distinct_patches(g: h5py.Group, name: str, c0: int, c1: int, k: int, size: t
                            g["geometry/col_offset"][()][table["x"][c0:c1, slots]]], axis=-1)
         if first is not None:  # the same location has the same box: one mask per distinct patch
             boxes, starts = boxes.reshape(-1, 4)[first], starts.reshape(-1, 2)[first]
+        # small is this call's own array (resized, or read from the file just now)
         small = show_outside(small, inside_masks(boxes, starts, frame, size), flat)
     if first is not None:
         return PatchSet(small, inverse.reshape(shape))
