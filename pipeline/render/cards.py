@@ -465,18 +465,21 @@ class CardRender:
     """The cards of many layers. With PARALLEL_MIN_CARDS or more, two worker processes
     (spawned: no TensorFlow, no inherited HDF5 handles) draw them in chunks of units from
     the start, while the caller draws the sheets; the chunks holding `first` (stored layer
-    name -> units: the book's) go first, so `first_files` has them early; `result` waits for
-    every card. Fewer cards are drawn in this process, all at the first of the two calls.
-    The files are the same either way."""
+    name -> units: the book's) go first, so `first_files` has them early, then the `then`
+    tasks ((function, args): the per-image sheets), then the rest; `result` waits for every
+    card. Fewer cards are drawn in this process, all at the first of the two calls, and the
+    `then` tasks when asked for. The files are the same either way."""
 
     def __init__(self, f: h5py.File, jobs: list[CardJob], workers: int | None = None,
-                 min_cards: int = PARALLEL_MIN_CARDS, first: dict[str, list[int]] | None = None):
-        self.f, self.jobs, self.first = f, jobs, first or {}
+                 min_cards: int | None = None, first: dict[str, list[int]] | None = None,
+                 then: list | None = None):
+        self.f, self.jobs, self.first, self.then = f, jobs, first or {}, list(then or [])
+        self.then_futures: list = []
         self.total = sum(len(j.units) if j.units is not None else _channels(j.info) for j in jobs)
         if workers is None:
             workers = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
         self.pool, self.futures, self._all = None, [], None
-        if workers > 1 and self.total >= max(1, min_cards):
+        if workers > 1 and self.total >= max(1, PARALLEL_MIN_CARDS if min_cards is None else min_cards):
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
@@ -484,10 +487,16 @@ class CardRender:
             for job in jobs:
                 units = list(range(_channels(job.info))) if job.units is None else sorted(job.units)
                 chunks += [(job, units[s:s + CHUNK_UNITS]) for s in range(0, len(units), CHUNK_UNITS)]
-            chunks.sort(key=lambda jc: not self._early(*jc))  # stable: network and unit order otherwise
             self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-            self.futures = [(job, chunk, self.pool.submit(_chunk_cards, self.f.filename, job.info.stored, chunk,
-                                                           job.cards_dir, job.thumbs_dir)) for job, chunk in chunks]
+
+            def submit(queued):  # network and unit order within each group
+                self.futures += [(job, chunk, self.pool.submit(_chunk_cards, self.f.filename, job.info.stored,
+                                                               chunk, job.cards_dir, job.thumbs_dir))
+                                 for job, chunk in queued]
+
+            submit([jc for jc in chunks if self._early(*jc)])
+            self.then_futures = [self.pool.submit(fn, *args) for fn, args in self.then]
+            submit([jc for jc in chunks if not self._early(*jc)])
 
     def _early(self, job: CardJob, chunk: list[int]) -> bool:
         return not set(self.first.get(job.info.stored, ())).isdisjoint(chunk)
@@ -498,6 +507,16 @@ class CardRender:
     def __exit__(self, *exc) -> None:
         if self.pool is not None:  # on an error in the caller too: no worker left drawing
             self.pool.shutdown(cancel_futures=True)
+
+    def then_results(self, bar: tqdm | None = None) -> list:
+        """The results of the `then` tasks (functions of picklable arguments, e.g. the per-image
+        sheets): from the workers, queued after the book's chunks; without workers, run here now."""
+        out = []
+        for i, (fn, args) in enumerate(self.then):
+            out.append(self.then_futures[i].result() if self.pool is not None else fn(*args))
+            if bar is not None:
+                bar.update(1)
+        return out
 
     def first_files(self) -> dict[str, LayerCardFiles]:
         """Stored layer name -> the card files of at least its `first` units, once written."""

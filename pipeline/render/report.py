@@ -245,9 +245,10 @@ def _chosen_units(units, channels: int) -> list[int]:
     return list(range(min(int(units or 0), channels)))
 
 
-def _start_cards(f, infos, chosen: dict, cards: str, report_dir: Path):
+def _start_cards(f, infos, chosen: dict, cards: str, report_dir: Path, then: list):
     """Unit cards and thumbnails (cards: all, chosen: the units in `chosen`, none), started
-    on worker processes where there are many (render.cards.CardRender), the book's first."""
+    on worker processes where there are many (render.cards.CardRender), the book's first,
+    then the `then` tasks (the per-image sheets)."""
     from pipeline.render.cards import CardJob, CardRender
 
     every = cards == "all"
@@ -255,7 +256,7 @@ def _start_cards(f, infos, chosen: dict, cards: str, report_dir: Path):
         CardJob(i, None if every else chosen.get(i.stored, []), report_dir / "cards" / i.stored,
                 report_dir / "thumbs" / i.stored if every else None)
         for i in infos if i.shape and int(i.shape[-1]) and (every or chosen.get(i.stored))]
-    return CardRender(f, jobs, first=chosen)
+    return CardRender(f, jobs, first=chosen, then=then)
 
 
 def _render_sheets(f, infos, n_ok: int, figures: dict, sheet_dir: Path, report_dir: Path, pixels: dict):
@@ -420,47 +421,100 @@ class LayerFiles:
 
 
 def _layer_files(f: h5py.File, run: RunRecord, figures: dict, chosen: dict, cards: str, cache: RenderCache,
-                 sheet_dir: Path, report_dir: Path, meanwhile, with_first, pixels: dict):
+                 sheet_dir: Path, report_dir: Path, images: "ImageSheets", with_first, pixels: dict):
     """Layer sheets, previews, run figures and unit cards: the last render's where their
-    inputs did not change, else drawn now. While worker processes draw the cards, this
-    process draws `meanwhile()` (the per-image sheets), then `with_first(layer files holding
-    at least the book's cards, meanwhile's value)` (the book).
-    Returns (LayerFiles, meanwhile's value, with_first's value)."""
+    inputs did not change, else drawn now; and the per-image sheets (`images`). Worker
+    processes draw the cards and the per-image sheets while this process draws the layer
+    sheets, then `with_first(layer files holding at least the book's cards, the per-image
+    sheets)` (the book).
+    Returns (LayerFiles, the per-image sheets, with_first's value)."""
     kept = cache.kept("layers")
     if kept is not None:
         files = LayerFiles(*kept)
         logger.info("report: layer sheets and %d unit cards kept, their inputs did not change",
                     sum(len(c.cards) for c in files.card_files.values()))
-        other = meanwhile()
+        other = images.collect(None)
         return files, other, with_first(files, other)
-    with _start_cards(f, run.infos, chosen, cards, report_dir) as render:
+    with _start_cards(f, run.infos, chosen, cards, report_dir, images.tasks()) as render:
         sheets = _render_sheets(f, run.infos, run.n_ok, figures, sheet_dir, report_dir, pixels)
-        other = meanwhile()
+        other = images.collect(render)
         early = with_first(LayerFiles(*sheets, render.first_files()), other)
         files = LayerFiles(*sheets, render.result())
     cache.record("layers", (files.sheets, files.previews, files.figure_pngs, files.card_files))
     return files, other, early
 
 
-def _image_sheets(f: h5py.File, run: RunRecord, ids: list[int], cache: RenderCache,
-                  sheet_dir: Path, pixels: dict) -> list[tuple[int, Path, str]]:
-    """(image id, sheet, caption) of each per-image sheet: kept or drawn now (then `pixels`
-    gets each one's path -> pixels)."""
-    sheets = cache.kept("images")
-    if sheets is not None:
+@dataclass
+class ImageSheets:
+    """The per-image sheets of a render: the last render's when their inputs did not change,
+    else drawn by `draw_image_sheet`, on the card workers where there are any."""
+
+    results: str
+    ids: list[int]
+    paths: list[str]  # of the run's images
+    cache: RenderCache
+    sheet_dir: Path
+
+    def __post_init__(self):
+        self.kept = self.cache.kept("images")
+
+    def tasks(self) -> list:
+        """(function, args) of each sheet to draw: none when the last render's are kept."""
+        if self.kept is not None:
+            return []
+        return [(draw_image_sheet, (self.results, i, self.sheet_dir / "images" / f"image_{i}.png")) for i in self.ids]
+
+    def collect(self, render) -> list[tuple[int, Path, str]]:
+        """(image id, sheet, caption) of each sheet, once drawn (render: the CardRender the
+        tasks went to; None: draw them here)."""
+        if self.kept is not None:
+            return self.kept
+        with tqdm(total=len(self.ids), desc="per-image sheets", unit="image") as bar:
+            if render is None:
+                drawn = []
+                for fn, args in self.tasks():
+                    drawn.append(fn(*args))
+                    bar.update(1)
+            else:
+                drawn = render.then_results(bar)
+        for _, said in drawn:  # a worker's warnings (a photo not readable now), in this process's log
+            for name, level, message in said:
+                logging.getLogger(name).log(level, "%s", message)
+        sheets = [(i, path, f"image #{i}: {shown(Path(self.paths[i]).name)}") for i, (path, _) in zip(self.ids, drawn)]
+        self.cache.record("images", sheets)
         return sheets
+
+
+class _Said(logging.Handler):
+    """Keeps the warnings of the pipeline's loggers, to be logged by the stage's process."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.said: list[tuple[str, int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.said.append((record.name, record.levelno, record.getMessage()))
+
+
+def draw_image_sheet(results: str, image_id: int, path: Path) -> tuple[Path, list[tuple[str, int, str]]]:
+    """One per-image sheet from results.h5 and the photo, as PNG (in a card worker process
+    or in the stage's own), and the warnings said while drawing it (logger, level, message):
+    a worker's own log reaches neither the console's format nor run.log."""
     from pipeline.render.book import MAX_IMAGE_PX
 
-    names = class_namer(f)
-    spec = stored_preprocessing(run.attrs)
-    sheets = []
-    for image_id in tqdm(ids, desc="per-image sheets", unit="image"):
-        fig, _ = image_sheet(f, run.per_image, image_id, names, spec, SHEET_DPI)
+    log, said = logging.getLogger("pipeline"), _Said()
+    log.addHandler(said)
+    propagate, log.propagate = log.propagate, False
+    try:
+        with h5py.File(results, "r") as f:
+            attrs = {key: f.attrs[key] for key in f.attrs}
+            fig, _ = image_sheet(f, PerImage.read(f), image_id, class_namer(f), stored_preprocessing(attrs),
+                                 SHEET_DPI)
         dpi = min(SHEET_DPI, math.floor(MAX_IMAGE_PX / max(fig.get_size_inches())))
-        path = save_figure(fig, sheet_dir / "images" / f"image_{image_id}.png", dpi, alpha=False, keep=pixels)
-        sheets.append((image_id, path, f"image #{image_id}: {shown(Path(run.paths[image_id]).name)}"))
-    cache.record("images", sheets)
-    return sheets
+        return save_figure(fig, path, dpi, alpha=False), said.said
+    finally:
+        log.removeHandler(said)
+        log.propagate = propagate
 
 
 def missing_notes(f: h5py.File, run: RunRecord) -> list[str]:
@@ -582,9 +636,9 @@ def _draw_parts(f: h5py.File, out_dir: Path, sheet_dir: Path, report_dir: Path, 
             return None
         return _write_book(replace(parts, layers=layers, image_sheets=image_sheets), out_dir / "report.pdf", pixels)
 
+    images = ImageSheets(f.filename, ids, run.paths, cache, sheet_dir)
     layers, image_sheets, book_path = _layer_files(f, run, figures, chosen, cards, cache, sheet_dir, report_dir,
-                                                   partial(_image_sheets, f, run, ids, cache, sheet_dir, pixels),
-                                                   write, pixels)
+                                                   images, write, pixels)
     return replace(parts, layers=layers, image_sheets=image_sheets), book_path
 
 
