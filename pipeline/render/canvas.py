@@ -208,9 +208,9 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 
 
-def save_figure(fig, path: Path, dpi: float, alpha: bool = True, keep: dict | None = None) -> Path:
+def save_figure(fig, path: Path, dpi: float, alpha: bool = True) -> Path:
     """A figure as PNG on white; alpha=False drops the (all opaque) alpha channel: a quarter
-    fewer raw bytes, the same picture, and `keep` (a dict) gets path -> its pixels."""
+    fewer raw bytes, the same picture."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image
 
@@ -225,6 +225,4 @@ def save_figure(fig, path: Path, dpi: float, alpha: bool = True, keep: dict | No
             rgb = np.asarray(canvas.buffer_rgba())[..., :3]
             # zlib level 1: half the encoding time of the default level, about a tenth more bytes
             Image.fromarray(rgb).save(tmp, format="PNG", dpi=(dpi, dpi), compress_level=1)
-            if keep is not None:
-                keep[path] = rgb.copy()  # the canvas's buffer goes with the figure
     return path

@@ -629,7 +629,7 @@ def _draw_parts(f: h5py.File, out_dir: Path, sheet_dir: Path, report_dir: Path, 
         class_units=selective_units(f, infos),
         notes=missing_notes(f, run))
 
-    pixels: dict = {}  # the sheets drawn now, path -> pixels: the book takes them without decoding their PNGs
+    pixels: dict = {}  # the layer sheets drawn now, path -> pixels: the book takes them without decoding their PNGs
 
     def write(layers: LayerFiles, image_sheets: list) -> Path | None:
         if not book:
