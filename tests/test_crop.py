@@ -72,6 +72,7 @@ def test_shared_patches_are_stored_once_and_read_back_as_every_slot(tmp_path):
     rng = np.random.default_rng(1)
     distinct = rng.integers(0, 256, (5, 6, 4, 3), dtype=np.uint8)
     which = rng.integers(0, 5, (10, 3))  # 30 slots, 5 distinct (image, location, box)
+    which[0] = [0, 4, 0]  # unit 0 shows two frames far apart: read one by one, not as a range
     keys = np.concatenate([which[..., None], np.zeros((10, 3, 6), np.int64)], axis=-1)
     out = distinct[which]
     work = WorkDir(tmp_path / "crop.work", "crop", {})
@@ -91,7 +92,7 @@ def test_shared_patches_are_stored_once_and_read_back_as_every_slot(tmp_path):
         np.testing.assert_array_equal(f["layers/conv/patches"][2:4, 1], out[2:4, 1])
         np.testing.assert_array_equal(f["layers/other/patches"][:7], plain)
         # read back as distinct frames and which slot shows which, across the chunk boundary
-        for c0, c1, s0, s1 in ((0, 10, 0, 3), (2, 9, 1, 3), (7, 10, 0, 5), (3, 4, 2, 3)):
+        for c0, c1, s0, s1 in ((0, 10, 0, 3), (2, 9, 1, 3), (7, 10, 0, 5), (3, 4, 2, 3), (0, 1, 0, 3)):
             frames, index = read_frames(f["layers/conv/patches"], c0, c1, s0, s1)
             np.testing.assert_array_equal(frames[index], out[c0:c1, s0:s1])
             assert len(frames) <= len(np.unique(which[c0:7, s0:s1])) + len(np.unique(which[7:c1, s0:s1]))

@@ -49,9 +49,9 @@ def test_an_unreadable_photo_is_one_warning_and_its_sheet_comes_back_with_the_fi
     assert "unreadable" not in json.loads((sheets / RECORD).read_text())
 
 
-@pytest.mark.parametrize("workers", [1, 512], ids=["card-workers", "this-process"])
+@pytest.mark.parametrize("min_cards", [1, 512], ids=["card-workers", "this-process"])
 def test_a_per_image_sheet_drawn_without_its_photo_warns_once_in_the_stage_log(tmp_path, caplog, monkeypatch,
-                                                                               workers):
+                                                                               min_cards):
     # the per-image sheets are drawn by the card worker processes where there are any: their
     # warnings reach this process's log (run.log, the console) all the same, once
     from pipeline.render import cards
@@ -67,7 +67,7 @@ def test_a_per_image_sheet_drawn_without_its_photo_warns_once_in_the_stage_log(t
                        "occlusion.images=[0,1]", "occlusion.size=10"])
     run(cfg, tmp_path / "run")
     (photos / "b.png").write_bytes(b"not a png")
-    monkeypatch.setattr(cards, "PARALLEL_MIN_CARDS", workers)
+    monkeypatch.setattr(cards, "PARALLEL_MIN_CARDS", min_cards)  # 9 cards: workers with 1, none with 512
     with caplog.at_level(logging.WARNING):
         # into the run directory: its occlusion sheets are up to date, only the per-image sheets are drawn
         render_report(tmp_path / "run" / "results.h5", tmp_path / "run", per_image=[0, 1], pdf=False)

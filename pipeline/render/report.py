@@ -507,8 +507,7 @@ def draw_image_sheet(results: str, image_id: int, path: Path) -> tuple[Path, lis
     propagate, log.propagate = log.propagate, False
     try:
         with h5py.File(results, "r") as f:
-            attrs = {key: f.attrs[key] for key in f.attrs}
-            fig, _ = image_sheet(f, PerImage.read(f), image_id, class_namer(f), stored_preprocessing(attrs),
+            fig, _ = image_sheet(f, PerImage.read(f), image_id, class_namer(f), stored_preprocessing(f.attrs),
                                  SHEET_DPI)
         dpi = min(SHEET_DPI, math.floor(MAX_IMAGE_PX / max(fig.get_size_inches())))
         return save_figure(fig, path, dpi, alpha=False), said.said
